@@ -1,0 +1,72 @@
+// CUDA implementation of pyfastattn::attention_fwd: device guard, current
+// stream, layout fix-ups the kernel needs, launch check. The kernels
+// themselves (csrc/cuda/attention/*.cu) include no torch headers.
+//
+// attention_bwd has no CUDA kernel yet: it is not registered for CUDA, and
+// pyfastattn/_ops.py computes the CUDA backward by recomputation through the
+// reference path (pyfastattn.kernel_support() reports this).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../attention/api.h"
+#include "attention/attention_fwd.h"
+
+namespace pyfastattn {
+namespace {
+
+// The kernel loads 16-byte vectors: base pointers 16-byte aligned, every
+// stride but the last a multiple of 8 elements, head dim a multiple of 8.
+// Anything else is copied once into a compliant layout (zero-padding the head
+// dim, which changes no score or output column).
+at::Tensor kernel_layout(const at::Tensor& t, int64_t padded_dim) {
+  at::Tensor r = t;
+  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) aligned &= t.stride(d) % 8 == 0;
+  if (!aligned) r = t.contiguous();
+  if (padded_dim != t.size(-1)) r = at::constant_pad_nd(r, {0, padded_dim - t.size(-1)}, 0);
+  return r;
+}
+
+int64_t round_up8(int64_t x) { return (x + 7) / 8 * 8; }
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, double softcap,
+    int64_t window_left, int64_t window_right, bool bottom_right) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const AttentionShape s = check_attention_inputs(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k,
+                                                  seqused_k, max_seqlen_q, max_seqlen_k);
+  TORCH_CHECK_VALUE(s.head_dim == s.head_dim_v,
+                    "CUDA attention kernel: v.shape[-1] must equal q.shape[-1] (", s.head_dim,
+                    "), got ", s.head_dim_v);
+  const int64_t dpad = round_up8(s.head_dim);
+  const at::Tensor qk = kernel_layout(q, dpad), kk = kernel_layout(k, dpad),
+                   vk = kernel_layout(v, dpad);
+  AttentionShape sk = s;
+  sk.head_dim = sk.head_dim_v = dpad;
+  auto [out, lse] = empty_fwd_outputs(qk, sk);
+  AttentionFwdParams p;
+  fill_fwd_params(p, sk, qk, kk, vk, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                  scale, softcap, window_left, window_right, bottom_right);
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int sm = prop->major * 10 + prop->minor;
+  const char* reason = cuda::attention_fwd_unsupported_reason(p, sm);
+  TORCH_CHECK(reason == nullptr, "pyfastattn CUDA attention kernel does not support this case: ",
+              reason);
+  if (out.numel() > 0 || lse.numel() > 0) {
+    C10_CUDA_CHECK(cuda::attention_fwd(p, at::cuda::getCurrentCUDAStream()));
+  }
+  // Contiguous, so the output's strides match the fake (meta) implementation.
+  if (dpad != s.head_dim) out = out.narrow(-1, 0, s.head_dim).contiguous();
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfastattn, CUDA, m) { m.impl("attention_fwd", &attention_fwd_cuda); }
+
+}  // namespace pyfastattn

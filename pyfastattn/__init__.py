@@ -1,0 +1,29 @@
+"""pyfastattn: fused attention and feed-forward kernels for PyTorch.
+
+Public API:
+
+* :func:`scaled_dot_product_attention` - a drop-in for
+  ``torch.nn.functional.scaled_dot_product_attention``.
+* :func:`attention` - the native (FlashAttention-style) API: (B, S, H, D) or
+  packed varlen, bottom-right causal, GQA, sliding window, softcap, LSE.
+* :func:`backend`, :func:`set_backend`, :func:`get_backend` - the backend rule
+  (``auto`` / ``kernel`` / ``reference``, also ``PYFASTATTN_BACKEND``).
+* :mod:`pyfastattn.reference` - the pure-PyTorch truth.
+"""
+
+from . import reference
+from ._backend import BACKENDS, backend, get_backend, set_backend
+from .functional import attention, kernel_unsupported_reason, scaled_dot_product_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "attention",
+    "backend",
+    "get_backend",
+    "kernel_unsupported_reason",
+    "reference",
+    "scaled_dot_product_attention",
+    "set_backend",
+]

@@ -1,0 +1,3 @@
+from pyfastattn.info import main
+
+main()

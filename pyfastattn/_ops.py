@@ -1,0 +1,88 @@
+"""Thin Python layer over ``torch.ops.pyfastattn.*``: loading, fake (meta)
+implementations for torch.compile, and autograd registration."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (importing registers the ops)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as e:  # the package still works through the reference path
+    _C = None
+    EXTENSION_ERROR = f"{type(e).__name__}: {e}"
+
+AVAILABLE = _C is not None
+WITH_CUDA = bool(AVAILABLE and _C.with_cuda)
+CUDA_ARCHS = _C.cuda_archs if AVAILABLE else ""
+
+
+# (op, device type) pairs with a compiled implementation, read once at import
+# so that torch.compile traces a plain set lookup.
+KERNELS = frozenset(
+    (op, dev)
+    for op in ("attention_fwd", "attention_bwd")
+    for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfastattn::{op}", key)
+)
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether ``pyfastattn::<op>`` has a compiled implementation for a device type."""
+    return (op, device_type) in KERNELS
+
+
+if AVAILABLE:
+
+    @torch.library.register_fake("pyfastattn::attention_fwd")
+    def _attention_fwd_fake(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                            max_seqlen_q, max_seqlen_k, scale, softcap, window_left,
+                            window_right, bottom_right):
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        if cu_seqlens_q is None:
+            lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+        else:
+            lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+        return out, lse
+
+    @torch.library.register_fake("pyfastattn::attention_bwd")
+    def _attention_bwd_fake(dout, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k,
+                            seqused_k, max_seqlen_q, max_seqlen_k, scale, softcap, window_left,
+                            window_right, bottom_right, deterministic):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _fwd_setup_context(ctx, inputs, output):
+        q, k, v, attn_mask, cu_q, cu_k, used = inputs[:7]
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, cu_q, cu_k, used)
+        ctx.args = inputs[7:]
+        ctx.mark_non_differentiable(lse)
+
+    def _fwd_backward(ctx, dout, _dlse):
+        q, k, v, out, lse, attn_mask, cu_q, cu_k, used = ctx.saved_tensors
+        max_q, max_k, scale, softcap, wl, wr, br = ctx.args
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        if has_kernel("attention_bwd", q.device.type):
+            dq, dk, dv = torch.ops.pyfastattn.attention_bwd(
+                dout, q, k, v, out, lse, attn_mask, cu_q, cu_k, used, max_q, max_k, scale,
+                softcap, wl, wr, br, torch.are_deterministic_algorithms_enabled())
+        else:
+            # No backward kernel on this device yet: recompute through the
+            # reference (same canonical semantics), as a vjp so torch.compile
+            # can trace it.
+            def f(q_, k_, v_):
+                return reference.attention(
+                    q_, k_, v_, scale=scale, attn_mask=attn_mask, cu_seqlens_q=cu_q,
+                    cu_seqlens_k=cu_k, seqused_k=used, softcap=softcap, window_left=wl,
+                    window_right=wr, bottom_right=br)[0]
+
+            _, vjp = torch.func.vjp(f, q, k, v)
+            dq, dk, dv = vjp(dout)
+        return (dq, dk, dv) + (None,) * 11
+
+    torch.library.register_autograd(
+        "pyfastattn::attention_fwd", _fwd_backward, setup_context=_fwd_setup_context)

@@ -1,0 +1,228 @@
+"""Pure-PyTorch reference: the truth, the fallback, and a benchmark baseline.
+
+Attention here speaks the canonical form of ``torch.ops.pyfastattn.attention_fwd``
+(see ``csrc/attention/params.h`` for the exact semantics):
+
+* dense: ``q`` [b, sq, hq, d], ``k`` [b, sk, hk, d], ``v`` [b, sk, hk, dv];
+  varlen: ``q`` [total_q, hq, d] etc. with int32 ``cu_seqlens_q``/``cu_seqlens_k``.
+* key j is visible from query row i iff ``j < len_k`` and it lies inside the
+  window ``[i + offset - window_left, i + offset + window_right]`` (a negative
+  bound is unbounded), where ``offset = len_k - len_q`` if ``bottom_right``
+  else 0, and the optional ``attn_mask`` allows it. Causal is ``window_right=0``.
+* scores ``s = q.k * scale``; with ``softcap > 0``, ``s = softcap * tanh(s / softcap)``;
+  an additive mask is added after that.
+* a row with no visible key gives output 0 and lse -inf, never NaN, and zero
+  gradients.
+
+Computation runs in float32 (float64 for float64 inputs) and the output is cast
+back to the input dtype. ``lse`` is float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention", "feed_forward", "gated_feed_forward", "apply_activation", "ACTIVATIONS"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _visible(
+    len_q: int,
+    seqlen_k: int,
+    len_k: torch.Tensor,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """Bool [b, 1, len_q, seqlen_k]: which keys each row may see (before attn_mask).
+
+    ``len_k`` is an int64 tensor [b] of real key lengths (<= seqlen_k).
+    """
+    i = torch.arange(len_q, device=device).view(1, 1, -1, 1)
+    j = torch.arange(seqlen_k, device=device).view(1, 1, 1, -1)
+    lk = len_k.view(-1, 1, 1, 1)
+    vis = j < lk
+    offset = (lk - len_q) if bottom_right else torch.zeros_like(lk)
+    if window_left >= 0:
+        vis = vis & (j >= i + offset - window_left)
+    if window_right >= 0:
+        vis = vis & (j <= i + offset + window_right)
+    return vis
+
+
+def _dense(
+    q, k, v, attn_mask, len_k, scale, softcap, window_left, window_right, bottom_right, dropout_p
+):
+    cdt = _compute_dtype(q.dtype)
+    b, sq, hq, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    qf = q.to(cdt).transpose(1, 2)
+    kf = k.to(cdt).transpose(1, 2)
+    vf = v.to(cdt).transpose(1, 2)
+    if hk != hq:
+        kf = kf.repeat_interleave(hq // hk, dim=1)
+        vf = vf.repeat_interleave(hq // hk, dim=1)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = torch.tanh(s / softcap) * softcap
+    vis = _visible(sq, sk, len_k, window_left, window_right, bottom_right, q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            vis = vis & attn_mask
+        else:
+            s = s + attn_mask.to(cdt)
+    s = s.masked_fill(~vis, float("-inf"))
+    if sk == 0:
+        # No keys: every row sees nothing. p is empty, so p @ v gives zeros
+        # while keeping q, k, v in the autograd graph (zero gradients).
+        p = torch.exp(s)
+        lse = s.new_full((b, hq, sq), float("-inf"))
+    else:
+        # Softmax written out so that rows with no visible key give exactly 0
+        # and no NaN in the forward *or* the backward: the max is detached
+        # (softmax is invariant to it) and an all-zero row sum is replaced by 1.
+        m = s.detach().amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(s - m)
+        denom = e.sum(dim=-1, keepdim=True)
+        p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+        lse = (m + torch.log(denom.detach())).squeeze(-1)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    out = torch.matmul(p, vf).transpose(1, 2)
+    return out.to(q.dtype), lse.to(torch.float64 if cdt == torch.float64 else torch.float32)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    window_left: int = -1,
+    window_right: int = -1,
+    bottom_right: bool = False,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention in the canonical form. Returns ``(out, lse)``.
+
+    Shapes: dense ``q`` [b, sq, hq, d], ``k`` [b, sk, hk, d], ``v`` [b, sk, hk, dv],
+    ``attn_mask`` broadcastable to [b, hq, sq, sk] (bool: True = attend; float:
+    added), ``seqused_k`` int [b]; out [b, sq, hq, dv], lse [b, hq, sq].
+    Varlen: ``q`` [total_q, hq, d], ``k``/``v`` [total_k, hk, *], int32
+    ``cu_seqlens_q``/``cu_seqlens_k`` [b + 1]; out [total_q, hq, dv], lse
+    [hq, total_q]. Rows of a packed tensor past ``cu_seqlens_q[-1]`` get 0 / -inf.
+    Differentiable in q, k, v (and a float mask); lse is not differentiable.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens_q is None:
+        b, sk = k.shape[0], k.shape[1]
+        if seqused_k is None:
+            len_k = torch.full((b,), sk, dtype=torch.int64, device=q.device)
+        else:
+            len_k = seqused_k.to(device=q.device, dtype=torch.int64)
+        return _dense(
+            q, k, v, attn_mask, len_k, scale, softcap, window_left, window_right, bottom_right, dropout_p
+        )
+
+    if attn_mask is not None:
+        raise ValueError("attn_mask cannot be combined with cu_seqlens")
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    used = seqused_k.tolist() if seqused_k is not None else None
+    outs, lses = [], []
+    hq, dv = q.shape[1], v.shape[2]
+    for bi in range(len(cq) - 1):
+        qs = q[cq[bi] : cq[bi + 1]].unsqueeze(0)
+        ks = k[ck[bi] : ck[bi + 1]].unsqueeze(0)
+        vs = v[ck[bi] : ck[bi + 1]].unsqueeze(0)
+        lk = ck[bi + 1] - ck[bi] if used is None else used[bi]
+        len_k = torch.tensor([lk], dtype=torch.int64, device=q.device)
+        o, lse = _dense(
+            qs, ks, vs, None, len_k, scale, softcap, window_left, window_right, bottom_right, dropout_p
+        )
+        outs.append(o[0])
+        lses.append(lse[0])
+    tail = q.shape[0] - (cq[-1] if cq else 0)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    outs.append(q.new_zeros(tail, hq, dv))
+    lses.append(torch.full((hq, tail), float("-inf"), dtype=lse_dtype, device=q.device))
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+# ---------------------------------------------------------------------------
+# Feed-forward network
+# ---------------------------------------------------------------------------
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact (erf)
+    "gelu_tanh": _gelu_tanh,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    try:
+        fn = ACTIVATIONS[activation]
+    except KeyError:
+        raise ValueError(
+            f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}"
+        ) from None
+    return fn(x)
+
+
+def feed_forward(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str = "gelu",
+) -> torch.Tensor:
+    """``W2 act(W1 x + b1) + b2``. ``x`` [..., d_model], ``w1`` [d_ff, d_model],
+    ``w2`` [d_model, d_ff] (``torch.nn.Linear`` layout), computed in fp32."""
+    cdt = _compute_dtype(x.dtype)
+    h = F.linear(x.to(cdt), w1.to(cdt), None if b1 is None else b1.to(cdt))
+    h = apply_activation(h, activation)
+    y = F.linear(h, w2.to(cdt), None if b2 is None else b2.to(cdt))
+    return y.to(x.dtype)
+
+
+def gated_feed_forward(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """``W_down (act(W_gate x + b_gate) * (W_up x + b_up)) + b_down`` (SwiGLU for
+    silu, GeGLU for gelu), in ``torch.nn.Linear`` weight layout, computed in fp32."""
+    cdt = _compute_dtype(x.dtype)
+    xf = x.to(cdt)
+    g = F.linear(xf, w_gate.to(cdt), None if b_gate is None else b_gate.to(cdt))
+    u = F.linear(xf, w_up.to(cdt), None if b_up is None else b_up.to(cdt))
+    h = apply_activation(g, activation) * u
+    y = F.linear(h, w_down.to(cdt), None if b_down is None else b_down.to(cdt))
+    return y.to(x.dtype)

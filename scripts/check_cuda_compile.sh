@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Compile every kernel .cu alone with nvcc for each target arch and fail on any
+# register spill or stack frame; where cuobjdump is available, also check that
+# the attention kernels' SASS has the instructions we meant (HMMA tensor-core
+# MMA, LDSM ldmatrix, LDGSTS cp.async) and no local-memory traffic (LDL/STL).
+#
+# usage: scripts/check_cuda_compile.sh [LOGDIR]     (CUDA_HOME or /usr/local/cuda)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
+LOGDIR="${1:-build/cuda-compile-check}"
+ARCHS="${PYFASTATTN_CUDA_ARCHS:-8.0;9.0a}"
+mkdir -p "$LOGDIR"
+gencode=()
+IFS=';' read -ra arr <<< "$ARCHS"
+for a in "${arr[@]}"; do n="${a//./}"; gencode+=("-gencode=arch=compute_${n},code=sm_${n}"); done
+
+mapfile -t files < <(find csrc/cuda -name '*.cu' | sort)
+if [ "${#files[@]}" -eq 0 ]; then echo "no .cu files under csrc/cuda"; exit 1; fi
+
+compile_one() {
+  local f="$1" base; base="$(basename "$f" .cu)"
+  local start=$SECONDS
+  if ! "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Xptxas -v "${gencode[@]}" -Icsrc -c "$f" \
+       -o "$LOGDIR/$base.o" > "$LOGDIR/$base.log" 2>&1; then
+    echo "FAIL compile $f"; cat "$LOGDIR/$base.log"; return 1
+  fi
+  echo "$f: $((SECONDS - start)) s"
+}
+export -f compile_one; export NVCC LOGDIR; export gencode_str="${gencode[*]}"
+fail=0
+for f in "${files[@]}"; do
+  printf '%s\n' "$f"
+done | xargs -P "${MAX_JOBS:-2}" -I{} bash -c 'gencode=($gencode_str); compile_one "$@"' _ {} || fail=1
+
+for log in "$LOGDIR"/*.log; do
+  if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$log" >/dev/null; then
+    echo "FAIL register spills in $(basename "$log" .log):"; grep -E "Compiling|spill" "$log" | grep -B1 -E "[1-9][0-9]* bytes spill"; fail=1
+  fi
+  if grep -E "[1-9][0-9]* bytes stack frame" "$log" >/dev/null; then
+    echo "FAIL stack frame in $(basename "$log" .log):"; grep -E "[1-9][0-9]* bytes stack frame" "$log"; fail=1
+  fi
+done
+echo "ptxas summary (registers / shared memory per kernel):"
+grep -hE "Compiling entry|Used [0-9]+ registers" "$LOGDIR"/*.log | sed 's/ptxas info    ://' | paste - - | \
+  sed -E "s/.*entry function '([^']+)' for '(sm_[0-9a]+)'.*Used ([0-9]+) registers.*/\2 \3 regs  \1/" | \
+  cut -c1-140 | sort -u || true
+
+CUOBJDUMP="$(command -v cuobjdump || true)"
+if [ -z "$CUOBJDUMP" ]; then
+  CUOBJDUMP="$(python3 - <<'PY' 2>/dev/null || true
+import glob, os, sys
+for p in sys.path:
+    for c in glob.glob(os.path.join(p, "nvidia", "*", "bin", "cuobjdump")):
+        print(c); raise SystemExit
+PY
+)"
+fi
+if [ -n "$CUOBJDUMP" ]; then
+  for o in "$LOGDIR"/attention_fwd_hdim*.o; do
+    [ -e "$o" ] || continue
+    sass="$("$CUOBJDUMP" --dump-sass "$o")"
+    for ins in HMMA LDSM LDGSTS; do
+      if ! grep -q "$ins" <<< "$sass"; then echo "FAIL $(basename "$o"): no $ins in SASS"; fail=1; fi
+    done
+    if grep -qE "\b(LDL|STL)\b" <<< "$sass"; then echo "FAIL $(basename "$o"): local memory (LDL/STL) in SASS"; fail=1; fi
+  done
+  echo "SASS check done with $CUOBJDUMP"
+else
+  echo "cuobjdump not found: SASS check skipped (pip install nvidia-cuda-cuobjdump)"
+  [ "${PYFASTATTN_REQUIRE_SASS_CHECK:-0}" = 1 ] && fail=1
+fi
+[ "$fail" = 0 ] && echo "CUDA compile check: OK (${#files[@]} files, archs $ARCHS, zero spills)"
+exit "$fail"

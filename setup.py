@@ -1,0 +1,122 @@
+"""Build pyfastattn._C: the CPU kernels always, the CUDA kernels when possible.
+
+Environment:
+  PYFASTATTN_BUILD_CUDA=0|1|auto   auto (default): build CUDA when torch is a CUDA
+                                   build and nvcc is found. 1: fail if it can't.
+  PYFASTATTN_CUDA_ARCHS            e.g. "8.0;9.0a" (the default). Each entry
+                                   becomes a -gencode for that SM.
+  MAX_JOBS                         parallel compile jobs (ninja), e.g. MAX_JOBS=2.
+  CUDA_HOME                        the toolkit; otherwise /usr/local/cuda or the
+                                   real location of the nvcc on PATH.
+
+Install with `pip install --no-build-isolation .`: an isolated build would pull
+another torch and produce a module whose ABI doesn't match the installed one.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def _find_cuda_home() -> str | None:
+    """The toolkit root, without trusting torch's guess.
+
+    torch derives CUDA_HOME from the nvcc on PATH; where that is a wrapper in
+    /usr/local/bin it guesses /usr/local and the link fails on -lcudart.
+    So: CUDA_HOME/CUDA_PATH, else /usr/local/cuda, else the directory above the
+    *resolved* nvcc's bin/, and in every case require bin/nvcc and a cudart.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for c in candidates:
+        if not c:
+            continue
+        has_nvcc = os.path.isfile(os.path.join(c, "bin", "nvcc"))
+        has_cudart = any(
+            glob.glob(os.path.join(c, lib, "libcudart*")) for lib in ("lib64", "lib", "targets/*/lib")
+        )
+        if has_nvcc and has_cudart:
+            return c
+    return None
+
+
+def _cuda_decision() -> tuple[bool, str | None, str]:
+    """(build_cuda, cuda_home, why) from PYFASTATTN_BUILD_CUDA and the environment."""
+    import torch
+
+    mode = os.environ.get("PYFASTATTN_BUILD_CUDA", "auto").strip().lower()
+    if mode not in ("0", "1", "auto"):
+        raise SystemExit(f"PYFASTATTN_BUILD_CUDA must be 0, 1 or auto, got {mode!r}")
+    if mode == "0":
+        return False, None, "PYFASTATTN_BUILD_CUDA=0"
+    home = _find_cuda_home()
+    problems = []
+    if not torch.version.cuda:
+        problems.append(f"torch {torch.__version__} is not a CUDA build (torch.version.cuda is None)")
+    if home is None:
+        problems.append("no CUDA toolkit with bin/nvcc and libcudart found (set CUDA_HOME)")
+    if problems:
+        if mode == "1":
+            raise SystemExit("PYFASTATTN_BUILD_CUDA=1 but CUDA cannot be built: " + "; ".join(problems))
+        return False, None, "; ".join(problems)
+    return True, home, f"torch CUDA {torch.version.cuda}, toolkit {home}"
+
+
+def _gencode_flags(archs: str) -> list[str]:
+    flags = []
+    for a in archs.replace(",", ";").split(";"):
+        a = a.strip()
+        if not a:
+            continue
+        num = a.replace(".", "")
+        if not num.rstrip("a").isdigit():
+            raise SystemExit(f"PYFASTATTN_CUDA_ARCHS: cannot parse {a!r} (expected e.g. 8.0 or 9.0a)")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    if not flags:
+        raise SystemExit("PYFASTATTN_CUDA_ARCHS is empty")
+    return flags
+
+
+def _extensions():
+    build_cuda, cuda_home, why = _cuda_decision()
+    archs = os.environ.get("PYFASTATTN_CUDA_ARCHS", DEFAULT_ARCHS)
+    if build_cuda:
+        # Must happen before torch.utils.cpp_extension is imported: it reads
+        # CUDA_HOME and, with no GPU, TORCH_CUDA_ARCH_LIST (else IndexError).
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs.replace(",", ";")
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    print(f"pyfastattn: building CUDA kernels: {build_cuda} ({why})", file=sys.stderr)
+    sources = ["csrc/ops.cpp", "csrc/attention/api.cpp", "csrc/cpu/attention_cpu.cpp"]
+    cxx = ["-O3", "-fvisibility=hidden"]  # torch picks the C++ standard its headers need
+    define_macros = []
+    kwargs = {}
+    if build_cuda:
+        sources += ["csrc/cuda/attention_cuda_api.cpp"]
+        sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
+        define_macros += [("PYFASTATTN_WITH_CUDA", None),
+                          ("PYFASTATTN_CUDA_ARCHS", f'"{archs}"')]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *_gencode_flags(archs)]
+        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": nvcc}
+        ext_cls = CUDAExtension
+    else:
+        kwargs["extra_compile_args"] = {"cxx": cxx}
+        ext_cls = CppExtension
+    ext = ext_cls("pyfastattn._C", sources, define_macros=define_macros,
+                  include_dirs=[os.path.join(ROOT, "csrc")], **kwargs)
+    return [ext], BuildExtension.with_options(use_ninja=True)
+
+
+ext_modules, build_ext = _extensions()
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
