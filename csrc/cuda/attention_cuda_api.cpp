@@ -5,9 +5,13 @@
 // attention_bwd has no CUDA kernel yet: it is not registered for CUDA, and
 // pyfastattn/_ops.py computes the CUDA backward by recomputation through the
 // reference path (pyfastattn.kernel_support() reports this).
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS and cuSPARSE
+// headers, which a CUDA toolkit without those libraries (seen on the build
+// machine) lacks, and which this file does not need.
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../attention/api.h"
@@ -52,13 +56,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   AttentionFwdParams p;
   fill_fwd_params(p, sk, qk, kk, vk, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k,
                   scale, softcap, window_left, window_right, bottom_right);
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int sm = prop->major * 10 + prop->minor;
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  const int sm = major * 10 + minor;
   const char* reason = cuda::attention_fwd_unsupported_reason(p, sm);
   TORCH_CHECK(reason == nullptr, "pyfastattn CUDA attention kernel does not support this case: ",
               reason);
   if (out.numel() > 0 || lse.numel() > 0) {
-    C10_CUDA_CHECK(cuda::attention_fwd(p, at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream()));
   }
   // Contiguous, so the output's strides match the fake (meta) implementation.
   if (dpad != s.head_dim) out = out.narrow(-1, 0, s.head_dim).contiguous();
