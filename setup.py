@@ -98,23 +98,30 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     print(f"pyfastattn: building CUDA kernels: {build_cuda} ({why})", file=sys.stderr)
-    sources = ["csrc/ops.cpp", "csrc/attention/api.cpp", "csrc/cpu/attention_cpu.cpp"]
+    # Every .cpp outside csrc/cuda is CPU code and always built; csrc/cuda holds
+    # the CUDA glue (.cpp, with torch headers) and the kernels (.cu, without).
+    all_cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    sources = [f for f in all_cpp if not f.startswith("csrc/cuda/")]
     cxx = ["-O3", "-fvisibility=hidden"]  # torch picks the C++ standard its headers need
     define_macros = []
     kwargs = {}
     if build_cuda:
-        sources += ["csrc/cuda/attention_cuda_api.cpp"]
+        sources += [f for f in all_cpp if f.startswith("csrc/cuda/")]
         sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
-        define_macros += [("PYFASTATTN_WITH_CUDA", None),
-                          ("PYFASTATTN_CUDA_ARCHS", f'"{archs}"')]
+        define_macros += [("PYFASTATTN_WITH_CUDA", None), ("PYFASTATTN_CUDA_ARCHS", f'"{archs}"')]
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *_gencode_flags(archs)]
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": nvcc}
         ext_cls = CUDAExtension
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
         ext_cls = CppExtension
-    ext = ext_cls("pyfastattn._C", sources, define_macros=define_macros,
-                  include_dirs=[os.path.join(ROOT, "csrc")], **kwargs)
+    ext = ext_cls(
+        "pyfastattn._C",
+        sources,
+        define_macros=define_macros,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        **kwargs,
+    )
     return [ext], BuildExtension.with_options(use_ninja=True)
 
 

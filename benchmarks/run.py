@@ -27,7 +27,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -110,8 +109,12 @@ def providers(device: str) -> dict:
         p["torch sdpa (flash)"] = _sdpa(SDPBackend.FLASH_ATTENTION)
         p["torch sdpa (math)"] = _sdpa(SDPBackend.MATH)
     else:
-        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                         ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)):
+        for name, be in (
+            ("flash", SDPBackend.FLASH_ATTENTION),
+            ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+            ("cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("math", SDPBackend.MATH),
+        ):
             p[f"torch sdpa ({name})"] = _sdpa(be)
     p["naive matmul-softmax-matmul"] = _naive
     p["pyfastattn reference"] = _pyfastattn_reference
@@ -125,8 +128,12 @@ def providers(device: str) -> dict:
 
 def check(out, q, k, v, causal) -> str | None:
     """None if `out` passes the tolerance rule, else a short failure string."""
-    ref = reference.attention(q.double().transpose(1, 2), k.double().transpose(1, 2), v.double().transpose(1, 2),
-                              window_right=0 if causal else -1)[0].transpose(1, 2)
+    ref = reference.attention(
+        q.double().transpose(1, 2),
+        k.double().transpose(1, 2),
+        v.double().transpose(1, 2),
+        window_right=0 if causal else -1,
+    )[0].transpose(1, 2)
     base = _naive(q, k, v, causal).double()
     err = (out.double() - ref).abs().max().item()
     base_err = (base - ref).abs().max().item()
@@ -184,8 +191,12 @@ def matmul_ceiling(device, dtype, threads) -> float:
 
 def git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
     except Exception:
         return "unknown"
 
@@ -222,7 +233,9 @@ def main(argv=None) -> int:
     suites = ["attention", "attention-bwd"] if args.suite == "all" else [args.suite]
     shapes = shapes_for(device, quick)
     provs = providers(device)
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    dev_name = (
+        torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    )
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     sha = git_sha()
@@ -235,18 +248,38 @@ def main(argv=None) -> int:
         progress(ji, len(jobs), f"{suite} {dtype} {shape}")
         backward = suite == "attention-bwd"
         nsets = 1 if device == "cpu" else 4  # rotate > L2 on GPU
-        sets = [tuple(torch.randn(shape.b, shape.h, shape.s, shape.d, device=device, dtype=dtype,
-                                  requires_grad=backward) for _ in range(3)) for _ in range(nsets)]
+        sets = [
+            tuple(
+                torch.randn(
+                    shape.b, shape.h, shape.s, shape.d, device=device, dtype=dtype, requires_grad=backward
+                )
+                for _ in range(3)
+            )
+            for _ in range(nsets)
+        ]
         for name, fn in provs.items():
             if name == "pyfastattn reference" and device == "cpu" and shape.s > 2048:
                 continue  # O(S^2) memory in fp32; slower than the naive row and adds nothing
-            row = dict(provider=name, suite=suite, shape=str(shape), dtype=str(dtype).replace("torch.", ""),
-                       causal=shape.causal, device=dev_name, torch=torch.__version__,
-                       cuda=torch.version.cuda or "", sha=sha, timestamp=stamp, threads=threads if device == "cpu" else "")
+            row = dict(
+                provider=name,
+                suite=suite,
+                shape=str(shape),
+                dtype=str(dtype).replace("torch.", ""),
+                causal=shape.causal,
+                device=dev_name,
+                torch=torch.__version__,
+                cuda=torch.version.cuda or "",
+                sha=sha,
+                timestamp=stamp,
+                threads=threads if device == "cpu" else "",
+            )
             q, k, v = sets[0]
             try:
-                if name == "pyfastattn" and (reason := pyfastattn.kernel_unsupported_reason(
-                        q.transpose(1, 2), v.transpose(1, 2), mode="kernel")):
+                if name == "pyfastattn" and (
+                    reason := pyfastattn.kernel_unsupported_reason(
+                        q.transpose(1, 2), v.transpose(1, 2), mode="kernel"
+                    )
+                ):
                     raise RuntimeError(reason)
                 with torch.no_grad():
                     out = fn(q, k, v, shape.causal)
@@ -262,17 +295,17 @@ def main(argv=None) -> int:
             if backward:
                 gs = [torch.randn_like(q) for _ in range(nsets)]
 
-                def make(i, fn=fn):
+                def make(i, fn=fn, sets=sets, causal=shape.causal, gs=gs):
                     qi, ki, vi = sets[i]
-                    return lambda: torch.autograd.grad(fn(qi, ki, vi, shape.causal), (qi, ki, vi), gs[i])
+                    return lambda: torch.autograd.grad(fn(qi, ki, vi, causal), (qi, ki, vi), gs[i])
             else:
 
-                def make(i, fn=fn):
+                def make(i, fn=fn, sets=sets, causal=shape.causal):
                     qi, ki, vi = sets[i]
 
                     def call():
                         with torch.no_grad():
-                            return fn(qi, ki, vi, shape.causal)
+                            return fn(qi, ki, vi, causal)
 
                     return call
 
@@ -286,8 +319,15 @@ def main(argv=None) -> int:
                 peak = float("nan")
             p50 = statistics.median(times)
             tflops = shape.flops(backward) / (p50 * 1e-3) / 1e12
-            row.update(status="ok", p20_ms=pct(times, 20), p50_ms=p50, p80_ms=pct(times, 80), tflops=tflops,
-                       frac_ceiling=tflops / ceilings[dtype], peak_mem_mib=peak)
+            row.update(
+                status="ok",
+                p20_ms=pct(times, 20),
+                p50_ms=p50,
+                p80_ms=pct(times, 80),
+                tflops=tflops,
+                frac_ceiling=tflops / ceilings[dtype],
+                peak_mem_mib=peak,
+            )
             rows.append(row)
     progress(len(jobs), len(jobs), "done")
 
@@ -307,26 +347,56 @@ def main(argv=None) -> int:
         base = lookup.get((r["suite"], r["dtype"], r["shape"], sdpa_name))
         ratio = (base["p50_ms"] / r["p50_ms"]) if base and base.get("status") == "ok" else float("nan")
         r["speedup_vs_sdpa"] = ratio
-        print(f"{r['suite']:13s} {r['dtype']:9s} {r['shape']:26s} {r['provider']:28s} {r['p50_ms']:9.3f} "
-              f"{r['p20_ms']:8.3f}-{r['p80_ms']:<8.3f} {r['tflops']:8.3f} {100 * r['frac_ceiling']:5.1f}% {ratio:6.2f}x")
+        print(
+            f"{r['suite']:13s} {r['dtype']:9s} {r['shape']:26s} {r['provider']:28s} {r['p50_ms']:9.3f} "
+            f"{r['p20_ms']:8.3f}-{r['p80_ms']:<8.3f} {r['tflops']:8.3f} {100 * r['frac_ceiling']:5.1f}% {ratio:6.2f}x"
+        )
 
-    fields = ["provider", "suite", "shape", "dtype", "causal", "status", "p20_ms", "p50_ms", "p80_ms", "tflops",
-              "frac_ceiling", "speedup_vs_sdpa", "peak_mem_mib", "device", "threads", "torch", "cuda", "sha",
-              "timestamp"]
+    fields = [
+        "provider",
+        "suite",
+        "shape",
+        "dtype",
+        "causal",
+        "status",
+        "p20_ms",
+        "p50_ms",
+        "p80_ms",
+        "tflops",
+        "frac_ceiling",
+        "speedup_vs_sdpa",
+        "peak_mem_mib",
+        "device",
+        "threads",
+        "torch",
+        "cuda",
+        "sha",
+        "timestamp",
+    ]
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"# pyfastattn benchmark\n\n`{' '.join(['python', 'benchmarks/run.py', *(argv or sys.argv[1:])])}`\n\n")
-        f.write(f"device {dev_name}, torch {torch.__version__}, threads {threads}, pyfastattn {sha}, {stamp}\n\n")
-        f.write("| suite | dtype | shape | provider | p50 ms | p20 / p80 ms | TFLOP/s | vs sdpa |\n|---|---|---|---|---|---|---|---|\n")
+        f.write(
+            f"# pyfastattn benchmark\n\n`{' '.join(['python', 'benchmarks/run.py', *(argv or sys.argv[1:])])}`\n\n"
+        )
+        f.write(
+            f"device {dev_name}, torch {torch.__version__}, threads {threads}, pyfastattn {sha}, {stamp}\n\n"
+        )
+        f.write(
+            "| suite | dtype | shape | provider | p50 ms | p20 / p80 ms | TFLOP/s | vs sdpa |\n|---|---|---|---|---|---|---|---|\n"
+        )
         for r in rows:
             if r["status"] != "ok":
-                f.write(f"| {r['suite']} | {r['dtype']} | {r['shape']} | {r['provider']} | {r['status']} | | | |\n")
+                f.write(
+                    f"| {r['suite']} | {r['dtype']} | {r['shape']} | {r['provider']} | {r['status']} | | | |\n"
+                )
             else:
-                f.write(f"| {r['suite']} | {r['dtype']} | {r['shape']} | {r['provider']} | {r['p50_ms']:.3f} | "
-                        f"{r['p20_ms']:.3f} / {r['p80_ms']:.3f} | {r['tflops']:.3f} | {r.get('speedup_vs_sdpa', float('nan')):.2f}x |\n")
+                f.write(
+                    f"| {r['suite']} | {r['dtype']} | {r['shape']} | {r['provider']} | {r['p50_ms']:.3f} | "
+                    f"{r['p20_ms']:.3f} / {r['p80_ms']:.3f} | {r['tflops']:.3f} | {r.get('speedup_vs_sdpa', float('nan')):.2f}x |\n"
+                )
     print(f"\nwrote {args.out}/results.csv and results.md")
     return 1 if any(r["status"].startswith("FAIL") for r in rows) else 0
 

@@ -38,9 +38,22 @@ def has_kernel(op: str, device_type: str) -> bool:
 if AVAILABLE:
 
     @torch.library.register_fake("pyfastattn::attention_fwd")
-    def _attention_fwd_fake(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                            max_seqlen_q, max_seqlen_k, scale, softcap, window_left,
-                            window_right, bottom_right):
+    def _attention_fwd_fake(
+        q,
+        k,
+        v,
+        attn_mask,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        softcap,
+        window_left,
+        window_right,
+        bottom_right,
+    ):
         out = q.new_empty((*q.shape[:-1], v.shape[-1]))
         if cu_seqlens_q is None:
             lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
@@ -49,9 +62,26 @@ if AVAILABLE:
         return out, lse
 
     @torch.library.register_fake("pyfastattn::attention_bwd")
-    def _attention_bwd_fake(dout, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k,
-                            seqused_k, max_seqlen_q, max_seqlen_k, scale, softcap, window_left,
-                            window_right, bottom_right, deterministic):
+    def _attention_bwd_fake(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        attn_mask,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        softcap,
+        window_left,
+        window_right,
+        bottom_right,
+        deterministic,
+    ):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _fwd_setup_context(ctx, inputs, output):
@@ -68,21 +98,49 @@ if AVAILABLE:
             dout = dout.contiguous()
         if has_kernel("attention_bwd", q.device.type):
             dq, dk, dv = torch.ops.pyfastattn.attention_bwd(
-                dout, q, k, v, out, lse, attn_mask, cu_q, cu_k, used, max_q, max_k, scale,
-                softcap, wl, wr, br, torch.are_deterministic_algorithms_enabled())
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                attn_mask,
+                cu_q,
+                cu_k,
+                used,
+                max_q,
+                max_k,
+                scale,
+                softcap,
+                wl,
+                wr,
+                br,
+                torch.are_deterministic_algorithms_enabled(),
+            )
         else:
             # No backward kernel on this device yet: recompute through the
             # reference (same canonical semantics), as a vjp so torch.compile
             # can trace it.
             def f(q_, k_, v_):
                 return reference.attention(
-                    q_, k_, v_, scale=scale, attn_mask=attn_mask, cu_seqlens_q=cu_q,
-                    cu_seqlens_k=cu_k, seqused_k=used, softcap=softcap, window_left=wl,
-                    window_right=wr, bottom_right=br)[0]
+                    q_,
+                    k_,
+                    v_,
+                    scale=scale,
+                    attn_mask=attn_mask,
+                    cu_seqlens_q=cu_q,
+                    cu_seqlens_k=cu_k,
+                    seqused_k=used,
+                    softcap=softcap,
+                    window_left=wl,
+                    window_right=wr,
+                    bottom_right=br,
+                )[0]
 
             _, vjp = torch.func.vjp(f, q, k, v)
             dq, dk, dv = vjp(dout)
         return (dq, dk, dv) + (None,) * 11
 
     torch.library.register_autograd(
-        "pyfastattn::attention_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+        "pyfastattn::attention_fwd", _fwd_backward, setup_context=_fwd_setup_context
+    )

@@ -67,8 +67,10 @@ def kernel_unsupported_reason(
         if cap < (8, 0):
             return f"the CUDA kernel needs compute capability >= 8.0, got {cap[0]}.{cap[1]}"
         if mode == "auto" and cap not in CUDA_VERIFIED_CAPABILITIES:
-            return (f"the CUDA kernel is not yet verified on hardware of capability {cap[0]}.{cap[1]} "
-                    "(use backend 'kernel' to run it anyway)")
+            return (
+                f"the CUDA kernel is not yet verified on hardware of capability {cap[0]}.{cap[1]} "
+                "(use backend 'kernel' to run it anyway)"
+            )
         if grad and (q.requires_grad or v.requires_grad) and not _ops.has_kernel("attention_bwd", dev):
             if mode == "kernel":
                 return "there is no CUDA backward kernel yet (backend 'auto' recomputes it through the reference)"
@@ -102,14 +104,37 @@ def _run(
         if reason is not None and not _is_compiling():
             _backend.note_fallback(reason)
         return reference.attention(
-            q, k, v, scale=scale, attn_mask=attn_mask, cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, softcap=softcap,
-            window_left=window_left, window_right=window_right, bottom_right=bottom_right,
-            dropout_p=dropout_p)
+            q,
+            k,
+            v,
+            scale=scale,
+            attn_mask=attn_mask,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            seqused_k=seqused_k,
+            softcap=softcap,
+            window_left=window_left,
+            window_right=window_right,
+            bottom_right=bottom_right,
+            dropout_p=dropout_p,
+        )
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return torch.ops.pyfastattn.attention_fwd(
-        q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-        scale, softcap, window_left, window_right, bottom_right)
+        q,
+        k,
+        v,
+        attn_mask,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        softcap,
+        window_left,
+        window_right,
+        bottom_right,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -166,7 +191,9 @@ def _check_varlen(
     lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
     for i, n in enumerate(lens):
         if n < 0:
-            raise ValueError(f"{name} must be non-decreasing, got {name}[{i + 1}] = {vals[i + 1]} < {vals[i]}")
+            raise ValueError(
+                f"{name} must be non-decreasing, got {name}[{i + 1}] = {vals[i + 1]} < {vals[i]}"
+            )
     if vals[-1] > total:
         raise ValueError(f"{name}[-1] = {vals[-1]} runs past the packed tensor's {total} rows")
     longest = max(lens, default=0)
@@ -182,18 +209,24 @@ def _canonical_mask(
     with a contiguous last dim; size-1 dims stay size 1 (broadcast stride 0)."""
     _check_tensor(attn_mask, "attn_mask")
     if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-        raise ValueError(f"attn_mask.dtype must be torch.bool or query.dtype ({q.dtype}), got {attn_mask.dtype}")
+        raise ValueError(
+            f"attn_mask.dtype must be torch.bool or query.dtype ({q.dtype}), got {attn_mask.dtype}"
+        )
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask.device must equal query.device ({q.device}), got {attn_mask.device}")
     full = (*batch, hq, lq, sk)
     if attn_mask.dim() > len(full):
-        raise ValueError(f"attn_mask must have at most {len(full)} dims (broadcastable to {full}), "
-                         f"got shape {tuple(attn_mask.shape)}")
+        raise ValueError(
+            f"attn_mask must have at most {len(full)} dims (broadcastable to {full}), "
+            f"got shape {tuple(attn_mask.shape)}"
+        )
     m = attn_mask.reshape((1,) * (len(full) - attn_mask.dim()) + tuple(attn_mask.shape))
     for i, (got, want) in enumerate(zip(m.shape, full)):
         if got != want and got != 1:
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to {full} "
-                             f"(dim {i - len(full)}: {got} vs {want})")
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to {full} "
+                f"(dim {i - len(full)}: {got} vs {want})"
+            )
     lead = m.shape[:-3]
     b = math.prod(batch)
     if all(d == 1 for d in lead):
@@ -259,13 +292,17 @@ def scaled_dot_product_attention(
         if hk == 0 or hq % hk != 0:
             raise ValueError(f"with enable_gqa, query heads ({hq}) must be a multiple of key heads ({hk})")
     elif hk != hq and hk != 1:
-        raise ValueError(f"key heads (shape[-3]) must equal query heads ({hq}) or be 1 "
-                         f"(pass enable_gqa=True for grouped-query attention), got {hk}")
+        raise ValueError(
+            f"key heads (shape[-3]) must equal query heads ({hq}) or be 1 "
+            f"(pass enable_gqa=True for grouped-query attention), got {hk}"
+        )
     try:
         batch = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
     except RuntimeError:
-        raise ValueError(f"batch dims of query {tuple(query.shape[:-3])}, key {tuple(key.shape[:-3])} "
-                         f"and value {tuple(value.shape[:-3])} do not broadcast") from None
+        raise ValueError(
+            f"batch dims of query {tuple(query.shape[:-3])}, key {tuple(key.shape[:-3])} "
+            f"and value {tuple(value.shape[:-3])} do not broadcast"
+        ) from None
     hk_eff = hk if enable_gqa else hq
 
     def canon(t: torch.Tensor, h: int) -> torch.Tensor:  # (..., H, S, D) -> (B, S, H, D) view
@@ -277,10 +314,22 @@ def scaled_dot_product_attention(
     v = canon(value, hk_eff)
     mask = None if attn_mask is None else _canonical_mask(attn_mask, query, batch, hq, lq, sk)
     out, _ = _run(
-        q, k, v, attn_mask=mask, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
-        max_seqlen_q=lq, max_seqlen_k=sk,
-        scale=1.0 / math.sqrt(e) if scale is None else float(scale), softcap=0.0,
-        window_left=-1, window_right=0 if is_causal else -1, bottom_right=False, dropout_p=dropout_p)
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        cu_seqlens_q=None,
+        cu_seqlens_k=None,
+        seqused_k=None,
+        max_seqlen_q=lq,
+        max_seqlen_k=sk,
+        scale=1.0 / math.sqrt(e) if scale is None else float(scale),
+        softcap=0.0,
+        window_left=-1,
+        window_right=0 if is_causal else -1,
+        bottom_right=False,
+        dropout_p=dropout_p,
+    )
     out = out.transpose(1, 2).reshape(*batch, hq, lq, ev)
     return out.squeeze(0) if unbatched_heads else out
 
@@ -340,7 +389,9 @@ def attention(
     if d == 0 or v.shape[-1] == 0:
         raise ValueError(f"head dims must be positive, got q {d} and v {v.shape[-1]}")
     if v.shape[:-2] != k.shape[:-2]:
-        raise ValueError(f"v.shape[:-2] must equal k.shape[:-2] ({tuple(k.shape[:-2])}), got {tuple(v.shape[:-2])}")
+        raise ValueError(
+            f"v.shape[:-2] must equal k.shape[:-2] ({tuple(k.shape[:-2])}), got {tuple(v.shape[:-2])}"
+        )
     if not varlen and k.shape[0] != q.shape[0]:
         raise ValueError(f"k.shape[0] (batch) must equal q.shape[0] ({q.shape[0]}), got {k.shape[0]}")
     if (
@@ -353,11 +404,17 @@ def attention(
         raise ValueError(f"softcap must be a finite number >= 0, got {softcap}")
     _check_scale(softmax_scale, "softmax_scale")
     if varlen:
-        max_seqlen_q = _check_varlen(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
-        max_seqlen_k = _check_varlen(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
+        max_seqlen_q = _check_varlen(
+            cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q.device
+        )
+        max_seqlen_k = _check_varlen(
+            cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", q.device
+        )
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
-            raise ValueError(f"cu_seqlens_k must have {cu_seqlens_q.numel()} elements like cu_seqlens_q, "
-                             f"got {cu_seqlens_k.numel()}")
+            raise ValueError(
+                f"cu_seqlens_k must have {cu_seqlens_q.numel()} elements like cu_seqlens_q, "
+                f"got {cu_seqlens_k.numel()}"
+            )
         batch = cu_seqlens_q.numel() - 1
     else:
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
@@ -365,8 +422,10 @@ def attention(
     if seqused_k is not None:
         _check_tensor(seqused_k, "seqused_k")
         if seqused_k.dtype != torch.int32 or seqused_k.shape != (batch,):
-            raise ValueError(f"seqused_k must be int32 of shape ({batch},), got {seqused_k.dtype} "
-                             f"of shape {tuple(seqused_k.shape)}")
+            raise ValueError(
+                f"seqused_k must be int32 of shape ({batch},), got {seqused_k.dtype} "
+                f"of shape {tuple(seqused_k.shape)}"
+            )
         if seqused_k.device != q.device:
             raise ValueError(f"seqused_k.device must equal q.device ({q.device}), got {seqused_k.device}")
         if not _is_compiling() and seqused_k.numel() > 0:
@@ -381,9 +440,20 @@ def attention(
     if causal:
         wr = 0
     out, lse = _run(
-        q, k, v, attn_mask=None, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        q,
+        k,
+        v,
+        attn_mask=None,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        seqused_k=seqused_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
         scale=1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale),
-        softcap=float(softcap), window_left=wl if wl >= 0 else -1, window_right=wr if wr >= 0 else -1,
-        bottom_right=True, dropout_p=0.0)
+        softcap=float(softcap),
+        window_left=wl if wl >= 0 else -1,
+        window_right=wr if wr >= 0 else -1,
+        bottom_right=True,
+        dropout_p=0.0,
+    )
     return (out, lse) if return_lse else out

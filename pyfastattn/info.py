@@ -19,7 +19,9 @@ def report() -> str:
         f"backend         {pyfastattn.get_backend()}",
     ]
     if not _ops.AVAILABLE:
-        lines.append(f"extension       NOT LOADED: {_ops.EXTENSION_ERROR} (everything runs on the reference path)")
+        lines.append(
+            f"extension       NOT LOADED: {_ops.EXTENSION_ERROR} (everything runs on the reference path)"
+        )
     else:
         lines.append("extension       pyfastattn._C loaded")
         for op in ("attention_fwd", "attention_bwd"):
@@ -30,7 +32,9 @@ def report() -> str:
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))
         p = torch.cuda.get_device_properties(0)
-        lines.append(f"GPU             {p.name}, capability {p.major}.{p.minor}, {p.multi_processor_count} SMs")
+        lines.append(
+            f"GPU             {p.name}, capability {p.major}.{p.minor}, {p.multi_processor_count} SMs"
+        )
     else:
         lines.append("GPU             none visible")
     lines.append(f"threads         {torch.get_num_threads()}")

@@ -57,9 +57,7 @@ def _visible(
     return vis
 
 
-def _dense(
-    q, k, v, attn_mask, len_k, scale, softcap, window_left, window_right, bottom_right, dropout_p
-):
+def _dense(q, k, v, attn_mask, len_k, scale, softcap, window_left, window_right, bottom_right, dropout_p):
     cdt = _compute_dtype(q.dtype)
     b, sq, hq, _ = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -184,9 +182,7 @@ def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
     try:
         fn = ACTIVATIONS[activation]
     except KeyError:
-        raise ValueError(
-            f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}"
-        ) from None
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}") from None
     return fn(x)
 
 

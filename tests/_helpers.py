@@ -10,6 +10,7 @@ from pyfastattn import reference
 
 HAS_CUDA = torch.cuda.is_available()
 
+
 def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
     """Twice the error of merely storing the exact result in `dtype`."""
     finite = torch.isfinite(ref)
@@ -22,7 +23,9 @@ def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     a = a.double()
     nan_a, nan_r = torch.isnan(a), torch.isnan(ref)
-    assert torch.equal(nan_a, nan_r), f"NaN pattern differs: {nan_a.sum().item()} NaN vs {nan_r.sum().item()} in reference"
+    assert torch.equal(nan_a, nan_r), (
+        f"NaN pattern differs: {nan_a.sum().item()} NaN vs {nan_r.sum().item()} in reference"
+    )
     both_inf = torch.isinf(a) & torch.isinf(ref) & (a == ref)
     ok = ~(nan_a | both_inf)
     if not ok.any():
@@ -52,8 +55,19 @@ def assert_tolerance(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: 
     )
 
 
-def naive_attention(q, k, v, *, scale, attn_mask=None, seqused_k=None, softcap=0.0,
-                    window_left=-1, window_right=-1, bottom_right=False):
+def naive_attention(
+    q,
+    k,
+    v,
+    *,
+    scale,
+    attn_mask=None,
+    seqused_k=None,
+    softcap=0.0,
+    window_left=-1,
+    window_right=-1,
+    bottom_right=False,
+):
     """Plain PyTorch attention in the inputs' own precision (no upcast), dense
     canonical layout: the 'plain PyTorch error' of the tolerance rule."""
     b, sq, hq, _ = q.shape
@@ -65,7 +79,7 @@ def naive_attention(q, k, v, *, scale, attn_mask=None, seqused_k=None, softcap=0
     s = (qt @ kt.transpose(-1, -2)) * scale
     if softcap > 0:
         s = torch.tanh(s / softcap) * softcap
-    len_k = (torch.full((b,), sk, device=q.device) if seqused_k is None else seqused_k.long())
+    len_k = torch.full((b,), sk, device=q.device) if seqused_k is None else seqused_k.long()
     vis = reference._visible(sq, sk, len_k, window_left, window_right, bottom_right, q.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -92,4 +106,3 @@ def make_qkv(b, sq, sk, hq, hk, d, dv=None, dtype=torch.float32, device="cpu", s
 
 def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
-

@@ -33,5 +33,3 @@ def poison():
     finally:
         torch.use_deterministic_algorithms(old_det)
         torch.utils.deterministic.fill_uninitialized_memory = old_fill
-
-

@@ -95,19 +95,25 @@ def test_native_attention_bottom_right_and_lse():
     out, lse = pyfastattn.attention(q, k, v, causal=True, return_lse=True)
     assert out.shape == (2, 5, 4, 16) and lse.shape == (2, 4, 5) and lse.dtype == torch.float32
     # Bottom-right: the last query row sees every key; row i sees keys <= i + 7.
-    ref_out, ref_lse = reference.attention(q.double(), k.double(), v.double(), window_right=0, bottom_right=True)
+    ref_out, ref_lse = reference.attention(
+        q.double(), k.double(), v.double(), window_right=0, bottom_right=True
+    )
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
-    full = F.scaled_dot_product_attention(q[:, -1:].transpose(1, 2), k.transpose(1, 2).repeat_interleave(2, 1),
-                                          v.transpose(1, 2).repeat_interleave(2, 1))
+    full = F.scaled_dot_product_attention(
+        q[:, -1:].transpose(1, 2),
+        k.transpose(1, 2).repeat_interleave(2, 1),
+        v.transpose(1, 2).repeat_interleave(2, 1),
+    )
     torch.testing.assert_close(out[:, -1:], full.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
 def test_native_window_and_softcap_match_reference():
     q, k, v = make_qkv(1, 40, 40, 2, 2, 32)
     out = pyfastattn.attention(q, k, v, window_size=(4, 2), softcap=2.0)
-    ref, _ = reference.attention(q.double(), k.double(), v.double(), window_left=4, window_right=2, softcap=2.0,
-                                 bottom_right=True)
+    ref, _ = reference.attention(
+        q.double(), k.double(), v.double(), window_left=4, window_right=2, softcap=2.0, bottom_right=True
+    )
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -118,14 +124,21 @@ def test_native_varlen_equals_separate_calls():
     vs = [torch.randn(b, 1, 16) for _, b in lens]
     cu_q = torch.tensor([0, 3, 3, 14, 20], dtype=torch.int32)
     cu_k = torch.tensor([0, 5, 9, 20, 20], dtype=torch.int32)
-    out, lse = pyfastattn.attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), causal=True,
-                                    cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    out, lse = pyfastattn.attention(
+        torch.cat(qs),
+        torch.cat(ks),
+        torch.cat(vs),
+        causal=True,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        return_lse=True,
+    )
     assert lse.shape == (2, 20)
-    for i, (a, b) in enumerate(lens):
+    for i, (a, _) in enumerate(lens):
         if a == 0:
             continue
         o = pyfastattn.attention(qs[i][None], ks[i][None], vs[i][None], causal=True)[0]
-        torch.testing.assert_close(out[cu_q[i]:cu_q[i + 1]], o, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[cu_q[i] : cu_q[i + 1]], o, atol=1e-5, rtol=1e-5)
     assert torch.all(out[14:] == 0) and torch.all(torch.isneginf(lse[:, 14:]))
 
 
@@ -175,10 +188,19 @@ def test_backend_validation():
         pyfastattn.set_backend("fast")
     with pytest.raises(ValueError, match="backend"), pyfastattn.backend("nope"):
         pass
-    r = subprocess.run([sys.executable, "-c", "import pyfastattn"], capture_output=True, text=True,
-                       env={"PYFASTATTN_BACKEND": "turbo", "PATH": ""}, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", "import pyfastattn"],
+        capture_output=True,
+        text=True,
+        env={"PYFASTATTN_BACKEND": "turbo", "PATH": ""},
+        timeout=120,
+    )
     assert r.returncode != 0 and "PYFASTATTN_BACKEND" in r.stderr
-    r = subprocess.run([sys.executable, "-c", "import pyfastattn; print(pyfastattn.get_backend())"],
-                       capture_output=True, text=True, env={"PYFASTATTN_BACKEND": "Reference", "PATH": ""},
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", "import pyfastattn; print(pyfastattn.get_backend())"],
+        capture_output=True,
+        text=True,
+        env={"PYFASTATTN_BACKEND": "Reference", "PATH": ""},
+        timeout=120,
+    )
     assert r.stdout.strip() == "reference", r.stderr

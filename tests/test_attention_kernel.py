@@ -22,7 +22,16 @@ CASES = {
     "basic": (2, 17, 17, 2, 2, 16, None, {}),
     "causal_top_left": (1, 97, 113, 3, 3, 40, None, dict(window_right=0)),
     "causal_bottom_right_sq_gt_sk": (2, 113, 97, 2, 2, 64, None, dict(window_right=0, bottom_right=True)),
-    "window_left_causal_br": (1, 65, 130, 2, 2, 32, None, dict(window_left=8, window_right=0, bottom_right=True)),
+    "window_left_causal_br": (
+        1,
+        65,
+        130,
+        2,
+        2,
+        32,
+        None,
+        dict(window_left=8, window_right=0, bottom_right=True),
+    ),
     "window_both_tl": (2, 64, 64, 2, 2, 24, None, dict(window_left=5, window_right=7)),
     "softcap_gqa_d111": (1, 33, 47, 4, 2, 111, None, dict(softcap=5.0)),
     "mqa_causal": (2, 31, 31, 6, 1, 32, None, dict(window_right=0)),
@@ -30,7 +39,16 @@ CASES = {
     "additive_mask_per_head": (2, 19, 41, 3, 3, 16, None, dict(mask="additive")),
     "bool_mask_causal_gqa": (1, 40, 40, 4, 2, 32, None, dict(mask="bool_full", window_right=0)),
     "seqused_k": (3, 23, 50, 2, 1, 32, None, dict(seqused=[50, 0, 17])),
-    "seqused_k_causal_br": (2, 9, 50, 2, 2, 32, None, dict(seqused=[20, 3], window_right=0, bottom_right=True)),
+    "seqused_k_causal_br": (
+        2,
+        9,
+        50,
+        2,
+        2,
+        32,
+        None,
+        dict(seqused=[20, 3], window_right=0, bottom_right=True),
+    ),
     "dv_ne_d": (2, 21, 26, 2, 2, 48, 24, {}),
     "strided": (2, 30, 44, 4, 2, 32, None, dict(strided=True, window_right=0)),
     "one_by_one": (3, 1, 1, 2, 2, 8, None, {}),
@@ -61,18 +79,35 @@ def _mask(kind, b, hq, sq, sk, dtype, device):
 def _run_case(case, dtype, device, backward=True):
     b, sq, sk, hq, hk, d, dv, opt = CASES[case]
     opt = dict(opt)
-    q, k, v = make_qkv(b, sq, sk, hq, hk, d, dv, dtype=dtype, device=device, strided=opt.pop("strided", False))
+    q, k, v = make_qkv(
+        b, sq, sk, hq, hk, d, dv, dtype=dtype, device=device, strided=opt.pop("strided", False)
+    )
     mask = _mask(opt.pop("mask"), b, hq, sq, sk, dtype, device) if "mask" in opt else None
     used = opt.pop("seqused", None)
     used = None if used is None else torch.tensor(used, dtype=torch.int32, device=device)
     scale = default_scale(d)
-    kw = dict(softcap=opt.get("softcap", 0.0), window_left=opt.get("window_left", -1),
-              window_right=opt.get("window_right", -1), bottom_right=opt.get("bottom_right", False))
+    kw = dict(
+        softcap=opt.get("softcap", 0.0),
+        window_left=opt.get("window_left", -1),
+        window_right=opt.get("window_right", -1),
+        bottom_right=opt.get("bottom_right", False),
+    )
 
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out, lse = torch.ops.pyfastattn.attention_fwd(
-        *leaves, mask, None, None, used, sq, sk, scale, kw["softcap"], kw["window_left"],
-        kw["window_right"], kw["bottom_right"])
+        *leaves,
+        mask,
+        None,
+        None,
+        used,
+        sq,
+        sk,
+        scale,
+        kw["softcap"],
+        kw["window_left"],
+        kw["window_right"],
+        kw["bottom_right"],
+    )
 
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref_mask = None if mask is None or mask.dtype == torch.bool else mask.double()
@@ -85,8 +120,9 @@ def _run_case(case, dtype, device, backward=True):
     assert_tolerance(f"{case}/{dtype}/out", out, ref_out, base_out, dtype)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "lse -inf pattern differs"
     lse_tol = 1e-5 if dtype == torch.float32 else 1e-3
-    assert max_err(lse, ref_lse) <= lse_tol * (1 + ref_lse[torch.isfinite(ref_lse)].abs().max().item()
-                                              if torch.isfinite(ref_lse).any() else 1.0)
+    assert max_err(lse, ref_lse) <= lse_tol * (
+        1 + ref_lse[torch.isfinite(ref_lse)].abs().max().item() if torch.isfinite(ref_lse).any() else 1.0
+    )
     if not backward:
         return
     dout = torch.randn_like(out)
@@ -123,8 +159,9 @@ def _varlen_inputs(lens_q, lens_k, hq, hk, d, dtype, device, tail=0):
 VARLEN = {
     "plain": dict(lens_q=[5, 0, 17, 64, 1], lens_k=[7, 3, 0, 64, 9]),
     "causal_br_gqa": dict(lens_q=[13, 40, 1, 8], lens_k=[13, 50, 30, 3], hq=4, hk=2, window_right=0),
-    "window_softcap_used": dict(lens_q=[20, 33], lens_k=[40, 33], window_left=6, window_right=2,
-                                softcap=3.0, seqused=[25, 0]),
+    "window_softcap_used": dict(
+        lens_q=[20, 33], lens_k=[40, 33], window_left=6, window_right=2, softcap=3.0, seqused=[25, 0]
+    ),
     "tail_rows": dict(lens_q=[3, 9], lens_k=[4, 9], tail=5),
 }
 
@@ -148,24 +185,48 @@ def _run_varlen(case, dtype, device, backward):
     q, k, v, cu_q, cu_k = _varlen_inputs(c["lens_q"], c["lens_k"], hq, hk, d, dtype, device, c.get("tail", 0))
     used = c.get("seqused")
     used = None if used is None else torch.tensor(used, dtype=torch.int32, device=device)
-    kw = dict(softcap=c.get("softcap", 0.0), window_left=c.get("window_left", -1),
-              window_right=c.get("window_right", -1), bottom_right=True)
+    kw = dict(
+        softcap=c.get("softcap", 0.0),
+        window_left=c.get("window_left", -1),
+        window_right=c.get("window_right", -1),
+        bottom_right=True,
+    )
     scale = default_scale(d)
     max_q, max_k = max(c["lens_q"]), max(c["lens_k"])
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out, lse = torch.ops.pyfastattn.attention_fwd(
-        *leaves, None, cu_q, cu_k, used, max_q, max_k, scale, kw["softcap"], kw["window_left"],
-        kw["window_right"], True)
+        *leaves,
+        None,
+        cu_q,
+        cu_k,
+        used,
+        max_q,
+        max_k,
+        scale,
+        kw["softcap"],
+        kw["window_left"],
+        kw["window_right"],
+        True,
+    )
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = reference.attention(*ref_leaves, scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                           seqused_k=used, **kw)
+    ref_out, ref_lse = reference.attention(
+        *ref_leaves, scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used, **kw
+    )
     # plain-torch baseline in the low precision, one sequence at a time
     base = []
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for i in range(len(cq) - 1):
         u = None if used is None else used[i : i + 1]
-        base.append(naive_attention(q[cq[i]:cq[i + 1]][None], k[ck[i]:ck[i + 1]][None], v[ck[i]:ck[i + 1]][None],
-                                    scale=scale, seqused_k=u, **kw)[0])
+        base.append(
+            naive_attention(
+                q[cq[i] : cq[i + 1]][None],
+                k[ck[i] : ck[i + 1]][None],
+                v[ck[i] : ck[i + 1]][None],
+                scale=scale,
+                seqused_k=u,
+                **kw,
+            )[0]
+        )
     base.append(torch.zeros(q.shape[0] - cq[-1], hq, d, dtype=dtype, device=device))
     base = torch.cat(base)
     assert_tolerance(f"varlen {case}/{dtype}/out", out, ref_out, base, dtype)
@@ -195,8 +256,9 @@ def test_cpu_kernel_deterministic(dtype):
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            out, lse = torch.ops.pyfastattn.attention_fwd(*leaves, None, None, None, None, 77, 91,
-                                                          0.2, 0.0, -1, 0, True)
+            out, lse = torch.ops.pyfastattn.attention_fwd(
+                *leaves, None, None, None, None, 77, 91, 0.2, 0.0, -1, 0, True
+            )
             grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
         finally:
             torch.set_num_threads(old)
@@ -204,4 +266,3 @@ def test_cpu_kernel_deterministic(dtype):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b), "results differ between runs / thread counts"
-

@@ -27,27 +27,54 @@ def qkv4(b=2, s=8, h=2, d=16, **kw):
     "make, match",
     [
         (lambda: sdpa(torch.randn(4), torch.randn(4), torch.randn(4)), "query must have at least 2 dims"),
-        (lambda: sdpa(*qkv4()[:2], qkv4(s=9)[2]), r"value.shape\[-2\] must equal key.shape\[-2\] \(8\), got 9"),
-        (lambda: sdpa(qkv4()[0], qkv4(d=8)[1], qkv4()[2]), r"key.shape\[-1\] must equal query.shape\[-1\] \(16\), got 8"),
-        (lambda: sdpa(qkv4(h=4)[0], *qkv4(h=3)[1:], enable_gqa=True), r"query heads \(4\) must be a multiple of key heads \(3\)"),
+        (
+            lambda: sdpa(*qkv4()[:2], qkv4(s=9)[2]),
+            r"value.shape\[-2\] must equal key.shape\[-2\] \(8\), got 9",
+        ),
+        (
+            lambda: sdpa(qkv4()[0], qkv4(d=8)[1], qkv4()[2]),
+            r"key.shape\[-1\] must equal query.shape\[-1\] \(16\), got 8",
+        ),
+        (
+            lambda: sdpa(qkv4(h=4)[0], *qkv4(h=3)[1:], enable_gqa=True),
+            r"query heads \(4\) must be a multiple of key heads \(3\)",
+        ),
         (lambda: sdpa(qkv4(h=4)[0], *qkv4(h=2)[1:]), "enable_gqa"),
         (lambda: sdpa(qkv4(b=2)[0], *qkv4(b=3)[1:]), "do not broadcast"),
-        (lambda: sdpa(*qkv4()[:2], qkv4(dtype=torch.float64)[2]), r"value.dtype must equal query.dtype \(torch.float32\), got torch.float64"),
+        (
+            lambda: sdpa(*qkv4()[:2], qkv4(dtype=torch.float64)[2]),
+            r"value.dtype must equal query.dtype \(torch.float32\), got torch.float64",
+        ),
         (lambda: sdpa(*qkv4()[:2], qkv4()[2].to("meta")), "value.device must equal query.device"),
         (lambda: sdpa(*qkv4(), attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True), "is_causal"),
         (lambda: sdpa(*qkv4(), attn_mask=torch.ones(7, 8, dtype=torch.bool)), "not broadcastable"),
-        (lambda: sdpa(*qkv4(), attn_mask=torch.ones(8, 8, dtype=torch.int64)), r"attn_mask.dtype must be torch.bool or query.dtype \(torch.float32\), got torch.int64"),
+        (
+            lambda: sdpa(*qkv4(), attn_mask=torch.ones(8, 8, dtype=torch.int64)),
+            r"attn_mask.dtype must be torch.bool or query.dtype \(torch.float32\), got torch.int64",
+        ),
         (lambda: sdpa(*qkv4(), attn_mask=torch.ones(1, 1, 1, 1, 8, 8)), "at most 4 dims"),
         (lambda: sdpa(*qkv4(), dropout_p=1.5), r"dropout_p must be in \[0, 1\), got 1.5"),
         (lambda: sdpa(*[t.int() for t in qkv4()]), "floating-point"),
         (lambda: attn(*make_qkv(2, 8, 8, 2, 2, 16)[:2], torch.randn(2, 8, 2)), "v must have 4 dims"),
-        (lambda: attn(torch.randn(2, 8, 2, 16), torch.randn(3, 8, 2, 16), torch.randn(3, 8, 2, 16)), r"k.shape\[0\] \(batch\) must equal q.shape\[0\] \(2\), got 3"),
+        (
+            lambda: attn(torch.randn(2, 8, 2, 16), torch.randn(3, 8, 2, 16), torch.randn(3, 8, 2, 16)),
+            r"k.shape\[0\] \(batch\) must equal q.shape\[0\] \(2\), got 3",
+        ),
         (lambda: attn(*make_qkv(2, 8, 8, 3, 2, 16)), r"q heads \(3\) must be a multiple of k heads \(2\)"),
         (lambda: attn(*make_qkv(1, 8, 8, 2, 2, 16), window_size=(1,)), "window_size must be a pair"),
         (lambda: attn(*make_qkv(1, 8, 8, 2, 2, 16), softcap=-1.0), "softcap must be"),
-        (lambda: attn(*make_qkv(1, 8, 8, 2, 2, 16), softmax_scale=float("nan")), "softmax_scale must be a finite"),
-        (lambda: attn(*make_qkv(2, 8, 8, 2, 2, 16), seqused_k=torch.tensor([3, 9], dtype=torch.int32)), r"seqused_k\[1\] = 9 must be in \[0, 8\]"),
-        (lambda: attn(*make_qkv(2, 8, 8, 2, 2, 16), seqused_k=torch.tensor([3, 4])), "seqused_k must be int32"),
+        (
+            lambda: attn(*make_qkv(1, 8, 8, 2, 2, 16), softmax_scale=float("nan")),
+            "softmax_scale must be a finite",
+        ),
+        (
+            lambda: attn(*make_qkv(2, 8, 8, 2, 2, 16), seqused_k=torch.tensor([3, 9], dtype=torch.int32)),
+            r"seqused_k\[1\] = 9 must be in \[0, 8\]",
+        ),
+        (
+            lambda: attn(*make_qkv(2, 8, 8, 2, 2, 16), seqused_k=torch.tensor([3, 4])),
+            "seqused_k must be int32",
+        ),
     ],
 )
 def test_dense_errors(make, match, backend):
@@ -68,14 +95,29 @@ def cu(*vals, dtype=torch.int32):
     "kw, match",
     [
         (dict(cu_seqlens_q=cu(0, 4, 10)), "must be given together"),
-        (dict(cu_seqlens_q=cu(0, 4, 10, dtype=torch.int64), cu_seqlens_k=cu(0, 6, 12)), r"cu_seqlens_q.dtype must be torch.int32, got torch.int64"),
+        (
+            dict(cu_seqlens_q=cu(0, 4, 10, dtype=torch.int64), cu_seqlens_k=cu(0, 6, 12)),
+            r"cu_seqlens_q.dtype must be torch.int32, got torch.int64",
+        ),
         (dict(cu_seqlens_q=cu(0, 6, 4), cu_seqlens_k=cu(0, 6, 12)), "cu_seqlens_q must be non-decreasing"),
         (dict(cu_seqlens_q=cu(1, 4, 10), cu_seqlens_k=cu(0, 6, 12)), r"cu_seqlens_q\[0\] must be 0, got 1"),
-        (dict(cu_seqlens_q=cu(0, 4, 10), cu_seqlens_k=cu(0, 6, 13)), r"cu_seqlens_k\[-1\] = 13 runs past the packed tensor's 12 rows"),
-        (dict(cu_seqlens_q=cu(0, 4, 10), cu_seqlens_k=cu(0, 6, 12), max_seqlen_q=5), r"max_seqlen_q \(5\) is smaller than the longest sequence \(6\)"),
+        (
+            dict(cu_seqlens_q=cu(0, 4, 10), cu_seqlens_k=cu(0, 6, 13)),
+            r"cu_seqlens_k\[-1\] = 13 runs past the packed tensor's 12 rows",
+        ),
+        (
+            dict(cu_seqlens_q=cu(0, 4, 10), cu_seqlens_k=cu(0, 6, 12), max_seqlen_q=5),
+            r"max_seqlen_q \(5\) is smaller than the longest sequence \(6\)",
+        ),
         (dict(cu_seqlens_q=cu(0, 4, 10), cu_seqlens_k=cu(0, 12)), "cu_seqlens_k must have 3 elements"),
-        (dict(cu_seqlens_q=cu(0, 4, 10), cu_seqlens_k=cu(0, 6, 12).to("meta")), "cu_seqlens_k.device must equal q.device"),
-        (dict(cu_seqlens_q=cu(0, 4, 10), cu_seqlens_k=cu(0, 6, 12), seqused_k=cu(3, 7)), r"seqused_k\[1\] = 7 must be in \[0, 6\]"),
+        (
+            dict(cu_seqlens_q=cu(0, 4, 10), cu_seqlens_k=cu(0, 6, 12).to("meta")),
+            "cu_seqlens_k.device must equal q.device",
+        ),
+        (
+            dict(cu_seqlens_q=cu(0, 4, 10), cu_seqlens_k=cu(0, 6, 12), seqused_k=cu(3, 7)),
+            r"seqused_k\[1\] = 7 must be in \[0, 6\]",
+        ),
     ],
 )
 def test_varlen_errors(kw, match, backend):
@@ -96,33 +138,51 @@ def test_kernel_backend_rejects_unsupported_dtype_auto_falls_back():
 # anything that would read outside a tensor. Run in a subprocess so that a
 # segfault fails the test instead of killing the run.
 HOSTILE_OP_CALLS = {
-    "cu_seqlens_past_end": ("q, k, v = (torch.randn(10, 2, 16) for _ in range(3))\n"
-                            "op(q, k, v, None, cu(0, 4, 10_000), cu(0, 4, 10), None, 10_000, 10, 0.25, 0.0, -1, -1, True)",
-                            "cu_seqlens_q[-1] = 10000 runs past"),
-    "cu_seqlens_decreasing": ("q, k, v = (torch.randn(10, 2, 16) for _ in range(3))\n"
-                              "op(q, k, v, None, cu(0, 8, 2), cu(0, 4, 10), None, 10, 10, 0.25, 0.0, -1, -1, True)",
-                              "non-decreasing"),
-    "max_seqlen_too_small": ("q, k, v = (torch.randn(10, 2, 16) for _ in range(3))\n"
-                             "op(q, k, v, None, cu(0, 4, 10), cu(0, 4, 10), None, 2, 10, 0.25, 0.0, -1, -1, True)",
-                             "max_seqlen_q (2) is smaller"),
-    "cu_seqlens_wrong_dtype": ("q, k, v = (torch.randn(10, 2, 16) for _ in range(3))\n"
-                               "op(q, k, v, None, cu(0, 4, 10).long(), cu(0, 4, 10), None, 10, 10, 0.25, 0.0, -1, -1, True)",
-                               "cu_seqlens_q.dtype must be torch.int32"),
-    "seqused_past_end": ("q, k, v = (torch.randn(2, 8, 2, 16) for _ in range(3))\n"
-                         "op(q, k, v, None, None, None, cu(8, 100), 8, 8, 0.25, 0.0, -1, -1, True)",
-                         "seqused_k[1] = 100 must be in [0, 8]"),
-    "mask_too_small": ("q, k, v = (torch.randn(2, 8, 2, 16) for _ in range(3))\n"
-                       "op(q, k, v, torch.ones(2, 2, 8, 4, dtype=torch.bool), None, None, None, 8, 8, 0.25, 0.0, -1, -1, False)",
-                       "attn_mask.shape[3] must be 8"),
-    "mask_wrong_batch": ("q, k, v = (torch.randn(2, 8, 2, 16) for _ in range(3))\n"
-                         "op(q, k, v, torch.ones(3, 2, 8, 8, dtype=torch.bool), None, None, None, 8, 8, 0.25, 0.0, -1, -1, False)",
-                         "attn_mask.shape[0] must be 2 or 1"),
-    "k_too_short": ("q = torch.randn(2, 8, 2, 16); k = torch.randn(2, 4, 2, 16); v = torch.randn(2, 8, 2, 16)\n"
-                    "op(q, k, v, None, None, None, None, 8, 8, 0.25, 0.0, -1, -1, False)",
-                    "v.shape[1] must equal k.shape[1]"),
-    "bwd_lse_wrong_shape": ("q, k, v = (torch.randn(2, 8, 2, 16) for _ in range(3))\n"
-                            "torch.ops.pyfastattn.attention_bwd(q, q, k, v, q, torch.zeros(2, 2, 3), None, None, None, None, 8, 8, 0.25, 0.0, -1, -1, False, False)",
-                            "lse.shape must be"),
+    "cu_seqlens_past_end": (
+        "q, k, v = (torch.randn(10, 2, 16) for _ in range(3))\n"
+        "op(q, k, v, None, cu(0, 4, 10_000), cu(0, 4, 10), None, 10_000, 10, 0.25, 0.0, -1, -1, True)",
+        "cu_seqlens_q[-1] = 10000 runs past",
+    ),
+    "cu_seqlens_decreasing": (
+        "q, k, v = (torch.randn(10, 2, 16) for _ in range(3))\n"
+        "op(q, k, v, None, cu(0, 8, 2), cu(0, 4, 10), None, 10, 10, 0.25, 0.0, -1, -1, True)",
+        "non-decreasing",
+    ),
+    "max_seqlen_too_small": (
+        "q, k, v = (torch.randn(10, 2, 16) for _ in range(3))\n"
+        "op(q, k, v, None, cu(0, 4, 10), cu(0, 4, 10), None, 2, 10, 0.25, 0.0, -1, -1, True)",
+        "max_seqlen_q (2) is smaller",
+    ),
+    "cu_seqlens_wrong_dtype": (
+        "q, k, v = (torch.randn(10, 2, 16) for _ in range(3))\n"
+        "op(q, k, v, None, cu(0, 4, 10).long(), cu(0, 4, 10), None, 10, 10, 0.25, 0.0, -1, -1, True)",
+        "cu_seqlens_q.dtype must be torch.int32",
+    ),
+    "seqused_past_end": (
+        "q, k, v = (torch.randn(2, 8, 2, 16) for _ in range(3))\n"
+        "op(q, k, v, None, None, None, cu(8, 100), 8, 8, 0.25, 0.0, -1, -1, True)",
+        "seqused_k[1] = 100 must be in [0, 8]",
+    ),
+    "mask_too_small": (
+        "q, k, v = (torch.randn(2, 8, 2, 16) for _ in range(3))\n"
+        "op(q, k, v, torch.ones(2, 2, 8, 4, dtype=torch.bool), None, None, None, 8, 8, 0.25, 0.0, -1, -1, False)",
+        "attn_mask.shape[3] must be 8",
+    ),
+    "mask_wrong_batch": (
+        "q, k, v = (torch.randn(2, 8, 2, 16) for _ in range(3))\n"
+        "op(q, k, v, torch.ones(3, 2, 8, 8, dtype=torch.bool), None, None, None, 8, 8, 0.25, 0.0, -1, -1, False)",
+        "attn_mask.shape[0] must be 2 or 1",
+    ),
+    "k_too_short": (
+        "q = torch.randn(2, 8, 2, 16); k = torch.randn(2, 4, 2, 16); v = torch.randn(2, 8, 2, 16)\n"
+        "op(q, k, v, None, None, None, None, 8, 8, 0.25, 0.0, -1, -1, False)",
+        "v.shape[1] must equal k.shape[1]",
+    ),
+    "bwd_lse_wrong_shape": (
+        "q, k, v = (torch.randn(2, 8, 2, 16) for _ in range(3))\n"
+        "torch.ops.pyfastattn.attention_bwd(q, q, k, v, q, torch.zeros(2, 2, 3), None, None, None, None, 8, 8, 0.25, 0.0, -1, -1, False, False)",
+        "lse.shape must be",
+    ),
 }
 
 
