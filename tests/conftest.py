@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Fixed-seed, bounded property testing in CI; PYFASTATTN_HYPOTHESIS=dev for a
+# randomised local run.
+settings.register_profile(
+    "ci", max_examples=300, derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)  # fmt: skip
+settings.register_profile("dev", max_examples=1000, deadline=None)
+settings.load_profile(os.environ.get("PYFASTATTN_HYPOTHESIS", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
 
