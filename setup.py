@@ -3,8 +3,9 @@
 Environment:
   PYFASTATTN_BUILD_CUDA=0|1|auto   auto (default): build CUDA when torch is a CUDA
                                    build and nvcc is found. 1: fail if it can't.
-  PYFASTATTN_CUDA_ARCHS            e.g. "8.0;9.0a" (the default). Each entry
-                                   becomes a -gencode for that SM.
+  PYFASTATTN_CUDA_ARCHS            e.g. "8.0+PTX;9.0a" (the default). Each entry
+                                   becomes a -gencode for that SM; +PTX also
+                                   embeds PTX for newer GPUs to JIT.
   MAX_JOBS                         parallel compile jobs (ninja), e.g. MAX_JOBS=2.
   CUDA_HOME                        the toolkit; otherwise /usr/local/cuda or the
                                    real location of the nvcc on PATH.
@@ -23,7 +24,9 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0a"
+# SASS for A100-class (runs on sm_80..89) and Hopper (sm_90a: runs on sm_90
+# only), plus sm_80 PTX so newer GPUs (sm_100, sm_120) can JIT the kernels.
+DEFAULT_ARCHS = "8.0+PTX;9.0a"
 
 
 def _find_cuda_home() -> str | None:
@@ -78,10 +81,13 @@ def _gencode_flags(archs: str) -> list[str]:
         a = a.strip()
         if not a:
             continue
-        num = a.replace(".", "")
+        ptx = a.endswith("+PTX")
+        num = a.removesuffix("+PTX").replace(".", "")
         if not num.rstrip("a").isdigit():
-            raise SystemExit(f"PYFASTATTN_CUDA_ARCHS: cannot parse {a!r} (expected e.g. 8.0 or 9.0a)")
+            raise SystemExit(f"PYFASTATTN_CUDA_ARCHS: cannot parse {a!r} (expected e.g. 8.0, 8.0+PTX or 9.0a)")
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
     if not flags:
         raise SystemExit("PYFASTATTN_CUDA_ARCHS is empty")
     return flags
@@ -94,7 +100,7 @@ def _extensions():
         # Must happen before torch.utils.cpp_extension is imported: it reads
         # CUDA_HOME and, with no GPU, TORCH_CUDA_ARCH_LIST (else IndexError).
         os.environ["CUDA_HOME"] = cuda_home
-        os.environ["TORCH_CUDA_ARCH_LIST"] = archs.replace(",", ";")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs.replace(",", ";").replace("+PTX", "")
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     print(f"pyfastattn: building CUDA kernels: {build_cuda} ({why})", file=sys.stderr)

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
 LOGDIR="${1:-build/cuda-compile-check}"
 ARCHS="${PYFASTATTN_CUDA_ARCHS:-8.0;9.0a}"
+ARCHS="${ARCHS//+PTX/}"
 mkdir -p "$LOGDIR"
 gencode=()
 IFS=';' read -ra arr <<< "$ARCHS"
@@ -46,20 +47,29 @@ grep -hE "Compiling entry|Used [0-9]+ registers" "$LOGDIR"/*.log | sed 's/ptxas 
   sed -E "s/.*entry function '([^']+)' for '(sm_[0-9a]+)'.*Used ([0-9]+) registers.*/\2 \3 regs  \1/" | \
   cut -c1-140 | sort -u || true
 
-CUOBJDUMP="$(command -v cuobjdump || true)"
-if [ -z "$CUOBJDUMP" ]; then
-  CUOBJDUMP="$(python3 - <<'PY' 2>/dev/null || true
+# cuobjdump (and the nvdisasm it calls) from the toolkit, PATH, or the
+# nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm wheels.
+find_tool() {
+  local name="$1"
+  for c in "${CUDA_HOME:-/usr/local/cuda}/bin/$name" "$(command -v "$name" || true)"; do
+    [ -n "$c" ] && [ -x "$c" ] && { echo "$c"; return; }
+  done
+  python3 - "$name" <<'PY' 2>/dev/null || true
 import glob, os, sys
 for p in sys.path:
-    for c in glob.glob(os.path.join(p, "nvidia", "*", "bin", "cuobjdump")):
+    for c in glob.glob(os.path.join(p, "nvidia", "*", "bin", sys.argv[1])):
         print(c); raise SystemExit
 PY
-)"
-fi
+}
+CUOBJDUMP="$(find_tool cuobjdump)"
+NVDISASM="$(find_tool nvdisasm)"
+[ -n "$NVDISASM" ] && export PATH="$(dirname "$NVDISASM"):$PATH"
 if [ -n "$CUOBJDUMP" ]; then
   for o in "$LOGDIR"/attention_fwd_hdim*.o; do
     [ -e "$o" ] || continue
-    sass="$("$CUOBJDUMP" --dump-sass "$o")"
+    if ! sass="$("$CUOBJDUMP" --dump-sass "$o" 2>&1)"; then
+      echo "FAIL cuobjdump on $(basename "$o"): $sass" | head -3; fail=1; continue
+    fi
     for ins in HMMA LDSM LDGSTS; do
       if ! grep -q "$ins" <<< "$sass"; then echo "FAIL $(basename "$o"): no $ins in SASS"; fail=1; fi
     done
@@ -67,7 +77,7 @@ if [ -n "$CUOBJDUMP" ]; then
   done
   echo "SASS check done with $CUOBJDUMP"
 else
-  echo "cuobjdump not found: SASS check skipped (pip install nvidia-cuda-cuobjdump)"
+  echo "cuobjdump not found: SASS check skipped (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
   [ "${PYFASTATTN_REQUIRE_SASS_CHECK:-0}" = 1 ] && fail=1
 fi
 [ "$fail" = 0 ] && echo "CUDA compile check: OK (${#files[@]} files, archs $ARCHS, zero spills)"
