@@ -8,21 +8,27 @@ Public API:
   packed varlen, bottom-right causal, GQA, sliding window, softcap, LSE.
 * :func:`backend`, :func:`set_backend`, :func:`get_backend` - the backend rule
   (``auto`` / ``kernel`` / ``reference``, also ``PYFASTATTN_BACKEND``).
+* :mod:`pyfastattn.nn` - drop-in ``torch.nn`` attention, Transformer and FFN modules.
+* :func:`patch` - convert a model's ``torch.nn`` attention/Transformer modules in place.
 * :mod:`pyfastattn.reference` - the pure-PyTorch truth.
 """
 
-from . import reference
+from . import nn, reference
 from ._backend import BACKENDS, backend, get_backend, set_backend
 from .functional import attention, kernel_unsupported_reason, scaled_dot_product_attention
+from .patch import PatchReport, patch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "PatchReport",
     "attention",
     "backend",
     "get_backend",
     "kernel_unsupported_reason",
+    "nn",
+    "patch",
     "reference",
     "scaled_dot_product_attention",
     "set_backend",

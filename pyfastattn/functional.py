@@ -71,9 +71,6 @@ def kernel_unsupported_reason(
                 f"the CUDA kernel is not yet verified on hardware of capability {cap[0]}.{cap[1]} "
                 "(use backend 'kernel' to run it anyway)"
             )
-        if grad and (q.requires_grad or v.requires_grad) and not _ops.has_kernel("attention_bwd", dev):
-            if mode == "kernel":
-                return "there is no CUDA backward kernel yet (backend 'auto' recomputes it through the reference)"
     return None
 
 

@@ -28,6 +28,15 @@ step "GPU tests"
 timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider -rfE 2>&1 | tee "$OUT/tests_gpu.log" | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
+step "drop-in modules on CUDA"
+PYFASTATTN_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q tests/test_nn.py -p no:cacheprovider -rfE 2>&1 | tee "$OUT/tests_nn_cuda.log" | tail -20
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "property tests on CUDA (forward + backward through the public APIs)"
+PYFASTATTN_BACKEND=kernel PYFASTATTN_FUZZ_DEVICE=cuda PYFASTATTN_FUZZ_NATIVE=150 PYFASTATTN_FUZZ_SDPA=50 timeout 150 python3 -m pytest -q tests/test_fuzz.py \
+  -p no:cacheprovider -rfE 2>&1 | tee "$OUT/tests_fuzz_cuda.log" | tail -20
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
 step "compute-sanitizer memcheck + racecheck on small shapes"
 cat > /tmp/pfa_small.py <<'PY'
 import torch, pyfastattn

@@ -1,0 +1,165 @@
+"""Hugging Face transformers: the ``"pyfastattn"`` attention implementation.
+
+    import pyfastattn.integrations.transformers as pfa_hf
+    pfa_hf.register()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="pyfastattn")
+    # or, on a loaded model:
+    model.set_attn_implementation("pyfastattn")
+
+:func:`register` adds two functions under one name, which transformers needs
+both of: the attention function (``AttentionInterface``) and its mask function
+(``AttentionMaskInterface``). Without the mask function, transformers builds
+*no* mask for an unknown implementation name, and padding would be silently
+ignored; with it, every padding, causal, sliding-window or packed-sequence
+mask reaches the kernel.
+
+The mask function is transformers' SDPA mask (bool, True = attend, or None
+when ``is_causal`` alone describes it), with one change: a bidirectional
+padding-only mask is returned as (B, 1, 1, S) rather than expanded to (B, 1,
+L, S). The attention function then hands the kernel
+
+* no mask and, for a causal module with more than one query, the causal
+  flag, aligned top-left as in SDPA (transformers drops the mask only where
+  that alignment is right: equal lengths, or a static cache's prefill whose
+  extra key slots are empty) when the mask is None;
+* per-batch key lengths (``seqused_k``) when the mask is a (B, 1, 1, S)
+  right-padding mask (BERT-style encoders with right padding) - exact, no
+  dense mask;
+* the mask itself otherwise (bool, or additive float for custom 4-D masks and
+  ``position_bias``).
+
+GQA runs without repeating keys and values. ``softcap`` is supported;
+attention sinks (``s_aux``) and flex ``BlockMask`` masks are not and raise.
+Attention weights are not computed (``output_attentions`` returns None, as
+with "sdpa").
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.attention import attend, right_padding_lengths
+
+__all__ = ["register", "attention_forward", "build_mask", "NAME"]
+
+NAME = "pyfastattn"
+
+
+def attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    softcap: float | None = None,
+    position_bias: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The transformers attention-function contract.
+
+    ``query`` (B, Hq, L, D), ``key``/``value`` (B, Hk, S, D/Dv) with Hq a
+    multiple of Hk; ``attention_mask`` None, or 4-D (B|1, 1|Hq, L|1, S) bool
+    (True = attend) or additive float. Returns ``(out, None)`` with out (B, L,
+    Hq, Dv).
+    """
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("pyfastattn does not support attention sinks (s_aux)")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"pyfastattn needs attention_mask as a tensor or None, got {type(attention_mask).__name__} "
+            "(a flex_attention BlockMask? build masks with the 'pyfastattn' mask function)"
+        )
+    if attention_mask is not None and attention_mask.dim() != 4:
+        raise ValueError(
+            f"attention_mask must be 4-D (batch, heads, query, key), got shape {tuple(attention_mask.shape)}"
+        )
+    if kwargs.get("output_attentions"):
+        _warn_once("pyfastattn does not compute attention weights; output_attentions gives None")
+    b, hq, lq, _ = query.shape
+    hk = key.shape[1]
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk})")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    # As SDPA: the causal flag is used only without a mask and with more than
+    # one query (one query attends to every cached key).
+    causal = bool(is_causal) and attention_mask is None and lq > 1
+
+    mask, seqused_k = attention_mask, None
+    if mask is not None and mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1:
+        seqused_k = right_padding_lengths(mask, true_means_pad=False)
+        if seqused_k is not None:
+            if mask.shape[0] != b:
+                seqused_k = seqused_k.expand(b).contiguous()
+            mask = None
+    if position_bias is not None:
+        if mask is None:
+            mask = position_bias
+        elif mask.dtype == torch.bool:
+            mask = position_bias.masked_fill(~mask, float("-inf"))
+        else:
+            mask = position_bias + mask
+    out = attend(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        mask=mask,
+        seqused_k=seqused_k,
+        causal=causal,
+        scale=scaling,
+        softcap=float(softcap or 0.0),
+        dropout_p=float(dropout),
+    )
+    return out, None
+
+
+def build_mask(*args: Any, **kwargs: Any) -> Tensor | None:
+    """The transformers mask-function contract, with the arguments of its
+    ``sdpa_mask`` (passed through unchanged, so that the signatures of
+    transformers 4.x and 5.x both work): a 4-D bool mask (True = attend) or
+    None. A bidirectional padding-only mask is kept as (B, 1, 1, S)."""
+    from transformers import masking_utils
+
+    mask = masking_utils.sdpa_mask(*args, **kwargs)
+    bidirectional = getattr(masking_utils, "bidirectional_mask_function", None)
+    if (
+        mask is not None
+        and bidirectional is not None
+        and kwargs.get("mask_function") is bidirectional
+        and mask.dim() == 4
+        and mask.shape[2] > 1
+    ):
+        # every query row of a padding-only bidirectional mask is the same
+        mask = mask[:, :, :1, :]
+    return mask
+
+
+def register(name: str = NAME) -> None:
+    """Register the attention function and its mask function with
+    transformers under ``name`` (default "pyfastattn"). Idempotent."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as e:
+        raise ImportError(
+            "pyfastattn.integrations.transformers needs Hugging Face transformers with "
+            "AttentionInterface and AttentionMaskInterface (pip install 'pyfastattn[transformers]')"
+        ) from e
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, build_mask)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, stacklevel=3)

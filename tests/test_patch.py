@@ -1,0 +1,170 @@
+"""pyfastattn.patch on models written without pyfastattn, the seed example first."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import pathlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import pyfastattn
+from pyfastattn.nn.attention import MultiheadAttention
+from pyfastattn.nn.transformer import Transformer, TransformerDecoderLayer, TransformerEncoderLayer
+from pyfastattn.patch import PatchReport, patch
+
+from ._helpers import assert_tolerance
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "seed_transformer.py"
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("seed_transformer", EXAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_seed_example_runs_patched():
+    ex = _load_example()
+    with pyfastattn.backend("kernel"):
+        res = ex.main(
+            ["--dropout", "0", "--layers", "1", "--d-model", "24", "--nhead", "3", "--src-len", "13"]
+        )
+    report = res["report"]
+    assert len(report.replaced) == 1 + 2 + 1 + 1 + 1 + 2  # Transformer, stacks, layers, 3 attentions
+    assert not report.left_alone
+    assert torch.isfinite(res["loss"])
+    assert all(p.grad is not None for p in res["model"].transformer.parameters())
+
+
+def test_seed_example_patched_matches_unpatched():
+    """The same seed model, patched and not: logits and every gradient within
+    the tolerance rule against the unpatched model in float64."""
+    ex = _load_example()
+    torch.manual_seed(0)
+    model = ex.Seq2Seq(vocab=50, d_model=24, nhead=3, layers=2, dim_feedforward=40, dropout=0.0)
+    ref = copy.deepcopy(model).double()
+    base = copy.deepcopy(model)
+    patch(model)
+    src, tgt, pad = ex.make_batch(3, 11, 7, 50, "cpu")
+
+    def run(m):
+        logits = m(src, tgt, src_key_padding_mask=pad)
+        logits.double().mul(torch.linspace(-1, 1, logits.shape[-1], dtype=torch.float64)).sum().backward()
+        return logits, {n: p.grad for n, p in m.named_parameters()}
+
+    r, rg = run(ref)
+    b, bg = run(base)
+    with pyfastattn.backend("kernel"):
+        o, og = run(model)
+    assert_tolerance("seed logits", o, r, b, torch.float32)
+    assert og.keys() == rg.keys()
+    for k in rg:
+        assert_tolerance(f"seed grad {k}", og[k], rg[k], bg[k], torch.float32)
+
+
+def test_patch_keeps_identity_weights_device_dtype_and_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 16),
+        nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2, enable_nested_tensor=False
+        ),
+        nn.MultiheadAttention(16, 4, batch_first=True),
+    ).to(torch.bfloat16)
+    model.train()
+    model[1].layers[1].eval()  # a mixed training state must survive
+    attn = model[2]
+    params = {n: p for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    hook_calls = []
+    attn.register_forward_hook(lambda *a: hook_calls.append(1))
+
+    out = patch(model)
+    assert out is model
+    assert model[2] is attn and type(attn) is MultiheadAttention
+    assert isinstance(attn, nn.MultiheadAttention)
+    assert type(model[1].layers[0]) is TransformerEncoderLayer
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    attn(x, x, x, need_weights=False)
+    assert hook_calls == [1]
+
+
+class _CustomAttention(nn.MultiheadAttention):
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_patch_report_says_what_and_why():
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "plain": nn.MultiheadAttention(8, 2),
+            "custom": _CustomAttention(8, 2),
+            "scripted": torch.jit.script(nn.MultiheadAttention(8, 2)),
+            "layer": nn.TransformerEncoderLayer(8, 2, 16, activation=lambda x: x.tanh()),
+        }
+    )
+    model, report = patch(model, return_report=True)
+    assert isinstance(report, PatchReport)
+    replaced = {r[0]: r for r in report.replaced}
+    assert set(replaced) == {"plain", "layer", "layer.self_attn"}
+    assert replaced["plain"][2] == "pyfastattn.nn.attention.MultiheadAttention"
+    assert "FFN runs unfused" in replaced["layer"][3]
+    left = {r[0]: r[2] for r in report.left_alone}
+    assert "subclass" in left["custom"]
+    assert "TorchScript" in left["scripted"]
+    assert type(model["custom"]) is _CustomAttention
+    text = str(report)
+    assert "replaced 3 module(s)" in text and "custom" in text and "TorchScript" in text
+
+    # patching again changes nothing and says so
+    _, again = patch(model, return_report=True)
+    assert not again.replaced
+    assert {r[0] for r in again.left_alone if r[2] == "already a pyfastattn module"} == set(replaced)
+
+
+def test_patch_root_module_and_full_transformer():
+    torch.manual_seed(0)
+    t = nn.Transformer(8, 2, 1, 1, 16)
+    patch(t)
+    assert type(t) is Transformer
+    assert type(t.decoder.layers[0]) is TransformerDecoderLayer
+    assert type(t.decoder.layers[0].multihead_attn) is MultiheadAttention
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        patch(object())
+
+
+def test_patch_leaves_hugging_face_models_to_attn_implementation():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapper = nn.Sequential(transformers.BertModel(cfg))
+    _, report = patch(wrapper, return_report=True)
+    assert [r[0] for r in report.left_alone] == ["0"]
+    assert "attn_implementation" in report.left_alone[0][2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=32,
+                hidden_size=16,
+                intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+            )
+        )
+    _, report = patch(lm, return_report=True)
+    assert [r[0] for r in report.left_alone] == [""]  # the inner LlamaModel is not listed again
