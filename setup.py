@@ -108,7 +108,10 @@ def _extensions():
     # the CUDA glue (.cpp, with torch headers) and the kernels (.cu, without).
     all_cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     sources = [f for f in all_cpp if not f.startswith("csrc/cuda/")]
-    cxx = ["-O3", "-fvisibility=hidden"]  # torch picks the C++ standard its headers need
+    # torch picks the C++ standard its headers need. -fopenmp: at::parallel_for
+    # is inline OpenMP code in torch's headers; without it the CPU kernels
+    # silently run on one thread.
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     define_macros = []
     kwargs = {}
     if build_cuda:
@@ -121,6 +124,7 @@ def _extensions():
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
         ext_cls = CppExtension
+    kwargs["extra_link_args"] = ["-fopenmp"]
     ext = ext_cls(
         "pyfastattn._C",
         sources,
