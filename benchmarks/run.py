@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """pyfastattn benchmarks: the fused kernel beside PyTorch's own attention.
 
-    python benchmarks/run.py [--suite attention|attention-bwd|all] [--device auto|cpu|cuda]
+    python benchmarks/run.py [--suite attention|attention-bwd|ffn|all] [--device auto|cpu|cuda]
                              [--dtype float32,bfloat16] [--quick|--full] [--threads N] [--out DIR]
 
 Every provider runs in this process on the same inputs. Before any timing,
@@ -212,7 +212,7 @@ def progress(i, n, label):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", default="attention", choices=["attention", "attention-bwd", "all"])
+    ap.add_argument("--suite", default="all", choices=["attention", "attention-bwd", "ffn", "all"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--dtype", default=None, help="comma list, e.g. float32,bfloat16")
     g = ap.add_mutually_exclusive_group()
@@ -230,7 +230,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     default_dtypes = "float32,bfloat16" if device == "cpu" else "bfloat16,float16"
     dtypes = [getattr(torch, n.strip()) for n in (args.dtype or default_dtypes).split(",")]
-    suites = ["attention", "attention-bwd"] if args.suite == "all" else [args.suite]
+    suites = ["attention", "attention-bwd", "ffn"] if args.suite == "all" else [args.suite]
+    run_ffn = "ffn" in suites
+    suites = [x for x in suites if x != "ffn"]
     shapes = shapes_for(device, quick)
     provs = providers(device)
     dev_name = (
@@ -331,6 +333,17 @@ def main(argv=None) -> int:
             rows.append(row)
     progress(len(jobs), len(jobs), "done")
 
+    ffn_rows = []
+    if run_ffn:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import ffn_bench
+
+        print("ffn suite ...", file=sys.stderr)
+        ffn_rows = ffn_bench.run(device, dtypes, quick, threads)
+        for r in ffn_rows:
+            r.update(device=dev_name, torch=torch.__version__, cuda=torch.version.cuda or "", sha=sha,
+                     timestamp=stamp, threads=threads if device == "cpu" else "")  # fmt: skip
+
     # ---- console table with the ratio to the first torch SDPA provider ----
     sdpa_name = "torch sdpa (flash)"
     print(f"\ndevice: {dev_name}; torch {torch.__version__}; threads {threads}; pyfastattn {sha}")
@@ -352,6 +365,11 @@ def main(argv=None) -> int:
             f"{r['p20_ms']:8.3f}-{r['p80_ms']:<8.3f} {r['tflops']:8.3f} {100 * r['frac_ceiling']:5.1f}% {ratio:6.2f}x"
         )
 
+    if ffn_rows:
+        print()
+        ffn_bench.print_table(ffn_rows)
+    rows += ffn_rows
+
     fields = [
         "provider",
         "suite",
@@ -365,6 +383,8 @@ def main(argv=None) -> int:
         "tflops",
         "frac_ceiling",
         "speedup_vs_sdpa",
+        "vs_eager",
+        "vs_floor",
         "peak_mem_mib",
         "device",
         "threads",

@@ -8,13 +8,16 @@ Public API:
   packed varlen, bottom-right causal, GQA, sliding window, softcap, LSE.
 * :func:`backend`, :func:`set_backend`, :func:`get_backend` - the backend rule
   (``auto`` / ``kernel`` / ``reference``, also ``PYFASTATTN_BACKEND``).
+* :func:`feed_forward`, :func:`gated_feed_forward` - the fused FFN (plain and
+  SwiGLU/GeGLU), with ``pyfastattn.nn.FeedForward`` as the module.
 * :mod:`pyfastattn.nn` - drop-in ``torch.nn`` attention, Transformer and FFN modules.
 * :func:`patch` - convert a model's ``torch.nn`` attention/Transformer modules in place.
 * :mod:`pyfastattn.reference` - the pure-PyTorch truth.
 """
 
-from . import nn, reference
+from . import ffn, nn, reference
 from ._backend import BACKENDS, backend, get_backend, set_backend
+from .ffn import feed_forward, ffn_unsupported_reason, gated_feed_forward
 from .functional import attention, kernel_unsupported_reason, scaled_dot_product_attention
 from .patch import PatchReport, patch
 
@@ -25,6 +28,10 @@ __all__ = [
     "PatchReport",
     "attention",
     "backend",
+    "feed_forward",
+    "ffn",
+    "ffn_unsupported_reason",
+    "gated_feed_forward",
     "get_backend",
     "kernel_unsupported_reason",
     "nn",

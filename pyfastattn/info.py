@@ -24,9 +24,14 @@ def report() -> str:
         )
     else:
         lines.append("extension       pyfastattn._C loaded")
-        for op in ("attention_fwd", "attention_bwd"):
-            built = [d for d in ("cpu", "cuda") if _ops.has_kernel(op, d)]
+        for op in ("attention_fwd", "attention_bwd", "ffn_fwd", "ffn_bwd"):
+            built = [
+                d
+                for d in ("cpu", "cuda")
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfastattn::{op}", d.upper())
+            ]
             lines.append(f"  {op:14s}{', '.join(built) or 'none'}")
+        lines.append(f"  CPU FFN ISA   {torch.ops.pyfastattn.ffn_cpu_isa()}")
         lines.append(f"  CUDA archs    {_ops.CUDA_ARCHS or 'none (built without CUDA)'}")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():

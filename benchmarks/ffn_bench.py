@@ -1,0 +1,495 @@
+#!/usr/bin/env python
+"""The fused FFN beside torch eager, torch.compile and the bare GEMMs.
+
+    python benchmarks/ffn_bench.py [--device auto|cpu|cuda] [--dtype float32,bfloat16]
+                                   [--quick|--full] [--threads N] [--out DIR]
+
+or, from a harness, ``run(device, dtypes, quick, threads) -> list[dict]``.
+
+Providers, all in this process on the same inputs:
+  pyfastattn              pyfastattn.ffn (backend "kernel"), saving activations
+  pyfastattn recompute    the same with recompute=True (memory row)
+  torch eager             nn.Linear -> act -> nn.Linear (gated: the LLaMA MLP)
+  torch.compile           torch.compile of that eager module
+  GEMM floor              the same GEMMs alone (plain: 2 forward, 6 forward+
+                          backward; gated: 3 and 9) as torch.mm calls, no bias,
+                          no elementwise work. The issue judges the FFN by its
+                          time over this floor.
+
+Shapes (the issue): d_model in {1024, 4096}, d_ff = 4 d_model (gated: 8/3
+d_model rounded up to 256), tokens in {16, 512, 8192}; plain gelu and gated
+silu; forward and forward+backward. --quick (the default): both forms at T512
+D1024 and the gated one at T16; --full: the whole grid; --tokens/--dmodel:
+your own grid.
+
+Before timing, every provider is checked against the float64 reference with
+the tolerance rule of tests/_helpers.py (error <= 2x torch eager's in the same
+dtype + the rounding floor): the output and dx on the first 64 tokens (rows
+are independent), and, where tokens * d_model * d_ff <= 2^30, all gradients.
+A provider that fails is reported FAIL and not timed.
+
+FLOPs: plain 4 T D F forward, 12 T D F forward+backward; gated 6 and 18.
+Timing: the providers of one shape and pass are called in turn, round after
+round (at least 3 rounds and 0.5 s quick, 7 and 6 s full), so that a change in load on
+a shared machine hits every provider alike; host clock on CPU (explicit
+thread count), CUDA events on GPU; median with p20/p80. Memory: peak bytes
+allocated during one call above what was allocated before it (CPU: the
+profiler's allocator trace; CUDA: max_memory_allocated), and `saved_mib`:
+what a forward keeps for its backward (inputs, parameters, output excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import pyfastattn  # noqa: E402
+from pyfastattn import ffn, reference  # noqa: E402
+
+CHECK_ROWS = 64
+FULL_GRAD_CHECK = 2**30
+
+
+class Shape:
+    def __init__(self, tokens: int, d_model: int, gated: bool):
+        self.tokens, self.d_model, self.gated = tokens, d_model, gated
+        self.d_ff = (math.ceil(8 * d_model / 3 / 256) * 256) if gated else 4 * d_model
+        self.activation = "silu" if gated else "gelu"
+
+    def flops(self, backward: bool) -> float:
+        n = (6 if self.gated else 4) * self.tokens * self.d_model * self.d_ff
+        return n * (3 if backward else 1)
+
+    def __str__(self) -> str:
+        form = "gated-silu" if self.gated else "plain-gelu"
+        return f"{form} T{self.tokens} D{self.d_model} F{self.d_ff}"
+
+
+def shapes_for(quick: bool, tokens: list[int] | None = None, dims: list[int] | None = None) -> list[Shape]:
+    """The issue's grid; quick: the two forms at T512 D1024 and the gated one
+    at T16 (one compute-bound and one weight-bandwidth-bound case)."""
+    if quick and tokens is None and dims is None:
+        return [Shape(512, 1024, False), Shape(512, 1024, True), Shape(16, 1024, True)]
+    tokens = tokens or [16, 512, 8192]
+    dims = dims or [1024, 4096]
+    return [Shape(t, d, g) for g in (False, True) for d in dims for t in tokens]
+
+
+# ---------------------------------------------------------------------------
+# the modules and providers
+# ---------------------------------------------------------------------------
+
+
+class EagerFFN(nn.Module):
+    """What a user writes: Linear -> act -> Linear, or the LLaMA MLP."""
+
+    def __init__(self, shape: Shape, device, dtype):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.gated = shape.gated
+        self.act = reference.ACTIVATIONS[shape.activation]
+        if shape.gated:
+            self.gate_proj = nn.Linear(shape.d_model, shape.d_ff, bias=False, **kw)
+            self.up_proj = nn.Linear(shape.d_model, shape.d_ff, bias=False, **kw)
+            self.down_proj = nn.Linear(shape.d_ff, shape.d_model, bias=False, **kw)
+        else:
+            self.fc1 = nn.Linear(shape.d_model, shape.d_ff, **kw)
+            self.fc2 = nn.Linear(shape.d_ff, shape.d_model, **kw)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.fc2(self.act(self.fc1(x)))
+
+    def weights(self):
+        """(w1, b1, w2, b2, w3, b3) in pyfastattn.ffn's order."""
+        if self.gated:
+            return (self.gate_proj.weight, None, self.down_proj.weight, None, self.up_proj.weight, None)
+        return (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, None, None)
+
+
+def _fused(module: EagerFFN, activation: str, recompute: bool):
+    w1, b1, w2, b2, w3, b3 = module.weights()
+
+    def run(x):
+        with pyfastattn.backend("kernel"):
+            if w3 is None:
+                return ffn.feed_forward(x, w1, b1, w2, b2, activation=activation, recompute=recompute)
+            return ffn.gated_feed_forward(
+                x, w1, w3, w2, b1, b3, b2, activation=activation, recompute=recompute
+            )
+
+    return run
+
+
+class GemmFloor:
+    """The FFN's GEMMs alone, as torch.mm calls that allocate their outputs
+    like any provider must (the issue's floor: eager's time inside its GEMMs).
+    Inputs stand in for the intermediates: GEMM time does not depend on values."""
+
+    def __init__(self, module: EagerFFN, x: torch.Tensor, dy: torch.Tensor):
+        w1, _, w2, _, w3, _ = (t.detach() if t is not None else None for t in module.weights())
+        self.w1, self.w2, self.w3, self.x, self.dy = w1, w2, w3, x.detach(), dy
+
+    def forward(self):
+        g = torch.mm(self.x, self.w1.t())
+        if self.w3 is not None:
+            torch.mm(self.x, self.w3.t())
+        return g, torch.mm(g, self.w2.t())
+
+    def forward_backward(self):
+        g, _ = self.forward()
+        dh = torch.mm(self.dy, self.w2)
+        grads = [torch.mm(self.dy.t(), g), torch.mm(dh.t(), self.x), torch.mm(dh, self.w1)]
+        if self.w3 is not None:
+            grads.append(torch.mm(dh.t(), self.x))
+            grads[2].addmm_(dh, self.w3)
+        return grads
+
+
+# ---------------------------------------------------------------------------
+# correctness gate
+# ---------------------------------------------------------------------------
+
+
+def _tolerance_failure(name, out, ref, base, dtype) -> str | None:
+    """The rule of tests/_helpers.assert_tolerance; None when it passes."""
+    out, base = out.double(), base.double()
+    err = (out - ref).abs().max().item() if out.numel() else 0.0
+    base_err = (base - ref).abs().max().item() if out.numel() else 0.0
+    floor = 2 * (ref.to(dtype).double() - ref).abs().max().item() if out.numel() else 0.0
+    rel = {torch.float32: 1e-5}.get(dtype)
+    if rel is not None and ref.numel():
+        floor = max(floor, rel * (1.0 + ref.abs().max().item()))
+    tol = 2 * base_err + floor
+    if not math.isfinite(err) or err > tol:
+        return f"FAIL {name} (err {err:.2e} > 2 x {base_err:.2e} + {floor:.2e})"
+    return None
+
+
+def _grads(fn, x, params, dy):
+    x = x.detach().requires_grad_()
+    y = fn(x)
+    return [y, *torch.autograd.grad(y, [x, *params], dy)]
+
+
+class Checker:
+    """The float64 reference and torch eager's error for one shape and pass,
+    computed once; ``check(fn)`` then holds a provider to the tolerance rule."""
+
+    def __init__(self, module: EagerFFN, x, dy, shape: Shape, backward: bool):
+        self.module, self.backward = module, backward
+        self.params = list(module.parameters())
+        self.full = backward and shape.tokens * shape.d_model * shape.d_ff <= FULL_GRAD_CHECK
+        rows = slice(None) if self.full else slice(0, CHECK_ROWS)
+        self.x, self.dy = x[rows], dy[rows]
+        ref_mod = EagerFFN(shape, "cpu", torch.float64)
+        ref_mod.load_state_dict({k: v.detach().double().cpu() for k, v in module.state_dict().items()})
+        self.names = ["y", "dx"] + [f"d{n}" for n, _ in module.named_parameters()]
+        self.refs = self._run(
+            ref_mod, self.x.double().cpu(), list(ref_mod.parameters()), self.dy.double().cpu()
+        )
+        self.base = self._run(module, self.x, self.params, self.dy)
+
+    def _run(self, fn, x, params, dy):
+        if not self.backward:
+            with torch.no_grad():
+                return [fn(x)]
+        out = _grads(fn, x, params, dy)
+        return out if self.full else out[:2]  # on a slice of the tokens only row-local results
+
+    def check(self, fn) -> str | None:
+        outs = self._run(fn, self.x, self.params, self.dy)
+        for name, o, r, b in zip(self.names, outs, self.refs, self.base):
+            bad = _tolerance_failure(name, o.cpu(), r, b.cpu(), self.x.dtype)
+            if bad:
+                return bad
+        return None
+
+
+# ---------------------------------------------------------------------------
+# timing and memory
+# ---------------------------------------------------------------------------
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
+
+
+def time_interleaved(
+    calls: dict, device: str, budget_s: float, min_rounds: int = 5, max_rounds: int = 200
+) -> dict:
+    """ms per call for each provider, timed in rounds that call every provider
+    once in turn, so that a change in machine load (this is a shared 2-core
+    box) hits all of them alike. CPU: host clock (the ops are synchronous);
+    CUDA: events."""
+    times = {k: [] for k in calls}
+    t0 = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - t0 < budget_s and rounds < max_rounds):
+        for name, fn in calls.items():
+            if device == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times[name].append(a.elapsed_time(b))
+            else:
+                a = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - a) * 1e3)
+        rounds += 1
+    return times
+
+
+def peak_mib(fn, device: str) -> float:
+    """Peak allocated during one call, above what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.unlink(path)
+    mem = sorted(
+        (e["ts"], e["args"]["Total Allocated"], e["args"]["Bytes"])
+        for e in events
+        if e.get("name") == "[memory]"
+    )
+    if not mem:
+        return 0.0
+    start = mem[0][1] - mem[0][2]
+    return max(0, max(m[1] for m in mem) - start) / 2**20
+
+
+def saved_mib(fn, x, params) -> float:
+    """Bytes a forward keeps for its backward (inputs and parameters excluded)."""
+    known = {t.data_ptr() for t in [x, *params]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in known:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x.detach().requires_grad_())
+    return sum(seen.values()) / 2**20
+
+
+# ---------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------
+
+
+def run(
+    device: str,
+    dtypes: list,
+    quick: bool,
+    threads: int,
+    tokens: list[int] | None = None,
+    dims: list[int] | None = None,
+) -> list[dict]:
+    """Rows: provider, suite "ffn", shape (with the pass), dtype, p20/p50/p80_ms,
+    tflops, status, peak_mem_mib, plus pass, saved_mib, vs_eager, vs_floor.
+    ``tokens``/``dims`` replace the issue's token counts / d_model values."""
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    budget, min_rounds = (0.5, 3) if quick else (6.0, 7)  # timing rounds per shape and pass
+    rows = []
+    for dtype in dtypes:
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        for shape in shapes_for(quick, tokens, dims):
+            torch.manual_seed(0)
+            module = EagerFFN(shape, device, dtype)
+            x = torch.randn(shape.tokens, shape.d_model, device=device, dtype=dtype)
+            dy = torch.randn(shape.tokens, shape.d_model, device=device, dtype=dtype)
+            params = list(module.parameters())
+            floor = GemmFloor(module, x, dy)
+            compiled = torch.compile(module, fullgraph=True)
+            providers = {
+                "pyfastattn": _fused(module, shape.activation, False),
+                "pyfastattn recompute": _fused(module, shape.activation, True),
+                "torch eager": module,
+                "torch.compile": compiled,
+                "GEMM floor": None,
+            }
+            for backward in (False, True):
+                pass_name = "fwd+bwd" if backward else "fwd"
+                checker = Checker(module, x, dy, shape, backward)
+                calls, these = {}, []
+                for name, fn in providers.items():
+                    if name == "pyfastattn recompute" and not backward:
+                        continue  # without a backward it is the same call as "pyfastattn"
+                    row = dict(
+                        provider=name,
+                        suite="ffn",
+                        shape=f"{shape} {pass_name}",
+                        pass_=pass_name,
+                        dtype=str(dtype).replace("torch.", ""),
+                        status="ok",
+                        device=device,
+                        threads=threads if device == "cpu" else "",
+                        torch=torch.__version__,
+                    )
+                    these.append(row)
+                    try:
+                        if fn is not None:
+                            if name.startswith("pyfastattn") and (reason := ffn.ffn_unsupported_reason(x)):
+                                raise RuntimeError(reason)
+                            bad = checker.check(fn)
+                            if bad:
+                                row["status"] = bad
+                                continue
+                    except Exception as e:  # unsupported here: say why, keep going
+                        row["status"] = f"unsupported: {str(e).splitlines()[0][:100]}"
+                        continue
+                    if fn is None:
+                        call = floor.forward_backward if backward else floor.forward
+                    elif backward:
+
+                        def call(fn=fn, x=x, params=params, dy=dy):
+                            xg = x.detach().requires_grad_()
+                            return torch.autograd.grad(fn(xg), [xg, *params], dy)
+                    else:
+
+                        def call(fn=fn, x=x):
+                            with torch.no_grad():
+                                return fn(x)
+
+                    call()  # warm-up (and compile)
+                    call()
+                    calls[name] = call
+                    row["peak_mem_mib"] = peak_mib(call, device)
+                    if backward and fn is not None:
+                        row["saved_mib"] = saved_mib(fn, x, params)
+                times = time_interleaved(calls, device, budget, min_rounds)
+                for row in these:
+                    if row["provider"] not in times:
+                        continue
+                    t = times[row["provider"]]
+                    p50 = statistics.median(t)
+                    row.update(
+                        p20_ms=pct(t, 20),
+                        p50_ms=p50,
+                        p80_ms=pct(t, 80),
+                        tflops=shape.flops(backward) / (p50 * 1e-3) / 1e12,
+                    )
+                rows.extend(these)
+            del compiled, providers
+            torch._dynamo.reset()
+    # ratios: to eager and to the GEMM floor of the same shape, pass, dtype
+    by_key = {(r["shape"], r["dtype"], r["provider"]): r for r in rows}
+    for r in rows:
+        for other, key in (("torch eager", "vs_eager"), ("GEMM floor", "vs_floor")):
+            o = by_key.get((r["shape"], r["dtype"], other))
+            if r["status"] == "ok" and o and o["status"] == "ok":
+                r[key] = r["p50_ms"] / o["p50_ms"]
+    for r in rows:
+        r["pass"] = r.pop("pass_")
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    hdr = (
+        f"{'shape':40s} {'dtype':8s} {'provider':21s} {'p50 ms':>9s} {'p20-p80':>17s} {'TFLOP/s':>8s} "
+        f"{'/eager':>7s} {'/floor':>7s} {'peak MiB':>9s} {'saved MiB':>9s}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['shape']:40s} {r['dtype']:8s} {r['provider']:21s} {r['status']}")
+            continue
+        saved = r.get("saved_mib")
+        print(
+            f"{r['shape']:40s} {r['dtype']:8s} {r['provider']:21s} {r['p50_ms']:9.2f} "
+            f"{r['p20_ms']:8.2f}-{r['p80_ms']:<8.2f} {r['tflops']:8.3f} {r.get('vs_eager', float('nan')):7.3f} "
+            f"{r.get('vs_floor', float('nan')):7.3f} {r['peak_mem_mib']:9.1f} "
+            f"{'' if saved is None else f'{saved:9.1f}'}"
+        )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--dtype", default=None, help="comma list, e.g. float32,bfloat16")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", default=True)
+    g.add_argument("--full", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--tokens", default=None, help="comma list replacing 16,512,8192")
+    ap.add_argument("--dmodel", default=None, help="comma list replacing 1024,4096")
+    ap.add_argument("--out", default=None, help="directory for ffn_results.csv")
+    args = ap.parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = args.threads or torch.get_num_threads()
+    dtypes = (args.dtype or ("float32,bfloat16" if device == "cpu" else "bfloat16,float16")).split(",")
+    t0 = time.time()
+    ints = lambda v: [int(t) for t in v.split(",")] if v else None  # noqa: E731
+    rows = run(
+        device, [d.strip() for d in dtypes], not args.full, threads, ints(args.tokens), ints(args.dmodel)
+    )
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {threads} threads"
+    print(f"\nffn benchmark: {dev}; torch {torch.__version__}; {time.time() - t0:.0f} s")
+    print_table(rows)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        fields = [
+            "provider",
+            "suite",
+            "shape",
+            "pass",
+            "dtype",
+            "status",
+            "p20_ms",
+            "p50_ms",
+            "p80_ms",
+            "tflops",
+            "vs_eager",
+            "vs_floor",
+            "peak_mem_mib",
+            "saved_mib",
+            "device",
+            "threads",
+            "torch",
+        ]
+        with open(os.path.join(args.out, "ffn_results.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    return 1 if any(r["status"].startswith("FAIL") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

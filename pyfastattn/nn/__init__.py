@@ -1,0 +1,32 @@
+"""Drop-in ``torch.nn`` modules built on the fused ops.
+
+* :class:`MultiheadAttention`, :class:`TransformerEncoderLayer`,
+  :class:`TransformerDecoderLayer`, :class:`TransformerEncoder`,
+  :class:`TransformerDecoder`, :class:`Transformer` - same constructor
+  arguments, forward signature and ``state_dict`` as their ``torch.nn``
+  namesakes (they subclass them).
+* :class:`FeedForward` - the FFN block, plain (``fc1``/``fc2``) or gated
+  (``gate_proj``/``up_proj``/``down_proj``, LLaMA names), with conversion
+  helpers ``FeedForward.from_sequential`` and ``FeedForward.from_llama_mlp``.
+"""
+
+from .attention import MultiheadAttention
+from .feed_forward import FeedForward, activation_of
+from .transformer import (
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
+
+__all__ = [
+    "FeedForward",
+    "MultiheadAttention",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "activation_of",
+]
