@@ -60,6 +60,7 @@ if ROOT not in sys.path:
 
 import pyfastattn  # noqa: E402
 from pyfastattn import ffn, reference  # noqa: E402
+from pyfastattn.testing import tolerance_failure  # noqa: E402
 
 CHECK_ROWS = 64
 FULL_GRAD_CHECK = 2**30
@@ -168,18 +169,8 @@ class GemmFloor:
 
 
 def _tolerance_failure(name, out, ref, base, dtype) -> str | None:
-    """The rule of tests/_helpers.assert_tolerance; None when it passes."""
-    out, base = out.double(), base.double()
-    err = (out - ref).abs().max().item() if out.numel() else 0.0
-    base_err = (base - ref).abs().max().item() if out.numel() else 0.0
-    floor = 2 * (ref.to(dtype).double() - ref).abs().max().item() if out.numel() else 0.0
-    rel = {torch.float32: 1e-5}.get(dtype)
-    if rel is not None and ref.numel():
-        floor = max(floor, rel * (1.0 + ref.abs().max().item()))
-    tol = 2 * base_err + floor
-    if not math.isfinite(err) or err > tol:
-        return f"FAIL {name} (err {err:.2e} > 2 x {base_err:.2e} + {floor:.2e})"
-    return None
+    failure = tolerance_failure(name, out, ref, base, dtype)
+    return None if failure is None else f"FAIL {failure}"
 
 
 def _grads(fn, x, params, dy):

@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import pyfastattn  # noqa: E402
 from pyfastattn import reference  # noqa: E402
+from pyfastattn.testing import tolerance_failure  # noqa: E402
 
 
 @dataclass
@@ -134,13 +135,8 @@ def check(out, q, k, v, causal) -> str | None:
         v.double().transpose(1, 2),
         window_right=0 if causal else -1,
     )[0].transpose(1, 2)
-    base = _naive(q, k, v, causal).double()
-    err = (out.double() - ref).abs().max().item()
-    base_err = (base - ref).abs().max().item()
-    floor = 2 * (ref.to(q.dtype).double() - ref).abs().max().item()
-    if not math.isfinite(err) or err > 2 * base_err + floor:
-        return f"FAIL (err {err:.2e} > 2 x {base_err:.2e} + {floor:.2e})"
-    return None
+    failure = tolerance_failure("out", out, ref, _naive(q, k, v, causal), q.dtype)
+    return None if failure is None else f"FAIL ({failure})"
 
 
 # ---------------------------------------------------------------------------
@@ -219,6 +215,8 @@ def main(argv=None) -> int:
     g.add_argument("--quick", action="store_true", default=True)
     g.add_argument("--full", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--providers", default=None,
+                    help='comma list of attention provider names to run, e.g. "pyfastattn,torch sdpa (flash)"')  # fmt: skip
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"))
     args = ap.parse_args(argv)
 
@@ -235,6 +233,12 @@ def main(argv=None) -> int:
     suites = [x for x in suites if x != "ffn"]
     shapes = shapes_for(device, quick)
     provs = providers(device)
+    if args.providers:
+        wanted = [p.strip() for p in args.providers.split(",")]
+        unknown = [p for p in wanted if p not in provs]
+        if unknown:
+            ap.error(f"unknown providers {unknown}; available: {list(provs)}")
+        provs = {name: fn for name, fn in provs.items() if name in wanted}
     dev_name = (
         torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     )

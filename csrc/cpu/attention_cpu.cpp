@@ -49,6 +49,7 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 // With PyTorch's OpenMP backend, at::parallel_for is inline code in
@@ -62,9 +63,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <new>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -1659,24 +1662,37 @@ PFA_AVX512_BF16 __attribute__((flatten)) void block_avx512_bf16(Kind kind, const
 }
 #endif
 
-// Build switches that exercise the fallbacks on an AVX-512 machine (tests):
-//   PYFASTATTN_CPU_NO_AVX512:   skip the AVX-512 kernels;
-//   PYFASTATTN_CPU_NO_AVX2:     skip the AVX2 build of the portable code;
-//   PYFASTATTN_CPU_NO_BF16_DOT: bf16 inputs through fp32 products even on a
-//                               CPU with AVX512-BF16.
+// The best path this CPU supports, capped by PYFASTATTN_CPU_ISA (read once):
+//   avx512bf16 (default) > avx512 (bf16 inputs through fp32 products) > avx2 >
+//   portable. The cap lets the tests run every fallback on an AVX-512 machine;
+// an unknown value is an error rather than a silent choice.
+enum class IsaCap : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+IsaCap isa_cap() {
+  static const IsaCap cap = [] {
+    const char* env = std::getenv("PYFASTATTN_CPU_ISA");
+    const std::string v = env ? env : "";
+    if (v.empty() || v == "avx512bf16") return IsaCap::kAvx512Bf16;
+    if (v == "avx512") return IsaCap::kAvx512;
+    if (v == "avx2") return IsaCap::kAvx2;
+    if (v == "portable") return IsaCap::kPortable;
+    TORCH_CHECK_VALUE(false, "PYFASTATTN_CPU_ISA must be one of avx512bf16, avx512, avx2, portable; got '",
+                      v, "'");
+  }();
+  return cap;
+}
+
 template <typename T>
 BlockFn pick_block_fn() {
-#if PFA_X86 && !defined(PYFASTATTN_CPU_NO_AVX512)
-#if !defined(PYFASTATTN_CPU_NO_BF16_DOT)
+  const IsaCap cap = isa_cap();
+#if PFA_X86
   if constexpr (std::is_same<T, c10::BFloat16>::value) {
-    if (cpu_has_avx512_bf16()) return &block_avx512_bf16;
+    if (cap >= IsaCap::kAvx512Bf16 && cpu_has_avx512_bf16()) return &block_avx512_bf16;
   }
+  if (cap >= IsaCap::kAvx512 && cpu_has_avx512()) return &block_avx512<T>;
+  if (cap >= IsaCap::kAvx2 && cpu_has_avx2()) return &block_avx2<T>;
 #endif
-  if (cpu_has_avx512()) return &block_avx512<T>;
-#endif
-#if PFA_X86 && !defined(PYFASTATTN_CPU_NO_AVX2)
-  if (cpu_has_avx2()) return &block_avx2<T>;
-#endif
+  (void)cap;
   return &block_portable<T>;
 }
 
