@@ -57,15 +57,23 @@ class Shape:
         return f"B{self.b} H{self.h} S{self.s} D{self.d}{' causal' if self.causal else ''}"
 
 
-def shapes_for(device: str, quick: bool) -> list[Shape]:
+def shapes_for(
+    device: str, quick: bool, seqs: list[int] | None = None, dims: list[int] | None = None
+) -> list[Shape]:
+    """The grid; ``seqs``/``dims`` replace the sequence lengths / head dims."""
     if device == "cpu":
-        seqs = [512, 1024] if quick else [512, 1024, 2048, 4096]
-        dims = [64] if quick else [64, 128]
+        seqs = seqs or ([512, 1024] if quick else [512, 1024, 2048, 4096])
+        dims = dims or ([64] if quick else [64, 128])
         return [Shape(1, 8, s, d, c) for d in dims for s in seqs for c in (False, True)]
     # CUDA: B*S = 16384, H*D = 2048 (the FlashAttention benchmark convention)
-    seqs = [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
-    dims = [128] if quick else [64, 128]
-    return [Shape(16384 // s, 2048 // d, s, d, c) for d in dims for s in seqs for c in (False, True)]
+    seqs = seqs or ([1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384])
+    dims = dims or ([128] if quick else [64, 128])
+    return [
+        Shape(max(1, 16384 // s), max(1, 2048 // d), s, d, c)
+        for d in dims
+        for s in seqs
+        for c in (False, True)
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -215,6 +223,8 @@ def main(argv=None) -> int:
     g.add_argument("--quick", action="store_true", default=True)
     g.add_argument("--full", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--seqlens", default=None, help="comma list replacing the grid's sequence lengths")
+    ap.add_argument("--headdims", default=None, help="comma list replacing the grid's head dims")
     ap.add_argument("--providers", default=None,
                     help='comma list of attention provider names to run, e.g. "pyfastattn,torch sdpa (flash)"')  # fmt: skip
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"))
@@ -231,7 +241,8 @@ def main(argv=None) -> int:
     suites = ["attention", "attention-bwd", "ffn"] if args.suite == "all" else [args.suite]
     run_ffn = "ffn" in suites
     suites = [x for x in suites if x != "ffn"]
-    shapes = shapes_for(device, quick)
+    ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
+    shapes = shapes_for(device, quick, ints(args.seqlens), ints(args.headdims))
     provs = providers(device)
     if args.providers:
         wanted = [p.strip() for p in args.providers.split(",")]
