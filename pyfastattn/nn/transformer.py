@@ -176,6 +176,15 @@ def _canonical_mask(
 # ---------------------------------------------------------------------------
 
 
+def _check_heads(d_model: int, nhead: int) -> None:
+    """torch raises AssertionError here (from MultiheadAttention); same class,
+    clearer message, before any parameter is allocated."""
+    if d_model > 0 and nhead > 0 and d_model % nhead != 0:
+        raise AssertionError(
+            f"embed_dim must be divisible by num_heads, got d_model={d_model} and nhead={nhead}"
+        )
+
+
 class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     """Drop-in for :class:`torch.nn.TransformerEncoderLayer` on pyfastattn
     attention and FFN (see the module docstring)."""
@@ -194,10 +203,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         device=None,
         dtype=None,
     ) -> None:
-        if d_model > 0 and nhead > 0 and d_model % nhead != 0:
-            raise AssertionError(
-                f"embed_dim must be divisible by num_heads, got d_model={d_model} and nhead={nhead}"
-            )
+        _check_heads(d_model, nhead)
         super().__init__(
             d_model,
             nhead,
@@ -258,10 +264,7 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
         device=None,
         dtype=None,
     ) -> None:
-        if d_model > 0 and nhead > 0 and d_model % nhead != 0:
-            raise AssertionError(
-                f"embed_dim must be divisible by num_heads, got d_model={d_model} and nhead={nhead}"
-            )
+        _check_heads(d_model, nhead)
         super().__init__(
             d_model,
             nhead,
@@ -412,10 +415,7 @@ class Transformer(nn.Transformer):
         device=None,
         dtype=None,
     ) -> None:
-        if d_model > 0 and nhead > 0 and d_model % nhead != 0:
-            raise AssertionError(
-                f"embed_dim must be divisible by num_heads, got d_model={d_model} and nhead={nhead}"
-            )
+        _check_heads(d_model, nhead)
         super().__init__(
             d_model,
             nhead,
