@@ -42,21 +42,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import json
 import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+for _p in (ROOT, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import bench_common  # noqa: E402
+from bench_common import pct, peak_mib  # noqa: E402, F401  (shared with run.py)
 
 import pyfastattn  # noqa: E402
 from pyfastattn import ffn, reference  # noqa: E402
@@ -76,9 +78,20 @@ class Shape:
         n = (6 if self.gated else 4) * self.tokens * self.d_model * self.d_ff
         return n * (3 if backward else 1)
 
+    def bytes_moved(self, backward: bool, elsize: int) -> float:
+        """The least a pass must move: weights and x read, y written (forward);
+        forward+backward adds the weights read again, their gradients written,
+        dy read and dx written. T16 is bound by this (the weights)."""
+        w = (3 if self.gated else 2) * self.d_model * self.d_ff
+        act = self.tokens * self.d_model
+        return elsize * ((3 * w + 4 * act) if backward else (w + 2 * act))
+
+    @property
+    def form(self) -> str:
+        return "gated-silu" if self.gated else "plain-gelu"
+
     def __str__(self) -> str:
-        form = "gated-silu" if self.gated else "plain-gelu"
-        return f"{form} T{self.tokens} D{self.d_model} F{self.d_ff}"
+        return f"{self.form} T{self.tokens} D{self.d_model} F{self.d_ff}"
 
 
 def shapes_for(quick: bool, tokens: list[int] | None = None, dims: list[int] | None = None) -> list[Shape]:
@@ -218,25 +231,27 @@ class Checker:
 # ---------------------------------------------------------------------------
 
 
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
-
-
 def time_interleaved(
     calls: dict, device: str, budget_s: float, min_rounds: int = 5, max_rounds: int = 200
 ) -> dict:
     """ms per call for each provider, timed in rounds that call every provider
     once in turn, so that a change in machine load (this is a shared 2-core
     box) hits all of them alike. CPU: host clock (the ops are synchronous);
-    CUDA: events."""
+    CUDA: events, after writing a buffer of twice the L2 (outside the events)
+    so that no call finds its weights in the L2 left by the previous one."""
     times = {k: [] for k in calls}
+    flush = (
+        torch.empty(2 * bench_common.l2_bytes(), dtype=torch.uint8, device="cuda")
+        if device == "cuda"
+        else None
+    )
     t0 = time.perf_counter()
     rounds = 0
     while rounds < min_rounds or (time.perf_counter() - t0 < budget_s and rounds < max_rounds):
         for name, fn in calls.items():
             if device == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                flush.zero_()
                 a.record()
                 fn()
                 b.record()
@@ -248,38 +263,6 @@ def time_interleaved(
                 times[name].append((time.perf_counter() - a) * 1e3)
         rounds += 1
     return times
-
-
-def peak_mib(fn, device: str) -> float:
-    """Peak allocated during one call, above what was allocated before it."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    finally:
-        os.unlink(path)
-    mem = sorted(
-        (e["ts"], e["args"]["Total Allocated"], e["args"]["Bytes"])
-        for e in events
-        if e.get("name") == "[memory]"
-    )
-    if not mem:
-        return 0.0
-    start = mem[0][1] - mem[0][2]
-    return max(0, max(m[1] for m in mem) - start) / 2**20
 
 
 def saved_mib(fn, x, params) -> float:
@@ -346,6 +329,8 @@ def run(
                         suite="ffn",
                         shape=f"{shape} {pass_name}",
                         pass_=pass_name,
+                        seqlen=shape.tokens,  # the x axis of run.py's plots
+                        variant=f"{pass_name} {shape.form} D{shape.d_model}",
                         dtype=str(dtype).replace("torch.", ""),
                         status="ok",
                         device=device,
@@ -394,6 +379,7 @@ def run(
                         p50_ms=p50,
                         p80_ms=pct(t, 80),
                         tflops=shape.flops(backward) / (p50 * 1e-3) / 1e12,
+                        gbps=shape.bytes_moved(backward, x.element_size()) / (p50 * 1e-3) / 1e9,
                     )
                 rows.extend(these)
             del compiled, providers
@@ -410,24 +396,29 @@ def run(
     return rows
 
 
+COLUMNS = [
+    ("shape", "shape", 40, ""),
+    ("dtype", "dtype", 8, ""),
+    ("provider", "provider", 21, ""),
+    ("p50_ms", "p50 ms", 9, ".2f"),
+    ("p20_ms", "p20", 8, ".2f"),
+    ("p80_ms", "p80", 8, ".2f"),
+    ("tflops", "TFLOP/s", 8, ".3f"),
+    ("gbps", "GB/s", 7, ".1f"),
+    ("vs_eager", "/eager", 7, ".3f"),
+    ("vs_floor", "/floor", 7, ".3f"),
+    ("peak_mem_mib", "peak MiB", 9, ".1f"),
+    ("saved_mib", "saved MiB", 9, ".1f"),
+]
+
+FIELDS = [
+    "provider", "suite", "shape", "pass", "dtype", "status", "p20_ms", "p50_ms", "p80_ms", "tflops", "gbps",
+    "vs_eager", "vs_floor", "peak_mem_mib", "saved_mib", "device", "threads", "torch",
+]  # fmt: skip
+
+
 def print_table(rows: list[dict]) -> None:
-    hdr = (
-        f"{'shape':40s} {'dtype':8s} {'provider':21s} {'p50 ms':>9s} {'p20-p80':>17s} {'TFLOP/s':>8s} "
-        f"{'/eager':>7s} {'/floor':>7s} {'peak MiB':>9s} {'saved MiB':>9s}"
-    )
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r['shape']:40s} {r['dtype']:8s} {r['provider']:21s} {r['status']}")
-            continue
-        saved = r.get("saved_mib")
-        print(
-            f"{r['shape']:40s} {r['dtype']:8s} {r['provider']:21s} {r['p50_ms']:9.2f} "
-            f"{r['p20_ms']:8.2f}-{r['p80_ms']:<8.2f} {r['tflops']:8.3f} {r.get('vs_eager', float('nan')):7.3f} "
-            f"{r.get('vs_floor', float('nan')):7.3f} {r['peak_mem_mib']:9.1f} "
-            f"{'' if saved is None else f'{saved:9.1f}'}"
-        )
+    bench_common.print_table(rows, COLUMNS)
 
 
 def main(argv=None) -> int:
@@ -455,29 +446,7 @@ def main(argv=None) -> int:
     print_table(rows)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        fields = [
-            "provider",
-            "suite",
-            "shape",
-            "pass",
-            "dtype",
-            "status",
-            "p20_ms",
-            "p50_ms",
-            "p80_ms",
-            "tflops",
-            "vs_eager",
-            "vs_floor",
-            "peak_mem_mib",
-            "saved_mib",
-            "device",
-            "threads",
-            "torch",
-        ]
-        with open(os.path.join(args.out, "ffn_results.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+        bench_common.write_csv(os.path.join(args.out, "ffn_results.csv"), rows, FIELDS)
     return 1 if any(r["status"].startswith("FAIL") for r in rows) else 0
 
 

@@ -1,92 +1,153 @@
 #!/usr/bin/env python
-"""pyfastattn benchmarks: the fused kernel beside PyTorch's own attention.
+"""pyfastattn benchmarks: the fused kernels beside PyTorch's own attention and FFN.
 
     python benchmarks/run.py [--suite attention|attention-bwd|ffn|all] [--device auto|cpu|cuda]
-                             [--dtype float32,bfloat16] [--quick|--full] [--threads N] [--out DIR]
+                             [--dtype float32,bfloat16] [--quick|--full] [--threads N]
+                             [--seqlens 512,1024] [--headdims 64] [--providers NAMES]
+                             [--ffn-tokens 16,512] [--ffn-dmodel 1024] [--out DIR]
 
-Every provider runs in this process on the same inputs. Before any timing,
-each provider's output is checked against the pyfastattn reference with the
-tolerance rule (error <= 2x plain PyTorch's error in the same dtype, plus the
-rounding floor); a wrong provider is reported as FAIL and never timed.
+Providers, all in this process on the same inputs in the same run:
+  attention      pyfastattn (backend "kernel"), the pyfastattn reference, a naive
+                 matmul-softmax-matmul, F.scaled_dot_product_attention restricted
+                 to each backend of the device (CPU: flash, math; CUDA: flash,
+                 efficient, cudnn, math), FlexAttention under torch.compile (CUDA)
+  attention-bwd  the same providers; pass "bwd" times the backward alone (through
+                 autograd, so pyfastattn's is whatever its public autograd path
+                 dispatches to: the attention_bwd kernel where one is registered),
+                 pass "fwd+bwd" the two together
+  ffn            benchmarks/ffn_bench.py: pyfastattn, torch eager, torch.compile
 
-FLOPs: 4*B*H*Sq*Sk*D forward (half for causal), x2.5 for backward.
-CPU timing: torch.utils.benchmark with an explicit thread count.
-CUDA timing: CUDA events over rotated input sets larger than L2.
-Reports the median with p20/p80. Writes results.csv and results.md to --out.
+Method: before timing, every provider's output (and, for attention-bwd, its
+dq/dk/dv) is checked against the float64 pyfastattn reference with the
+tolerance rule of pyfastattn.testing; a wrong result is reported FAIL and never
+timed. An unsupported or unavailable provider is reported with the reason.
+Then a warm-up, then timing: CPU with torch.utils.benchmark at an explicit
+thread count; CUDA with CUDA events around each call, rotating over input sets
+that together exceed twice the L2. Median with p20/p80.
+FLOPs: 4*B*H*Sq*Sk*D forward (half for causal), x2.5 backward, x3.5 fwd+bwd.
+Bytes: each pass reads its inputs and writes its outputs once. A torch.matmul
+ceiling and the device-copy bandwidth are measured in the same run.
+
+Output in --out (default benchmarks/results/<device>/<quick|full>-<suite>):
+results.csv (every row), summary.csv (pyfastattn against the fastest baseline
+per shape), results.md (the report, with the command line), and one PNG per
+suite and dtype (needs matplotlib; skipped with a note when it is missing).
+Exit status 1 when any provider FAILs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime
 import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import bench_common as bc  # noqa: E402
 
 import pyfastattn  # noqa: E402
-from pyfastattn import reference  # noqa: E402
+from pyfastattn import _ops, reference  # noqa: E402
 from pyfastattn.testing import tolerance_failure  # noqa: E402
+
+PASSES = {"attention": ("fwd",), "attention-bwd": ("bwd", "fwd+bwd")}
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
 
 @dataclass
 class Shape:
+    """Attention inputs in SDPA's layout: q (B, H, Sq, D), k/v (B, H, S, D)."""
+
     b: int
     h: int
-    s: int
+    s: int  # keys (and queries unless sq is given)
     d: int
     causal: bool
+    sq: int | None = None  # queries; None: s. 1 is a decode step
 
-    def flops(self, backward: bool) -> float:
-        f = 4.0 * self.b * self.h * self.s * self.s * self.d
+    @property
+    def q_len(self) -> int:
+        return self.s if self.sq is None else self.sq
+
+    def flops(self, pass_: str = "fwd") -> float:
+        f = 4.0 * self.b * self.h * self.q_len * self.s * self.d
         if self.causal:
             f /= 2
-        return f * (2.5 if backward else 1.0)
+        return f * FLOP_FACTOR[pass_]
+
+    def bytes_moved(self, pass_: str, elsize: int) -> float:
+        """The least a pass must move: each input read once, each output written once."""
+        q = o = self.b * self.h * self.q_len * self.d
+        kv = 2 * self.b * self.h * self.s * self.d
+        fwd = q + kv + o  # read q, k, v; write out
+        bwd = (q + kv + 2 * o) + (q + kv)  # read q, k, v, out, dout; write dq, dk, dv
+        return elsize * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
+
+    def variant(self) -> str:
+        """The shape without its length: one plot panel each."""
+        if self.sq is not None:
+            return f"decode Sq{self.sq} D{self.d}"
+        return f"D{self.d}{' causal' if self.causal else ''}"
 
     def __str__(self) -> str:
+        if self.sq is not None:
+            return f"B{self.b} H{self.h} Sq{self.sq} Sk{self.s} D{self.d}{' causal' if self.causal else ''}"
         return f"B{self.b} H{self.h} S{self.s} D{self.d}{' causal' if self.causal else ''}"
 
 
 def shapes_for(
-    device: str, quick: bool, seqs: list[int] | None = None, dims: list[int] | None = None
+    device: str,
+    quick: bool,
+    seqs: list[int] | None = None,
+    dims: list[int] | None = None,
+    decode: bool = False,
 ) -> list[Shape]:
-    """The grid; ``seqs``/``dims`` replace the sequence lengths / head dims."""
+    """The grid; ``seqs``/``dims`` replace the sequence lengths / head dims.
+    ``decode`` adds one-query (Sq = 1) cases: memory-bound, read in GB/s."""
     if device == "cpu":
-        seqs = seqs or ([512, 1024] if quick else [512, 1024, 2048, 4096])
         dims = dims or ([64] if quick else [64, 128])
-        return [Shape(1, 8, s, d, c) for d in dims for s in seqs for c in (False, True)]
-    # CUDA: B*S = 16384, H*D = 2048 (the FlashAttention benchmark convention)
-    seqs = seqs or ([1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384])
+        dec = seqs or ([16384] if quick else [4096, 16384, 65536])
+        seqs = seqs or ([512, 1024] if quick else [512, 1024, 2048, 4096])
+        grid = [Shape(1, 8, s, d, c) for d in dims for s in seqs for c in (False, True)]
+        return grid + ([Shape(1, 8, s, d, False, sq=1) for d in dims for s in dec] if decode else [])
+    # CUDA: B*S = 16384, H*D = 2048 (the FlashAttention benchmark convention);
+    # decode: B*Sk = 65536 (512 MiB of K/V in 16 bit)
     dims = dims or ([128] if quick else [64, 128])
-    return [
+    dec = seqs or ([8192] if quick else [2048, 8192, 32768])
+    seqs = seqs or ([1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384])
+    grid = [
         Shape(max(1, 16384 // s), max(1, 2048 // d), s, d, c)
         for d in dims
         for s in seqs
         for c in (False, True)
     ]
+    if decode:
+        grid += [Shape(max(1, 65536 // s), max(1, 2048 // d), s, d, False, sq=1) for d in dims for s in dec]
+    return grid
 
 
 # ---------------------------------------------------------------------------
-# providers: name -> (callable(q, k, v, causal) -> out in (B, H, S, D), or a reason it can't run)
-# inputs are (B, H, S, D) like SDPA
+# providers: name -> callable(q, k, v, causal) -> out, all in (B, H, S, D).
+# causal is top-left aligned, as in SDPA's is_causal.
 # ---------------------------------------------------------------------------
 
 
-def _naive(q, k, v, causal):
+def _naive(q, k, v, causal, mask=None):
+    """Plain PyTorch in the inputs' dtype. ``mask`` (Sq, Sk) bool, True = attend,
+    replaces the causal mask (the gate uses it for a subset of query rows)."""
     s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    if causal:
-        n = q.shape[-2]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if mask is None and causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
     return torch.softmax(s, -1) @ v
 
 
@@ -110,7 +171,57 @@ def _sdpa(backend):
     return run
 
 
-def providers(device: str) -> dict:
+FLEX = "flex attention (compiled)"
+
+
+def flex_unavailable_reason(device: str) -> str | None:
+    """Why FlexAttention under torch.compile can't be a provider here, or None."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError as e:
+        return f"torch.nn.attention.flex_attention cannot be imported ({e})"
+    if device != "cuda":
+        return f"a CUDA provider (Triton kernels from torch.compile); this run is on {device}"
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        return "Triton is not installed: torch.compile cannot generate the FlexAttention kernel"
+    return None
+
+
+def flex_provider(compiled: bool = True):
+    """FlexAttention with a block mask for causal (top-left, as SDPA's
+    is_causal), under torch.compile. Block masks are built once per length
+    pair, at the first (untimed) call of the gate."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if compiled:
+        # one compiled graph per shape, dtype, mask and grad mode: more than dynamo's default 8
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+        attend = torch.compile(flex_attention, dynamic=False)
+    else:
+        attend = flex_attention
+    masks: dict = {}
+
+    def causal_mask(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def run(q, k, v, causal):
+        block_mask = None
+        if causal:
+            key = (q.shape[-2], k.shape[-2], q.device)
+            if key not in masks:
+                masks[key] = create_block_mask(causal_mask, None, None, key[0], key[1], device=q.device)
+            block_mask = masks[key]
+        return attend(q, k, v, block_mask=block_mask)
+
+    return run
+
+
+def providers(device: str) -> tuple[dict, dict]:
+    """({name: fn}, {name: why unavailable}) for this device."""
     from torch.nn.attention import SDPBackend
 
     p = {"pyfastattn": _pyfastattn}
@@ -125,9 +236,15 @@ def providers(device: str) -> dict:
             ("math", SDPBackend.MATH),
         ):
             p[f"torch sdpa ({name})"] = _sdpa(be)
+    unavailable = {}
+    reason = flex_unavailable_reason(device)
+    if reason is None:
+        p[FLEX] = flex_provider()
+    else:
+        unavailable[FLEX] = reason
     p["naive matmul-softmax-matmul"] = _naive
     p["pyfastattn reference"] = _pyfastattn_reference
-    return p
+    return p, unavailable
 
 
 # ---------------------------------------------------------------------------
@@ -135,86 +252,195 @@ def providers(device: str) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def check(out, q, k, v, causal) -> str | None:
-    """None if `out` passes the tolerance rule, else a short failure string."""
-    ref = reference.attention(
-        q.double().transpose(1, 2),
-        k.double().transpose(1, 2),
-        v.double().transpose(1, 2),
-        window_right=0 if causal else -1,
-    )[0].transpose(1, 2)
-    failure = tolerance_failure("out", out, ref, _naive(q, k, v, causal), q.dtype)
-    return None if failure is None else f"FAIL ({failure})"
+class Gate:
+    """The float64 reference for one input set, computed once, and plain
+    PyTorch's error in the same dtype (the naive provider), against which
+    ``check`` holds each provider to the tolerance rule. Small problems are
+    checked whole; large ones on ``rows`` evenly spaced query rows (rows are
+    independent; with ``grads`` the output gradient is zero on the other rows,
+    so dk and dv are still checked whole)."""
 
-
-# ---------------------------------------------------------------------------
-# timing
-# ---------------------------------------------------------------------------
-
-
-def time_cpu(fn, threads: int, min_run_time: float) -> list[float]:
-    from torch.utils import benchmark
-
-    t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    m = t.blocked_autorange(min_run_time=min_run_time)
-    return [x * 1e3 for x in m.times]
-
-
-def time_cuda(fns, reps: int) -> list[float]:
-    """fns: callables over rotated input sets; returns per-call ms."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    times = []
-    for i in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fns[i % len(fns)]()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
-
-
-def matmul_ceiling(device, dtype, threads) -> float:
-    """TFLOP/s of a square matmul in this run: the roof for 'fraction of ceiling'."""
-    n = 2048 if device == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    if device == "cpu":
-        ms = statistics.median(time_cpu(lambda: a @ b, threads, 0.5))
-    else:
-        ms = statistics.median(time_cuda([lambda: a @ b], 20))
-    return 2 * n**3 / (ms * 1e-3) / 1e12
-
-
-def git_sha() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or "unknown"
+    def __init__(self, q, k, v, causal: bool, grads: bool, full_limit: int, rows: int = 64):
+        sq, sk = q.shape[-2], k.shape[-2]
+        self.causal, self.grads = causal, grads
+        if q.shape[0] * q.shape[1] * sq * sk <= full_limit:
+            self.rows = torch.arange(sq, device=q.device)
+        else:
+            self.rows = torch.linspace(0, sq - 1, min(rows, sq), device=q.device).round().long().unique()
+        self.mask = None
+        if causal:  # top-left: row i attends keys <= i
+            self.mask = torch.arange(sk, device=q.device)[None, :] <= self.rows[:, None]
+        gen = torch.Generator(device=q.device).manual_seed(1)
+        self.dout_rows = torch.randn(
+            (*q.shape[:2], len(self.rows), v.shape[-1]), generator=gen, device=q.device, dtype=q.dtype
         )
-    except Exception:
-        return "unknown"
+        self.names = ["out", "dq", "dk", "dv"] if grads else ["out"]
+        self.ref = self._run_rows(self._reference, q.double(), k.double(), v.double())
+        self.base = self._run_rows(self._plain, q, k, v)
+        self.dtype = q.dtype
+
+    def _reference(self, q, k, v):
+        m = None if self.mask is None else self.mask[None, None]
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        return t(reference.attention(t(q), t(k), t(v), attn_mask=m)[0])
+
+    def _plain(self, q, k, v):
+        return _naive(q, k, v, False, self.mask)
+
+    def _run_rows(self, fn, q, k, v):
+        """fn on the gate's query rows; with grads also dq (those rows), dk, dv."""
+        q = q[:, :, self.rows].detach().requires_grad_(self.grads)
+        k, v = (t.detach().requires_grad_(self.grads) for t in (k, v))
+        with torch.set_grad_enabled(self.grads):
+            out = fn(q, k, v)
+            if not self.grads:
+                return [out.detach()]
+            return [out.detach(), *torch.autograd.grad(out, (q, k, v), self.dout_rows.to(out.dtype))]
+
+    def check(self, fn, q, k, v) -> str | None:
+        """Run the provider on the whole input set; None if it passes, else 'FAIL (...)'."""
+        q, k, v = (t.detach().requires_grad_(self.grads) for t in (q, k, v))
+        with torch.set_grad_enabled(self.grads):
+            out = fn(q, k, v, self.causal)
+            outs = [out.detach()[:, :, self.rows]]
+            if self.grads:
+                dout = torch.zeros_like(out)
+                dout[:, :, self.rows] = self.dout_rows
+                dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+                outs += [dq[:, :, self.rows], dk, dv]
+        for name, o, r, b in zip(self.names, outs, self.ref, self.base):
+            failure = tolerance_failure(name, o, r, b, self.dtype)
+            if failure:
+                return f"FAIL ({failure})"
+        return None
 
 
-def progress(i, n, label):
-    width = 30
-    done = int(width * i / max(n, 1))
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:60]:60s}")
-    sys.stderr.flush()
-    if i == n:
-        sys.stderr.write("\n")
+def check(out, q, k, v, causal) -> str | None:
+    """The forward gate for one output (a test hook): None if it passes."""
+    return Gate(q, k, v, causal, grads=False, full_limit=1 << 62).check(lambda *_: out, q, k, v)
+
+
+# ---------------------------------------------------------------------------
+# the attention suites
+# ---------------------------------------------------------------------------
+
+
+def backward_note(device: str) -> str:
+    if _ops.has_kernel("attention_bwd", device):
+        return "bwd: pyfastattn::attention_bwd kernel"
+    return f"bwd: reference recompute (no attention_bwd kernel for {device})"
+
+
+def attention_rows(
+    suite, dtype, shape, provs, unavailable, device, threads, quick, env, ceiling, copy_gbps
+) -> list[dict]:
+    """Every provider on one (suite, dtype, shape): gate, warm-up, time, memory."""
+    passes = PASSES[suite]
+    grads = suite == "attention-bwd"
+    elsize = torch.empty((), dtype=dtype).element_size()
+    torch.manual_seed(0)
+    mk = lambda n: torch.randn(shape.b, shape.h, n, shape.d, device=device, dtype=dtype)  # noqa: E731
+    one_set = lambda: (mk(shape.q_len), mk(shape.s), mk(shape.s))  # noqa: E731
+    set_bytes = elsize * shape.b * shape.h * shape.d * (2 * shape.q_len + 2 * shape.s) * (2 if grads else 1)
+    nsets = 1 if device == "cpu" else bc.rotation_sets(set_bytes)
+    sets = [one_set() for _ in range(nsets)]
+    douts = [torch.randn_like(s[0]) for s in sets] if grads else None
+    gate = Gate(*sets[0], shape.causal, grads, full_limit=(1 << 23) if device == "cpu" else (1 << 27))
+    min_run = 0.2 if quick else 1.0  # CPU seconds per provider and pass
+    budget = 0.1 if quick else 0.5  # CUDA seconds per provider and pass
+
+    rows = []
+
+    def row_for(name, pass_, **kw):
+        r = dict(provider=name, suite=suite, shape=str(shape), variant=f"{pass_} {shape.variant()}")
+        r.update(pass_=pass_, dtype=str(dtype).replace("torch.", ""), causal=shape.causal, seqlen=shape.s)
+        r.update(env, **kw)
+        r["pass"] = r.pop("pass_")
+        rows.append(r)
+        return r
+
+    for name in unavailable:
+        for pass_ in passes:
+            row_for(name, pass_, status=f"unavailable: {unavailable[name]}")
+    for name, fn in provs.items():
+        if name == "pyfastattn reference" and device == "cpu" and shape.q_len * shape.s > 2048 * 2048:
+            continue  # O(Sq*Sk) fp32 memory; slower than the naive row and adds nothing
+        note = backward_note(device) if grads and name == "pyfastattn" else ""
+        try:
+            if name == "pyfastattn" and (
+                reason := pyfastattn.kernel_unsupported_reason(
+                    sets[0][0].transpose(1, 2), sets[0][2].transpose(1, 2), mode="kernel"
+                )
+            ):
+                raise RuntimeError(reason)
+            bad = gate.check(fn, *sets[0])
+        except Exception as e:  # unsupported on this shape/device: say why, keep going
+            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            for pass_ in passes:
+                row_for(name, pass_, status=f"unsupported: {msg}", note=note)
+            continue
+        if bad:
+            for pass_ in passes:
+                row_for(name, pass_, status=bad, note=note)
+            continue
+        for pass_ in passes:
+            calls = [
+                make_call(fn, sets[i], douts[i] if grads else None, shape.causal, pass_) for i in range(nsets)
+            ]
+            if device == "cuda":
+                times = bc.time_cuda(calls, budget)
+            else:
+                times = bc.time_cpu(calls[0], threads, min_run)
+            st = bc.stats(times)
+            r = row_for(name, pass_, status="ok", note=note, **st)
+            r["tflops"] = shape.flops(pass_) / (st["p50_ms"] * 1e-3) / 1e12
+            r["gbps"] = shape.bytes_moved(pass_, elsize) / (st["p50_ms"] * 1e-3) / 1e9
+            r["peak_mem_mib"] = bc.peak_mib(calls[0], device)
+            bc.add_roofline(r, ceiling, copy_gbps)
+    return rows
+
+
+def make_call(fn, qkv, dout, causal, pass_):
+    """A no-argument call of one pass on one input set. 'bwd' runs the
+    forward once here, untimed, and times autograd.grad through its graph."""
+    if pass_ == "fwd":
+
+        def call():
+            with torch.no_grad():
+                return fn(*qkv, causal)
+
+        return call
+    q, k, v = (t.detach().requires_grad_() for t in qkv)
+    if pass_ == "fwd+bwd":
+        return lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dout)
+    out = fn(q, k, v, causal)
+    return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+COLUMNS = [
+    ("suite", "suite", 13, ""),
+    ("dtype", "dtype", 8, ""),
+    ("shape", "shape", 34, ""),
+    ("pass", "pass", 7, ""),
+    ("provider", "provider", 27, ""),
+    ("p50_ms", "p50 ms", 9, ".3f"),
+    ("p20_ms", "p20", 8, ".3f"),
+    ("p80_ms", "p80", 8, ".3f"),
+    ("tflops", "TFLOP/s", 8, ".3f"),
+    ("frac_ceiling", "of mm", 6, ".0%"),
+    ("gbps", "GB/s", 7, ".1f"),
+    ("frac_copy_bw", "of cp", 6, ".0%"),
+    ("peak_mem_mib", "peak MiB", 8, ".1f"),
+    ("speedup_vs_best", "vs best", 7, ".2f"),
+]
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="all", choices=["attention", "attention-bwd", "ffn", "all"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -225,10 +451,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--seqlens", default=None, help="comma list replacing the grid's sequence lengths")
     ap.add_argument("--headdims", default=None, help="comma list replacing the grid's head dims")
+    ap.add_argument("--ffn-tokens", default=None, help="comma list replacing the FFN grid's token counts")
+    ap.add_argument("--ffn-dmodel", default=None, help="comma list replacing the FFN grid's d_model values")
     ap.add_argument("--providers", default=None,
                     help='comma list of attention provider names to run, e.g. "pyfastattn,torch sdpa (flash)"')  # fmt: skip
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/<device>/<quick|full>-<suite>")
     args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -236,203 +466,118 @@ def main(argv=None) -> int:
     quick = not args.full
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    default_dtypes = "float32,bfloat16" if device == "cpu" else "bfloat16,float16"
+    default_dtypes = "float32,bfloat16" if device == "cpu" else ("bfloat16" if quick else "bfloat16,float16")
     dtypes = [getattr(torch, n.strip()) for n in (args.dtype or default_dtypes).split(",")]
     suites = ["attention", "attention-bwd", "ffn"] if args.suite == "all" else [args.suite]
-    run_ffn = "ffn" in suites
-    suites = [x for x in suites if x != "ffn"]
     ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
-    shapes = shapes_for(device, quick, ints(args.seqlens), ints(args.headdims))
-    provs = providers(device)
+    provs, unavailable = providers(device)
     if args.providers:
         wanted = [p.strip() for p in args.providers.split(",")]
-        unknown = [p for p in wanted if p not in provs]
+        unknown = [p for p in wanted if p not in provs and p not in unavailable]
         if unknown:
-            ap.error(f"unknown providers {unknown}; available: {list(provs)}")
-        provs = {name: fn for name, fn in provs.items() if name in wanted}
-    dev_name = (
-        torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+            ap.error(f"unknown providers {unknown}; available: {list(provs) + list(unavailable)}")
+        provs = {n: f for n, f in provs.items() if n in wanted}
+        unavailable = {n: r for n, r in unavailable.items() if n in wanted}
+    env = bc.environment(device, threads)
+    out_dir = args.out or os.path.join(
+        bc.ROOT,
+        "benchmarks",
+        "results",
+        bc.sanitize(env["device"]),
+        f"{'quick' if quick else 'full'}-{args.suite}",
     )
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    sha = git_sha()
-    min_run = 0.2 if quick else 1.0
+    os.makedirs(out_dir, exist_ok=True)
+    command = bc.command_line("benchmarks/run.py", argv)
 
-    ceilings = {dt: matmul_ceiling(device, dt, threads) for dt in dtypes}
+    jobs = [
+        (su, dt, sh)
+        for su in suites
+        if su != "ffn"
+        for dt in dtypes
+        for sh in shapes_for(device, quick, ints(args.seqlens), ints(args.headdims), decode=su == "attention")
+    ]
+    prog = bc.Progress(len(dtypes) + 1 + len(jobs) + ("ffn" in suites) + 1)
+    ceilings = {}
+    for dt in dtypes:
+        prog.step(f"matmul ceiling {dt}")
+        ceilings[dt] = bc.matmul_ceiling(device, dt, threads, quick)
+    prog.step("device-copy bandwidth")
+    copy_gbps = bc.copy_bandwidth(device, threads, quick)
     rows = []
-    jobs = [(su, dt, sh) for su in suites for dt in dtypes for sh in shapes]
-    for ji, (suite, dtype, shape) in enumerate(jobs):
-        progress(ji, len(jobs), f"{suite} {dtype} {shape}")
-        backward = suite == "attention-bwd"
-        nsets = 1 if device == "cpu" else 4  # rotate > L2 on GPU
-        sets = [
-            tuple(
-                torch.randn(
-                    shape.b, shape.h, shape.s, shape.d, device=device, dtype=dtype, requires_grad=backward
-                )
-                for _ in range(3)
-            )
-            for _ in range(nsets)
-        ]
-        for name, fn in provs.items():
-            if name == "pyfastattn reference" and device == "cpu" and shape.s > 2048:
-                continue  # O(S^2) memory in fp32; slower than the naive row and adds nothing
-            row = dict(
-                provider=name,
-                suite=suite,
-                shape=str(shape),
-                dtype=str(dtype).replace("torch.", ""),
-                causal=shape.causal,
-                device=dev_name,
-                torch=torch.__version__,
-                cuda=torch.version.cuda or "",
-                sha=sha,
-                timestamp=stamp,
-                threads=threads if device == "cpu" else "",
-            )
-            q, k, v = sets[0]
-            try:
-                if name == "pyfastattn" and (
-                    reason := pyfastattn.kernel_unsupported_reason(
-                        q.transpose(1, 2), v.transpose(1, 2), mode="kernel"
-                    )
-                ):
-                    raise RuntimeError(reason)
-                with torch.no_grad():
-                    out = fn(q, k, v, shape.causal)
-                bad = check(out, q, k, v, shape.causal) if shape.s <= 2048 else None
-            except Exception as e:  # unsupported on this shape/device: say why, keep going
-                row.update(status=f"unsupported: {str(e).splitlines()[0][:100]}")
-                rows.append(row)
-                continue
-            if bad:
-                row.update(status=bad)
-                rows.append(row)
-                continue
-            if backward:
-                gs = [torch.randn_like(q) for _ in range(nsets)]
-
-                def make(i, fn=fn, sets=sets, causal=shape.causal, gs=gs):
-                    qi, ki, vi = sets[i]
-                    return lambda: torch.autograd.grad(fn(qi, ki, vi, causal), (qi, ki, vi), gs[i])
-            else:
-
-                def make(i, fn=fn, sets=sets, causal=shape.causal):
-                    qi, ki, vi = sets[i]
-
-                    def call():
-                        with torch.no_grad():
-                            return fn(qi, ki, vi, causal)
-
-                    return call
-
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base_mem = torch.cuda.memory_allocated()
-                times = time_cuda([make(i) for i in range(nsets)], reps=30 if quick else 100)
-                peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-            else:
-                times = time_cpu(make(0), threads, min_run)
-                peak = float("nan")
-            p50 = statistics.median(times)
-            tflops = shape.flops(backward) / (p50 * 1e-3) / 1e12
-            row.update(
-                status="ok",
-                p20_ms=pct(times, 20),
-                p50_ms=p50,
-                p80_ms=pct(times, 80),
-                tflops=tflops,
-                frac_ceiling=tflops / ceilings[dtype],
-                peak_mem_mib=peak,
-            )
-            rows.append(row)
-    progress(len(jobs), len(jobs), "done")
-
-    ffn_rows = []
-    if run_ffn:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    for suite, dtype, shape in jobs:
+        prog.step(f"{suite} {str(dtype)[6:]} {shape}")
+        rows += attention_rows(
+            suite, dtype, shape, provs, unavailable, device, threads, quick, env, ceilings[dtype], copy_gbps
+        )
+    if "ffn" in suites:
         import ffn_bench
 
-        print("ffn suite ...", file=sys.stderr)
-        ffn_rows = ffn_bench.run(device, dtypes, quick, threads)
+        prog.step("ffn suite")
+        ffn_rows = ffn_bench.run(device, dtypes, quick, threads, ints(args.ffn_tokens), ints(args.ffn_dmodel))
         for r in ffn_rows:
-            r.update(device=dev_name, torch=torch.__version__, cuda=torch.version.cuda or "", sha=sha,
-                     timestamp=stamp, threads=threads if device == "cpu" else "")  # fmt: skip
+            r.update(env)
+            bc.add_roofline(r, ceilings[getattr(torch, r["dtype"])], copy_gbps)
+        rows += ffn_rows
+    prog.step("summary and plots")
+    summary = bc.summarize(rows)
+    plots, plot_skip = bc.write_plots(out_dir, rows, {str(d)[6:]: c for d, c in ceilings.items()}, copy_gbps)
+    wall = time.perf_counter() - t_start
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    prog.finish()
 
-    # ---- console table with the ratio to the first torch SDPA provider ----
-    sdpa_name = "torch sdpa (flash)"
-    print(f"\ndevice: {dev_name}; torch {torch.__version__}; threads {threads}; pyfastattn {sha}")
-    for dt in dtypes:
-        print(f"matmul ceiling {dt}: {ceilings[dt]:.3f} TFLOP/s")
-    hdr = f"{'suite':13s} {'dtype':9s} {'shape':26s} {'provider':28s} {'p50 ms':>9s} {'p20-p80':>17s} {'TFLOP/s':>8s} {'%roof':>6s} {'vs sdpa':>7s}"
-    print(hdr)
-    print("-" * len(hdr))
-    lookup = {(r["suite"], r["dtype"], r["shape"], r["provider"]): r for r in rows}
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r['suite']:13s} {r['dtype']:9s} {r['shape']:26s} {r['provider']:28s} {r['status']}")
-            continue
-        base = lookup.get((r["suite"], r["dtype"], r["shape"], sdpa_name))
-        ratio = (base["p50_ms"] / r["p50_ms"]) if base and base.get("status") == "ok" else float("nan")
-        r["speedup_vs_sdpa"] = ratio
-        print(
-            f"{r['suite']:13s} {r['dtype']:9s} {r['shape']:26s} {r['provider']:28s} {r['p50_ms']:9.3f} "
-            f"{r['p20_ms']:8.3f}-{r['p80_ms']:<8.3f} {r['tflops']:8.3f} {100 * r['frac_ceiling']:5.1f}% {ratio:6.2f}x"
-        )
+    mem_method = bc.PEAK_MEMORY_METHOD[device]
+    if device == "cpu":
+        timing = (f"torch.utils.benchmark.Timer.blocked_autorange, threads {threads}, "
+                  f"min_run_time {0.2 if quick else 1.0} s per provider and pass; one warm-up call first")  # fmt: skip
+    else:
+        timing = (f"CUDA events around each call, rotating over input sets that together exceed 2x the "
+                  f"L2 ({bc.l2_bytes() >> 20} MiB); two warm-up calls per set")  # fmt: skip
+    header = [
+        f"device: {env['device']} ({device}); torch {env['torch']}"
+        + (f", CUDA {env['cuda']}" if env["cuda"] else "")
+        + f"; pyfastattn {env['sha']}; {env['timestamp']}",
+        f"wall time {wall:.0f} s; 1-minute load average {load_start:.2f} at the start, {load_end:.2f} at the end",
+        f"timing: {timing}; median with p20/p80",
+        "FLOPs: 4*B*H*Sq*Sk*D forward (half for causal), x2.5 backward, x3.5 fwd+bwd; "
+        "FFN: 2*tokens*d_model*d_ff per GEMM",
+        "GB/s: the least bytes a pass must move (each input read once, each output written once) / p50; "
+        "'bound' says which roof applies (memory when FLOP/byte is below the machine's ceiling/bandwidth)",
+        "matmul ceiling (torch.matmul, best square size, this run): "
+        + ", ".join(f"{str(d)[6:]} {c:.3f} TFLOP/s" for d, c in ceilings.items()),
+        f"device-copy bandwidth (dst.copy_(src), read + write, this run): {copy_gbps:.1f} GB/s",
+        f"peak memory: {mem_method}",
+        "correctness: every provider checked against the float64 pyfastattn reference with "
+        "pyfastattn.testing's tolerance rule before timing (large shapes: 64 evenly spaced query rows); "
+        "FAIL rows are never timed",
+    ]
+    header += [f"unavailable: {n}: {r}" for n, r in unavailable.items()]
+    header.append(
+        f"plots: {', '.join(plots)}" if plots else f"plots skipped: {plot_skip or 'no timed rows to plot'}"
+    )
 
+    print(f"\n{command}")
+    for h in header:
+        print(h)
+    attn = [r for r in rows if r["suite"] != "ffn" and not r["status"].startswith("unavailable")]
+    if attn:
+        print()
+        bc.print_table(attn, COLUMNS)
+    ffn_rows = [r for r in rows if r["suite"] == "ffn"]
     if ffn_rows:
+        import ffn_bench
+
         print()
         ffn_bench.print_table(ffn_rows)
-    rows += ffn_rows
+    bc.print_summary(summary)
 
-    fields = [
-        "provider",
-        "suite",
-        "shape",
-        "dtype",
-        "causal",
-        "status",
-        "p20_ms",
-        "p50_ms",
-        "p80_ms",
-        "tflops",
-        "frac_ceiling",
-        "speedup_vs_sdpa",
-        "vs_eager",
-        "vs_floor",
-        "peak_mem_mib",
-        "device",
-        "threads",
-        "torch",
-        "cuda",
-        "sha",
-        "timestamp",
-    ]
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(
-            f"# pyfastattn benchmark\n\n`{' '.join(['python', 'benchmarks/run.py', *(argv or sys.argv[1:])])}`\n\n"
-        )
-        f.write(
-            f"device {dev_name}, torch {torch.__version__}, threads {threads}, pyfastattn {sha}, {stamp}\n\n"
-        )
-        f.write(
-            "| suite | dtype | shape | provider | p50 ms | p20 / p80 ms | TFLOP/s | vs sdpa |\n|---|---|---|---|---|---|---|---|\n"
-        )
-        for r in rows:
-            if r["status"] != "ok":
-                f.write(
-                    f"| {r['suite']} | {r['dtype']} | {r['shape']} | {r['provider']} | {r['status']} | | | |\n"
-                )
-            else:
-                f.write(
-                    f"| {r['suite']} | {r['dtype']} | {r['shape']} | {r['provider']} | {r['p50_ms']:.3f} | "
-                    f"{r['p20_ms']:.3f} / {r['p80_ms']:.3f} | {r['tflops']:.3f} | {r.get('speedup_vs_sdpa', float('nan')):.2f}x |\n"
-                )
-    print(f"\nwrote {args.out}/results.csv and results.md")
+    bc.write_csv(os.path.join(out_dir, "results.csv"), rows)
+    bc.write_csv(os.path.join(out_dir, "summary.csv"), summary, bc.SUMMARY_FIELDS)
+    bc.write_markdown(
+        os.path.join(out_dir, "results.md"), "pyfastattn benchmark", command, header, summary, rows, plots
+    )
+    print(f"\nwrote {out_dir}: results.csv, summary.csv, results.md" + "".join(f", {p}" for p in plots))
+    if plot_skip:
+        print(f"plots skipped: {plot_skip}")
     return 1 if any(r["status"].startswith("FAIL") for r in rows) else 0
 
 

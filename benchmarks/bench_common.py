@@ -1,0 +1,573 @@
+"""What run.py and ffn_bench.py share: the environment, timing, memory and
+bandwidth measurements, and the output files (CSV, summary, markdown, PNGs).
+
+Rows are plain dicts. Keys every suite fills: provider, suite, shape, pass,
+dtype, status ("ok", "FAIL (...)", "unsupported: ...", "unavailable: ..."),
+and for "ok" rows p20_ms/p50_ms/p80_ms, tflops, gbps, peak_mem_mib. ``seqlen``
+(the x axis of the plots) and ``variant`` (the rest of the shape: one subplot
+each) place a row in the plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Providers that are pyfastattn itself or a floor, not a baseline to beat.
+NOT_BASELINES = ("pyfastattn", "GEMM floor")
+
+
+def is_baseline(provider: str) -> bool:
+    return not provider.startswith(NOT_BASELINES)
+
+
+# ---------------------------------------------------------------------------
+# environment
+# ---------------------------------------------------------------------------
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model string from /proc/cpuinfo."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def sanitize(name: str) -> str:
+    """A directory name from a device name: 'NVIDIA H200' -> 'NVIDIA-H200'."""
+    return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-.") or "unknown"
+
+
+def git_sha() -> str:
+    """Short sha of the tree that ran, '+dirty' when it had uncommitted changes."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment(device: str, threads: int) -> dict:
+    """The columns every CSV row carries."""
+    return dict(
+        device=device_name(device),
+        threads=threads if device == "cpu" else "",
+        torch=torch.__version__,
+        cuda=torch.version.cuda or "",
+        sha=git_sha(),
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    return shlex.join(["python", script, *argv])
+
+
+# ---------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------
+
+
+def pct(xs, p):
+    """The p-th percentile (nearest rank) of xs."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
+
+
+def time_cpu(fn, threads: int, min_run_time: float) -> list[float]:
+    """ms per call: torch.utils.benchmark with an explicit thread count. One
+    warm-up call first; each sample is the mean of one block of calls
+    (blocked_autorange sizes the blocks to >= 10 us of work)."""
+    from torch.utils import benchmark
+
+    fn()
+    t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    m = t.blocked_autorange(min_run_time=min_run_time)
+    return [x * 1e3 for x in m.times]
+
+
+def l2_bytes() -> int:
+    """L2 size of the current CUDA device (50 MiB on an H100 if unknown)."""
+    return int(
+        getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)
+    ) or (50 << 20)
+
+
+def rotation_sets(set_bytes: int, max_sets: int = 8, max_total: int = 8 << 30) -> int:
+    """How many input sets to rotate over on CUDA so that together they are
+    larger than twice the L2: each timed call then reads its inputs from HBM."""
+    need = math.ceil(2 * l2_bytes() / max(set_bytes, 1)) + 1
+    return max(2, min(need, max_sets, max(1, max_total // max(set_bytes, 1))))
+
+
+def time_cuda(fns, budget_s: float, min_reps: int = 10, max_reps: int = 200) -> list[float]:
+    """ms per call from CUDA events around each call, calls rotating over
+    ``fns`` (one per input set). Warm-up: every fn twice. The number of calls
+    fills ``budget_s`` (from a synchronised estimate), within [min, max]."""
+    for _ in range(2):
+        for f in fns:
+            f()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) / len(fns)
+    reps = int(min(max_reps, max(min_reps, budget_s / max(est, 1e-6))))
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i, (a, b) in enumerate(ev):
+        a.record()
+        fns[i % len(fns)]()
+        b.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in ev]
+
+
+def stats(times: list[float]) -> dict:
+    return dict(p20_ms=pct(times, 20), p50_ms=statistics.median(times), p80_ms=pct(times, 80))
+
+
+# ---------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------
+
+PEAK_MEMORY_METHOD = {
+    "cuda": "peak bytes allocated by PyTorch's CUDA caching allocator during one call "
+    "(torch.cuda.max_memory_allocated), above what was allocated before it",
+    "cpu": "peak bytes held through PyTorch's CPU allocator (every tensor, inputs excluded) during "
+    "one call, above what was allocated before it, from torch.profiler's memory events "
+    "(profile_memory=True). Scratch a C++ kernel takes outside that allocator (operator new, "
+    "std::vector: e.g. pyfastattn's per-thread tile arena, oneDNN's internal buffers) is not counted",
+}
+
+
+def peak_mib(fn, device: str) -> float:
+    """Peak MiB allocated during one call of fn, above what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.unlink(path)
+    # "Total Allocated" is the allocator's running total after each (de)allocation.
+    mem = sorted(
+        (e["ts"], e["args"]["Total Allocated"], e["args"]["Bytes"])
+        for e in events
+        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0
+    )
+    if not mem:
+        return 0.0
+    start = mem[0][1] - mem[0][2]
+    return max(0, max(m[1] for m in mem) - start) / 2**20
+
+
+# ---------------------------------------------------------------------------
+# roofs measured in the same run
+# ---------------------------------------------------------------------------
+
+
+def matmul_ceiling(device: str, dtype: torch.dtype, threads: int, quick: bool) -> float:
+    """TFLOP/s of torch.matmul on square matrices, the best over a few sizes:
+    the roof for 'fraction of ceiling'. A kernel can beat it (it is what torch
+    reaches, not the hardware's peak)."""
+    sizes = ([1024, 2048] if quick else [1024, 2048, 4096]) if device == "cpu" else [4096, 8192]
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        if device == "cpu":
+            ms = statistics.median(time_cpu(lambda a=a, b=b: a @ b, threads, 0.3 if quick else 1.0))
+        else:
+            ms = statistics.median(time_cuda([lambda a=a, b=b: a @ b], 0.2))
+        best = max(best, 2 * n**3 / (ms * 1e-3) / 1e12)
+    return best
+
+
+def copy_bandwidth(device: str, threads: int, quick: bool) -> float:
+    """GB/s (1e9 B/s) of dst.copy_(src) for a tensor far larger than the
+    caches, counting the bytes read and the bytes written."""
+    nbytes = (256 << 20) if device == "cpu" else (2 << 30)
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    if device == "cpu":
+        ms = statistics.median(time_cpu(lambda: dst.copy_(src), threads, 0.3 if quick else 1.0))
+    else:
+        ms = statistics.median(time_cuda([lambda: dst.copy_(src)], 0.2))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def add_roofline(row: dict, ceiling_tflops: float, copy_gbps: float) -> None:
+    """Fractions of the two roofs, and which one bounds the case: memory when
+    its arithmetic intensity (FLOP per byte moved) is below the machine's
+    (ceiling / bandwidth)."""
+    if row.get("status") != "ok":
+        return
+    row["frac_ceiling"] = row["tflops"] / ceiling_tflops
+    if row.get("gbps"):
+        row["frac_copy_bw"] = row["gbps"] / copy_gbps
+        intensity = row["tflops"] * 1e3 / row["gbps"]  # FLOP / byte
+        row["bound"] = "memory" if intensity < ceiling_tflops * 1e3 / copy_gbps else "compute"
+
+
+# ---------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------
+
+
+class Progress:
+    """A progress line on stderr: a bar on a terminal, one line per step in a log."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def step(self, label: str) -> None:
+        """Announce the step about to run."""
+        self._write(label)
+        self.done += 1
+
+    def finish(self, label: str = "done") -> None:
+        self.done = self.total
+        self._write(label)
+        if self.tty:
+            self.stream.write("\n")
+        self.stream.flush()
+
+    def _write(self, label: str) -> None:
+        width = 30
+        n = min(self.done, self.total)
+        fill = int(width * n / max(self.total, 1))
+        el = time.perf_counter() - self.t0
+        eta = f" eta {el / n * (self.total - n):4.0f}s" if 0 < n < self.total else ""
+        line = f"[{'#' * fill}{'.' * (width - fill)}] {n}/{self.total} {el:5.0f}s{eta} {label[:70]}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(130))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------
+
+CSV_FIELDS = [
+    "provider",
+    "suite",
+    "shape",
+    "pass",
+    "dtype",
+    "causal",
+    "status",
+    "note",
+    "p20_ms",
+    "p50_ms",
+    "p80_ms",
+    "tflops",
+    "frac_ceiling",
+    "gbps",
+    "frac_copy_bw",
+    "bound",
+    "speedup_vs_best",
+    "vs_eager",
+    "vs_floor",
+    "peak_mem_mib",
+    "saved_mib",
+    "seqlen",
+    "device",
+    "threads",
+    "torch",
+    "cuda",
+    "sha",
+    "timestamp",
+]
+
+SUMMARY_FIELDS = [
+    "suite",
+    "dtype",
+    "shape",
+    "pass",
+    "pyfastattn_status",
+    "pyfastattn_ms",
+    "best_baseline",
+    "best_baseline_ms",
+    "speedup",
+]
+
+
+def write_csv(path: str, rows: list[dict], fields: list[str] = CSV_FIELDS) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _key(r: dict) -> tuple:
+    return (r["suite"], r["dtype"], r["shape"], r.get("pass", ""))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (suite, dtype, shape, pass): pyfastattn's p50 beside the fastest
+    baseline that passed the gate; speedup = baseline ms / pyfastattn ms (> 1:
+    pyfastattn is faster). Also sets each ok row's speedup_vs_best."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_key(r), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        base = min((r for r in ok if is_baseline(r["provider"])), key=lambda r: r["p50_ms"], default=None)
+        for r in ok:
+            r["speedup_vs_best"] = base["p50_ms"] / r["p50_ms"] if base else float("nan")
+        ours = next((r for r in rs if r["provider"] == "pyfastattn"), None)
+        if ours is None:
+            continue
+        good = ours["status"] == "ok"
+        out.append(
+            dict(
+                zip(("suite", "dtype", "shape", "pass"), key),
+                pyfastattn_status=ours["status"],
+                pyfastattn_ms=ours["p50_ms"] if good else "",
+                best_baseline=base["provider"] if base else "",
+                best_baseline_ms=base["p50_ms"] if base else "",
+                speedup=base["p50_ms"] / ours["p50_ms"] if good and base else "",
+            )
+        )
+    return out
+
+
+def fmt(x, spec: str) -> str:
+    if x is None or x == "" or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return format(x, spec)
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, int, str]], file=None) -> None:
+    """A console table: columns are (key, header, width, format spec or '' for
+    str). A row that is not ok prints its status after the text columns."""
+    file = file or sys.stdout
+    text_cols = [c for c in columns if not c[3]]
+    print(" ".join(f"{h:>{w}s}" if s else f"{h:{w}s}" for _, h, w, s in columns), file=file)
+    print("-" * sum(w + 1 for *_, w, _ in columns), file=file)
+    for r in rows:
+        if r["status"] != "ok":
+            lead = " ".join(f"{str(r.get(k, '')):{w}s}" for k, _, w, _ in text_cols)
+            print(f"{lead} {r['status']}", file=file)
+            continue
+        print(
+            " ".join(
+                f"{fmt(r.get(k), s):>{w}s}" if s else f"{str(r.get(k, '')):{w}s}" for k, _, w, s in columns
+            ),
+            file=file,
+        )
+
+
+def print_summary(summary: list[dict], file=None) -> None:
+    file = file or sys.stdout
+    print(
+        "\nsummary: pyfastattn against the fastest baseline of each shape (speedup > 1: pyfastattn is faster)"
+    )
+    hdr = f"{'suite':13s} {'dtype':9s} {'shape':40s} {'pass':7s} {'pyfastattn ms':>13s} {'best baseline':28s} {'ms':>9s} {'speedup':>8s}"
+    print(hdr, file=file)
+    print("-" * len(hdr), file=file)
+    for s in summary:
+        if s["pyfastattn_status"] != "ok":
+            ours = s["pyfastattn_status"][:60]
+        else:
+            ours = f"{s['pyfastattn_ms']:13.3f}"
+        print(
+            f"{s['suite']:13s} {s['dtype']:9s} {s['shape']:40s} {s['pass']:7s} {ours:>13s} "
+            f"{s['best_baseline'] or '(none passed)':28s} {fmt(s['best_baseline_ms'], '9.3f'):>9s} "
+            f"{fmt(s['speedup'], '7.2f') + 'x' if s['speedup'] != '' else '':>8s}",
+            file=file,
+        )
+
+
+def _md_table(headers: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(x.replace("|", "/") for x in line) + " |" for line in lines]
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(
+    path: str,
+    title: str,
+    command: str,
+    header: list[str],
+    summary: list[dict],
+    rows: list[dict],
+    plots: list[str],
+) -> None:
+    """The report: the exact command, the header lines (environment, method,
+    roofs), the summary, every row, and the plots."""
+    parts = [f"# {title}\n", f"```\n{command}\n```\n", "\n".join(f"- {h}" for h in header) + "\n"]
+    parts.append("## Summary: pyfastattn against the fastest baseline\n")
+    parts.append("speedup = the baseline's p50 / pyfastattn's p50 (> 1: pyfastattn is faster).\n")
+    parts.append(
+        _md_table(
+            ["suite", "dtype", "shape", "pass", "pyfastattn ms", "best baseline", "ms", "speedup"],
+            [
+                [
+                    s["suite"],
+                    s["dtype"],
+                    s["shape"],
+                    s["pass"],
+                    fmt(s["pyfastattn_ms"], ".3f")
+                    if s["pyfastattn_status"] == "ok"
+                    else s["pyfastattn_status"],
+                    s["best_baseline"] or "(none passed)",
+                    fmt(s["best_baseline_ms"], ".3f"),
+                    (fmt(s["speedup"], ".2f") + "x") if s["speedup"] != "" else "",
+                ]
+                for s in summary
+            ],
+        )
+    )
+    parts.append("## All rows\n")
+    lines = []
+    for r in rows:
+        head = [r["suite"], r["dtype"], r["shape"], r.get("pass", ""), r["provider"]]
+        if r["status"] != "ok":
+            lines.append(head + [r["status"]] + [""] * 7)
+            continue
+        lines.append(
+            head
+            + [
+                fmt(r["p50_ms"], ".3f"),
+                f"{r['p20_ms']:.3f} / {r['p80_ms']:.3f}",
+                fmt(r.get("tflops"), ".3f"),
+                fmt(100 * r["frac_ceiling"], ".1f") + "%" if r.get("frac_ceiling") is not None else "",
+                fmt(r.get("gbps"), ".1f")
+                + (f" ({100 * r['frac_copy_bw']:.0f}%)" if r.get("frac_copy_bw") else ""),
+                fmt(r.get("peak_mem_mib"), ".1f"),
+                fmt(r.get("speedup_vs_best"), ".2f") + ("x" if r.get("speedup_vs_best") is not None else ""),
+            ]
+            + ([r["note"]] if r.get("note") else [""])
+        )
+    parts.append(
+        _md_table(
+            [
+                "suite",
+                "dtype",
+                "shape",
+                "pass",
+                "provider",
+                "p50 ms",
+                "p20 / p80 ms",
+                "TFLOP/s",
+                "of matmul",
+                "GB/s (of copy)",
+                "peak MiB",
+                "vs best baseline",
+                "note",
+            ],  # fmt: skip
+            lines,
+        )
+    )
+    if plots:
+        parts.append("## Plots\n")
+        parts += [f"![{os.path.splitext(p)[0]}]({p})\n" for p in plots]
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+
+
+def write_plots(
+    out_dir: str, rows: list[dict], ceilings: dict, copy_gbps: float
+) -> tuple[list[str], str | None]:
+    """One PNG per (suite, dtype): TFLOP/s against sequence length (tokens for
+    the FFN), a line per provider, a panel per variant of the shape. A panel
+    whose cases are all memory-bound plots GB/s against the copy bandwidth
+    instead. Returns (file names, None) or ([], why the plots were skipped)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return [], f"matplotlib is not installed ({e}); pip install matplotlib, or the [bench] extra"
+    files = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r.get("seqlen"):
+            groups.setdefault((r["suite"], r["dtype"]), []).append(r)
+    for (suite, dtype), rs in groups.items():
+        variants: dict[str, list[dict]] = {}
+        for r in rs:
+            variants.setdefault(r.get("variant") or "", []).append(r)
+        n = len(variants)
+        cols = min(n, 3)
+        nrows = math.ceil(n / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
+        for ax, (variant, vr) in zip(axes.flat, variants.items()):
+            memory = all(r.get("bound") == "memory" for r in vr)
+            key, roof, label = (
+                ("gbps", copy_gbps, "GB/s (copy bandwidth dashed)")
+                if memory
+                else ("tflops", ceilings.get(dtype), "TFLOP/s (matmul ceiling dashed)")
+            )
+            for prov in dict.fromkeys(r["provider"] for r in vr):
+                pts = sorted((int(r["seqlen"]), r[key]) for r in vr if r["provider"] == prov and r.get(key))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=prov)
+            if roof:
+                ax.axhline(roof, color="gray", linestyle="--", linewidth=1)
+            ax.set_xscale("log", base=2)
+            ax.set_title(variant, fontsize=9)
+            ax.set_xlabel("tokens" if suite == "ffn" else "sequence length (keys)")
+            ax.set_ylabel(label, fontsize=8)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[n:]:
+            ax.set_visible(False)
+        fig.suptitle(f"{suite}, {dtype}")
+        fig.tight_layout()
+        name = f"{suite}-{dtype}.png"
+        fig.savefig(os.path.join(out_dir, name), dpi=90)
+        plt.close(fig)
+        files.append(name)
+    return files, None
