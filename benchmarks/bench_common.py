@@ -105,16 +105,20 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
 
 
-def time_cpu(fn, threads: int, min_run_time: float) -> list[float]:
-    """ms per call: torch.utils.benchmark with an explicit thread count. One
-    warm-up call first; each sample is the mean of one block of calls
-    (blocked_autorange sizes the blocks to >= 10 us of work)."""
+def time_cpu(fn, threads: int, min_run_time: float, warmup: bool = True, min_samples: int = 5) -> list[float]:
+    """ms per call: torch.utils.benchmark with an explicit thread count. A
+    warm-up call first (unless the caller just made one); each sample is the
+    mean of one block of calls (blocked_autorange sizes the blocks to >= 10 us
+    of work), and slow calls are repeated to at least ``min_samples``."""
     from torch.utils import benchmark
 
-    fn()
+    if warmup:
+        fn()
     t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    m = t.blocked_autorange(min_run_time=min_run_time)
-    return [x * 1e3 for x in m.times]
+    times = list(t.blocked_autorange(min_run_time=min_run_time).times)
+    while len(times) < min_samples:
+        times += t.timeit(1).times
+    return [x * 1e3 for x in times]
 
 
 def l2_bytes() -> int:

@@ -109,13 +109,18 @@ def shapes_for(
     seqs: list[int] | None = None,
     dims: list[int] | None = None,
     decode: bool = False,
+    backward: bool = False,
 ) -> list[Shape]:
     """The grid; ``seqs``/``dims`` replace the sequence lengths / head dims.
-    ``decode`` adds one-query (Sq = 1) cases: memory-bound, read in GB/s."""
+    ``decode`` adds one-query (Sq = 1) cases: memory-bound, read in GB/s.
+    ``backward``: the quick CPU grid is shorter (the baselines' backward at
+    S1024 takes 0.2-0.7 s a call on 2 cores; the quick suite has 3 minutes)."""
     if device == "cpu":
         dims = dims or ([64] if quick else [64, 128])
         dec = seqs or ([16384] if quick else [4096, 16384, 65536])
-        seqs = seqs or ([512, 1024] if quick else [512, 1024, 2048, 4096])
+        seqs = seqs or (
+            [256, 512] if quick and backward else [512, 1024] if quick else [512, 1024, 2048, 4096]
+        )
         grid = [Shape(1, 8, s, d, c) for d in dims for s in seqs for c in (False, True)]
         return grid + ([Shape(1, 8, s, d, False, sq=1) for d in dims for s in dec] if decode else [])
     # CUDA: B*S = 16384, H*D = 2048 (the FlashAttention benchmark convention);
@@ -346,7 +351,7 @@ def attention_rows(
     sets = [one_set() for _ in range(nsets)]
     douts = [torch.randn_like(s[0]) for s in sets] if grads else None
     gate = Gate(*sets[0], shape.causal, grads, full_limit=(1 << 23) if device == "cpu" else (1 << 27))
-    min_run = 0.2 if quick else 1.0  # CPU seconds per provider and pass
+    min_run = 0.1 if quick else 1.0  # CPU seconds per provider and pass
     budget = 0.1 if quick else 0.5  # CUDA seconds per provider and pass
 
     rows = []
@@ -363,8 +368,14 @@ def attention_rows(
         for pass_ in passes:
             row_for(name, pass_, status=f"unavailable: {unavailable[name]}")
     for name, fn in provs.items():
-        if name == "pyfastattn reference" and device == "cpu" and shape.q_len * shape.s > 2048 * 2048:
-            continue  # O(Sq*Sk) fp32 memory; slower than the naive row and adds nothing
+        if name == "pyfastattn reference" and device == "cpu":
+            # O(Sq*Sk) fp32 memory and the slowest row by far (0.3-0.7 s a call at S1024)
+            limit = 512 if quick else 2048
+            if shape.q_len * shape.s > limit * limit:
+                for pass_ in passes:
+                    row_for(name, pass_, status=f"skipped: on CPU the {'quick' if quick else 'full'} grid "
+                            f"runs the reference up to Sq*Sk = {limit}^2")  # fmt: skip
+                continue
         note = backward_note(device) if grads and name == "pyfastattn" else ""
         try:
             if name == "pyfastattn" and (
@@ -389,13 +400,14 @@ def attention_rows(
             ]
             if device == "cuda":
                 times = bc.time_cuda(calls, budget)
+                peak = bc.peak_mib(calls[0], device)
             else:
-                times = bc.time_cpu(calls[0], threads, min_run)
+                peak = bc.peak_mib(calls[0], device)  # also the warm-up call
+                times = bc.time_cpu(calls[0], threads, min_run, warmup=False)
             st = bc.stats(times)
-            r = row_for(name, pass_, status="ok", note=note, **st)
+            r = row_for(name, pass_, status="ok", note=note, peak_mem_mib=peak, **st)
             r["tflops"] = shape.flops(pass_) / (st["p50_ms"] * 1e-3) / 1e12
             r["gbps"] = shape.bytes_moved(pass_, elsize) / (st["p50_ms"] * 1e-3) / 1e9
-            r["peak_mem_mib"] = bc.peak_mib(calls[0], device)
             bc.add_roofline(r, ceiling, copy_gbps)
     return rows
 
@@ -494,7 +506,9 @@ def main(argv=None) -> int:
         for su in suites
         if su != "ffn"
         for dt in dtypes
-        for sh in shapes_for(device, quick, ints(args.seqlens), ints(args.headdims), decode=su == "attention")
+        for sh in shapes_for(
+            device, quick, ints(args.seqlens), ints(args.headdims), su == "attention", su == "attention-bwd"
+        )
     ]
     prog = bc.Progress(len(dtypes) + 1 + len(jobs) + ("ffn" in suites) + 1)
     ceilings = {}
@@ -527,8 +541,9 @@ def main(argv=None) -> int:
 
     mem_method = bc.PEAK_MEMORY_METHOD[device]
     if device == "cpu":
-        timing = (f"torch.utils.benchmark.Timer.blocked_autorange, threads {threads}, "
-                  f"min_run_time {0.2 if quick else 1.0} s per provider and pass; one warm-up call first")  # fmt: skip
+        timing = (f"torch.utils.benchmark.Timer.blocked_autorange, threads {threads}, min_run_time "
+                  f"{0.1 if quick else 1.0} s and >= 5 samples per provider and pass, after a warm-up call "
+                  "(the peak-memory call)")  # fmt: skip
     else:
         timing = (f"CUDA events around each call, rotating over input sets that together exceed 2x the "
                   f"L2 ({bc.l2_bytes() >> 20} MiB); two warm-up calls per set")  # fmt: skip
