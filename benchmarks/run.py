@@ -330,6 +330,11 @@ def check(out, q, k, v, causal) -> str | None:
 # ---------------------------------------------------------------------------
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
 def backward_note(device: str) -> str:
     if _ops.has_kernel("attention_bwd", device):
         return "bwd: pyfastattn::attention_bwd kernel"
@@ -386,24 +391,36 @@ def attention_rows(
                 raise RuntimeError(reason)
             bad = gate.check(fn, *sets[0])
         except Exception as e:  # unsupported on this shape/device: say why, keep going
-            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             for pass_ in passes:
-                row_for(name, pass_, status=f"unsupported: {msg}", note=note)
+                row_for(name, pass_, status=f"unsupported: {_first_line(e)}", note=note)
             continue
         if bad:
             for pass_ in passes:
                 row_for(name, pass_, status=bad, note=note)
             continue
         for pass_ in passes:
-            calls = [
-                make_call(fn, sets[i], douts[i] if grads else None, shape.causal, pass_) for i in range(nsets)
-            ]
-            if device == "cuda":
-                times = bc.time_cuda(calls, budget)
-                peak = bc.peak_mib(calls[0], device)
-            else:
-                peak = bc.peak_mib(calls[0], device)  # also the warm-up call
-                times = bc.time_cpu(calls[0], threads, min_run, warmup=False)
+            try:
+                calls = [
+                    make_call(fn, sets[i], douts[i] if grads else None, shape.causal, pass_)
+                    for i in range(nsets)
+                ]
+                if device == "cuda":
+                    times = bc.time_cuda(calls, budget)
+                    peak = bc.peak_mib(calls[0], device)
+                else:
+                    peak = bc.peak_mib(calls[0], device)  # also the warm-up call
+                    times = bc.time_cpu(calls[0], threads, min_run, warmup=False)
+            except Exception as e:  # e.g. out of memory with rotated sets: say so, keep going
+                calls = None
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                row_for(
+                    name,
+                    pass_,
+                    status=f"error while timing: {_first_line(e)}",
+                    note=note,
+                )
+                continue
             st = bc.stats(times)
             r = row_for(name, pass_, status="ok", note=note, peak_mem_mib=peak, **st)
             r["tflops"] = shape.flops(pass_) / (st["p50_ms"] * 1e-3) / 1e12

@@ -107,7 +107,16 @@ def test_gate_checks_gradients_and_row_subsets():
 def test_fail_row_is_never_timed():
     run = _run()
     bc = _load("bench_common")
+    n_calls = [0]
+
+    def flaky(q, k, v, c):  # passes the gate, then runs out of memory
+        n_calls[0] += 1
+        if n_calls[0] > 1:
+            raise MemoryError("out of memory")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=c)
+
     provs = {
+        "flaky": flaky,
         "torch sdpa (math)": run.providers("cpu")[0]["torch sdpa (math)"],
         "wrong": lambda q, k, v, c: F.scaled_dot_product_attention(q, k, v, is_causal=not c),
         "raises": lambda q, k, v, c: (_ for _ in ()).throw(ValueError("no such shape\nmore")),
@@ -124,6 +133,7 @@ def test_fail_row_is_never_timed():
         assert by[("wrong", p)]["status"].startswith("FAIL") and "p50_ms" not in by[("wrong", p)]
         assert by[("raises", p)]["status"] == "unsupported: no such shape"
         assert by[("flex", p)]["status"] == "unavailable: not here"
+        assert by[("flaky", p)]["status"] == "error while timing: out of memory"
 
 
 def test_summary_against_best_baseline():
