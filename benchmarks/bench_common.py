@@ -477,7 +477,7 @@ def write_markdown(
     for r in rows:
         head = [r["suite"], r["dtype"], r["shape"], r.get("pass", ""), r["provider"]]
         if r["status"] != "ok":
-            lines.append(head + [r["status"]] + [""] * 7)
+            lines.append(head + [r["status"]] + [""] * 8)
             continue
         lines.append(
             head
@@ -488,6 +488,7 @@ def write_markdown(
                 fmt(100 * r["frac_ceiling"], ".1f") + "%" if r.get("frac_ceiling") is not None else "",
                 fmt(r.get("gbps"), ".1f")
                 + (f" ({100 * r['frac_copy_bw']:.0f}%)" if r.get("frac_copy_bw") else ""),
+                r.get("bound", ""),
                 fmt(r.get("peak_mem_mib"), ".1f"),
                 fmt(r.get("speedup_vs_best"), ".2f") + ("x" if r.get("speedup_vs_best") is not None else ""),
             ]
@@ -506,6 +507,7 @@ def write_markdown(
                 "TFLOP/s",
                 "of matmul",
                 "GB/s (of copy)",
+                "bound",
                 "peak MiB",
                 "vs best baseline",
                 "note",

@@ -463,6 +463,7 @@ COLUMNS = [
     ("frac_ceiling", "of mm", 6, ".0%"),
     ("gbps", "GB/s", 7, ".1f"),
     ("frac_copy_bw", "of cp", 6, ".0%"),
+    ("bound", "bound", 7, ""),
     ("peak_mem_mib", "peak MiB", 8, ".1f"),
     ("speedup_vs_best", "vs best", 7, ".2f"),
 ]
