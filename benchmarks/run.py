@@ -32,6 +32,10 @@ Output in --out (default benchmarks/results/<device>/<quick|full>-<suite>):
 results.csv (every row), summary.csv (pyfastattn against the fastest baseline
 per shape), results.md (the report, with the command line), and one PNG per
 suite and dtype (needs matplotlib; skipped with a note when it is missing).
+The CSV, summary and markdown are rewritten after every step, so a run cut off
+by an outer timeout still leaves what it measured; --budget-s (default 180 s
+for --quick on CUDA, where scripts/gpu_check.sh allows 240 s) stops starting
+new steps once spent, and their rows say so.
 Exit status 1 when any provider FAILs.
 """
 
@@ -342,11 +346,21 @@ def backward_note(device: str) -> str:
 
 
 def attention_rows(
-    suite, dtype, shape, provs, unavailable, device, threads, quick, env, ceiling, copy_gbps
+    suite, dtype, shape, provs, unavailable, device, threads, quick, env, ceiling, copy_gbps, skip=None
 ) -> list[dict]:
-    """Every provider on one (suite, dtype, shape): gate, warm-up, time, memory."""
+    """Every provider on one (suite, dtype, shape): gate, warm-up, time, memory.
+    ``skip``: a status for every provider instead of running them."""
     passes = PASSES[suite]
     grads = suite == "attention-bwd"
+    if skip:
+        rows = []
+        for name in [*provs, *unavailable]:
+            for pass_ in passes:
+                r = dict(provider=name, suite=suite, shape=str(shape), dtype=str(dtype)[6:], status=skip)
+                r.update(env, causal=shape.causal, seqlen=shape.s)
+                r["pass"] = pass_
+                rows.append(r)
+        return rows
     elsize = torch.empty((), dtype=dtype).element_size()
     torch.manual_seed(0)
     mk = lambda n: torch.randn(shape.b, shape.h, n, shape.d, device=device, dtype=dtype)  # noqa: E731
@@ -486,6 +500,9 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default=None,
                     help='comma list of attention provider names to run, e.g. "pyfastattn,torch sdpa (flash)"')  # fmt: skip
     ap.add_argument("--out", default=None, help="default: benchmarks/results/<device>/<quick|full>-<suite>")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting new steps after this many seconds (their rows say so); "
+                    "default 180 for --quick on CUDA, else none")  # fmt: skip
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -528,6 +545,7 @@ def main(argv=None) -> int:
             device, quick, ints(args.seqlens), ints(args.headdims), su == "attention", su == "attention-bwd"
         )
     ]
+    budget_s = args.budget_s if args.budget_s is not None else (180.0 if quick and device == "cuda" else 0.0)
     prog = bc.Progress(len(dtypes) + 1 + len(jobs) + ("ffn" in suites) + 1)
     ceilings = {}
     for dt in dtypes:
@@ -535,61 +553,88 @@ def main(argv=None) -> int:
         ceilings[dt] = bc.matmul_ceiling(device, dt, threads, quick)
     prog.step("device-copy bandwidth")
     copy_gbps = bc.copy_bandwidth(device, threads, quick)
+
+    def header(done: str, plots=(), plot_skip=None) -> list[str]:
+        mem_method = bc.PEAK_MEMORY_METHOD[device]
+        if device == "cpu":
+            timing = (f"torch.utils.benchmark.Timer.blocked_autorange, threads {threads}, min_run_time "
+                      f"{0.1 if quick else 1.0} s and >= 5 samples per provider and pass, after a warm-up call "
+                      "(the peak-memory call)")  # fmt: skip
+        else:
+            timing = (f"CUDA events around each call, rotating over input sets that together exceed 2x the "
+                      f"L2 ({bc.l2_bytes() >> 20} MiB); two warm-up calls per set")  # fmt: skip
+        load_now = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        h = [
+            f"device: {env['device']} ({device}); torch {env['torch']}"
+            + (f", CUDA {env['cuda']}" if env["cuda"] else "")
+            + f"; pyfastattn {env['sha']}; {env['timestamp']}",
+            f"{done}; wall time {time.perf_counter() - t_start:.0f} s; 1-minute load average "
+            f"{load_start:.2f} at the start, {load_now:.2f} at the end",
+            f"timing: {timing}; median with p20/p80",
+            "FLOPs: 4*B*H*Sq*Sk*D forward (half for causal), x2.5 backward, x3.5 fwd+bwd; "
+            "FFN: 2*tokens*d_model*d_ff per GEMM",
+            "GB/s: the least bytes a pass must move (each input read once, each output written once) / p50; "
+            "'bound' says which roof applies (memory when FLOP/byte is below the machine's ceiling/bandwidth)",
+            "matmul ceiling (torch.matmul, best square size, this run): "
+            + ", ".join(f"{str(d)[6:]} {c:.3f} TFLOP/s" for d, c in ceilings.items()),
+            f"device-copy bandwidth (dst.copy_(src), read + write, this run): {copy_gbps:.1f} GB/s",
+            f"peak memory: {mem_method}",
+            "correctness: every provider checked against the float64 pyfastattn reference with "
+            "pyfastattn.testing's tolerance rule before timing (large shapes: 64 evenly spaced query rows); "
+            "FAIL rows are never timed",
+        ]
+        h += [f"unavailable: {n}: {r}" for n, r in unavailable.items()]
+        h.append(f"plots: {', '.join(plots)}" if plots else f"plots skipped: {plot_skip or 'not drawn yet'}")
+        return h
+
+    def write_files(rows, head, summary, plots=()):
+        bc.write_csv(os.path.join(out_dir, "results.csv"), rows)
+        bc.write_csv(os.path.join(out_dir, "summary.csv"), summary, bc.SUMMARY_FIELDS)
+        bc.write_markdown(
+            os.path.join(out_dir, "results.md"), "pyfastattn benchmark", command, head, summary, rows, plots
+        )
+
+    def over_budget() -> str | None:
+        spent = time.perf_counter() - t_start
+        if budget_s and spent > budget_s:
+            return f"skipped: the run's time budget (--budget-s {budget_s:.0f}) was spent ({spent:.0f} s)"
+        return None
+
     rows = []
-    for suite, dtype, shape in jobs:
+    for i, (suite, dtype, shape) in enumerate(jobs):
         prog.step(f"{suite} {str(dtype)[6:]} {shape}")
         rows += attention_rows(
-            suite, dtype, shape, provs, unavailable, device, threads, quick, env, ceilings[dtype], copy_gbps
-        )
+            suite, dtype, shape, provs, unavailable, device, threads, quick, env, ceilings[dtype], copy_gbps,
+            skip=over_budget(),
+        )  # fmt: skip
+        # after every step, so that a run killed by an outer timeout still leaves its results
+        write_files(rows, header(f"partial: {i + 1} of {len(jobs)} attention jobs done"), bc.summarize(rows))
     if "ffn" in suites:
         import ffn_bench
 
         prog.step("ffn suite")
-        ffn_rows = ffn_bench.run(device, dtypes, quick, threads, ints(args.ffn_tokens), ints(args.ffn_dmodel))
+        if skip := over_budget():
+            ffn_rows = [
+                dict(provider="pyfastattn", suite="ffn", shape="(the ffn suite)", dtype="", status=skip)
+            ]
+            ffn_rows[0]["pass"] = ""
+        else:
+            ffn_rows = ffn_bench.run(
+                device, dtypes, quick, threads, ints(args.ffn_tokens), ints(args.ffn_dmodel)
+            )
         for r in ffn_rows:
             r.update(env)
-            bc.add_roofline(r, ceilings[getattr(torch, r["dtype"])], copy_gbps)
+            if r["status"] == "ok":
+                bc.add_roofline(r, ceilings[getattr(torch, r["dtype"])], copy_gbps)
         rows += ffn_rows
     prog.step("summary and plots")
     summary = bc.summarize(rows)
     plots, plot_skip = bc.write_plots(out_dir, rows, {str(d)[6:]: c for d, c in ceilings.items()}, copy_gbps)
-    wall = time.perf_counter() - t_start
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    head = header("complete", plots, plot_skip)
     prog.finish()
 
-    mem_method = bc.PEAK_MEMORY_METHOD[device]
-    if device == "cpu":
-        timing = (f"torch.utils.benchmark.Timer.blocked_autorange, threads {threads}, min_run_time "
-                  f"{0.1 if quick else 1.0} s and >= 5 samples per provider and pass, after a warm-up call "
-                  "(the peak-memory call)")  # fmt: skip
-    else:
-        timing = (f"CUDA events around each call, rotating over input sets that together exceed 2x the "
-                  f"L2 ({bc.l2_bytes() >> 20} MiB); two warm-up calls per set")  # fmt: skip
-    header = [
-        f"device: {env['device']} ({device}); torch {env['torch']}"
-        + (f", CUDA {env['cuda']}" if env["cuda"] else "")
-        + f"; pyfastattn {env['sha']}; {env['timestamp']}",
-        f"wall time {wall:.0f} s; 1-minute load average {load_start:.2f} at the start, {load_end:.2f} at the end",
-        f"timing: {timing}; median with p20/p80",
-        "FLOPs: 4*B*H*Sq*Sk*D forward (half for causal), x2.5 backward, x3.5 fwd+bwd; "
-        "FFN: 2*tokens*d_model*d_ff per GEMM",
-        "GB/s: the least bytes a pass must move (each input read once, each output written once) / p50; "
-        "'bound' says which roof applies (memory when FLOP/byte is below the machine's ceiling/bandwidth)",
-        "matmul ceiling (torch.matmul, best square size, this run): "
-        + ", ".join(f"{str(d)[6:]} {c:.3f} TFLOP/s" for d, c in ceilings.items()),
-        f"device-copy bandwidth (dst.copy_(src), read + write, this run): {copy_gbps:.1f} GB/s",
-        f"peak memory: {mem_method}",
-        "correctness: every provider checked against the float64 pyfastattn reference with "
-        "pyfastattn.testing's tolerance rule before timing (large shapes: 64 evenly spaced query rows); "
-        "FAIL rows are never timed",
-    ]
-    header += [f"unavailable: {n}: {r}" for n, r in unavailable.items()]
-    header.append(
-        f"plots: {', '.join(plots)}" if plots else f"plots skipped: {plot_skip or 'no timed rows to plot'}"
-    )
-
     print(f"\n{command}")
-    for h in header:
+    for h in head:
         print(h)
     attn = [r for r in rows if r["suite"] != "ffn" and not r["status"].startswith("unavailable")]
     if attn:
@@ -602,12 +647,7 @@ def main(argv=None) -> int:
         print()
         ffn_bench.print_table(ffn_rows)
     bc.print_summary(summary)
-
-    bc.write_csv(os.path.join(out_dir, "results.csv"), rows)
-    bc.write_csv(os.path.join(out_dir, "summary.csv"), summary, bc.SUMMARY_FIELDS)
-    bc.write_markdown(
-        os.path.join(out_dir, "results.md"), "pyfastattn benchmark", command, header, summary, rows, plots
-    )
+    write_files(rows, head, summary, plots)
     print(f"\nwrote {out_dir}: results.csv, summary.csv, results.md" + "".join(f", {p}" for p in plots))
     if plot_skip:
         print(f"plots skipped: {plot_skip}")
