@@ -61,13 +61,14 @@ def sanitize(name: str) -> str:
 
 
 def git_sha() -> str:
-    """Short sha of the tree that ran, '+dirty' when it had uncommitted changes."""
+    """Short sha of the tree that ran, '+dirty' when it had uncommitted changes
+    (outside benchmarks/results, which a run itself rewrites)."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
             cwd=ROOT,
             capture_output=True,
             text=True,
