@@ -550,6 +550,8 @@ def write_plots(
         cols = min(n, 3)
         nrows = math.ceil(n / cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        colors = {p: cycle[i % len(cycle)] for i, p in enumerate(dict.fromkeys(r["provider"] for r in rs))}
         for ax, (variant, vr) in zip(axes.flat, variants.items()):
             memory = all(r.get("bound") == "memory" for r in vr)
             key, roof, label = (
@@ -560,9 +562,10 @@ def write_plots(
             for prov in dict.fromkeys(r["provider"] for r in vr):
                 pts = sorted((int(r["seqlen"]), r[key]) for r in vr if r["provider"] == prov and r.get(key))
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=prov)
+                    ax.plot(*zip(*pts), marker="o", label=prov, color=colors[prov])
             if roof:
                 ax.axhline(roof, color="gray", linestyle="--", linewidth=1)
+            ax.set_ylim(bottom=0)
             ax.set_xscale("log", base=2)
             ax.set_title(variant, fontsize=9)
             ax.set_xlabel("tokens" if suite == "ffn" else "sequence length (keys)")
