@@ -112,7 +112,8 @@ FfnShape check_inputs(const at::Tensor& x, const at::Tensor& w1,
 // T512 D1024 fwd+bwd took 2784 minor faults per backward (11 MiB zeroed by
 // the kernel), against 0 with one buffer reused. Held between calls (like
 // CUDA's caching allocator), at most PYFASTATTN_CPU_FFN_SCRATCH_MB per thread
-// (default 128, 0 disables); larger requests allocate as before. CPU only.
+// (default 128, 0 disables and frees it; read on every call); larger requests
+// allocate as before. CPU only.
 class Scratch {
  public:
   // Up to `count` buffers of [rows, cols], each from take(); from the scratch
@@ -121,8 +122,11 @@ class Scratch {
       : rows_(rows), cols_(cols), opts_(opts) {
     const int64_t numel = int64_t(count) * rows * cols;
     const int64_t bytes = numel * int64_t(opts.dtype().itemsize());
-    if (opts.device().is_cpu() && numel > 0 && bytes <= cap_bytes()) {
-      at::Tensor& held = held_buffer();
+    if (!opts.device().is_cpu()) return;
+    const int64_t cap = cap_bytes();
+    at::Tensor& held = held_buffer();
+    if (held.defined() && int64_t(held.nbytes()) > cap) held = at::Tensor();  // cap lowered
+    if (numel > 0 && bytes <= cap) {
       if (!held.defined() || held.nbytes() < size_t(bytes)) {
         held = at::Tensor();  // free before allocating the larger one
         held = at::empty({bytes}, opts.dtype(at::kByte));
@@ -139,12 +143,11 @@ class Scratch {
   }
 
  private:
+  // Read on every call (a getenv, ~0.1 us), so a benchmark can switch the
+  // scratch off to measure a call's true working set.
   static int64_t cap_bytes() {
-    static const int64_t cap = [] {
-      const char* env = std::getenv("PYFASTATTN_CPU_FFN_SCRATCH_MB");
-      return (env != nullptr ? std::atoll(env) : 128) << 20;
-    }();
-    return cap;
+    const char* env = std::getenv("PYFASTATTN_CPU_FFN_SCRATCH_MB");
+    return (env != nullptr ? std::atoll(env) : 128) << 20;
   }
   static at::Tensor& held_buffer() {
     thread_local at::Tensor held;
