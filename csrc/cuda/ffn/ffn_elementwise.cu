@@ -25,10 +25,6 @@ __global__ void __launch_bounds__(kEwThreads)
   column_sums_cta(partial, rows, cols, out);
 }
 
-int elem_bytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
-
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // Calls f(T{}) with T the storage type of `dtype`.
 template <typename F>
 cudaError_t with_type(DType dtype, F&& f) {
@@ -49,43 +45,6 @@ dim3 grid_of(int64_t cols, int vec, const RowChunks& rc) {
 }
 
 }  // namespace
-
-int elementwise_vec(const FfnActFwdParams& p) {
-  const int v = 16 / elem_bytes(p.dtype);
-  bool ok = p.cols % v == 0 && aligned16(p.gate) && aligned16(p.out) &&
-            p.gate_row_stride % v == 0 && p.out_row_stride % v == 0;
-  if (p.bias_gate) ok &= aligned16(p.bias_gate);
-  if (p.gated) ok &= aligned16(p.up) && p.up_row_stride % v == 0;
-  if (p.gated && p.bias_up) ok &= aligned16(p.bias_up);
-  return ok ? v : 1;
-}
-
-int elementwise_vec(const FfnActBwdParams& p) {
-  const int v = 16 / elem_bytes(p.dtype);
-  bool ok = p.cols % v == 0 && aligned16(p.gate) && aligned16(p.dout) && aligned16(p.dgate) &&
-            p.gate_row_stride % v == 0 && p.dout_row_stride % v == 0 &&
-            p.dgate_row_stride % v == 0;
-  if (p.bias_gate) ok &= aligned16(p.bias_gate);
-  if (p.gated) {
-    ok &= aligned16(p.up) && aligned16(p.dup) && p.up_row_stride % v == 0 &&
-          p.dup_row_stride % v == 0;
-    if (p.bias_up) ok &= aligned16(p.bias_up);
-  }
-  if (p.out) ok &= aligned16(p.out) && p.out_row_stride % v == 0;
-  return ok ? v : 1;
-}
-
-RowChunks elementwise_row_chunks(int64_t rows, int64_t cols, int vec) {
-  constexpr int64_t kTargetCtas = 1024, kMinRows = 8, kMaxChunks = 65535;
-  const int64_t col_blocks = (cols + kEwThreads * vec - 1) / (kEwThreads * vec);
-  int64_t chunks = (kTargetCtas + col_blocks - 1) / (col_blocks > 0 ? col_blocks : 1);
-  const int64_t max_by_rows = (rows + kMinRows - 1) / kMinRows;
-  chunks = chunks < max_by_rows ? chunks : max_by_rows;
-  chunks = chunks < kMaxChunks ? chunks : kMaxChunks;
-  chunks = chunks > 1 ? chunks : 1;
-  const int64_t per = (rows + chunks - 1) / chunks > 0 ? (rows + chunks - 1) / chunks : 1;
-  return {per, (rows + per - 1) / per > 0 ? (rows + per - 1) / per : 1};
-}
 
 cudaError_t ffn_act_fwd_cuda(const FfnActFwdParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.cols == 0) return cudaSuccess;

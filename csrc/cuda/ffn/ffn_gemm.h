@@ -72,10 +72,42 @@ inline int64_t gemm_bias_partial_rows(int64_t m) {
   return (m + gemm_block_m(m) - 1) / gemm_block_m(m) * 2;
 }
 
+namespace gemm_detail {
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+// Optional operands: absent, or 16-byte aligned rows.
+inline bool opt_ok(const void* ptr, int64_t row_stride) {
+  return ptr == nullptr || (aligned16(ptr) && row_stride % 8 == 0);
+}
+
+}  // namespace gemm_detail
+
 // nullptr when the kernel can run these params, else why not (the caller then
 // uses the cuBLAS + elementwise composition): alignment (16-byte rows and
 // pointers), k and n multiples of 8, grid limits, dtype.
-const char* ffn_gemm_unsupported_reason(const FfnGemmParams& p);
+inline const char* ffn_gemm_unsupported_reason(const FfnGemmParams& p) {
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+    return "the FFN GEMM kernels take float16 or bfloat16 only";
+  if (p.m < 0 || p.n <= 0 || p.k <= 0) return "the FFN GEMM kernels need n > 0 and k > 0";
+  if (p.k % 8 != 0 || p.n % 8 != 0)
+    return "the FFN GEMM kernels need d_model, d_ff and d_out to be multiples of 8";
+  if (!gemm_detail::aligned16(p.a) || !gemm_detail::aligned16(p.b) || p.a_row_stride % 8 != 0 || p.b_row_stride % 8 != 0)
+    return "the FFN GEMM kernels need 16-byte aligned operands with row strides a multiple of 8";
+  if (p.gated && p.epilogue == GemmEpilogue::kFwdAct && !gemm_detail::aligned16(p.b_up))
+    return "the FFN GEMM kernels need 16-byte aligned operands with row strides a multiple of 8";
+  if (!gemm_detail::opt_ok(p.bias, 0) || !gemm_detail::opt_ok(p.bias_up, 0) ||
+      !gemm_detail::opt_ok(p.residual, p.residual_row_stride) || !gemm_detail::opt_ok(p.gate_in, p.gate_in_row_stride) ||
+      !gemm_detail::opt_ok(p.up_in, p.up_in_row_stride) || !gemm_detail::opt_ok(p.out, p.out_row_stride) ||
+      !gemm_detail::opt_ok(p.out_up, p.out_up_row_stride) || !gemm_detail::opt_ok(p.out_h, p.out_h_row_stride) ||
+      !gemm_detail::opt_ok(p.pre_gate, p.pre_gate_row_stride) || !gemm_detail::opt_ok(p.pre_up, p.pre_up_row_stride))
+    return "the FFN GEMM kernels need 16-byte aligned epilogue tensors with row strides a "
+           "multiple of 8";
+  if (p.out == nullptr) return "the FFN GEMM kernels need an output";
+  // grid.y = column blocks (64 or 128 columns); grid.x = row blocks.
+  if ((p.n + 63) / 64 > 65535) return "the FFN GEMM kernels take at most 4194240 columns";
+  if ((p.m + 63) / 64 > 2147483647LL) return "too many rows for the FFN GEMM grid";
+  return nullptr;
+}
+
 
 // Launches on `stream`; returns the launch error, never synchronises.
 cudaError_t ffn_gemm(const FfnGemmParams& p, cudaStream_t stream);
