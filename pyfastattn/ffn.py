@@ -30,16 +30,18 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _ops, reference
+from . import _backend, _ffn_cuda, _ops, reference  # noqa: F401  (_ffn_cuda: loads the CUDA dispatch table)
 
 __all__ = ["feed_forward", "gated_feed_forward", "ffn_unsupported_reason", "ACTIVATIONS"]
 
 ACTIVATIONS: tuple[str, ...] = tuple(reference.ACTIVATIONS)  # gelu (erf), gelu_tanh, relu, silu
 
-# Storage dtypes with a fused kernel, per device type (compute is fp32).
+# Storage dtypes with a fused kernel, per device type (compute is fp32). CUDA:
+# fp16/bf16 on our fused GEMMs or cuBLAS + the fused elementwise kernel
+# (pyfastattn/_ffn_cuda.py), fp32 on the latter only.
 _KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float16, torch.bfloat16),
-    "cuda": (torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
 
 
