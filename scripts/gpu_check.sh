@@ -66,7 +66,7 @@ done
 
 step "CUDA FFN: both paths timed, dispatch table written (bf16, issue grid)"
 timeout 120 python3 benchmarks/ffn_bench.py --device cuda --dtype bfloat16 --tokens 16,512,8192 --dmodel 1024,4096 \
-  --write-dispatch "$OUT/ffn_cuda_dispatch.py" --out "$OUT/ffn_dispatch" 2>&1 | tee "$OUT/ffn_dispatch.log" | tail -30
+  --write-dispatch "$OUT/ffn_cuda_dispatch.py" 2>&1 | tee "$OUT/ffn_dispatch.log" | tail -30
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "benchmarks (quick)"
