@@ -75,6 +75,23 @@ if [ -n "$CUOBJDUMP" ]; then
     done
     if grep -qE "\b(LDL|STL)\b" <<< "$sass"; then echo "FAIL $(basename "$o"): local memory (LDL/STL) in SASS"; fail=1; fi
   done
+  # FFN: the GEMMs need the tensor-core path (HMMA, LDSM, LDGSTS); the
+  # elementwise kernels 16-byte global accesses (LDG.E.128 / STG.E.128); none
+  # of them local memory.
+  for o in "$LOGDIR"/ffn_gemm_fwd_*.o "$LOGDIR"/ffn_gemm_bwd_*.o "$LOGDIR"/ffn_elementwise.o; do
+    [ -e "$o" ] || continue
+    if ! sass="$("$CUOBJDUMP" --dump-sass "$o" 2>&1)"; then
+      echo "FAIL cuobjdump on $(basename "$o"): $sass" | head -3; fail=1; continue
+    fi
+    case "$(basename "$o")" in
+      ffn_gemm_*) want="HMMA LDSM LDGSTS" ;;
+      *) want="LDG.E.128 STG.E.128" ;;
+    esac
+    for ins in $want; do
+      if ! grep -q "$ins" <<< "$sass"; then echo "FAIL $(basename "$o"): no $ins in SASS"; fail=1; fi
+    done
+    if grep -qE "\b(LDL|STL)\b" <<< "$sass"; then echo "FAIL $(basename "$o"): local memory (LDL/STL) in SASS"; fail=1; fi
+  done
   echo "SASS check done with $CUOBJDUMP"
 else
   echo "cuobjdump not found: SASS check skipped (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"

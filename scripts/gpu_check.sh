@@ -64,6 +64,11 @@ for tool in memcheck racecheck; do
   fi
 done
 
+step "CUDA FFN: both paths timed, dispatch table written (bf16, issue grid)"
+timeout 120 python3 benchmarks/ffn_bench.py --device cuda --dtype bfloat16 --tokens 16,512,8192 --dmodel 1024,4096 \
+  --write-dispatch "$OUT/ffn_cuda_dispatch.py" 2>&1 | tee "$OUT/ffn_dispatch.log" | tail -30
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
 step "benchmarks (quick)"
 timeout 240 python3 benchmarks/run.py --device cuda --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
 [ "${PIPESTATUS[0]}" = 0 ] || status=1

@@ -38,13 +38,10 @@
 #include <tuple>
 
 #include "../cpu/ffn_cpu.h"
+#include "ffn_ops.h"
 #include "params.h"
 
 namespace pyfastattn {
-namespace {
-
-using ActFwdStep = void (*)(const FfnActFwdParams&);
-using ActBwdStep = void (*)(const FfnActBwdParams&);
 
 Activation parse_activation(c10::string_view name) {
   if (name == "gelu") return Activation::kGelu;
@@ -54,6 +51,8 @@ Activation parse_activation(c10::string_view name) {
   TORCH_CHECK(false, "ffn: activation must be one of 'gelu', 'gelu_tanh', 'relu', 'silu', got '",
               std::string(name), "'");
 }
+
+namespace {
 
 DType to_dtype(at::ScalarType t) {
   switch (t) {
@@ -68,12 +67,6 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-struct FfnShape {
-  int64_t tokens, d_model, d_ff, d_out;
-  bool gated;
-  int64_t n_in() const { return gated ? 2 : 1; }
-};
-
 void check_like(const at::Tensor& t, const at::Tensor& x, const char* name,
                 std::initializer_list<int64_t> shape) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "ffn: ", name, ".dtype must be ",
@@ -83,6 +76,8 @@ void check_like(const at::Tensor& t, const at::Tensor& x, const char* name,
   TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "ffn: ", name, " must have shape ",
               at::IntArrayRef(shape), ", got ", t.sizes());
 }
+
+}  // namespace
 
 // The invariants a kernel relies on; pyfastattn/ffn.py has already checked
 // them with friendlier messages.
@@ -104,6 +99,8 @@ FfnShape check_inputs(const at::Tensor& x, const at::Tensor& w1,
   if (b3) check_like(*b3, x, "b3", {s.d_ff});
   return s;
 }
+
+namespace {
 
 // Per-thread scratch for the [tokens, d_ff] temporaries that never leave an
 // op: dH, dgate, dup and recomputed pre-activations in the backward, gate and
@@ -216,6 +213,8 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> ffn_fwd_impl(
     ActFwdStep step, const at::Tensor& x, const at::Tensor& w1,
     const std::optional<at::Tensor>& b1_, const at::Tensor& w2,
@@ -249,10 +248,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_impl(
 
 // output_mask: which of (dx, dw1, db1, dw2, db2, dw3, db3) to compute; the
 // others come back as empty [0] tensors.
-enum Grad { kDx = 0, kDw1, kDb1, kDw2, kDb2, kDw3, kDb3, kNumGrads };
-using GradTuple =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
+//
 // Buffers, [tokens, d_ff] each; "over X" = written in place, same index:
 //                 dgate        dup        h (for dW2)
 //   saved, plain  over dH      -          new
@@ -366,6 +362,8 @@ GradTuple ffn_bwd_impl(ActFwdStep fwd_step, ActBwdStep bwd_step, const at::Tenso
   if (mask[kDb3]) std::get<kDb3>(g) = db3_f32.to(x.scalar_type());
   return g;
 }
+
+namespace {
 
 // ---- CPU registrations ------------------------------------------------------
 
