@@ -229,7 +229,8 @@ PFA_ATTN_DEVICE void gemm_key_dim(KeyDimTile<T>& acc, uint32_t s_xt, int key_row
   }
 }
 
-// Product C, one chunk of kDimTilesChunkC n8 tiles of d: acc = dS K for the
+// Product C, one chunk of kDimTilesChunkC n8 tiles of d (one swizzle window,
+// so the chunk moves the K addresses by a plain byte offset, chunk_bytes): acc = dS K for the
 // warp's query rows. dS is read from the dS^T tile ([key][query]) with
 // ldmatrix.trans as the A operand: lanes 8m..8m+7 address key rows
 // (lane & 7) + 8 * (lane / 16) and query chunk (lane / 8) % 2, so that matrix
@@ -237,11 +238,10 @@ PFA_ATTN_DEVICE void gemm_key_dim(KeyDimTile<T>& acc, uint32_t s_xt, int key_row
 // is that lane address for query tile mt at key 0; keys advance by whole rows.
 // K ([key][d], s_k offset to the warp's first d column) is the B operand, read
 // with ldmatrix.trans like V in the forward.
-// `chunk` is a constant after the caller's loop is unrolled (LdmatrixAddrs::at
-// needs a compile-time step).
 template <typename T>
 PFA_ATTN_DEVICE void gemm_query_dim_chunk(DqChunk<T>& acc, const uint32_t (&a_base)[T::kQueryTilesC],
-                                          const LdmatrixAddrs<T::kHeadDim>& k_addr, int chunk) {
+                                          const LdmatrixAddrs<T::kHeadDim>& k_addr,
+                                          uint32_t chunk_bytes) {
   using Element = typename T::Element;
   constexpr int kRowBytes = SwizzledRows<T::kBlockM>::kRowBytes;
   zero_tile(acc);
@@ -254,7 +254,7 @@ PFA_ATTN_DEVICE void gemm_query_dim_chunk(DqChunk<T>& acc, const uint32_t (&a_ba
 #pragma unroll
     for (int dp = 0; dp < T::kDimTilesChunkC / 2; ++dp) {
       uint32_t b[4];
-      sm80::ldmatrix_x4_trans(b, k_addr.at(chunk * T::kDimTilesChunkC / 2 + dp, ks * 16));
+      sm80::ldmatrix_x4_trans(b, k_addr.at(dp, ks * 16) + chunk_bytes);
 #pragma unroll
       for (int mt = 0; mt < T::kQueryTilesC; ++mt) {
         sm80::mma_m16n8k16<Element>(acc[mt][2 * dp], a[mt], b[0], b[1]);
@@ -580,10 +580,13 @@ __global__ void __launch_bounds__(T::kNThreads)
             }
           }
       };
-#pragma unroll
+      // One chunk (a swizzle window of d) at a time: unrolling would let the
+      // scheduler overlap chunks and hold several accumulators (spills).
+#pragma unroll 1
       for (int chunk = 0; chunk < T::kDimTilesC / T::kDimTilesChunkC; ++chunk) {
         DqChunk<T> acc;
-        gemm_query_dim_chunk<T>(acc, dq_a_base, dq_k_addr, chunk);
+        gemm_query_dim_chunk<T>(acc, dq_a_base, dq_k_addr,
+                                static_cast<uint32_t>(chunk * T::kDimTilesChunkC * 16));
         add_chunk(acc, chunk);
       }
     }

@@ -29,8 +29,8 @@ namespace attention {
 // smem), 2 on H100; the GPU session is to tune these (see PERF_NOTES.md).
 template <int kHeadDim>
 struct AttentionBwdTileShape {
-  static constexpr int kBlockM = kHeadDim > 128 ? 32 : 64;
-  static constexpr int kBlockN = kHeadDim > 128 ? 32 : 64;
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = kHeadDim == 256 ? 16 : (kHeadDim == 128 ? 32 : 64);
 };
 
 template <int kHeadDim_, typename Element_>
@@ -60,7 +60,8 @@ struct AttentionBwdTraits {
   static constexpr int kWarpsDimC = kNWarps / kWarpsQueryC;
   static constexpr int kQueryTilesC = kBlockM / 16 / kWarpsQueryC;
   static constexpr int kDimTilesC = kHeadDim / 8 / kWarpsDimC;
-  static constexpr int kDimTilesChunkC = 4;
+  // One swizzle window of d (8 chunks; 4 for d = 32, 96): SwizzledRows::kWindow.
+  static constexpr int kDimTilesChunkC = kHeadDim % 64 == 0 ? 8 : 4;
 
   // Shared memory, in this order (all offsets multiples of 128 bytes):
   static constexpr int kSmemKVBytes = kBlockN * kHeadDim * 2;  // K; V
@@ -84,8 +85,8 @@ struct AttentionBwdTraits {
   static_assert(sizeof(Element) == 2, "attention backward runs on 16-bit types (fp16, bf16)");
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256,
                 "compiled head dims are multiples of 32 up to 256 (32, 64, 96, 128, 256)");
-  static_assert(kBlockM % 32 == 0 && kBlockN % 32 == 0,
-                "P^T / dS^T rows are swizzled rows of a multiple of 32 elements");
+  static_assert(kBlockM % 32 == 0, "P^T / dS^T rows are swizzled rows of a multiple of 32 queries");
+  static_assert(kBlockN % 16 == 0, "key blocks are whole m16 tiles");
   static_assert(kWarpsKeyA * kWarpsQueryA == kNWarps && kWarpsQueryC * kWarpsDimC == kNWarps,
                 "the warps tile every product exactly");
   static_assert(kQueryTilesA % 2 == 0 && kDimTilesB % 2 == 0,
