@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kRowKernelThreads)
     const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
     float f[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) f[e] = __uint_as_float(w[e]) * p.scale;
+    for (int e = 0; e < 8; ++e) f[e] = sm80::u32_as_float(w[e]) * p.scale;
     sm80::st_global_v4(dq + 8 * c, make_uint4(sm80::pack2<Element>(f[0], f[1]),
                                               sm80::pack2<Element>(f[2], f[3]),
                                               sm80::pack2<Element>(f[4], f[5]),

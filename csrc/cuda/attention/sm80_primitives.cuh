@@ -224,6 +224,9 @@ PFA_ATTN_DEVICE float bits_to_float<__nv_bfloat16>(uint32_t bits) {
   return __uint_as_float(bits << 16);
 }
 
+// The float whose bit pattern is `bits`.
+PFA_ATTN_DEVICE float u32_as_float(uint32_t bits) { return __uint_as_float(bits); }
+
 // ---- special functions ------------------------------------------------------
 
 // 2^x on the SFU (MUFU.EX2); exp2(-inf) = +0.

@@ -637,6 +637,12 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
   }
 }
 
+inline float u32_as_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 inline float fast_exp2(float x) { return std::exp2(x); }
 inline float fast_tanh(float x) { return std::tanh(x); }
 inline float fast_rcp(float x) { return 1.f / x; }
