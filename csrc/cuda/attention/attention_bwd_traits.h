@@ -17,16 +17,17 @@ namespace attention {
 // dK and dV in registers; query blocks of every query head of the GQA group
 // stream past it. Per-thread fp32 registers (4 warps):
 //   dK + dV: 2 * kBlockN * d / 128      S^T + dP^T: 2 * kBlockN * kBlockM / 128
-//   d     M x N    dK+dV   S+dP    smem (K,V + 2 stages of Q,dO + P,dS)
-//   32   64 x 64     32     64      8 + 16 + 16  =  40 KB
-//   64   64 x 64     64     64     16 + 32 + 16  =  64 KB
-//   96   64 x 64     96     64     24 + 48 + 16  =  88 KB
-//   128  64 x 64    128     64     32 + 64 + 16  = 112 KB
-//   256  32 x 32    128     16     32 + 64 +  4  = 100 KB
-// (+ 2 KB of per-row statistics, + 2 * kBlockM * (2 * kBlockN + 4) bytes of
-// attn_mask staging when a mask is given). d = 256 cannot hold 64 keys: dK and
-// dV alone would be 256 registers. 1 CTA per SM on A100 for d >= 96 (the
-// smem), 2 on H100; the GPU session is to tune these (see PERF_NOTES.md).
+//   d     M x N    dK+dV   S+dP    smem (K,V + 2 stages of Q,dO + P,dS + lse,D)
+//   32   64 x 64     32     64      8 + 16 + 16 + 1  =  41 KB
+//   64   64 x 64     64     64     16 + 32 + 16 + 1  =  65 KB
+//   96   64 x 64     96     64     24 + 48 + 16 + 1  =  89 KB
+//   128  64 x 32     64     32     16 + 64 +  8 + 1  =  89 KB
+//   256  64 x 16     64     16     16 +128 +  4 + 1  = 149 KB
+// (+ 2 * kBlockM * (2 * kBlockN + 4) bytes of attn_mask staging with a mask.)
+// ptxas needs ~100-150 registers beyond these accumulators (addresses, the
+// masking paths, the pipeline); 64 x 64 at d = 128 and 32 x 32 at d = 256
+// spilled (PERF_NOTES.md). These are first, register-driven choices; the GPU
+// session is to tune them (8 warps and N = 128 at d = 128, as FA2 does).
 template <int kHeadDim>
 struct AttentionBwdTileShape {
   static constexpr int kBlockM = 64;
