@@ -37,21 +37,27 @@ PYFASTATTN_BACKEND=kernel PYFASTATTN_FUZZ_DEVICE=cuda PYFASTATTN_FUZZ_NATIVE=150
   -p no:cacheprovider -rfE 2>&1 | tee "$OUT/tests_fuzz_cuda.log" | tail -20
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
-step "compute-sanitizer memcheck + racecheck on small shapes"
+step "compute-sanitizer memcheck + racecheck on small shapes (forward + backward)"
 cat > /tmp/pfa_small.py <<'PY'
 import torch, pyfastattn
 torch.manual_seed(0)
 with pyfastattn.backend("kernel"):
     for dt in (torch.float16, torch.bfloat16):
         for (b, sq, sk, h, hk, d) in ((2, 17, 33, 4, 2, 64), (1, 65, 1, 2, 2, 128), (1, 3, 130, 2, 1, 256), (2, 129, 77, 2, 2, 40)):
-            q = torch.randn(b, sq, h, d, device="cuda", dtype=dt)
-            k = torch.randn(b, sk, hk, d, device="cuda", dtype=dt)
-            v = torch.randn(b, sk, hk, d, device="cuda", dtype=dt)
-            pyfastattn.attention(q, k, v, causal=True)
-            pyfastattn.attention(q, k, v, window_size=(5, 3), softcap=4.0)
+            q = torch.randn(b, sq, h, d, device="cuda", dtype=dt, requires_grad=True)
+            k = torch.randn(b, sk, hk, d, device="cuda", dtype=dt, requires_grad=True)
+            v = torch.randn(b, sk, hk, d, device="cuda", dtype=dt, requires_grad=True)
+            pyfastattn.attention(q, k, v, causal=True).sum().backward()  # forward + CUDA backward
+            pyfastattn.attention(q, k, v, window_size=(5, 3), softcap=4.0).sum().backward()
+            torch.use_deterministic_algorithms(True)  # the backward's semaphore path
+            pyfastattn.attention(q, k, v, causal=True).sum().backward()
+            torch.use_deterministic_algorithms(False)
+            m = torch.rand(b, 1, sq, sk, device="cuda") > 0.3
+            pyfastattn.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m,
+                                                    enable_gqa=True).sum().backward()
         cu = torch.tensor([0, 5, 5, 40], dtype=torch.int32, device="cuda")
-        qp = torch.randn(40, 4, 64, device="cuda", dtype=dt)
-        pyfastattn.attention(qp, qp[:, :2], qp[:, :2], causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=35, max_seqlen_k=35)
+        qp = torch.randn(40, 4, 64, device="cuda", dtype=dt, requires_grad=True)
+        pyfastattn.attention(qp, qp[:, :2], qp[:, :2], causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=35, max_seqlen_k=35).sum().backward()
 torch.cuda.synchronize()
 print("small shapes ok")
 PY
