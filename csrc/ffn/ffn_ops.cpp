@@ -109,7 +109,7 @@ namespace {
 // T512 D1024 fwd+bwd took 2784 minor faults per backward (11 MiB zeroed by
 // the kernel), against 0 with one buffer reused. Held between calls (like
 // CUDA's caching allocator), at most PYFASTATTN_CPU_FFN_SCRATCH_MB per thread
-// (default 128, 0 disables and frees it; read on every call); larger requests
+// (default 1024, 0 disables and frees it; read on every call); larger requests
 // allocate as before. CPU only.
 class Scratch {
  public:
@@ -144,7 +144,7 @@ class Scratch {
   // scratch off to measure a call's true working set.
   static int64_t cap_bytes() {
     const char* env = std::getenv("PYFASTATTN_CPU_FFN_SCRATCH_MB");
-    return (env != nullptr ? std::atoll(env) : 128) << 20;
+    return (env != nullptr ? std::atoll(env) : 1024) << 20;
   }
   static at::Tensor& held_buffer() {
     thread_local at::Tensor held;
