@@ -171,3 +171,53 @@ def test_cuda_ffn_on_current_stream_and_device_guard():
     ref = run_reference(x.double(), [t.double() for t in params], "relu")
     assert math.isfinite(y.float().sum().item())
     assert_tolerance("y", y, ref, run_plain_torch(x, params, "relu"), torch.float16)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_cuda_ffn_fused_path_takes_unaligned_and_odd_stride_operands(gated):
+    """x and dout that are is_contiguous() but not what a 16-byte cp.async can
+    read: views with a 2-byte storage offset, and [1, d] rows whose stride(0)
+    is odd (PyTorch ignores a size-1 dim's stride). The fused path must copy
+    them, use the cuBLAS path, or read only row 0 -- never refuse a valid call
+    or hand the kernel a misaligned row. Compared with the same op on fresh
+    aligned copies: y bit for bit where both runs take the fused GEMMs (the
+    weight gradients go through cuBLAS with x's own strides, so to rounding)."""
+    dtype = torch.bfloat16
+    d_model, d_ff = 96, 256
+    torch.manual_seed(5)
+    w1, b1, w2, b2, w3, b3 = (
+        None if t is None else t.cuda()
+        for t in make_params(d_model, d_ff, gated=gated, bias=True, dtype=dtype)
+    )
+
+    def offset_view(rows, cols):  # data_ptr 2 bytes past a 512-byte-aligned block
+        return torch.randn(rows * cols + 1, device="cuda").to(dtype)[1:].view(rows, cols)
+
+    def odd_row(cols):  # shape [1, cols], stride (cols + 1, 1)
+        return torch.randn(1, cols + 1, device="cuda").to(dtype)[:, :cols]
+
+    mask = [True, True, True, True, True, gated, gated]
+    # (x, dout, both runs on the fused GEMMs?)
+    cases = [
+        (torch.randn(37, d_model, device="cuda").to(dtype), offset_view(37, d_model), True),
+        (odd_row(d_model), odd_row(d_model), True),
+        (offset_view(37, d_model), offset_view(37, d_model), False),  # x unaligned: cuBLAS path
+    ]
+    for x, dy, same_path in cases:
+        assert x.is_contiguous() and dy.is_contiguous()
+        for recompute in (False, True):
+            runs = []
+            for xx, dd in ((x, dy), (x.clone(memory_format=torch.contiguous_format), dy.clone())):
+                with _ffn_cuda.force_path("fused"):
+                    y, act_in = torch.ops.pyfastattn.ffn_fwd(
+                        xx, w1, b1, w2, b2, w3, b3, "silu", not recompute
+                    )
+                    grads = torch.ops.pyfastattn.ffn_bwd(
+                        dd, xx, w1, b1, w2, w3, b3, act_in, "silu", recompute, mask
+                    )
+                runs.append((y, *grads))
+            if same_path:
+                assert torch.equal(runs[0][0], runs[1][0])
+            for got, want in zip(*runs):
+                assert got.shape == want.shape
+                torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)

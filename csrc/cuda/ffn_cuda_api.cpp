@@ -38,6 +38,7 @@
 #include "../ffn/ffn_ops.h"
 #include "ffn/ffn_elementwise.h"
 #include "ffn/ffn_gemm.h"
+#include "launch_check.h"
 
 namespace pyfastattn {
 namespace {
@@ -50,7 +51,8 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 // ---- the elementwise steps, for ffn_fwd_impl / ffn_bwd_impl -----------------
 
 void act_fwd_step_cuda(const FfnActFwdParams& p) {
-  C10_CUDA_CHECK(cuda::ffn::ffn_act_fwd_cuda(p, current_stream()));
+  check_launch(cuda::ffn::ffn_act_fwd_cuda(p, current_stream()), "ffn act_fwd_kernel (rows ",
+               p.rows, ", cols ", p.cols, ")");
 }
 
 void act_bwd_step_cuda(const FfnActBwdParams& p) {
@@ -61,8 +63,9 @@ void act_bwd_step_cuda(const FfnActBwdParams& p) {
                                         .dtype(at::kFloat)
                                         .device(at::kCUDA, c10::cuda::current_device()));
   }
-  C10_CUDA_CHECK(cuda::ffn::ffn_act_bwd_cuda(
-      p, workspace.defined() ? workspace.data_ptr<float>() : nullptr, current_stream()));
+  check_launch(cuda::ffn::ffn_act_bwd_cuda(
+                   p, workspace.defined() ? workspace.data_ptr<float>() : nullptr, current_stream()),
+               "ffn act_bwd_kernel / column_sums_kernel (rows ", p.rows, ", cols ", p.cols, ")");
 }
 
 // ---- dispatch table -----------------------------------------------------------
@@ -151,6 +154,29 @@ std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
+// Row stride of a 2-D [rows, cols] operand as the fused GEMMs use it. PyTorch
+// leaves the stride of a size-1 dim arbitrary (a [1, d] tensor can be
+// is_contiguous() with stride(0) = 1001, or with a storage offset that breaks
+// 16-byte alignment), and with one row the kernels never step to a second
+// row, so any multiple of 8 serves there.
+int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
+
+// What the GEMMs' 16-byte cp.async / vector accesses need of a 2-D operand
+// (ffn_gemm_unsupported_reason re-checks it): a 16-byte aligned base (the
+// data_ptr, storage offset included), unit column stride, a row stride that
+// is a multiple of 8 elements.
+bool gemm_operand_ok(const at::Tensor& t) {
+  return t.dim() == 2 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
+         (t.size(1) <= 1 || t.stride(1) == 1) && row_stride(t) % 8 == 0;
+}
+
+// `t` itself when gemm_operand_ok, else a fresh contiguous copy (the caching
+// allocator's blocks are 512-byte aligned).
+at::Tensor gemm_operand(const at::Tensor& t) {
+  if (gemm_operand_ok(t)) return t;
+  return at::empty(t.sizes(), t.options()).copy_(t);
+}
+
 // The first GEMM(s): h = act(x W1^T + b1) [* (x W3^T + b3)], optionally
 // saving the pre-activations (biases included) into pre_gate / pre_up.
 FfnGemmParams first_gemm_params(const FfnShape& s, Activation act, const at::Tensor& x,
@@ -161,7 +187,7 @@ FfnGemmParams first_gemm_params(const FfnShape& s, Activation act, const at::Ten
   FfnGemmParams p{};
   p.epilogue = GemmEpilogue::kFwdAct;
   p.a = x.data_ptr();
-  p.a_row_stride = x.stride(0);
+  p.a_row_stride = row_stride(x);
   p.b = w1.data_ptr();
   p.b_up = w3 ? w3->data_ptr() : nullptr;
   p.b_row_stride = w1.stride(0);
@@ -187,15 +213,18 @@ FfnGemmParams first_gemm_params(const FfnShape& s, Activation act, const at::Ten
 }
 
 // What the fused path needs beyond ffn_gemm_unsupported_reason: fp16/bf16,
-// contiguous weights (W3 sharing W1's stride), every dim a multiple of 8.
+// contiguous weights (W3 sharing W1's stride), every dim a multiple of 8, and
+// x readable by the GEMMs (gemm_operand_ok; any other x takes the cuBLAS path,
+// which takes any layout).
 bool fused_possible(const FfnShape& s, const at::Tensor& x, const at::Tensor& w1,
                     const at::Tensor& w2, const std::optional<at::Tensor>& w3) {
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
   if (!w1.is_contiguous() || !w2.is_contiguous() || (w3 && !w3->is_contiguous())) return false;
   if (s.d_model % 8 || s.d_ff % 8 || s.d_out % 8 || s.d_ff == 0 || s.d_model == 0 || s.d_out == 0)
     return false;
-  // The one pointer check that params can't express up front: 16-byte bases.
-  for (const at::Tensor* t : {&x, &w1, &w2})
+  if (!gemm_operand_ok(x)) return false;
+  // 16-byte weight bases (the weights are contiguous, so their rows follow).
+  for (const at::Tensor* t : {&w1, &w2})
     if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16) return false;
   if (w3 && reinterpret_cast<uintptr_t>(w3->data_ptr()) % 16) return false;
   return (s.d_ff + 63) / 64 <= 65535 && (s.d_out + 63) / 64 <= 65535;
@@ -204,7 +233,10 @@ bool fused_possible(const FfnShape& s, const at::Tensor& x, const at::Tensor& w1
 void run_gemm(const FfnGemmParams& p) {
   const char* reason = cuda::ffn::ffn_gemm_unsupported_reason(p);
   TORCH_CHECK(reason == nullptr, "pyfastattn CUDA FFN GEMM: ", reason);
-  C10_CUDA_CHECK(cuda::ffn::ffn_gemm(p, current_stream()));
+  static const char* const kEpilogue[] = {"kFwdAct", "kBiasResidual", "kBwdAct"};
+  check_launch(cuda::ffn::ffn_gemm(p, current_stream()), "ffn_gemm_kernel (epilogue ",
+               kEpilogue[static_cast<int>(p.epilogue)], p.gated ? ", gated" : "", ", m ", p.m,
+               ", n ", p.n, ", k ", p.k, ")");
 }
 
 bool biases_aligned(std::initializer_list<const std::optional<at::Tensor>*> bs) {
@@ -261,7 +293,10 @@ GradTuple ffn_bwd_fused(const FfnShape& s, Activation act, const at::Tensor& dou
   mask[kDw3] = mask[kDw3] && s.gated;
   mask[kDb3] = mask[kDb3] && b3.has_value();
   const at::TensorOptions opts = x.options();
-  const at::Tensor dy = dout.contiguous();
+  // dY is the GEMM's A operand: an unaligned or oddly strided dout (a view
+  // with a storage offset, a [1, d] row of a wider tensor) is copied, never
+  // handed to a 16-byte cp.async.
+  const at::Tensor dy = gemm_operand(dout);
   const auto new_buffer = [&] { return at::empty({s.tokens, s.d_ff}, opts); };
   const bool want_pre_grads = mask[kDx] || mask[kDw1] || mask[kDb1] || mask[kDw3] || mask[kDb3];
   const bool want_h = mask[kDw2];
@@ -291,17 +326,17 @@ GradTuple ffn_bwd_fused(const FfnShape& s, Activation act, const at::Tensor& dou
     FfnGemmParams p{};
     p.epilogue = GemmEpilogue::kBwdAct;
     p.a = dy.data_ptr();
-    p.a_row_stride = dy.stride(0);
+    p.a_row_stride = row_stride(dy);
     p.b = w2.data_ptr();
     p.b_row_stride = w2.stride(0);
     p.m = s.tokens;
     p.n = s.d_ff;
     p.k = s.d_out;
     p.gate_in = gate.data_ptr();
-    p.gate_in_row_stride = gate.stride(0);
+    p.gate_in_row_stride = row_stride(gate);
     if (s.gated) {
       p.up_in = up.data_ptr();
-      p.up_in_row_stride = up.stride(0);
+      p.up_in_row_stride = row_stride(up);
       p.out_up = dup.data_ptr();
       p.out_up_row_stride = dup.stride(0);
     }
@@ -367,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cuda(
   const FfnShape s = check_inputs(x, w1, b1_, w2, b2_, w3, b3_);
   const Activation act = parse_activation(activation);
   const auto b1 = contiguous_opt(b1_), b2 = contiguous_opt(b2_), b3 = contiguous_opt(b3_);
-  if (fused_possible(s, x, w1, w2, w3) && x.is_contiguous() && biases_aligned({&b1, &b2, &b3}) &&
+  if (fused_possible(s, x, w1, w2, w3) && biases_aligned({&b1, &b2, &b3}) &&
       choose(s, false, x.get_device()) == kFused) {
     return ffn_fwd_fused(s, act, x, w1, b1, w2, b2, w3, b3, save_for_backward);
   }
@@ -395,8 +430,12 @@ GradTuple ffn_bwd_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Te
                 s.tokens, ", ", s.d_ff, "] on ", x.device(), ", got ", act_in.sizes());
   }
   const auto b1 = contiguous_opt(b1_), b3 = contiguous_opt(b3_);
-  if (fused_possible(s, x, w1, w2, w3) && x.is_contiguous() && biases_aligned({&b1, &b3}) &&
-      (recompute || reinterpret_cast<uintptr_t>(act_in.data_ptr()) % 16 == 0) &&
+  // Without recompute the saved pre-activations are epilogue inputs: both
+  // halves of act_in must be readable (a [n, 1, d_ff] act_in is
+  // is_contiguous() whatever its stride(0), which places the second half).
+  const bool act_in_ok = recompute || (gemm_operand_ok(act_in.select(0, 0)) &&
+                                       (!s.gated || gemm_operand_ok(act_in.select(0, 1))));
+  if (fused_possible(s, x, w1, w2, w3) && biases_aligned({&b1, &b3}) && act_in_ok &&
       choose(s, true, x.get_device()) == kFused) {
     return ffn_bwd_fused(s, act, dout, x, w1, b1, w2, w3, b3, act_in, recompute, output_mask);
   }
