@@ -17,6 +17,7 @@
 #include "../attention/api.h"
 #include "attention/attention_bwd.h"
 #include "attention/attention_fwd.h"
+#include "launch_check.h"
 
 namespace pyfastattn {
 namespace {
@@ -35,6 +36,10 @@ at::Tensor kernel_layout(const at::Tensor& t, int64_t padded_dim) {
 }
 
 int64_t round_up8(int64_t x) { return (x + 7) / 8 * 8; }
+
+const char* dtype_name(DType t) {
+  return t == DType::kFloat16 ? "float16" : t == DType::kBFloat16 ? "bfloat16" : "float32";
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -65,7 +70,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   TORCH_CHECK(reason == nullptr, "pyfastattn CUDA attention kernel does not support this case: ",
               reason);
   if (out.numel() > 0 || lse.numel() > 0) {
-    C10_CUDA_CHECK(cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream()));
+    check_launch(cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream()),
+                 "attention_fwd_kernel (", dtype_name(p.dtype), ", head_dim ", p.head_dim,
+                 ", batch ", p.batch, ", heads ", p.num_heads, ", seqlen_q ", p.seqlen_q,
+                 ", seqlen_k ", p.seqlen_k, p.mask_kind != MaskKind::kNone ? ", attn_mask" : "",
+                 ")");
   }
   // Contiguous, so the output's strides match the fake (meta) implementation.
   if (dpad != s.head_dim) out = out.narrow(-1, 0, s.head_dim).contiguous();
@@ -131,7 +140,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     p.dq_semaphore = sem.data_ptr<int32_t>();
   }
   if (dq.numel() > 0 || dk.numel() > 0) {
-    C10_CUDA_CHECK(cuda::attention_bwd(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream()));
+    const char* failed = "attention_bwd";
+    check_launch(
+        cuda::attention_bwd(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream(), &failed),
+        failed, " (", dtype_name(p.dtype), ", head_dim ", p.head_dim, ", batch ", p.batch,
+        ", heads ", p.num_heads, "/", p.num_heads_k, ", seqlen_q ", p.seqlen_q, ", seqlen_k ",
+        p.seqlen_k, p.mask_kind != MaskKind::kNone ? ", attn_mask" : "",
+        deterministic ? ", deterministic" : "", ")");
   }
   if (dpad != s.head_dim) {
     dq = dq.narrow(-1, 0, s.head_dim).contiguous();

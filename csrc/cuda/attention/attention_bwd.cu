@@ -6,6 +6,7 @@
 
 #include "attention_bwd_kernel.cuh"
 #include "attention_bwd_launch.h"
+#include "device_limits.h"
 #include "static_switch.h"
 
 namespace pyfastattn {
@@ -45,14 +46,9 @@ const char* attention_bwd_unsupported_reason(const AttentionBwdParams& p, int sm
       !attention::attention_bwd_grid(p.seqlen_q, attention::kRowKernelRows, p.num_heads, p.batch)
            .fits())
     return "the CUDA attention backward grid is too large (num_heads * batch over 65535^2)";
-  int device = 0;
   int smem_optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-          cudaSuccess) {
-    (void)cudaGetLastError();
+  if (attention::smem_per_block_limit(&smem_optin) != cudaSuccess)
     return "the CUDA attention backward could not query the current CUDA device";
-  }
   const bool with_mask = p.mask_kind != MaskKind::kNone;
   const int smem =
       with_variant(p, [&](auto variant) { return decltype(variant)::smem_bytes(with_mask); });
@@ -68,18 +64,24 @@ const char* attention_bwd_unsupported_reason(const AttentionBwdParams& p, int sm
   return nullptr;
 }
 
-cudaError_t attention_bwd(const AttentionBwdKernelParams& p, cudaStream_t stream) {
+cudaError_t attention_bwd(const AttentionBwdKernelParams& p, cudaStream_t stream,
+                          const char** failed_kernel) {
+  const char* unused = nullptr;
+  const char*& failed = failed_kernel ? *failed_kernel : unused;
   // The caller has checked attention_bwd_unsupported_reason; these would
   // otherwise run a wrong variant silently.
+  failed = "attention_bwd (params rejected)";
   if ((p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) || p.head_dim <= 0 ||
       p.head_dim > 256 || p.head_dim % 8 != 0 || p.head_dim != p.head_dim_v)
     return cudaErrorInvalidValue;
   const attention::AttentionBwdGrid rows =
       attention::attention_bwd_grid(p.seqlen_q, attention::kRowKernelRows, p.num_heads, p.batch);
+  failed = "attention_bwd_kernel";
   if (rows.x == 0 || rows.y == 0) {
     // No query rows: dK and dV are 0 wherever a sequence owns keys.
     return with_variant(p, [&](auto variant) { return decltype(variant)::run(p, stream); });
   }
+  failed = "attention_bwd_preprocess_kernel";
   if (!rows.fits()) return cudaErrorInvalidConfiguration;
   const dim3 grid(unsigned(rows.x), unsigned(rows.y), unsigned(rows.z));
   const cudaError_t err = PFA_FP16_SWITCH(p.dtype == DType::kBFloat16, Element, [&] {
@@ -88,9 +90,11 @@ cudaError_t attention_bwd(const AttentionBwdKernelParams& p, cudaStream_t stream
     return cudaGetLastError();
   });
   if (err != cudaSuccess) return err;
+  failed = "attention_bwd_kernel";
   const cudaError_t main =
       with_variant(p, [&](auto variant) { return decltype(variant)::run(p, stream); });
   if (main != cudaSuccess) return main;
+  failed = "attention_bwd_convert_dq_kernel";
   return PFA_FP16_SWITCH(p.dtype == DType::kBFloat16, Element, [&] {
     attention::attention_bwd_convert_dq_kernel<Element>
         <<<grid, attention::kRowKernelThreads, 0, stream>>>(p);

@@ -45,8 +45,10 @@ int attention_bwd_block_m(const AttentionBwdParams& p);
 const char* attention_bwd_unsupported_reason(const AttentionBwdParams& p, int sm);
 
 // Launches the three kernels on `stream`. Returns the first launch error
-// (cudaSuccess if none). Never synchronises.
-cudaError_t attention_bwd(const AttentionBwdKernelParams& p, cudaStream_t stream);
+// (cudaSuccess if none) and, when `failed_kernel` is given, points it at the
+// name of the kernel whose launch failed. Never synchronises.
+cudaError_t attention_bwd(const AttentionBwdKernelParams& p, cudaStream_t stream,
+                          const char** failed_kernel = nullptr);
 
 }  // namespace cuda
 }  // namespace pyfastattn
