@@ -93,7 +93,10 @@ run_step fuzz 90 tests_fuzz_cuda.log env PYFASTATTN_BACKEND=kernel PYFASTATTN_FU
 
 sanitize() {
   local rc=0
-  for tool in memcheck racecheck; do
+  # synccheck: a __syncthreads / bar.sync in divergent code or a __syncwarp /
+  # shfl mask naming an exited lane -- hazards the CPU emulator (one fiber per
+  # thread, a lenient barrier) cannot show. Before racecheck, the slowest.
+  for tool in memcheck synccheck racecheck; do
     echo "--- $tool"
     "$SANITIZER" --tool "$tool" --error-exitcode 9 python3 scripts/gpu_small_shapes.py || rc=1
   done

@@ -1,5 +1,6 @@
 """Every CUDA kernel once on small, odd shapes: the workload that
-scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck).
+scripts/gpu_check.sh runs under compute-sanitizer (memcheck, synccheck,
+racecheck).
 
 Attention forward and backward (atomic and deterministic dQ paths, GQA, a
 broadcast bool mask, window + softcap, varlen with an empty sequence), and the
