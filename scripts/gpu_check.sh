@@ -104,7 +104,7 @@ sanitize() {
 }
 export -f sanitize
 export SANITIZER
-run_step sanitizer 120 sanitizer.log bash -c sanitize
+run_step sanitizer 150 sanitizer.log bash -c sanitize
 
 echo
 note "done in $((SECONDS - t0)) s, status $status"
