@@ -61,7 +61,7 @@ import bench_common  # noqa: E402
 from bench_common import pct, peak_mib  # noqa: E402, F401  (shared with run.py)
 
 import pyfastattn  # noqa: E402
-from pyfastattn import ffn, reference  # noqa: E402
+from pyfastattn import _ffn_cuda, ffn, reference  # noqa: E402
 from pyfastattn.testing import tolerance_failure  # noqa: E402
 
 CHECK_ROWS = 64
@@ -137,11 +137,12 @@ class EagerFFN(nn.Module):
         return (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, None, None)
 
 
-def _fused(module: EagerFFN, activation: str, recompute: bool):
+def _fused(module: EagerFFN, activation: str, recompute: bool, cuda_path: str = "auto"):
+    """cuda_path: "fused" / "cublas" force one CUDA path (pyfastattn/_ffn_cuda.py)."""
     w1, b1, w2, b2, w3, b3 = module.weights()
 
     def run(x):
-        with pyfastattn.backend("kernel"):
+        with pyfastattn.backend("kernel"), _ffn_cuda.force_path(cuda_path):
             if w3 is None:
                 return ffn.feed_forward(x, w1, b1, w2, b2, activation=activation, recompute=recompute)
             return ffn.gated_feed_forward(
@@ -292,10 +293,14 @@ def run(
     threads: int,
     tokens: list[int] | None = None,
     dims: list[int] | None = None,
+    dispatch_only: bool = False,
 ) -> list[dict]:
     """Rows: provider, suite "ffn", shape (with the pass), dtype, p20/p50/p80_ms,
     tflops, status, peak_mem_mib, plus pass, saved_mib, vs_eager, vs_floor.
-    ``tokens``/``dims`` replace the issue's token counts / d_model values."""
+    ``tokens``/``dims`` replace the issue's token counts / d_model values.
+    On CUDA two more providers time each path alone ("pyfastattn fused": our
+    GEMMs, "pyfastattn cublas": cuBLAS + the elementwise kernel);
+    ``dispatch_only`` keeps just those two and eager (for --write-dispatch)."""
     if device == "cpu":
         torch.set_num_threads(threads)
     budget, min_rounds = (0.5, 3) if quick else (6.0, 7)  # timing rounds per shape and pass
@@ -317,6 +322,13 @@ def run(
                 "torch.compile": compiled,
                 "GEMM floor": None,
             }
+            if device == "cuda":
+                providers["pyfastattn fused"] = _fused(module, shape.activation, False, "fused")
+                providers["pyfastattn cublas"] = _fused(module, shape.activation, False, "cublas")
+            if dispatch_only:
+                providers = {
+                    k: v for k, v in providers.items() if k in CUDA_PATH_PROVIDERS + ("torch eager",)
+                }
             for backward in (False, True):
                 pass_name = "fwd+bwd" if backward else "fwd"
                 checker = Checker(module, x, dy, shape, backward)
@@ -336,6 +348,9 @@ def run(
                         device=device,
                         threads=threads if device == "cpu" else "",
                         torch=torch.__version__,
+                        tokens=shape.tokens,
+                        d_model=shape.d_model,
+                        gated=shape.gated,
                     )
                     these.append(row)
                     try:
@@ -417,6 +432,87 @@ FIELDS = [
 ]  # fmt: skip
 
 
+# ---------------------------------------------------------------------------
+# CUDA: the dispatch table between the two CUDA paths
+# ---------------------------------------------------------------------------
+
+CUDA_PATH_PROVIDERS = ("pyfastattn fused", "pyfastattn cublas")
+
+
+def _class_bounds(values: list[int]) -> list[int]:
+    """Upper bounds of one class per measured value: up to the geometric mean
+    with the next value; -1 (unbounded) for the last."""
+    v = sorted(set(values))
+    return [int(math.sqrt(a * b)) for a, b in zip(v, v[1:])] + [-1]
+
+
+def dispatch_rules(rows: list[dict], dtype: str = "bfloat16") -> list[dict]:
+    """One rule per measured (gated, tokens, d_model) of ``dtype``: the path
+    with the lower median forward time, and the one with the lower median
+    backward time (fwd+bwd minus fwd of the same path). Ordered so that the
+    first rule matching a call is its class."""
+    t = {
+        (r["gated"], r["tokens"], r["d_model"], r["pass"], r["provider"]): r["p50_ms"]
+        for r in rows
+        if r["dtype"] == dtype and r["status"] == "ok" and r["provider"] in CUDA_PATH_PROVIDERS
+    }
+    rules = []
+    for gated in (False, True):
+        toks = sorted({k[1] for k in t if k[0] == gated})
+        dims = sorted({k[2] for k in t if k[0] == gated})
+        for tok, tb in zip(toks, _class_bounds(toks)):
+            for dm, db in zip(dims, _class_bounds(dims)):
+                ms = {}
+                for prov in CUDA_PATH_PROVIDERS:
+                    f, fb = t.get((gated, tok, dm, "fwd", prov)), t.get((gated, tok, dm, "fwd+bwd", prov))
+                    if f is not None and fb is not None:
+                        ms[prov.split()[-1]] = {"fwd_ms": round(f, 4), "bwd_ms": round(fb - f, 4)}
+                if len(ms) != 2:
+                    continue  # a path failed or was not measured: no rule, the default applies
+                rules.append(
+                    dict(
+                        gated=gated,
+                        max_tokens=tb,
+                        max_d_model=db,
+                        fwd=min(ms, key=lambda p: ms[p]["fwd_ms"]),
+                        bwd=min(ms, key=lambda p: ms[p]["bwd_ms"]),
+                        measured=f"T{tok} D{dm} {dtype}",
+                        ms=ms,
+                    )
+                )
+    return rules
+
+
+def write_dispatch(path: str, rows: list[dict], command: str) -> None:
+    """Adds this device's rules to the table file at ``path`` (the format of
+    pyfastattn/ffn_cuda_dispatch.py), keeping other devices' entries."""
+    import pprint
+
+    from pyfastattn.ffn_cuda_dispatch import TABLE
+
+    table = dict(TABLE)
+    if os.path.exists(path):
+        ns: dict = {}
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), ns)  # our own generated file
+        table.update(ns.get("TABLE", {}))
+    table[torch.cuda.get_device_name()] = {
+        "command": command,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "rules": dispatch_rules(rows),
+    }
+    doc = _ffn_cuda_dispatch_doc()
+    with open(path, "w") as f:
+        f.write(doc + "\nTABLE: dict = " + pprint.pformat(table, width=110, sort_dicts=False) + "\n")
+
+
+def _ffn_cuda_dispatch_doc() -> str:
+    import pyfastattn.ffn_cuda_dispatch as m
+
+    return '"""' + m.__doc__ + '"""\n'
+
+
 def print_table(rows: list[dict]) -> None:
     bench_common.print_table(rows, COLUMNS)
 
@@ -432,18 +528,38 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default=None, help="comma list replacing 16,512,8192")
     ap.add_argument("--dmodel", default=None, help="comma list replacing 1024,4096")
     ap.add_argument("--out", default=None, help="directory for ffn_results.csv")
+    ap.add_argument(
+        "--write-dispatch",
+        default=None,
+        metavar="PATH",
+        help="CUDA: time both CUDA paths and write the dispatch table to PATH "
+        "(e.g. pyfastattn/ffn_cuda_dispatch.py); times only the two paths and eager",
+    )
     args = ap.parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     threads = args.threads or torch.get_num_threads()
     dtypes = (args.dtype or ("float32,bfloat16" if device == "cpu" else "bfloat16,float16")).split(",")
     t0 = time.time()
     ints = lambda v: [int(t) for t in v.split(",")] if v else None  # noqa: E731
+    if args.write_dispatch and device != "cuda":
+        ap.error("--write-dispatch needs --device cuda")
     rows = run(
-        device, [d.strip() for d in dtypes], not args.full, threads, ints(args.tokens), ints(args.dmodel)
+        device,
+        [d.strip() for d in dtypes],
+        not args.full,
+        threads,
+        ints(args.tokens),
+        ints(args.dmodel),
+        dispatch_only=bool(args.write_dispatch),
     )
     dev = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {threads} threads"
     print(f"\nffn benchmark: {dev}; torch {torch.__version__}; {time.time() - t0:.0f} s")
     print_table(rows)
+    if args.write_dispatch:
+        write_dispatch(
+            args.write_dispatch, rows, "python benchmarks/ffn_bench.py " + " ".join(argv or sys.argv[1:])
+        )
+        print(f"dispatch table for {dev} written to {args.write_dispatch}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         bench_common.write_csv(os.path.join(args.out, "ffn_results.csv"), rows, FIELDS)

@@ -33,8 +33,8 @@ results.csv (every row), summary.csv (pyfastattn against the fastest baseline
 per shape), results.md (the report, with the command line), and one PNG per
 suite and dtype (needs matplotlib; skipped with a note when it is missing).
 The CSV, summary and markdown are rewritten after every step, so a run cut off
-by an outer timeout still leaves what it measured; --budget-s (default 180 s
-for --quick on CUDA, where scripts/gpu_check.sh allows 240 s) stops starting
+by an outer timeout still leaves what it measured; --budget-s (default 140 s
+for --quick on CUDA, where scripts/gpu_check.sh allows 200 s) stops starting
 new steps once spent, and their rows say so.
 Exit status 1 when any provider FAILs.
 """
@@ -502,7 +502,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: benchmarks/results/<device>/<quick|full>-<suite>")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new steps after this many seconds (their rows say so); "
-                    "default 180 for --quick on CUDA, else none")  # fmt: skip
+                    "default 140 for --quick on CUDA, else none (0: none)")  # fmt: skip
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -545,7 +545,7 @@ def main(argv=None) -> int:
             device, quick, ints(args.seqlens), ints(args.headdims), su == "attention", su == "attention-bwd"
         )
     ]
-    budget_s = args.budget_s if args.budget_s is not None else (180.0 if quick and device == "cuda" else 0.0)
+    budget_s = args.budget_s if args.budget_s is not None else (140.0 if quick and device == "cuda" else 0.0)
     prog = bc.Progress(len(dtypes) + 1 + len(jobs) + ("ffn" in suites) + 1)
     ceilings = {}
     for dt in dtypes:

@@ -96,31 +96,16 @@ if AVAILABLE:
         max_q, max_k, scale, softcap, wl, wr, br = ctx.args
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
+        grads = None
         if has_kernel("attention_bwd", q.device.type):
-            dq, dk, dv = torch.ops.pyfastattn.attention_bwd(
-                dout,
-                q,
-                k,
-                v,
-                out,
-                lse,
-                attn_mask,
-                cu_q,
-                cu_k,
-                used,
-                max_q,
-                max_k,
-                scale,
-                softcap,
-                wl,
-                wr,
-                br,
-                torch.are_deterministic_algorithms_enabled(),
-            )
+            grads = _kernel_backward(dout, q, k, v, out, lse, attn_mask, cu_q, cu_k, used, ctx.args)
+        if grads is not None:
+            dq, dk, dv = grads
         else:
-            # No backward kernel on this device yet: recompute through the
-            # reference (same canonical semantics), as a vjp so torch.compile
-            # can trace it.
+            # No backward kernel on this device, or the CUDA kernel declines
+            # this case (e.g. too little shared memory for d = 256 on a GPU
+            # with 99 KB per block): recompute through the reference (same
+            # canonical semantics), as a vjp so torch.compile can trace it.
             def f(q_, k_, v_):
                 return reference.attention(
                     q_,
@@ -140,6 +125,39 @@ if AVAILABLE:
             _, vjp = torch.func.vjp(f, q, k, v)
             dq, dk, dv = vjp(dout)
         return (dq, dk, dv) + (None,) * 11
+
+    def _kernel_backward(dout, q, k, v, out, lse, attn_mask, cu_q, cu_k, used, args):
+        """The compiled backward, or ``None`` when the CUDA kernel declines the case."""
+        max_q, max_k, scale, softcap, wl, wr, br = args
+        try:
+            return torch.ops.pyfastattn.attention_bwd(
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                attn_mask,
+                cu_q,
+                cu_k,
+                used,
+                max_q,
+                max_k,
+                scale,
+                softcap,
+                wl,
+                wr,
+                br,
+                torch.are_deterministic_algorithms_enabled(),
+            )
+        except RuntimeError as e:
+            from . import _backend  # here: _backend imports nothing of ours, but keep _ops light
+
+            declined = q.device.type == "cuda" and "does not support this case" in str(e)
+            if not declined or _backend.get_backend() == "kernel":  # the backend rule: kernel raises
+                raise
+            _backend.note_fallback(str(e).split(": ", 1)[-1])
+            return None
 
     torch.library.register_autograd(
         "pyfastattn::attention_fwd", _fwd_backward, setup_context=_fwd_setup_context

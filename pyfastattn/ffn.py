@@ -30,17 +30,25 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _ops, reference
+from . import _backend, _ffn_cuda, _ops, reference  # noqa: F401  (_ffn_cuda: loads the CUDA dispatch table)
 
 __all__ = ["feed_forward", "gated_feed_forward", "ffn_unsupported_reason", "ACTIVATIONS"]
 
 ACTIVATIONS: tuple[str, ...] = tuple(reference.ACTIVATIONS)  # gelu (erf), gelu_tanh, relu, silu
 
-# Storage dtypes with a fused kernel, per device type (compute is fp32).
+# Storage dtypes with a fused kernel, per device type (compute is fp32). CUDA:
+# fp16/bf16 on our fused GEMMs or cuBLAS + the fused elementwise kernel
+# (pyfastattn/_ffn_cuda.py), fp32 on the latter only.
 _KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float16, torch.bfloat16),
-    "cuda": (torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
+
+
+# Devices (by CUDA capability) on which the CUDA FFN passed scripts/gpu_check.sh.
+# Until a device is listed, backend "auto" uses the reference there and backend
+# "kernel" runs the unverified kernels on request.
+FFN_CUDA_VERIFIED_CAPABILITIES: tuple[tuple[int, int], ...] = ()
 
 
 def _op_has_kernel(op: str, key: str) -> bool:
@@ -126,10 +134,10 @@ if _OPS_DEFINED:
 def ffn_unsupported_reason(x: torch.Tensor, mode: str | None = None) -> str | None:
     """Why the fused FFN kernel can't run for input ``x`` (``None`` when it can).
 
-    ``mode`` is the backend (default: the current one); the answer does not
-    depend on it today, the argument mirrors ``kernel_unsupported_reason``.
+    ``mode`` is the backend (default: the current one). It matters on CUDA
+    only: under ``auto`` the CUDA FFN runs only on devices listed in
+    ``FFN_CUDA_VERIFIED_CAPABILITIES``, as the CUDA attention kernel does.
     """
-    del mode
     if not _ops.AVAILABLE:
         return f"the compiled extension pyfastattn._C could not be imported ({_ops.EXTENSION_ERROR})"
     dev = x.device.type
@@ -137,6 +145,16 @@ def ffn_unsupported_reason(x: torch.Tensor, mode: str | None = None) -> str | No
         return f"there is no fused FFN kernel for device type {dev!r}"
     if x.dtype not in _KERNEL_DTYPES[dev]:
         return f"the {dev.upper()} FFN kernel has no {x.dtype} variant (supported: {_KERNEL_DTYPES[dev]})"
+    if dev == "cuda":
+        cap = torch.cuda.get_device_capability(x.device)
+        if cap < (8, 0):
+            return f"the CUDA FFN kernels need compute capability >= 8.0, got {cap[0]}.{cap[1]}"
+        mode = _backend.get_backend() if mode is None else mode
+        if mode == "auto" and cap not in FFN_CUDA_VERIFIED_CAPABILITIES:
+            return (
+                f"the CUDA FFN kernels are not yet verified on hardware of capability {cap[0]}.{cap[1]} "
+                "(use backend 'kernel' to run them anyway)"
+            )
     return None
 
 

@@ -95,11 +95,8 @@ def _run(
     """Canonical form in, ``(out, lse)`` out, through the chosen backend."""
     mode = _backend.get_backend()
     reason = None if mode == "reference" else kernel_unsupported_reason(q, v, attn_mask, dropout_p, mode)
-    if mode == "reference" or reason is not None:
-        if mode == "kernel":
-            raise RuntimeError(f"pyfastattn backend 'kernel' cannot run this call: {reason}")
-        if reason is not None and not _is_compiling():
-            _backend.note_fallback(reason)
+
+    def run_reference() -> tuple[torch.Tensor, torch.Tensor]:
         return reference.attention(
             q,
             k,
@@ -115,23 +112,29 @@ def _run(
             bottom_right=bottom_right,
             dropout_p=dropout_p,
         )
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return torch.ops.pyfastattn.attention_fwd(
-        q,
-        k,
-        v,
-        attn_mask,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        seqused_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        scale,
-        softcap,
-        window_left,
-        window_right,
-        bottom_right,
-    )
+
+    if mode == "reference" or reason is not None:
+        if mode == "kernel":
+            raise RuntimeError(f"pyfastattn backend 'kernel' cannot run this call: {reason}")
+        if reason is not None and not _is_compiling():
+            _backend.note_fallback(reason)
+        return run_reference()
+    qk, kk, vk = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    args = (qk, kk, vk, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+            scale, softcap, window_left, window_right, bottom_right)  # fmt: skip
+    if mode == "kernel" or q.device.type != "cuda" or _is_compiling():
+        return torch.ops.pyfastattn.attention_fwd(*args)
+    # auto on CUDA: the kernel itself declines what only the device can tell
+    # (shared memory per block, a kernel image for this GPU) with "does not
+    # support this case: <reason>"; that falls back like the checks above, as
+    # the backward does (_ops._kernel_backward). Any other error propagates.
+    try:
+        return torch.ops.pyfastattn.attention_fwd(*args)
+    except RuntimeError as e:
+        if "does not support this case" not in str(e):
+            raise
+        _backend.note_fallback(str(e).split("does not support this case: ", 1)[-1])
+        return run_reference()
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 # Compile every kernel .cu alone with nvcc for each target arch and fail on any
 # register spill or stack frame; where cuobjdump is available, also check that
 # the attention kernels' SASS has the instructions we meant (HMMA tensor-core
-# MMA, LDSM ldmatrix, LDGSTS cp.async) and no local-memory traffic (LDL/STL).
+# MMA, LDSM ldmatrix, LDGSTS cp.async; the backward also RED.E.ADD.F32 for its
+# dQ accumulation) and no local-memory traffic (LDL/STL).
 #
 # usage: scripts/check_cuda_compile.sh [LOGDIR]     (CUDA_HOME or /usr/local/cuda)
 set -euo pipefail
@@ -65,12 +66,34 @@ CUOBJDUMP="$(find_tool cuobjdump)"
 NVDISASM="$(find_tool nvdisasm)"
 [ -n "$NVDISASM" ] && export PATH="$(dirname "$NVDISASM"):$PATH"
 if [ -n "$CUOBJDUMP" ]; then
-  for o in "$LOGDIR"/attention_fwd_hdim*.o; do
+  for o in "$LOGDIR"/attention_fwd_hdim*.o "$LOGDIR"/attention_bwd_hdim*.o; do
     [ -e "$o" ] || continue
     if ! sass="$("$CUOBJDUMP" --dump-sass "$o" 2>&1)"; then
       echo "FAIL cuobjdump on $(basename "$o"): $sass" | head -3; fail=1; continue
     fi
     for ins in HMMA LDSM LDGSTS; do
+      if ! grep -q "$ins" <<< "$sass"; then echo "FAIL $(basename "$o"): no $ins in SASS"; fail=1; fi
+    done
+    # The backward adds dQ into its fp32 accumulator with RED (REDG on sm_90).
+    case "$o" in *attention_bwd_*)
+      if ! grep -qE "\bREDG?\.E\.ADD\.F32" <<< "$sass"; then
+        echo "FAIL $(basename "$o"): no RED.E.ADD.F32 (dQ atomics) in SASS"; fail=1; fi ;;
+    esac
+    if grep -qE "\b(LDL|STL)\b" <<< "$sass"; then echo "FAIL $(basename "$o"): local memory (LDL/STL) in SASS"; fail=1; fi
+  done
+  # FFN: the GEMMs need the tensor-core path (HMMA, LDSM, LDGSTS); the
+  # elementwise kernels 16-byte global accesses (LDG.E.128 / STG.E.128); none
+  # of them local memory.
+  for o in "$LOGDIR"/ffn_gemm_fwd_*.o "$LOGDIR"/ffn_gemm_bwd_*.o "$LOGDIR"/ffn_elementwise.o; do
+    [ -e "$o" ] || continue
+    if ! sass="$("$CUOBJDUMP" --dump-sass "$o" 2>&1)"; then
+      echo "FAIL cuobjdump on $(basename "$o"): $sass" | head -3; fail=1; continue
+    fi
+    case "$(basename "$o")" in
+      ffn_gemm_*) want="HMMA LDSM LDGSTS" ;;
+      *) want="LDG.E.128 STG.E.128" ;;
+    esac
+    for ins in $want; do
       if ! grep -q "$ins" <<< "$sass"; then echo "FAIL $(basename "$o"): no $ins in SASS"; fail=1; fi
     done
     if grep -qE "\b(LDL|STL)\b" <<< "$sass"; then echo "FAIL $(basename "$o"): local memory (LDL/STL) in SASS"; fail=1; fi

@@ -148,6 +148,11 @@ HOSTILE_OP_CALLS = {
         "op(q, k, v, None, cu(0, 8, 2), cu(0, 4, 10), None, 10, 10, 0.25, 0.0, -1, -1, True)",
         "non-decreasing",
     ),
+    "max_seqlen_near_int32_max": (  # ceil-divs over it would wrap to a negative block count
+        "q, k, v = (torch.randn(10, 2, 16) for _ in range(3))\n"
+        "op(q, k, v, None, cu(0, 4, 10), cu(0, 4, 10), None, 10, 2**31 - 100, 0.25, 0.0, -1, -1, True)",
+        "must be at most 2147418111",
+    ),
     "max_seqlen_too_small": (
         "q, k, v = (torch.randn(10, 2, 16) for _ in range(3))\n"
         "op(q, k, v, None, cu(0, 4, 10), cu(0, 4, 10), None, 2, 10, 0.25, 0.0, -1, -1, True)",

@@ -79,3 +79,41 @@ def test_cuda_head_dims_including_padded(d):
     base = naive_attention(q, k, v, scale=d**-0.5, window_right=0, bottom_right=True)
     assert_tolerance(f"d{d}", out, ref, base, q.dtype)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+
+
+def test_cuda_declines_what_the_device_cannot_hold(monkeypatch):
+    """The per-device shared-memory check, on any GPU: capped at 99 KB (sm_86 /
+    sm_89) through PYFASTATTN_TEST_SMEM_LIMIT, the d = 256 backward (149 KB) is
+    declined before launch -- a RuntimeError that says why under "kernel", the
+    reference's gradients and one warning under "auto" -- while its forward
+    (64 KB) still runs the kernel. Capped at 40000 bytes, the d = 128 forward
+    (48 KB) is declined too, and "auto" falls back to the reference."""
+    monkeypatch.setenv("PYFASTATTN_TEST_SMEM_LIMIT", str(99 * 1024))
+    cap = torch.cuda.get_device_capability()
+    monkeypatch.setattr(pyfastattn.functional, "CUDA_VERIFIED_CAPABILITIES", (cap,))
+    q, k, v = (
+        t.requires_grad_() for t in make_qkv(1, 33, 40, 2, 1, 256, dtype=torch.bfloat16, device="cuda")
+    )
+    dout = torch.randn_like(q)
+    with pyfastattn.backend("kernel"):
+        out = pyfastattn.attention(q, k, v, causal=True)
+        with pytest.raises(RuntimeError, match="does not support this case.*shared memory"):
+            torch.autograd.grad(out, (q, k, v), dout)
+    pyfastattn._backend._warned.clear()
+    with pytest.warns(UserWarning, match="shared memory"):
+        out = pyfastattn.attention(q, k, v, causal=True)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref_out, _ = reference.attention(qf, kf, vf, window_right=0, bottom_right=True)
+    for got, want in zip(grads, torch.autograd.grad(ref_out, (qf, kf, vf), dout.float())):
+        torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+
+    monkeypatch.setenv("PYFASTATTN_TEST_SMEM_LIMIT", "40000")
+    q, k, v = make_qkv(1, 33, 40, 2, 1, 128, dtype=torch.bfloat16, device="cuda")
+    with pyfastattn.backend("kernel"), pytest.raises(RuntimeError, match="shared memory"):
+        pyfastattn.attention(q, k, v)
+    pyfastattn._backend._warned.clear()
+    with pytest.warns(UserWarning, match="shared memory"):
+        out = pyfastattn.attention(q, k, v)
+    ref, _ = reference.attention(q.float(), k.float(), v.float(), bottom_right=True)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

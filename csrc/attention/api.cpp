@@ -156,8 +156,16 @@ AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
     }
   }
   s.has_seqused_k = seqused_k.has_value();
-  TORCH_CHECK_VALUE(s.seqlen_q < INT32_MAX && s.seqlen_k < INT32_MAX && s.batch < INT32_MAX,
-                    "sequence lengths and batch must fit in int32");
+  // The kernels index rows of one sequence in int32 and form sums like
+  // `key block start + block size - 1` (a ceil-div over len_k): lengths stay a
+  // block-size margin below 2^31 so that none of those sums can wrap into a
+  // negative block count (a silent all-zero output), whatever the tile size.
+  constexpr int64_t kMaxSeqlen = INT32_MAX - 65536;
+  TORCH_CHECK_VALUE(s.seqlen_q <= kMaxSeqlen && s.seqlen_k <= kMaxSeqlen,
+                    "sequence lengths (max_seqlen for cu_seqlens) must be at most ", kMaxSeqlen,
+                    ", got ", s.seqlen_q, " and ", s.seqlen_k);
+  TORCH_CHECK_VALUE(s.batch < INT32_MAX && s.heads < INT32_MAX,
+                    "batch and heads must fit in int32, got ", s.batch, " and ", s.heads);
   return s;
 }
 

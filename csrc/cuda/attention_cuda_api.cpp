@@ -2,9 +2,9 @@
 // stream, layout fix-ups the kernel needs, launch check. The kernels
 // themselves (csrc/cuda/attention/*.cu) include no torch headers.
 //
-// attention_bwd has no CUDA kernel yet: it is not registered for CUDA, and
-// pyfastattn/_ops.py computes the CUDA backward by recomputation through the
-// reference path (pyfastattn.kernel_support() reports this).
+// attention_bwd_cuda does the same for the backward and allocates its fp32
+// workspace (per-row lse * log2(e) and D, the dQ accumulator, and in
+// deterministic mode the per-query-block semaphores).
 // c10/cuda headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS and cuSPARSE
 // headers, which a CUDA toolkit without those libraries (seen on the build
 // machine) lacks, and which this file does not need.
@@ -15,7 +15,9 @@
 #include <torch/library.h>
 
 #include "../attention/api.h"
+#include "attention/attention_bwd.h"
 #include "attention/attention_fwd.h"
+#include "launch_check.h"
 
 namespace pyfastattn {
 namespace {
@@ -34,6 +36,10 @@ at::Tensor kernel_layout(const at::Tensor& t, int64_t padded_dim) {
 }
 
 int64_t round_up8(int64_t x) { return (x + 7) / 8 * 8; }
+
+const char* dtype_name(DType t) {
+  return t == DType::kFloat16 ? "float16" : t == DType::kBFloat16 ? "bfloat16" : "float32";
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -64,15 +70,97 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   TORCH_CHECK(reason == nullptr, "pyfastattn CUDA attention kernel does not support this case: ",
               reason);
   if (out.numel() > 0 || lse.numel() > 0) {
-    C10_CUDA_CHECK(cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream()));
+    check_launch(cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream()),
+                 "attention_fwd_kernel (", dtype_name(p.dtype), ", head_dim ", p.head_dim,
+                 ", batch ", p.batch, ", heads ", p.num_heads, ", seqlen_q ", p.seqlen_q,
+                 ", seqlen_k ", p.seqlen_k, p.mask_kind != MaskKind::kNone ? ", attn_mask" : "",
+                 ")");
   }
   // Contiguous, so the output's strides match the fake (meta) implementation.
   if (dpad != s.head_dim) out = out.narrow(-1, 0, s.head_dim).contiguous();
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double scale, double softcap, int64_t window_left, int64_t window_right, bool bottom_right,
+    bool deterministic) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const AttentionShape s = check_attention_inputs(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k,
+                                                  seqused_k, max_seqlen_q, max_seqlen_k);
+  check_bwd_inputs(s, q, dout, out, lse);
+  TORCH_CHECK_VALUE(s.head_dim == s.head_dim_v,
+                    "CUDA attention kernel: v.shape[-1] must equal q.shape[-1] (", s.head_dim,
+                    "), got ", s.head_dim_v);
+  const int64_t dpad = round_up8(s.head_dim);
+  const at::Tensor qk = kernel_layout(q, dpad), kk = kernel_layout(k, dpad),
+                   vk = kernel_layout(v, dpad), ok = kernel_layout(out, dpad),
+                   dok = kernel_layout(dout, dpad);
+  AttentionShape sk = s;
+  sk.head_dim = sk.head_dim_v = dpad;
+  auto [dq, dk, dv] = empty_bwd_outputs(qk, kk, vk, sk);
+  cuda::AttentionBwdKernelParams p{};
+  fill_fwd_params(p, sk, qk, kk, vk, ok, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                  scale, softcap, window_left, window_right, bottom_right);
+  fill_bwd_grads(p, dok, dq, dk, dv, deterministic);
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  const char* reason = cuda::attention_bwd_unsupported_reason(p, major * 10 + minor);
+  TORCH_CHECK(reason == nullptr, "pyfastattn CUDA attention kernel does not support this case: ",
+              reason);
+
+  // Workspace, one allocation: [lse_log2 | dsum] per query row and head, then
+  // (from a multiple of 4 floats: 16-byte aligned) the fp32 dQ accumulator
+  // laid out like dq, [rows, hq, dpad] contiguous.
+  const int64_t rows = s.varlen ? s.total_q : s.batch * s.seqlen_q;
+  const int64_t stat = rows * s.heads;
+  const int64_t acc_offset = (2 * stat + 3) / 4 * 4;
+  const at::Tensor ws =
+      at::empty({acc_offset + rows * s.heads * dpad}, q.options().dtype(at::kFloat));
+  p.lse_log2 = ws.data_ptr<float>();
+  p.dsum = p.lse_log2 + stat;
+  p.ws_head_stride = s.varlen ? s.total_q : s.seqlen_q;
+  p.ws_batch_stride = s.varlen ? 0 : s.heads * s.seqlen_q;
+  p.dq_accum = p.lse_log2 + acc_offset;
+  p.dqa_head_stride = dpad;
+  p.dqa_row_stride = s.heads * dpad;
+  p.dqa_batch_stride = s.varlen ? 0 : s.seqlen_q * s.heads * dpad;
+  at::Tensor sem;
+  p.m_blocks = 0;
+  p.dq_semaphore = nullptr;
+  if (deterministic) {
+    const int block_m = cuda::attention_bwd_block_m(p);
+    p.m_blocks = static_cast<int32_t>((s.seqlen_q + block_m - 1) / block_m);
+    sem = at::zeros({std::max<int64_t>(1, s.batch * s.heads * p.m_blocks)},
+                    q.options().dtype(at::kInt));
+    p.dq_semaphore = sem.data_ptr<int32_t>();
+  }
+  if (dq.numel() > 0 || dk.numel() > 0) {
+    const char* failed = "attention_bwd";
+    check_launch(
+        cuda::attention_bwd(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream(), &failed),
+        failed, " (", dtype_name(p.dtype), ", head_dim ", p.head_dim, ", batch ", p.batch,
+        ", heads ", p.num_heads, "/", p.num_heads_k, ", seqlen_q ", p.seqlen_q, ", seqlen_k ",
+        p.seqlen_k, p.mask_kind != MaskKind::kNone ? ", attn_mask" : "",
+        deterministic ? ", deterministic" : "", ")");
+  }
+  if (dpad != s.head_dim) {
+    dq = dq.narrow(-1, 0, s.head_dim).contiguous();
+    dk = dk.narrow(-1, 0, s.head_dim).contiguous();
+    dv = dv.narrow(-1, 0, s.head_dim).contiguous();
+  }
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyfastattn, CUDA, m) { m.impl("attention_fwd", &attention_fwd_cuda); }
+TORCH_LIBRARY_IMPL(pyfastattn, CUDA, m) {
+  m.impl("attention_fwd", &attention_fwd_cuda);
+  m.impl("attention_bwd", &attention_bwd_cuda);
+}
 
 }  // namespace pyfastattn

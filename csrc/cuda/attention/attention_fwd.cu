@@ -4,6 +4,7 @@
 #include "attention_fwd.h"
 
 #include "attention_fwd_launch.h"
+#include "device_limits.h"
 #include "static_switch.h"
 
 namespace pyfastattn {
@@ -42,14 +43,9 @@ const char* attention_fwd_unsupported_reason(const AttentionFwdParams& p, int sm
 
   // The current device must have the shared memory and a kernel image for
   // this build (sm_80 SASS runs on sm_80..89, sm_90a SASS on sm_90 only).
-  int device = 0;
   int smem_optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-          cudaSuccess) {
-    (void)cudaGetLastError();  // clear the non-sticky error of the failed query
+  if (attention::smem_per_block_limit(&smem_optin) != cudaSuccess)
     return "the CUDA attention forward could not query the current CUDA device";
-  }
   const bool with_mask = p.mask_kind != MaskKind::kNone;
   const int smem =
       with_variant(p, [&](auto variant) { return decltype(variant)::smem_bytes(with_mask); });

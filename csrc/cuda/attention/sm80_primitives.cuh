@@ -62,6 +62,12 @@ PFA_ATTN_DEVICE uint32_t ld_shared_u16(uint32_t addr) {
   return v;
 }
 
+PFA_ATTN_DEVICE float ld_shared_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+  return v;
+}
+
 PFA_ATTN_DEVICE uint4 ld_shared_v4(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -109,6 +115,43 @@ PFA_ATTN_DEVICE void st_global_v4(void* ptr, uint4 value) {
                : "memory");
 }
 PFA_ATTN_DEVICE void st_global_f32(float* ptr, float value) { *ptr = value; }
+
+// One 16-byte load through the read-only (non-coherent) path: for inputs no
+// thread of the kernel writes.
+PFA_ATTN_DEVICE uint4 ld_global_nc_v4(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+// ---- global atomics and inter-CTA ordering ---------------------------------
+
+// *ptr += value at L2 (RED.E.ADD.F32), no result returned. The order in which
+// different threads' adds land is unspecified: fp32 sums are then not
+// bit-reproducible unless the caller orders them (see spin_wait_equal).
+PFA_ATTN_DEVICE void red_add_f32(float* ptr, float value) {
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(ptr), "f"(value) : "memory");
+}
+
+// Spins until *ptr == value, reading with acquire semantics at GPU scope, so
+// that everything the releasing CTA wrote before its release is visible.
+PFA_ATTN_DEVICE void spin_wait_equal(const int32_t* ptr, int32_t value) {
+  int32_t v;
+  do {
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
+  } while (v != value);
+}
+
+// Orders this thread's earlier global writes and atomics before its later
+// ones as seen by the whole GPU (MEMBAR.GPU).
+PFA_ATTN_DEVICE void fence_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+
+// *ptr += value with release semantics at GPU scope (signals spin_wait_equal).
+PFA_ATTN_DEVICE void red_release_add_s32(int32_t* ptr, int32_t value) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(ptr), "r"(value) : "memory");
+}
 
 // ---- tensor cores -----------------------------------------------------------
 
@@ -180,6 +223,9 @@ template <>
 PFA_ATTN_DEVICE float bits_to_float<__nv_bfloat16>(uint32_t bits) {
   return __uint_as_float(bits << 16);
 }
+
+// The float whose bit pattern is `bits`.
+PFA_ATTN_DEVICE float u32_as_float(uint32_t bits) { return __uint_as_float(bits); }
 
 // ---- special functions ------------------------------------------------------
 

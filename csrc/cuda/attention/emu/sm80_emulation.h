@@ -133,6 +133,7 @@ struct Stats {
   uint64_t cp_async_16 = 0;
   uint64_t lds128 = 0, lds128_extra_wavefronts = 0;
   uint64_t mma = 0, ctas = 0;
+  uint64_t red_f32 = 0, turn_waits = 0;
 };
 
 struct Runtime {
@@ -431,6 +432,13 @@ inline uint32_t ld_shared_u16(uint32_t addr) {
   return emu::smem_u16(addr);
 }
 
+inline float ld_shared_f32(uint32_t addr) {
+  emu::check_read(addr, 4, 4, false, "ld.shared.f32 out of bounds or misaligned");
+  float v;
+  std::memcpy(&v, &emu::rt().smem[addr], 4);
+  return v;
+}
+
 inline uint4 ld_shared_v4(uint32_t addr) {
   const uint32_t in[1] = {addr};
   const emu::Slot* s = emu::warp_gather(2, in, 1);
@@ -502,6 +510,41 @@ inline void st_global_v4(void* ptr, uint4 value) {
 inline void st_global_f32(float* ptr, float value) {
   emu::check_global(ptr, 4, true, "fp32 global store outside the outputs");
   *ptr = value;
+}
+
+inline uint4 ld_global_nc_v4(const void* ptr) {
+  emu::check_global(ptr, 16, false, "16-byte global load outside the inputs");
+  if (reinterpret_cast<uintptr_t>(ptr) % 16) emu::fatal("16-byte global load misaligned", emu::my_tid());
+  uint4 v;
+  std::memcpy(&v, ptr, 16);
+  return v;
+}
+
+inline void red_add_f32(float* ptr, float value) {
+  emu::check_global(ptr, 4, true, "red.global.add.f32 outside the outputs");
+  if (reinterpret_cast<uintptr_t>(ptr) % 4) emu::fatal("red.global.add.f32 misaligned", emu::my_tid());
+  ++emu::rt().stats.red_f32;
+  *ptr += value;
+}
+
+// CTAs run one after another here, in the hardware's dispatch order (x
+// fastest), so a wait that is not already satisfied would never end: on the
+// GPU it would wait for a CTA dispatched later, or for one that never
+// releases. Either is a bug, reported here instead of hanging.
+inline void spin_wait_equal(const int32_t* ptr, int32_t value) {
+  emu::check_global(ptr, 4, false, "spin_wait_equal reads outside the registered memory");
+  ++emu::rt().stats.turn_waits;
+  if (*ptr != value)
+    emu::fatal("spin_wait_equal: the awaited value is never released by an earlier CTA",
+               emu::my_tid(), static_cast<uint64_t>(static_cast<uint32_t>(*ptr)) << 32 |
+                                  static_cast<uint32_t>(value));
+}
+
+inline void fence_gpu() {}
+
+inline void red_release_add_s32(int32_t* ptr, int32_t value) {
+  emu::check_global(ptr, 4, true, "red.release.add.s32 outside the outputs");
+  *ptr += value;
 }
 
 // ldmatrix.x4: lanes 8m..8m+7 give the row addresses of 8x8 matrix m.
@@ -592,6 +635,12 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
     for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
     d[i] = acc;
   }
+}
+
+inline float u32_as_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
 inline float fast_exp2(float x) { return std::exp2(x); }

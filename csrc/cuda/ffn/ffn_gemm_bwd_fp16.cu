@@ -1,0 +1,13 @@
+// The FFN backward dH GEMM (kBwdAct, plain and gated) for fp16.
+#include "ffn_gemm_launch_template.h"
+
+namespace pyfastattn {
+namespace cuda {
+namespace ffn {
+
+template cudaError_t launch_ffn_gemm<__half, GemmEpilogue::kBwdAct, false>(const FfnGemmParams&, cudaStream_t);
+template cudaError_t launch_ffn_gemm<__half, GemmEpilogue::kBwdAct, true>(const FfnGemmParams&, cudaStream_t);
+
+}  // namespace ffn
+}  // namespace cuda
+}  // namespace pyfastattn

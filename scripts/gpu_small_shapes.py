@@ -1,0 +1,68 @@
+"""Every CUDA kernel once on small, odd shapes: the workload that
+scripts/gpu_check.sh runs under compute-sanitizer (memcheck, synccheck,
+racecheck).
+
+Attention forward and backward (atomic and deterministic dQ paths, GQA, a
+broadcast bool mask, window + softcap, varlen with an empty sequence), and the
+FFN (fused GEMM path and cuBLAS path, plain and gated, forward and backward),
+all through the public API with the backend forced to the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import pyfastattn
+
+
+def attention_shapes(dt: torch.dtype) -> None:
+    for b, sq, sk, h, hk, d in ((2, 17, 33, 4, 2, 64), (1, 65, 1, 2, 2, 128), (1, 3, 130, 2, 1, 256), (2, 129, 77, 2, 2, 40)):
+        q = torch.randn(b, sq, h, d, device="cuda", dtype=dt, requires_grad=True)
+        k = torch.randn(b, sk, hk, d, device="cuda", dtype=dt, requires_grad=True)
+        v = torch.randn(b, sk, hk, d, device="cuda", dtype=dt, requires_grad=True)
+        pyfastattn.attention(q, k, v, causal=True).sum().backward()
+        pyfastattn.attention(q, k, v, window_size=(5, 3), softcap=4.0).sum().backward()
+        torch.use_deterministic_algorithms(True)  # the backward's turn-taking dQ path
+        try:
+            pyfastattn.attention(q, k, v, causal=True).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        m = torch.rand(b, 1, sq, sk, device="cuda") > 0.3
+        pyfastattn.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, enable_gqa=True
+        ).sum().backward()
+    cu = torch.tensor([0, 5, 5, 40], dtype=torch.int32, device="cuda")
+    qp = torch.randn(40, 4, 64, device="cuda", dtype=dt, requires_grad=True)
+    pyfastattn.attention(
+        qp, qp[:, :2], qp[:, :2], causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=35, max_seqlen_k=35
+    ).sum().backward()
+
+
+def ffn_shapes(dt: torch.dtype) -> None:
+    from pyfastattn import _ffn_cuda
+
+    for path in ("fused", "cublas"):
+        with _ffn_cuda.force_path(path):
+            for tokens, d_model, d_ff in ((7, 96, 256), (130, 64, 200)):
+                x = torch.randn(tokens, d_model, device="cuda", dtype=dt, requires_grad=True)
+                w1 = (torch.randn(d_ff, d_model, device="cuda", dtype=dt) * 0.1).requires_grad_()
+                w3 = (torch.randn(d_ff, d_model, device="cuda", dtype=dt) * 0.1).requires_grad_()
+                w2 = (torch.randn(d_model, d_ff, device="cuda", dtype=dt) * 0.1).requires_grad_()
+                b1 = torch.randn(d_ff, device="cuda", dtype=dt, requires_grad=True)
+                pyfastattn.feed_forward(x, w1, b1, w2, activation="gelu").sum().backward()
+                for recompute in (False, True):
+                    pyfastattn.gated_feed_forward(x, w1, w3, w2, activation="silu", recompute=recompute).sum().backward()
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    with pyfastattn.backend("kernel"):
+        for dt in (torch.float16, torch.bfloat16):
+            attention_shapes(dt)
+            ffn_shapes(dt)
+    torch.cuda.synchronize()
+    print("small shapes ok")
+
+
+if __name__ == "__main__":
+    main()
