@@ -341,7 +341,8 @@ def _first_line(e: Exception) -> str:
 
 def backward_note(device: str) -> str:
     if _ops.has_kernel("attention_bwd", device):
-        return "bwd: pyfastattn::attention_bwd kernel"
+        extra = " (the reference where the CUDA kernel declines a case)" if device == "cuda" else ""
+        return f"bwd: pyfastattn::attention_bwd kernel{extra}"
     return f"bwd: reference recompute (no attention_bwd kernel for {device})"
 
 
