@@ -10,6 +10,7 @@ each) place a row in the plots.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import json
@@ -173,8 +174,28 @@ PEAK_MEMORY_METHOD = {
     "cpu": "peak bytes held through PyTorch's CPU allocator (every tensor, inputs excluded) during "
     "one call, above what was allocated before it, from torch.profiler's memory events "
     "(profile_memory=True). Scratch a C++ kernel takes outside that allocator (operator new, "
-    "std::vector: e.g. pyfastattn's per-thread tile arena, oneDNN's internal buffers) is not counted",
+    "std::vector: e.g. pyfastattn's per-thread tile arena, oneDNN's internal buffers) is not counted. "
+    "The FFN's per-thread scratch (PYFASTATTN_CPU_FFN_SCRATCH_MB) is switched off for this call, so "
+    "the temporaries it would hold between calls are counted as fresh allocations",
 }
+
+
+@contextlib.contextmanager
+def _ffn_scratch_off():
+    """pyfastattn's CPU FFN keeps its [tokens, d_ff] temporaries in a per-thread
+    buffer held between calls (csrc/ffn/ffn_ops.cpp), which a peak measured
+    above the memory held before the call would miss. The cap is read on every
+    call; 0 frees the buffer and allocates the temporaries afresh."""
+    key = "PYFASTATTN_CPU_FFN_SCRATCH_MB"
+    old = os.environ.get(key)
+    os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
 
 
 def peak_mib(fn, device: str) -> float:
@@ -188,7 +209,7 @@ def peak_mib(fn, device: str) -> float:
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _ffn_scratch_off(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)

@@ -33,6 +33,12 @@ def _load(name: str):
     return mod
 
 
+def pyfastattn_ffn_kernel() -> bool:
+    from pyfastattn import ffn
+
+    return ("ffn_fwd", "cpu") in ffn.KERNELS
+
+
 def _run():
     return _load("run")
 
@@ -184,6 +190,33 @@ def test_device_name_and_sanitize():
     assert bc.sanitize("AMD EPYC 9654 96-Core Processor") == "AMD-EPYC-9654-96-Core-Processor"
     assert bc.sanitize("Intel(R) Xeon(R) @ 2.0GHz") == "Intel-R-Xeon-R-2.0GHz"
     assert bc.device_name("cpu")
+
+
+@pytest.mark.skipif(not pyfastattn_ffn_kernel(), reason="no CPU FFN kernel")
+def test_cpu_peak_memory_counts_the_ffn_scratch():
+    """The FFN keeps its [tokens, d_ff] temporaries in a per-thread buffer held
+    between calls; the CPU peak must still count them (bench_common switches
+    the scratch off for the measured call), and the caller's setting of the
+    variable is restored."""
+    import pyfastattn
+
+    bc = _load("bench_common")
+    tokens, d_model, d_ff = 256, 32, 512
+    x = torch.randn(tokens, d_model, requires_grad=True)
+    w = [torch.randn(d_ff, d_model, requires_grad=True) for _ in range(2)]
+    wd = torch.randn(d_model, d_ff, requires_grad=True)
+
+    def call():
+        y = pyfastattn.gated_feed_forward(x, w[0], w[1], wd, activation="silu", recompute=True)
+        torch.autograd.grad(y.sum(), [x, *w, wd])
+
+    with pyfastattn.backend("kernel"):
+        call()  # the scratch is now held
+        before = os.environ.get("PYFASTATTN_CPU_FFN_SCRATCH_MB")
+        peak = bc.peak_mib(call, "cpu")
+    assert os.environ.get("PYFASTATTN_CPU_FFN_SCRATCH_MB") == before
+    # recompute: gate, up and dH live at once in the backward (3 x tokens x d_ff fp32)
+    assert peak >= 3 * tokens * d_ff * 4 / 2**20
 
 
 def test_progress_without_a_terminal():
