@@ -53,9 +53,16 @@ CASES = {
     "strided": (2, 30, 44, 4, 2, 32, None, dict(strided=True, window_right=0)),
     "one_by_one": (3, 1, 1, 2, 2, 8, None, {}),
     "sq1_decode": (2, 1, 77, 4, 2, 64, None, dict(window_right=0, bottom_right=True)),
+    # CPU decode path over several 256-key tiles (online rescaling), head dims
+    # with vector tails (d 40 = 32 + 8, dv 72 = 64 + 8).
+    "decode_multi_tile": (2, 1, 700, 4, 2, 40, 72, {}),
     "no_keys": (2, 5, 0, 2, 2, 16, None, {}),
     "hd256": (1, 33, 35, 2, 2, 256, None, dict(window_right=0)),
     "long_odd": (1, 1025, 1023, 2, 1, 64, None, dict(window_right=0, bottom_right=True)),
+    # One kv head and more than 8 key blocks: the CPU backward takes its
+    # two-pass path (the cases above with several kv heads take the one-pass
+    # path, several of them with more than one key-block chunk).
+    "two_pass_cpu_bwd": (1, 600, 600, 1, 1, 32, None, {}),
 }
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -277,7 +284,8 @@ def test_cpu_kernel_fallback_paths(isa):
     import subprocess
     import sys
 
-    cases = "basic or softcap_gqa_d111 or bool_mask_broadcast or causal_bottom_right_sq_gt_sk or dv_ne_d or seqused_k"
+    cases = ("basic or softcap_gqa_d111 or bool_mask_broadcast or causal_bottom_right_sq_gt_sk or dv_ne_d or seqused_k"
+             " or two_pass_cpu_bwd or decode_multi_tile")
     env = {**os.environ, "PYFASTATTN_CPU_ISA": isa}
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::test_cpu_kernel_matches_reference",

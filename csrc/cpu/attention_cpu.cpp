@@ -17,6 +17,12 @@
 //             products per (query block, key tile) instead of FlashAttention's
 //             5 (S and dP are computed in both passes), with no atomics and no
 //             O(seqlen^2) or per-thread dQ buffers.
+//             Where the shape allows (fused_chunks), one pass instead: per
+//             (sequence, kv head, chunk of key blocks), 5 products per tile,
+//             dQ summed per chunk in fp32 and the chunks added in a fixed
+//             order (bwd_fused_block, bwd_reduce_block): still deterministic.
+//   decode  : one query row on AVX-512 takes decode_row (dot products from
+//             the K rows) instead of the tile products.
 // Tasks are handed out longest first from a shared counter inside
 // at::parallel_for, so torch.set_num_threads applies and causal work balances.
 //
@@ -66,6 +72,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <new>
 #include <string>
 #include <vector>
@@ -783,17 +790,20 @@ struct VecAvx2 {
 // inside a function with that set's target attribute.
 struct IsaPortable {
   using Vec = VecPortable;
+  static constexpr bool kAvx512 = false;
   static void gemm_f32(const GemmArgs& g) { gemm_portable(g); }
   static void gemm_bf16(const GemmArgs&) {}  // never reached: no bf16 compute here
 };
 #if PFA_X86
 struct IsaAvx512 {
   using Vec = VecAvx512;
+  static constexpr bool kAvx512 = true;
   static void gemm_f32(const GemmArgs& g) { gemm_tiled<MicroF32Avx512>(g); }
   static void gemm_bf16(const GemmArgs& g) { gemm_tiled<MicroBf16Avx512>(g); }
 };
 struct IsaAvx2 {
   using Vec = VecAvx2;
+  static constexpr bool kAvx512 = false;
   static void gemm_f32(const GemmArgs& g) { gemm_tiled<MicroF32Avx2>(g); }
   static void gemm_bf16(const GemmArgs&) {}  // never reached: bf16 runs as fp32 here
 };
@@ -850,6 +860,13 @@ struct Ctx {
   float cap_log2;     // softcap * log2(e); 0 when off
   bool softcap;
   float* dsum;  // backward: D = rowsum(dO * O), see dsum_index
+  // One-pass backward (chunks > 0, see fused_chunks): dQ partial sums of each
+  // key chunk, [chunks][rows][d] fp32 with rows indexed like dsum, and per
+  // chunk and row whether that chunk wrote it (0: its partial is zero).
+  int chunks;
+  int64_t part_rows;
+  float* dq_part;
+  uint8_t* dq_touched;
 };
 
 // Offset of row i of (sequence, head) in a [b, hq, sq] / [hq, total_q] float
@@ -1112,6 +1129,146 @@ PFA_INLINE bool tile_inside(const RowRanges& rr, int j0, int n) {
   return rr.lo[rr.m - 1] <= j0 && rr.hi[0] >= j0 + n;
 }
 
+#if PFA_X86
+// ---------------------------------------------------------------------------
+// Decode: one query row against a long key range (Sq = 1), AVX-512 only.
+// The tile path computes S^T = K Q^T with the 16 query lanes of a vector
+// holding 1 row: 16x the FMAs, an A broadcast per key and head-dim element
+// (~140 instructions per key), plus the tile copies of K and V. Here each
+// score is a dot product read straight from the K row (D/16 FMAs or D/32 bf16
+// dot products and one horizontal sum), the softmax runs over 16 keys per
+// vector, and O += p V reads the V rows straight from the input.
+// ---------------------------------------------------------------------------
+
+PFA_AVX512 inline __mmask16 mask16(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+// 16 values of a row as fp32; lanes outside `k` are 0.
+template <typename T>
+PFA_AVX512 inline __m512 load16_f32(const T* p, __mmask16 k) {
+  if constexpr (std::is_same<T, float>::value) {
+    return _mm512_maskz_loadu_ps(k, p);
+  } else if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    const __m256i h = _mm256_maskz_loadu_epi16(k, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+  }
+}
+
+// dot(k row, q) in fp32, q given as nq fp32 vectors (zero past d).
+template <typename T>
+PFA_AVX512 inline float decode_dot(const T* k, const __m512* qv, int d) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int x = 0, v = 0;
+  for (; x + 32 <= d; x += 32, v += 2) {
+    a0 = _mm512_fmadd_ps(load16_f32(k + x, 0xFFFF), qv[v], a0);
+    a1 = _mm512_fmadd_ps(load16_f32(k + x + 16, 0xFFFF), qv[v + 1], a1);
+  }
+  if (x < d) a0 = _mm512_fmadd_ps(load16_f32(k + x, mask16(d - x)), qv[v], a0);
+  if (x + 16 < d) a1 = _mm512_fmadd_ps(load16_f32(k + x + 16, mask16(d - x - 16)), qv[v + 1], a1);
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+// The same with bf16 dot products: a bf16 row in memory already is pairs
+// along the head dim (low half = even element), the operand format.
+PFA_AVX512_BF16 inline float decode_dot_bf16(const c10::BFloat16* k, const __m512i* qp, int d) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int x = 0, v = 0;
+  for (; x + 64 <= d; x += 64, v += 2) {
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(k + x), (__m512bh)qp[v]);
+    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(k + x + 32), (__m512bh)qp[v + 1]);
+  }
+  for (; x < d; x += 32, ++v) {
+    const int left = d - x;
+    const __mmask32 msk = left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1);
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(msk, k + x), (__m512bh)qp[v]);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+// Raw scores sc[j] = scale * dot(K row j0 + j, q) for j < n.
+template <typename T>
+PFA_AVX512 inline void decode_scores(const Ctx& c, const T* q, const T* krow, int n, float* sc) {
+  const int d = c.d;
+  __m512 qv[16];
+  for (int v = 0; v * 16 < d; ++v) qv[v] = load16_f32(q + 16 * v, mask16(d - 16 * v));
+  for (int j = 0; j < n; ++j) sc[j] = decode_dot(krow + int64_t(j) * c.p->k_row_stride, qv, d) * c.score_scale;
+}
+PFA_AVX512_BF16 inline void decode_scores_bf16(const Ctx& c, const c10::BFloat16* q,
+                                                   const c10::BFloat16* krow, int n, float* sc) {
+  const int d = c.d;
+  __m512i qp[8];
+  for (int v = 0; v * 32 < d; ++v) {
+    const int left = d - 32 * v;
+    const __mmask32 msk = left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1);
+    qp[v] = _mm512_maskz_loadu_epi16(msk, q + 32 * v);
+  }
+  for (int j = 0; j < n; ++j)
+    sc[j] = decode_dot_bf16(krow + int64_t(j) * c.p->k_row_stride, qp, d) * c.score_scale;
+}
+
+// One tile of the online softmax from its scores: updates mrun and lrun,
+// O = alpha O + sum_j p_j V_j (64 columns, 4 vectors, at a time).
+template <typename T>
+PFA_AVX512 inline void decode_softmax_pv(const Ctx& c, const T* vrow0, int n, float* sc, float* oacc,
+                                             float& mrun, float& lrun) {
+  const int dv = c.dv;
+  __m512 mx = _mm512_set1_ps(-kInf);
+  for (int j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, mask16(n - j), sc + j));
+  const float mnew = std::max(mrun, _mm512_reduce_max_ps(mx));
+  const float use = mnew == -kInf ? 0.0f : mnew;  // as fwd_block: empty stays 0, not NaN
+  const float alpha = exp2_approx(mrun - use);
+  mrun = mnew;
+  const __m512 u = _mm512_set1_ps(use);
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 k = mask16(n - j);
+    const __m512 e =
+        _mm512_maskz_mov_ps(k, VecAvx512::exp2(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + j), u)));
+    sum = _mm512_add_ps(sum, e);
+    _mm512_storeu_ps(sc + j, e);
+  }
+  lrun = lrun * alpha + _mm512_reduce_add_ps(sum);
+  const __m512 a = _mm512_set1_ps(alpha);
+  for (int x0 = 0; x0 < dv; x0 += 64) {
+    __mmask16 km[4];
+    __m512 o[4];
+    for (int v = 0; v < 4; ++v) {
+      km[v] = x0 + 16 * v < dv ? mask16(dv - x0 - 16 * v) : __mmask16(0);
+      o[v] = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(km[v], oacc + x0 + 16 * v));
+    }
+    for (int j = 0; j < n; ++j) {
+      const T* vr = vrow0 + int64_t(j) * c.p->v_row_stride + x0;
+      const __m512 pj = _mm512_set1_ps(sc[j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) o[v] = _mm512_fmadd_ps(pj, load16_f32(vr + 16 * v, km[v]), o[v]);
+    }
+    for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(oacc + x0 + 16 * v, km[v], o[v]);
+  }
+}
+
+// The online softmax of one query row over keys [key_begin, key_end) (every
+// one visible: no attn_mask, no softcap) into mrun, lrun and oacc[dv] (not
+// yet divided by lrun), as fwd_block's tile loop does; sc holds blk.k floats.
+template <typename T, bool kDp>
+PFA_INLINE void decode_row(const Ctx& c, const T* q, const T* kbase, const T* vbase, int key_begin,
+                           int key_end, float* sc, float* oacc, float& mrun, float& lrun) {
+  const AttentionFwdParams& p = *c.p;
+  mrun = -kInf;
+  lrun = 0.0f;
+  for (int j0 = key_begin; j0 < key_end; j0 += c.blk.k) {
+    const int n = std::min(c.blk.k, key_end - j0);
+    const T* krow = kbase + int64_t(j0) * p.k_row_stride;
+    if constexpr (kDp) {
+      decode_scores_bf16(c, q, krow, n, sc);
+    } else {
+      decode_scores<T>(c, q, krow, n, sc);
+    }
+    decode_softmax_pv<T>(c, vbase + int64_t(j0) * p.v_row_stride, n, sc, oacc, mrun, lrun);
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------
 // Forward: one query block of one (sequence, head).
 // ---------------------------------------------------------------------------
@@ -1220,9 +1377,19 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
                    int64_t(hk) * p.v_head_stride;
 
   const int key_begin = rr.first(), key_end = rr.last();
-  if (key_begin < key_end) TL::b_t(q, p.q_row_stride, m, c.d, w.qt, ldq);
+  bool decoded = false;
+#if PFA_X86
+  if constexpr (Isa::kAvx512) {
+    // One row sees exactly [key_begin, key_end): no window edge in any tile.
+    if (m == 1 && !masked && !c.softcap && c.d <= 256) {
+      if (key_begin < key_end) decode_row<T, TL::kPairs>(c, q, kbase, vbase, key_begin, key_end, w.s, w.oacc, w.mrun[0], w.lrun[0]);
+      decoded = true;
+    }
+  }
+#endif
+  if (!decoded && key_begin < key_end) TL::b_t(q, p.q_row_stride, m, c.d, w.qt, ldq);
 
-  for (int j0 = key_begin; j0 < key_end; j0 += c.blk.k) {
+  for (int j0 = decoded ? key_end : key_begin; j0 < key_end; j0 += c.blk.k) {
     const int n = std::min(c.blk.k, key_end - j0);
     const bool fused = !masked && !c.softcap && tile_inside(rr, j0, n);
     for (int i = 0; i < mp; ++i) w.tmax[i] = -kInf;
@@ -1290,6 +1457,7 @@ struct BwdScratch {
   float* dp;     // dP^T -> dS^T [blk.k][blk.q]
   float* pout;   // bf16: P^T rows (pass 2)
   float* dsout;  // bf16: dS pairs along keys (pass 1) or dS^T rows (pass 2)
+  float* dspair; // bf16, one-pass backward: dS pairs along keys [blk.k / 2][blk.q]
   float* ka;     // A operand key rows   [blk.k][kdim(d)]
   float* va;     // A operand value rows [blk.k][kdim(dv)]
   float* kb;     // B operand key rows, VNNI (pass 1, bf16)
@@ -1315,6 +1483,7 @@ PFA_INLINE BwdScratch carve_bwd(Carver& cv, const Ctx& c) {
   w.dp = cv.take(bk * bq);
   w.pout = cv.take(bk * bq / 2);
   w.dsout = cv.take(bk * bq / 2 + bq);
+  w.dspair = cv.take(c.chunks > 0 ? bk * bq / 2 + bq : 0);
   w.ka = cv.take(bk * d);
   w.va = cv.take(bk * dv);
   w.kb = cv.take(bk * d);
@@ -1334,6 +1503,7 @@ enum class BwdOut {
   kInPlace,   // fp32: P^T into S^T, dS^T into dP^T
   kDsPairs,   // bf16 pass 1: dS as pairs along keys, [j / 2][i]
   kRowsBf16,  // bf16 pass 2: P^T and dS^T as bf16 rows, [j][i]
+  kAllBf16,   // bf16 one pass: kRowsBf16's rows and kDsPairs's pairs (dspair)
 };
 
 // P = exp2(S - lse2) and dS = P (dP - D) [* (1 - tanh^2)] over a tile, lanes
@@ -1341,12 +1511,32 @@ enum class BwdOut {
 // softmax scale is applied to dQ and dK at the end.
 template <class Vec, BwdOut kOut, bool kSoftcap>
 PFA_INLINE void grad_tile(float* s, float* dp, const float* dtanh, int64_t ld, int n, int mp,
-                          const float* lse2, const float* dsum, uint16_t* pout, uint32_t* dsout) {
+                          const float* lse2, const float* dsum, uint16_t* pout, uint32_t* dsout,
+                          uint32_t* dspair) {
   using V = typename Vec::V;
   for (int c0 = 0; c0 < mp; c0 += kLanes) {
     const V l = Vec::load(lse2 + c0);
     const V dd = Vec::load(dsum + c0);
-    if constexpr (kOut == BwdOut::kDsPairs) {
+    if constexpr (kOut == BwdOut::kAllBf16) {
+      uint16_t* dsrows = reinterpret_cast<uint16_t*>(dsout);
+      for (int j = 0; j < n; j += 2) {
+        const V e0 = Vec::exp2(Vec::sub(Vec::load(s + j * ld + c0), l));
+        V g0 = Vec::mul(e0, Vec::sub(Vec::load(dp + j * ld + c0), dd));
+        if constexpr (kSoftcap) g0 = Vec::mul(g0, Vec::load(dtanh + j * ld + c0));
+        Vec::store_bf16(pout + j * ld + c0, e0);
+        Vec::store_bf16(dsrows + j * ld + c0, g0);
+        V g1 = Vec::zero();
+        if (j + 1 < n) {
+          const int64_t at = (j + 1) * ld + c0;
+          const V e1 = Vec::exp2(Vec::sub(Vec::load(s + at), l));
+          g1 = Vec::mul(e1, Vec::sub(Vec::load(dp + at), dd));
+          if constexpr (kSoftcap) g1 = Vec::mul(g1, Vec::load(dtanh + at));
+          Vec::store_bf16(pout + at, e1);
+          Vec::store_bf16(dsrows + at, g1);
+        }
+        Vec::store_pairs(dspair + (j / 2) * ld + c0, g0, g1);
+      }
+    } else if constexpr (kOut == BwdOut::kDsPairs) {
       for (int j = 0; j < n; j += 2) {
         V e = Vec::exp2(Vec::sub(Vec::load(s + j * ld + c0), l));
         V g0 = Vec::mul(e, Vec::sub(Vec::load(dp + j * ld + c0), dd));
@@ -1383,10 +1573,11 @@ PFA_INLINE void grad_tile(const Ctx& c, const BwdScratch& w, int n, int mp) {
   const int64_t ld = c.blk.q;
   uint16_t* pout = reinterpret_cast<uint16_t*>(w.pout);
   uint32_t* dsout = reinterpret_cast<uint32_t*>(w.dsout);
+  uint32_t* dspair = reinterpret_cast<uint32_t*>(w.dspair);
   if (c.softcap) {
-    grad_tile<Vec, kOut, true>(w.s, w.dp, w.dtanh, ld, n, mp, w.lse2, w.dsum, pout, dsout);
+    grad_tile<Vec, kOut, true>(w.s, w.dp, w.dtanh, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair);
   } else {
-    grad_tile<Vec, kOut, false>(w.s, w.dp, nullptr, ld, n, mp, w.lse2, w.dsum, pout, dsout);
+    grad_tile<Vec, kOut, false>(w.s, w.dp, nullptr, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair);
   }
 }
 
@@ -1433,6 +1624,19 @@ PFA_INLINE bool load_row_stats(const Ctx& c, const BwdScratch& w, const SeqInfo&
   return any;
 }
 
+// D = rowsum(dO * O) for rows i0 .. i0 + m - 1 of (sequence, head h).
+template <typename T>
+PFA_INLINE void fill_dsum(const Ctx& c, const SeqInfo& si, int h, int i0, int m, const T* o, const T* dout) {
+  const AttentionBwdParams& p = *c.pb;
+  for (int i = 0; i < m; ++i) {
+    const T* PFA_RESTRICT orow = o + int64_t(i) * p.o_row_stride;
+    const T* PFA_RESTRICT grow = dout + int64_t(i) * p.do_row_stride;
+    float acc = 0.0f;
+    for (int x = 0; x < c.dv; ++x) acc += to_f32(orow[x]) * to_f32(grow[x]);
+    c.dsum[dsum_index(c, si, h, i0 + i)] = acc;
+  }
+}
+
 // Pass 1: D for the block's rows, then dQ = scale * sum_j dS K.
 template <class Isa, typename T, typename CT>
 PFA_INLINE void bwd_dq_block(const Ctx& c, const BwdScratch& w, const Task& t) {
@@ -1455,13 +1659,7 @@ PFA_INLINE void bwd_dq_block(const Ctx& c, const BwdScratch& w, const Task& t) {
   const T* vbase = static_cast<const T*>(p.v) + si.k_row(0, p.v_batch_stride, p.v_row_stride) +
                    int64_t(hk) * p.v_head_stride;
 
-  for (int i = 0; i < m; ++i) {
-    const T* PFA_RESTRICT orow = o + int64_t(i) * p.o_row_stride;
-    const T* PFA_RESTRICT grow = dout + int64_t(i) * p.do_row_stride;
-    float acc = 0.0f;
-    for (int x = 0; x < c.dv; ++x) acc += to_f32(orow[x]) * to_f32(grow[x]);
-    c.dsum[dsum_index(c, si, h, i0 + i)] = acc;
-  }
+  fill_dsum(c, si, h, i0, m, o, dout);
 
   RowRanges rr{w.lo, w.hi, m};
   fill_ranges(p, si, i0, rr);
@@ -1532,6 +1730,32 @@ PFA_INLINE int owned_keys(const AttentionFwdParams& p, const SeqInfo& si) {
   return si.varlen ? p.cu_seqlens_k[si.bi + 1] - p.cu_seqlens_k[si.bi] : p.seqlen_k;
 }
 
+// dK = scale * acc1 and dV = acc2 for key rows j0 .. j0 + owned - 1 of kv
+// head hk; rows from n on (past len_k) get zeros.
+template <typename T>
+PFA_INLINE void store_dkdv(const Ctx& c, const BwdScratch& w, const SeqInfo& si, int hk, int j0, int owned,
+                           int n) {
+  const AttentionBwdParams& p = *c.pb;
+  T* dk = static_cast<T*>(p.dk) + si.k_row(j0, p.dk_batch_stride, p.dk_row_stride) +
+          int64_t(hk) * p.dk_head_stride;
+  T* dv = static_cast<T*>(p.dv) + si.k_row(j0, p.dv_batch_stride, p.dv_row_stride) +
+          int64_t(hk) * p.dv_head_stride;
+  const float scale = c.p->scale;
+  for (int j = 0; j < owned; ++j) {
+    T* PFA_RESTRICT krow = dk + int64_t(j) * p.dk_row_stride;
+    T* PFA_RESTRICT vrow = dv + int64_t(j) * p.dv_row_stride;
+    if (j < n) {
+      const float* PFA_RESTRICT ak = w.acc1 + int64_t(j) * c.d;
+      const float* PFA_RESTRICT av = w.acc2 + int64_t(j) * c.dv;
+      for (int x = 0; x < c.d; ++x) krow[x] = from_f32<T>(ak[x] * scale);
+      for (int x = 0; x < c.dv; ++x) vrow[x] = from_f32<T>(av[x]);
+    } else {
+      for (int x = 0; x < c.d; ++x) krow[x] = from_f32<T>(0.0f);
+      for (int x = 0; x < c.dv; ++x) vrow[x] = from_f32<T>(0.0f);
+    }
+  }
+}
+
 // Pass 2: dK and dV of one key block, summed over the query heads of the
 // kv head's group and all query rows that see the block.
 template <class Isa, typename T, typename CT>
@@ -1597,23 +1821,131 @@ PFA_INLINE void bwd_dkdv_block(const Ctx& c, const BwdScratch& w, const Task& t)
     }
   }
 
-  T* dk = static_cast<T*>(p.dk) + si.k_row(j0, p.dk_batch_stride, p.dk_row_stride) +
-          int64_t(hk) * p.dk_head_stride;
-  T* dv = static_cast<T*>(p.dv) + si.k_row(j0, p.dv_batch_stride, p.dv_row_stride) +
-          int64_t(hk) * p.dv_head_stride;
-  const float scale = c.p->scale;
-  for (int j = 0; j < owned; ++j) {
-    T* PFA_RESTRICT krow = dk + int64_t(j) * p.dk_row_stride;
-    T* PFA_RESTRICT vrow = dv + int64_t(j) * p.dv_row_stride;
-    if (j < n) {
-      const float* PFA_RESTRICT ak = w.acc1 + int64_t(j) * c.d;
-      const float* PFA_RESTRICT av = w.acc2 + int64_t(j) * c.dv;
-      for (int x = 0; x < c.d; ++x) krow[x] = from_f32<T>(ak[x] * scale);
-      for (int x = 0; x < c.dv; ++x) vrow[x] = from_f32<T>(av[x]);
-    } else {
-      for (int x = 0; x < c.d; ++x) krow[x] = from_f32<T>(0.0f);
-      for (int x = 0; x < c.dv; ++x) vrow[x] = from_f32<T>(0.0f);
+  store_dkdv<T>(c, w, si, hk, j0, owned, n);
+}
+
+// One-pass backward (chosen by fused_chunks): one task per (sequence, kv
+// head, chunk of key blocks) computes S, dP, P and dS of each tile once and
+// all three products from them, 5 tile products instead of 7. dK and dV are
+// owned by the task; dQ is summed per chunk into dq_part (fp32) and the
+// chunks are added in chunk order by bwd_reduce_block. Chunks, blocks and
+// the order inside a task depend on the shape only, so the result is still
+// bit-identical for any thread count. Query blocks are aligned to blk.q (rows
+// before the first one reaching the key block get P = 0 from the window), so
+// that every chunk writes whole blocks of dq_part: the first write of a block
+// overwrites (no clearing pass) and marks its rows in dq_touched.
+template <class Isa, typename T, typename CT>
+PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t) {
+  using TL = Tiles<T, CT>;
+  const AttentionBwdParams& p = *c.pb;
+  const SeqInfo si(p, t.b);
+  const int hk = t.h, chunk = t.i0;
+  const int all_owned = owned_keys(p, si);
+  const int nkb = (all_owned + c.blk.k - 1) / c.blk.k;
+  const int per = (nkb + c.chunks - 1) / c.chunks;
+  const int kb_end = std::min(nkb, (chunk + 1) * per);
+  const int64_t ldq = c.blk.q;
+  float* part = c.dq_part + int64_t(chunk) * c.part_rows * c.d;
+  uint8_t* touched = c.dq_touched + int64_t(chunk) * c.part_rows;
+
+  for (int kb = chunk * per; kb < kb_end; ++kb) {
+    const int j0 = kb * c.blk.k;
+    const int owned = std::min(c.blk.k, all_owned - j0);
+    const int n = std::max(0, std::min(owned, si.len_k - j0));
+    std::fill(w.acc1, w.acc1 + int64_t(n) * c.d, 0.0f);
+    std::fill(w.acc2, w.acc2 + int64_t(n) * c.dv, 0.0f);
+    if (n > 0) {
+      const T* krows = static_cast<const T*>(p.k) + si.k_row(j0, p.k_batch_stride, p.k_row_stride) +
+                       int64_t(hk) * p.k_head_stride;
+      const T* vrows = static_cast<const T*>(p.v) + si.k_row(j0, p.v_batch_stride, p.v_row_stride) +
+                       int64_t(hk) * p.v_head_stride;
+      TL::a_rows(krows, p.k_row_stride, n, c.d, w.ka);
+      TL::a_rows(vrows, p.v_row_stride, n, c.dv, w.va);
+      if constexpr (TL::kPairs) TL::b_rows(krows, p.k_row_stride, n, c.d, w.kb);
+      const int row_begin = first_row_reaching(p, si, j0) / c.blk.q * c.blk.q;
+      const int row_end = end_row_starting_by(p, si, j0 + n - 1);
+      for (int h = hk * c.group; h < (hk + 1) * c.group; ++h) {
+        const T* qh = static_cast<const T*>(p.q) + si.q_row(0, p.q_batch_stride, p.q_row_stride) +
+                      int64_t(h) * p.q_head_stride;
+        const T* doh = static_cast<const T*>(p.dout) + si.q_row(0, p.do_batch_stride, p.do_row_stride) +
+                       int64_t(h) * p.do_head_stride;
+        for (int i0 = row_begin; i0 < row_end; i0 += c.blk.q) {
+          const int m = std::min(c.blk.q, si.len_q - i0);
+          const int mp = int(round_up(m, kLanes));
+          if (!load_row_stats(c, w, si, h, i0, m, mp)) continue;
+          RowRanges rr{w.lo, w.hi, m};
+          fill_ranges(p, si, i0, rr);
+          const T* q = qh + int64_t(i0) * p.q_row_stride;
+          const T* dout = doh + int64_t(i0) * p.do_row_stride;
+          TL::b_t(q, p.q_row_stride, m, c.d, w.qt, ldq);
+          TL::b_t(dout, p.do_row_stride, m, c.dv, w.dot, ldq);
+          bwd_scores<Isa, T, CT>(c, w, rr, t.b, h, i0, j0, n, mp);
+          TL::b_rows(dout, p.do_row_stride, m, c.dv, w.dob);
+          TL::b_rows(q, p.q_row_stride, m, c.d, w.qb);
+          const int64_t row0 = dsum_index(c, si, h, i0);
+          const bool first = touched[row0] == 0;
+          float* dq = part + row0 * c.d;
+          if constexpr (TL::kPairs) {
+            grad_tile<typename Isa::Vec, BwdOut::kAllBf16>(c, w, n, mp);
+            const int m2 = (m + 1) / 2;
+            if (m & 1) {
+              for (int j = 0; j < n; ++j) {
+                reinterpret_cast<uint16_t*>(w.pout)[j * ldq + m] = 0;
+                reinterpret_cast<uint16_t*>(w.dsout)[j * ldq + m] = 0;
+              }
+            }
+            gemm<Isa, CT>(GemmArgs{n, c.dv, m2, w.pout, ldq / 2, false, w.dob, c.dv, w.acc2, c.dv, true});
+            gemm<Isa, CT>(GemmArgs{n, c.d, m2, w.dsout, ldq / 2, false, w.qb, c.d, w.acc1, c.d, true});
+            gemm<Isa, CT>(GemmArgs{m, c.d, (n + 1) / 2, w.dspair, ldq, true, w.kb, c.d, dq, c.d, !first});
+          } else {
+            grad_tile<typename Isa::Vec, BwdOut::kInPlace>(c, w, n, mp);
+            gemm<Isa, CT>(GemmArgs{n, c.dv, m, w.s, ldq, false, w.dob, c.dv, w.acc2, c.dv, true});
+            gemm<Isa, CT>(GemmArgs{n, c.d, m, w.dp, ldq, false, w.qb, c.d, w.acc1, c.d, true});
+            gemm<Isa, CT>(GemmArgs{m, c.d, n, w.dp, ldq, true, w.ka, c.d, dq, c.d, !first});
+          }
+          if (first) std::fill(touched + row0, touched + row0 + m, uint8_t(1));
+        }
+      }
     }
+    store_dkdv<T>(c, w, si, hk, j0, owned, n);
+  }
+}
+
+// One-pass backward, before it: D for one query block.
+template <typename T>
+PFA_INLINE void bwd_prep_block(const Ctx& c, const Task& t) {
+  const AttentionBwdParams& p = *c.pb;
+  const SeqInfo si(p, t.b);
+  const int m = std::min(c.blk.q, si.len_q - t.i0);
+  const T* o = static_cast<const T*>(p.o) + si.q_row(t.i0, p.o_batch_stride, p.o_row_stride) +
+               int64_t(t.h) * p.o_head_stride;
+  const T* dout = static_cast<const T*>(p.dout) + si.q_row(t.i0, p.do_batch_stride, p.do_row_stride) +
+                  int64_t(t.h) * p.do_head_stride;
+  fill_dsum(c, si, t.h, t.i0, m, o, dout);
+}
+
+// One-pass backward, after it: dQ = scale * (sum of the chunks' partials in
+// chunk order) for one query block.
+template <typename T>
+PFA_INLINE void bwd_reduce_block(const Ctx& c, const BwdScratch& w, const Task& t) {
+  const AttentionBwdParams& p = *c.pb;
+  const SeqInfo si(p, t.b);
+  const int m = std::min(c.blk.q, si.len_q - t.i0);
+  T* dq = static_cast<T*>(p.dq) + si.q_row(t.i0, p.dq_batch_stride, p.dq_row_stride) +
+          int64_t(t.h) * p.dq_head_stride;
+  const float scale = c.p->scale;
+  float* PFA_RESTRICT acc = w.acc1;
+  for (int i = 0; i < m; ++i) {
+    const int64_t row = dsum_index(c, si, t.h, t.i0 + i);
+    std::fill(acc, acc + c.d, 0.0f);
+    for (int ch = 0; ch < c.chunks; ++ch) {
+      const int64_t at = int64_t(ch) * c.part_rows + row;
+      if (!c.dq_touched[at]) continue;
+      const float* PFA_RESTRICT src = c.dq_part + at * c.d;
+      for (int x = 0; x < c.d; ++x) acc[x] += src[x];
+    }
+    T* PFA_RESTRICT out = dq + int64_t(i) * p.dq_row_stride;
+    for (int x = 0; x < c.d; ++x) out[x] = from_f32<T>(acc[x] * scale);
   }
 }
 
@@ -1624,7 +1956,7 @@ PFA_INLINE void bwd_dkdv_block(const Ctx& c, const BwdScratch& w, const Task& t)
 // instantiation is compiled for its instruction set.
 // ---------------------------------------------------------------------------
 
-enum class Kind { kFwd, kBwdDq, kBwdDkDv };
+enum class Kind { kFwd, kBwdDq, kBwdDkDv, kBwdPrep, kBwdFused, kBwdReduce };
 
 template <class Isa, typename T, typename CT>
 PFA_INLINE void run_block(Kind kind, const Ctx& c, float* scratch, const Task& t) {
@@ -1633,8 +1965,14 @@ PFA_INLINE void run_block(Kind kind, const Ctx& c, float* scratch, const Task& t
     fwd_block<Isa, T, CT>(c, carve_fwd(cv, c), t);
   } else if (kind == Kind::kBwdDq) {
     bwd_dq_block<Isa, T, CT>(c, carve_bwd(cv, c), t);
-  } else {
+  } else if (kind == Kind::kBwdDkDv) {
     bwd_dkdv_block<Isa, T, CT>(c, carve_bwd(cv, c), t);
+  } else if (kind == Kind::kBwdPrep) {
+    bwd_prep_block<T>(c, t);
+  } else if (kind == Kind::kBwdFused) {
+    bwd_fused_block<Isa, T, CT>(c, carve_bwd(cv, c), t);
+  } else {
+    bwd_reduce_block<T>(c, carve_bwd(cv, c), t);
   }
 }
 
@@ -1806,6 +2144,67 @@ void query_tasks(const Ctx& c, std::vector<Task>& tasks, std::vector<int64_t>& c
   }
 }
 
+// Key-block chunks per (sequence, kv head) for the one-pass backward, or 0
+// for the two-pass one. Enough chunks that there are kMinTasks tasks (as
+// choose_blocks), at most one per key block; two-pass when that would take
+// more than kMaxChunks partial dQ copies (few kv heads and many key blocks)
+// or more than kMaxPartBytes of them.
+int fused_chunks(const AttentionFwdParams& p, const Blocks& blk) {
+  constexpr int64_t kMinTasks = 32, kMaxChunks = 8, kMaxPartBytes = int64_t(512) << 20;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  int64_t max_keys = p.seqlen_k;
+  if (varlen) {
+    max_keys = 0;
+    for (int b = 0; b < p.batch; ++b)
+      max_keys = std::max<int64_t>(max_keys, p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b]);
+  }
+  const int64_t nkb = std::max<int64_t>(1, (max_keys + blk.k - 1) / blk.k);
+  const int64_t kv_heads = int64_t(p.batch) * p.num_heads_k;
+  const int64_t chunks = std::min(nkb, (kMinTasks + kv_heads - 1) / kv_heads);
+  const int64_t rows =
+      (varlen ? int64_t(p.cu_seqlens_q[p.batch]) : int64_t(p.batch) * p.seqlen_q) * p.num_heads;
+  if (chunks > kMaxChunks || chunks * rows * p.head_dim * int64_t(sizeof(float)) > kMaxPartBytes) return 0;
+  return int(chunks);
+}
+
+// The one-pass backward: D (query-block tasks), the fused tasks, then the
+// dQ reduction (query-block tasks again).
+void fused_bwd(Ctx& c, int64_t rows, const std::vector<Task>& qtasks, const std::vector<int64_t>& qcost) {
+  const AttentionBwdParams& p = *c.pb;
+  c.part_rows = rows;
+  std::unique_ptr<float[]> part(new float[size_t(c.chunks) * size_t(rows) * size_t(p.head_dim)]);
+  std::vector<uint8_t> touched(size_t(c.chunks) * size_t(rows), 0);
+  c.dq_part = part.get();
+  c.dq_touched = touched.data();
+  run_tasks(c, Kind::kBwdPrep, qtasks, qcost);
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost;
+  for (int b = 0; b < p.batch; ++b) {
+    const SeqInfo si(p, b);
+    const int owned = owned_keys(p, si);
+    const int nkb = (owned + c.blk.k - 1) / c.blk.k;
+    const int per = (nkb + c.chunks - 1) / c.chunks;
+    for (int ch = 0; ch * per < nkb; ++ch) {
+      int64_t work = 1;
+      for (int kb = ch * per; kb < std::min(nkb, (ch + 1) * per); ++kb) {
+        const int j0 = kb * c.blk.k;
+        const int n = std::max(0, std::min(std::min(c.blk.k, owned - j0), si.len_k - j0));
+        if (n > 0) {
+          const int rows_seen =
+              std::max(0, end_row_starting_by(p, si, j0 + n - 1) - first_row_reaching(p, si, j0));
+          work += int64_t(rows_seen) * n * c.group;
+        }
+      }
+      for (int hk = 0; hk < p.num_heads_k; ++hk) {
+        tasks.push_back(Task{b, hk, ch});
+        cost.push_back(work);
+      }
+    }
+  }
+  run_tasks(c, Kind::kBwdFused, tasks, cost);
+  run_tasks(c, Kind::kBwdReduce, qtasks, qcost);
+}
+
 }  // namespace
 
 void attention_fwd(const AttentionFwdParams& p) {
@@ -1821,6 +2220,7 @@ void attention_bwd(const AttentionBwdParams& p) {
   if (p.batch <= 0 || p.num_heads <= 0) return;
   Ctx c = make_ctx(p, true);
   c.pb = &p;
+  c.chunks = fused_chunks(p, c.blk);
   // D = rowsum(dO * O) per (sequence, head, row), filled by pass 1.
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int64_t rows =
@@ -1831,6 +2231,10 @@ void attention_bwd(const AttentionBwdParams& p) {
   std::vector<Task> tasks;
   std::vector<int64_t> cost;
   query_tasks(c, tasks, cost);
+  if (c.chunks > 0) {
+    fused_bwd(c, rows, tasks, cost);
+    return;
+  }
   run_tasks(c, Kind::kBwdDq, tasks, cost);
 
   // Pass 2: key blocks of every (sequence, kv head), including key rows past
