@@ -16,7 +16,12 @@ import pyfastattn
 
 
 def attention_shapes(dt: torch.dtype) -> None:
-    for b, sq, sk, h, hk, d in ((2, 17, 33, 4, 2, 64), (1, 65, 1, 2, 2, 128), (1, 3, 130, 2, 1, 256), (2, 129, 77, 2, 2, 40)):
+    for b, sq, sk, h, hk, d in (
+        (2, 17, 33, 4, 2, 64),
+        (1, 65, 1, 2, 2, 128),
+        (1, 3, 130, 2, 1, 256),
+        (2, 129, 77, 2, 2, 40),
+    ):
         q = torch.randn(b, sq, h, d, device="cuda", dtype=dt, requires_grad=True)
         k = torch.randn(b, sk, hk, d, device="cuda", dtype=dt, requires_grad=True)
         v = torch.randn(b, sk, hk, d, device="cuda", dtype=dt, requires_grad=True)
@@ -34,7 +39,14 @@ def attention_shapes(dt: torch.dtype) -> None:
     cu = torch.tensor([0, 5, 5, 40], dtype=torch.int32, device="cuda")
     qp = torch.randn(40, 4, 64, device="cuda", dtype=dt, requires_grad=True)
     pyfastattn.attention(
-        qp, qp[:, :2], qp[:, :2], causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=35, max_seqlen_k=35
+        qp,
+        qp[:, :2],
+        qp[:, :2],
+        causal=True,
+        cu_seqlens_q=cu,
+        cu_seqlens_k=cu,
+        max_seqlen_q=35,
+        max_seqlen_k=35,
     ).sum().backward()
 
 
@@ -51,7 +63,9 @@ def ffn_shapes(dt: torch.dtype) -> None:
                 b1 = torch.randn(d_ff, device="cuda", dtype=dt, requires_grad=True)
                 pyfastattn.feed_forward(x, w1, b1, w2, activation="gelu").sum().backward()
                 for recompute in (False, True):
-                    pyfastattn.gated_feed_forward(x, w1, w3, w2, activation="silu", recompute=recompute).sum().backward()
+                    pyfastattn.gated_feed_forward(
+                        x, w1, w3, w2, activation="silu", recompute=recompute
+                    ).sum().backward()
 
 
 def main() -> None:
