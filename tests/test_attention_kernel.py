@@ -284,8 +284,10 @@ def test_cpu_kernel_fallback_paths(isa):
     import subprocess
     import sys
 
-    cases = ("basic or softcap_gqa_d111 or bool_mask_broadcast or causal_bottom_right_sq_gt_sk or dv_ne_d or seqused_k"
-             " or two_pass_cpu_bwd or decode_multi_tile")
+    cases = (
+        "basic or softcap_gqa_d111 or bool_mask_broadcast or causal_bottom_right_sq_gt_sk or dv_ne_d or seqused_k"
+        " or two_pass_cpu_bwd or decode_multi_tile"
+    )
     env = {**os.environ, "PYFASTATTN_CPU_ISA": isa}
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::test_cpu_kernel_matches_reference",
