@@ -867,6 +867,14 @@ struct Ctx {
   int64_t part_rows;
   float* dq_part;
   uint8_t* dq_touched;
+  // One-pass backward: Q^T, dO^T, Q and dO of every query block in the
+  // products' B layouts (bq_pack), packed once by the prep pass instead of
+  // once per tile; nullptr when over kMaxPackBytes (then per tile).
+  // pack_first[b]: the sequence's first block index, per head, see
+  // pack_index.
+  float* qo_pack;
+  int64_t pack_floats;  // per query block
+  const int64_t* pack_first;
 };
 
 // Offset of row i of (sequence, head) in a [b, hq, sq] / [hq, total_q] float
@@ -930,6 +938,10 @@ PFA_INLINE void load_rows_f32(const T* src, int64_t stride, int rows, int cols, 
 template <typename T>
 PFA_INLINE void load_rows_pairs(const T* src, int64_t stride, int rows, int cols, uint32_t* dst, int64_t ld) {
   const int c2 = cols / 2;
+  if (cols % 2 == 0) {  // a row of pairs is the row's bits (little-endian: low half first)
+    for (int r = 0; r < rows; ++r) std::memcpy(dst + r * ld, src + r * stride, size_t(cols) * sizeof(T));
+    return;
+  }
   for (int r = 0; r < rows; ++r) {
     const T* PFA_RESTRICT s = src + r * stride;
     uint32_t* PFA_RESTRICT o = dst + r * ld;
@@ -1475,10 +1487,11 @@ PFA_INLINE BwdScratch carve_bwd(Carver& cv, const Ctx& c) {
   const int64_t bq = c.blk.q, bk = c.blk.k;
   const int64_t d = c.d, dv = c.dv;
   BwdScratch w;
-  w.qt = cv.take(d * bq);
-  w.dot = cv.take(dv * bq);
-  w.qb = cv.take(bq * d);
-  w.dob = cv.take(bq * dv);
+  const bool packed = c.qo_pack != nullptr;  // one-pass: Q / dO operands in qo_pack
+  w.qt = cv.take(packed ? 0 : d * bq);
+  w.dot = cv.take(packed ? 0 : dv * bq);
+  w.qb = cv.take(packed ? 0 : bq * d);
+  w.dob = cv.take(packed ? 0 : bq * dv);
   w.s = cv.take(bk * bq);
   w.dp = cv.take(bk * bq);
   w.pout = cv.take(bk * bq / 2);
@@ -1624,15 +1637,33 @@ PFA_INLINE bool load_row_stats(const Ctx& c, const BwdScratch& w, const SeqInfo&
   return any;
 }
 
-// D = rowsum(dO * O) for rows i0 .. i0 + m - 1 of (sequence, head h).
-template <typename T>
+// D = rowsum(dO * O) for rows i0 .. i0 + m - 1 of (sequence, head h). With
+// fp32 products (kLaneSums false) each row is summed in order x = 0, 1, ...,
+// the K order of the dP product, so that dP - D is exactly 0 where P is
+// one-hot; bf16 dot products (vdpbf16ps) add pairs in their own order anyway.
+template <typename T, bool kLaneSums = false>
 PFA_INLINE void fill_dsum(const Ctx& c, const SeqInfo& si, int h, int i0, int m, const T* o, const T* dout) {
   const AttentionBwdParams& p = *c.pb;
   for (int i = 0; i < m; ++i) {
     const T* PFA_RESTRICT orow = o + int64_t(i) * p.o_row_stride;
     const T* PFA_RESTRICT grow = dout + int64_t(i) * p.do_row_stride;
     float acc = 0.0f;
-    for (int x = 0; x < c.dv; ++x) acc += to_f32(orow[x]) * to_f32(grow[x]);
+    if constexpr (kLaneSums) {
+      // kLanes partial sums (one vector), added pairwise at the end: a serial
+      // float sum does not vectorise and is bound by the adds' latency.
+      float lane[kLanes] = {};
+      int x = 0;
+      for (; x + kLanes <= c.dv; x += kLanes) {
+        for (int l = 0; l < kLanes; ++l) lane[l] += to_f32(orow[x + l]) * to_f32(grow[x + l]);
+      }
+      for (; x < c.dv; ++x) lane[x - (x / kLanes) * kLanes] += to_f32(orow[x]) * to_f32(grow[x]);
+      for (int half = kLanes / 2; half > 0; half /= 2) {
+        for (int l = 0; l < half; ++l) lane[l] += lane[l + half];
+      }
+      acc = lane[0];
+    } else {
+      for (int x = 0; x < c.dv; ++x) acc += to_f32(orow[x]) * to_f32(grow[x]);
+    }
     c.dsum[dsum_index(c, si, h, i0 + i)] = acc;
   }
 }
@@ -1659,7 +1690,7 @@ PFA_INLINE void bwd_dq_block(const Ctx& c, const BwdScratch& w, const Task& t) {
   const T* vbase = static_cast<const T*>(p.v) + si.k_row(0, p.v_batch_stride, p.v_row_stride) +
                    int64_t(hk) * p.v_head_stride;
 
-  fill_dsum(c, si, h, i0, m, o, dout);
+  fill_dsum<T, TL::kPairs>(c, si, h, i0, m, o, dout);
 
   RowRanges rr{w.lo, w.hi, m};
   fill_ranges(p, si, i0, rr);
@@ -1824,6 +1855,36 @@ PFA_INLINE void bwd_dkdv_block(const Ctx& c, const BwdScratch& w, const Task& t)
   store_dkdv<T>(c, w, si, hk, j0, owned, n);
 }
 
+// One-pass backward: a query block's Q^T, dO^T (B operands of S^T and dP^T)
+// and Q, dO rows (B operands of dK and dV) inside its Ctx::qo_pack block.
+struct QoPack {
+  float* qt;
+  float* dot;
+  float* qb;
+  float* dob;
+};
+
+template <typename T, typename CT>
+PFA_INLINE int64_t pack_floats(const Ctx& c) {
+  using TL = Tiles<T, CT>;
+  const int64_t bq = c.blk.q, rows = TL::kPairs ? bq / 2 : bq;  // VNNI: pairs of rows
+  return (TL::kdim(c.d) + TL::kdim(c.dv)) * bq + rows * (c.d + c.dv);
+}
+
+template <typename T, typename CT>
+PFA_INLINE QoPack pack_parts(const Ctx& c, const SeqInfo& si, int h, int i0) {
+  using TL = Tiles<T, CT>;
+  const int64_t first = c.pack_first[si.bi], blocks = c.pack_first[si.bi + 1] - first;
+  const int64_t at = first * c.p->num_heads + h * blocks + i0 / c.blk.q;
+  const int64_t bq = c.blk.q, rows = TL::kPairs ? bq / 2 : bq;
+  QoPack k;
+  k.qt = c.qo_pack + at * c.pack_floats;
+  k.dot = k.qt + TL::kdim(c.d) * bq;
+  k.qb = k.dot + TL::kdim(c.dv) * bq;
+  k.dob = k.qb + rows * c.d;
+  return k;
+}
+
 // One-pass backward (chosen by fused_chunks): one task per (sequence, kv
 // head, chunk of key blocks) computes S, dP, P and dS of each tile once and
 // all three products from them, 5 tile products instead of 7. dK and dV are
@@ -1875,13 +1936,22 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
           if (!load_row_stats(c, w, si, h, i0, m, mp)) continue;
           RowRanges rr{w.lo, w.hi, m};
           fill_ranges(p, si, i0, rr);
-          const T* q = qh + int64_t(i0) * p.q_row_stride;
-          const T* dout = doh + int64_t(i0) * p.do_row_stride;
-          TL::b_t(q, p.q_row_stride, m, c.d, w.qt, ldq);
-          TL::b_t(dout, p.do_row_stride, m, c.dv, w.dot, ldq);
-          bwd_scores<Isa, T, CT>(c, w, rr, t.b, h, i0, j0, n, mp);
-          TL::b_rows(dout, p.do_row_stride, m, c.dv, w.dob);
-          TL::b_rows(q, p.q_row_stride, m, c.d, w.qb);
+          BwdScratch wq = w;
+          if (c.qo_pack) {
+            const QoPack k = pack_parts<T, CT>(c, si, h, i0);
+            wq.qt = k.qt;
+            wq.dot = k.dot;
+            wq.qb = k.qb;
+            wq.dob = k.dob;
+          } else {
+            const T* q = qh + int64_t(i0) * p.q_row_stride;
+            const T* dout = doh + int64_t(i0) * p.do_row_stride;
+            TL::b_t(q, p.q_row_stride, m, c.d, w.qt, ldq);
+            TL::b_t(dout, p.do_row_stride, m, c.dv, w.dot, ldq);
+            TL::b_rows(dout, p.do_row_stride, m, c.dv, w.dob);
+            TL::b_rows(q, p.q_row_stride, m, c.d, w.qb);
+          }
+          bwd_scores<Isa, T, CT>(c, wq, rr, t.b, h, i0, j0, n, mp);
           const int64_t row0 = dsum_index(c, si, h, i0);
           const bool first = touched[row0] == 0;
           float* dq = part + row0 * c.d;
@@ -1894,13 +1964,13 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
                 reinterpret_cast<uint16_t*>(w.dsout)[j * ldq + m] = 0;
               }
             }
-            gemm<Isa, CT>(GemmArgs{n, c.dv, m2, w.pout, ldq / 2, false, w.dob, c.dv, w.acc2, c.dv, true});
-            gemm<Isa, CT>(GemmArgs{n, c.d, m2, w.dsout, ldq / 2, false, w.qb, c.d, w.acc1, c.d, true});
+            gemm<Isa, CT>(GemmArgs{n, c.dv, m2, w.pout, ldq / 2, false, wq.dob, c.dv, w.acc2, c.dv, true});
+            gemm<Isa, CT>(GemmArgs{n, c.d, m2, w.dsout, ldq / 2, false, wq.qb, c.d, w.acc1, c.d, true});
             gemm<Isa, CT>(GemmArgs{m, c.d, (n + 1) / 2, w.dspair, ldq, true, w.kb, c.d, dq, c.d, !first});
           } else {
             grad_tile<typename Isa::Vec, BwdOut::kInPlace>(c, w, n, mp);
-            gemm<Isa, CT>(GemmArgs{n, c.dv, m, w.s, ldq, false, w.dob, c.dv, w.acc2, c.dv, true});
-            gemm<Isa, CT>(GemmArgs{n, c.d, m, w.dp, ldq, false, w.qb, c.d, w.acc1, c.d, true});
+            gemm<Isa, CT>(GemmArgs{n, c.dv, m, w.s, ldq, false, wq.dob, c.dv, w.acc2, c.dv, true});
+            gemm<Isa, CT>(GemmArgs{n, c.d, m, w.dp, ldq, false, wq.qb, c.d, w.acc1, c.d, true});
             gemm<Isa, CT>(GemmArgs{m, c.d, n, w.dp, ldq, true, w.ka, c.d, dq, c.d, !first});
           }
           if (first) std::fill(touched + row0, touched + row0 + m, uint8_t(1));
@@ -1911,9 +1981,46 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
   }
 }
 
-// One-pass backward, before it: D for one query block.
-template <typename T>
+// Tiles<T, CT>::b_t (Q^T, dO^T) in 16 x 16 blocks through Vec::transpose16
+// (the scalar b_t writes one value per row of dst); the columns from `rows`
+// to the next multiple of kLanes are written as zeros, so ld >= that.
+// Odd head dims in pairs take the scalar b_t.
+template <class Vec, typename T, typename CT>
+PFA_INLINE void pack_t(const T* src, int64_t stride, int rows, int cols, float* dst, int64_t ld) {
+  using TL = Tiles<T, CT>;
+  if (TL::kPairs && cols % 2 != 0) {
+    TL::b_t(src, stride, rows, cols, dst, ld);
+    return;
+  }
+  const int kc = TL::kdim(cols);
+  alignas(64) float in[kLanes][kLanes];
+  for (int r0 = 0; r0 < rows; r0 += kLanes) {
+    const int nr = std::min(kLanes, rows - r0);
+    for (int c0 = 0; c0 < kc; c0 += kLanes) {
+      const int nc = std::min(kLanes, kc - c0);
+      for (int a = 0; a < kLanes; ++a) {
+        int b = 0;
+        if (a < nr) {
+          const T* PFA_RESTRICT s = src + int64_t(r0 + a) * stride;
+          if constexpr (TL::kPairs) {
+            std::memcpy(in[a], s + 2 * c0, size_t(nc) * 2 * sizeof(T));
+            b = nc;
+          } else {
+            for (; b < nc; ++b) in[a][b] = to_f32(s[c0 + b]);
+          }
+        }
+        for (; b < kLanes; ++b) in[a][b] = 0.0f;
+      }
+      Vec::transpose16(in, dst + int64_t(c0) * ld + r0, ld, nc);
+    }
+  }
+}
+
+// One-pass backward, before it: D for one query block, and its Q / dO
+// operands packed (when qo_pack is set).
+template <class Vec, typename T, typename CT>
 PFA_INLINE void bwd_prep_block(const Ctx& c, const Task& t) {
+  using TL = Tiles<T, CT>;
   const AttentionBwdParams& p = *c.pb;
   const SeqInfo si(p, t.b);
   const int m = std::min(c.blk.q, si.len_q - t.i0);
@@ -1921,20 +2028,28 @@ PFA_INLINE void bwd_prep_block(const Ctx& c, const Task& t) {
                int64_t(t.h) * p.o_head_stride;
   const T* dout = static_cast<const T*>(p.dout) + si.q_row(t.i0, p.do_batch_stride, p.do_row_stride) +
                   int64_t(t.h) * p.do_head_stride;
-  fill_dsum(c, si, t.h, t.i0, m, o, dout);
+  fill_dsum<T, TL::kPairs>(c, si, t.h, t.i0, m, o, dout);
+  if (!c.qo_pack) return;
+  const T* q = static_cast<const T*>(p.q) + si.q_row(t.i0, p.q_batch_stride, p.q_row_stride) +
+               int64_t(t.h) * p.q_head_stride;
+  const QoPack k = pack_parts<T, CT>(c, si, t.h, t.i0);
+  pack_t<Vec, T, CT>(q, p.q_row_stride, m, c.d, k.qt, c.blk.q);
+  pack_t<Vec, T, CT>(dout, p.do_row_stride, m, c.dv, k.dot, c.blk.q);
+  TL::b_rows(q, p.q_row_stride, m, c.d, k.qb);
+  TL::b_rows(dout, p.do_row_stride, m, c.dv, k.dob);
 }
 
 // One-pass backward, after it: dQ = scale * (sum of the chunks' partials in
 // chunk order) for one query block.
 template <typename T>
-PFA_INLINE void bwd_reduce_block(const Ctx& c, const BwdScratch& w, const Task& t) {
+PFA_INLINE void bwd_reduce_block(const Ctx& c, float* acc_row, const Task& t) {
   const AttentionBwdParams& p = *c.pb;
   const SeqInfo si(p, t.b);
   const int m = std::min(c.blk.q, si.len_q - t.i0);
   T* dq = static_cast<T*>(p.dq) + si.q_row(t.i0, p.dq_batch_stride, p.dq_row_stride) +
           int64_t(t.h) * p.dq_head_stride;
   const float scale = c.p->scale;
-  float* PFA_RESTRICT acc = w.acc1;
+  float* PFA_RESTRICT acc = acc_row;  // [d]
   for (int i = 0; i < m; ++i) {
     const int64_t row = dsum_index(c, si, t.h, t.i0 + i);
     std::fill(acc, acc + c.d, 0.0f);
@@ -1968,11 +2083,11 @@ PFA_INLINE void run_block(Kind kind, const Ctx& c, float* scratch, const Task& t
   } else if (kind == Kind::kBwdDkDv) {
     bwd_dkdv_block<Isa, T, CT>(c, carve_bwd(cv, c), t);
   } else if (kind == Kind::kBwdPrep) {
-    bwd_prep_block<T>(c, t);
+    bwd_prep_block<typename Isa::Vec, T, CT>(c, t);
   } else if (kind == Kind::kBwdFused) {
     bwd_fused_block<Isa, T, CT>(c, carve_bwd(cv, c), t);
   } else {
-    bwd_reduce_block<T>(c, carve_bwd(cv, c), t);
+    bwd_reduce_block<T>(c, scratch, t);
   }
 }
 
@@ -2054,6 +2169,10 @@ int64_t scratch_floats(const Ctx& c, Kind kind) {
   Carver cv(nullptr);
   if (kind == Kind::kFwd) {
     carve_fwd(cv, c);
+  } else if (kind == Kind::kBwdPrep) {
+    return 0;
+  } else if (kind == Kind::kBwdReduce) {
+    return c.d;  // bwd_reduce_block's row accumulator
   } else {
     carve_bwd(cv, c);
   }
@@ -2095,8 +2214,16 @@ void run_tasks(const Ctx& c, Kind kind, const std::vector<Task>& tasks, const st
 // Short sequences get smaller blocks (less scratch to clear), and problems
 // with few blocks get smaller ones so that 32 threads find work (query blocks
 // for the forward and backward pass 1, key blocks for backward pass 2).
+// The backward without a window asks for 16: with 32, B1 H8 S256 D64 got
+// 64 x 64 tiles, where the fixed costs per tile weigh most (bf16 backward, 2
+// threads: 0.56-0.62 ms with 64 x 64, 0.52-0.54 with 128 x 128); causal
+// keeps 32 (S512 causal: 1.33-1.37 ms with 32, 1.41-1.43 with 16, the larger
+// diagonal tiles). PERF_NOTES.md.
+PFA_INLINE int64_t min_tasks_bwd(const AttentionFwdParams& p) {
+  return p.window_left < 0 && p.window_right < 0 ? 16 : 32;
+}
 Blocks choose_blocks(const AttentionFwdParams& p, bool backward) {
-  constexpr int64_t kMinTasks = 32;
+  const int64_t kMinTasks = backward ? min_tasks_bwd(p) : 32;
   const int d = std::max(p.head_dim, p.head_dim_v);
   Blocks b;
   b.q = (backward ? d <= 64 : d <= 128) ? 128 : 64;
@@ -2150,7 +2277,8 @@ void query_tasks(const Ctx& c, std::vector<Task>& tasks, std::vector<int64_t>& c
 // more than kMaxChunks partial dQ copies (few kv heads and many key blocks)
 // or more than kMaxPartBytes of them.
 int fused_chunks(const AttentionFwdParams& p, const Blocks& blk) {
-  constexpr int64_t kMinTasks = 32, kMaxChunks = 8, kMaxPartBytes = int64_t(512) << 20;
+  const int64_t kMinTasks = min_tasks_bwd(p);
+  constexpr int64_t kMaxChunks = 8, kMaxPartBytes = int64_t(512) << 20;
   const bool varlen = p.cu_seqlens_q != nullptr;
   int64_t max_keys = p.seqlen_k;
   if (varlen) {
@@ -2167,15 +2295,57 @@ int fused_chunks(const AttentionFwdParams& p, const Blocks& blk) {
   return int(chunks);
 }
 
+// Buffer for dq_part and qo_pack of the one-pass backward, kept per calling
+// thread between calls up to kKeepBytes (else `temp`, freed by the caller):
+// fresh multi-MiB buffers are page-faulted in on every call once glibc hands
+// them back to the system (B1 H8 S1024 bf16, 2 threads: ~2000 faults per
+// call, 10 ms instead of 7.6).
+float* bwd_buffer(int64_t floats, std::unique_ptr<float[]>& temp) {
+  constexpr int64_t kKeepBytes = int64_t(64) << 20;
+  thread_local std::unique_ptr<float[]> kept;
+  thread_local int64_t kept_floats = 0;
+  if (floats * int64_t(sizeof(float)) > kKeepBytes) {
+    temp.reset(new float[size_t(floats)]);
+    return temp.get();
+  }
+  if (floats > kept_floats) {
+    kept.reset(new float[size_t(floats)]);
+    kept_floats = floats;
+  }
+  return kept.get();
+}
+
 // The one-pass backward: D (query-block tasks), the fused tasks, then the
 // dQ reduction (query-block tasks again).
 void fused_bwd(Ctx& c, int64_t rows, const std::vector<Task>& qtasks, const std::vector<int64_t>& qcost) {
   const AttentionBwdParams& p = *c.pb;
   c.part_rows = rows;
-  std::unique_ptr<float[]> part(new float[size_t(c.chunks) * size_t(rows) * size_t(p.head_dim)]);
+  const int64_t part_floats = int64_t(c.chunks) * rows * p.head_dim;
   std::vector<uint8_t> touched(size_t(c.chunks) * size_t(rows), 0);
-  c.dq_part = part.get();
   c.dq_touched = touched.data();
+  // Q / dO operands packed once per query block (see Ctx::qo_pack), for the
+  // bf16 dot-product path only: fp32 operands are twice the size and their
+  // conversions cheap, and reading them from the pack instead of rebuilding
+  // them in the L1-resident scratch was slower (fp32 causal S512, 2 threads:
+  // 2.52-2.72 -> 2.95-3.2 ms; PERF_NOTES.md).
+  constexpr int64_t kMaxPackBytes = int64_t(512) << 20;
+  std::vector<int64_t> first(size_t(p.batch) + 1, 0);
+  for (int b = 0; b < p.batch; ++b) {
+    const SeqInfo si(p, b);
+    first[size_t(b) + 1] = first[size_t(b)] + (si.len_q + c.blk.q - 1) / c.blk.q;
+  }
+#if PFA_X86
+  const bool pairs = block_fn(p.dtype) == &block_avx512_bf16;
+#else
+  const bool pairs = false;
+#endif
+  c.pack_floats = pairs ? pack_floats<c10::BFloat16, uint32_t>(c) : 0;
+  int64_t pack_total = first[size_t(p.batch)] * p.num_heads * c.pack_floats;
+  if (pack_total * int64_t(sizeof(float)) > kMaxPackBytes) pack_total = 0;
+  std::unique_ptr<float[]> temp;
+  c.dq_part = bwd_buffer(part_floats + pack_total, temp);
+  c.qo_pack = pack_total > 0 ? c.dq_part + part_floats : nullptr;
+  c.pack_first = first.data();
   run_tasks(c, Kind::kBwdPrep, qtasks, qcost);
   std::vector<Task> tasks;
   std::vector<int64_t> cost;
