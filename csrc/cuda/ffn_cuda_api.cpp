@@ -354,20 +354,9 @@ GradTuple ffn_bwd_fused(const FfnShape& s, Activation act, const at::Tensor& dou
     if (s.tokens > 0) run_gemm(p);
   } else if (want_h && !recompute) {
     // Only dW2 wanted, from saved pre-activations: the forward step alone.
+    // The saved pre-activations already hold their biases.
     h = new_buffer();
-    FfnActFwdParams p{};
-    p.gate = gate.data_ptr();
-    p.up = s.gated ? up.data_ptr() : nullptr;
-    p.out = h.data_ptr();
-    p.gate_row_stride = gate.stride(0);
-    p.up_row_stride = s.gated ? up.stride(0) : 0;
-    p.out_row_stride = h.stride(0);
-    p.rows = s.tokens;
-    p.cols = s.d_ff;
-    p.act = act;
-    p.gated = s.gated;
-    p.dtype = dtype_of(x);
-    act_fwd_step_cuda(p);
+    act_fwd_step_cuda(fwd_step_params(s, act, x, gate, up, std::nullopt, std::nullopt, h));
   }
   gate = up = at::Tensor();
 

@@ -188,6 +188,8 @@ const void* step_bias(const at::Tensor& x, const std::optional<at::Tensor>& b) {
   return b && !bias_in_gemm(x) ? b->data_ptr() : nullptr;
 }
 
+}  // namespace
+
 FfnActFwdParams fwd_step_params(const FfnShape& s, Activation act, const at::Tensor& x,
                                 const at::Tensor& gate, const at::Tensor& up,
                                 const std::optional<at::Tensor>& b1,
@@ -208,6 +210,8 @@ FfnActFwdParams fwd_step_params(const FfnShape& s, Activation act, const at::Ten
   p.dtype = to_dtype(x.scalar_type());
   return p;
 }
+
+namespace {
 
 std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;

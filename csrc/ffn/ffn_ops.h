@@ -37,6 +37,14 @@ FfnShape check_inputs(const at::Tensor& x, const at::Tensor& w1,
                       const std::optional<at::Tensor>& b2, const std::optional<at::Tensor>& w3,
                       const std::optional<at::Tensor>& b3);
 
+// The forward step's params over [tokens, d_ff] buffers gate [, up] -> out.
+// b1/b3 are added by the step only where the GEMM did not add them (fp32);
+// pass std::nullopt when `gate`/`up` already hold their biases.
+FfnActFwdParams fwd_step_params(const FfnShape& s, Activation act, const at::Tensor& x,
+                                const at::Tensor& gate, const at::Tensor& up,
+                                const std::optional<at::Tensor>& b1,
+                                const std::optional<at::Tensor>& b3, at::Tensor& out);
+
 // ffn_fwd / ffn_bwd as at::mm / at::addmm GEMMs plus the given fused steps.
 // The forward saves act_in = the first GEMMs' results, with the biases
 // added for bf16/fp16 (inside the GEMM) and not for fp32.
