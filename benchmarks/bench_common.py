@@ -164,6 +164,17 @@ def stats(times: list[float]) -> dict:
     return dict(p20_ms=pct(times, 20), p50_ms=statistics.median(times), p80_ms=pct(times, 80))
 
 
+def add_common_args(ap) -> None:
+    """The flags run.py and ffn_bench.py share: --device, --dtype,
+    --quick/--full, --threads."""
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--dtype", default=None, help="comma list, e.g. float32,bfloat16")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", default=True)
+    g.add_argument("--full", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+
+
 # ---------------------------------------------------------------------------
 # memory
 # ---------------------------------------------------------------------------

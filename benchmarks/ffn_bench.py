@@ -519,12 +519,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--dtype", default=None, help="comma list, e.g. float32,bfloat16")
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", default=True)
-    g.add_argument("--full", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    bench_common.add_common_args(ap)
     ap.add_argument("--tokens", default=None, help="comma list replacing 16,512,8192")
     ap.add_argument("--dmodel", default=None, help="comma list replacing 1024,4096")
     ap.add_argument("--out", default=None, help="directory for ffn_results.csv")
