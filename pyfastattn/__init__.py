@@ -6,6 +6,10 @@ Public API:
   ``torch.nn.functional.scaled_dot_product_attention``.
 * :func:`attention` - the native (FlashAttention-style) API: (B, S, H, D) or
   packed varlen, bottom-right causal, GQA, sliding window, softcap, LSE.
+* :func:`canonical_attention` - the canonical form both meet in ((B, S, H, D)
+  views plus a mask description), used by the modules and integrations.
+* :class:`InvalidArgumentError` - raised for bad arguments (a ``RuntimeError``
+  and a ``ValueError``).
 * :func:`backend`, :func:`set_backend`, :func:`get_backend` - the backend rule
   (``auto`` / ``kernel`` / ``reference``, also ``PYFASTATTN_BACKEND``).
 * :func:`feed_forward`, :func:`gated_feed_forward` - the fused FFN (plain and
@@ -18,15 +22,23 @@ Public API:
 from . import ffn, nn, reference
 from ._backend import BACKENDS, backend, get_backend, set_backend
 from .ffn import feed_forward, ffn_unsupported_reason, gated_feed_forward
-from .functional import attention, kernel_unsupported_reason, scaled_dot_product_attention
+from .functional import (
+    InvalidArgumentError,
+    attention,
+    canonical_attention,
+    kernel_unsupported_reason,
+    scaled_dot_product_attention,
+)
 from .patch import PatchReport, patch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "InvalidArgumentError",
     "PatchReport",
     "attention",
+    "canonical_attention",
     "backend",
     "feed_forward",
     "ffn",

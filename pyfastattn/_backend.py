@@ -1,7 +1,10 @@
 """The backend rule, written once.
 
-* ``auto`` (default): the fused kernel where it supports the call, otherwise the
-  reference path; each distinct reason for falling back is warned about once.
+* ``auto`` (default): the fused kernel where it supports the call (on CUDA:
+  once verified on that GPU), otherwise torch's own
+  ``scaled_dot_product_attention`` where it expresses the call exactly,
+  otherwise the reference path; each distinct reason is warned about once.
+  The rule itself is ``pyfastattn.functional.decide_path``.
 * ``kernel``: the fused kernel or a ``RuntimeError`` that says why not.
 * ``reference``: always the pure-PyTorch reference.
 
@@ -29,7 +32,7 @@ def _validate(name: str, source: str) -> str:
 # A plain module-level dict: torch.compile guards on it, so switching backends
 # recompiles instead of silently reusing a graph built for another backend.
 _state = {"backend": _validate(os.environ.get("PYFASTATTN_BACKEND", "auto"), "PYFASTATTN_BACKEND")}
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()
 
 
 def get_backend() -> str:
@@ -54,13 +57,14 @@ def backend(name: str) -> Iterator[None]:
         _state["backend"] = old
 
 
-def note_fallback(reason: str) -> None:
-    """Warn once per distinct reason that ``auto`` fell back to the reference."""
-    if reason in _warned:
+def note_fallback(reason: str, target: str = "the reference path (slower)") -> None:
+    """Warn once per distinct (target, reason) that ``auto`` did not run the
+    fused kernel: it ran ``target`` instead (torch's own SDPA, or the reference)."""
+    if (target, reason) in _warned:
         return
-    _warned.add(reason)
+    _warned.add((target, reason))
     warnings.warn(
-        f"pyfastattn: using the reference path (slower) because {reason}. "
+        f"pyfastattn: using {target} because {reason}. "
         "Set pyfastattn.set_backend('reference') to silence this, or 'kernel' to make it an error.",
         stacklevel=4,
     )

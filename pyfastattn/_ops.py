@@ -30,6 +30,20 @@ KERNELS = frozenset(
 )
 
 
+def empty_like_layout(q: torch.Tensor, sizes) -> torch.Tensor:
+    """An uninitialised 4-D tensor of ``sizes`` whose first three dims lie in
+    memory in the order of ``q``'s (largest stride outermost, ties in natural
+    order), the last dim innermost: the forward op's output layout, mirrored
+    from ``empty_fwd_outputs`` in csrc/attention/api.cpp (torch's SDPA returns
+    its output in its query's layout)."""
+    order = sorted(range(3), key=lambda d: -q.stride(d))  # stable: ties keep natural order
+    buf = q.new_empty([sizes[d] for d in order] + [sizes[3]])
+    inverse = [0, 0, 0, 3]
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return buf.permute(inverse)
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether ``pyfastattn::<op>`` has a compiled implementation for a device type."""
     return (op, device_type) in KERNELS
@@ -54,10 +68,11 @@ if AVAILABLE:
         window_right,
         bottom_right,
     ):
-        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
         if cu_seqlens_q is None:
+            out = empty_like_layout(q, (*q.shape[:-1], v.shape[-1]))
             lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
         else:
+            out = q.new_empty((*q.shape[:-1], v.shape[-1]))
             lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
         return out, lse
 

@@ -7,8 +7,7 @@ import platform
 import torch
 
 import pyfastattn
-from pyfastattn import _ops
-from pyfastattn.functional import kernel_unsupported_reason
+from pyfastattn import _ops, functional
 
 
 def report() -> str:
@@ -43,13 +42,16 @@ def report() -> str:
     else:
         lines.append("GPU             none visible")
     lines.append(f"threads         {torch.get_num_threads()}")
-    lines.append("would run (auto backend, forward, head_dim 64):")
+    lines.append("would run (auto backend, forward, head_dim 64; softcap or the LSE: kernel or reference):")
     for dev in devices:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            q = torch.empty(1, 1, 1, 64, device=dev, dtype=dtype)
-            reason = kernel_unsupported_reason(q, q, mode="auto")
-            what = "fused kernel" if reason is None else f"reference ({reason})"
+            what = functional.describe_path(*functional.auto_path(dev, dtype))
             lines.append(f"  {dev.type:5s} {str(dtype):15s} {what}")
+    verified = ", ".join(f"{a}.{b}" for a, b in functional.CUDA_VERIFIED_CAPABILITIES) or "none yet"
+    lines.append(
+        f"CUDA kernel verified on capabilities: {verified}; on any other GPU, auto runs torch's "
+        "scaled_dot_product_attention (the reference where SDPA cannot express the call)"
+    )
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ import logging
 import torch
 from torch import nn
 
+from . import functional as _functional
 from .nn.transformer import _TORCH_TO_OURS, ffn_unfused_reason
 
 __all__ = ["patch", "PatchReport"]
@@ -47,6 +48,9 @@ class PatchReport:
 
     replaced: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
     left_alone: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    unfused: list[str] = dataclasses.field(default_factory=list)
+    """What the converted modules still run outside the fused kernels, and why
+    (one entry per distinct cause; empty when everything runs fused)."""
 
     def __str__(self) -> str:
         lines = [
@@ -56,7 +60,52 @@ class PatchReport:
             lines.append(f"  replaced   {name or '<root>'}: {old} -> {new}" + (f" ({note})" if note else ""))
         for name, cls, why in self.left_alone:
             lines.append(f"  left alone {name or '<root>'}: {cls}: {why}")
+        if not self.replaced:
+            lines.append("still unfused: everything (no module was converted)")
+        elif self.unfused:
+            lines.append("still unfused: " + "; ".join(self.unfused))
+        else:
+            lines.append("still unfused: nothing (attention and FFN of every converted module run fused)")
         return "\n".join(lines)
+
+
+def _unfused_causes(model: nn.Module, converted: list[nn.Module]) -> list[str]:
+    """What the converted modules still run outside the fused kernels, and why."""
+    causes: list[str] = []
+
+    def add(cause: str) -> None:
+        if cause not in causes:
+            causes.append(cause)
+
+    layer_attn = {
+        id(getattr(m, n)) for m in converted for n in ("self_attn", "multihead_attn") if hasattr(m, n)
+    }
+    for m in converted:
+        if isinstance(m, nn.MultiheadAttention):
+            if m.dropout > 0:
+                add(
+                    f"attention dropout (p={m.dropout:g}) while training: not fused into the kernel, "
+                    "runs on torch's SDPA or the reference"
+                )
+            if id(m) not in layer_attn:
+                add(
+                    "MultiheadAttention called with need_weights=True (torch's default for a bare "
+                    "MultiheadAttention) computes the weights explicitly; pass need_weights=False"
+                )
+        if hasattr(m, "linear1") and hasattr(m, "activation"):
+            why = ffn_unfused_reason(m)
+            if why:
+                add(f"FFN: {why}")
+            if isinstance(m.dropout, nn.Dropout) and m.dropout.p > 0:
+                add(f"FFN dropout (p={m.dropout.p:g}) while training: the FFN runs as separate torch ops")
+    devices = {(p.device.type, p.dtype) for p in model.parameters() if p.is_floating_point()}
+    for dev, dtype in sorted(devices, key=str):
+        if dev == "meta":
+            continue
+        path, why = _functional.auto_path(dev, dtype)
+        if path != "kernel":
+            add(f"attention on {dev} in {dtype} runs {_functional.describe_path(path, why)}")
+    return causes
 
 
 def _qualname(cls: type) -> str:
@@ -89,6 +138,7 @@ def patch(model: nn.Module, *, return_report: bool = False):
     torch_names = {c.__name__ for c in torch_bases}
     skipped_prefixes: list[str] = []
     hf_models: list[str] = []
+    converted: list[nn.Module] = []
     for name, m in model.named_modules():
         if any(_under(name, p) for p in skipped_prefixes):
             continue
@@ -96,6 +146,7 @@ def patch(model: nn.Module, *, return_report: bool = False):
         target = _TORCH_TO_OURS.get(cls)
         if target is not None:
             m.__class__ = target
+            converted.append(m)
             note = ""
             if hasattr(m, "linear1") and hasattr(m, "activation"):
                 why = ffn_unfused_reason(m)
@@ -127,5 +178,6 @@ def patch(model: nn.Module, *, return_report: bool = False):
                     "attn_implementation='pyfastattn')",
                 )
             )
+    report.unfused = _unfused_causes(model, converted)
     _log.info("%s", report)
     return (model, report) if return_report else model

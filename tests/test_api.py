@@ -180,7 +180,13 @@ def test_backend_kernel_raises_and_auto_warns_once_for_float64():
         warnings.simplefilter("always")
         pyfastattn.attention(q, k, v)
         pyfastattn.attention(q, k, v)
-    assert len([x for x in w if "reference path" in str(x.message)]) == 1
+        pyfastattn.attention(q, k, v, return_lse=True)  # torch's SDPA has no LSE: the reference
+        pyfastattn.attention(q, k, v, return_lse=True)
+    msgs = [str(x.message) for x in w]
+    assert (
+        len([m for m in msgs if "torch's scaled_dot_product_attention because" in m and "float64" in m]) == 1
+    )
+    assert len([m for m in msgs if "reference path" in m and "float64" in m and "log-sum-exp" in m]) == 1
 
 
 def test_backend_validation():

@@ -46,14 +46,13 @@ def qkv4(b=2, s=8, h=2, d=16, **kw):
             r"value.dtype must equal query.dtype \(torch.float32\), got torch.float64",
         ),
         (lambda: sdpa(*qkv4()[:2], qkv4()[2].to("meta")), "value.device must equal query.device"),
-        (lambda: sdpa(*qkv4(), attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True), "is_causal"),
         (lambda: sdpa(*qkv4(), attn_mask=torch.ones(7, 8, dtype=torch.bool)), "not broadcastable"),
         (
             lambda: sdpa(*qkv4(), attn_mask=torch.ones(8, 8, dtype=torch.int64)),
-            r"attn_mask.dtype must be torch.bool or query.dtype \(torch.float32\), got torch.int64",
+            r"attn_mask.dtype must be torch.bool, torch.float32 or query.dtype \(torch.float32\), got torch.int64",
         ),
         (lambda: sdpa(*qkv4(), attn_mask=torch.ones(1, 1, 1, 1, 8, 8)), "at most 4 dims"),
-        (lambda: sdpa(*qkv4(), dropout_p=1.5), r"dropout_p must be in \[0, 1\), got 1.5"),
+        (lambda: sdpa(*qkv4(), dropout_p=1.5), r"dropout_p must be in \[0, 1\], got 1.5"),
         (lambda: sdpa(*[t.int() for t in qkv4()]), "floating-point"),
         (lambda: attn(*make_qkv(2, 8, 8, 2, 2, 16)[:2], torch.randn(2, 8, 2)), "v must have 4 dims"),
         (

@@ -1,5 +1,7 @@
 #include "api.h"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -18,7 +20,16 @@ DType to_dtype(at::ScalarType t) {
 
 namespace {
 
+// A kernel reads a tensor only through data_ptr() and strides: anything else
+// (sparse, nested, or a tensor without storage) is refused here.
+void check_strided(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided && !t.is_nested() && t.has_storage(), name,
+                    " must be a dense strided tensor with storage, got layout ", t.layout(),
+                    t.is_nested() ? " (nested)" : "");
+}
+
 void check_same(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  check_strided(t, name);
   TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), name, ".dtype must equal q.dtype (",
                     q.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == q.device(), name, ".device must equal q.device (", q.device(),
@@ -38,6 +49,7 @@ std::vector<int32_t> host_values(const at::Tensor& t, const char* name, int64_t 
                     "), got ", t.device());
   TORCH_CHECK_VALUE(expected_len < 0 || t.size(0) == expected_len, name, " must have ",
                     expected_len, " elements, got ", t.size(0));
+  check_strided(t, name);
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
   at::Tensor h = t.cpu();
   return std::vector<int32_t>(h.data_ptr<int32_t>(), h.data_ptr<int32_t>() + h.numel());
@@ -139,6 +151,7 @@ AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
     }
     if (attn_mask.has_value()) {
       const at::Tensor& m = *attn_mask;
+      check_strided(m, "attn_mask");
       TORCH_CHECK_VALUE(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
                         "attn_mask.dtype must be torch.bool or q.dtype (", q.scalar_type(),
                         "), got ", m.scalar_type());
@@ -169,11 +182,30 @@ AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
   return s;
 }
 
+namespace {
+// An uninitialised [b, s, h, dv] tensor whose (b, s, h) dims lie in memory in
+// the same order as q's (outermost = largest stride; ties keep b, s, h order;
+// the head dim stays innermost). torch's SDPA returns its output in its
+// query's layout: a contiguous (b, h, s, d) query reaches the op as a
+// (b, s, h, d) view with the head stride above the row stride, gets a
+// (b, h, s, dv) buffer here, and the drop-in's transpose back is free.
+at::Tensor empty_dense_like_layout(const at::Tensor& q, at::IntArrayRef sizes) {
+  std::array<int64_t, 3> order = {0, 1, 2};
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return q.stride(a) > q.stride(b); });
+  const at::Tensor buf =
+      at::empty({sizes[order[0]], sizes[order[1]], sizes[order[2]], sizes[3]}, q.options());
+  std::array<int64_t, 4> inverse = {0, 0, 0, 3};
+  for (int64_t i = 0; i < 3; ++i) inverse[order[i]] = i;
+  return buf.permute(inverse);
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> empty_fwd_outputs(const at::Tensor& q,
                                                      const AttentionShape& s) {
   auto sizes = q.sizes().vec();
   sizes.back() = s.head_dim_v;
-  at::Tensor out = at::empty(sizes, q.options());
+  at::Tensor out = s.varlen ? at::empty(sizes, q.options()) : empty_dense_like_layout(q, sizes);
   at::Tensor lse = s.varlen ? at::empty({s.heads, s.total_q}, q.options().dtype(at::kFloat))
                             : at::empty({s.batch, s.heads, s.seqlen_q},
                                         q.options().dtype(at::kFloat));

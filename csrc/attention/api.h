@@ -35,7 +35,8 @@ AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
                                       const std::optional<at::Tensor>& seqused_k,
                                       int64_t max_seqlen_q, int64_t max_seqlen_k);
 
-// out [.., hq, dv] like q (contiguous) and lse [b, hq, sq] or [hq, total_q] (fp32).
+// out [.., hq, dv] (dense: its (b, s, h) dims in the memory order of q's, as
+// torch's SDPA does; varlen: contiguous) and lse [b, hq, sq] or [hq, total_q] (fp32).
 // Packed rows past cu_seqlens_q[-1] are set here (out 0, lse -inf), since no
 // kernel visits them.
 std::tuple<at::Tensor, at::Tensor> empty_fwd_outputs(const at::Tensor& q,

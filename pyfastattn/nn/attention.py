@@ -81,30 +81,18 @@ def attend(
     ``seqused_k``: int32 (B,) real key lengths. ``causal`` is top-left aligned
     unless ``bottom_right``. The caller has validated shapes and dtypes.
     """
-    b, lq, hq, d = q.shape
-    sk = k.shape[1]
-    if mask is not None:
-        if mask.dtype != torch.bool and mask.dtype != q.dtype:
-            mask = mask.to(q.dtype)
-        mask = _functional._canonical_mask(mask, q, (b,), hq, lq, sk)
-    out, _ = _functional._run(
+    return _functional.canonical_attention(
         q,
         k,
         v,
         attn_mask=mask,
-        cu_seqlens_q=None,
-        cu_seqlens_k=None,
         seqused_k=seqused_k,
-        max_seqlen_q=lq,
-        max_seqlen_k=sk,
-        scale=1.0 / math.sqrt(d) if scale is None else float(scale),
-        softcap=float(softcap),
-        window_left=-1,
+        scale=scale,
+        softcap=softcap,
         window_right=0 if causal else -1,
         bottom_right=bottom_right,
         dropout_p=dropout_p,
     )
-    return out
 
 
 def explicit_attention(
