@@ -14,8 +14,10 @@ that each signature says exactly which weights it takes)::
 Weights are in ``torch.nn.Linear`` layout ``[out_features, in_features]``;
 every bias is optional; ``x`` has any leading dims. Both run
 ``torch.ops.pyfastattn.ffn_fwd`` / ``ffn_bwd`` (schemas and the CPU kernels in
-``csrc/ffn/``) or, under the backend rule of :mod:`pyfastattn._backend`, the
-pure-PyTorch ``reference.feed_forward`` / ``reference.gated_feed_forward``.
+``csrc/ffn/``) or, under the backend rule of :mod:`pyfastattn._backend`,
+eager torch in the input dtype where the kernel can't run (``auto``) or the
+pure-PyTorch ``reference.feed_forward`` / ``reference.gated_feed_forward``
+(``reference``).
 Both are differentiable and trace under ``torch.compile(fullgraph=True)``.
 
 Memory. By default the forward saves, per token, only the pre-activations:
@@ -29,6 +31,7 @@ first GEMM(s) from ``x``, one extra GEMM plain, two gated.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _backend, _ffn_cuda, _ops, reference  # noqa: F401  (_ffn_cuda: loads the CUDA dispatch table)
 
@@ -46,8 +49,8 @@ _KERNEL_DTYPES = {
 
 
 # Devices (by CUDA capability) on which the CUDA FFN passed scripts/gpu_check.sh.
-# Until a device is listed, backend "auto" uses the reference there and backend
-# "kernel" runs the unverified kernels on request.
+# Until a device is listed, backend "auto" runs eager torch (cuBLAS) there and
+# backend "kernel" runs the unverified kernels on request.
 FFN_CUDA_VERIFIED_CAPABILITIES: tuple[tuple[int, int], ...] = ()
 
 
@@ -223,6 +226,17 @@ def _autocast(*tensors):
     return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
+def _eager(x, w1, b1, w2, b2, w3, b3, activation: str) -> torch.Tensor:
+    """The FFN as plain PyTorch computes it, in the input dtype (cuBLAS / MKL
+    GEMMs): backend ``auto``'s choice where the fused kernel can't run, so that
+    a model is never slower than it was without pyfastattn (the reference
+    computes in fp32 and keeps more memory)."""
+    h = reference.apply_activation(F.linear(x, w1, b1), activation)
+    if w3 is not None:
+        h = h * F.linear(x, w3, b3)
+    return F.linear(h, w2, b2)
+
+
 def _run(x, w1, b1, w2, b2, w3, b3, activation: str, recompute: bool) -> torch.Tensor:
     """Validated arguments in, ``y`` out, through the chosen backend."""
     mode = _backend.get_backend()
@@ -230,11 +244,13 @@ def _run(x, w1, b1, w2, b2, w3, b3, activation: str, recompute: bool) -> torch.T
     if mode == "reference" or reason is not None:
         if mode == "kernel":
             raise RuntimeError(f"pyfastattn backend 'kernel' cannot run this FFN call: {reason}")
-        if reason is not None and not _is_compiling():
-            _backend.note_fallback(reason)
-        if w3 is None:
-            return reference.feed_forward(x, w1, b1, w2, b2, activation)
-        return reference.gated_feed_forward(x, w1, w3, w2, b1, b3, b2, activation)
+        if mode == "reference":
+            if w3 is None:
+                return reference.feed_forward(x, w1, b1, w2, b2, activation)
+            return reference.gated_feed_forward(x, w1, w3, w2, b1, b3, b2, activation)
+        if not _is_compiling():
+            _backend.note_fallback(reason, target="eager torch (its own GEMMs, in the input dtype)")
+        return _eager(x, w1, b1, w2, b2, w3, b3, activation)
     lead = x.shape[:-1]
     x2 = x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
     needs_grad = torch.is_grad_enabled() and any(
@@ -261,7 +277,7 @@ def feed_forward(
     d_out = d_model), ``b2`` [d_out] or None -> ``y`` [..., d_out]. All of one
     floating dtype and device; the fused CPU kernel takes float32, bfloat16 and
     float16 (bias, activation and gradients computed in fp32, GEMMs by ATen),
-    other cases run the reference under backend ``auto``. Under autocast,
+    other cases run eager torch (in the input dtype) under backend ``auto``. Under autocast,
     every tensor is first cast to the autocast dtype, as ``F.linear`` would.
 
     ``activation``: "gelu" (exact, erf), "gelu_tanh", "relu" or "silu".
@@ -269,7 +285,7 @@ def feed_forward(
     backward (``d_ff`` values per token, half of what eager PyTorch keeps);
     with ``True`` it keeps nothing of that size and the backward recomputes
     the first GEMM (one extra GEMM, about +17% forward+backward time).
-    Not twice differentiable (the reference path is).
+    Not twice differentiable (the eager and reference paths are).
     """
     x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)
     _validate(x, w1, b1, w2, b2, None, None, ("w1", "b1", "w2", "b2", "", ""), activation, recompute)

@@ -168,3 +168,22 @@ def test_patch_leaves_hugging_face_models_to_attn_implementation():
         )
     _, report = patch(lm, return_report=True)
     assert [r[0] for r in report.left_alone] == [""]  # the inner LlamaModel is not listed again
+
+
+def test_report_ends_with_what_still_runs_unfused():
+    enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2)
+    _, report = pyfastattn.patch(enc, return_report=True)
+    last = str(report).splitlines()[-1]
+    assert len(report.replaced) == 5  # the encoder, 2 layers, 2 attentions
+    assert last.startswith("still unfused: ") and "attention dropout (p=0.1)" in last, last
+    assert "FFN dropout (p=0.1)" in last
+    assert "need_weights" not in last  # the layers call their attention with need_weights=False
+    enc0 = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2
+    )
+    _, report0 = pyfastattn.patch(enc0, return_report=True)
+    assert str(report0).splitlines()[-1].startswith("still unfused: nothing"), str(report0)
+    _, bare = pyfastattn.patch(torch.nn.Sequential(torch.nn.MultiheadAttention(16, 4)), return_report=True)
+    assert "need_weights=True" in str(bare).splitlines()[-1]
+    _, none = pyfastattn.patch(torch.nn.Linear(3, 3), return_report=True)
+    assert str(none).splitlines()[-1] == "still unfused: everything (no module was converted)"

@@ -158,3 +158,50 @@ def test_auto_on_cpu_still_runs_the_kernel(monkeypatch):
     q, k, v = make_qkv(1, 6, 6, 2, 2, 8)
     pyfastattn.attention(q, k, v, causal=True)
     assert calls == []
+
+
+def test_ffn_auto_fallback_is_eager_torch_in_the_input_dtype(monkeypatch):
+    """Where the fused FFN can't run (an unverified GPU), auto runs the FFN as
+    eager torch does (its GEMMs, in the input dtype), not the fp32 reference."""
+    from pyfastattn import ffn
+
+    monkeypatch.setattr(ffn, "ffn_unsupported_reason", lambda *a, **k: "the test declines the kernel")
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    w1, w2, w3 = (
+        torch.randn(24, 16, dtype=torch.bfloat16),
+        torch.randn(16, 24, dtype=torch.bfloat16),
+        torch.randn(24, 16, dtype=torch.bfloat16),
+    )
+    b1 = torch.randn(24, dtype=torch.bfloat16)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y = pyfastattn.feed_forward(x, w1, b1, w2, activation="gelu")
+        yg = pyfastattn.gated_feed_forward(x, w1, w3, w2, activation="silu")
+    assert torch.equal(y, F.linear(F.gelu(F.linear(x, w1, b1)), w2))
+    assert torch.equal(yg, F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2))
+    assert any("eager torch" in str(m.message) for m in w)
+    with pyfastattn.backend("reference"):
+        assert not torch.equal(pyfastattn.feed_forward(x, w1, b1, w2, activation="gelu"), y)  # fp32 inside
+
+
+def test_meta_tensors_through_every_entry():
+    """Shapes only, as FSDP2 initialises a model under torch.device("meta")."""
+    q = torch.randn(2, 4, 9, 16, device="meta")
+    out = pyfastattn.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert out.device.type == "meta" and out.shape == (2, 4, 9, 16) and out.is_contiguous()
+    assert pyfastattn.attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2)).shape == (
+        2,
+        9,
+        4,
+        16,
+    )
+    with torch.device("meta"):
+        mha = pyfastattn.nn.MultiheadAttention(16, 4, batch_first=True)
+        enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2)
+    pyfastattn.patch(enc)
+    x = torch.randn(2, 7, 16, device="meta")
+    y, _ = mha(x, x, x, need_weights=False)
+    assert y.shape == (2, 7, 16) and y.device.type == "meta"
+    z = enc(x, mask=torch.nn.Transformer.generate_square_subsequent_mask(7, device="meta"), is_causal=True)
+    assert z.shape == (2, 7, 16) and z.device.type == "meta"
+    z.sum().backward()
