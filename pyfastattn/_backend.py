@@ -65,6 +65,6 @@ def note_fallback(reason: str, target: str = "the reference path (slower)") -> N
     _warned.add((target, reason))
     warnings.warn(
         f"pyfastattn: using {target} because {reason}. "
-        "Set pyfastattn.set_backend('reference') to silence this, or 'kernel' to make it an error.",
+        "(Shown once per reason; pyfastattn.set_backend('kernel') makes it an error.)",
         stacklevel=4,
     )

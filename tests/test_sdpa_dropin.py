@@ -284,3 +284,26 @@ def test_output_layout_under_autograd_and_compile_fake():
         qc, qc, qc, None, None, None, None, 11, 11, 0.25, 0.0, -1, -1, False
     )[0]
     assert fake.stride() == real.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_multihead_attention_float32_masks_with_low_precision_like_torch(dtype):
+    """torch's MultiheadAttention (need_weights=False) takes float32 masks with
+    bf16/fp16 inputs; so does ours, with the same numbers."""
+    torch_mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).to(dtype)
+    ours = pyfastattn.nn.MultiheadAttention(32, 4, batch_first=True).to(dtype)
+    ours.load_state_dict(torch_mha.state_dict())
+    x = torch.randn(2, 9, 32, dtype=dtype)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(9)  # float32 0 / -inf
+    general = torch.randn(9, 9) * 2
+    kpm = torch.zeros(2, 9).masked_fill(torch.arange(9) >= 6, float("-inf"))
+    for kw in ({"attn_mask": causal}, {"attn_mask": general}, {"key_padding_mask": kpm}):
+        want = torch_mha(x, x, x, need_weights=False, **kw)[0]
+        got = ours(x, x, x, need_weights=False, **kw)[0]
+        m64 = {n: t.double() for n, t in kw.items()}
+        ref_mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).double()
+        ref_mha.load_state_dict({n: t.double() for n, t in torch_mha.state_dict().items()})
+        ref = ref_mha(x.double(), x.double(), x.double(), need_weights=False, **m64)[0]
+        assert_tolerance(f"mha fp32 mask {list(kw)}", got, ref, want, dtype)
+    with pytest.raises(RuntimeError, match="must be bool, float32 or have the query's dtype"):
+        ours(x, x, x, need_weights=False, attn_mask=causal.double())

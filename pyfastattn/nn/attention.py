@@ -343,9 +343,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         check_mask_type(key_padding_mask, "key_padding_mask", attn_mask, "attn_mask")
         check_mask_type(attn_mask, "attn_mask")
         for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-            if m is not None and m.dtype != torch.bool and m.dtype != query.dtype:
+            # torch's rule (its SDPA path): bool, float32, or the query's dtype
+            if m is not None and m.dtype not in (torch.bool, torch.float32, query.dtype):
                 raise RuntimeError(
-                    f"{name} must be bool or have the query's dtype ({query.dtype}), got {m.dtype}"
+                    f"{name} must be bool, float32 or have the query's dtype ({query.dtype}), got {m.dtype}"
                 )
         if is_causal and attn_mask is None:
             raise RuntimeError(
@@ -418,7 +419,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             mask = ~m if m.dtype == torch.bool else m
         if key_padding_mask is not None and seqused_k is None:
             kpm = key_padding_mask.reshape(n, 1, 1, sk)
-            mask = _merge(mask, ~kpm if kpm.dtype == torch.bool else kpm, q.dtype)
+            # a float32 mask with bf16/fp16 inputs stays float32: added exactly downstream
+            merged_dtype = torch.float32 if torch.float32 in (kpm.dtype, getattr(mask, "dtype", None)) else q.dtype
+            mask = _merge(mask, ~kpm if kpm.dtype == torch.bool else kpm, merged_dtype)
         if mask is not None and extra:
             mask = _pad_keys(mask, extra)
 
