@@ -29,9 +29,17 @@ from pyfastattn import functional
 CASES = [  # name, (b, sq, sk, h, hk, d), canonical kwargs
     ("bottom-right causal Sq<Sk", (2, 256, 1024, 8, 8, 64), {"window_right": 0, "bottom_right": True}),
     ("bottom-right causal Sq=Sk", (2, 1024, 1024, 8, 8, 64), {"window_right": 0, "bottom_right": True}),
-    ("sliding window 128", (2, 1024, 1024, 8, 8, 64), {"window_left": 128, "window_right": 0, "bottom_right": True}),
+    (
+        "sliding window 128",
+        (2, 1024, 1024, 8, 8, 64),
+        {"window_left": 128, "window_right": 0, "bottom_right": True},
+    ),
     ("key lengths + causal", (4, 512, 512, 8, 8, 64), {"window_right": 0, "seqused_k": [512, 300, 100, 17]}),
-    ("GQA 8:2 window", (2, 1024, 1024, 8, 2, 64), {"window_left": 256, "window_right": 0, "bottom_right": True}),
+    (
+        "GQA 8:2 window",
+        (2, 1024, 1024, 8, 2, 64),
+        {"window_left": 256, "window_right": 0, "bottom_right": True},
+    ),
 ]
 
 

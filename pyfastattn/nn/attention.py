@@ -420,7 +420,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         if key_padding_mask is not None and seqused_k is None:
             kpm = key_padding_mask.reshape(n, 1, 1, sk)
             # a float32 mask with bf16/fp16 inputs stays float32: added exactly downstream
-            merged_dtype = torch.float32 if torch.float32 in (kpm.dtype, getattr(mask, "dtype", None)) else q.dtype
+            merged_dtype = (
+                torch.float32 if torch.float32 in (kpm.dtype, getattr(mask, "dtype", None)) else q.dtype
+            )
             mask = _merge(mask, ~kpm if kpm.dtype == torch.bool else kpm, merged_dtype)
         if mask is not None and extra:
             mask = _pad_keys(mask, extra)
