@@ -59,6 +59,11 @@ __all__ = ["MultiheadAttention"]
 # integration.
 # ---------------------------------------------------------------------------
 
+# Set by pyfastattn.distributed.context_parallel (and only there): while set,
+# attend() hands every call to it, with the same arguments.
+_context_parallel_hook = None
+
+
 
 def attend(
     q: Tensor,
@@ -81,6 +86,10 @@ def attend(
     ``seqused_k``: int32 (B,) real key lengths. ``causal`` is top-left aligned
     unless ``bottom_right``. The caller has validated shapes and dtypes.
     """
+    if _context_parallel_hook is not None:  # pyfastattn.distributed.context_parallel
+        return _context_parallel_hook(q, k, v, mask=mask, seqused_k=seqused_k, causal=causal,
+                                      bottom_right=bottom_right, scale=scale, softcap=softcap,
+                                      dropout_p=dropout_p)  # fmt: skip
     b, lq, hq, d = q.shape
     sk = k.shape[1]
     if mask is not None:
@@ -118,6 +127,9 @@ def explicit_attention(
     in ``q.dtype``; dropout is applied to the weights (and so returned with
     them), as in torch. A row with every key masked gives weights 0.
     """
+    if _context_parallel_hook is not None:
+        raise RuntimeError("need_weights=True is not supported under pyfastattn.distributed.context_parallel "
+                           "(the attention matrix spans ranks); pass need_weights=False")  # fmt: skip
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = (t.transpose(1, 2).to(cdt) for t in (q, k, v))
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
