@@ -68,7 +68,13 @@ def coalesce(plans: list[list[BlockPlan | None]], q_total: int, k_total: int) ->
     all keys; the rest stay as they are."""
 
     def full(p: BlockPlan | None) -> bool:
-        return p is not None and p.dense is None and p.window_left < 0 and p.window_right < 0 and p.n_valid == p.k_len
+        return (
+            p is not None
+            and p.dense is None
+            and p.window_left < 0
+            and p.window_right < 0
+            and p.n_valid == p.k_len
+        )
 
     nq, nk = len(plans), len(plans[0])
     if all(full(p) for row in plans for p in row):
@@ -190,7 +196,9 @@ def _reference_block_backward(dout, q, k, v, out, lse, mask, used, plan, scale, 
         vis = vis & mask
     lse_c = lse.to(cdt).unsqueeze(-1)
     vis = vis & torch.isfinite(lse_c)
-    p = torch.where(vis, torch.exp(s - torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c))), 0.0)
+    p = torch.where(
+        vis, torch.exp(s - torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c))), 0.0
+    )
     do = dout.to(cdt).transpose(1, 2)
     o = out.to(cdt).transpose(1, 2)
     dv = torch.matmul(p.transpose(-1, -2), do)

@@ -70,7 +70,9 @@ class ContextParallel:
                 "use is_causal=True for a causal mask, or pad the shards and pass seqlen= to context_parallel"
             )
         if dropout_p > 0:
-            raise ValueError(f"{where}: attention dropout is not supported, got dropout_p={dropout_p} (use eval() or dropout=0)")
+            raise ValueError(
+                f"{where}: attention dropout is not supported, got dropout_p={dropout_p} (use eval() or dropout=0)"
+            )
         if q.shape[1] != k.shape[1]:
             raise ValueError(
                 f"{where}: query and key shards must have the same length, got {q.shape[1]} and {k.shape[1]}"

@@ -89,10 +89,14 @@ def unshard_sequence(
     dim = dim % shards[0].dim()
     for r, s in enumerate(shards):
         if s.shape != shards[0].shape:
-            raise ValueError(f"shards[{r}].shape must equal shards[0].shape {tuple(shards[0].shape)}, got {tuple(s.shape)}")
+            raise ValueError(
+                f"shards[{r}].shape must equal shards[0].shape {tuple(shards[0].shape)}, got {tuple(s.shape)}"
+            )
     if zigzag:
         if shards[0].shape[dim] % 2:
-            raise ValueError(f"zigzag shards must have an even length along dim {dim}, got {shards[0].shape[dim]}")
+            raise ValueError(
+                f"zigzag shards must have an even length along dim {dim}, got {shards[0].shape[dim]}"
+            )
         halves = [s.chunk(2, dim=dim) for s in shards]
         ordered = [halves[r][0] for r in range(p)] + [halves[r][1] for r in reversed(range(p))]
     else:

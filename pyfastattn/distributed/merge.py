@@ -67,7 +67,9 @@ def merge_attention_states(
     if out_b.shape != out_a.shape:
         raise ValueError(f"out_b.shape must equal out_a.shape {tuple(out_a.shape)}, got {tuple(out_b.shape)}")
     want_lse = (
-        (out_a.shape[0], out_a.shape[2], out_a.shape[1]) if out_a.dim() == 4 else (out_a.shape[1], out_a.shape[0])
+        (out_a.shape[0], out_a.shape[2], out_a.shape[1])
+        if out_a.dim() == 4
+        else (out_a.shape[1], out_a.shape[0])
     )
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
         if tuple(t.shape) != want_lse:

@@ -97,10 +97,14 @@ def ulysses_attention(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims (B, S_local, H, D), got {t.dim()} (shape {tuple(t.shape)})")
+            raise ValueError(
+                f"{name} must have 4 dims (B, S_local, H, D), got {t.dim()} (shape {tuple(t.shape)})"
+            )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}")
+            raise ValueError(
+                f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}"
+            )
     b, s_local, hq, d = q.shape
     hk = k.shape[2]
     if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[1] != s_local:
@@ -122,7 +126,11 @@ def ulysses_attention(
             f"ulysses_attention needs k heads to be a multiple or a divisor of the group size: "
             f"Hk = {hk}, group size = {world}"
         )
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2 and all(isinstance(w, int) for w in window_size)):
+    if not (
+        isinstance(window_size, (tuple, list))
+        and len(window_size) == 2
+        and all(isinstance(w, int) for w in window_size)
+    ):
         raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
     if not (softcap >= 0 and math.isfinite(softcap)):
         raise ValueError(f"softcap must be a finite number >= 0, got {softcap}")
