@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import pyfastattn
 from pyfastattn import reference
 from pyfastattn.distributed import (
     _merge_ops,
@@ -203,12 +204,11 @@ def _spawn(fn, world: int, *args) -> None:
 
 def _init(rank: int, world: int, store: str) -> None:
     torch.set_num_threads(1)
-    os.environ.setdefault("PYFASTATTN_BACKEND", "auto")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
 def _gather(x: torch.Tensor) -> list[torch.Tensor]:
-    x = x.detach().float().contiguous()
+    x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x)
     return out
@@ -284,8 +284,9 @@ def _run_case(rank, world, case) -> list[str]:
     return failures
 
 
-def _worker_cases(rank, world, store, cases):
+def _worker_cases(rank, world, store, cases, backend="auto"):
     _init(rank, world, store)
+    pyfastattn.set_backend(backend)
     failures = []
     for case in cases:
         failures += _run_case(rank, world, case)
@@ -298,6 +299,19 @@ def _worker_cases(rank, world, store, cases):
 @pytest.mark.parametrize("method", ["ring", "ulysses"])
 def test_context_parallel_matches_full_sequence(world, method):
     _spawn(_worker_cases, world, [c for c in CASES if c[1] == method])
+
+
+# float64 runs on the reference path (forward and the ring's reference block
+# backward); the rule's fp64 floor (1e-12 relative) checks the algebra itself.
+REFERENCE_CASES = [
+    ("ring fp64 causal window odd length", "ring", torch.float64, True, (4, -1), 4, 2, 21, True, 0.0),
+    ("ring fp64 window softcap", "ring", torch.float64, False, (3, 5), 2, 1, 24, True, 3.0),
+    ("ulysses fp64 causal odd length", "ulysses", torch.float64, True, (-1, -1), 4, 2, 21, False, 0.0),
+]
+
+
+def test_context_parallel_reference_backend_fp64():
+    _spawn(_worker_cases, 2, REFERENCE_CASES, "reference")
 
 
 def _worker_errors(rank, world, store):

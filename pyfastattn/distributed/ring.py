@@ -80,6 +80,11 @@ class _Ring:
             timers.wait += time.perf_counter() - t0
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulators: fp32, or fp64 for fp64 inputs (which run on the reference path)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _plans(rank: int, src: int, world: int, s_local: int, zigzag: bool, wl: int, wr: int, seqlen: int):
     qc = local_chunks(rank, world, s_local, zigzag=zigzag)
     kc = local_chunks(src, world, s_local, zigzag=zigzag)
@@ -93,8 +98,9 @@ class _RingAttention(torch.autograd.Function):
         b, s_local, hq, _ = q.shape
         dk_dim, dv_dim = k.shape[-1], v.shape[-1]
         kv = torch.cat([k, v], dim=-1).contiguous()  # one message per step
-        out_acc = torch.zeros(b, s_local, hq, dv_dim, dtype=torch.float32, device=q.device)
-        lse_acc = torch.full((b, hq, s_local), float("-inf"), dtype=torch.float32, device=q.device)
+        acc = _acc_dtype(q.dtype)
+        out_acc = torch.zeros(b, s_local, hq, dv_dim, dtype=acc, device=q.device)
+        lse_acc = torch.full((b, hq, s_local), float("-inf"), dtype=acc, device=q.device)
         world, rank = ring.world, ring.rank
         for step in range(world):
             src = (rank - step) % world
@@ -129,7 +135,8 @@ class _RingAttention(torch.autograd.Function):
         b, s_local, hq, _ = q.shape
         dk_dim = k.shape[-1]
         kv = torch.cat([k, v], dim=-1).contiguous()
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        acc = _acc_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dkv = None  # fp32 dK|dV accumulator of the block held now
         dkv_pending = None  # the accumulator arriving from the previous rank
         world, rank = ring.world, ring.rank
@@ -138,7 +145,7 @@ class _RingAttention(torch.autograd.Function):
             kv_pending = ring.start(kv, timers) if step + 1 < world else None
             t0 = time.perf_counter() if timers is not None else 0.0
             kb, vb = kv[..., :dk_dim], kv[..., dk_dim:]
-            contrib = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+            contrib = torch.zeros(kv.shape, dtype=acc, device=q.device)
             for plan in _plans(rank, src, world, s_local, zigzag, wl, wr, seqlen):
                 dqb, dkb, dvb = block_backward(dout, q, kb, vb, out, lse, plan, scale, softcap)
                 dq[:, plan.q_start : plan.q_start + plan.q_len] += dqb
