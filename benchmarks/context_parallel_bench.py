@@ -11,7 +11,12 @@ full sequence with 1 and with P threads as the baselines. It reports:
   timers; for Ulysses, total minus the all-to-alls);
 * ``comm``: the same transfers run alone, without compute (ring: the K/V and
   dK/dV hops of one fwd+bwd; Ulysses: its four all-to-alls forward, four back);
-* ``exposed``: time the ring spent blocked waiting for a transfer;
+* ``waited``: time the ring spent blocked in ``wait`` (includes waiting for a
+  slower rank to post its send: load imbalance, here mostly other processes
+  on the machine);
+* ``exposed``: the part of ``waited`` the wire caused: per transfer, the wait
+  after both this rank started waiting and the sender had posted (one host
+  clock, so this split needs all ranks on one machine);
 * ``overlap``: 1 - exposed / comm, the fraction of communication hidden
   behind compute (Ulysses: 0 by construction, its all-to-alls are not overlapped);
 * ``vs_1proc``: total / single-process time with P threads (the target of
@@ -137,7 +142,7 @@ def _worker(rank, world, store, cfg, queue):
             q, k, v, do = (shard_sequence(t, rank, world, zigzag=zigzag) for t in _inputs(cfg, s))
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             timers = RingTimers()
-            totals, computes, waits = [], [], []
+            totals, computes, waits, exposed_all = [], [], [], []
             for i in range(cfg["repeats"] + 1):
                 timers.reset()
                 dist.barrier()
@@ -152,21 +157,31 @@ def _worker(rank, world, store, cfg, queue):
                 if i:
                     totals.append(el)
                     computes.append(_max_over_ranks(timers.compute))
+                    exposed_i = 0.0
+                    if method == "ring" and world > 1:
+                        posts = torch.tensor(timers.posts, dtype=torch.float64)
+                        everyone = [torch.empty_like(posts) for _ in range(world)]
+                        dist.all_gather(everyone, posts)
+                        exposed_i = timers.exposed(everyone[(rank - 1) % world].tolist())
+                    exposed_all.append(_max_over_ranks(exposed_i))
                     waits.append(_max_over_ranks(timers.wait))
             if method == "ring":
                 kv = torch.cat([k.detach(), v.detach()], -1).contiguous()
                 comm = _max_over_ranks(_ring_comm_alone(kv, world, cfg["repeats"]))
                 compute = statistics.median(computes)
-                exposed = statistics.median(waits)
+                exposed = statistics.median(exposed_all)
+                waited = statistics.median(waits)
             else:
-                comm = _max_over_ranks(_ulysses_comm_alone(q.detach(), k.detach(), v.detach(), world, cfg["repeats"]))
+                comm = _max_over_ranks(
+                    _ulysses_comm_alone(q.detach(), k.detach(), v.detach(), world, cfg["repeats"])
+                )
                 compute = statistics.median(totals) - comm
-                exposed = comm
+                exposed = waited = comm
             if rank == 0:
                 med, p20, p80 = _pcts(totals)
                 overlap = 0.0 if comm <= 0 else max(0.0, min(1.0, 1.0 - exposed / comm))
                 queue.put(dict(method=method, procs=world, seqlen=s, total=med, p20=p20, p80=p80,
-                               compute=compute, comm=comm, exposed=exposed, overlap=overlap))  # fmt: skip
+                               compute=compute, comm=comm, exposed=exposed, waited=waited, overlap=overlap))  # fmt: skip
     dist.destroy_process_group()
 
 
@@ -206,13 +221,14 @@ def main() -> None:
             r["single_pthreads"] = single[(r["seqlen"], p)][0]
             rows.append(r)
             print(f"{r['method']:8s} P={p} S={r['seqlen']}: total {r['total']:.3f} s (compute {r['compute']:.3f}, "
-                  f"comm alone {r['comm']:.4f}, exposed {r['exposed']:.4f}, overlap {r['overlap']:.2f}), "
+                  f"comm alone {r['comm']:.4f}, waited {r['waited']:.4f}, exposed {r['exposed']:.4f}, "
+                  f"overlap {r['overlap']:.2f}), "
                   f"{r['vs_1proc']:.3f}x single process with {p} thread(s)", flush=True)  # fmt: skip
     load_after = os.getloadavg()
 
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu-context-parallel")
     os.makedirs(out, exist_ok=True)
-    fields = ["method", "procs", "seqlen", "total", "p20", "p80", "compute", "comm", "exposed", "overlap",
+    fields = ["method", "procs", "seqlen", "total", "p20", "p80", "compute", "comm", "waited", "exposed", "overlap",
               "single_pthreads", "vs_1proc"]  # fmt: skip
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["dtype", "causal", "heads", "head_dim", "batch", *fields])
@@ -230,11 +246,11 @@ def main() -> None:
         f.write("| S | single 1 thread | single 2 threads |\n| --- | --- | --- |\n")
         for s in cfg["seqlens"]:
             f.write(f"| {s} | {single[(s, 1)][0]:.3f} | {single.get((s, 2), (float('nan'),))[0]:.3f} |\n")
-        f.write("\n| method | P | S | total (p20-p80) | compute | comm alone | exposed | overlap | "
-                "vs single process, P threads |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")  # fmt: skip
+        f.write("\n| method | P | S | total (p20-p80) | compute | comm alone | waited | exposed | overlap | "
+                "vs single process, P threads |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")  # fmt: skip
         for r in rows:
             f.write(f"| {r['method']} | {r['procs']} | {r['seqlen']} | {r['total']:.3f} ({r['p20']:.3f}-{r['p80']:.3f}) "
-                    f"| {r['compute']:.3f} | {r['comm']:.4f} | {r['exposed']:.4f} | {r['overlap']:.2f} | "
+                    f"| {r['compute']:.3f} | {r['comm']:.4f} | {r['waited']:.4f} | {r['exposed']:.4f} | {r['overlap']:.2f} | "
                     f"{r['vs_1proc']:.3f} |\n")  # fmt: skip
     print(f"wrote {out}/results.csv and results.md")
 

@@ -37,17 +37,29 @@ __all__ = ["ring_attention", "RingTimers"]
 
 
 class RingTimers:
-    """Optional instrumentation (for the benchmark): seconds spent in the local
-    kernels (``compute``), blocked waiting for transfers (``wait``), and the
-    number of transfers. Pass one as ``ring_attention(..., timers=t)``."""
+    """Optional instrumentation (for the benchmark). ``compute``: seconds in
+    the local kernels and merges; ``wait``: seconds blocked on transfers;
+    ``posts[i]`` / ``waits[i]``: wall-clock (``time.time()``) moment transfer
+    ``i`` was posted and the (start, end) of the wait for it. Every rank posts
+    its transfers in the same order, so transfer ``i`` of a rank receives what
+    transfer ``i`` of the previous rank sent: :meth:`exposed` uses that to
+    separate waiting for the wire from waiting for a slower rank.
+    Pass one as ``ring_attention(..., timers=t)``."""
 
     def __init__(self) -> None:
         self.compute = 0.0
         self.wait = 0.0
-        self.transfers = 0
+        self.posts: list[float] = []
+        self.waits: list[tuple[float, float]] = []
 
     def reset(self) -> None:
         self.__init__()
+
+    def exposed(self, prev_posts: list[float]) -> float:
+        """Seconds of waiting that the transfer itself caused: for each
+        transfer, the part of the wait after both this rank started waiting
+        and the previous rank had posted the matching send (same host clock)."""
+        return sum(max(0.0, end - max(start, post)) for (start, end), post in zip(self.waits, prev_posts))
 
 
 class _Ring:
@@ -59,25 +71,31 @@ class _Ring:
         self.next = _comm.global_rank(group, (self.rank + 1) % self.world)
         self.prev = _comm.global_rank(group, (self.rank - 1) % self.world)
 
-    def start(self, send: torch.Tensor, timers: RingTimers | None) -> tuple[torch.Tensor, list]:
+    def start(self, send: torch.Tensor, timers: RingTimers | None) -> tuple[torch.Tensor, tuple[list, int]]:
         """Send ``send`` to the next rank and receive a tensor like it from the
-        previous one; returns (receive buffer, requests)."""
+        previous one; returns (receive buffer, handle for :meth:`wait`)."""
         recv = torch.empty_like(send)
         ops = [
             dist.P2POp(dist.isend, send, self.next, self.group),
             dist.P2POp(dist.irecv, recv, self.prev, self.group),
         ]
+        idx = -1
         if timers is not None:
-            timers.transfers += 1
-        return recv, dist.batch_isend_irecv(ops)
+            idx = len(timers.posts)
+            timers.posts.append(time.time())
+            timers.waits.append((0.0, 0.0))
+        return recv, (dist.batch_isend_irecv(ops), idx)
 
     @staticmethod
-    def wait(reqs: list, timers: RingTimers | None) -> None:
-        t0 = time.perf_counter() if timers is not None else 0.0
+    def wait(handle: tuple[list, int], timers: RingTimers | None) -> None:
+        reqs, idx = handle
+        t0 = time.time() if timers is not None else 0.0
         for r in reqs:
             r.wait()
         if timers is not None:
-            timers.wait += time.perf_counter() - t0
+            t1 = time.time()
+            timers.wait += t1 - t0
+            timers.waits[idx] = (t0, t1)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -135,8 +153,8 @@ class _RingAttention(torch.autograd.Function):
         b, s_local, hq, _ = q.shape
         dk_dim = k.shape[-1]
         kv = torch.cat([k, v], dim=-1).contiguous()
-        acc = _acc_dtype(q.dtype)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        acc_dtype = _acc_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         dkv = None  # fp32 dK|dV accumulator of the block held now
         dkv_pending = None  # the accumulator arriving from the previous rank
         world, rank = ring.world, ring.rank
@@ -145,7 +163,7 @@ class _RingAttention(torch.autograd.Function):
             kv_pending = ring.start(kv, timers) if step + 1 < world else None
             t0 = time.perf_counter() if timers is not None else 0.0
             kb, vb = kv[..., :dk_dim], kv[..., dk_dim:]
-            contrib = torch.zeros(kv.shape, dtype=acc, device=q.device)
+            contrib = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)
             for plan in _plans(rank, src, world, s_local, zigzag, wl, wr, seqlen):
                 dqb, dkb, dvb = block_backward(dout, q, kb, vb, out, lse, plan, scale, softcap)
                 dq[:, plan.q_start : plan.q_start + plan.q_len] += dqb
@@ -155,9 +173,9 @@ class _RingAttention(torch.autograd.Function):
             if timers is not None:
                 timers.compute += time.perf_counter() - t0
             if dkv_pending is not None:  # the accumulator of this block so far
-                acc, reqs = dkv_pending
-                ring.wait(reqs, timers)
-                contrib += acc
+                incoming, handle = dkv_pending
+                ring.wait(handle, timers)
+                contrib += incoming
             dkv = contrib
             # Pass the accumulator on with the block: the next rank holds this
             # block in the next step. After the last step it goes home.
