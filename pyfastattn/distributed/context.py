@@ -6,9 +6,11 @@ models converted with ``pyfastattn.patch``) treats its inputs as this rank's
 shard of the sequence and runs :func:`ring_attention` or
 :func:`ulysses_attention` over ``group``. Everything else in a Transformer
 layer (projections, FFN, norms) is per token and needs no change. The modules
-see it through one hook in ``pyfastattn/nn/attention.py`` (the module global
-``_context_parallel_hook``, consulted by ``attend``), which this context
-manager sets and restores.
+see it through one hook in ``pyfastattn/nn/attention.py``: the module global
+``_context_parallel_hook``, which ``MultiheadAttention.forward`` calls instead
+of ``attend`` when it is set (and ``explicit_attention``, the
+``need_weights=True`` path, refuses under); this context manager sets and
+restores it.
 
 Layout: shard the inputs with ``shard_sequence(x, rank, P, dim=..., zigzag=cp.zigzag)``
 (``zigzag`` is True for the ring by default, False for Ulysses) and gather
@@ -53,15 +55,16 @@ class ContextParallel:
         k: torch.Tensor,
         v: torch.Tensor,
         *,
-        mask: torch.Tensor | None,
-        seqused_k: torch.Tensor | None,
-        causal: bool,
-        bottom_right: bool,
-        scale: float | None,
-        softcap: float,
-        dropout_p: float,
+        mask: torch.Tensor | None = None,
+        seqused_k: torch.Tensor | None = None,
+        causal: bool = False,
+        bottom_right: bool = False,
+        scale: float | None = None,
+        softcap: float = 0.0,
+        dropout_p: float = 0.0,
     ) -> torch.Tensor:
-        """The hook ``pyfastattn.nn.attention.attend`` calls: canonical
+        """The hook ``pyfastattn.nn.MultiheadAttention`` calls in place of
+        ``pyfastattn.nn.attention.attend`` (same signature): canonical
         (B, S_local, H, D) shards in, this rank's output shard out."""
         where = f"pyfastattn.distributed.context_parallel(method={self.method!r})"
         if mask is not None or seqused_k is not None:

@@ -60,9 +60,8 @@ __all__ = ["MultiheadAttention"]
 # ---------------------------------------------------------------------------
 
 # Set by pyfastattn.distributed.context_parallel (and only there): while set,
-# attend() hands every call to it, with the same arguments.
+# MultiheadAttention calls it instead of attend(), with the same arguments.
 _context_parallel_hook = None
-
 
 
 def attend(
@@ -86,10 +85,6 @@ def attend(
     ``seqused_k``: int32 (B,) real key lengths. ``causal`` is top-left aligned
     unless ``bottom_right``. The caller has validated shapes and dtypes.
     """
-    if _context_parallel_hook is not None:  # pyfastattn.distributed.context_parallel
-        return _context_parallel_hook(q, k, v, mask=mask, seqused_k=seqused_k, causal=causal,
-                                      bottom_right=bottom_right, scale=scale, softcap=softcap,
-                                      dropout_p=dropout_p)  # fmt: skip
     b, lq, hq, d = q.shape
     sk = k.shape[1]
     if mask is not None:
@@ -453,7 +448,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             if not is_batched:
                 weights = weights.squeeze(0)
         else:
-            out = attend(
+            # context_parallel (pyfastattn.distributed) sets the hook: the same call, over a process group
+            out = (_context_parallel_hook or attend)(
                 q, k, v, mask=mask, seqused_k=seqused_k, causal=causal, scale=scale, dropout_p=dropout_p
             )
             weights = None
