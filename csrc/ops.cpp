@@ -59,6 +59,11 @@ TORCH_LIBRARY(pyfastattn, m) {
       "Tensor? attn_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, float softcap, int window_left, "
       "int window_right, bool bottom_right, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  // Combines two partial attentions over disjoint key sets by their LSE
+  // (csrc/merge/params.h); CPU and CUDA implementations register in their own files.
+  m.def(
+      "merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyfastattn, CPU, m) {

@@ -59,6 +59,10 @@ __all__ = ["MultiheadAttention"]
 # integration.
 # ---------------------------------------------------------------------------
 
+# Set by pyfastattn.distributed.context_parallel (and only there): while set,
+# MultiheadAttention calls it instead of attend(), with the same arguments.
+_context_parallel_hook = None
+
 
 def attend(
     q: Tensor,
@@ -106,6 +110,9 @@ def explicit_attention(
     in ``q.dtype``; dropout is applied to the weights (and so returned with
     them), as in torch. A row with every key masked gives weights 0.
     """
+    if _context_parallel_hook is not None:
+        raise RuntimeError("need_weights=True is not supported under pyfastattn.distributed.context_parallel "
+                           "(the attention matrix spans ranks); pass need_weights=False")  # fmt: skip
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = (t.transpose(1, 2).to(cdt) for t in (q, k, v))
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
@@ -434,7 +441,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             if not is_batched:
                 weights = weights.squeeze(0)
         else:
-            out = attend(
+            # context_parallel (pyfastattn.distributed) sets the hook: the same call, over a process group
+            out = (_context_parallel_hook or attend)(
                 q, k, v, mask=mask, seqused_k=seqused_k, causal=causal, scale=scale, dropout_p=dropout_p
             )
             weights = None

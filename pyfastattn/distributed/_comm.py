@@ -1,0 +1,58 @@
+"""torch.distributed helpers shared by ring and Ulysses attention: the group's
+size and rank, peers as global ranks, and the cross-rank input check."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+# One small all-gather per call compares every rank's shapes and options, so a
+# mismatch fails with a message instead of a hang or garbage. It costs one
+# collective (and on NCCL a device sync); PYFASTATTN_CP_CHECK=0 turns it off.
+CHECK_ACROSS_RANKS = os.environ.get("PYFASTATTN_CP_CHECK", "1") != "0"
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def group_info(group) -> tuple[int, int]:
+    """(world size, rank in group); clear error without an initialised process group."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "context-parallel attention needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group), got none"
+        )
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def global_rank(group, group_rank: int) -> int:
+    if group is None or group is dist.group.WORLD:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)
+
+
+def check_across_ranks(group, what: str, values: list[int], names: list[str], device: torch.device) -> None:
+    """Raise on every rank if ``values`` differ between ranks (names say which)."""
+    if not CHECK_ACROSS_RANKS:
+        return
+    world, rank = group_info(group)
+    if world == 1:
+        return
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(gathered, t, group=group)
+    table = torch.stack(gathered).cpu().tolist()
+    for i, name in enumerate(names):
+        col = [row[i] for row in table]
+        if any(c != col[0] for c in col):
+            raise ValueError(
+                f"{what}: {name} must be the same on every rank of the group, got "
+                + ", ".join(f"rank {r}: {c}" for r, c in enumerate(col))
+            )
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPE_CODES.get(dtype, 99)

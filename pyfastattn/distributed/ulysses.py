@@ -1,0 +1,176 @@
+"""Ulysses (DeepSpeed) attention: context parallelism by all-to-all.
+
+Each rank holds a contiguous sequence shard of every head. One all-to-all
+re-shards q, k, v from (full heads, S/P rows) to (H/P heads, all S rows), each
+rank runs the local kernel on its heads over the whole sequence, and a second
+all-to-all brings the output back to sequence shards. The backward is the same
+two all-to-alls in reverse around the kernel backward.
+
+Heads: Hq must be a multiple of the group size P. Hk may be a multiple of P,
+or divide P: then each key/value head is replicated P/Hk times before the
+all-to-all (its gradient summed back), so that every rank gets the one
+key/value head its query heads use. Anything else raises.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .. import functional as _functional
+from . import _comm
+
+__all__ = ["ulysses_attention"]
+
+
+def _a2a(x: torch.Tensor, group) -> torch.Tensor:
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def _seq_to_head(x: torch.Tensor, world: int, group) -> torch.Tensor:
+    """(B, S/P, H, D) sequence shard -> (B, S, H/P, D) head shard."""
+    b, s, h, d = x.shape
+    send = x.reshape(b, s, world, h // world, d).permute(2, 0, 1, 3, 4).contiguous()  # [P, B, s, h/P, d]
+    recv = _a2a(send, group)  # recv[j]: rank j's rows of my heads
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, world * s, h // world, d)
+
+
+def _head_to_seq(x: torch.Tensor, world: int, group) -> torch.Tensor:
+    """(B, S, H/P, D) head shard -> (B, S/P, H, D) sequence shard."""
+    b, s_full, hp, d = x.shape
+    s = s_full // world
+    send = x.reshape(b, world, s, hp, d).permute(1, 0, 2, 3, 4).contiguous()  # [P, B, s, h/P, d]
+    recv = _a2a(send, group)  # recv[j]: my rows of rank j's heads
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, s, world * hp, d)
+
+
+class _SeqToHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, world, group):
+        ctx.world, ctx.group = world, group
+        return _seq_to_head(x, world, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _head_to_seq(g.contiguous(), ctx.world, ctx.group), None, None
+
+
+class _HeadToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, world, group):
+        ctx.world, ctx.group = world, group
+        return _head_to_seq(x, world, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_to_head(g.contiguous(), ctx.world, ctx.group), None, None
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    seqlen: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a sequence sharded contiguously across ``group``.
+
+    ``q`` (B, S_local, Hq, D), ``k``/``v`` (B, S_local, Hk, D/Dv): this
+    rank's contiguous shard (``shard_sequence(..., zigzag=False)``). Returns
+    its shard of the output (B, S_local, Hq, Dv) and with ``return_lse`` the
+    lse (B, Hq, S_local) fp32. Needs Hq % P == 0 and either Hk % P == 0 or
+    P % Hk == 0 (P = group size). ``seqlen`` masks padded keys (see
+    :func:`shard_sequence`). ``causal``/``window_size`` are on global
+    positions. Differentiable in q, k, v.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims (B, S_local, H, D), got {t.dim()} (shape {tuple(t.shape)})"
+            )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(
+                f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}"
+            )
+    b, s_local, hq, d = q.shape
+    hk = k.shape[2]
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[1] != s_local:
+        raise ValueError(
+            f"k and v must be (B={b}, S_local={s_local}, Hk, *) like q, got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[-1] != d:
+        raise ValueError(f"k.shape[-1] must equal q.shape[-1] ({d}), got {k.shape[-1]}")
+    if hk == 0 or hq % hk:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k heads ({hk})")
+    world, _ = _comm.group_info(group)
+    if hq % world:
+        raise ValueError(
+            f"ulysses_attention needs q heads divisible by the group size: Hq = {hq}, group size = {world} "
+            "(use ring_attention, or a group whose size divides the head count)"
+        )
+    if hk % world and world % hk:
+        raise ValueError(
+            f"ulysses_attention needs k heads to be a multiple or a divisor of the group size: "
+            f"Hk = {hk}, group size = {world}"
+        )
+    if not (
+        isinstance(window_size, (tuple, list))
+        and len(window_size) == 2
+        and all(isinstance(w, int) for w in window_size)
+    ):
+        raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a finite number >= 0, got {softcap}")
+    total = world * s_local
+    if seqlen is None:
+        seqlen = total
+    if not isinstance(seqlen, int) or not 0 <= seqlen <= total:
+        raise ValueError(f"seqlen must be an int in [0, world_size * S_local = {total}], got {seqlen!r}")
+    wl, wr = int(window_size[0]), int(window_size[1])
+    if causal:
+        wr = 0
+    _comm.check_across_ranks(
+        group, "ulysses_attention",
+        [b, s_local, hq, hk, d, v.shape[-1], _comm.dtype_code(q.dtype), wl, wr, seqlen, world],
+        ["batch", "S_local", "q heads", "k heads", "head dim", "v head dim", "dtype",
+         "window left", "window right (causal: 0)", "seqlen", "world size"],
+        q.device,
+    )  # fmt: skip
+    if hk < world:  # replicate each K/V head so every rank gets the one its q heads use
+        k = k.repeat_interleave(world // hk, dim=2)
+        v = v.repeat_interleave(world // hk, dim=2)
+    qh = _SeqToHead.apply(q, world, group)
+    kh = _SeqToHead.apply(k, world, group)
+    vh = _SeqToHead.apply(v, world, group)
+    used = None
+    if seqlen < total:
+        used = torch.full((b,), seqlen, dtype=torch.int32, device=q.device)
+    out_h, lse_h = _functional._run(
+        qh, kh, vh,
+        attn_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=used,
+        max_seqlen_q=total, max_seqlen_k=total,
+        scale=1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale),
+        softcap=float(softcap),
+        window_left=wl if wl >= 0 else -1, window_right=wr if wr >= 0 else -1,
+        bottom_right=False, dropout_p=0.0,
+    )  # fmt: skip
+    out = _HeadToSeq.apply(out_h, world, group)
+    if not return_lse:
+        return out
+    with torch.no_grad():  # (B, Hq/P, S) -> (B, Hq, S_local), as (B, S, Hq/P, 1) rows
+        lse = _head_to_seq(lse_h.detach().transpose(1, 2).unsqueeze(-1).contiguous(), world, group)
+        lse = lse.squeeze(-1).transpose(1, 2).contiguous()
+    return out, lse
