@@ -153,6 +153,28 @@ PFA_ATTN_DEVICE void red_release_add_s32(int32_t* ptr, int32_t value) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(ptr), "r"(value) : "memory");
 }
 
+// The CTA's rank in the order in which the grid's CTAs really started, for
+// kernels whose CTAs wait on each other. CUDA dispatches CTAs in no promised
+// order: a CTA that waits for a smaller blockIdx can be resident and spinning
+// while the CTA it waits for has no multiprocessor, for good once every
+// multiprocessor holds such a waiter. A CTA that waits only for CTAs of a
+// smaller ticket waits only for CTAs that are running or done, and the one
+// with the smallest ticket still running never waits: no deadlock. Thread 0
+// takes the ticket (one relaxed 64-bit atomic on `counter`, which the caller
+// zeroes before the launch) and passes it on through the 8 shared bytes at
+// `smem_slot`; includes one barrier, and the slot is free again after the
+// caller's next barrier.
+PFA_ATTN_DEVICE uint64_t cta_start_ticket(uint64_t* counter, uint32_t smem_slot) {
+  if (threadIdx.x == 0) {
+    const unsigned long long t = atomicAdd(reinterpret_cast<unsigned long long*>(counter), 1ull);
+    asm volatile("st.shared.u64 [%0], %1;\n" ::"r"(smem_slot), "l"(t) : "memory");
+  }
+  __syncthreads();
+  uint64_t t;
+  asm volatile("ld.shared.u64 %0, [%1];\n" : "=l"(t) : "r"(smem_slot) : "memory");
+  return t;
+}
+
 // ---- tensor cores -----------------------------------------------------------
 
 PFA_ATTN_DEVICE void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr) {
