@@ -57,7 +57,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("times", nargs="?", default=os.path.join(HERE, "build_times.tsv"))
     ap.add_argument("--jobs", type=int, default=16)
     ap.add_argument("--archs", type=int, default=1, help="archs the estimated build compiles .cu files for")
-    ap.add_argument("--measured-archs", type=int, default=3, help="archs in the measured build (sm_80, PTX, sm_90a)")
+    ap.add_argument(
+        "--measured-archs", type=int, default=3, help="archs in the measured build (sm_80, PTX, sm_90a)"
+    )
     ap.add_argument("--budget", type=float, default=150.0, help="the build step's cap in seconds")
     args = ap.parse_args(argv)
     if not os.path.exists(args.times):
@@ -70,10 +72,14 @@ def main(argv: list[str]) -> int:
     longest = max(times.items(), key=lambda kv: kv[1])
     span = makespan(durs, args.jobs) + OVERHEAD_S
     ok = span <= args.budget
-    print(f"{len(times)} compile jobs ({cuda} CUDA), {sum(times.values()):.0f} s of compiling measured; "
-          f"longest {longest[1]:.0f} s ({os.path.basename(longest[0])})")
-    print(f"{'OK' if ok else 'OVER'}: bound {span:.0f} s for {args.jobs} jobs and {args.archs} arch(s) "
-          f"(+{OVERHEAD_S:.0f} s pip/link) against the build cap of {args.budget:.0f} s")
+    print(
+        f"{len(times)} compile jobs ({cuda} CUDA), {sum(times.values()):.0f} s of compiling measured; "
+        f"longest {longest[1]:.0f} s ({os.path.basename(longest[0])})"
+    )
+    print(
+        f"{'OK' if ok else 'OVER'}: bound {span:.0f} s for {args.jobs} jobs and {args.archs} arch(s) "
+        f"(+{OVERHEAD_S:.0f} s pip/link) against the build cap of {args.budget:.0f} s"
+    )
     return 0 if ok else 1
 
 

@@ -28,19 +28,38 @@ import xml.etree.ElementTree as ET
 
 # capability -> (what it claims, regex over "file::test" of the gpu tests that prove it)
 TEST_CAPABILITIES = [
-    ("attention forward", "CUDA forward matches the float64 reference under the tolerance rule "
-     "(head dims, dtypes, causal both alignments, GQA, varlen, window, softcap, masks)",
-     r"tests/test_gpu\.py::"),
-    ("attention backward", "CUDA backward dQ/dK/dV match the fp32 reference's gradients under the "
-     "tolerance rule (same feature matrix)", r"tests/test_gpu_attention_bwd\.py::"),
-    ("deterministic backward", "bit-identical runs; multi-wave grids (> 32 CTAs per SM) finish "
-     "under a watchdog", r"deterministic"),
-    ("misaligned inputs", "offset views are copied, results bit-equal to aligned copies, the "
-     "CUDA context survives", r"misaligned|unaligned"),
-    ("NaN-poisoned outputs", "every output element written (outputs and workspaces start as NaN)",
-     r"poison|test_cuda_ffn_matches_reference|test_cuda_ffn_float32_composition"),
-    ("FFN", "CUDA FFN (fused GEMMs and cuBLAS paths) matches the float64 reference",
-     r"tests/test_ffn_gpu\.py::"),
+    (
+        "attention forward",
+        "CUDA forward matches the float64 reference under the tolerance rule "
+        "(head dims, dtypes, causal both alignments, GQA, varlen, window, softcap, masks)",
+        r"tests/test_gpu\.py::",
+    ),
+    (
+        "attention backward",
+        "CUDA backward dQ/dK/dV match the fp32 reference's gradients under the "
+        "tolerance rule (same feature matrix)",
+        r"tests/test_gpu_attention_bwd\.py::",
+    ),
+    (
+        "deterministic backward",
+        "bit-identical runs; multi-wave grids (> 32 CTAs per SM) finish under a watchdog",
+        r"deterministic",
+    ),
+    (
+        "misaligned inputs",
+        "offset views are copied, results bit-equal to aligned copies, the CUDA context survives",
+        r"misaligned|unaligned",
+    ),
+    (
+        "NaN-poisoned outputs",
+        "every output element written (outputs and workspaces start as NaN)",
+        r"poison|test_cuda_ffn_matches_reference|test_cuda_ffn_float32_composition",
+    ),
+    (
+        "FFN",
+        "CUDA FFN (fused GEMMs and cuBLAS paths) matches the float64 reference",
+        r"tests/test_ffn_gpu\.py::",
+    ),
 ]
 SDPA_PREFIX = "torch sdpa ("
 
@@ -89,9 +108,15 @@ def test_verdict(cases, pattern: str, why: str, steps: dict) -> tuple[bool, str]
     failed = [n for n, o in mine if o == "failed"]
     if failed:
         shown = ", ".join(n.split("::")[-1] for n in failed[:3])
-        return False, f"{len(failed)} of {len(mine)} tests failed ({shown}{', ...' if len(failed) > 3 else ''})"
+        return (
+            False,
+            f"{len(failed)} of {len(mine)} tests failed ({shown}{', ...' if len(failed) > 3 else ''})",
+        )
     if not ran:
-        return False, f"{len(mine)} tests collected, none ran (skipped: no GPU?)" if mine else "no test matched"
+        return (
+            False,
+            f"{len(mine)} tests collected, none ran (skipped: no GPU?)" if mine else "no test matched",
+        )
     return True, f"{len(ran)} tests passed: {why}"
 
 
@@ -105,7 +130,10 @@ def resource_verdict(out: str, steps: dict) -> tuple[bool, str]:
         return False, "cuobjdump printed no kernel resource lines"
     bad = [f for f, _, stack, local in funcs if int(stack) or int(local)]
     if bad:
-        return False, f"{len(bad)} of {len(funcs)} kernels use stack/local memory (spills), e.g. {bad[0][:80]}"
+        return (
+            False,
+            f"{len(bad)} of {len(funcs)} kernels use stack/local memory (spills), e.g. {bad[0][:80]}",
+        )
     return True, f"{len(funcs)} kernels in the built module, 0 bytes stack and local memory (no spills)"
 
 
@@ -124,14 +152,20 @@ def sanitizer_verdict(out: str, tool: str, steps: dict) -> tuple[bool, str]:
     if not summ:
         return False, f"{tool} printed no ERROR SUMMARY (cut off by the time limit?)"
     if int(summ[-1]) or "small shapes ok" not in body:
-        return False, f"{tool}: {summ[-1]} errors" + ("" if "small shapes ok" in body else ", workload did not finish")
+        return False, f"{tool}: {summ[-1]} errors" + (
+            "" if "small shapes ok" in body else ", workload did not finish"
+        )
     return True, f"{tool}: 0 errors on scripts/gpu_small_shapes.py"
 
 
 def bench_rows(out: str) -> list[dict] | None:
     """The rows of every benchmarks/run.py call of the bench step (bench/*/results.csv)."""
     root = os.path.join(out, "bench")
-    paths = [os.path.join(root, d, "results.csv") for d in sorted(os.listdir(root))] if os.path.isdir(root) else []
+    paths = (
+        [os.path.join(root, d, "results.csv") for d in sorted(os.listdir(root))]
+        if os.path.isdir(root)
+        else []
+    )
     paths = [p for p in paths if os.path.exists(p)]
     if not paths:
         return None
@@ -153,7 +187,9 @@ def per_shape(rows: list[dict]) -> list[dict]:
     """One record per (suite, pass, dtype, shape): ours against the fastest torch SDPA backend."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r.get("suite", ""), r.get("pass", ""), r.get("dtype", ""), r.get("shape", "")), []).append(r)
+        groups.setdefault(
+            (r.get("suite", ""), r.get("pass", ""), r.get("dtype", ""), r.get("shape", "")), []
+        ).append(r)
     recs = []
     for (suite, pass_, dtype, shape), rs in groups.items():
         ours = next((r for r in rs if r.get("provider") == "pyfastattn"), None)
@@ -162,14 +198,26 @@ def per_shape(rows: list[dict]) -> list[dict]:
         if suite == "ffn":
             base = [r for r in rs if r.get("provider") == "torch eager" and r.get("status") == "ok"]
         else:
-            base = [r for r in rs if r.get("provider", "").startswith(SDPA_PREFIX) and r.get("status") == "ok"]
+            base = [
+                r for r in rs if r.get("provider", "").startswith(SDPA_PREFIX) and r.get("status") == "ok"
+            ]
         best = min(base, key=ms, default=None)
         correct = ours.get("status") == "ok"
         speedup = ms(best) / ms(ours) if best is not None and correct and ms(ours) > 0 else float("nan")
-        recs.append(dict(suite=suite, pass_=pass_, dtype=dtype, shape=shape, pyfastattn_status=ours.get("status", ""),
-                         pyfastattn_ms=ms(ours) if correct else "", best_torch=best.get("provider") if best else "",
-                         best_torch_ms=ms(best) if best else "", speedup=speedup,
-                         choose_kernel=bool(correct and best is not None and speedup > 1.0)))
+        recs.append(
+            dict(
+                suite=suite,
+                pass_=pass_,
+                dtype=dtype,
+                shape=shape,
+                pyfastattn_status=ours.get("status", ""),
+                pyfastattn_ms=ms(ours) if correct else "",
+                best_torch=best.get("provider") if best else "",
+                best_torch_ms=ms(best) if best else "",
+                speedup=speedup,
+                choose_kernel=bool(correct and best is not None and speedup > 1.0),
+            )
+        )
     return recs
 
 
@@ -181,14 +229,19 @@ def speed_verdict(recs, suite: str, pass_: str | None, what: str) -> tuple[bool,
     timed = [r for r in mine if r["pyfastattn_status"] == "ok" and r["best_torch"]]
     faster = [r for r in timed if r["choose_kernel"]]
     if wrong:
-        return False, f"FAILED the correctness gate on {len(wrong)} of {len(mine)} shapes (e.g. {wrong[0]['shape']})"
+        return (
+            False,
+            f"FAILED the correctness gate on {len(wrong)} of {len(mine)} shapes (e.g. {wrong[0]['shape']})",
+        )
     if not timed:
         return False, f"no shape timed against torch ({mine[0]['pyfastattn_status'][:80]})"
     sp = sorted(r["speedup"] for r in timed)
     med = sp[len(sp) // 2]
     ok = len(faster) == len(timed)
-    return ok, (f"faster than the best torch backend on {len(faster)} of {len(timed)} shapes "
-                f"(median speedup {med:.2f}x, range {sp[0]:.2f}-{sp[-1]:.2f}x)")
+    return ok, (
+        f"faster than the best torch backend on {len(faster)} of {len(timed)} shapes "
+        f"(median speedup {med:.2f}x, range {sp[0]:.2f}-{sp[-1]:.2f}x)"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -213,14 +266,26 @@ def main(argv: list[str]) -> int:
             lines.append((name, False, why))
     else:
         lines.append(("speed: attention fwd", *speed_verdict(recs, "attention", "fwd", "attention fwd")))
-        lines.append(("speed: attention fwd+bwd", *speed_verdict(recs, "attention-bwd", "fwd+bwd", "fwd+bwd")))
+        lines.append(
+            ("speed: attention fwd+bwd", *speed_verdict(recs, "attention-bwd", "fwd+bwd", "fwd+bwd"))
+        )
         lines.append(("speed: FFN vs torch eager", *speed_verdict(recs, "ffn", None, "FFN")))
     if dry:
         lines = [(n, False, f"dry run, nothing ran on a GPU ({why})") for n, _, why in lines]
 
     with open(os.path.join(out, "auto_shapes.csv"), "w", newline="") as f:
-        fields = ["suite", "pass_", "dtype", "shape", "pyfastattn_status", "pyfastattn_ms", "best_torch",
-                  "best_torch_ms", "speedup", "choose_kernel"]
+        fields = [
+            "suite",
+            "pass_",
+            "dtype",
+            "shape",
+            "pyfastattn_status",
+            "pyfastattn_ms",
+            "best_torch",
+            "best_torch_ms",
+            "speedup",
+            "choose_kernel",
+        ]
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in recs:
@@ -240,15 +305,19 @@ def main(argv: list[str]) -> int:
         for name, ok, why in lines:
             f.write(f"| {name} | {'verified' if ok else 'not verified'} | {why} |\n")
         if recs:
-            f.write("\n## Per shape (auto_shapes.csv)\n\n| suite | pass | dtype | shape | ours ms | best torch | "
-                    "torch ms | speedup | kernel under auto |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+            f.write(
+                "\n## Per shape (auto_shapes.csv)\n\n| suite | pass | dtype | shape | ours ms | best torch | "
+                "torch ms | speedup | kernel under auto |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+            )
             for r in recs:
-                f.write(f"| {r['suite']} | {r['pass_']} | {r['dtype']} | {r['shape']} | "
-                        f"{r['pyfastattn_ms'] if r['pyfastattn_ms'] == '' else format(r['pyfastattn_ms'], '.3f')} | "
-                        f"{r['best_torch']} | "
-                        f"{r['best_torch_ms'] if r['best_torch_ms'] == '' else format(r['best_torch_ms'], '.3f')} | "
-                        f"{'' if r['speedup'] != r['speedup'] else format(r['speedup'], '.2f')} | "
-                        f"{'yes' if r['choose_kernel'] else 'no'} |\n")
+                f.write(
+                    f"| {r['suite']} | {r['pass_']} | {r['dtype']} | {r['shape']} | "
+                    f"{r['pyfastattn_ms'] if r['pyfastattn_ms'] == '' else format(r['pyfastattn_ms'], '.3f')} | "
+                    f"{r['best_torch']} | "
+                    f"{r['best_torch_ms'] if r['best_torch_ms'] == '' else format(r['best_torch_ms'], '.3f')} | "
+                    f"{'' if r['speedup'] != r['speedup'] else format(r['speedup'], '.2f')} | "
+                    f"{'yes' if r['choose_kernel'] else 'no'} |\n"
+                )
         f.write("\n" + "\n".join(text) + "\n")
     print("\n".join(text))
     return 0
