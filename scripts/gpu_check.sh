@@ -41,6 +41,11 @@
 #     fwd stop starting shapes at --budget-s 45 and 20, and say so in their
 #     rows; the quick FFN grid), verdict 10 s: 470 s in all.
 #
+# On the lent machine (its `run` brings back at most 8 files of $OUT), e.g.:
+#   scripts/gpu_check.sh /tmp/gc; cp /tmp/gc/{summary.txt,verdict.md,all.tar.gz} "$OUT"/
+# all.tar.gz holds OUTDIR whole (logs, JUnit XML, benchmark CSV/markdown); the
+# session then commits the benchmark results under benchmarks/results/H200/.
+#
 # --dry-run needs no GPU: it checks the plan and the budget, that every
 # command the steps run exists and parses (the gpu tests collect, run.py and
 # the sanitizer workload parse their arguments), runs the verdict on the empty

@@ -32,7 +32,7 @@ TEST_CAPABILITIES = [
         "attention forward",
         "CUDA forward matches the float64 reference under the tolerance rule "
         "(head dims, dtypes, causal both alignments, GQA, varlen, window, softcap, masks)",
-        r"tests/test_gpu\.py::",
+        r"tests/test_gpu\.py::|tests/test_attention_kernel\.py::test_cuda_kernel",
     ),
     (
         "attention backward",
@@ -53,7 +53,9 @@ TEST_CAPABILITIES = [
     (
         "NaN-poisoned outputs",
         "every output element written (outputs and workspaces start as NaN)",
-        r"poison|test_cuda_ffn_matches_reference|test_cuda_ffn_float32_composition",
+        # the tests that take the poison fixture
+        r"poison|test_cuda_kernel_forward_matches_reference|test_cuda_kernel_varlen|"
+        r"test_cuda_ffn_matches_reference|test_cuda_ffn_float32_composition",
     ),
     (
         "FFN",
