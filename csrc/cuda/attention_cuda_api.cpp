@@ -175,15 +175,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dq_semaphore = nullptr;
   p.cta_ticket = nullptr;
   if (deterministic) {
-    // One zeroed allocation: the semaphores, then (8-byte aligned) the
-    // main kernel's start-ticket counter (AttentionBwdKernelParams).
+    // One zeroed allocation: the semaphores, then the main kernel's
+    // start-ticket counter (AttentionBwdKernelParams).
     const int block_m = cuda::attention_bwd_block_m(p);
     p.m_blocks = static_cast<int32_t>((s.seqlen_q + block_m - 1) / block_m);
     const int64_t sems = std::max<int64_t>(1, s.batch * s.heads * p.m_blocks);
-    const int64_t ticket_at = (sems + 1) / 2 * 2;
-    sem = at::zeros({ticket_at + 2}, q.options().dtype(at::kInt));
+    sem = at::zeros({sems + 1}, q.options().dtype(at::kInt));
     p.dq_semaphore = sem.data_ptr<int32_t>();
-    p.cta_ticket = reinterpret_cast<uint64_t*>(p.dq_semaphore + ticket_at);
+    p.cta_ticket = reinterpret_cast<uint32_t*>(p.dq_semaphore + sems);
   }
   if (dq.numel() > 0 || dk.numel() > 0) {
     check_fwd_pointers(p);
@@ -195,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                     {p.dqa_batch_stride, p.dqa_row_stride, p.dqa_head_stride}, 4);
     require_aligned("the lse / D workspace", p.lse_log2, 4);
     require_aligned("the dQ semaphores", p.dq_semaphore, 4);
-    require_aligned("the CTA ticket counter", p.cta_ticket, 8);
+    require_aligned("the CTA ticket counter", p.cta_ticket, 4);
     const char* failed = "attention_bwd";
     check_launch(
         cuda::attention_bwd(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream(), &failed),

@@ -409,16 +409,23 @@ __global__ void __launch_bounds__(T::kNThreads)
   constexpr int kBlockN = T::kBlockN;
 
   const uint32_t smem = sm80::smem_u32(sm80::dynamic_smem());
-  // The P^T tile's first bytes pass the ticket on; step A first writes them
-  // after the step loop's first barrier.
-  const uint64_t linear_cta =
-      p.deterministic ? sm80::cta_start_ticket(p.cta_ticket, smem + T::kOffP)
-                      : blockIdx.x + uint64_t(gridDim.x) * (blockIdx.y + uint64_t(gridDim.y) * blockIdx.z);
-  const uint64_t head_seq = linear_cta / gridDim.x;
-  if (head_seq >= uint64_t(p.num_heads_k) * uint64_t(p.batch)) return;  // grid rounding
+  uint32_t head_seq, n_block_u;
+  if (p.deterministic) {
+    // The P^T tile's first bytes pass the ticket on; step A first writes them
+    // after the step loop's first barrier. 32-bit arithmetic: the launcher
+    // declines deterministic grids of 2^32 CTAs or more (a 64-bit division
+    // here compiled to a subroutine call and cost ~45 registers).
+    const uint32_t ticket = sm80::cta_start_ticket(p.cta_ticket, smem + T::kOffP);
+    head_seq = ticket / gridDim.x;
+    n_block_u = ticket % gridDim.x;
+  } else {
+    head_seq = blockIdx.z * gridDim.y + blockIdx.y;
+    n_block_u = blockIdx.x;
+  }
+  if (head_seq >= uint32_t(p.num_heads_k) * uint32_t(p.batch)) return;  // grid rounding
   const int h_k = static_cast<int>(head_seq % uint32_t(p.num_heads_k));
   const SeqInfo seq(p, static_cast<int>(head_seq / uint32_t(p.num_heads_k)));
-  const int n_block = static_cast<int>(linear_cta % gridDim.x);
+  const int n_block = static_cast<int>(n_block_u);
   const int n0 = n_block * kBlockN;
   if (n0 >= seq.len_k) return;  // varlen / seqused_k: shorter than max_seqlen_k
   const int rows_k = min_int(kBlockN, seq.len_k - n0);

@@ -160,18 +160,18 @@ PFA_ATTN_DEVICE void red_release_add_s32(int32_t* ptr, int32_t value) {
 // multiprocessor holds such a waiter. A CTA that waits only for CTAs of a
 // smaller ticket waits only for CTAs that are running or done, and the one
 // with the smallest ticket still running never waits: no deadlock. Thread 0
-// takes the ticket (one relaxed 64-bit atomic on `counter`, which the caller
-// zeroes before the launch) and passes it on through the 8 shared bytes at
-// `smem_slot`; includes one barrier, and the slot is free again after the
-// caller's next barrier.
-PFA_ATTN_DEVICE uint64_t cta_start_ticket(uint64_t* counter, uint32_t smem_slot) {
+// takes the ticket (one relaxed atomic on `counter`, which the caller zeroes
+// before the launch; grids of fewer than 2^32 CTAs) and passes it on through
+// the 4 shared bytes at `smem_slot`; includes one barrier, and the slot is
+// free again after the caller's next barrier.
+PFA_ATTN_DEVICE uint32_t cta_start_ticket(uint32_t* counter, uint32_t smem_slot) {
   if (threadIdx.x == 0) {
-    const unsigned long long t = atomicAdd(reinterpret_cast<unsigned long long*>(counter), 1ull);
-    asm volatile("st.shared.u64 [%0], %1;\n" ::"r"(smem_slot), "l"(t) : "memory");
+    const uint32_t t = atomicAdd(counter, 1u);
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(smem_slot), "r"(t) : "memory");
   }
   __syncthreads();
-  uint64_t t;
-  asm volatile("ld.shared.u64 %0, [%1];\n" : "=l"(t) : "r"(smem_slot) : "memory");
+  uint32_t t;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(t) : "r"(smem_slot) : "memory");
   return t;
 }
 

@@ -223,7 +223,7 @@ Result run_case(const Case& c, std::mt19937& rng) {
   std::vector<float> dq_accum(std::max<int64_t>(4, ws_rows * c.hq * D), kFloatNaN);
   const int m_blocks = (sq + Traits::kBlockM - 1) / Traits::kBlockM;
   std::vector<int32_t> sem(std::max(1, c.batch * c.hq * m_blocks), 0);
-  std::vector<uint64_t> ticket(1, 0);
+  std::vector<uint32_t> ticket(1, 0);
 
   AttentionBwdKernelParams p{};
   p.q = q.data.data(), p.k = k.data.data(), p.v = v.data.data();
@@ -276,7 +276,7 @@ Result run_case(const Case& c, std::mt19937& rng) {
   emu::add_range(ws.data(), ws.size() * 4, true);
   emu::add_range(dq_accum.data(), dq_accum.size() * 4, true);
   emu::add_range(sem.data(), sem.size() * 4, true);
-  if (c.deterministic) emu::add_range(ticket.data(), 8, true);
+  if (c.deterministic) emu::add_range(ticket.data(), 4, true);
 
   // ---- launch, as attention_bwd() does (optionally another y/z split) ---------
   auto split = [&](attn::AttentionBwdGrid g, int64_t heads) {

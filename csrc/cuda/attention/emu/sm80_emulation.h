@@ -643,21 +643,19 @@ inline void spin_wait_equal(const int32_t* ptr, int32_t value) {
 // The CTA's rank in the order the CTAs really started (see the GPU version in
 // sm80_primitives.cuh): thread 0 takes a ticket, a barrier, every thread reads
 // it from the 4 shared bytes at smem_slot.
-inline uint64_t cta_start_ticket(uint64_t* counter, uint32_t smem_slot) {
+inline uint32_t cta_start_ticket(uint32_t* counter, uint32_t smem_slot) {
   if (emu::my_tid() == 0) {
-    emu::check_global(counter, 8, true, "cta_start_ticket: counter outside the outputs");
-    if (reinterpret_cast<uintptr_t>(counter) % 8) emu::fatal("cta_start_ticket: counter misaligned", 0);
-    const uint64_t t = (*counter)++;
-    const uint32_t lo = static_cast<uint32_t>(t), hi = static_cast<uint32_t>(t >> 32);
-    emu::check_write(smem_slot, 8, 8, "cta_start_ticket: slot out of bounds or misaligned");
-    std::memcpy(&emu::rt().smem[smem_slot], &lo, 4);
-    std::memcpy(&emu::rt().smem[smem_slot + 4], &hi, 4);
-    emu::mark_written(smem_slot, 8);
+    emu::check_global(counter, 4, true, "cta_start_ticket: counter outside the outputs");
+    if (reinterpret_cast<uintptr_t>(counter) % 4) emu::fatal("cta_start_ticket: counter misaligned", 0);
+    const uint32_t t = (*counter)++;
+    emu::check_write(smem_slot, 4, 4, "cta_start_ticket: slot out of bounds or misaligned");
+    std::memcpy(&emu::rt().smem[smem_slot], &t, 4);
+    emu::mark_written(smem_slot, 4);
   }
   emu::cta_barrier();
-  emu::check_read(smem_slot, 8, 8, false, "cta_start_ticket: slot read");
-  uint64_t t;
-  std::memcpy(&t, &emu::rt().smem[smem_slot], 8);
+  emu::check_read(smem_slot, 4, 4, false, "cta_start_ticket: slot read");
+  uint32_t t;
+  std::memcpy(&t, &emu::rt().smem[smem_slot], 4);
   return t;
 }
 
