@@ -3,7 +3,8 @@
 # register spill or stack frame; where cuobjdump is available, also check that
 # the attention kernels' SASS has the instructions we meant (HMMA tensor-core
 # MMA, LDSM ldmatrix, LDGSTS cp.async; the backward also RED.E.ADD.F32 for its
-# dQ accumulation) and no local-memory traffic (LDL/STL).
+# dQ accumulation and ATOMG.E.ADD for its deterministic mode's start
+# ticket) and no local-memory traffic (LDL/STL).
 #
 # usage: scripts/check_cuda_compile.sh [LOGDIR]     (CUDA_HOME or /usr/local/cuda)
 set -euo pipefail
@@ -75,9 +76,12 @@ if [ -n "$CUOBJDUMP" ]; then
       if ! grep -q "$ins" <<< "$sass"; then echo "FAIL $(basename "$o"): no $ins in SASS"; fail=1; fi
     done
     # The backward adds dQ into its fp32 accumulator with RED (REDG on sm_90).
+    # The deterministic mode's start ticket: an atomic add that returns (ATOMG).
     case "$o" in *attention_bwd_*)
       if ! grep -qE "\bREDG?\.E\.ADD\.F32" <<< "$sass"; then
-        echo "FAIL $(basename "$o"): no RED.E.ADD.F32 (dQ atomics) in SASS"; fail=1; fi ;;
+        echo "FAIL $(basename "$o"): no RED.E.ADD.F32 (dQ atomics) in SASS"; fail=1; fi
+      if ! grep -qE "\bATOMG\.E\.ADD\b" <<< "$sass"; then
+        echo "FAIL $(basename "$o"): no ATOMG.E.ADD (the CTA start ticket) in SASS"; fail=1; fi ;;
     esac
     if grep -qE "\b(LDL|STL)\b" <<< "$sass"; then echo "FAIL $(basename "$o"): local memory (LDL/STL) in SASS"; fail=1; fi
   done

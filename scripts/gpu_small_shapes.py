@@ -1,14 +1,20 @@
 """Every CUDA kernel once on small, odd shapes: the workload that
-scripts/gpu_check.sh runs under compute-sanitizer (memcheck, synccheck,
-racecheck).
+scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck).
 
 Attention forward and backward (atomic and deterministic dQ paths, GQA, a
-broadcast bool mask, window + softcap, varlen with an empty sequence), and the
-FFN (fused GEMM path and cuBLAS path, plain and gated, forward and backward),
-all through the public API with the backend forced to the kernels.
+broadcast bool mask, window + softcap, varlen with an empty sequence, inputs
+that are misaligned offset views), and the FFN (fused GEMM path and cuBLAS
+path, plain and gated, forward and backward), all through the public API with
+the backend forced to the kernels.
+
+    python scripts/gpu_small_shapes.py [--dtypes float16,bfloat16] [--check-args]
+
+--check-args parses the arguments and exits (the dry run of gpu_check.sh).
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 
@@ -36,6 +42,13 @@ def attention_shapes(dt: torch.dtype) -> None:
         pyfastattn.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, enable_gqa=True
         ).sum().backward()
+    # Contiguous views 4 elements (8 bytes) past an aligned block: the glue
+    # must copy them before any 16-byte cp.async (memcheck reports a
+    # misaligned access otherwise).
+    b, s, h, d = 1, 33, 2, 64
+    off = [torch.randn(b * s * h * d + 4, device="cuda", dtype=dt)[4:].view(b, s, h, d) for _ in range(3)]
+    off = [t.detach().requires_grad_() for t in off]
+    pyfastattn.attention(*off, causal=True).sum().backward()
     cu = torch.tensor([0, 5, 5, 40], dtype=torch.int32, device="cuda")
     qp = torch.randn(40, 4, 64, device="cuda", dtype=dt, requires_grad=True)
     pyfastattn.attention(
@@ -69,9 +82,17 @@ def ffn_shapes(dt: torch.dtype) -> None:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtypes", default="float16,bfloat16", help="comma list of torch dtypes")
+    ap.add_argument("--check-args", action="store_true", help="parse the arguments and exit")
+    args = ap.parse_args()
+    dtypes = [getattr(torch, n.strip()) for n in args.dtypes.split(",")]
+    if args.check_args:
+        print(f"gpu_small_shapes: dtypes {dtypes}")
+        return
     torch.manual_seed(0)
     with pyfastattn.backend("kernel"):
-        for dt in (torch.float16, torch.bfloat16):
+        for dt in dtypes:
             attention_shapes(dt)
             ffn_shapes(dt)
     torch.cuda.synchronize()

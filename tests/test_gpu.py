@@ -117,3 +117,88 @@ def test_cuda_declines_what_the_device_cannot_hold(monkeypatch):
         out = pyfastattn.attention(q, k, v)
     ref, _ = reference.attention(q.float(), k.float(), v.float(), bottom_right=True)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+# Run in a child process: before the fix, a misaligned 16-byte cp.async was a
+# fault that loses the CUDA context, and every later GPU test of the session
+# would have failed with it.
+_MISALIGNED = r"""
+import torch, pyfastattn  # noqa: F401  (registers the ops)
+
+torch.manual_seed(0)
+
+
+def offset_view(shape, offset, dtype):
+    # Contiguous, but data_ptr is `offset` elements past an aligned block:
+    # t.contiguous() is a no-op on it.
+    n = 1
+    for s in shape:
+        n *= s
+    t = torch.randn(n + offset, device="cuda", dtype=dtype)[offset:].view(shape)
+    assert t.is_contiguous() and t.data_ptr() % 16 != 0
+    return t
+
+
+for dtype in (torch.bfloat16, torch.float16):
+    for offset in (1, 3, 4, 7):
+        b, sq, sk, hq, hk, d = 2, 97, 130, 4, 2, 64
+        q = offset_view((b, sq, hq, d), offset, dtype)
+        k = offset_view((b, sk, hk, d), offset, dtype)
+        v = offset_view((b, sk, hk, d), offset, dtype)
+        args = (None, None, None, None, 0, 0, d**-0.5, 0.0, -1, 0, True)
+        out, lse = torch.ops.pyfastattn.attention_fwd(q, k, v, *args)
+        fresh = [t.clone() for t in (q, k, v)]
+        out2, lse2 = torch.ops.pyfastattn.attention_fwd(*fresh, *args)
+        assert torch.equal(out, out2) and torch.equal(lse, lse2), ("forward", dtype, offset)
+        # backward: dout and out misaligned too, deterministic (bit-comparable)
+        dout = offset_view(tuple(out.shape), offset, dtype)
+        out_off = offset_view(tuple(out.shape), offset, dtype)
+        out_off.copy_(out)
+        g = torch.ops.pyfastattn.attention_bwd(dout, q, k, v, out_off, lse, *args, True)
+        g2 = torch.ops.pyfastattn.attention_bwd(dout.clone(), *fresh, out.clone(), lse, *args, True)
+        for a, c in zip(g, g2):
+            assert torch.equal(a, c), ("backward", dtype, offset)
+        # varlen (3-dim) views and the public API's autograd path
+        qv = offset_view((sq, hq, d), offset, dtype).detach().requires_grad_()
+        kv = offset_view((sk, hk, d), offset, dtype).detach().requires_grad_()
+        cu_q = torch.tensor([0, 40, sq], dtype=torch.int32, device="cuda")
+        cu_k = torch.tensor([0, 50, sk], dtype=torch.int32, device="cuda")
+        with pyfastattn.backend("kernel"):
+            o = pyfastattn.attention(qv, kv, kv, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                     max_seqlen_q=57, max_seqlen_k=80)
+            o.sum().backward()
+torch.cuda.synchronize()
+assert torch.isfinite(torch.ones(4, device="cuda").sum())  # the context is still alive
+print("OK")
+"""
+
+
+def test_cuda_misaligned_offset_views_are_copied_not_faulted():
+    """q, k, v, out and dout that are contiguous views 1, 3, 4 and 7 elements
+    past an aligned block (buf.view(-1)[4:].view(b, s, h, d)): the glue copies
+    them into fresh tensors; the results equal those of aligned copies bit for
+    bit, forward and deterministic backward, dense and varlen; and the CUDA
+    context survives."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _MISALIGNED], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_outputs_fully_written_under_nan_poison(d, poison):
+    """Every torch.empty is NaN (the poison fixture) -- the kernel's outputs and
+    workspaces included: forward and backward (deterministic, as poison turns
+    deterministic algorithms on) must overwrite every element they return."""
+    q, k, v = (
+        t.requires_grad_() for t in make_qkv(2, 333, 517, 4, 2, d, dtype=torch.bfloat16, device="cuda")
+    )
+    with pyfastattn.backend("kernel"):
+        out, lse = pyfastattn.attention(q, k, v, causal=True, return_lse=True)
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    for name, t in (("out", out), ("lse", lse), ("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2])):
+        assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) elements"
+    ref, _ = reference.attention(q.double(), k.double(), v.double(), window_right=0, bottom_right=True)
+    base = naive_attention(q, k, v, scale=d**-0.5, window_right=0, bottom_right=True)
+    assert_tolerance(f"poisoned d{d}", out, ref, base, q.dtype)

@@ -249,3 +249,50 @@ def test_cuda_backward_deterministic_turns_never_deadlock():
         [sys.executable, "-c", _DETERMINISTIC_STRESS], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+# More CTAs than the GPU can hold at once, so that CTAs that wait for their
+# dQ turn and CTAs that have not started yet coexist: CUDA allows at most 32
+# resident CTAs per multiprocessor, so a grid of more than 32 x SMs CTAs runs
+# in several waves whatever the occupancy. Bit-equal over two runs; a child
+# process under a watchdog (timeout), so that a dispatch-order deadlock fails
+# this test instead of hanging the session.
+_MULTI_WAVE = r"""
+import sys, torch, pyfastattn  # noqa: F401  (registers the ops)
+torch.manual_seed(0)
+sms = torch.cuda.get_device_properties(0).multi_processor_count
+for b, s, hq, hk, d, block_n in ((3, 8192, 16, 16, 64, 64), (3, 4096, 32, 16, 128, 32)):
+    ctas = b * hk * -(-s // block_n)  # the main kernel's grid: key blocks x kv heads x batch
+    assert ctas > 32 * sms, (ctas, sms)
+    q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16)
+    for wl, wr in ((-1, 0), (-1, -1), (300, 0)):
+        args = (None, None, None, None, 0, 0, d**-0.5, 0.0, wl, wr, True)
+        out, lse = torch.ops.pyfastattn.attention_fwd(q, k, v, *args)
+        dout = torch.randn_like(out)
+        first = torch.ops.pyfastattn.attention_bwd(dout, q, k, v, out, lse, *args, True)
+        again = torch.ops.pyfastattn.attention_bwd(dout, q, k, v, out, lse, *args, True)
+        fast = torch.ops.pyfastattn.attention_bwd(dout, q, k, v, out, lse, *args, False)
+        torch.cuda.synchronize()
+        for name, x, y, z in zip(("dq", "dk", "dv"), first, again, fast):
+            assert torch.equal(x, y), (b, s, d, wl, wr, name, "deterministic runs differ")
+            torch.testing.assert_close(x.float(), z.float(), atol=3e-2, rtol=3e-2)
+    print(f"d{d}: {ctas} CTAs per launch on {sms} SMs", file=sys.stderr)
+print("OK")
+"""
+
+
+def test_cuda_backward_deterministic_multi_wave_bit_equal_under_watchdog():
+    """The deterministic backward with grids of 6144 CTAs (d 64 and 128; over 32 per
+    SM: several waves on any GPU), causal, full and windowed: finishes within
+    the watchdog's 90 s, bit-identical twice, equal to the atomic mode to
+    rounding."""
+    import subprocess
+    import sys
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _MULTI_WAVE], capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("deterministic backward did not finish within 90 s: a dQ turn-taking deadlock?")
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]

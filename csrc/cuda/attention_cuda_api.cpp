@@ -22,17 +22,57 @@
 namespace pyfastattn {
 namespace {
 
-// The kernel loads 16-byte vectors: base pointers 16-byte aligned, every
-// stride but the last a multiple of 8 elements, head dim a multiple of 8.
-// Anything else is copied once into a compliant layout (zero-padding the head
-// dim, which changes no score or output column).
+// The kernels move 16-byte vectors (cp.async, ld/st.global.v4): every q, k,
+// v, out, dout, dq, dk, dv row starts 16-byte aligned, i.e. the base pointer
+// (storage offset included) is 16-byte aligned and every stride but the last
+// is a multiple of 8 elements; the head dim is a multiple of 8.
+bool kernel_layout_ok(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || t.size(-1) % 8 != 0) return false;
+  // Size-1 dims too: the kernels multiply every index by its stride, and
+  // require_aligned checks the strides as the params carry them.
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if (t.stride(d) % 8 != 0) return false;
+  return true;
+}
+
+// `t` itself when kernel_layout_ok, else a fresh contiguous copy (the caching
+// allocator's blocks start 512-byte aligned) with the head dim zero-padded to
+// `padded_dim` (which changes no score or output column). Not t.contiguous():
+// that returns a contiguous tensor unchanged whatever its storage offset, and
+// a view such as buf.view(-1)[4:].view(b, s, h, d) then reached the 16-byte
+// cp.async misaligned: a fault that loses the process's CUDA context.
 at::Tensor kernel_layout(const at::Tensor& t, int64_t padded_dim) {
-  at::Tensor r = t;
-  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) aligned &= t.stride(d) % 8 == 0;
-  if (!aligned) r = t.contiguous();
-  if (padded_dim != t.size(-1)) r = at::constant_pad_nd(r, {0, padded_dim - t.size(-1)}, 0);
+  if (padded_dim == t.size(-1) && kernel_layout_ok(t)) return t;
+  at::Tensor r = padded_dim != t.size(-1)
+                     ? at::constant_pad_nd(t, {0, padded_dim - t.size(-1)}, 0)
+                     : t.clone(at::MemoryFormat::Contiguous);
+  if (!kernel_layout_ok(r)) r = r.clone(at::MemoryFormat::Contiguous);
   return r;
+}
+
+// The last line of defence before a launch: every pointer a kernel reads or
+// writes with vectors of `align` bytes is aligned, and every row stride keeps
+// it so. An error that names the tensor, never a fault that loses the CUDA
+// context.
+void require_aligned(const char* name, const void* ptr, int64_t align,
+                     std::initializer_list<int64_t> strides = {}, int64_t elem_bytes = 2) {
+  TORCH_CHECK(ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % align == 0,
+              "pyfastattn CUDA attention: ", name, " at address ", ptr, " is not ", align,
+              "-byte aligned, which the kernel's vector loads and stores need (internal error: "
+              "the glue should have copied it)");
+  for (const int64_t st : strides)
+    TORCH_CHECK((st * elem_bytes) % align == 0, "pyfastattn CUDA attention: a row stride of ", name,
+                " (", st, " elements) breaks its ", align,
+                "-byte alignment (internal error: the glue should have copied it)");
+}
+
+void check_fwd_pointers(const AttentionFwdParams& p) {
+  require_aligned("q", p.q, 16, {p.q_batch_stride, p.q_row_stride, p.q_head_stride});
+  require_aligned("k", p.k, 16, {p.k_batch_stride, p.k_row_stride, p.k_head_stride});
+  require_aligned("v", p.v, 16, {p.v_batch_stride, p.v_row_stride, p.v_head_stride});
+  require_aligned("out", p.o, 16, {p.o_batch_stride, p.o_row_stride, p.o_head_stride});
+  require_aligned("lse", p.lse, 4);
 }
 
 int64_t round_up8(int64_t x) { return (x + 7) / 8 * 8; }
@@ -70,6 +110,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   TORCH_CHECK(reason == nullptr, "pyfastattn CUDA attention kernel does not support this case: ",
               reason);
   if (out.numel() > 0 || lse.numel() > 0) {
+    check_fwd_pointers(p);
     check_launch(cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream()),
                  "attention_fwd_kernel (", dtype_name(p.dtype), ", head_dim ", p.head_dim,
                  ", batch ", p.batch, ", heads ", p.num_heads, ", seqlen_q ", p.seqlen_q,
@@ -132,14 +173,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor sem;
   p.m_blocks = 0;
   p.dq_semaphore = nullptr;
+  p.cta_ticket = nullptr;
   if (deterministic) {
+    // One zeroed allocation: the semaphores, then the main kernel's
+    // start-ticket counter (AttentionBwdKernelParams).
     const int block_m = cuda::attention_bwd_block_m(p);
     p.m_blocks = static_cast<int32_t>((s.seqlen_q + block_m - 1) / block_m);
-    sem = at::zeros({std::max<int64_t>(1, s.batch * s.heads * p.m_blocks)},
-                    q.options().dtype(at::kInt));
+    const int64_t sems = std::max<int64_t>(1, s.batch * s.heads * p.m_blocks);
+    sem = at::zeros({sems + 1}, q.options().dtype(at::kInt));
     p.dq_semaphore = sem.data_ptr<int32_t>();
+    p.cta_ticket = reinterpret_cast<uint32_t*>(p.dq_semaphore + sems);
   }
   if (dq.numel() > 0 || dk.numel() > 0) {
+    check_fwd_pointers(p);
+    require_aligned("dout", p.dout, 16, {p.do_batch_stride, p.do_row_stride, p.do_head_stride});
+    require_aligned("dq", p.dq, 16, {p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride});
+    require_aligned("dk", p.dk, 16, {p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride});
+    require_aligned("dv", p.dv, 16, {p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride});
+    require_aligned("the dQ accumulator", p.dq_accum, 16,
+                    {p.dqa_batch_stride, p.dqa_row_stride, p.dqa_head_stride}, 4);
+    require_aligned("the lse / D workspace", p.lse_log2, 4);
+    require_aligned("the dQ semaphores", p.dq_semaphore, 4);
+    require_aligned("the CTA ticket counter", p.cta_ticket, 4);
     const char* failed = "attention_bwd";
     check_launch(
         cuda::attention_bwd(p, c10::cuda::getCurrentCUDAStream(q.get_device()).stream(), &failed),

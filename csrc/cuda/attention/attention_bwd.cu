@@ -46,6 +46,12 @@ const char* attention_bwd_unsupported_reason(const AttentionBwdParams& p, int sm
       !attention::attention_bwd_grid(p.seqlen_q, attention::kRowKernelRows, p.num_heads, p.batch)
            .fits())
     return "the CUDA attention backward grid is too large (num_heads * batch over 65535^2)";
+  if (p.deterministic) {
+    const attention::AttentionBwdGrid g =
+        attention::attention_bwd_grid(p.seqlen_k, block_n, p.num_heads_k, p.batch);
+    if (double(g.x) * double(g.y) * double(g.z) >= 4294967296.0)
+      return "the deterministic CUDA attention backward takes fewer than 2^32 CTAs (its 32-bit start tickets)";
+  }
   int smem_optin = 0;
   if (attention::smem_per_block_limit(&smem_optin) != cudaSuccess)
     return "the CUDA attention backward could not query the current CUDA device";

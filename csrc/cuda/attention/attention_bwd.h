@@ -34,6 +34,11 @@ struct AttentionBwdKernelParams : AttentionBwdParams {
   // contribution to query block m; key blocks add in increasing order.
   int32_t* dq_semaphore;
   int32_t m_blocks;  // ceil(seqlen_q / block_m)
+  // deterministic only: one counter, zeroed by the caller. The main kernel's
+  // CTAs take tickets from it in the order they start and compute the block
+  // of their ticket, not of their blockIdx (see sm80::cta_start_ticket: the
+  // turns then never wait for a CTA that has not started).
+  uint32_t* cta_ticket;
 };
 
 // Query rows per main-kernel step for the variant that runs `p` (the

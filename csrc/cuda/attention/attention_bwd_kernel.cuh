@@ -394,10 +394,13 @@ PFA_ATTN_DEVICE void store_key_rows(uint32_t s_tile, typename T::Element* g_rows
 // ---------------------------------------------------------------------------
 
 // Grid: x = key block, (y, z) = flattened (kv head, sequence) index
-// y + gridDim.y * z = h_k + num_heads_k * bi. In deterministic mode the
-// turn-taking relies on key blocks of one (kv head, sequence) being
-// dispatched in increasing x, the hardware's order for consecutive block ids:
-// a CTA only ever waits for CTAs of smaller x, which are running or done.
+// y + gridDim.y * z = h_k + num_heads_k * bi, i.e. linear CTA index
+// x + gridDim.x * (kv head, sequence). In deterministic mode a key block
+// waits for the smaller key blocks of its (kv head, sequence), so the CTA's
+// linear index is its start ticket (sm80::cta_start_ticket) rather than its
+// blockIdx: it then waits only for CTAs that started before it, whatever
+// order the hardware dispatches them in. (With blockIdx, a CTA dispatched
+// before a smaller x could spin on a multiprocessor that CTA needs: a hang.)
 template <typename T>
 __global__ void __launch_bounds__(T::kNThreads)
     attention_bwd_kernel(const __grid_constant__ AttentionBwdKernelParams p) {
@@ -405,11 +408,24 @@ __global__ void __launch_bounds__(T::kNThreads)
   constexpr int kBlockM = T::kBlockM;
   constexpr int kBlockN = T::kBlockN;
 
-  const uint32_t head_seq = blockIdx.z * gridDim.y + blockIdx.y;
+  const uint32_t smem = sm80::smem_u32(sm80::dynamic_smem());
+  uint32_t head_seq, n_block_u;
+  if (p.deterministic) {
+    // The P^T tile's first bytes pass the ticket on; step A first writes them
+    // after the step loop's first barrier. 32-bit arithmetic: the launcher
+    // declines deterministic grids of 2^32 CTAs or more (a 64-bit division
+    // here compiled to a subroutine call and cost ~45 registers).
+    const uint32_t ticket = sm80::cta_start_ticket(p.cta_ticket, smem + T::kOffP);
+    head_seq = ticket / gridDim.x;
+    n_block_u = ticket % gridDim.x;
+  } else {
+    head_seq = blockIdx.z * gridDim.y + blockIdx.y;
+    n_block_u = blockIdx.x;
+  }
   if (head_seq >= uint32_t(p.num_heads_k) * uint32_t(p.batch)) return;  // grid rounding
   const int h_k = static_cast<int>(head_seq % uint32_t(p.num_heads_k));
   const SeqInfo seq(p, static_cast<int>(head_seq / uint32_t(p.num_heads_k)));
-  const int n_block = static_cast<int>(blockIdx.x);
+  const int n_block = static_cast<int>(n_block_u);
   const int n0 = n_block * kBlockN;
   if (n0 >= seq.len_k) return;  // varlen / seqused_k: shorter than max_seqlen_k
   const int rows_k = min_int(kBlockN, seq.len_k - n0);
@@ -438,7 +454,6 @@ __global__ void __launch_bounds__(T::kNThreads)
   const int query_row0_c = (warp % T::kWarpsQueryC) * (kBlockM / T::kWarpsQueryC);
   const int dim0_c = (warp / T::kWarpsQueryC) * (T::kHeadDim / T::kWarpsDimC);
 
-  const uint32_t smem = sm80::smem_u32(sm80::dynamic_smem());
   const uint32_t sK = smem + T::kOffK, sV = smem + T::kOffV;
   const uint32_t sP = smem + T::kOffP, sdS = smem + T::kOffDS;
 

@@ -5,6 +5,7 @@
 #include "attention_bwd_kernel.cuh"
 #include "attention_bwd_launch.h"
 #include "attention_bwd_traits.h"
+#include "../smem_optin.h"
 
 namespace pyfastattn {
 namespace cuda {
@@ -40,12 +41,9 @@ cudaError_t AttentionBwdVariant<Element, kHeadDim>::run(const AttentionBwdKernel
   if (!g.fits()) return cudaErrorInvalidConfiguration;
   auto kernel = attention_bwd_kernel<Traits>;
   const int smem = smem_bytes(p.mask_kind != MaskKind::kNone);
-  if (smem > 48 * 1024) {
-    // Opt in above 48 KB; the limit is per device, so set on every launch.
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-  }
+  // Above 48 KB: the opt-in, once per device (smem_optin.h).
+  const cudaError_t err = ensure_dynamic_smem<Traits>(kernel, smem);
+  if (err != cudaSuccess) return err;
   kernel<<<dim3(unsigned(g.x), unsigned(g.y), unsigned(g.z)), Traits::kNThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

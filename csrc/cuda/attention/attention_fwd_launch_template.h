@@ -5,6 +5,7 @@
 #include "attention_fwd_kernel.cuh"
 #include "attention_fwd_launch.h"
 #include "attention_fwd_traits.h"
+#include "../smem_optin.h"
 
 namespace pyfastattn {
 namespace cuda {
@@ -36,13 +37,9 @@ cudaError_t AttentionFwdVariant<Element, kHeadDim>::run(const AttentionFwdParams
 
   auto kernel = attention_fwd_kernel<Traits>;
   const int smem = smem_bytes(p.mask_kind != MaskKind::kNone);
-  if (smem > 48 * 1024) {
-    // Above 48 KB a kernel must opt in to dynamic shared memory. The limit is
-    // per device, so it is set on every launch rather than once.
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-  }
+  // Above 48 KB: the opt-in, once per device (smem_optin.h).
+  const cudaError_t err = ensure_dynamic_smem<Traits>(kernel, smem);
+  if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(g.m_blocks), static_cast<unsigned>(g.y),
                   static_cast<unsigned>(g.z));
   kernel<<<grid, Traits::kNThreads, smem, stream>>>(p);

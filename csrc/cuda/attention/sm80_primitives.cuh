@@ -153,6 +153,28 @@ PFA_ATTN_DEVICE void red_release_add_s32(int32_t* ptr, int32_t value) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(ptr), "r"(value) : "memory");
 }
 
+// The CTA's rank in the order in which the grid's CTAs really started, for
+// kernels whose CTAs wait on each other. CUDA dispatches CTAs in no promised
+// order: a CTA that waits for a smaller blockIdx can be resident and spinning
+// while the CTA it waits for has no multiprocessor, for good once every
+// multiprocessor holds such a waiter. A CTA that waits only for CTAs of a
+// smaller ticket waits only for CTAs that are running or done, and the one
+// with the smallest ticket still running never waits: no deadlock. Thread 0
+// takes the ticket (one relaxed atomic on `counter`, which the caller zeroes
+// before the launch; grids of fewer than 2^32 CTAs) and passes it on through
+// the 4 shared bytes at `smem_slot`; includes one barrier, and the slot is
+// free again after the caller's next barrier.
+PFA_ATTN_DEVICE uint32_t cta_start_ticket(uint32_t* counter, uint32_t smem_slot) {
+  if (threadIdx.x == 0) {
+    const uint32_t t = atomicAdd(counter, 1u);
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(smem_slot), "r"(t) : "memory");
+  }
+  __syncthreads();
+  uint32_t t;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(t) : "r"(smem_slot) : "memory");
+  return t;
+}
+
 // ---- tensor cores -----------------------------------------------------------
 
 PFA_ATTN_DEVICE void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr) {

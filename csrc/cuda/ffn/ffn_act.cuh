@@ -18,8 +18,11 @@
 #include "../../ffn/params.h"
 
 #if defined(PFA_ATTN_HOST_EMULATION)
+// The emulator's __fdividef: its documented worst case (2 ulp; 0 for a
+// denominator over 2^126), as sm80_emulation.h models it, not an exact division.
+#include "../attention/sm80_primitives.cuh"
 #define PFA_FFN_HD inline
-#define PFA_FFN_FDIV(a, b) ((a) / (b))
+#define PFA_FFN_FDIV(a, b) ::pyfastattn::cuda::sm80::fast_div((a), (b))
 #else
 #define PFA_FFN_HD __device__ __forceinline__
 #define PFA_FFN_FDIV(a, b) __fdividef((a), (b))

@@ -5,6 +5,7 @@
 
 #include <type_traits>
 
+#include "../smem_optin.h"
 #include "ffn_gemm_kernel.cuh"
 
 namespace pyfastattn {
@@ -16,14 +17,17 @@ __global__ void __launch_bounds__(128) ffn_gemm_kernel(const __grid_constant__ F
   ffn_gemm_cta<T, GemmTile<kBM, kEpi, kGated>>(p);
 }
 
+// A type per compiled GEMM kernel, for its shared-memory opt-in state.
+template <typename T, typename Tile>
+struct GemmKernelTag {};
+
 template <typename T, GemmEpilogue kEpi, bool kGated, int kBM>
 cudaError_t launch_tile(const FfnGemmParams& p, cudaStream_t stream) {
   using Tile = GemmTile<kBM, kEpi, kGated>;
   auto kernel = ffn_gemm_kernel<T, kEpi, kGated, kBM>;
-  // Over 48 KiB of dynamic shared memory needs the opt-in (per device; cheap
-  // enough to repeat: a host-side attribute write).
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
+  // Over 48 KiB of dynamic shared memory needs the opt-in: once per device
+  // (smem_optin.h); (T, Tile) names this instantiation.
+  const cudaError_t err = ensure_dynamic_smem<GemmKernelTag<T, Tile>>(kernel, Tile::kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<gemm_grid<Tile>(p), Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
   return cudaGetLastError();

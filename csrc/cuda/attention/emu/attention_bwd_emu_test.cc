@@ -29,113 +29,23 @@
 #include <random>
 #include <sstream>
 
+#include "emu_test_common.h"
+
 using pyfastattn::AttentionBwdParams;
 using pyfastattn::DType;
 using pyfastattn::MaskKind;
 using pyfastattn::cuda::AttentionBwdKernelParams;
 namespace attn = pyfastattn::cuda::attention;
 namespace emu = pyfastattn::emu;
+using namespace pyfastattn::emu_test;  // NOLINT: the shared test vocabulary
 
 namespace {
-
-constexpr uint16_t kNaNBits = 0x7fff;       // NaN in fp16 and bf16
-constexpr uint16_t kSentinelBits = 0x7e5a;  // another NaN: "never written"
-constexpr float kLseSentinel = 12345.f;
-
-float to_float(uint16_t b, bool bf16) {
-  if (bf16) {
-    const uint32_t u = uint32_t(b) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  __half_raw r;
-  r.x = b;
-  return __half2float(__half(r));
-}
-
-uint16_t to_bits(float f, bool bf16) {
-  if (bf16) return __nv_bfloat16_raw(__float2bfloat16_rn(f)).x;
-  return __half_raw(__float2half_rn(f)).x;
-}
-
-struct Case {
-  bool bf16 = false;
-  int head_dim = 64;
-  int batch = 1, hq = 1, hk = 1;
-  bool varlen = false;
-  std::vector<int> len_q, len_k;  // per sequence: rows present in the tensors
-  bool seqused = false;
-  std::vector<int> used_k;  // seqused_k
-  int window_left = -1, window_right = -1;
-  bool bottom_right = false;
-  MaskKind mask = MaskKind::kNone;
-  bool mask_b1 = false, mask_h1 = false, mask_q1 = false;
-  int mask_pad = 0, mask_offset = 0;
-  float scale = 0.125f, softcap = 0.f;
-  bool deterministic = false;
-  bool head_major = false;
-  int d_pad = 0, row_pad = 0;
-  int grid_y = 0;
-
-  int seqlen_q() const { return *std::max_element(len_q.begin(), len_q.end()); }
-  int seqlen_k() const { return *std::max_element(len_k.begin(), len_k.end()); }
-  int key_len(int b) const { return seqused ? used_k[b] : len_k[b]; }
-
-  std::string describe() const {
-    std::ostringstream s;
-    s << (bf16 ? "bf16" : "fp16") << " d=" << head_dim << " b=" << batch << " hq=" << hq
-      << " hk=" << hk << (varlen ? " varlen" : " dense") << " lq=[";
-    for (int x : len_q) s << x << ",";
-    s << "] lk=[";
-    for (int x : len_k) s << x << ",";
-    s << "]";
-    if (seqused) {
-      s << " used=[";
-      for (int x : used_k) s << x << ",";
-      s << "]";
-    }
-    s << " win=(" << window_left << "," << window_right << ")" << (bottom_right ? " br" : " tl")
-      << " mask=" << int(mask) << (mask_b1 ? "b1" : "") << (mask_h1 ? "h1" : "")
-      << (mask_q1 ? "q1" : "") << " mpad=" << mask_pad << " moff=" << mask_offset
-      << " scale=" << scale << " softcap=" << softcap << " det=" << deterministic
-      << (head_major ? " bhsd" : " bshd") << " dpad=" << d_pad << " rpad=" << row_pad
-      << " gy=" << grid_y;
-    return s.str();
-  }
-};
-
-// A [b, s, h, d] tensor (varlen: b = 1, s = total rows) with padded strides.
-struct Tensor {
-  std::vector<uint16_t> data;
-  int64_t bs = 0, rs = 0, hs = 0;
-  int64_t at(int b, int s, int h, int d) const { return b * bs + s * rs + h * hs + d; }
-};
-
-Tensor make_tensor(const Case& c, int nb, int ns, int nh, uint16_t fill) {
-  Tensor t;
-  const int d_alloc = c.head_dim + c.d_pad;
-  if (c.head_major && !c.varlen) {
-    t.rs = d_alloc;
-    t.hs = int64_t(ns) * d_alloc + c.row_pad;
-    t.bs = nh * t.hs;
-  } else {
-    t.hs = d_alloc;
-    t.rs = int64_t(nh) * d_alloc + c.row_pad;
-    t.bs = int64_t(ns) * t.rs + c.row_pad;
-  }
-  const int64_t size = std::max<int64_t>(1, nb * t.bs + 8);
-  t.data.assign(size, fill);
-  return t;
-}
-
 
 struct Result {
   bool ok = true;
   double max_rel[3] = {0, 0, 0};  // dq, dk, dv: max |err| / max(1, max |ref|)
 };
 
-const float kFloatNaN = std::numeric_limits<float>::quiet_NaN();
 
 template <typename Element, int kHeadDim>
 Result run_case(const Case& c, std::mt19937& rng) {
@@ -313,6 +223,7 @@ Result run_case(const Case& c, std::mt19937& rng) {
   std::vector<float> dq_accum(std::max<int64_t>(4, ws_rows * c.hq * D), kFloatNaN);
   const int m_blocks = (sq + Traits::kBlockM - 1) / Traits::kBlockM;
   std::vector<int32_t> sem(std::max(1, c.batch * c.hq * m_blocks), 0);
+  std::vector<uint32_t> ticket(1, 0);
 
   AttentionBwdKernelParams p{};
   p.q = q.data.data(), p.k = k.data.data(), p.v = v.data.data();
@@ -355,6 +266,7 @@ Result run_case(const Case& c, std::mt19937& rng) {
   p.dqa_batch_stride = c.varlen ? 0 : int64_t(sq) * c.hq * D;
   p.dq_semaphore = sem.data();
   p.m_blocks = m_blocks;
+  p.cta_ticket = c.deterministic ? ticket.data() : nullptr;
 
   emu::clear_ranges();
   for (const Tensor* t : {&q, &k, &v, &d_o, &o}) emu::add_range(t->data.data(), t->data.size() * 2, false);
@@ -364,6 +276,7 @@ Result run_case(const Case& c, std::mt19937& rng) {
   emu::add_range(ws.data(), ws.size() * 4, true);
   emu::add_range(dq_accum.data(), dq_accum.size() * 4, true);
   emu::add_range(sem.data(), sem.size() * 4, true);
+  if (c.deterministic) emu::add_range(ticket.data(), 4, true);
 
   // ---- launch, as attention_bwd() does (optionally another y/z split) ---------
   auto split = [&](attn::AttentionBwdGrid g, int64_t heads) {
@@ -373,6 +286,7 @@ Result run_case(const Case& c, std::mt19937& rng) {
     }
     return dim3(unsigned(g.x), unsigned(g.y), unsigned(g.z));
   };
+  uint64_t main_ctas = 0;
   auto run = [&] {
     const attn::AttentionBwdGrid rows = attn::attention_bwd_grid(sq, attn::kRowKernelRows, c.hq, c.batch);
     const attn::AttentionBwdGrid keys = attn::attention_bwd_grid(sk, Traits::kBlockN, c.hk, c.batch);
@@ -381,7 +295,9 @@ Result run_case(const Case& c, std::mt19937& rng) {
                   [&] { attn::attention_bwd_preprocess_kernel<Element>(p); });
     if (keys.x > 0 && keys.y > 0) {
       const size_t smem = Traits::kSmemBytes + (c.mask != MaskKind::kNone ? 2 * Traits::kSmemMaskBytes : 0);
-      emu::launch(split(keys, c.hk), Traits::kNThreads, smem, [&] { attn::attention_bwd_kernel<Traits>(p); });
+      const dim3 grid = split(keys, c.hk);
+      emu::launch(grid, Traits::kNThreads, smem, [&] { attn::attention_bwd_kernel<Traits>(p); });
+      main_ctas = uint64_t(grid.x) * grid.y * grid.z;
     }
     if (rows.x > 0 && rows.y > 0)
       emu::launch(split(rows, c.hq), attn::kRowKernelThreads, 0,
@@ -431,6 +347,12 @@ Result run_case(const Case& c, std::mt19937& rng) {
   compare("dV", 2, dv, ref_dv, c.hk, false);
 
   if (c.deterministic) {
+    // Every CTA of the main kernel took exactly one ticket.
+    if (ticket[0] != main_ctas) {
+      std::printf("  ticket counter ended at %llu, want %llu CTAs\n", (unsigned long long)ticket[0],
+                  (unsigned long long)main_ctas);
+      res.ok = false;
+    }
     // Every counter ends at the number of key blocks its query block sees.
     for (int b = 0; b < c.batch && res.ok; ++b) {
       const pyfastattn::SeqInfo seq(p, b);
@@ -458,6 +380,7 @@ Result run_case(const Case& c, std::mt19937& rng) {
     std::fill(ws.begin(), ws.end(), kFloatNaN);
     std::fill(dq_accum.begin(), dq_accum.end(), kFloatNaN);
     std::fill(sem.begin(), sem.end(), 0);
+    ticket[0] = 0;
     run();
     if (dq.data != dq1 || dk.data != dk1 || dv.data != dv1) {
       std::printf("  deterministic mode: the second run differs\n");
@@ -467,67 +390,6 @@ Result run_case(const Case& c, std::mt19937& rng) {
   return res;
 }
 
-Case random_case(std::mt19937& rng, int index) {
-  auto pick = [&](std::initializer_list<int> xs) {
-    std::vector<int> v(xs);
-    return v[std::uniform_int_distribution<size_t>(0, v.size() - 1)(rng)];
-  };
-  auto chance = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
-  auto len = [&](int hi) {
-    // Mostly small, sometimes 0 or 1, sometimes across several blocks.
-    const int kind = std::uniform_int_distribution<int>(0, 9)(rng);
-    if (kind == 0) return 0;
-    if (kind == 1) return 1;
-    if (kind <= 5) return std::uniform_int_distribution<int>(2, 40)(rng);
-    return std::uniform_int_distribution<int>(41, hi)(rng);
-  };
-  Case c;
-  c.bf16 = chance(0.5);
-  c.head_dim = pick({8, 16, 24, 32, 40, 48, 64, 72, 80, 96, 104, 128, 136, 160, 192, 256});
-  const int size_cap = c.head_dim > 128 ? 90 : 150;
-  c.batch = pick({1, 1, 2, 3});
-  c.hk = pick({1, 1, 2});
-  c.hq = c.hk * pick({1, 1, 2, 3});
-  c.varlen = chance(0.35);
-  if (c.varlen) {
-    for (int b = 0; b < c.batch; ++b) {
-      c.len_q.push_back(len(size_cap));
-      c.len_k.push_back(len(size_cap));
-    }
-  } else {
-    const int lq = len(size_cap), lk = len(size_cap);
-    c.len_q.assign(c.batch, lq);
-    c.len_k.assign(c.batch, lk);
-  }
-  if (c.seqlen_q() == 0 && chance(0.8)) {
-    if (c.varlen) c.len_q[0] = 1 + index % 7;
-    else c.len_q.assign(c.batch, 1 + index % 7);  // dense: one length for all
-  }
-  c.seqused = chance(0.25);
-  if (c.seqused)
-    for (int b = 0; b < c.batch; ++b)
-      c.used_k.push_back(std::uniform_int_distribution<int>(0, c.len_k[b])(rng));
-  const int mode = std::uniform_int_distribution<int>(0, 5)(rng);
-  if (mode == 1) c.window_right = 0;  // causal
-  if (mode == 2) c.window_left = pick({0, 1, 5, 31, 64, 100}), c.window_right = pick({0, 3, 40});
-  if (mode == 3) c.window_left = pick({0, 7, 70});
-  if (mode == 4) c.window_right = pick({2, 33});
-  c.bottom_right = chance(0.5);
-  if (!c.varlen && chance(0.35)) {
-    c.mask = chance(0.5) ? MaskKind::kBool : MaskKind::kAdditive;
-    c.mask_b1 = chance(0.4), c.mask_h1 = chance(0.5), c.mask_q1 = chance(0.2);
-    c.mask_pad = pick({0, 1, 2, 3, 8});
-    c.mask_offset = pick({0, 1, 2, 3});
-  }
-  c.scale = std::uniform_real_distribution<float>(0.05f, 0.6f)(rng);
-  if (chance(0.25)) c.softcap = pick({2, 5, 30});
-  c.deterministic = chance(0.4);
-  c.head_major = chance(0.3);
-  c.d_pad = pick({0, 0, 8, 24});
-  c.row_pad = pick({0, 0, 8, 40});
-  c.grid_y = chance(0.3) ? pick({1, 2, 3, 5}) : 0;
-  return c;
-}
 
 
 std::vector<Case> fixed_cases() {
@@ -580,15 +442,9 @@ std::vector<Case> fixed_cases() {
 int main(int argc, char** argv) {
   const int cases = argc > 1 ? std::atoi(argv[1]) : 120;
   const unsigned seed = argc > 2 ? static_cast<unsigned>(std::atoi(argv[2])) : 1u;
+  print_run_header("attention_bwd_emu_test", cases, seed);
   std::mt19937 rng(seed);
-  std::vector<Case> all = fixed_cases();
-  for (int i = 0; i < cases; ++i) all.push_back(random_case(rng, i));
-  for (const Case& c : all)
-    if (int(c.len_q.size()) != c.batch || int(c.len_k.size()) != c.batch ||
-        (c.seqused && int(c.used_k.size()) != c.batch)) {
-      std::printf("bad test case: %s\n", c.describe().c_str());
-      return 2;
-    }
+  const std::vector<Case> all = all_cases(fixed_cases, cases, rng, CaseLimits{150, 90, 1.0, 0.4});
   int failed = 0, deterministic = 0;
   double worst[2][3] = {{0, 0, 0}, {0, 0, 0}};
   for (size_t n = 0; n < all.size(); ++n) {

@@ -4,7 +4,9 @@
 //
 // Every CUDA thread of a CTA is a fiber (ucontext); the fibers of one CTA run
 // round-robin, switching only at barriers and warp collectives, and CTAs run
-// one after another. Warp collectives (ldmatrix, mma, shuffles, __syncwarp)
+// one after another, each to completion, in the dispatch order that
+// PFA_EMU_CTA_ORDER names (see CtaOrder below): CUDA promises no order, so a
+// kernel must pass in every one. Warp collectives (ldmatrix, mma, shuffles, __syncwarp)
 // gather all 32 lanes' operands and compute each lane's result from the PTX
 // ISA fragment layouts. cp.async copies land only when the issuing thread
 // waits for their group.
@@ -20,8 +22,17 @@
 //     ranges registered as outputs);
 //   - cp.async source sizes outside [0, copy size];
 //   - barrier deadlock (some threads never arrive) and warp divergence at a
-//     collective.
+//     collective;
+//   - a CTA that waits for a value no CTA started before it has released
+//     (spin_wait_equal): on the GPU that wait can hang for good, because the
+//     CTA it waits for may have no multiprocessor until the waiter finishes.
 // Shared-memory bank conflicts are counted, not fatal (bank_conflict_report).
+//
+// Numerics: the special-function instructions return their exact result
+// moved by the documented worst-case error (fast_exp2, fast_tanh, fast_log2,
+// fast_rcp, fast_div: see "special functions" below), and red.add.f32 flushes
+// subnormal inputs and results to zero as the hardware does, so the tests'
+// error figures are not lower bounds of the GPU's.
 //
 // Not modelled: timing, the memory model beyond barrier ordering, and the
 // exact rounding of the tensor cores (products are exact in fp32 here, as in
@@ -30,12 +41,14 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -206,55 +219,132 @@ inline void fiber_entry() {
   swapcontext(&me().ctx, &rt().sched);
 }
 
-// Runs `body` as every thread of every CTA of the grid.
+// ---- CTA dispatch order ------------------------------------------------------
+//
+// PFA_EMU_CTA_ORDER=in-order (default) | reverse | shuffle picks the order in
+// which launch() starts the CTAs of a grid; shuffle draws a fresh permutation
+// for every launch from a generator seeded once with PFA_EMU_CTA_SEED (default
+// 1), so a failing run is reproduced by the same two variables. Every test
+// program prints cta_order_line().
+
+enum class CtaOrder { kInOrder, kReverse, kShuffle };
+
+struct CtaOrderConfig {
+  CtaOrder order = CtaOrder::kInOrder;
+  uint64_t seed = 1;
+  uint64_t state = 1;  // splitmix64 state, advanced by each shuffled launch
+};
+
+inline CtaOrderConfig read_cta_order_env() {
+  CtaOrderConfig c;
+  const char* order = std::getenv("PFA_EMU_CTA_ORDER");
+  const std::string o = order ? order : "in-order";
+  if (o == "in-order" || o.empty()) {
+    c.order = CtaOrder::kInOrder;
+  } else if (o == "reverse") {
+    c.order = CtaOrder::kReverse;
+  } else if (o == "shuffle") {
+    c.order = CtaOrder::kShuffle;
+  } else {
+    std::fprintf(stderr, "PFA_EMU_CTA_ORDER must be in-order, reverse or shuffle, got '%s'\n",
+                 o.c_str());
+    std::exit(2);
+  }
+  if (const char* seed = std::getenv("PFA_EMU_CTA_SEED")) c.seed = std::strtoull(seed, nullptr, 10);
+  c.state = c.seed;
+  return c;
+}
+
+inline CtaOrderConfig& cta_order() {
+  static CtaOrderConfig c = read_cta_order_env();
+  return c;
+}
+
+// "cta order: shuffle (seed 7)": the line every emulator test prints.
+inline std::string cta_order_line() {
+  const CtaOrderConfig& c = cta_order();
+  switch (c.order) {
+    case CtaOrder::kInOrder: return "cta order: in-order (blockIdx x fastest, then y, then z)";
+    case CtaOrder::kReverse: return "cta order: reverse (the last blockIdx first)";
+    case CtaOrder::kShuffle:
+      return "cta order: shuffle (seed " + std::to_string(c.seed) +
+             ", a new permutation per launch; PFA_EMU_CTA_SEED)";
+  }
+  return "cta order: ?";
+}
+
+inline uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// Linear CTA indices (x fastest) in the order they are started.
+inline std::vector<uint64_t> dispatch_order(uint64_t count) {
+  std::vector<uint64_t> order(count);
+  std::iota(order.begin(), order.end(), uint64_t{0});
+  CtaOrderConfig& c = cta_order();
+  if (c.order == CtaOrder::kReverse) {
+    std::reverse(order.begin(), order.end());
+  } else if (c.order == CtaOrder::kShuffle) {
+    for (uint64_t i = count; i > 1; --i)  // Fisher-Yates, the same on every platform
+      std::swap(order[i - 1], order[splitmix64(c.state) % i]);
+  }
+  return order;
+}
+
+// Runs `body` as every thread of every CTA of the grid, CTAs in cta_order().
 inline void launch(dim3 grid, int nthreads, size_t smem_bytes, std::function<void()> body) {
   Runtime& r = rt();
   if (nthreads > kMaxThreads || nthreads % kWarp) fatal("unsupported block size", 0, nthreads);
   r.grid_dim = grid;
   r.nthreads = nthreads;
   r.body = std::move(body);
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        r.block_idx = uint3{x, y, z};
-        r.smem.assign(smem_bytes, 0xA5);  // garbage: unwritten bytes must never matter
-        r.shadow.assign(smem_bytes, ShadowByte{});
-        r.bar_gen = 0;
-        r.bar_arrived = 0;
-        r.epoch = 0;
-        ++r.stats.ctas;
-        for (int w = 0; w < nthreads / kWarp; ++w) r.warps[w] = WarpState{};
-        for (int t = 0; t < nthreads; ++t) {
-          ThreadState& ts = r.threads[t];
-          ts.tid = t;
-          ts.done = ts.waiting = false;
-          ts.pending.clear();
-          ts.next_group = 0;
-          r.thread_idx[t] = uint3{static_cast<unsigned>(t), 0, 0};
-          if (ts.stack.empty()) ts.stack.resize(256 * 1024);
-          getcontext(&ts.ctx);
-          ts.ctx.uc_stack.ss_sp = ts.stack.data();
-          ts.ctx.uc_stack.ss_size = ts.stack.size();
-          ts.ctx.uc_link = &r.sched;
-          makecontext(&ts.ctx, fiber_entry, 0);
-        }
-        for (;;) {
-          bool all_done = true, progress = false;
-          for (int t = 0; t < nthreads; ++t) {
-            ThreadState& ts = r.threads[t];
-            if (ts.done) continue;
-            all_done = false;
-            if (!ready(ts)) continue;
-            ts.waiting = false;
-            r.current = t;
-            swapcontext(&r.sched, &ts.ctx);
-            progress = true;
-          }
-          if (all_done) break;
-          if (!progress) fatal("deadlock: threads wait at a barrier others never reach", 0);
-        }
-        r.current = -1;
+  const uint64_t gx = grid.x, gy = grid.y;
+  for (const uint64_t linear : dispatch_order(gx * gy * grid.z)) {
+    const unsigned x = static_cast<unsigned>(linear % gx);
+    const unsigned y = static_cast<unsigned>(linear / gx % gy);
+    const unsigned z = static_cast<unsigned>(linear / gx / gy);
+    r.block_idx = uint3{x, y, z};
+    r.smem.assign(smem_bytes, 0xA5);  // garbage: unwritten bytes must never matter
+    r.shadow.assign(smem_bytes, ShadowByte{});
+    r.bar_gen = 0;
+    r.bar_arrived = 0;
+    r.epoch = 0;
+    ++r.stats.ctas;
+    for (int w = 0; w < nthreads / kWarp; ++w) r.warps[w] = WarpState{};
+    for (int t = 0; t < nthreads; ++t) {
+      ThreadState& ts = r.threads[t];
+      ts.tid = t;
+      ts.done = ts.waiting = false;
+      ts.pending.clear();
+      ts.next_group = 0;
+      r.thread_idx[t] = uint3{static_cast<unsigned>(t), 0, 0};
+      if (ts.stack.empty()) ts.stack.resize(256 * 1024);
+      getcontext(&ts.ctx);
+      ts.ctx.uc_stack.ss_sp = ts.stack.data();
+      ts.ctx.uc_stack.ss_size = ts.stack.size();
+      ts.ctx.uc_link = &r.sched;
+      makecontext(&ts.ctx, fiber_entry, 0);
+    }
+    for (;;) {
+      bool all_done = true, progress = false;
+      for (int t = 0; t < nthreads; ++t) {
+        ThreadState& ts = r.threads[t];
+        if (ts.done) continue;
+        all_done = false;
+        if (!ready(ts)) continue;
+        ts.waiting = false;
+        r.current = t;
+        swapcontext(&r.sched, &ts.ctx);
+        progress = true;
       }
+      if (all_done) break;
+      if (!progress) fatal("deadlock: threads wait at a barrier others never reach", 0);
+    }
+    r.current = -1;
+  }
 }
 
 // ---- barriers and collectives -------------------------------------------------
@@ -520,24 +610,53 @@ inline uint4 ld_global_nc_v4(const void* ptr) {
   return v;
 }
 
+// Subnormal fp32 -> zero of the same sign (what .ftz and the f32 atomics do).
+inline float flush_subnormal(float x) {
+  return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.f, x) : x;
+}
+
+// PTX ISA, atom / red: "atom.add.f32 rounds to nearest even and flushes
+// subnormal inputs and results to sign-preserving zero" (red.add.f32 alike).
 inline void red_add_f32(float* ptr, float value) {
   emu::check_global(ptr, 4, true, "red.global.add.f32 outside the outputs");
   if (reinterpret_cast<uintptr_t>(ptr) % 4) emu::fatal("red.global.add.f32 misaligned", emu::my_tid());
   ++emu::rt().stats.red_f32;
-  *ptr += value;
+  *ptr = flush_subnormal(flush_subnormal(*ptr) + flush_subnormal(value));
 }
 
-// CTAs run one after another here, in the hardware's dispatch order (x
-// fastest), so a wait that is not already satisfied would never end: on the
-// GPU it would wait for a CTA dispatched later, or for one that never
-// releases. Either is a bug, reported here instead of hanging.
+// CTAs run one after another here, each to completion, in the order
+// PFA_EMU_CTA_ORDER gives, so a wait that is not already satisfied would never
+// end: on the GPU it would wait for a CTA that has not started (and, with
+// every multiprocessor busy with waiters, may never start), or for one that
+// never releases. Either is a bug, reported here instead of hanging. A kernel
+// that waits only for CTAs that started before it (cta_start_ticket) passes
+// in every order.
 inline void spin_wait_equal(const int32_t* ptr, int32_t value) {
   emu::check_global(ptr, 4, false, "spin_wait_equal reads outside the registered memory");
   ++emu::rt().stats.turn_waits;
   if (*ptr != value)
-    emu::fatal("spin_wait_equal: the awaited value is never released by an earlier CTA",
+    emu::fatal("spin_wait_equal: the awaited value is never released by a CTA that started earlier",
                emu::my_tid(), static_cast<uint64_t>(static_cast<uint32_t>(*ptr)) << 32 |
                                   static_cast<uint32_t>(value));
+}
+
+// The CTA's rank in the order the CTAs really started (see the GPU version in
+// sm80_primitives.cuh): thread 0 takes a ticket, a barrier, every thread reads
+// it from the 4 shared bytes at smem_slot.
+inline uint32_t cta_start_ticket(uint32_t* counter, uint32_t smem_slot) {
+  if (emu::my_tid() == 0) {
+    emu::check_global(counter, 4, true, "cta_start_ticket: counter outside the outputs");
+    if (reinterpret_cast<uintptr_t>(counter) % 4) emu::fatal("cta_start_ticket: counter misaligned", 0);
+    const uint32_t t = (*counter)++;
+    emu::check_write(smem_slot, 4, 4, "cta_start_ticket: slot out of bounds or misaligned");
+    std::memcpy(&emu::rt().smem[smem_slot], &t, 4);
+    emu::mark_written(smem_slot, 4);
+  }
+  emu::cta_barrier();
+  emu::check_read(smem_slot, 4, 4, false, "cta_start_ticket: slot read");
+  uint32_t t;
+  std::memcpy(&t, &emu::rt().smem[smem_slot], 4);
+  return t;
 }
 
 inline void fence_gpu() {}
@@ -643,11 +762,63 @@ inline float u32_as_float(uint32_t bits) {
   return f;
 }
 
-inline float fast_exp2(float x) { return std::exp2(x); }
-inline float fast_tanh(float x) { return std::tanh(x); }
-inline float fast_rcp(float x) { return 1.f / x; }
-inline float fast_div(float a, float b) { return a / b; }
-inline float fast_log2(float x) { return std::log2(x); }
+// ---- special functions --------------------------------------------------------
+//
+// The hardware's approximations are modelled by their documented worst case:
+// the exact result (in double) moved by the largest error the documentation
+// allows, up or down by a hash of the input bits, the function and
+// PFA_EMU_SFU_SEED (default 1). Equal inputs give equal outputs (so the
+// determinism checks stay meaningful) and neighbouring elements err in
+// different directions, as a real approximation does; an error figure measured
+// under the emulator is then a bound of the GPU's, not a best case. The
+// figures (PTX ISA, "Floating Point Instructions", and the CUDA C++
+// Programming Guide's table of intrinsic functions; the page was not at hand
+// in the session that wrote this, so each is the larger of the values we know
+// for it, and the model errs on the pessimistic side):
+//   ex2.approx.ftz.f32   2^-22 relative (the ISA's 2^-22.5, rounded up to the
+//                        2 ulp of exp2f); subnormal inputs and results -> 0
+//   tanh.approx.f32      2^-10.987 relative (ISA; "2^-11" elsewhere)
+//   lg2.approx.ftz.f32   __log2f: 2^-22.6 absolute for x in [0.5, 2], else 2 ulp
+//   __fdividef(a, b)     2 ulp for |b| in [2^-126, 2^126]; 0 for |b| > 2^126
+inline uint32_t sfu_seed() {
+  static const uint32_t seed = [] {
+    const char* s = std::getenv("PFA_EMU_SFU_SEED");
+    return s ? static_cast<uint32_t>(std::strtoul(s, nullptr, 10)) : 1u;
+  }();
+  return seed;
+}
+
+inline uint64_t sfu_key(float x, uint32_t salt) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  return (uint64_t(salt) << 32 | bits) ^ (uint64_t(sfu_seed()) << 40);
+}
+
+inline float sfu_result(double exact, uint64_t key, double rel, double abs_err = 0) {
+  if (!std::isfinite(exact) || exact == 0) return static_cast<float>(exact);
+  const double sign = emu::splitmix64(key) & 1 ? 1.0 : -1.0;
+  return static_cast<float>(exact + sign * (abs_err > 0 ? abs_err : rel * std::fabs(exact)));
+}
+
+inline float fast_exp2(float x) {
+  x = flush_subnormal(x);
+  return flush_subnormal(sfu_result(std::exp2(double(x)), sfu_key(x, 1), std::ldexp(1.0, -22)));
+}
+inline float fast_tanh(float x) {
+  return sfu_result(std::tanh(double(x)), sfu_key(x, 2), std::exp2(-10.987));
+}
+inline float fast_log2(float x) {
+  x = flush_subnormal(x);
+  const bool near_one = x >= 0.5f && x <= 2.f;
+  return sfu_result(std::log2(double(x)), sfu_key(x, 3), std::ldexp(1.0, -22),
+                    near_one ? std::exp2(-22.6) : 0.0);
+}
+inline float fast_div(float a, float b) {
+  if (std::fabs(b) > 0x1p126f && std::isfinite(b)) return 0.f * a;  // documented: 0 (NaN for inf a)
+  return flush_subnormal(
+      sfu_result(double(a) / double(b), sfu_key(a, 4) ^ (sfu_key(b, 5) << 1), std::ldexp(1.0, -22)));
+}
+inline float fast_rcp(float x) { return fast_div(1.f, x); }
 
 inline float shfl_xor(float v, int lane_mask) {
   uint32_t in[1];

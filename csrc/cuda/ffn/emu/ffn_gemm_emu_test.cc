@@ -556,7 +556,11 @@ void elementwise_case(int index) {
 int main(int argc, char** argv) {
   const int gemm_cases = argc > 1 ? std::atoi(argv[1]) : 60;
   const int ew_cases = argc > 2 ? std::atoi(argv[2]) : 60;
-  rng.seed(argc > 3 ? std::atoll(argv[3]) : 1);
+  const long long seed = argc > 3 ? std::atoll(argv[3]) : 1;
+  rng.seed(seed);
+  std::printf("ffn_gemm_emu_test: %d gemm + %d elementwise cases, seed %lld; %s\n", gemm_cases, ew_cases,
+              seed, emu::cta_order_line().c_str());
+  std::fflush(stdout);
   for (int i = 0; i < gemm_cases; ++i) gemm_case(i);
   const emu::Stats gs = emu::rt().stats;
   for (int i = 0; i < ew_cases; ++i) elementwise_case(i);
