@@ -120,24 +120,11 @@ PFA_INLINE void bwd_dkdv_block(const Ctx& c, const BwdScratch& w, const Task& t)
         TL::b_rows(dout, p.do_row_stride, m, c.dv, w.dob);
         TL::b_rows(q, p.q_row_stride, m, c.d, w.qb);
         if constexpr (TL::kPairs) {
-          // bf16 rows of P^T / dS^T are pairs along the query axis; lanes
-          // past m hold P = dS = 0, which pads an odd m.
           grad_tile<typename Isa::Vec, BwdOut::kRowsBf16>(c, w, n, mp);
-          const int m2 = (m + 1) / 2;
-          if (m & 1) {
-            // The pad lane of the last pair must be 0, not a stale value.
-            for (int j = 0; j < n; ++j) {
-              reinterpret_cast<uint16_t*>(w.pout)[j * ldq + m] = 0;
-              reinterpret_cast<uint16_t*>(w.dsout)[j * ldq + m] = 0;
-            }
-          }
-          gemm<Isa, CT>(GemmArgs{n, c.dv, m2, w.pout, ldq / 2, false, w.dob, c.dv, w.acc2, c.dv, true});
-          gemm<Isa, CT>(GemmArgs{n, c.d, m2, w.dsout, ldq / 2, false, w.qb, c.d, w.acc1, c.d, true});
         } else {
           grad_tile<typename Isa::Vec, BwdOut::kInPlace>(c, w, n, mp);
-          gemm<Isa, CT>(GemmArgs{n, c.dv, m, w.s, ldq, false, w.dob, c.dv, w.acc2, c.dv, true});
-          gemm<Isa, CT>(GemmArgs{n, c.d, m, w.dp, ldq, false, w.qb, c.d, w.acc1, c.d, true});
         }
+        add_dkdv<Isa, T, CT>(c, w, w.qb, w.dob, n, m);
       }
     }
   }

@@ -301,12 +301,38 @@ PFA_INLINE void store_dkdv(const Ctx& c, const BwdScratch& w, const SeqInfo& si,
   }
 }
 
+// dV += P^T dO and dK += dS^T Q for one (query block, key tile), K axis =
+// query rows, after grad_tile wrote P and dS: fp32 in place (S^T, dP^T) or,
+// bf16, as rows of P^T / dS^T (pout, dsout), which are pairs along the query
+// axis; lanes past m hold P = dS = 0, which pads an odd m. qb, dob: Q and dO
+// rows as B operands.
+template <class Isa, typename T, typename CT>
+PFA_INLINE void add_dkdv(const Ctx& c, const BwdScratch& w, const float* qb, const float* dob, int n, int m) {
+  const int64_t ldq = c.blk.q;
+  if constexpr (Tiles<T, CT>::kPairs) {
+    const int m2 = (m + 1) / 2;
+    if (m & 1) {
+      // The pad lane of the last pair must be 0, not a stale value.
+      for (int j = 0; j < n; ++j) {
+        reinterpret_cast<uint16_t*>(w.pout)[j * ldq + m] = 0;
+        reinterpret_cast<uint16_t*>(w.dsout)[j * ldq + m] = 0;
+      }
+    }
+    gemm<Isa, CT>(GemmArgs{n, c.dv, m2, w.pout, ldq / 2, false, dob, c.dv, w.acc2, c.dv, true});
+    gemm<Isa, CT>(GemmArgs{n, c.d, m2, w.dsout, ldq / 2, false, qb, c.d, w.acc1, c.d, true});
+  } else {
+    gemm<Isa, CT>(GemmArgs{n, c.dv, m, w.s, ldq, false, dob, c.dv, w.acc2, c.dv, true});
+    gemm<Isa, CT>(GemmArgs{n, c.d, m, w.dp, ldq, false, qb, c.d, w.acc1, c.d, true});
+  }
+}
+
 // Estimated work of the key block [j0, j0 + n) of sequence si, for the task
 // costs the scheduler sorts by: the query rows that see it, times its keys,
 // for every query head of the group.
 PFA_INLINE int64_t key_block_work(const Ctx& c, const SeqInfo& si, int j0, int n) {
   if (n <= 0) return 0;
-  const int rows_seen = std::max(0, end_row_starting_by(*c.p, si, j0 + n - 1) - first_row_reaching(*c.p, si, j0));
+  const int rows_seen =
+      std::max(0, end_row_starting_by(*c.p, si, j0 + n - 1) - first_row_reaching(*c.p, si, j0));
   return int64_t(rows_seen) * n * c.group;
 }
 

@@ -119,22 +119,15 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
           const int64_t row0 = dsum_index(c, si, h, i0);
           const bool first = touched[row0] == 0;
           float* dq = part + row0 * c.d;
+          // dV, dK as in the two-pass backward; dQ partial += dS K (A = dS
+          // pairs along keys, or read by column from dS^T).
           if constexpr (TL::kPairs) {
             grad_tile<typename Isa::Vec, BwdOut::kAllBf16>(c, w, n, mp);
-            const int m2 = (m + 1) / 2;
-            if (m & 1) {
-              for (int j = 0; j < n; ++j) {
-                reinterpret_cast<uint16_t*>(w.pout)[j * ldq + m] = 0;
-                reinterpret_cast<uint16_t*>(w.dsout)[j * ldq + m] = 0;
-              }
-            }
-            gemm<Isa, CT>(GemmArgs{n, c.dv, m2, w.pout, ldq / 2, false, wq.dob, c.dv, w.acc2, c.dv, true});
-            gemm<Isa, CT>(GemmArgs{n, c.d, m2, w.dsout, ldq / 2, false, wq.qb, c.d, w.acc1, c.d, true});
+            add_dkdv<Isa, T, CT>(c, w, wq.qb, wq.dob, n, m);
             gemm<Isa, CT>(GemmArgs{m, c.d, (n + 1) / 2, w.dspair, ldq, true, w.kb, c.d, dq, c.d, !first});
           } else {
             grad_tile<typename Isa::Vec, BwdOut::kInPlace>(c, w, n, mp);
-            gemm<Isa, CT>(GemmArgs{n, c.dv, m, w.s, ldq, false, wq.dob, c.dv, w.acc2, c.dv, true});
-            gemm<Isa, CT>(GemmArgs{n, c.d, m, w.dp, ldq, false, wq.qb, c.d, w.acc1, c.d, true});
+            add_dkdv<Isa, T, CT>(c, w, wq.qb, wq.dob, n, m);
             gemm<Isa, CT>(GemmArgs{m, c.d, n, w.dp, ldq, true, w.ka, c.d, dq, c.d, !first});
           }
           if (first) std::fill(touched + row0, touched + row0 + m, uint8_t(1));

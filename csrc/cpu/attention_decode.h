@@ -17,7 +17,9 @@ namespace pyfastattn {
 namespace cpu {
 
 #if PFA_X86
-PFA_AVX512 inline __mmask16 mask16(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+PFA_AVX512 inline __mmask16 mask16(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
 
 // 16 values of a row as fp32; lanes outside `k` are 0.
 template <typename T>
@@ -69,10 +71,11 @@ PFA_AVX512 inline void decode_scores(const Ctx& c, const T* q, const T* krow, in
   const int d = c.d;
   __m512 qv[16];
   for (int v = 0; v * 16 < d; ++v) qv[v] = load16_f32(q + 16 * v, mask16(d - 16 * v));
-  for (int j = 0; j < n; ++j) sc[j] = decode_dot(krow + int64_t(j) * c.p->k_row_stride, qv, d) * c.score_scale;
+  for (int j = 0; j < n; ++j)
+    sc[j] = decode_dot(krow + int64_t(j) * c.p->k_row_stride, qv, d) * c.score_scale;
 }
 PFA_AVX512_BF16 inline void decode_scores_bf16(const Ctx& c, const c10::BFloat16* q,
-                                                   const c10::BFloat16* krow, int n, float* sc) {
+                                               const c10::BFloat16* krow, int n, float* sc) {
   const int d = c.d;
   __m512i qp[8];
   for (int v = 0; v * 32 < d; ++v) {
@@ -88,7 +91,7 @@ PFA_AVX512_BF16 inline void decode_scores_bf16(const Ctx& c, const c10::BFloat16
 // O = alpha O + sum_j p_j V_j (64 columns, 4 vectors, at a time).
 template <typename T>
 PFA_AVX512 inline void decode_softmax_pv(const Ctx& c, const T* vrow0, int n, float* sc, float* oacc,
-                                             float& mrun, float& lrun) {
+                                         float& mrun, float& lrun) {
   const int dv = c.dv;
   __m512 mx = _mm512_set1_ps(-kInf);
   for (int j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, mask16(n - j), sc + j));

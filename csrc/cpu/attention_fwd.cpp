@@ -128,7 +128,8 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
   if constexpr (Isa::kAvx512) {
     // One row sees exactly [key_begin, key_end): no window edge in any tile.
     if (m == 1 && !masked && !c.softcap && c.d <= 256) {
-      if (key_begin < key_end) decode_row<T, TL::kPairs>(c, q, kbase, vbase, key_begin, key_end, w.s, w.oacc, w.mrun[0], w.lrun[0]);
+      if (key_begin < key_end)
+        decode_row<T, TL::kPairs>(c, q, kbase, vbase, key_begin, key_end, w.s, w.oacc, w.mrun[0], w.lrun[0]);
       decoded = true;
     }
   }

@@ -52,11 +52,11 @@ struct Ctx {
   int64_t part_rows;
   float* dq_part;
   uint8_t* dq_touched;
-  // One-pass backward: Q^T, dO^T, Q and dO of every query block in the
-  // products' B layouts (bq_pack), packed once by the prep pass instead of
-  // once per tile; nullptr when over kMaxPackBytes (then per tile).
-  // pack_first[b]: the sequence's first block index, per head, see
-  // pack_index.
+  // One-pass backward, bf16 dot products only: Q^T, dO^T, Q and dO of every
+  // query block in the products' B layouts (QoPack), packed once by the prep
+  // pass instead of once per tile; nullptr when over kMaxPackBytes or another
+  // path (then per tile). pack_first[b]: the sequence's first block index,
+  // per head, see pack_parts (attention_bwd_fused.cpp).
   float* qo_pack;
   int64_t pack_floats;  // per query block
   const int64_t* pack_first;
@@ -65,15 +65,17 @@ struct Ctx {
 // A query block (forward, dQ, prep, reduce) or a key block / chunk (dK dV,
 // one-pass backward) of one (sequence, head).
 struct Task {
-  int b, h, i0;  // sequence, head (query head fwd / dQ, kv head dK dV), first row
+  int b, h;  // sequence, head (query head: forward, dQ, prep, reduce; kv head: dK dV, one-pass)
+  int i0;    // first row of the block (query or key), or the one-pass backward's chunk
 };
 
 // What a task computes; BlockFn runs one task of a kind.
 enum class Kind { kFwd, kBwdDq, kBwdDkDv, kBwdPrep, kBwdFused, kBwdReduce };
 
-// Per-thread scratch: one 64-byte aligned block per worker (zeroed once, so
-// stale lanes past a tile's edge stay finite), carved into tiles.
-// Hands out 64-byte aligned sub-arrays; run once with base = nullptr to size.
+// Per-thread scratch: one 64-byte aligned block per worker (run_tasks; zeroed
+// once, so stale lanes past a tile's edge stay finite), carved into tiles.
+// Carver hands out 64-byte aligned sub-arrays; run it once with base =
+// nullptr to size the block.
 class Carver {
  public:
   explicit Carver(float* base) : base_(base) {}
