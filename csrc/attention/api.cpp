@@ -7,17 +7,6 @@
 
 namespace pyfastattn {
 
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default:
-      TORCH_CHECK_VALUE(false, "pyfastattn kernels: q.dtype must be float32, float16 or bfloat16, got ",
-                        t);
-  }
-}
-
 namespace {
 
 // A kernel reads a tensor only through data_ptr() and strides: anything else
@@ -79,7 +68,8 @@ AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
                                       const std::optional<at::Tensor>& cu_seqlens_k,
                                       const std::optional<at::Tensor>& seqused_k,
                                       int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  to_dtype(q.scalar_type());
+  TORCH_CHECK_VALUE(kernel_dtype(q.scalar_type()), "pyfastattn kernels: q.dtype must be ", kKernelDTypes,
+                    ", got ", q.scalar_type());
   check_same(q, q, "q");
   check_same(k, q, "k");
   check_same(v, q, "v");

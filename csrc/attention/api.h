@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../torch_dtype.h"
 #include "params.h"
 
 namespace pyfastattn {
@@ -64,7 +65,5 @@ void check_bwd_inputs(const AttentionShape& s, const at::Tensor& q, const at::Te
 
 void fill_bwd_grads(AttentionBwdParams& p, const at::Tensor& dout, const at::Tensor& dq,
                     const at::Tensor& dk, const at::Tensor& dv, bool deterministic);
-
-DType to_dtype(at::ScalarType t);
 
 }  // namespace pyfastattn

@@ -28,9 +28,9 @@
 
 #include <cstdint>
 
-namespace pyfastattn {
+#include "../dtype.h"
 
-enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace pyfastattn {
 
 enum class MaskKind : int32_t {
   kNone = 0,

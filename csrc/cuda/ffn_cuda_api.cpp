@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "../ffn/ffn_ops.h"
+#include "../torch_dtype.h"
 #include "ffn/ffn_elementwise.h"
 #include "ffn/ffn_gemm.h"
 #include "launch_check.h"
@@ -142,10 +143,6 @@ Path choose(const FfnShape& s, bool backward, int device) {
 
 // ---- the fused path -----------------------------------------------------------
 
-DType dtype_of(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-}
-
 const void* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr() : nullptr;
 }
@@ -208,7 +205,7 @@ FfnGemmParams first_gemm_params(const FfnShape& s, Activation act, const at::Ten
   }
   p.act = act;
   p.gated = s.gated;
-  p.dtype = dtype_of(x);
+  p.dtype = to_dtype(x.scalar_type());
   return p;
 }
 
@@ -277,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_fused(const FfnShape& s, Activation a
     p.out = y.data_ptr();
     p.out_row_stride = y.stride(0);
     p.act = act;
-    p.dtype = dtype_of(x);
+    p.dtype = to_dtype(x.scalar_type());
     run_gemm(p);
   }
   return {y, save_for_backward ? act_in : at::empty({0}, opts)};
@@ -350,7 +347,7 @@ GradTuple ffn_bwd_fused(const FfnShape& s, Activation act, const at::Tensor& dou
     p.dbias_up_partial = db3_part.defined() ? db3_part.data_ptr<float>() : nullptr;
     p.act = act;
     p.gated = s.gated;
-    p.dtype = dtype_of(x);
+    p.dtype = to_dtype(x.scalar_type());
     if (s.tokens > 0) run_gemm(p);
   } else if (want_h && !recompute) {
     // Only dW2 wanted, from saved pre-activations: the forward step alone.

@@ -38,6 +38,7 @@
 #include <tuple>
 
 #include "../cpu/ffn_cpu.h"
+#include "../torch_dtype.h"
 #include "ffn_ops.h"
 #include "params.h"
 
@@ -53,19 +54,6 @@ Activation parse_activation(c10::string_view name) {
 }
 
 namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kHalf:
-      return DType::kFloat16;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "ffn: dtype must be float32, float16 or bfloat16, got ", t);
-  }
-}
 
 void check_like(const at::Tensor& t, const at::Tensor& x, const char* name,
                 std::initializer_list<int64_t> shape) {
@@ -88,7 +76,8 @@ FfnShape check_inputs(const at::Tensor& x, const at::Tensor& w1,
   TORCH_CHECK(x.dim() == 2, "ffn: x must be 2-D [tokens, d_model], got ", x.sizes());
   TORCH_CHECK(w1.dim() == 2 && w2.dim() == 2, "ffn: weights must be 2-D, got w1 ", w1.sizes(),
               " and w2 ", w2.sizes());
-  to_dtype(x.scalar_type());
+  TORCH_CHECK(kernel_dtype(x.scalar_type()), "ffn: dtype must be ", kKernelDTypes, ", got ",
+              x.scalar_type());
   FfnShape s{x.size(0), x.size(1), w1.size(0), w2.size(0), w3.has_value()};
   check_like(w1, x, "w1", {s.d_ff, s.d_model});
   check_like(w2, x, "w2", {s.d_out, s.d_ff});

@@ -46,7 +46,7 @@
 
 #include <cstdint>
 
-#include "../attention/params.h"  // DType, shared with the attention kernels
+#include "../dtype.h"
 
 namespace pyfastattn {
 
