@@ -217,15 +217,16 @@ def add_common_args(ap) -> None:
     ap.add_argument(
         "--dtype",
         default=None,
-        help="comma list of dtypes, e.g. float32,bfloat16 (default: float32,bfloat16 on CPU, "
-        "bfloat16 on CUDA for --quick, bfloat16,float16 for --full)",
+        help="comma list of dtypes, e.g. float32,bfloat16 (default: float32,bfloat16 on CPU; "
+        "on CUDA bfloat16,float16, or bfloat16 alone for run.py --quick; --smoke: the first of these)",
     )
     g = ap.add_mutually_exclusive_group()
     g.add_argument(
         "--quick",
         action="store_true",
         default=True,
-        help="the default grid: >= 4 sizes per curve, short adaptive timing (about 2 minutes on 2 CPU cores)",
+        help="the default: a grid with >= 4 sizes per curve and short adaptive timing "
+        "(run.py, all suites: about 2 minutes on 2 idle CPU cores)",
     )
     g.add_argument("--full", action="store_true", help="the whole grid, longer timing (tens of minutes)")
     g.add_argument(
