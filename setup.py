@@ -205,8 +205,10 @@ def _extensions():
         """
 
         def finalize_options(self):
+            given = self.build_temp is not None  # build_ext --build-temp DIR wins
             super().finalize_options()
-            self.build_temp = build_temp
+            if not given:
+                self.build_temp = build_temp
 
         def build_extensions(self):
             # Python's CFLAGS (sysconfig) carry -g, which torch's ninja file
