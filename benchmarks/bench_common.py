@@ -14,6 +14,7 @@ import contextlib
 import csv
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -28,6 +29,10 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# torch.utils.benchmark imports torch.utils.cpp_extension, which logs "No CUDA
+# runtime is found" on a CUDA build of torch without a GPU: noise for a benchmark.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 # Providers that are pyfastattn itself or a floor, not a baseline to beat.
 NOT_BASELINES = ("pyfastattn", "GEMM floor")
@@ -301,12 +306,22 @@ def cuda_available() -> bool:
         return torch.cuda.is_available()
 
 
+# Lines of native stderr dropped around profiled calls: Kineto's probe lines, its
+# CUDA device query failing on a CUDA build of torch without a GPU, and the
+# profiler's note that a tensor allocated before it started was freed during the
+# call (the peak is measured above what was allocated before the call anyway).
+NATIVE_NOISE = re.compile(
+    r"^USDT:|gpuGetDeviceCount failed|Memory block of unknown size was allocated before the profiling started"
+)
+
+
 @contextlib.contextmanager
-def quiet_native_stderr(drop=("USDT:",)):
+def quiet_native_stderr(drop: re.Pattern = NATIVE_NOISE):
     """Run a block with the process's native stderr (fd 2) captured, then
-    write back every line but those starting with ``drop``: torch.profiler's
+    write back every line but those matching ``drop``: torch.profiler's
     Kineto prints a 'USDT: ... profiler_start/stop' pair per profiled call
-    from C++, which Python's sys.stderr cannot filter."""
+    from C++ (and, on a CUDA torch without a GPU, 'gpuGetDeviceCount failed'),
+    which Python's sys.stderr cannot filter."""
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # no real fd (e.g. pytest capture): nothing to hide
@@ -323,9 +338,7 @@ def quiet_native_stderr(drop=("USDT:",)):
             os.dup2(saved, fd)
             os.close(saved)
             tmp.seek(0)
-            kept = [
-                ln for ln in tmp.read().decode(errors="replace").splitlines(True) if not ln.startswith(drop)
-            ]
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(True) if not drop.search(ln)]
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()

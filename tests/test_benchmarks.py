@@ -374,7 +374,8 @@ def test_quiet_native_stderr_drops_profiler_probe_lines():
     code = (
         f"import os, sys; sys.path.insert(0, {BENCH!r}); import bench_common as bc\n"
         "with bc.quiet_native_stderr():\n"
-        "    os.write(2, b'USDT:2026 x.cpp:52] profiler_start\\nkept line\\n')\n"
+        "    os.write(2, b'USDT:2026 x.cpp:52] profiler_start\\nkept line\\n"
+        "ERROR:2026 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\\n')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
