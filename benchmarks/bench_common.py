@@ -231,7 +231,7 @@ def add_common_args(ap) -> None:
         action="store_true",
         default=True,
         help="the default: a grid with >= 4 sizes per curve and short adaptive timing "
-        "(run.py, all suites: about 2 minutes on 2 idle CPU cores)",
+        "(run.py, all suites: sized for about 2 minutes on 2 idle CPU cores)",
     )
     g.add_argument("--full", action="store_true", help="the whole grid, longer timing (tens of minutes)")
     g.add_argument(
