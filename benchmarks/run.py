@@ -141,7 +141,7 @@ def shapes_for(
         seqs = seqs or (
             [64, 128, 256, 512]
             if quick and backward
-            else [256, 512, 1024, 2048]
+            else [128, 256, 512, 1024]
             if quick
             else [256, 512, 1024, 2048, 4096]
         )
