@@ -3,15 +3,33 @@
 Environment:
   PYFASTATTN_BUILD_CUDA=0|1|auto   auto (default): build CUDA when torch is a CUDA
                                    build and nvcc is found. 1: fail if it can't.
-  PYFASTATTN_CUDA_ARCHS            e.g. "8.0+PTX;9.0a" (the default). Each entry
-                                   becomes a -gencode for that SM; +PTX also
-                                   embeds PTX for newer GPUs to JIT.
-  MAX_JOBS                         parallel compile jobs (ninja), e.g. MAX_JOBS=2.
+  PYFASTATTN_CUDA_ARCHS            e.g. "8.0+PTX;9.0a". Each entry becomes a
+                                   -gencode for that SM; +PTX also embeds PTX for
+                                   newer GPUs to JIT. When neither it nor
+                                   TORCH_CUDA_ARCH_LIST is set: the archs of the
+                                   visible GPUs (9.0 as 9.0a), or, with no GPU
+                                   visible (a docker image build), "8.0+PTX;9.0a".
+  TORCH_CUDA_ARCH_LIST             read as PYFASTATTN_CUDA_ARCHS when that is unset
+                                   (numbers only, e.g. "8.0;8.6+PTX").
+  MAX_JOBS                         parallel compile jobs (ninja), e.g. MAX_JOBS=2;
+                                   unset: ninja's default (cores + 2).
   CUDA_HOME                        the toolkit; otherwise /usr/local/cuda or the
                                    real location of the nvcc on PATH.
+  PYFASTATTN_DEBUG_INFO=1          keep the -g that Python's own CFLAGS add to
+                                   every host compile (dropped by default: debug
+                                   info of torch's templates is a third of the
+                                   host compile time and most of the .so's size).
 
 Install with `pip install --no-build-isolation .`: an isolated build would pull
 another torch and produce a module whose ABI doesn't match the installed one.
+
+Objects are kept in build/<python>-torch<version>-<cpu|cuda>/ (ninja's
+build.ninja, .ninja_log and the .o files), also under `pip install -e`, whose
+setuptools otherwise compiles in a fresh temporary directory every time: so a
+second install of an unchanged tree recompiles nothing (ninja finds every
+object up to date, headers included) and only relinks. Delete build/ for a
+clean build. `python benchmarks/build_times.py` prints the per-file compile
+times of the last build from that .ninja_log.
 """
 
 from __future__ import annotations
@@ -20,6 +38,7 @@ import glob
 import os
 import shutil
 import sys
+import warnings
 
 from setuptools import setup
 
@@ -75,6 +94,35 @@ def _cuda_decision() -> tuple[bool, str | None, str]:
     return True, home, f"torch CUDA {torch.version.cuda}, toolkit {home}"
 
 
+def _visible_gpu_archs() -> str | None:
+    """The archs of the GPUs this machine shows to torch ("8.6;9.0a"), or None.
+
+    Hopper gets 9.0a (the default's Hopper target); others their own major.minor.
+    No PTX: the build is for these GPUs only, so it is both smaller and faster.
+    """
+    import torch
+
+    with warnings.catch_warnings():  # a CUDA torch on a machine without a GPU warns here
+        warnings.simplefilter("ignore")
+        if not torch.cuda.is_available():
+            return None
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{ma}.{mi}{'a' if (ma, mi) == (9, 0) else ''}" for ma, mi in caps) or None
+
+
+def _cuda_archs() -> tuple[str, str]:
+    """(archs, where they came from): PYFASTATTN_CUDA_ARCHS, TORCH_CUDA_ARCH_LIST,
+    the visible GPUs, or the default for a machine without a GPU."""
+    for var in ("PYFASTATTN_CUDA_ARCHS", "TORCH_CUDA_ARCH_LIST"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return value.replace(" ", ";"), var
+    visible = _visible_gpu_archs()
+    if visible:
+        return visible, "the visible GPUs"
+    return DEFAULT_ARCHS, "the default: no GPU visible"
+
+
 def _gencode_flags(archs: str) -> list[str]:
     flags = []
     for a in archs.replace(",", ";").split(";"):
@@ -84,7 +132,9 @@ def _gencode_flags(archs: str) -> list[str]:
         ptx = a.endswith("+PTX")
         num = a.removesuffix("+PTX").replace(".", "")
         if not num.rstrip("a").isdigit():
-            raise SystemExit(f"PYFASTATTN_CUDA_ARCHS: cannot parse {a!r} (expected e.g. 8.0, 8.0+PTX or 9.0a)")
+            raise SystemExit(
+                f"PYFASTATTN_CUDA_ARCHS: cannot parse {a!r} (expected e.g. 8.0, 8.0+PTX or 9.0a)"
+            )
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
         if ptx:
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
@@ -93,9 +143,18 @@ def _gencode_flags(archs: str) -> list[str]:
     return flags
 
 
+def _build_dir(build_cuda: bool) -> str:
+    """A build directory kept between builds, one per (python, torch, CPU/CUDA),
+    so that builds for different environments never share objects."""
+    import torch
+
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-{'cuda' if build_cuda else 'cpu'}"
+    return os.path.join(ROOT, "build", tag.replace("+", "_"))
+
+
 def _extensions():
     build_cuda, cuda_home, why = _cuda_decision()
-    archs = os.environ.get("PYFASTATTN_CUDA_ARCHS", DEFAULT_ARCHS)
+    archs, archs_from = _cuda_archs() if build_cuda else (DEFAULT_ARCHS, "")
     if build_cuda:
         # Must happen before torch.utils.cpp_extension is imported: it reads
         # CUDA_HOME and, with no GPU, TORCH_CUDA_ARCH_LIST (else IndexError).
@@ -104,6 +163,8 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     print(f"pyfastattn: building CUDA kernels: {build_cuda} ({why})", file=sys.stderr)
+    if build_cuda:
+        print(f"pyfastattn: CUDA archs {archs} (from {archs_from})", file=sys.stderr)
     # Every .cpp outside csrc/cuda is CPU code and always built; csrc/cuda holds
     # the CUDA glue (.cpp, with torch headers) and the kernels (.cu, without).
     all_cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
@@ -132,7 +193,34 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         **kwargs,
     )
-    return [ext], BuildExtension.with_options(use_ninja=True)
+    build_temp = _build_dir(build_cuda)
+
+    class BuildExt(BuildExtension):
+        """torch's BuildExtension (ninja), compiling in a kept directory.
+
+        `pip install -e .` runs setuptools' editable_wheel, which points
+        build_temp at a fresh temporary directory: every install then
+        recompiled the whole extension. With the objects and ninja's log kept,
+        ninja recompiles only what changed (it tracks headers too).
+        """
+
+        def finalize_options(self):
+            given = self.build_temp is not None  # build_ext --build-temp DIR wins
+            super().finalize_options()
+            if not given:
+                self.build_temp = build_temp
+
+        def build_extensions(self):
+            # Python's CFLAGS (sysconfig) carry -g, which torch's ninja file
+            # passes to every host compile; without it api.cpp compiles in
+            # 6.4 s of CPU instead of 9.9 (see PERF_NOTES.md, "Build time").
+            if os.environ.get("PYFASTATTN_DEBUG_INFO", "0") != "1":
+                self.compiler.compiler_so = [
+                    f for f in self.compiler.compiler_so if f not in ("-g", "-g3", "-ggdb")
+                ]
+            super().build_extensions()
+
+    return [ext], BuildExt.with_options(use_ninja=True)
 
 
 ext_modules, build_ext = _extensions()

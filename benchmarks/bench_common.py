@@ -14,6 +14,7 @@ import contextlib
 import csv
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -28,6 +29,10 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# torch.utils.benchmark imports torch.utils.cpp_extension, which logs "No CUDA
+# runtime is found" on a CUDA build of torch without a GPU: noise for a benchmark.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 # Providers that are pyfastattn itself or a floor, not a baseline to beat.
 NOT_BASELINES = ("pyfastattn", "GEMM floor")
@@ -107,19 +112,53 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
 
 
-def time_cpu(fn, threads: int, min_run_time: float, warmup: bool = True, min_samples: int = 5) -> list[float]:
-    """ms per call: torch.utils.benchmark with an explicit thread count. A
-    warm-up call first (unless the caller just made one); each sample is the
-    mean of one block of calls (blocked_autorange sizes the blocks to >= 10 us
-    of work), and slow calls are repeated to at least ``min_samples``."""
+SPREAD_WARN = 0.10  # (p80 - p20) / p50 above this: the row is flagged as noisy
+
+
+def spread(times: list[float]) -> float:
+    """(p80 - p20) / p50 of a list of timings: the relative spread reported
+    beside every median and the stopping rule of the adaptive timers."""
+    if len(times) < 2:
+        return float("nan")
+    return (pct(times, 80) - pct(times, 20)) / statistics.median(times)
+
+
+def time_cpu(
+    fn,
+    threads: int,
+    min_run_time: float,
+    max_run_time: float | None = None,
+    warmup: bool = True,
+    min_samples: int = 5,
+    threshold: float = SPREAD_WARN,
+) -> list[float]:
+    """ms per call, by adaptive repetition: torch.utils.benchmark's Timer at an
+    explicit thread count, samples of >= 1 ms of calls each (blocks of calls
+    for fast ones), repeated until there are ``min_samples`` of them, at least
+    ``min_run_time`` s were spent and their spread ((p80 - p20) / p50) is at
+    most ``threshold``, or until ``max_run_time`` s (default 5x min_run_time)
+    are spent. Noise on a busy machine thus buys more samples, within a bound,
+    and what is left of it shows in the spread. A warm-up call first (unless
+    the caller just made one)."""
     from torch.utils import benchmark
 
+    if max_run_time is None:
+        max_run_time = 5 * min_run_time
     if warmup:
         fn()
     t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    times = list(t.blocked_autorange(min_run_time=min_run_time).times)
-    while len(times) < min_samples:
-        times += t.timeit(1).times
+    first = t.timeit(1).times[0]
+    number = max(1, min(1000, int(1e-3 / max(first, 1e-7))))
+    times = [first] if number == 1 else []
+    spent = first
+    while True:
+        if len(times) >= min_samples and (
+            spent >= max_run_time or (spent >= min_run_time and spread(times) <= threshold)
+        ):
+            break
+        x = t.timeit(number).times[0]
+        times.append(x)
+        spent += x * number
     return [x * 1e3 for x in times]
 
 
@@ -161,18 +200,204 @@ def time_cuda(fns, budget_s: float, min_reps: int = 10, max_reps: int = 200) -> 
 
 
 def stats(times: list[float]) -> dict:
-    return dict(p20_ms=pct(times, 20), p50_ms=statistics.median(times), p80_ms=pct(times, 80))
+    """p20/p50/p80 in ms, the spread ((p80 - p20) / p50) and the sample count."""
+    return dict(
+        p20_ms=pct(times, 20),
+        p50_ms=statistics.median(times),
+        p80_ms=pct(times, 80),
+        spread=spread(times),
+        samples=len(times),
+    )
 
 
 def add_common_args(ap) -> None:
     """The flags run.py and ffn_bench.py share: --device, --dtype,
-    --quick/--full, --threads."""
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--dtype", default=None, help="comma list, e.g. float32,bfloat16")
+    --quick/--full/--smoke, --threads, --out, --record."""
+    ap.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to run; auto: cuda when a GPU is visible, else cpu (default: auto)",
+    )
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        help="comma list of dtypes, e.g. float32,bfloat16 (default: float32,bfloat16 on CPU; "
+        "on CUDA bfloat16,float16, or bfloat16 alone for run.py --quick; --smoke: the first of these)",
+    )
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", default=True)
-    g.add_argument("--full", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        default=True,
+        help="the default: a grid with >= 4 sizes per curve and short adaptive timing "
+        "(run.py, all suites: sized for about 2 minutes on 2 idle CPU cores)",
+    )
+    g.add_argument("--full", action="store_true", help="the whole grid, longer timing (tens of minutes)")
+    g.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes and minimal timing: checks that everything runs (seconds); numbers mean nothing",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads to time with (default: torch's, i.e. the cores)",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: benchmarks/results/local/<date-time>-<mode>-<suite>/, "
+        "not tracked by git; the path is printed)",
+    )
+    ap.add_argument(
+        "--record",
+        action="store_true",
+        help="write the results of record for this device instead, "
+        "benchmarks/results/<device>/<mode>-<suite>/, replacing what is there; commit them on purpose",
+    )
+
+
+def mode_name(args) -> str:
+    return "smoke" if getattr(args, "smoke", False) else ("full" if args.full else "quick")
+
+
+def out_dir_for(args, device_label: str, suite: str, stamp: str | None = None) -> str:
+    """Where a run writes: --out, else (with --record) the committed results of
+    record for this device, else a new folder under benchmarks/results/local/."""
+    if args.out and args.record:
+        raise SystemExit("--out and --record exclude each other: --record writes the results of record")
+    if args.out:
+        return os.path.abspath(args.out)
+    mode = mode_name(args)
+    if args.record:
+        return os.path.join(ROOT, "benchmarks", "results", sanitize(device_label), f"{mode}-{suite}")
+    stamp = stamp or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(ROOT, "benchmarks", "results", "local", f"{stamp}-{mode}-{suite}")
+
+
+OUTPUT_SUFFIXES = (".csv", ".md", ".png", ".log")
+
+
+def prepare_out_dir(path: str, record: bool) -> None:
+    """Create the folder; for --record, first delete the files an earlier run
+    left there (CSV, markdown, PNG, logs), so nothing stale sits beside the
+    new results. Other folders are never emptied: a user's --out keeps its files."""
+    os.makedirs(path, exist_ok=True)
+    if record:
+        for name in os.listdir(path):
+            if name.endswith(OUTPUT_SUFFIXES) and os.path.isfile(os.path.join(path, name)):
+                os.unlink(os.path.join(path, name))
+
+
+# ---------------------------------------------------------------------------
+# a quiet console and the machine's load
+# ---------------------------------------------------------------------------
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available() without the 'CUDA initialization' warning a
+    CUDA build of torch prints on a machine without a GPU."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.cuda.is_available()
+
+
+# Lines of native stderr dropped around profiled calls: Kineto's probe lines, its
+# CUDA device query failing on a CUDA build of torch without a GPU, and the
+# profiler's note that a tensor allocated before it started was freed during the
+# call (the peak is measured above what was allocated before the call anyway).
+NATIVE_NOISE = re.compile(
+    r"^USDT:|gpuGetDeviceCount failed|Memory block of unknown size was allocated before the profiling started"
+)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr(drop: re.Pattern = NATIVE_NOISE):
+    """Run a block with the process's native stderr (fd 2) captured, then
+    write back every line but those matching ``drop``: torch.profiler's
+    Kineto prints a 'USDT: ... profiler_start/stop' pair per profiled call
+    from C++ (and, on a CUDA torch without a GPU, 'gpuGetDeviceCount failed'),
+    which Python's sys.stderr cannot filter."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real fd (e.g. pytest capture): nothing to hide
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(True) if not drop.search(ln)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+class LoadWatch:
+    """Samples the 1-minute load average every few seconds in a daemon thread
+    (Linux/macOS), so that a run can say whether the machine was busy."""
+
+    def __init__(self, period_s: float = 2.0):
+        import threading
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._period = period_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if hasattr(os, "getloadavg"):
+            self.samples.append(os.getloadavg()[0])
+            self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self._period):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self):
+        self._stop.set()
+
+    @property
+    def start(self) -> float:
+        return self.samples[0] if self.samples else float("nan")
+
+    @property
+    def max(self) -> float:
+        return max(self.samples) if self.samples else float("nan")
+
+    @property
+    def now(self) -> float:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def noise_warnings(rows: list[dict], load: LoadWatch | None, threads: int | None) -> list[str]:
+    """Why this run's verdicts may not hold: a busy machine (1-minute load
+    average above the thread count) or rows whose spread exceeds 10%."""
+    out = []
+    if load is not None and threads and load.samples and load.max > threads:
+        out.append(
+            f"the machine was busy: 1-minute load average up to {load.max:.2f} (start {load.start:.2f}) "
+            f"with {threads} benchmark threads; other work shares the cores, so timings are noisy and "
+            "ratios may flip between runs: rerun on an idle machine before believing a verdict"
+        )
+    noisy = [r for r in rows if r.get("status") == "ok" and (r.get("spread") or 0) > SPREAD_WARN]
+    if noisy:
+        worst = sorted(noisy, key=lambda r: -r["spread"])[:3]
+        out.append(
+            f"{len(noisy)} of {sum(r.get('status') == 'ok' for r in rows)} timed rows have a spread "
+            f"(p80 - p20) / p50 above {SPREAD_WARN:.0%}, e.g. "
+            + "; ".join(f"{r['provider']} {r['shape']} {r['dtype']} {r['spread']:.0%}" for r in worst)
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -220,7 +445,11 @@ def peak_mib(fn, device: str) -> float:
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with _ffn_scratch_off(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _ffn_scratch_off(),
+        quiet_native_stderr(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
@@ -247,31 +476,38 @@ def peak_mib(fn, device: str) -> float:
 # ---------------------------------------------------------------------------
 
 
-def matmul_ceiling(device: str, dtype: torch.dtype, threads: int, quick: bool) -> float:
+def matmul_ceiling(device: str, dtype: torch.dtype, threads: int, quick: bool, smoke: bool = False) -> float:
     """TFLOP/s of torch.matmul on square matrices, the best over a few sizes:
     the roof for 'fraction of ceiling'. A kernel can beat it (it is what torch
     reaches, not the hardware's peak)."""
-    sizes = ([1024, 2048] if quick else [1024, 2048, 4096]) if device == "cpu" else [4096, 8192]
+    if smoke:
+        sizes = [256]
+    else:
+        sizes = ([1024, 2048] if quick else [1024, 2048, 4096]) if device == "cpu" else [4096, 8192]
     best = 0.0
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         if device == "cpu":
-            ms = statistics.median(time_cpu(lambda a=a, b=b: a @ b, threads, 0.3 if quick else 1.0))
+            ms = statistics.median(
+                time_cpu(lambda a=a, b=b: a @ b, threads, 0.01 if smoke else 0.3 if quick else 1.0)
+            )
         else:
             ms = statistics.median(time_cuda([lambda a=a, b=b: a @ b], 0.2))
         best = max(best, 2 * n**3 / (ms * 1e-3) / 1e12)
     return best
 
 
-def copy_bandwidth(device: str, threads: int, quick: bool) -> float:
+def copy_bandwidth(device: str, threads: int, quick: bool, smoke: bool = False) -> float:
     """GB/s (1e9 B/s) of dst.copy_(src) for a tensor far larger than the
     caches, counting the bytes read and the bytes written."""
-    nbytes = (256 << 20) if device == "cpu" else (2 << 30)
+    nbytes = (16 << 20) if smoke else (256 << 20) if device == "cpu" else (2 << 30)
     src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     if device == "cpu":
-        ms = statistics.median(time_cpu(lambda: dst.copy_(src), threads, 0.3 if quick else 1.0))
+        ms = statistics.median(
+            time_cpu(lambda: dst.copy_(src), threads, 0.01 if smoke else 0.3 if quick else 1.0)
+        )
     else:
         ms = statistics.median(time_cuda([lambda: dst.copy_(src)], 0.2))
     return 2 * nbytes / (ms * 1e-3) / 1e9
@@ -345,6 +581,8 @@ CSV_FIELDS = [
     "p20_ms",
     "p50_ms",
     "p80_ms",
+    "spread",
+    "samples",
     "tflops",
     "frac_ceiling",
     "gbps",
@@ -510,13 +748,14 @@ def write_markdown(
     for r in rows:
         head = [r["suite"], r["dtype"], r["shape"], r.get("pass", ""), r["provider"]]
         if r["status"] != "ok":
-            lines.append(head + [r["status"]] + [""] * 8)
+            lines.append(head + [r["status"]] + [""] * 9)
             continue
         lines.append(
             head
             + [
                 fmt(r["p50_ms"], ".3f"),
                 f"{r['p20_ms']:.3f} / {r['p80_ms']:.3f}",
+                fmt(100 * r["spread"], ".0f") + "%" if r.get("spread") is not None else "",
                 fmt(r.get("tflops"), ".3f"),
                 fmt(100 * r["frac_ceiling"], ".1f") + "%" if r.get("frac_ceiling") is not None else "",
                 fmt(r.get("gbps"), ".1f")
@@ -537,6 +776,7 @@ def write_markdown(
                 "provider",
                 "p50 ms",
                 "p20 / p80 ms",
+                "spread",
                 "TFLOP/s",
                 "of matmul",
                 "GB/s (of copy)",
@@ -555,18 +795,58 @@ def write_markdown(
         f.write("\n".join(parts))
 
 
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) for n panels with no empty cell: the squarest grid whose
+    cells n fills exactly, a single row when n has no such grid (primes > 3)."""
+    for cols in range(math.ceil(math.sqrt(n)), n + 1):
+        if n % cols == 0 and (cols <= 4 or cols == n):
+            return n // cols, cols
+    return 1, n
+
+
+def machine_title(env: dict | None) -> str:
+    """'AMD EPYC ..., torch 2.13.0, 2 threads' for a plot's title."""
+    if not env:
+        return ""
+    parts = [env.get("device", "")]
+    if env.get("torch"):
+        parts.append(f"torch {env['torch']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else ""))
+    if env.get("threads"):
+        n = int(env["threads"])
+        parts.append(f"{n} thread{'s' if n != 1 else ''}")
+    return ", ".join(p for p in parts if p)
+
+
+def _panels(rows: list[dict]) -> dict[str, list[dict]]:
+    panels: dict[str, list[dict]] = {}
+    for r in rows:
+        panels.setdefault(r.get("variant") or "", []).append(r)
+    return panels
+
+
 def write_plots(
-    out_dir: str, rows: list[dict], ceilings: dict, copy_gbps: float
+    out_dir: str, rows: list[dict], ceilings: dict, copy_gbps: float, env: dict | None = None
 ) -> tuple[list[str], str | None]:
-    """One PNG per (suite, dtype): TFLOP/s against sequence length (tokens for
-    the FFN), a line per provider, a panel per variant of the shape. A panel
-    whose cases are all memory-bound plots GB/s against the copy bandwidth
-    instead. Returns (file names, None) or ([], why the plots were skipped)."""
+    """Per (suite, dtype), two PNGs, a panel per variant of the shape (the
+    pass, the mask, the head dim), sequence length (tokens for the FFN) on a
+    log2 x axis:
+
+    - ``speedup-<suite>-<dtype>.png``: pyfastattn's speedup over each baseline
+      (the baseline's p50 / pyfastattn's p50; above the 1.0 line pyfastattn is
+      faster), error bars from the p20/p80 of both (baseline p20 / ours p80 to
+      baseline p80 / ours p20);
+    - ``<suite>-<dtype>.png``: TFLOP/s of every provider against the matmul
+      ceiling (GB/s against the copy bandwidth for a memory-bound panel),
+      error bars from p20/p80.
+
+    Titles carry the machine, torch version and thread count. Returns
+    (file names, None) or ([], why the plots were skipped)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as e:
         return [], f"matplotlib is not installed ({e}); pip install matplotlib, or the [bench] extra"
     files = []
@@ -574,17 +854,70 @@ def write_plots(
     for r in rows:
         if r["status"] == "ok" and r.get("seqlen"):
             groups.setdefault((r["suite"], r["dtype"]), []).append(r)
+    machine = machine_title(env)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    all_providers = list(dict.fromkeys(r["provider"] for r in rows))
+    colors = {p: cycle[i % len(cycle)] for i, p in enumerate(all_providers)}
+
+    def figure(n):
+        nr, nc = grid_shape(n)
+        fig, axes = plt.subplots(nr, nc, figsize=(5.0 * nc, 3.7 * nr + 0.5), squeeze=False)
+        return fig, list(axes.flat)
+
+    def x_axis(ax, xs):
+        ax.set_xscale("log", base=2)
+        xs = sorted(set(xs))
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+        ax.set_xlabel(xlabel)
+
+    def finish(fig, title, name):
+        fig.suptitle(title + (f"\n{machine}" if machine else ""), fontsize=10)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=90)
+        plt.close(fig)
+        files.append(name)
+
     for (suite, dtype), rs in groups.items():
-        variants: dict[str, list[dict]] = {}
-        for r in rs:
-            variants.setdefault(r.get("variant") or "", []).append(r)
-        n = len(variants)
-        cols = min(n, 3)
-        nrows = math.ceil(n / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
-        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        colors = {p: cycle[i % len(cycle)] for i, p in enumerate(dict.fromkeys(r["provider"] for r in rs))}
-        for ax, (variant, vr) in zip(axes.flat, variants.items()):
+        panels = _panels(rs)
+        xlabel = "tokens" if suite == "ffn" else "sequence length (keys)"
+
+        # speedup over each baseline
+        fig, axes = figure(len(panels))
+        for ax, (variant, vr) in zip(axes, panels.items()):
+            ours = {int(r["seqlen"]): r for r in vr if r["provider"] == "pyfastattn"}
+            for prov in dict.fromkeys(r["provider"] for r in vr if is_baseline(r["provider"])):
+                pts = []
+                for r in vr:
+                    o = ours.get(int(r["seqlen"]))
+                    if r["provider"] != prov or o is None:
+                        continue
+                    mid = r["p50_ms"] / o["p50_ms"]
+                    lo, hi = r["p20_ms"] / o["p80_ms"], r["p80_ms"] / o["p20_ms"]
+                    pts.append((int(r["seqlen"]), mid, max(0.0, mid - lo), max(0.0, hi - mid)))
+                if pts:
+                    pts.sort()
+                    x, y, lo, hi = zip(*pts)
+                    ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=f"vs {prov}",
+                                color=colors[prov])  # fmt: skip
+            ax.axhline(1.0, color="black", linewidth=1)
+            # log y: a 2x speedup and a 2x slowdown are the same distance from the 1.0 line
+            ax.set_yscale("log", base=2)
+            lo_y, hi_y = ax.get_ylim()
+            ax.set_ylim(min(lo_y, 0.5), max(hi_y, 2.0))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
+            x_axis(ax, [int(r["seqlen"]) for r in vr])
+            ax.set_title(variant, fontsize=9)
+            ax.set_ylabel("speedup (> 1x: pyfastattn faster)", fontsize=8)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        finish(
+            fig, f"pyfastattn speedup over each baseline: {suite}, {dtype}", f"speedup-{suite}-{dtype}.png"
+        )
+
+        # absolute throughput
+        fig, axes = figure(len(panels))
+        for ax, (variant, vr) in zip(axes, panels.items()):
             memory = all(r.get("bound") == "memory" for r in vr)
             key, roof, label = (
                 ("gbps", copy_gbps, "GB/s (copy bandwidth dashed)")
@@ -592,24 +925,22 @@ def write_plots(
                 else ("tflops", ceilings.get(dtype), "TFLOP/s (matmul ceiling dashed)")
             )
             for prov in dict.fromkeys(r["provider"] for r in vr):
-                pts = sorted((int(r["seqlen"]), r[key]) for r in vr if r["provider"] == prov and r.get(key))
+                pts = sorted(
+                    (int(r["seqlen"]), r[key], r[key] * (1 - r["p50_ms"] / r["p80_ms"]),
+                     r[key] * (r["p50_ms"] / r["p20_ms"] - 1))
+                    for r in vr
+                    if r["provider"] == prov and r.get(key)
+                )  # fmt: skip
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=prov, color=colors[prov])
+                    x, y, lo, hi = zip(*pts)
+                    ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=prov, color=colors[prov])
             if roof:
                 ax.axhline(roof, color="gray", linestyle="--", linewidth=1)
             ax.set_ylim(bottom=0)
-            ax.set_xscale("log", base=2)
+            x_axis(ax, [int(r["seqlen"]) for r in vr])
             ax.set_title(variant, fontsize=9)
-            ax.set_xlabel("tokens" if suite == "ffn" else "sequence length (keys)")
             ax.set_ylabel(label, fontsize=8)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
-        for ax in list(axes.flat)[n:]:
-            ax.set_visible(False)
-        fig.suptitle(f"{suite}, {dtype}")
-        fig.tight_layout()
-        name = f"{suite}-{dtype}.png"
-        fig.savefig(os.path.join(out_dir, name), dpi=90)
-        plt.close(fig)
-        files.append(name)
+        finish(fig, f"{suite}, {dtype}: throughput of every provider", f"{suite}-{dtype}.png")
     return files, None

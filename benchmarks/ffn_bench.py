@@ -2,7 +2,7 @@
 """The fused FFN beside torch eager, torch.compile and the bare GEMMs.
 
     python benchmarks/ffn_bench.py [--device auto|cpu|cuda] [--dtype float32,bfloat16]
-                                   [--quick|--full] [--threads N] [--out DIR]
+                                   [--quick|--full|--smoke] [--threads N] [--out DIR | --record]
 
 or, from a harness, ``run(device, dtypes, quick, threads) -> list[dict]``.
 
@@ -18,9 +18,12 @@ Providers, all in this process on the same inputs:
 
 Shapes (the issue): d_model in {1024, 4096}, d_ff = 4 d_model (gated: 8/3
 d_model rounded up to 256), tokens in {16, 512, 8192}; plain gelu and gated
-silu; forward and forward+backward. --quick (the default): both forms at T512
-D1024 and the gated one at T16; --full: the whole grid; --tokens/--dmodel:
-your own grid.
+silu; forward and forward+backward. --quick (the default): both forms at
+D1024, tokens 16, 64, 256, 512 (4 points per curve); --full: the whole grid;
+--smoke: one tiny shape; --tokens/--dmodel: your own grid. torch.compile
+compiles with the token count dynamic (torch._dynamo.maybe_mark_dynamic),
+once per form, d_model, dtype and pass, as a model that sees many batch sizes
+would.
 
 Before timing, every provider is checked against the float64 reference with
 the tolerance rule of tests/_helpers.py (error <= 2x torch eager's in the same
@@ -30,9 +33,13 @@ A provider that fails is reported FAIL and not timed.
 
 FLOPs: plain 4 T D F forward, 12 T D F forward+backward; gated 6 and 18.
 Timing: the providers of one shape and pass are called in turn, round after
-round (at least 3 rounds and 0.5 s quick, 7 and 6 s full), so that a change in load on
-a shared machine hits every provider alike; host clock on CPU (explicit
-thread count), CUDA events on GPU; median with p20/p80. Memory: peak bytes
+round, so that a change in load on a shared machine hits every provider alike,
+by adaptive repetition: rounds go on until every provider's spread
+((p80 - p20) / p50) is at most 10%, within bounds (quick: 3 rounds and 0.2 s
+at least, 1 s at most; full: 7 rounds, 2 s and 6 s); host clock on CPU
+(explicit thread count), CUDA events on GPU; median with p20/p80 and the
+spread. Output: ffn_results.csv in a new folder under
+benchmarks/results/local/ (or --out / --record), path printed. Memory: peak bytes
 allocated during one call above what was allocated before it (CPU: the
 profiler's allocator trace; CUDA: max_memory_allocated), and `saved_mib`:
 what a forward keeps for its backward (inputs, parameters, output excluded).
@@ -94,11 +101,20 @@ class Shape:
         return f"{self.form} T{self.tokens} D{self.d_model} F{self.d_ff}"
 
 
-def shapes_for(quick: bool, tokens: list[int] | None = None, dims: list[int] | None = None) -> list[Shape]:
-    """The issue's grid; quick: the two forms at T512 D1024 and the gated one
-    at T16 (one compute-bound and one weight-bandwidth-bound case)."""
-    if quick and tokens is None and dims is None:
-        return [Shape(512, 1024, False), Shape(512, 1024, True), Shape(16, 1024, True)]
+QUICK_TOKENS = [16, 64, 256, 512]
+
+
+def shapes_for(
+    quick: bool, tokens: list[int] | None = None, dims: list[int] | None = None, smoke: bool = False
+) -> list[Shape]:
+    """The issue's grid, ordered by (form, d_model) and then tokens. quick:
+    both forms at D1024 and 16 to 512 tokens (from weight-bandwidth-bound to
+    compute-bound; T8192 takes seconds a call on 2 cores); smoke: one tiny
+    shape per form."""
+    if smoke:
+        tokens, dims = tokens or [16], dims or [64]
+    elif quick:
+        tokens, dims = tokens or QUICK_TOKENS, dims or [1024]
     tokens = tokens or [16, 512, 8192]
     dims = dims or [1024, 4096]
     return [Shape(t, d, g) for g in (False, True) for d in dims for t in tokens]
@@ -233,13 +249,22 @@ class Checker:
 
 
 def time_interleaved(
-    calls: dict, device: str, budget_s: float, min_rounds: int = 5, max_rounds: int = 200
+    calls: dict,
+    device: str,
+    budget_s: float,
+    min_rounds: int = 5,
+    max_rounds: int = 200,
+    min_s: float = 0.0,
+    threshold: float = bench_common.SPREAD_WARN,
 ) -> dict:
     """ms per call for each provider, timed in rounds that call every provider
     once in turn, so that a change in machine load (this is a shared 2-core
-    box) hits all of them alike. CPU: host clock (the ops are synchronous);
-    CUDA: events, after writing a buffer of twice the L2 (outside the events)
-    so that no call finds its weights in the L2 left by the previous one."""
+    box) hits all of them alike. Adaptive: after ``min_rounds`` rounds and
+    ``min_s`` seconds, stops as soon as every provider's spread is at most
+    ``threshold``; otherwise goes on until ``budget_s`` or ``max_rounds``.
+    CPU: host clock (the ops are synchronous); CUDA: events, after writing a
+    buffer of twice the L2 (outside the events) so that no call finds its
+    weights in the L2 left by the previous one."""
     times = {k: [] for k in calls}
     flush = (
         torch.empty(2 * bench_common.l2_bytes(), dtype=torch.uint8, device="cuda")
@@ -248,7 +273,15 @@ def time_interleaved(
     )
     t0 = time.perf_counter()
     rounds = 0
-    while rounds < min_rounds or (time.perf_counter() - t0 < budget_s and rounds < max_rounds):
+
+    def settled() -> bool:
+        return time.perf_counter() - t0 >= min_s and all(
+            bench_common.spread(t) <= threshold for t in times.values()
+        )
+
+    while rounds < min_rounds or (
+        time.perf_counter() - t0 < budget_s and rounds < max_rounds and not settled()
+    ):
         for name, fn in calls.items():
             if device == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -294,6 +327,7 @@ def run(
     tokens: list[int] | None = None,
     dims: list[int] | None = None,
     dispatch_only: bool = False,
+    smoke: bool = False,
 ) -> list[dict]:
     """Rows: provider, suite "ffn", shape (with the pass), dtype, p20/p50/p80_ms,
     tflops, status, peak_mem_mib, plus pass, saved_mib, vs_eager, vs_floor.
@@ -303,15 +337,27 @@ def run(
     ``dispatch_only`` keeps just those two and eager (for --write-dispatch)."""
     if device == "cpu":
         torch.set_num_threads(threads)
-    budget, min_rounds = (0.5, 3) if quick else (6.0, 7)  # timing rounds per shape and pass
+    # timing per shape and pass: (min seconds, max seconds, min rounds)
+    min_s, budget, min_rounds = (0.0, 0.01, 2) if smoke else (0.2, 1.0, 3) if quick else (2.0, 6.0, 7)
+    # one compiled graph per (form, d_model, dtype, pass): more than dynamo's default 8 in --full
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
     rows = []
+    group = None
     for dtype in dtypes:
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        for shape in shapes_for(quick, tokens, dims):
+        for shape in shapes_for(quick, tokens, dims, smoke):
+            if group != (dtype, shape.gated, shape.d_model):
+                # a new graph family: drop the old graphs (token counts of one family share one)
+                group = (dtype, shape.gated, shape.d_model)
+                torch._dynamo.reset()
             torch.manual_seed(0)
             module = EagerFFN(shape, device, dtype)
             x = torch.randn(shape.tokens, shape.d_model, device=device, dtype=dtype)
             dy = torch.randn(shape.tokens, shape.d_model, device=device, dtype=dtype)
+            # token counts vary within a family: compile once with a symbolic token count
+            torch._dynamo.maybe_mark_dynamic(x, 0)
             params = list(module.parameters())
             floor = GemmFloor(module, x, dy)
             compiled = torch.compile(module, fullgraph=True)
@@ -383,22 +429,20 @@ def run(
                     row["peak_mem_mib"] = peak_mib(call, device)
                     if backward and fn is not None:
                         row["saved_mib"] = saved_mib(fn, x, params)
-                times = time_interleaved(calls, device, budget, min_rounds)
+                times = time_interleaved(calls, device, budget, min_rounds, min_s=min_s)
                 for row in these:
                     if row["provider"] not in times:
                         continue
                     t = times[row["provider"]]
                     p50 = statistics.median(t)
                     row.update(
-                        p20_ms=pct(t, 20),
-                        p50_ms=p50,
-                        p80_ms=pct(t, 80),
+                        **bench_common.stats(t),
                         tflops=shape.flops(backward) / (p50 * 1e-3) / 1e12,
                         gbps=shape.bytes_moved(backward, x.element_size()) / (p50 * 1e-3) / 1e9,
                     )
                 rows.extend(these)
             del compiled, providers
-            torch._dynamo.reset()
+    torch._dynamo.reset()
     # ratios: to eager and to the GEMM floor of the same shape, pass, dtype
     by_key = {(r["shape"], r["dtype"], r["provider"]): r for r in rows}
     for r in rows:
@@ -418,6 +462,7 @@ COLUMNS = [
     ("p50_ms", "p50 ms", 9, ".2f"),
     ("p20_ms", "p20", 8, ".2f"),
     ("p80_ms", "p80", 8, ".2f"),
+    ("spread", "spread", 6, ".0%"),
     ("tflops", "TFLOP/s", 8, ".3f"),
     ("gbps", "GB/s", 7, ".1f"),
     ("vs_eager", "/eager", 7, ".3f"),
@@ -427,7 +472,8 @@ COLUMNS = [
 ]
 
 FIELDS = [
-    "provider", "suite", "shape", "pass", "dtype", "status", "p20_ms", "p50_ms", "p80_ms", "tflops", "gbps",
+    "provider", "suite", "shape", "pass", "dtype", "status", "p20_ms", "p50_ms", "p80_ms", "spread", "samples",
+    "tflops", "gbps",
     "vs_eager", "vs_floor", "peak_mem_mib", "saved_mib", "device", "threads", "torch",
 ]  # fmt: skip
 
@@ -518,11 +564,15 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_common.add_common_args(ap)
-    ap.add_argument("--tokens", default=None, help="comma list replacing 16,512,8192")
-    ap.add_argument("--dmodel", default=None, help="comma list replacing 1024,4096")
-    ap.add_argument("--out", default=None, help="directory for ffn_results.csv")
+    ap.add_argument(
+        "--tokens", default=None, help="comma list of token counts replacing the grid's (e.g. 16,512,8192)"
+    )
+    ap.add_argument(
+        "--dmodel", default=None, help="comma list of d_model values replacing the grid's (e.g. 1024,4096)"
+    )
     ap.add_argument(
         "--write-dispatch",
         default=None,
@@ -531,13 +581,21 @@ def main(argv=None) -> int:
         "(e.g. pyfastattn/ffn_cuda_dispatch.py); times only the two paths and eager",
     )
     args = ap.parse_args(argv)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    load = bench_common.LoadWatch()
+    device = args.device if args.device != "auto" else ("cuda" if bench_common.cuda_available() else "cpu")
     threads = args.threads or torch.get_num_threads()
-    dtypes = (args.dtype or ("float32,bfloat16" if device == "cpu" else "bfloat16,float16")).split(",")
+    default_dtypes = "float32,bfloat16" if device == "cpu" else "bfloat16,float16"
+    if args.smoke:
+        default_dtypes = default_dtypes.split(",")[0]
+    dtypes = (args.dtype or default_dtypes).split(",")
     t0 = time.time()
     ints = lambda v: [int(t) for t in v.split(",")] if v else None  # noqa: E731
     if args.write_dispatch and device != "cuda":
         ap.error("--write-dispatch needs --device cuda")
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {threads} threads"
+    out_dir = bench_common.out_dir_for(args, bench_common.device_name(device), "ffn-bench")
+    bench_common.prepare_out_dir(out_dir, args.record)
+    print(f"ffn benchmark ({bench_common.mode_name(args)}, {dev}): results go to {out_dir}", flush=True)
     rows = run(
         device,
         [d.strip() for d in dtypes],
@@ -546,18 +604,19 @@ def main(argv=None) -> int:
         ints(args.tokens),
         ints(args.dmodel),
         dispatch_only=bool(args.write_dispatch),
+        smoke=args.smoke,
     )
-    dev = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {threads} threads"
+    load.stop()
     print(f"\nffn benchmark: {dev}; torch {torch.__version__}; {time.time() - t0:.0f} s")
+    print(bench_common.command_line("benchmarks/ffn_bench.py", argv))
     print_table(rows)
     if args.write_dispatch:
-        write_dispatch(
-            args.write_dispatch, rows, "python benchmarks/ffn_bench.py " + " ".join(argv or sys.argv[1:])
-        )
+        write_dispatch(args.write_dispatch, rows, "python benchmarks/ffn_bench.py " + " ".join(argv))
         print(f"dispatch table for {dev} written to {args.write_dispatch}")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        bench_common.write_csv(os.path.join(args.out, "ffn_results.csv"), rows, FIELDS)
+    bench_common.write_csv(os.path.join(out_dir, "ffn_results.csv"), rows, FIELDS)
+    print(f"\nwrote {os.path.join(out_dir, 'ffn_results.csv')}")
+    for w in bench_common.noise_warnings(rows, load, threads if device == "cpu" else None):
+        print(f"WARNING: {w}")
     return 1 if any(r["status"].startswith("FAIL") for r in rows) else 0
 
 

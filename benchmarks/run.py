@@ -2,9 +2,9 @@
 """pyfastattn benchmarks: the fused kernels beside PyTorch's own attention and FFN.
 
     python benchmarks/run.py [--suite attention|attention-bwd|ffn|all] [--device auto|cpu|cuda]
-                             [--dtype float32,bfloat16] [--quick|--full] [--threads N]
+                             [--dtype float32,bfloat16] [--quick|--full|--smoke] [--threads N]
                              [--seqlens 512,1024] [--headdims 64] [--providers NAMES]
-                             [--ffn-tokens 16,512] [--ffn-dmodel 1024] [--out DIR]
+                             [--ffn-tokens 16,512] [--ffn-dmodel 1024] [--out DIR | --record]
 
 Providers, all in this process on the same inputs in the same run:
   attention      pyfastattn (backend "kernel"), the pyfastattn reference, a naive
@@ -22,16 +22,24 @@ dq/dk/dv) is checked against the float64 pyfastattn reference with the
 tolerance rule of pyfastattn.testing; a wrong result is reported FAIL and never
 timed. An unsupported or unavailable provider is reported with the reason.
 Then a warm-up, then timing: CPU with torch.utils.benchmark at an explicit
-thread count; CUDA with CUDA events around each call, rotating over input sets
-that together exceed twice the L2. Median with p20/p80.
+thread count, by adaptive repetition (more samples while the spread is above
+10%, within a time bound); CUDA with CUDA events around each call, rotating
+over input sets that together exceed twice the L2. Median with p20/p80 and the
+spread (p80 - p20) / p50. A warning is printed (and written to results.md)
+when the machine was busy (1-minute load average above the thread count) or a
+row's spread exceeds 10%: the ratios of such a run may flip between runs.
 FLOPs: 4*B*H*Sq*Sk*D forward (half for causal), x2.5 backward, x3.5 fwd+bwd.
 Bytes: each pass reads its inputs and writes its outputs once. A torch.matmul
 ceiling and the device-copy bandwidth are measured in the same run.
 
-Output in --out (default benchmarks/results/<device>/<quick|full>-<suite>):
-results.csv (every row), summary.csv (pyfastattn against the fastest baseline
-per shape), results.md (the report, with the command line), and one PNG per
-suite and dtype (needs matplotlib; skipped with a note when it is missing).
+Output in --out (default: a new folder benchmarks/results/local/<date-time>-<mode>-<suite>/,
+ignored by git; its path is printed at the start and the end; --record writes
+the committed results of record, benchmarks/results/<device>/<mode>-<suite>/,
+instead): results.csv (every row), summary.csv (pyfastattn against the fastest
+baseline per shape), results.md (the report, with the command line), and per
+suite and dtype a speedup plot (speedup-*.png: pyfastattn over each baseline,
+with the 1.0 line) and a throughput plot (needs matplotlib; skipped with a note
+when it is missing).
 The CSV, summary and markdown are rewritten after every step, so a run cut off
 by an outer timeout still leaves what it measured; --budget-s (default 140 s
 for --quick on CUDA, where scripts/gpu_check.sh allows 200 s) stops starting
@@ -114,24 +122,36 @@ def shapes_for(
     dims: list[int] | None = None,
     decode: bool = False,
     backward: bool = False,
+    smoke: bool = False,
 ) -> list[Shape]:
     """The grid; ``seqs``/``dims`` replace the sequence lengths / head dims.
     ``decode`` adds one-query (Sq = 1) cases: memory-bound, read in GB/s.
-    ``backward``: the quick CPU grid is shorter (the baselines' backward at
-    S1024 takes 0.2-0.7 s a call on 2 cores; the quick suite has 3 minutes)."""
+    Every curve of the default grids has >= 4 points. ``backward``: the quick
+    CPU grid stops at S512 (the baselines' backward at S1024 takes 0.2-0.7 s a
+    call on 2 cores; the quick suite has about 2 minutes). ``smoke``: tiny
+    shapes that only show that everything runs."""
+    if smoke:
+        dims = dims or ([16] if device == "cpu" else [64])
+        seqs = seqs or ([32, 64] if device == "cpu" else [128, 256])
+        grid = [Shape(1, 2, s, d, c) for d in dims for s in seqs for c in (False, True)]
+        return grid + ([Shape(1, 2, s, d, False, sq=1) for d in dims for s in seqs] if decode else [])
     if device == "cpu":
         dims = dims or ([64] if quick else [64, 128])
-        dec = seqs or ([16384] if quick else [4096, 16384, 65536])
+        dec = seqs or ([2048, 4096, 8192, 16384] if quick else [4096, 8192, 16384, 32768, 65536])
         seqs = seqs or (
-            [256, 512] if quick and backward else [512, 1024] if quick else [512, 1024, 2048, 4096]
+            [64, 128, 256, 512]
+            if quick and backward
+            else [128, 256, 512, 1024]
+            if quick
+            else [256, 512, 1024, 2048, 4096]
         )
         grid = [Shape(1, 8, s, d, c) for d in dims for s in seqs for c in (False, True)]
         return grid + ([Shape(1, 8, s, d, False, sq=1) for d in dims for s in dec] if decode else [])
     # CUDA: B*S = 16384, H*D = 2048 (the FlashAttention benchmark convention);
     # decode: B*Sk = 65536 (512 MiB of K/V in 16 bit)
     dims = dims or ([128] if quick else [64, 128])
-    dec = seqs or ([8192] if quick else [2048, 8192, 32768])
-    seqs = seqs or ([1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384])
+    dec = seqs or ([2048, 4096, 8192, 16384] if quick else [2048, 4096, 8192, 16384, 32768])
+    seqs = seqs or ([512, 1024, 2048, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384])
     grid = [
         Shape(max(1, 16384 // s), max(1, 2048 // d), s, d, c)
         for d in dims
@@ -346,8 +366,26 @@ def backward_note(device: str) -> str:
     return f"bwd: reference recompute (no attention_bwd kernel for {device})"
 
 
+# CPU timing per provider and pass: (min_run_time, max_run_time, min_samples) in s,
+# CUDA: the events' budget in s, per mode
+CPU_TIMING = {"smoke": (0.002, 0.01, 2), "quick": (0.05, 0.4, 5), "full": (1.0, 5.0, 5)}
+CUDA_BUDGET = {"smoke": 0.01, "quick": 0.1, "full": 0.5}
+
+
 def attention_rows(
-    suite, dtype, shape, provs, unavailable, device, threads, quick, env, ceiling, copy_gbps, skip=None
+    suite,
+    dtype,
+    shape,
+    provs,
+    unavailable,
+    device,
+    threads,
+    quick,
+    env,
+    ceiling,
+    copy_gbps,
+    skip=None,
+    smoke=False,
 ) -> list[dict]:
     """Every provider on one (suite, dtype, shape): gate, warm-up, time, memory.
     ``skip``: a status for every provider instead of running them."""
@@ -371,8 +409,9 @@ def attention_rows(
     sets = [one_set() for _ in range(nsets)]
     douts = [torch.randn_like(s[0]) for s in sets] if grads else None
     gate = Gate(*sets[0], shape.causal, grads, full_limit=(1 << 23) if device == "cpu" else (1 << 27))
-    min_run = 0.1 if quick else 1.0  # CPU seconds per provider and pass
-    budget = 0.1 if quick else 0.5  # CUDA seconds per provider and pass
+    mode = "smoke" if smoke else ("quick" if quick else "full")
+    min_run, max_run, min_samples = CPU_TIMING[mode]
+    budget = CUDA_BUDGET[mode]
 
     rows = []
 
@@ -424,7 +463,9 @@ def attention_rows(
                     peak = bc.peak_mib(calls[0], device)
                 else:
                     peak = bc.peak_mib(calls[0], device)  # also the warm-up call
-                    times = bc.time_cpu(calls[0], threads, min_run, warmup=False)
+                    times = bc.time_cpu(
+                        calls[0], threads, min_run, max_run, warmup=False, min_samples=min_samples
+                    )
             except Exception as e:  # e.g. out of memory with rotated sets: say so, keep going
                 calls = None
                 if device == "cuda":
@@ -474,6 +515,7 @@ COLUMNS = [
     ("p50_ms", "p50 ms", 9, ".3f"),
     ("p20_ms", "p20", 8, ".3f"),
     ("p80_ms", "p80", 8, ".3f"),
+    ("spread", "spread", 6, ".0%"),
     ("tflops", "TFLOP/s", 8, ".3f"),
     ("frac_ceiling", "of mm", 6, ".0%"),
     ("gbps", "GB/s", 7, ".1f"),
@@ -487,7 +529,13 @@ COLUMNS = [
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", default="all", choices=["attention", "attention-bwd", "ffn", "all"])
+    ap.add_argument(
+        "--suite",
+        default="all",
+        choices=["attention", "attention-bwd", "ffn", "all"],
+        help="what to time: the attention forward, its backward (alone and with the forward), "
+        "the feed-forward block, or all three (default: all)",
+    )
     bc.add_common_args(ap)
     ap.add_argument("--seqlens", default=None, help="comma list replacing the grid's sequence lengths")
     ap.add_argument("--headdims", default=None, help="comma list replacing the grid's head dims")
@@ -495,21 +543,27 @@ def main(argv=None) -> int:
     ap.add_argument("--ffn-dmodel", default=None, help="comma list replacing the FFN grid's d_model values")
     ap.add_argument("--providers", default=None,
                     help='comma list of attention provider names to run, e.g. "pyfastattn,torch sdpa (flash)"')  # fmt: skip
-    ap.add_argument("--out", default=None, help="default: benchmarks/results/<device>/<quick|full>-<suite>")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new steps after this many seconds (their rows say so); "
                     "default 140 for --quick on CUDA, else none (0: none)")  # fmt: skip
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = bc.LoadWatch()
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    device = args.device if args.device != "auto" else ("cuda" if bc.cuda_available() else "cpu")
+    if device == "cuda" and not bc.cuda_available():
         ap.error("--device cuda but no CUDA device is visible")
+    smoke = args.smoke
     quick = not args.full
+    mode = bc.mode_name(args)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    default_dtypes = "float32,bfloat16" if device == "cpu" else ("bfloat16" if quick else "bfloat16,float16")
+    if smoke:
+        default_dtypes = "float32" if device == "cpu" else "bfloat16"
+    else:
+        default_dtypes = (
+            "float32,bfloat16" if device == "cpu" else ("bfloat16" if quick else "bfloat16,float16")
+        )
     dtypes = [getattr(torch, n.strip()) for n in (args.dtype or default_dtypes).split(",")]
     suites = ["attention", "attention-bwd", "ffn"] if args.suite == "all" else [args.suite]
     ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
@@ -522,15 +576,10 @@ def main(argv=None) -> int:
         provs = {n: f for n, f in provs.items() if n in wanted}
         unavailable = {n: r for n, r in unavailable.items() if n in wanted}
     env = bc.environment(device, threads)
-    out_dir = args.out or os.path.join(
-        bc.ROOT,
-        "benchmarks",
-        "results",
-        bc.sanitize(env["device"]),
-        f"{'quick' if quick else 'full'}-{args.suite}",
-    )
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = bc.out_dir_for(args, env["device"], args.suite)
+    bc.prepare_out_dir(out_dir, args.record)
     command = bc.command_line("benchmarks/run.py", argv)
+    print(f"pyfastattn benchmark ({mode}, {device}, {threads} threads): results go to {out_dir}", flush=True)
 
     jobs = [
         (su, dt, sh)
@@ -538,35 +587,43 @@ def main(argv=None) -> int:
         if su != "ffn"
         for dt in dtypes
         for sh in shapes_for(
-            device, quick, ints(args.seqlens), ints(args.headdims), su == "attention", su == "attention-bwd"
-        )
+            device,
+            quick,
+            ints(args.seqlens),
+            ints(args.headdims),
+            su == "attention",
+            su == "attention-bwd",
+            smoke=smoke,
+        )  # fmt: skip
     ]
     budget_s = args.budget_s if args.budget_s is not None else (140.0 if quick and device == "cuda" else 0.0)
     prog = bc.Progress(len(dtypes) + 1 + len(jobs) + ("ffn" in suites) + 1)
     ceilings = {}
     for dt in dtypes:
         prog.step(f"matmul ceiling {dt}")
-        ceilings[dt] = bc.matmul_ceiling(device, dt, threads, quick)
+        ceilings[dt] = bc.matmul_ceiling(device, dt, threads, quick, smoke=smoke)
     prog.step("device-copy bandwidth")
-    copy_gbps = bc.copy_bandwidth(device, threads, quick)
+    copy_gbps = bc.copy_bandwidth(device, threads, quick, smoke=smoke)
+    cpu_timing = CPU_TIMING[mode]
 
-    def header(done: str, plots=(), plot_skip=None) -> list[str]:
+    def header(done: str, plots=(), plot_skip=None, warnings=()) -> list[str]:
         mem_method = bc.PEAK_MEMORY_METHOD[device]
         if device == "cpu":
-            timing = (f"torch.utils.benchmark.Timer.blocked_autorange, threads {threads}, min_run_time "
-                      f"{0.1 if quick else 1.0} s and >= 5 samples per provider and pass, after a warm-up call "
-                      "(the peak-memory call)")  # fmt: skip
+            timing = (f"torch.utils.benchmark.Timer, threads {threads}, adaptive repetition per provider "
+                      f"and pass: samples of >= 1 ms of calls until >= {cpu_timing[2]} samples, "
+                      f">= {cpu_timing[0]} s and a spread <= {bc.SPREAD_WARN:.0%}, or {cpu_timing[1]} s, "
+                      "after a warm-up call (the peak-memory call)")  # fmt: skip
         else:
             timing = (f"CUDA events around each call, rotating over input sets that together exceed 2x the "
                       f"L2 ({bc.l2_bytes() >> 20} MiB); two warm-up calls per set")  # fmt: skip
-        load_now = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         h = [
             f"device: {env['device']} ({device}); torch {env['torch']}"
             + (f", CUDA {env['cuda']}" if env["cuda"] else "")
             + f"; pyfastattn {env['sha']}; {env['timestamp']}",
             f"{done}; wall time {time.perf_counter() - t_start:.0f} s; 1-minute load average "
-            f"{load_start:.2f} at the start, {load_now:.2f} at the end",
-            f"timing: {timing}; median with p20/p80",
+            f"{load.start:.2f} at the start, {load.now:.2f} at the end, {load.max:.2f} at most "
+            f"({threads} benchmark threads)",
+            f"timing: {timing}; median with p20/p80; spread = (p80 - p20) / p50",
             "FLOPs: 4*B*H*Sq*Sk*D forward (half for causal), x2.5 backward, x3.5 fwd+bwd; "
             "FFN: 2*tokens*d_model*d_ff per GEMM",
             "GB/s: the least bytes a pass must move (each input read once, each output written once) / p50; "
@@ -579,8 +636,13 @@ def main(argv=None) -> int:
             "pyfastattn.testing's tolerance rule before timing (large shapes: 64 evenly spaced query rows); "
             "FAIL rows are never timed",
         ]
+        if smoke:
+            h.append(
+                "smoke run: tiny shapes and minimal timing, to show that everything runs; the numbers mean nothing"
+            )
         h += [f"unavailable: {n}: {r}" for n, r in unavailable.items()]
         h.append(f"plots: {', '.join(plots)}" if plots else f"plots skipped: {plot_skip or 'not drawn yet'}")
+        h += [f"WARNING: {w}" for w in warnings]
         return h
 
     def write_files(rows, head, summary, plots=()):
@@ -601,7 +663,7 @@ def main(argv=None) -> int:
         prog.step(f"{suite} {str(dtype)[6:]} {shape}")
         rows += attention_rows(
             suite, dtype, shape, provs, unavailable, device, threads, quick, env, ceilings[dtype], copy_gbps,
-            skip=over_budget(),
+            skip=over_budget(), smoke=smoke,
         )  # fmt: skip
         # after every step, so that a run killed by an outer timeout still leaves its results
         write_files(rows, header(f"partial: {i + 1} of {len(jobs)} attention jobs done"), bc.summarize(rows))
@@ -616,7 +678,7 @@ def main(argv=None) -> int:
             ffn_rows[0]["pass"] = ""
         else:
             ffn_rows = ffn_bench.run(
-                device, dtypes, quick, threads, ints(args.ffn_tokens), ints(args.ffn_dmodel)
+                device, dtypes, quick, threads, ints(args.ffn_tokens), ints(args.ffn_dmodel), smoke=smoke
             )
         for r in ffn_rows:
             r.update(env)
@@ -625,13 +687,18 @@ def main(argv=None) -> int:
         rows += ffn_rows
     prog.step("summary and plots")
     summary = bc.summarize(rows)
-    plots, plot_skip = bc.write_plots(out_dir, rows, {str(d)[6:]: c for d, c in ceilings.items()}, copy_gbps)
-    head = header("complete", plots, plot_skip)
+    plots, plot_skip = bc.write_plots(
+        out_dir, rows, {str(d)[6:]: c for d, c in ceilings.items()}, copy_gbps, env
+    )
+    load.stop()
+    warnings = bc.noise_warnings(rows, load, threads if device == "cpu" else None)
+    head = header("complete", plots, plot_skip, warnings)
     prog.finish()
 
     print(f"\n{command}")
     for h in head:
-        print(h)
+        if not h.startswith("WARNING"):
+            print(h)
     attn = [r for r in rows if r["suite"] != "ffn" and not r["status"].startswith("unavailable")]
     if attn:
         print()
@@ -644,9 +711,11 @@ def main(argv=None) -> int:
         ffn_bench.print_table(ffn_rows)
     bc.print_summary(summary)
     write_files(rows, head, summary, plots)
-    print(f"\nwrote {out_dir}: results.csv, summary.csv, results.md" + "".join(f", {p}" for p in plots))
+    print(f"\nwrote {out_dir}:\n  results.csv, summary.csv, results.md" + "".join(f", {p}" for p in plots))
     if plot_skip:
         print(f"plots skipped: {plot_skip}")
+    for w in warnings:
+        print(f"WARNING: {w}")
     return 1 if any(r["status"].startswith("FAIL") for r in rows) else 0
 
 

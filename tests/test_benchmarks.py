@@ -10,6 +10,7 @@ import importlib.util
 import io
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -279,9 +280,16 @@ def test_suite_end_to_end_on_tiny_shapes(tmp_path):
         assert "plots skipped" in md
     else:
         pngs = sorted(p.name for p in out.glob("*.png"))
-        assert pngs == ["attention-bwd-float32.png", "attention-float32.png", "ffn-float32.png"]
+        suites = ["attention-bwd", "attention", "ffn"]
+        assert pngs == sorted(
+            [f"{s}-float32.png" for s in suites] + [f"speedup-{s}-float32.png" for s in suites]
+        )
         assert all((out / p).stat().st_size > 1000 for p in pngs)
-        assert "](attention-float32.png)" in md
+        assert "](attention-float32.png)" in md and "](speedup-attention-float32.png)" in md
+    assert "USDT" not in r.stderr and "USDT" not in r.stdout
+    assert f"results go to {out}" in r.stdout
+    ok = [x for x in rows if x["status"] == "ok"]
+    assert all(float(x["spread"]) >= 0 and int(x["samples"]) >= 2 for x in ok)
 
 
 def test_time_budget_skips_steps_but_writes_every_file(tmp_path):
@@ -296,3 +304,117 @@ def test_time_budget_skips_steps_but_writes_every_file(tmp_path):
     assert rows and all(x["status"].startswith("skipped: the run's time budget") for x in rows)
     assert {x["suite"] for x in rows} == {"attention", "attention-bwd", "ffn"}
     assert (out / "summary.csv").exists() and "complete; wall time" in (out / "results.md").read_text()
+
+
+def test_adaptive_timer_stops_on_a_steady_call_and_bounds_a_noisy_one():
+    import time
+
+    bc = _load("bench_common")
+    t0 = time.perf_counter()
+    steady = bc.time_cpu(lambda: sum(range(2000)), 1, min_run_time=0.01, max_run_time=0.5)
+    assert len(steady) >= 5 and time.perf_counter() - t0 < 5
+    calls = [0]
+
+    def noisy():  # every other call 3x slower: the spread never settles
+        calls[0] += 1
+        time.sleep(0.003 if calls[0] % 2 else 0.001)
+
+    t0 = time.perf_counter()
+    times = bc.time_cpu(noisy, 1, min_run_time=0.01, max_run_time=0.1, warmup=False)
+    assert bc.spread(times) > bc.SPREAD_WARN
+    assert time.perf_counter() - t0 < 1.0  # bounded by max_run_time (plus one sample)
+    st = bc.stats(times)
+    assert st["samples"] == len(times) and st["spread"] == pytest.approx(bc.spread(times))
+
+
+def test_noise_warnings_for_a_busy_machine_and_a_wide_spread():
+    bc = _load("bench_common")
+    load = bc.LoadWatch.__new__(bc.LoadWatch)
+    load.samples = [0.3, 3.5]
+    rows = [dict(provider="p", shape="S", dtype="float32", status="ok", spread=0.02)]
+    assert bc.noise_warnings(rows, load, threads=8) == []
+    (busy,) = bc.noise_warnings(rows, load, threads=2)
+    assert "busy" in busy and "3.50" in busy
+    rows.append(dict(provider="q", shape="S", dtype="float32", status="ok", spread=0.25))
+    (noisy,) = bc.noise_warnings(rows, load, threads=8)
+    assert "1 of 2 timed rows" in noisy and "25%" in noisy
+
+
+def test_output_goes_to_a_new_local_folder_unless_recorded(tmp_path):
+    import argparse
+
+    bc = _load("bench_common")
+    ap = argparse.ArgumentParser()
+    bc.add_common_args(ap)
+    a = ap.parse_args([])
+    path = bc.out_dir_for(a, "AMD EPYC 9999", "all", stamp="20260101-000000")
+    assert path == os.path.join(ROOT, "benchmarks", "results", "local", "20260101-000000-quick-all")
+    rec = bc.out_dir_for(ap.parse_args(["--record", "--full"]), "AMD EPYC 9999", "ffn")
+    assert rec == os.path.join(ROOT, "benchmarks", "results", "AMD-EPYC-9999", "full-ffn")
+    assert bc.out_dir_for(ap.parse_args(["--out", str(tmp_path)]), "x", "all") == str(tmp_path)
+    with pytest.raises(SystemExit):
+        bc.out_dir_for(ap.parse_args(["--out", str(tmp_path), "--record"]), "x", "all")
+    # git ignores the local folder (where the tests run in a git checkout: CI also runs them in a copy)
+    inside = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=ROOT, capture_output=True)
+    if inside.returncode == 0:
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode
+        assert ignored == 0, "benchmarks/results/local/ must be in .gitignore"
+    # --record replaces the results of record: no stale file is left beside them
+    (tmp_path / "run.log").write_text("old")
+    (tmp_path / "results.csv").write_text("old")
+    (tmp_path / "README.md").write_text("kept")
+    (tmp_path / "sub").mkdir()
+    bc.prepare_out_dir(str(tmp_path), record=False)
+    assert (tmp_path / "run.log").exists()
+    bc.prepare_out_dir(str(tmp_path), record=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
+def test_quiet_native_stderr_drops_profiler_probe_lines():
+    code = (
+        f"import os, sys; sys.path.insert(0, {BENCH!r}); import bench_common as bc\n"
+        "with bc.quiet_native_stderr():\n"
+        "    os.write(2, b'USDT:2026 x.cpp:52] profiler_start\\nkept line\\n"
+        "ERROR:2026 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\\n')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "kept line\n"
+
+
+def test_plot_grids_have_no_empty_cells():
+    bc = _load("bench_common")
+    for n in range(1, 13):
+        rows, cols = bc.grid_shape(n)
+        assert rows * cols == n, n
+        assert cols <= max(4, n if rows == 1 else 4)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_default_grids_have_four_points_per_curve(device):
+    run = _run()
+    ffn_bench = _load("ffn_bench")
+    for quick in (True, False):
+        for suite_fwd in (True, False):
+            shapes = run.shapes_for(device, quick, decode=suite_fwd, backward=not suite_fwd)
+            curves: dict = {}
+            for sh in shapes:
+                curves.setdefault(sh.variant(), set()).add(sh.s)
+            assert curves and all(len(x) >= 4 for x in curves.values()), (device, quick, curves)
+        curves = {}
+        for sh in ffn_bench.shapes_for(quick):
+            curves.setdefault((sh.form, sh.d_model), set()).add(sh.tokens)
+        assert all(len(x) >= 3 if not quick else len(x) >= 4 for x in curves.values()), curves
+
+
+@pytest.mark.parametrize("script", ["run.py", "ffn_bench.py"])
+def test_every_flag_has_a_description(script):
+    r = subprocess.run([sys.executable, os.path.join(BENCH, script), "--help"], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    options = r.stdout[r.stdout.index("options:") :]
+    # argparse prints "  --flag ARG   help" or "  --flag ARG" with the help on the next line
+    entries = re.split(r"\n(?=  -)", options.split("\n", 1)[1])
+    for entry in entries:
+        flag, *rest = entry.strip().split("  ", 1)
+        assert rest and rest[0].strip(), f"{script}: {flag} has no description"
