@@ -57,18 +57,13 @@
 #pragma GCC optimize("no-trapping-math", "no-tree-loop-distribute-patterns")
 #endif
 
-#if defined(__GNUC__) || defined(__clang__)
-#define PFA_FFN_INLINE inline __attribute__((always_inline))
-#define PFA_FFN_RESTRICT __restrict__
-#else
-#define PFA_FFN_INLINE inline
-#define PFA_FFN_RESTRICT
-#endif
+// After the pragma, so that the conversions are compiled with it too.
+#include "simd.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The AVX2 / AVX-512 variants rely on gcc's vectoriser (and the pragma
+// above); other compilers build the portable one only.
+#if PFA_X86 && defined(__GNUC__) && !defined(__clang__)
 #define PFA_FFN_X86 1
-#define PFA_FFN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
-#define PFA_FFN_AVX2 __attribute__((target("avx2,fma,f16c")))
 #else
 #define PFA_FFN_X86 0
 #endif
@@ -87,64 +82,11 @@ constexpr int64_t kMinRowsPerBlock = 8;
 // Scalar building blocks: branch-free, so that the loops over them vectorise.
 // ---------------------------------------------------------------------------
 
-PFA_FFN_INLINE float bits_to_f32(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-PFA_FFN_INLINE uint32_t f32_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-PFA_FFN_INLINE float bf16_to_f32(uint16_t h) { return bits_to_f32(uint32_t(h) << 16); }
-
-// Round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16).
-PFA_FFN_INLINE uint16_t f32_to_bf16(float f) {
-  const uint32_t u = f32_to_bits(f);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return f != f ? uint16_t(0x7FC0) : uint16_t(rounded);
-}
-
-// IEEE half <-> float without F16C, exact for every value including
-// subnormals, inf and NaN (the FP16 library's algorithm, as in c10::Half).
-PFA_FFN_INLINE float f16_to_f32(uint16_t h) {
-  const uint32_t w = uint32_t(h) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = bits_to_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = bits_to_f32((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t magnitude =
-      two_w < (1u << 27) ? f32_to_bits(denormalized) : f32_to_bits(normalized);
-  return bits_to_f32(sign | magnitude);
-}
-
-// Round to nearest even, inf -> inf, NaN -> quiet NaN (0x7E00 | sign); the
-// select form of F. Giesen's float_to_half_fast3_rtne. Checked against
-// _Float16 for all 2^32 inputs.
-PFA_FFN_INLINE uint16_t f32_to_f16(float f) {
-  const uint32_t x = f32_to_bits(f);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  const uint32_t mag = x & 0x7FFFFFFFu;
-  const uint32_t inf_nan = mag > 0x7F800000u ? 0x7E00u : 0x7C00u;
-  // |f| < 2^-14, a half subnormal or zero: align the 10 mantissa bits at the
-  // bottom of a float with one round-to-nearest-even addition.
-  const float denorm_magic = bits_to_f32(((127u - 15u) + (23u - 10u) + 1u) << 23);
-  const uint32_t subnormal =
-      f32_to_bits(bits_to_f32(mag) + denorm_magic) - f32_to_bits(denorm_magic);
-  // Normal: rebias the exponent and round the 13 dropped bits to even.
-  const uint32_t normal = (mag - ((127u - 15u) << 23) + 0xFFFu + ((mag >> 13) & 1u)) >> 13;
-  uint32_t h = mag < (113u << 23) ? subnormal : normal;
-  h = mag >= ((127u + 16u) << 23) ? inf_nan : h;
-  return uint16_t(h | sign);
-}
-
 // exp(x), Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial for
 // e^r, 2^n put into the exponent bits. Inputs are clamped to [-87, 88], so
 // the result is always a normal float (e^-87 = 1.6e-38 stands in for 0) and
 // never overflows; NaN propagates.
-PFA_FFN_INLINE float exp_f32(float x) {
+PFA_INLINE float exp_f32(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: x + kRound - kRound rounds to an integer
   constexpr float kLn2Hi = 0.693359375f;
@@ -170,7 +112,7 @@ PFA_FFN_INLINE float exp_f32(float x) {
 
 // erf(x): odd 13/even 8 rational approximation on [-4, 4] (erf is +-1 in fp32
 // beyond), the coefficients Eigen and XLA use.
-PFA_FFN_INLINE float erf_f32(float x) {
+PFA_INLINE float erf_f32(float x) {
   x = x < -4.0f ? -4.0f : x;
   x = x > 4.0f ? 4.0f : x;
   const float x2 = x * x;
@@ -207,7 +149,7 @@ constexpr float kGeluTanhCubic = 0.044715f;
 // 0.89 vs 0.37 ms per 2M fp32 on the AVX-512 dev box; gcc's masked blends
 // of the clamps then chain through the division).
 template <Activation A>
-PFA_FFN_INLINE void act_value(float* PFA_FFN_RESTRICT x) {
+PFA_INLINE void act_value(float* PFA_RESTRICT x) {
   alignas(64) float e[kChunk];
   if constexpr (A == Activation::kGeluTanh) {
     // 0.5 (1 + tanh(u)) = sigmoid(2u): no cancellation in either tail.
@@ -235,8 +177,8 @@ PFA_FFN_INLINE void act_value(float* PFA_FFN_RESTRICT x) {
 // With s = sigmoid(z) = 1 / (1 + e), e = exp(-z), the derivative terms use
 // s (1 - s) = e s^2, exact in both tails (1 - s would cancel for z >> 0).
 template <Activation A>
-PFA_FFN_INLINE void act_value_grad(const float* PFA_FFN_RESTRICT x, float* PFA_FFN_RESTRICT a,
-                                   float* PFA_FFN_RESTRICT da) {
+PFA_INLINE void act_value_grad(const float* PFA_RESTRICT x, float* PFA_RESTRICT a,
+                                   float* PFA_RESTRICT da) {
   alignas(64) float e[kChunk];
   if constexpr (A == Activation::kGelu) {
     for (int i = 0; i < kChunk; ++i) e[i] = exp_f32(-0.5f * x[i] * x[i]);
@@ -277,46 +219,46 @@ PFA_FFN_INLINE void act_value_grad(const float* PFA_FFN_RESTRICT x, float* PFA_F
 // zero-fills dst up to the next multiple of kChunk.
 // ---------------------------------------------------------------------------
 
-PFA_FFN_INLINE int64_t elem_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
+PFA_INLINE int64_t elem_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 
-PFA_FFN_INLINE const char* at_elem(const void* base, DType dt, int64_t i) {
+PFA_INLINE const char* at_elem(const void* base, DType dt, int64_t i) {
   return static_cast<const char*>(base) + i * elem_size(dt);
 }
-PFA_FFN_INLINE char* at_elem(void* base, DType dt, int64_t i) {
+PFA_INLINE char* at_elem(void* base, DType dt, int64_t i) {
   return static_cast<char*>(base) + i * elem_size(dt);
 }
 
-PFA_FFN_INLINE void load(DType dt, const char* PFA_FFN_RESTRICT src, float* PFA_FFN_RESTRICT dst,
+PFA_INLINE void load(DType dt, const char* PFA_RESTRICT src, float* PFA_RESTRICT dst,
                          int n) {
   if (dt == DType::kFloat32) {
     const float* s = reinterpret_cast<const float*>(src);
     for (int i = 0; i < n; ++i) dst[i] = s[i];
   } else if (dt == DType::kBFloat16) {
     const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    for (int i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+    for (int i = 0; i < n; ++i) dst[i] = bf16_bits_to_f32(s[i]);
   } else {
     const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    for (int i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+    for (int i = 0; i < n; ++i) dst[i] = f16_bits_to_f32(s[i]);
   }
   const int padded = (n + kChunk - 1) / kChunk * kChunk;
   for (int i = n; i < padded; ++i) dst[i] = 0.0f;
 }
 
-PFA_FFN_INLINE void store(DType dt, const float* PFA_FFN_RESTRICT src, char* PFA_FFN_RESTRICT dst,
+PFA_INLINE void store(DType dt, const float* PFA_RESTRICT src, char* PFA_RESTRICT dst,
                           int n) {
   if (dt == DType::kFloat32) {
     float* d = reinterpret_cast<float*>(dst);
     for (int i = 0; i < n; ++i) d[i] = src[i];
   } else if (dt == DType::kBFloat16) {
     uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-    for (int i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+    for (int i = 0; i < n; ++i) d[i] = f32_to_bf16_bits(src[i]);
   } else {
     uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-    for (int i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
+    for (int i = 0; i < n; ++i) d[i] = f32_to_f16_bits(src[i]);
   }
 }
 
-PFA_FFN_INLINE void add_to(float* PFA_FFN_RESTRICT x, const float* PFA_FFN_RESTRICT y) {
+PFA_INLINE void add_to(float* PFA_RESTRICT x, const float* PFA_RESTRICT y) {
   for (int i = 0; i < kChunk; ++i) x[i] += y[i];
 }
 
@@ -378,7 +320,7 @@ struct Biases {
 // ---------------------------------------------------------------------------
 
 template <Activation A>
-PFA_FFN_INLINE void fwd_block(const FfnActFwdParams& p, const Tiling& t, const float* bias_g,
+PFA_INLINE void fwd_block(const FfnActFwdParams& p, const Tiling& t, const float* bias_g,
                               const float* bias_u, int64_t task) {
   const Block b(t, task);
   const DType dt = p.dtype;
@@ -408,7 +350,7 @@ PFA_FFN_INLINE void fwd_block(const FfnActFwdParams& p, const Tiling& t, const f
 // ---------------------------------------------------------------------------
 
 template <Activation A>
-PFA_FFN_INLINE void bwd_block(const FfnActBwdParams& p, const Tiling& t, const float* bias_g,
+PFA_INLINE void bwd_block(const FfnActBwdParams& p, const Tiling& t, const float* bias_g,
                               const float* bias_u, int64_t task, float* partial) {
   const Block b(t, task);
   const DType dt = p.dtype;
@@ -483,8 +425,8 @@ using BwdFn = void (*)(const FfnActBwdParams&, const Tiling&, const float*, cons
 
 PFA_FFN_TASKS(portable, )
 #if PFA_FFN_X86
-PFA_FFN_TASKS(avx2, PFA_FFN_AVX2)
-PFA_FFN_TASKS(avx512, PFA_FFN_AVX512)
+PFA_FFN_TASKS(avx2, PFA_AVX2)
+PFA_FFN_TASKS(avx512, PFA_AVX512)
 #endif
 #undef PFA_FFN_TASKS
 
@@ -495,12 +437,9 @@ enum class Isa { kPortable, kAvx2, kAvx512 };
 Isa detect_isa() {
   Isa best = Isa::kPortable;
 #if PFA_FFN_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+  if (cpu_has_avx512()) {
     best = Isa::kAvx512;
-  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c")) {
+  } else if (cpu_has_avx2()) {
     best = Isa::kAvx2;
   }
 #endif

@@ -1,0 +1,215 @@
+// CPU attention forward: FlashAttention-2 tiling with an online softmax,
+// accumulating in fp32; scores are kept in log2 units (scale * log2(e) folded
+// in) so that every exponential is an exp2.
+//
+// One task per (sequence, query head, query block): it walks the key tiles its
+// rows can see (tiles outside the window of the whole block are never
+// touched), keeps a running max and sum per row, and holds one key tile of
+// scores at a time (S^T, see attention_tile.h). A block of one row takes the
+// decode path on AVX-512 (attention_decode.h).
+//
+// On one Zen 5 core (B1 H8 S1024 D64, GFLOP/s from CPU time): 212 fp32 / 375
+// bf16 against 93 / 90 for PyTorch's flash SDPA.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "attention_cpu.h"
+#include "attention_decode.h"
+#include "attention_schedule.h"
+#include "attention_tile.h"
+
+namespace pyfastattn {
+namespace cpu {
+namespace {
+
+struct FwdScratch {
+  float* qt;     // B operand Q^T: [kdim(d)][blk.q]
+  float* s;      // S^T / P^T: [blk.k][blk.q] fp32
+  float* ppair;  // P as bf16 pairs along keys: [blk.k / 2][blk.q]
+  float* ka;     // key rows: [blk.k][kdim(d)]
+  float* vb;     // value rows (B operand): [blk.k][dv] or VNNI [blk.k / 2][dv]
+  float* bias;   // attn_mask tile: [blk.k][blk.q]
+  float* oacc;   // [blk.q][dv]
+  float* mrun;   // running max (log2 units), [blk.q]
+  float* lrun;   // running sum, [blk.q]
+  float* tmax;   // tile column max, then the max subtracted in exp2, [blk.q]
+  float* tsum;   // tile column sum, [blk.q]
+  float* alpha;  // rescale of the running sum and output, [blk.q]
+  int* lo;
+  int* hi;
+};
+
+PFA_INLINE FwdScratch carve_fwd(Carver& cv, const Ctx& c) {
+  const int64_t bq = c.blk.q, bk = c.blk.k;
+  FwdScratch w;
+  w.qt = cv.take(int64_t(c.d) * bq);
+  w.s = cv.take(bk * bq);
+  w.ppair = cv.take(bk / 2 * bq + bq);
+  w.ka = cv.take(bk * c.d);
+  w.vb = cv.take(bk * c.dv);
+  w.bias = cv.take(c.p->mask_kind != MaskKind::kNone ? bk * bq : 0);
+  w.oacc = cv.take(bq * c.dv);
+  w.mrun = cv.take(bq);
+  w.lrun = cv.take(bq);
+  w.tmax = cv.take(bq);
+  w.tsum = cv.take(bq);
+  w.alpha = cv.take(bq);
+  w.lo = reinterpret_cast<int*>(cv.take(bq));
+  w.hi = reinterpret_cast<int*>(cv.take(bq));
+  return w;
+}
+
+// P = exp2(S - use) over a tile, lanes outside (16 queries at a time, all
+// keys inside) so that the column sums stay in a register. P goes back into
+// S (fp32 product) or, with kPairs, to bf16 pairs along keys, pairs[j/2][i].
+template <class Vec, bool kPairs>
+PFA_INLINE void exp_tile(float* s, int64_t ld, int n, int mp, const float* use, uint32_t* pairs,
+                         float* tsum) {
+  using V = typename Vec::V;
+  for (int c0 = 0; c0 < mp; c0 += kLanes) {
+    const V u = Vec::load(use + c0);
+    V sum = Vec::zero();
+    if constexpr (kPairs) {
+      int j = 0;
+      for (; j + 1 < n; j += 2) {
+        const V e0 = Vec::exp2(Vec::sub(Vec::load(s + j * ld + c0), u));
+        const V e1 = Vec::exp2(Vec::sub(Vec::load(s + (j + 1) * ld + c0), u));
+        sum = Vec::add(sum, Vec::add(e0, e1));
+        Vec::store_pairs(pairs + (j / 2) * ld + c0, e0, e1);
+      }
+      if (j < n) {
+        const V e0 = Vec::exp2(Vec::sub(Vec::load(s + j * ld + c0), u));
+        sum = Vec::add(sum, e0);
+        Vec::store_pairs(pairs + (j / 2) * ld + c0, e0, Vec::zero());
+      }
+    } else {
+      for (int j = 0; j < n; ++j) {
+        float* sr = s + j * ld + c0;
+        const V e = Vec::exp2(Vec::sub(Vec::load(sr), u));
+        sum = Vec::add(sum, e);
+        Vec::store(sr, e);
+      }
+    }
+    Vec::store(tsum + c0, sum);
+  }
+}
+
+template <class Isa, typename T, typename CT>
+PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
+  using TL = Tiles<T, CT>;
+  const AttentionFwdParams& p = *c.p;
+  const SeqInfo si(p, t.b);
+  const int h = t.h, hk = h / c.group, i0 = t.i0;
+  const int m = std::min(c.blk.q, si.len_q - i0);
+  const int mp = int(round_up(m, kLanes));
+  const int64_t ldq = c.blk.q;
+  const int kd = TL::kdim(c.d);
+  const bool masked = p.mask_kind != MaskKind::kNone;
+
+  RowRanges rr{w.lo, w.hi, m};
+  fill_ranges(p, si, i0, rr);
+  for (int i = 0; i < mp; ++i) {
+    w.mrun[i] = -kInf;
+    w.lrun[i] = 0.0f;
+  }
+  std::fill(w.oacc, w.oacc + int64_t(m) * c.dv, 0.0f);
+
+  const T* q = static_cast<const T*>(p.q) + si.q_row(i0, p.q_batch_stride, p.q_row_stride) +
+               int64_t(h) * p.q_head_stride;
+  const T* kbase = static_cast<const T*>(p.k) + si.k_row(0, p.k_batch_stride, p.k_row_stride) +
+                   int64_t(hk) * p.k_head_stride;
+  const T* vbase = static_cast<const T*>(p.v) + si.k_row(0, p.v_batch_stride, p.v_row_stride) +
+                   int64_t(hk) * p.v_head_stride;
+
+  const int key_begin = rr.first(), key_end = rr.last();
+  bool decoded = false;
+#if PFA_X86
+  if constexpr (Isa::kAvx512) {
+    // One row sees exactly [key_begin, key_end): no window edge in any tile.
+    if (m == 1 && !masked && !c.softcap && c.d <= 256) {
+      if (key_begin < key_end) decode_row<T, TL::kPairs>(c, q, kbase, vbase, key_begin, key_end, w.s, w.oacc, w.mrun[0], w.lrun[0]);
+      decoded = true;
+    }
+  }
+#endif
+  if (!decoded && key_begin < key_end) TL::b_t(q, p.q_row_stride, m, c.d, w.qt, ldq);
+
+  for (int j0 = decoded ? key_end : key_begin; j0 < key_end; j0 += c.blk.k) {
+    const int n = std::min(c.blk.k, key_end - j0);
+    const bool fused = !masked && !c.softcap && tile_inside(rr, j0, n);
+    for (int i = 0; i < mp; ++i) w.tmax[i] = -kInf;
+    // S^T = K Q^T; then scores and their column max.
+    TL::a_rows(kbase + int64_t(j0) * p.k_row_stride, p.k_row_stride, n, c.d, w.ka);
+    GemmArgs qk{n, m, kd, w.ka, kd, false, w.qt, ldq, w.s, ldq, false};
+    if (fused) {
+      qk.alpha = c.score_scale;
+      qk.col_max = w.tmax;
+    }
+    gemm<Isa, CT>(qk);
+    if (!fused) {
+      const MaskTile mask = load_mask_tile<typename Isa::Vec, T>(p, t.b, h, i0, m, j0, n, w.bias, ldq);
+      score_tile(c, rr, j0, n, mp, w.s, ldq, mask, nullptr, w.tmax);
+    }
+    // New running max; `use` (kept in tmax) is 0 for rows still empty, so
+    // that exp2(-inf - use) = 0 instead of NaN.
+    {
+      float* PFA_RESTRICT mrun = w.mrun;
+      float* PFA_RESTRICT tmax = w.tmax;
+      float* PFA_RESTRICT alpha = w.alpha;
+      for (int i = 0; i < mp; ++i) {
+        const float mnew = std::max(mrun[i], tmax[i]);
+        const float use = mnew == -kInf ? 0.0f : mnew;
+        alpha[i] = exp2_approx(mrun[i] - use);
+        mrun[i] = mnew;
+        tmax[i] = use;
+      }
+    }
+    exp_tile<typename Isa::Vec, TL::kPairs>(w.s, ldq, n, mp, w.tmax, reinterpret_cast<uint32_t*>(w.ppair),
+                                            w.tsum);
+    for (int i = 0; i < m; ++i) w.lrun[i] = w.lrun[i] * w.alpha[i] + w.tsum[i];
+    // O = alpha O + P V
+    TL::b_rows(vbase + int64_t(j0) * p.v_row_stride, p.v_row_stride, n, c.dv, w.vb);
+    const int64_t pk = TL::kPairs ? (n + 1) / 2 : n;  // K axis: keys, or key pairs
+    const float* pa = TL::kPairs ? w.ppair : w.s;
+    GemmArgs pv{m, c.dv, pk, pa, ldq, true, w.vb, c.dv, w.oacc, c.dv, true};
+    pv.row_scale = w.alpha;
+    gemm<Isa, CT>(pv);
+  }
+
+  // O = acc / l and lse = ln(2) (max + log2 l); empty rows: O = 0, lse = -inf.
+  T* o = static_cast<T*>(p.o) + si.q_row(i0, p.o_batch_stride, p.o_row_stride) + int64_t(h) * p.o_head_stride;
+  for (int i = 0; i < m; ++i) {
+    // A NaN sum (NaN or inf in the inputs) is not empty: it propagates.
+    const bool empty = w.mrun[i] == -kInf || w.lrun[i] == 0.0f;
+    const float inv = empty ? 0.0f : 1.0f / w.lrun[i];
+    const float* PFA_RESTRICT acc = w.oacc + int64_t(i) * c.dv;
+    T* PFA_RESTRICT orow = o + int64_t(i) * p.o_row_stride;
+    for (int x = 0; x < c.dv; ++x) orow[x] = from_f32<T>(acc[x] * inv);
+    p.lse[si.lse_index(p, h, i0 + i)] = empty ? -kInf : (w.mrun[i] + std::log2(w.lrun[i])) * kLn2;
+  }
+}
+
+struct FwdBody {
+  template <class Isa, typename T, typename CT>
+  static PFA_INLINE void run(Kind, const Ctx& c, float* scratch, const Task& t) {
+    Carver cv(scratch);
+    fwd_block<Isa, T, CT>(c, carve_fwd(cv, c), t);
+  }
+};
+
+}  // namespace
+
+void attention_fwd(const AttentionFwdParams& p) {
+  if (p.batch <= 0 || p.num_heads <= 0) return;
+  const Ctx c = make_ctx(p, false);
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost;
+  query_tasks(c, tasks, cost);
+  Carver size(nullptr);
+  carve_fwd(size, c);
+  run_tasks(c, block_fn<FwdBody>(p.dtype), Kind::kFwd, size.used(), tasks, cost);
+}
+
+}  // namespace cpu
+}  // namespace pyfastattn
