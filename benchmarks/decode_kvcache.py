@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import math
 import os
 import statistics
 import time
@@ -143,7 +142,12 @@ def main(argv=None):
         batches, contexts = [1, 4, 32], [1024, 8192, 32768, 65536]
         dtypes, layouts = ["bf16", "fp32"], ["contiguous", "paged16", "paged64", "paged256"]
     else:
-        batches, contexts, dtypes, layouts = [1], [32768], ["bf16"], ["contiguous", "paged16", "paged64", "paged256"]
+        batches, contexts, dtypes, layouts = (
+            [1],
+            [32768],
+            ["bf16"],
+            ["contiguous", "paged16", "paged64", "paged256"],
+        )
     batches = a.batch or batches
     contexts = a.context or contexts
     dtypes = a.dtype or dtypes
@@ -163,7 +167,9 @@ def main(argv=None):
                     continue
                 for lay in layouts:
                     block = None if lay == "contiguous" else int(lay.removeprefix("paged"))
-                    rows = run_case(b, ctx, dt[dtype], block, a.reps, bw_cache, not a.no_baselines, not a.no_check)
+                    rows = run_case(
+                        b, ctx, dt[dtype], block, a.reps, bw_cache, not a.no_baselines, not a.no_check
+                    )
                     for r in rows:
                         print(f"{r['provider']:36s} B{b:<3d} ctx {ctx:6d} {dtype:5s} {lay:10s} "
                               f"{r['p50_ms']:9.3f} ms [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]  "

@@ -25,7 +25,6 @@ Public API:
 from . import ffn, nn, reference
 from ._backend import BACKENDS, backend, get_backend, set_backend
 from .ffn import feed_forward, ffn_unsupported_reason, gated_feed_forward
-from .kvcache import attention_with_kvcache
 from .functional import (
     InvalidArgumentError,
     attention,
@@ -33,6 +32,7 @@ from .functional import (
     kernel_unsupported_reason,
     scaled_dot_product_attention,
 )
+from .kvcache import attention_with_kvcache
 from .patch import PatchReport, patch
 
 __version__ = "0.1.0"

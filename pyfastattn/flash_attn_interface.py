@@ -139,7 +139,9 @@ def flash_attn_func(
 ):
     """``q`` (B, Sq, Hq, D), ``k``/``v`` (B, Sk, Hk, D) -> out (B, Sq, Hq, D).
     Causal and windows are aligned bottom-right when Sq != Sk."""
-    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+    return _dense(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs
+    )
 
 
 def flash_attn_varlen_qkvpacked_func(

@@ -130,7 +130,9 @@ def attention_with_kvcache(
     b, sq, hq, d = q.shape
     hk, dv = k_cache.shape[2], v_cache.shape[3]
     if k_cache.shape[3] != d:
-        raise InvalidArgumentError(f"k_cache.shape[3] (head dim) must equal q.shape[3] ({d}), got {k_cache.shape[3]}")
+        raise InvalidArgumentError(
+            f"k_cache.shape[3] (head dim) must equal q.shape[3] ({d}), got {k_cache.shape[3]}"
+        )
     if v_cache.shape[:3] != k_cache.shape[:3]:
         raise InvalidArgumentError(
             f"v_cache.shape[:3] must equal k_cache.shape[:3] ({tuple(k_cache.shape[:3])}), "
@@ -145,19 +147,29 @@ def attention_with_kvcache(
                 f"got {tuple(k.shape)}"
             )
         if v.dim() != 4 or tuple(v.shape) != (b, k.shape[1], hk, dv):
-            raise InvalidArgumentError(f"v must have shape ({b}, {k.shape[1]}, {hk}, {dv}), got {tuple(v.shape)}")
+            raise InvalidArgumentError(
+                f"v must have shape ({b}, {k.shape[1]}, {hk}, {dv}), got {tuple(v.shape)}"
+            )
     paged = block_table is not None
     if paged:
-        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+        if (
+            not isinstance(block_table, torch.Tensor)
+            or block_table.dtype != torch.int32
+            or block_table.dim() != 2
+        ):
             raise InvalidArgumentError(
                 f"block_table must be an int32 tensor of shape ({b}, max_blocks), got "
                 f"{getattr(block_table, 'dtype', type(block_table).__name__)} of shape "
                 f"{tuple(getattr(block_table, 'shape', ()))}"
             )
         if block_table.shape[0] != b:
-            raise InvalidArgumentError(f"block_table.shape[0] must equal the batch ({b}), got {block_table.shape[0]}")
+            raise InvalidArgumentError(
+                f"block_table.shape[0] must equal the batch ({b}), got {block_table.shape[0]}"
+            )
         if block_table.device != q.device:
-            raise InvalidArgumentError(f"block_table.device must equal q.device ({q.device}), got {block_table.device}")
+            raise InvalidArgumentError(
+                f"block_table.device must equal q.device ({q.device}), got {block_table.device}"
+            )
         if cache_batch_idx is not None:
             raise InvalidArgumentError("cache_batch_idx cannot be combined with block_table")
         capacity = block_table.shape[1] * k_cache.shape[1]
@@ -172,7 +184,9 @@ def attention_with_kvcache(
             raise InvalidArgumentError("cache_seqlens must be given when k and v are appended")
         cache_seqlens = capacity
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
-        raise TypeError(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}")
+        raise TypeError(
+            f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}"
+        )
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
     cache_seqlens = _int32_vector(cache_seqlens, "cache_seqlens", b, q.device)
@@ -184,7 +198,9 @@ def attention_with_kvcache(
         raise InvalidArgumentError("rotary_cos and rotary_sin must be given together")
     if rotary_cos is not None:
         if k is None:
-            raise InvalidArgumentError("rotary_cos / rotary_sin need the new k and v to append (as FlashAttention)")
+            raise InvalidArgumentError(
+                "rotary_cos / rotary_sin need the new k and v to append (as FlashAttention)"
+            )
         for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
             if t.dim() != 2 or t.dtype not in (q.dtype, torch.float32) or t.device != q.device:
                 raise InvalidArgumentError(
@@ -257,11 +273,15 @@ def _attention_with_kvcache_torch(
                 f"(the cache's capacity per sequence)"
             )
         if not 0 <= pad <= sl:
-            raise InvalidArgumentError(f"cache_leftpad[{i}] must be in [0, cache_seqlens[{i}] = {sl}], got {pad}")
+            raise InvalidArgumentError(
+                f"cache_leftpad[{i}] must be in [0, cache_seqlens[{i}] = {sl}], got {pad}"
+            )
     if cache_batch_idx is not None:
         for i, r in enumerate(cache_batch_idx.tolist()):
             if not 0 <= r < k_cache.shape[0]:
-                raise InvalidArgumentError(f"cache_batch_idx[{i}] must be in [0, {k_cache.shape[0]}), got {r}")
+                raise InvalidArgumentError(
+                    f"cache_batch_idx[{i}] must be in [0, {k_cache.shape[0]}), got {r}"
+                )
     if block_table is not None:
         bs = k_cache.shape[1]
         for i, row in enumerate(block_table.tolist()):

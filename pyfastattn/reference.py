@@ -31,7 +31,11 @@ __all__ = [
     "apply_rotary",
     "kvcache_append_",
     "kvcache_gather",
-    "feed_forward", "gated_feed_forward", "apply_activation", "ACTIVATIONS"]
+    "feed_forward",
+    "gated_feed_forward",
+    "apply_activation",
+    "ACTIVATIONS",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -270,7 +274,11 @@ def kvcache_query_positions(cache_seqlens: torch.Tensor, seqlen_q: int, per_row:
     """Rotary positions of the query rows, (B, Sq) int64 (FlashAttention 2's
     rule: per row with causal or a window, else all at cache_seqlens)."""
     base = cache_seqlens.long()[:, None]
-    step = torch.arange(seqlen_q, device=cache_seqlens.device) if per_row else torch.zeros(seqlen_q, dtype=torch.int64, device=cache_seqlens.device)
+    step = (
+        torch.arange(seqlen_q, device=cache_seqlens.device)
+        if per_row
+        else torch.zeros(seqlen_q, dtype=torch.int64, device=cache_seqlens.device)
+    )
     return base + step[None, :]
 
 

@@ -22,15 +22,45 @@ SIGNATURES = {
     "flash_attn_kvpacked_func": [("q", _), ("kv", _)] + COMMON,
     "flash_attn_func": [("q", _), ("k", _), ("v", _)] + COMMON,
     "flash_attn_varlen_qkvpacked_func": [("qkv", _), ("cu_seqlens", _), ("max_seqlen", _)] + COMMON,
-    "flash_attn_varlen_kvpacked_func": [("q", _), ("kv", _), ("cu_seqlens_q", _), ("cu_seqlens_k", _),
-                                        ("max_seqlen_q", _), ("max_seqlen_k", _)] + COMMON,  # fmt: skip
-    "flash_attn_varlen_func": [("q", _), ("k", _), ("v", _), ("cu_seqlens_q", _), ("cu_seqlens_k", _),
-                               ("max_seqlen_q", _), ("max_seqlen_k", _)] + COMMON + [("block_table", None)],  # fmt: skip
+    "flash_attn_varlen_kvpacked_func": [
+        ("q", _),
+        ("kv", _),
+        ("cu_seqlens_q", _),
+        ("cu_seqlens_k", _),
+        ("max_seqlen_q", _),
+        ("max_seqlen_k", _),
+    ]
+    + COMMON,  # fmt: skip
+    "flash_attn_varlen_func": [
+        ("q", _),
+        ("k", _),
+        ("v", _),
+        ("cu_seqlens_q", _),
+        ("cu_seqlens_k", _),
+        ("max_seqlen_q", _),
+        ("max_seqlen_k", _),
+    ]
+    + COMMON
+    + [("block_table", None)],  # fmt: skip
     "flash_attn_with_kvcache": [
-        ("q", _), ("k_cache", _), ("v_cache", _), ("k", None), ("v", None), ("rotary_cos", None),
-        ("rotary_sin", None), ("cache_seqlens", None), ("cache_batch_idx", None), ("cache_leftpad", None),
-        ("block_table", None), ("softmax_scale", None), ("causal", False), ("window_size", (-1, -1)),
-        ("softcap", 0.0), ("rotary_interleaved", True), ("alibi_slopes", None), ("num_splits", 0),
+        ("q", _),
+        ("k_cache", _),
+        ("v_cache", _),
+        ("k", None),
+        ("v", None),
+        ("rotary_cos", None),
+        ("rotary_sin", None),
+        ("cache_seqlens", None),
+        ("cache_batch_idx", None),
+        ("cache_leftpad", None),
+        ("block_table", None),
+        ("softmax_scale", None),
+        ("causal", False),
+        ("window_size", (-1, -1)),
+        ("softcap", 0.0),
+        ("rotary_interleaved", True),
+        ("alibi_slopes", None),
+        ("num_splits", 0),
         ("return_softmax_lse", False),
     ],  # fmt: skip
 }
@@ -46,7 +76,10 @@ def test_signature_is_flash_attention_2s(name):
 
 def _qkv(b=2, sq=7, sk=9, hq=4, hk=2, d=32, dtype=torch.float32, grad=False):
     g = torch.Generator().manual_seed(0)
-    t = [torch.randn(b, s, h, d, generator=g, dtype=dtype).requires_grad_(grad) for s, h in ((sq, hq), (sk, hk), (sk, hk))]
+    t = [
+        torch.randn(b, s, h, d, generator=g, dtype=dtype).requires_grad_(grad)
+        for s, h in ((sq, hq), (sk, hk), (sk, hk))
+    ]
     return t
 
 
@@ -137,7 +170,9 @@ def test_with_kvcache_positional_and_lse():
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(lse, wlse)
     torch.testing.assert_close(kc1, kc)
-    assert fai.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=0, return_softmax_lse=True)[1].eq(math.inf).all()
+    assert (
+        fai.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=0, return_softmax_lse=True)[1].eq(math.inf).all()
+    )
 
 
 def test_dropout_and_alibi_raise_not_implemented():

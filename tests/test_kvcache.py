@@ -45,7 +45,9 @@ def make_case(
     if batch_idx:
         args["cache_batch_idx"] = torch.randperm(rows, generator=g)[:b].to(torch.int32)
     if leftpad:
-        args["cache_leftpad"] = (torch.rand(b, generator=g) * (seqlens.float() + 1)).floor().clamp(max=seqlens).to(torch.int32)
+        args["cache_leftpad"] = (
+            (torch.rand(b, generator=g) * (seqlens.float() + 1)).floor().clamp(max=seqlens).to(torch.int32)
+        )
     if block is not None:
         assert not batch_idx
         nblk = (cap + block - 1) // block
@@ -111,7 +113,9 @@ def check(name, q, kc, vc, k, v, args, causal=False, window=(-1, -1), softcap=0.
     assert torch.equal(torch.isfinite(lse), finite), f"{name}: lse -inf pattern differs"
     assert (lse[~finite] == -math.inf).all() and (out.transpose(1, 2)[~finite] == 0).all()
     torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-4, rtol=1e-5)
-    if "rotary_cos" in args:  # the kernel rounds once from fp32, as the reference; FMA contraction may differ by 1 ulp
+    if (
+        "rotary_cos" in args
+    ):  # the kernel rounds once from fp32, as the reference; FMA contraction may differ by 1 ulp
         torch.testing.assert_close(kc2, ref_kc)
     else:
         assert torch.equal(kc2, ref_kc), f"{name}: k_cache differs from the reference append"
@@ -145,7 +149,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 @pytest.mark.parametrize("name,mk,ck", CASES, ids=[c[0] for c in CASES])
 def test_kvcache_matches_reference(name, mk, ck, dtype):
     q, kc, vc, k, v, args = make_case(dtype=dtype, **mk)
