@@ -317,3 +317,19 @@ def test_bad_input_refused_in_subprocess():
     for name, want in EXPECT.items():
         assert name in got, f"{name}: no result\n{r.stdout}\n{r.stderr}"
         assert want in got[name], f"{name}: expected an error containing {want!r}, got {got[name]!r}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [20, 40, 72])
+def test_memory_past_a_row_is_never_read(dtype, d):
+    # q, k_cache and v_cache are views into buffers whose elements past each
+    # row's head dim hold inf: a kernel that loads whole vectors past d (and
+    # multiplies them by zero lanes) turns them into NaN.
+    q, kc, vc, k, v, args = make_case(d=d, hq=4, hk=2, dtype=dtype, cap=70)
+
+    def padded(t):
+        buf = torch.full((*t.shape[:-1], t.shape[-1] + 40), math.inf, dtype=t.dtype)
+        buf[..., : t.shape[-1]] = t
+        return buf[..., : t.shape[-1]]
+
+    check(f"padded_d{d}", padded(q), padded(kc), padded(vc), k, v, args, causal=True)

@@ -360,8 +360,9 @@ PFA_AVX512 inline void scores_group_avx512(const KvCtx& c, float* qf, const T* q
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
       int v = 0;
       for (; v + 1 < nv; v += 2) {
-        a0 = _mm512_fmadd_ps(kv[v], _mm512_loadu_ps(q + 16 * v), a0);
-        a1 = _mm512_fmadd_ps(kv[v + 1], _mm512_loadu_ps(q + 16 * v + 16), a1);
+        // masked: lanes past d of q would meet K's zero lanes, and 0 * inf is NaN
+        a0 = _mm512_fmadd_ps(kv[v], _mm512_maskz_loadu_ps(mask16(d - 16 * v), q + 16 * v), a0);
+        a1 = _mm512_fmadd_ps(kv[v + 1], _mm512_maskz_loadu_ps(mask16(d - 16 * v - 16), q + 16 * v + 16), a1);
       }
       if (v < nv) a0 = _mm512_fmadd_ps(kv[v], _mm512_maskz_loadu_ps(mask16(d - 16 * v), q + 16 * v), a0);
       sc[x * kTileKeys + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * c.score_scale;
@@ -416,8 +417,9 @@ PFA_AVX512_BF16 inline void scores_group_bf16(const KvCtx& c, const c10::BFloat1
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
       int v = 0;
       for (; v + 1 < nv; v += 2) {
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)kv[v], (__m512bh)_mm512_loadu_si512(q + 32 * v));
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)kv[v + 1], (__m512bh)_mm512_loadu_si512(q + 32 * v + 32));
+        // masked: never read past the q row (the tensor may end there)
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)kv[v], (__m512bh)_mm512_maskz_loadu_epi16(km[v], q + 32 * v));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)kv[v + 1], (__m512bh)_mm512_maskz_loadu_epi16(km[v + 1], q + 32 * v + 32));
       }
       if (v < nv) a0 = _mm512_dpbf16_ps(a0, (__m512bh)kv[v], (__m512bh)_mm512_maskz_loadu_epi16(km[v], q + 32 * v));
       sc[x * kTileKeys + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * c.score_scale;
