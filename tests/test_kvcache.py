@@ -333,3 +333,10 @@ def test_memory_past_a_row_is_never_read(dtype, d):
         return buf[..., : t.shape[-1]]
 
     check(f"padded_d{d}", padded(q), padded(kc), padded(vc), k, v, args, causal=True)
+
+
+def test_opcheck():
+    q, kc, vc, k, v, args = make_case(block=16, rotary="half", sq=2, s_new=2)
+    op_args = (q, kc, vc, k, v, args["cache_seqlens"], None, None, args["block_table"], args["rotary_cos"],
+               args["rotary_sin"], False, 0.125, 0.0, -1, 0, 0)  # fmt: skip
+    torch.library.opcheck(torch.ops.pyfastattn.attention_kvcache_fwd, op_args)

@@ -59,6 +59,12 @@ __all__ = ["register", "attention_forward", "build_mask", "prefix_causal_lengths
 
 NAME = "pyfastattn"
 
+# The KV-cache kernel runs every query row as a decode row (dot products read
+# straight from the cache); a long prefill into a static cache is faster on
+# the tiled kernel with the mask, so only short query blocks take the cache
+# route (decode steps, speculative blocks).
+_KVCACHE_MAX_QUERIES = 16
+
 
 def attention_forward(
     module: nn.Module,
@@ -109,6 +115,7 @@ def attention_forward(
         and bool(is_causal)
         and attention_mask is not None
         and key.shape[2] > lq
+        and lq <= _KVCACHE_MAX_QUERIES
         and not torch.is_grad_enabled()
     ):
         lengths = prefix_causal_lengths(attention_mask, b, lq)
