@@ -238,7 +238,12 @@ def attention_with_kvcache(
         reason = kvcache_unsupported_reason(q)
         if reason is not None and mode == "kernel":
             raise RuntimeError(f"pyfastattn backend 'kernel' cannot run this call: {reason}")
-    if reason is None:
+    if reason is None and _tiled_prefill(q, hk, block_table, cache_batch_idx, cache_leftpad):
+        out, lse = _prefill_into_cache(
+            q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, scale,
+            float(softcap), wl, wr,
+        )  # fmt: skip
+    elif reason is None:
         out, lse = torch.ops.pyfastattn.attention_kvcache_fwd(
             q if q.stride(-1) == 1 else q.contiguous(), k_cache, v_cache,
             None if k is None else (k if k.stride(-1) == 1 else k.contiguous()),
@@ -254,6 +259,48 @@ def attention_with_kvcache(
             rotary_sin, rotary_interleaved, scale, float(softcap), wl, wr, capacity, return_lse,
         )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+# Query rows per kv head above which a contiguous, unindexed cache is attended
+# by the tiled kernel (the KV-cache kernel runs each row as a decode row).
+_TILED_MIN_ROWS = 64
+
+
+def _tiled_prefill(q, hk, block_table, cache_batch_idx, cache_leftpad) -> bool:
+    rows = q.shape[1] * (q.shape[2] // hk)
+    return (
+        rows > _TILED_MIN_ROWS and block_table is None and cache_batch_idx is None and cache_leftpad is None
+    )
+
+
+def _prefill_into_cache(
+    q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, scale, softcap, wl, wr
+):  # fmt: skip
+    """Many query rows over a contiguous cache: the op appends (and rotates k;
+    its checks guard every index) with no query rows, then the tiled kernel
+    attends over views of the cache with per-sequence key lengths. No copy of
+    the cache."""
+    b, sq = q.shape[:2]
+    s_new = 0 if k is None else k.shape[1]
+    q_none = q[:, :0] if q.stride(-1) == 1 else q[:, :0].contiguous()
+    torch.ops.pyfastattn.attention_kvcache_fwd(
+        q_none, k_cache, v_cache, k, v, cache_seqlens, None, None, None, rotary_cos, rotary_sin,
+        bool(rotary_interleaved), scale, softcap, wl, wr, 0,
+    )  # fmt: skip
+    if rotary_cos is not None:
+        pos = reference.kvcache_query_positions(cache_seqlens, sq, wl >= 0 or wr >= 0)
+        if int(pos.max()) >= rotary_cos.shape[0]:
+            raise InvalidArgumentError(
+                f"rotary_cos.shape[0] (seqlen_ro) must be at least {int(pos.max()) + 1} "
+                f"(the last position rotated + 1), got {rotary_cos.shape[0]}"
+            )
+        q = reference.apply_rotary(q, rotary_cos, rotary_sin, pos, rotary_interleaved)
+    len_k = (cache_seqlens + s_new).to(torch.int32)
+    width = max(int(len_k.max()), 1)
+    return canonical_attention(
+        q, k_cache[:, :width], v_cache[:, :width], seqused_k=len_k, scale=scale, softcap=softcap,
+        window_left=wl, window_right=wr, bottom_right=True, return_lse=True,
+    )  # fmt: skip
 
 
 def _attention_with_kvcache_torch(

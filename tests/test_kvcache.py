@@ -340,3 +340,13 @@ def test_opcheck():
     op_args = (q, kc, vc, k, v, args["cache_seqlens"], None, None, args["block_table"], args["rotary_cos"],
                args["rotary_sin"], False, 0.125, 0.0, -1, 0, 0)  # fmt: skip
     torch.library.opcheck(torch.ops.pyfastattn.attention_kvcache_fwd, op_args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rotary", [None, "interleaved"])
+def test_prefill_into_cache_takes_the_tiled_kernel(dtype, rotary):
+    # 40 query rows x 2 heads per kv head > 64: the append runs in the op, the
+    # attention on the tiled kernel over views of the cache.
+    q, kc, vc, k, v, args = make_case(b=2, sq=40, s_new=40, hq=4, hk=2, cap=120, dtype=dtype, rotary=rotary)
+    check("prefill", q, kc, vc, k, v, args, causal=True)
+    check("prefill_window", q, kc, vc, k, v, args, window=(30, 0))
