@@ -350,3 +350,18 @@ def test_prefill_into_cache_takes_the_tiled_kernel(dtype, rotary):
     q, kc, vc, k, v, args = make_case(b=2, sq=40, s_new=40, hq=4, hk=2, cap=120, dtype=dtype, rotary=rotary)
     check("prefill", q, kc, vc, k, v, args, causal=True)
     check("prefill_window", q, kc, vc, k, v, args, window=(30, 0))
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_instruction_set_fallbacks(isa):
+    # The capped paths (AVX-512 without BF16 dot products, AVX2 and portable
+    # both on the portable row steps) in a subprocess: the cap is read once.
+    import os
+
+    env = dict(os.environ, PYFASTATTN_CPU_ISA=isa)
+    sel = "matches_reference and (decode or paged16 or softcap or window or rotary_half or dv_ne_d)"
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
