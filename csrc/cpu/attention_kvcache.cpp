@@ -10,12 +10,17 @@
 // split into chunks; each chunk leaves its unnormalised output, running max
 // and sum, and one merge step combines the chunks by their LSE.
 //
-// The per-row arithmetic is the decode path's (attention_decode.h): a score is
-// a dot product read straight from the key row (fp32 FMAs, or bf16 dot
-// products for bf16 on AVX512-BF16), the online softmax runs over up to
-// kTileKeys keys at a time, and O += p V reads the value rows in place. Key
-// rows are reached through a per-tile array of row pointers, so a tile may
-// cross block boundaries of a paged cache at no cost beyond the pointer walk.
+// The arithmetic follows the decode path (attention_decode.h, whose load and
+// mask helpers it uses): a score is a dot product read straight from the key
+// row (fp32 FMAs, or bf16 dot products for bf16 on AVX512-BF16), each K row
+// loaded once for all the group's heads and the sums of 16 keys formed by one
+// transpose-and-add tree; the online softmax runs over up to kTileKeys keys at
+// a time, and O += p V reads each V row once for up to four heads. Key rows
+// are reached through a per-tile array of row pointers, so a tile may cross
+// block boundaries of a paged cache at no cost beyond the pointer walk, and
+// they are prefetched kPrefetchKeys ahead (see prefetch_row). Without AVX-512
+// (or for head dims > 256) the portable row steps run, one head at a time.
+// PERF_NOTES.md has the versions and their numbers.
 #include "attention_kvcache.h"
 
 #include <ATen/Parallel.h>
@@ -202,45 +207,6 @@ struct OpsPortable {
 };
 
 #if PFA_X86
-// The softmax and P V of decode_softmax_pv (attention_decode.h) over value
-// rows reached through pointers.
-template <typename T>
-PFA_AVX512 inline void softmax_pv_avx512(const KvCtx& c, const T* const* vp, int n, float* sc, float* acc,
-                                         float& mrun, float& lrun) {
-  const int dv = c.dv;
-  __m512 mx = _mm512_set1_ps(-kInf);
-  for (int j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, mask16(n - j), sc + j));
-  const float mnew = std::max(mrun, _mm512_reduce_max_ps(mx));
-  const float use = mnew == -kInf ? 0.0f : mnew;
-  const float alpha = exp2_approx(mrun - use);
-  mrun = mnew;
-  const __m512 u = _mm512_set1_ps(use);
-  __m512 sum = _mm512_setzero_ps();
-  for (int j = 0; j < n; j += 16) {
-    const __mmask16 k = mask16(n - j);
-    const __m512 e = _mm512_maskz_mov_ps(k, VecAvx512::exp2(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + j), u)));
-    sum = _mm512_add_ps(sum, e);
-    _mm512_storeu_ps(sc + j, e);
-  }
-  lrun = lrun * alpha + _mm512_reduce_add_ps(sum);
-  const __m512 a = _mm512_set1_ps(alpha);
-  for (int x0 = 0; x0 < dv; x0 += 64) {
-    __mmask16 km[4];
-    __m512 o[4];
-    for (int v = 0; v < 4; ++v) {
-      km[v] = x0 + 16 * v < dv ? mask16(dv - x0 - 16 * v) : __mmask16(0);
-      o[v] = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(km[v], acc + x0 + 16 * v));
-    }
-    for (int j = 0; j < n; ++j) {
-      const T* vr = vp[j] + x0;
-      const __m512 pj = _mm512_set1_ps(sc[j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) o[v] = _mm512_fmadd_ps(pj, load16_f32(vr + 16 * v, km[v]), o[v]);
-    }
-    for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(acc + x0 + 16 * v, km[v], o[v]);
-  }
-}
-
 // ---- the same for the G query heads of one kv head at once -----------------
 // Each key row is loaded (and converted) once for the whole group instead of
 // once per head: the per-row steps above spent ~220 instructions per key and
@@ -261,7 +227,8 @@ PFA_INLINE void prefetch_row(const T* row, int elems) {
 }
 
 // Online-softmax update of G rows from their scores sc[x * kTileKeys + j]:
-// per row max, alpha and exp2 as softmax_pv_avx512; returns alpha per row.
+// per row max, alpha and exp2 as decode_softmax_pv (attention_decode.h);
+// returns alpha per row.
 PFA_AVX512 inline void softmax_group_avx512(int G, int n, float* sc, float* m, float* l, float* alpha) {
   for (int x = 0; x < G; ++x) {
     float* s = sc + x * kTileKeys;
@@ -434,17 +401,6 @@ struct OpsAvx512 {
                                              const T* const* kp, const T* const* vp, int n, float* sc) {
     scores_group_avx512<T>(c, w.qf, q0, qhs, G, kp, vp, n, sc);
   }
-  static PFA_AVX512 inline void scores(const KvCtx& c, const KvScratch&, const T* q, const T* const* kp, int n,
-                                       float* sc) {
-    const int d = c.d;
-    __m512 qv[16];
-    for (int v = 0; v * 16 < d; ++v) qv[v] = load16_f32(q + 16 * v, mask16(d - 16 * v));
-    for (int j = 0; j < n; ++j) sc[j] = decode_dot(kp[j], qv, d) * c.score_scale;
-  }
-  static PFA_AVX512 inline void softmax_pv(const KvCtx& c, const T* const* vp, int n, float* sc, float* acc,
-                                           float& mrun, float& lrun) {
-    softmax_pv_avx512<T>(c, vp, n, sc, acc, mrun, lrun);
-  }
 };
 
 // bf16 dot products for the scores (d <= 256).
@@ -454,21 +410,6 @@ struct OpsAvx512Bf16 {
   static PFA_AVX512_BF16 inline void scores_group(const KvCtx& c, const KvScratch&, const T* q0, int64_t qhs, int G,
                                                   const T* const* kp, const T* const* vp, int n, float* sc) {
     scores_group_bf16(c, q0, qhs, G, kp, vp, n, sc);
-  }
-  static PFA_AVX512_BF16 inline void scores(const KvCtx& c, const KvScratch&, const T* q, const T* const* kp, int n,
-                                            float* sc) {
-    const int d = c.d;
-    __m512i qp[8];
-    for (int v = 0; v * 32 < d; ++v) {
-      const int left = d - 32 * v;
-      const __mmask32 msk = left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1);
-      qp[v] = _mm512_maskz_loadu_epi16(msk, q + 32 * v);
-    }
-    for (int j = 0; j < n; ++j) sc[j] = decode_dot_bf16(kp[j], qp, d) * c.score_scale;
-  }
-  static PFA_AVX512_BF16 inline void softmax_pv(const KvCtx& c, const T* const* vp, int n, float* sc, float* acc,
-                                                float& mrun, float& lrun) {
-    softmax_pv_avx512<T>(c, vp, n, sc, acc, mrun, lrun);
   }
 };
 
