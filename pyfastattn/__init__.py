@@ -6,6 +6,9 @@ Public API:
   ``torch.nn.functional.scaled_dot_product_attention``.
 * :func:`attention` - the native (FlashAttention-style) API: (B, S, H, D) or
   packed varlen, bottom-right causal, GQA, sliding window, softcap, LSE.
+* :func:`attention_with_kvcache` - attention over a KV cache (FlashAttention 2's
+  ``flash_attn_with_kvcache``): in-place append, rotary, paged blocks, split-KV.
+* :mod:`pyfastattn.flash_attn_interface` - FlashAttention 2's public functions.
 * :func:`canonical_attention` - the canonical form both meet in ((B, S, H, D)
   views plus a mask description), used by the modules and integrations.
 * :class:`InvalidArgumentError` - raised for bad arguments (a ``RuntimeError``
@@ -29,6 +32,7 @@ from .functional import (
     kernel_unsupported_reason,
     scaled_dot_product_attention,
 )
+from .kvcache import attention_with_kvcache
 from .patch import PatchReport, patch
 
 __version__ = "0.1.0"
@@ -38,6 +42,7 @@ __all__ = [
     "InvalidArgumentError",
     "PatchReport",
     "attention",
+    "attention_with_kvcache",
     "canonical_attention",
     "backend",
     "feed_forward",

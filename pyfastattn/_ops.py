@@ -24,7 +24,7 @@ CUDA_ARCHS = _C.cuda_archs if AVAILABLE else ""
 # so that torch.compile traces a plain set lookup.
 KERNELS = frozenset(
     (op, dev)
-    for op in ("attention_fwd", "attention_bwd")
+    for op in ("attention_fwd", "attention_bwd", "attention_kvcache_fwd")
     for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
     if AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfastattn::{op}", key)
 )
@@ -98,6 +98,16 @@ if AVAILABLE:
         deterministic,
     ):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("pyfastattn::attention_kvcache_fwd")
+    def _attention_kvcache_fwd_fake(
+        q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
+        rotary_sin, rotary_interleaved, scale, softcap, window_left, window_right, num_splits,
+    ):  # fmt: skip
+        b, sq, hq, _ = q.shape
+        out = q.new_empty((b, sq, hq, v_cache.shape[-1]))
+        lse = q.new_empty((b, hq, sq), dtype=torch.float32)
+        return out, lse
 
     def _fwd_setup_context(ctx, inputs, output):
         q, k, v, attn_mask, cu_q, cu_k, used = inputs[:7]

@@ -25,7 +25,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "feed_forward", "gated_feed_forward", "apply_activation", "ACTIVATIONS"]
+__all__ = [
+    "attention",
+    "attention_with_kvcache",
+    "apply_rotary",
+    "kvcache_append_",
+    "kvcache_gather",
+    "feed_forward",
+    "gated_feed_forward",
+    "apply_activation",
+    "ACTIVATIONS",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -159,6 +169,164 @@ def attention(
     outs.append(q.new_zeros(tail, hq, dv))
     lses.append(torch.full((hq, tail), float("-inf"), dtype=lse_dtype, device=q.device))
     return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+# ---------------------------------------------------------------------------
+# Attention over a KV cache (pyfastattn.attention_with_kvcache)
+#
+# Key j (0-based) of sequence b sits at absolute cache position
+# t = leftpad[b] + j of cache row cache_batch_idx[b] (or b), or, paged, in
+# block block_table[b, t // block_size] at row t % block_size. Sequence b
+# attends len_k = cache_seqlens[b] + s_new - leftpad[b] keys; new keys are
+# written at positions cache_seqlens[b] .. + s_new - 1; rotary turns new key s
+# by the angle of position cache_seqlens[b] + s, and query row i by that of
+# cache_seqlens[b] + i (causal or a window) or cache_seqlens[b] (otherwise),
+# as FlashAttention 2 does.
+# ---------------------------------------------------------------------------
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, interleaved: bool
+) -> torch.Tensor:
+    """Rotary embedding of ``x`` (B, S, H, D) at int positions ``pos`` (B, S),
+    over the first ``rotary_dim = 2 * cos.shape[1]`` dims: pairs (2i, 2i+1)
+    when ``interleaved``, else (i, i + rotary_dim / 2). fp32 arithmetic, one
+    rounding to ``x.dtype``; dims past rotary_dim are unchanged."""
+    rd = 2 * cos.shape[1]
+    c = cos[pos].float()[:, :, None, :]
+    s = sin[pos].float()[:, :, None, :]
+    xr = x[..., :rd].float()
+    if interleaved:
+        x0, x1 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    else:
+        x0, x1 = xr[..., : rd // 2], xr[..., rd // 2 :]
+        rot = torch.cat((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return torch.cat((rot.to(x.dtype), x[..., rd:]), dim=-1)
+
+
+def _cache_index(
+    t: torch.Tensor,
+    b: torch.Tensor,
+    cache_batch_idx: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) index into a (rows|blocks, S|block_size, H, D) cache for
+    absolute positions ``t`` of batch rows ``b`` (same shapes, int64)."""
+    if block_table is not None:
+        return block_table.long()[b, t // block_size], t % block_size
+    rows = b if cache_batch_idx is None else cache_batch_idx.long()[b]
+    return rows, t
+
+
+def kvcache_append_(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    cache_batch_idx: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    rotary_interleaved: bool = True,
+) -> None:
+    """Writes ``k`` (rotated when ``rotary_cos`` is given) and ``v``, (B, S_new,
+    Hk, D), into the caches in place at positions ``cache_seqlens[b] + s``."""
+    bsz, s_new = k.shape[:2]
+    dev = k_cache.device
+    pos = cache_seqlens.to(device=dev, dtype=torch.int64)[:, None] + torch.arange(s_new, device=dev)
+    if rotary_cos is not None:
+        k = apply_rotary(k, rotary_cos, rotary_sin, pos, rotary_interleaved)
+    b = torch.arange(bsz, device=dev)[:, None].expand(bsz, s_new)
+    i0, i1 = _cache_index(pos, b, cache_batch_idx, block_table, k_cache.shape[1])
+    k_cache[i0, i1] = k.to(k_cache.dtype)
+    v_cache[i0, i1] = v.to(v_cache.dtype)
+
+
+def kvcache_gather(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    len_k: torch.Tensor,
+    *,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies each sequence's ``len_k`` keys / values (starting at its left
+    pad) into dense (B, max(len_k), Hk, D) tensors; slots past a sequence's
+    length hold whatever its cache row holds there (mask them with seqused_k)."""
+    bsz = len_k.shape[0]
+    dev = k_cache.device
+    width = int(len_k.max().item()) if bsz > 0 else 0
+    j = torch.arange(width, device=dev)[None, :].expand(bsz, width)
+    lp = torch.zeros(bsz, dtype=torch.int64, device=dev) if cache_leftpad is None else cache_leftpad.long()
+    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    t = (j + lp[:, None]).clamp(max=max(capacity - 1, 0))
+    b = torch.arange(bsz, device=dev)[:, None].expand(bsz, width)
+    i0, i1 = _cache_index(t, b, cache_batch_idx, block_table, k_cache.shape[1])
+    return k_cache[i0, i1], v_cache[i0, i1]
+
+
+def kvcache_query_positions(cache_seqlens: torch.Tensor, seqlen_q: int, per_row: bool) -> torch.Tensor:
+    """Rotary positions of the query rows, (B, Sq) int64 (FlashAttention 2's
+    rule: per row with causal or a window, else all at cache_seqlens)."""
+    base = cache_seqlens.long()[:, None]
+    step = (
+        torch.arange(seqlen_q, device=cache_seqlens.device)
+        if per_row
+        else torch.zeros(seqlen_q, dtype=torch.int64, device=cache_seqlens.device)
+    )
+    return base + step[None, :]
+
+
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    *,
+    cache_seqlens: torch.Tensor,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    rotary_interleaved: bool = True,
+    scale: float | None = None,
+    softcap: float = 0.0,
+    window_left: int = -1,
+    window_right: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``pyfastattn.attention_with_kvcache`` in pure PyTorch:
+    append (in place, into the caches given), rotary, gather the keys each
+    sequence attends, then :func:`attention` bottom-right aligned. Arguments
+    are already canonical: ``cache_seqlens`` an int32 (B,) tensor, the window
+    with causal folded in. Returns ``(out, lse)``; out (B, Sq, Hq, Dv), lse
+    (B, Hq, Sq)."""
+    s_new = 0 if k is None else k.shape[1]
+    if k is not None:
+        kvcache_append_(
+            k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx=cache_batch_idx, block_table=block_table,
+            rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+        )  # fmt: skip
+    if rotary_cos is not None:
+        per_row = window_left >= 0 or window_right >= 0
+        pos = kvcache_query_positions(cache_seqlens, q.shape[1], per_row)
+        q = apply_rotary(q, rotary_cos, rotary_sin, pos, rotary_interleaved)
+    lp = 0 if cache_leftpad is None else cache_leftpad.long()
+    len_k = cache_seqlens.long() + s_new - lp
+    kk, vv = kvcache_gather(
+        k_cache, v_cache, len_k, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+        block_table=block_table,
+    )  # fmt: skip
+    return attention(
+        q, kk, vv, scale=scale, seqused_k=len_k.to(torch.int32), softcap=softcap, window_left=window_left,
+        window_right=window_right, bottom_right=True,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

@@ -84,6 +84,24 @@ struct AttentionFwdParams {
   float scale;      // softmax scale, usually 1/sqrt(d)
   float scale_log2; // scale * log2(e), for exp2-based kernels (0 when softcap > 0)
   float softcap;    // 0: off
+
+  // ---- KV cache (attention_with_kvcache; all zero / nullptr otherwise) ----
+  // Set only by csrc/attention/kvcache_api.cpp for the kvcache kernel
+  // (csrc/cpu/attention_paged.h); the other kernels ignore these fields.
+  // k / v are then the cache itself. Key j (0 <= j < len_k, len_k from
+  // seqused_k) of sequence bi sits at absolute cache position
+  // t = j + (cache_leftpad ? cache_leftpad[bi] : 0), and in memory at
+  //   contiguous: r * k_batch_stride + t * k_row_stride,
+  //               r = cache_batch_idx ? cache_batch_idx[bi] : bi
+  //   paged     : block_table[bi * block_table_batch_stride + t / page_block_size]
+  //               * k_batch_stride + (t % page_block_size) * k_row_stride
+  // (the same for v with v's strides), see kv_row_offset below.
+  const int32_t* block_table;        // [b, max_blocks] or nullptr (contiguous cache)
+  int64_t block_table_batch_stride;  // elements
+  int32_t page_block_size;           // rows per block (paged only)
+  const int32_t* cache_batch_idx;    // [b] or nullptr: batch row -> cache row
+  const int32_t* cache_leftpad;      // [b] or nullptr: first cache position of each sequence
+  int32_t num_splits;                // split-KV chunks per (sequence, kv head); 0: the kernel picks
 };
 
 // Backward kernels write dq for rows i < len_q and dk/dv for rows j < len_k of
@@ -162,5 +180,19 @@ struct SeqInfo {
     return hi < 0 ? 0 : (hi > len_k ? len_k : int32_t(hi));
   }
 };
+
+// Element offset, before the head offset, of key j of sequence bi in a KV
+// cache laid out like k (batch_stride / row_stride of k or of v); see the KV
+// cache block of AttentionFwdParams. Every index was checked on the host.
+PFA_HOST_DEVICE int64_t kv_row_offset(const AttentionFwdParams& p, int32_t bi, int32_t j,
+                                      int64_t batch_stride, int64_t row_stride) {
+  const int64_t t = int64_t(j) + (p.cache_leftpad ? p.cache_leftpad[bi] : 0);
+  if (p.block_table) {
+    const int64_t blk = p.block_table[int64_t(bi) * p.block_table_batch_stride + t / p.page_block_size];
+    return blk * batch_stride + (t % p.page_block_size) * row_stride;
+  }
+  const int64_t r = p.cache_batch_idx ? p.cache_batch_idx[bi] : bi;
+  return r * batch_stride + t * row_stride;
+}
 
 }  // namespace pyfastattn

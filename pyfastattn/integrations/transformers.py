@@ -28,6 +28,16 @@ L, S). The attention function then hands the kernel
 * the mask itself otherwise (bool, or additive float for custom 4-D masks and
   ``position_bias``).
 
+With a ``StaticCache`` (or any cache whose keys are a fixed buffer filled
+from the start), transformers has already written the new keys in place and
+hands over the whole buffer with a mask that allows, for each sequence, a
+prefix of it with bottom-right causal alignment. That mask is recognised
+(:func:`prefix_causal_lengths`) and the call becomes
+:func:`pyfastattn.attention_with_kvcache` over the buffer's views with
+``cache_seqlens`` = the prefix lengths: only the filled keys are read, no
+dense mask and no copy. (A ``DynamicCache`` concatenates on its own side;
+its calls take the paths above.)
+
 GQA runs without repeating keys and values. ``softcap`` is supported;
 attention sinks (``s_aux``) and flex ``BlockMask`` masks are not and raise.
 Attention weights are not computed (``output_attentions`` returns None, as
@@ -42,11 +52,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..kvcache import attention_with_kvcache
 from ..nn.attention import attend, right_padding_lengths
 
-__all__ = ["register", "attention_forward", "build_mask", "NAME"]
+__all__ = ["register", "attention_forward", "build_mask", "prefix_causal_lengths", "NAME"]
 
 NAME = "pyfastattn"
+
+# The KV-cache kernel runs every query row as a decode row (dot products read
+# straight from the cache); a long prefill into a static cache is faster on
+# the tiled kernel with the mask, so only short query blocks take the cache
+# route (decode steps, speculative blocks).
+_KVCACHE_MAX_QUERIES = 16
 
 
 def attention_forward(
@@ -92,6 +109,23 @@ def attention_forward(
     # one query (one query attends to every cached key).
     causal = bool(is_causal) and attention_mask is None and lq > 1
 
+    if (
+        position_bias is None
+        and not float(dropout)
+        and bool(is_causal)
+        and attention_mask is not None
+        and key.shape[2] > lq
+        and lq <= _KVCACHE_MAX_QUERIES
+        and not torch.is_grad_enabled()
+    ):
+        lengths = prefix_causal_lengths(attention_mask, b, lq)
+        if lengths is not None:
+            out = attention_with_kvcache(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), cache_seqlens=lengths,
+                causal=True, softmax_scale=scaling, softcap=float(softcap or 0.0),
+            )  # fmt: skip
+            return out, None
+
     mask, seqused_k = attention_mask, None
     if mask is not None and mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1:
         seqused_k = right_padding_lengths(mask, true_means_pad=False)
@@ -118,6 +152,32 @@ def attention_forward(
         dropout_p=float(dropout),
     )
     return out, None
+
+
+def prefix_causal_lengths(mask: Tensor, batch: int, lq: int) -> Tensor | None:
+    """int32 (batch,) lengths n_b if the bool ``mask`` (B|1, 1, lq, S) lets
+    query row i of sequence b see exactly keys [0, n_b - lq + i] (a static
+    cache filled from the start, bottom-right causal), else None. Reads the
+    mask (one device sync on CUDA); None under ``torch.compile``."""
+    if (
+        torch.compiler.is_compiling()
+        or mask.dtype != torch.bool
+        or mask.dim() != 4
+        or mask.shape[1] != 1
+        or mask.shape[2] != lq
+    ):
+        return None
+    rows = mask[:, 0]  # (B|1, lq|1, S)
+    s = rows.shape[-1]
+    n = rows[:, -1, :].sum(-1)  # keys the last row sees
+    if bool((n < lq).any()):
+        return None
+    i = torch.arange(lq, device=mask.device)[None, :, None]
+    j = torch.arange(s, device=mask.device)[None, None, :]
+    want = j <= (n[:, None, None] - lq + i)
+    if not torch.equal(rows, want):
+        return None
+    return n.to(torch.int32).expand(batch).contiguous()
 
 
 def build_mask(*args: Any, **kwargs: Any) -> Tensor | None:

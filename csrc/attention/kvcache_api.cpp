@@ -1,0 +1,285 @@
+// torch.ops.pyfastattn.attention_kvcache_fwd: attention over a KV cache with
+// in-place append, rotary, a batch index, left padding and paged blocks
+// (FlashAttention 2's flash_attn_with_kvcache semantics). The schema, the
+// checks that protect memory, tensors -> params, and the CPU implementation.
+//
+// pyfastattn/kvcache.py validates user input first; this layer re-checks every
+// value a kernel would index with (cache_seqlens, cache_batch_idx,
+// cache_leftpad, block_table entries, rotary table length), read on the host,
+// so that direct callers of the op can never make a kernel read or write
+// outside a tensor.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../cpu/attention_kvcache.h"
+#include "api.h"
+
+namespace pyfastattn {
+namespace {
+
+void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name, int64_t dims) {
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided && !t.is_nested() && t.has_storage(), name,
+                    " must be a dense strided tensor with storage");
+  TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), name, ".dtype must equal q.dtype (", q.scalar_type(),
+                    "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, ".device must equal q.device (", q.device(), "), got ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.dim() == dims, name, " must have ", dims, " dims, got ", t.dim(), " (shape ", t.sizes(),
+                    ")");
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.stride(-1) == 1, name,
+                    " must be contiguous in its last dimension, got stride ", t.stride(-1));
+}
+
+// A small int32 metadata tensor, read on the host.
+std::vector<int32_t> host_int32(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                                const at::Tensor& q) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, ".dtype must be torch.int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, ".device must equal q.device (", q.device(), "), got ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided && t.has_storage(), name, " must be a dense strided tensor");
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, ".shape must be ", shape, ", got ", t.sizes());
+  at::Tensor h = t.contiguous().cpu();
+  return std::vector<int32_t>(h.data_ptr<int32_t>(), h.data_ptr<int32_t>() + h.numel());
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
+    const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_leftpad,
+    const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved, double scale, double softcap,
+    int64_t window_left, int64_t window_right, int64_t num_splits) {
+  // ---- shapes -------------------------------------------------------------
+  to_dtype(q.scalar_type());
+  check_like_q(q, q, "q", 4);
+  const bool paged = block_table.has_value();
+  check_like_q(k_cache, q, "k_cache", 4);
+  check_like_q(v_cache, q, "v_cache", 4);
+  const int64_t batch = q.size(0), sq = q.size(1), hq = q.size(2), d = q.size(3);
+  const int64_t hk = k_cache.size(2), dv = v_cache.size(3);
+  TORCH_CHECK_VALUE(k_cache.size(3) == d, "k_cache.shape[3] (head dim) must equal q.shape[3] (", d, "), got ",
+                    k_cache.size(3));
+  TORCH_CHECK_VALUE(v_cache.size(2) == hk, "v_cache.shape[2] (kv heads) must equal k_cache.shape[2] (", hk,
+                    "), got ", v_cache.size(2));
+  TORCH_CHECK_VALUE(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1),
+                    "v_cache.shape[:2] must equal k_cache.shape[:2] (", k_cache.sizes().slice(0, 2), "), got ",
+                    v_cache.sizes().slice(0, 2));
+  TORCH_CHECK_VALUE(hk > 0 && hq % hk == 0, "q heads (", hq, ") must be a multiple of the cache's kv heads (", hk,
+                    ")");
+  TORCH_CHECK_VALUE(d > 0 && dv > 0, "head dims must be positive, got ", d, " and ", dv);
+  const int64_t cache_rows = k_cache.size(0);  // sequences, or blocks when paged
+  int64_t capacity = k_cache.size(1);          // keys per sequence
+  int64_t page = 0;
+  std::vector<int32_t> table;
+  int64_t max_blocks = 0;
+  if (paged) {
+    page = k_cache.size(1);
+    TORCH_CHECK_VALUE(page > 0, "k_cache.shape[1] (block size) must be positive, got ", page);
+    TORCH_CHECK_VALUE(!cache_batch_idx.has_value(), "cache_batch_idx cannot be combined with block_table");
+    TORCH_CHECK_VALUE(block_table->dim() == 2 && block_table->size(0) == batch, "block_table must have shape (",
+                      batch, ", max_blocks), got ", block_table->sizes());
+    max_blocks = block_table->size(1);
+    table = host_int32(*block_table, "block_table", block_table->sizes(), q);
+    capacity = max_blocks * page;
+  } else if (cache_batch_idx.has_value()) {
+    // Checked below, per value.
+  } else {
+    TORCH_CHECK_VALUE(cache_rows == batch, "k_cache.shape[0] (", cache_rows,
+                      ") must equal q.shape[0] (batch, ", batch, ") without cache_batch_idx");
+  }
+  constexpr int64_t kMaxSeqlen = INT32_MAX - 65536;  // as check_attention_inputs
+  TORCH_CHECK_VALUE(capacity <= kMaxSeqlen, "the cache's capacity per sequence (", capacity,
+                    " keys) must be at most ", kMaxSeqlen);
+  int64_t s_new = 0;
+  TORCH_CHECK_VALUE(k.has_value() == v.has_value(), "k and v must be given together");
+  if (k.has_value()) {
+    check_like_q(*k, q, "k", 4);
+    check_like_q(*v, q, "v", 4);
+    s_new = k->size(1);
+    const std::vector<int64_t> kw = {batch, s_new, hk, d}, vw = {batch, s_new, hk, dv};
+    TORCH_CHECK_VALUE(k->sizes() == at::IntArrayRef(kw), "k must have shape ", at::IntArrayRef(kw),
+                      " (batch, seqlen_new, kv heads of the cache, head dim), got ", k->sizes());
+    TORCH_CHECK_VALUE(v->sizes() == at::IntArrayRef(vw), "v must have shape ", at::IntArrayRef(vw), ", got ",
+                      v->sizes());
+  }
+
+  // ---- metadata values (host) ----------------------------------------------
+  auto seqlens = host_int32(cache_seqlens, "cache_seqlens", {batch}, q);
+  std::vector<int32_t> bidx, leftpad;
+  if (cache_batch_idx.has_value()) bidx = host_int32(*cache_batch_idx, "cache_batch_idx", {batch}, q);
+  if (cache_leftpad.has_value()) leftpad = host_int32(*cache_leftpad, "cache_leftpad", {batch}, q);
+  std::vector<int32_t> used(static_cast<size_t>(batch));
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t sl = seqlens[b];
+    TORCH_CHECK_VALUE(sl >= 0, "cache_seqlens[", b, "] must be >= 0, got ", sl);
+    TORCH_CHECK_VALUE(sl + s_new <= capacity, "cache_seqlens[", b, "] + seqlen_new = ", sl, " + ", s_new, " = ",
+                      sl + s_new, " exceeds the cache's capacity of ", capacity, " keys per sequence");
+    const int64_t lp = leftpad.empty() ? 0 : leftpad[b];
+    TORCH_CHECK_VALUE(lp >= 0 && lp <= sl, "cache_leftpad[", b, "] must be in [0, cache_seqlens[", b, "] = ", sl,
+                      "], got ", lp);
+    if (!bidx.empty())
+      TORCH_CHECK_VALUE(bidx[b] >= 0 && bidx[b] < cache_rows, "cache_batch_idx[", b, "] must be in [0, ",
+                        cache_rows, ") (k_cache.shape[0]), got ", bidx[b]);
+    if (paged) {
+      // Every block a key of this sequence lies in (read or written).
+      const int64_t first = lp / page, last = (sl + s_new + page - 1) / page;
+      for (int64_t blk = first; blk < last; ++blk) {
+        const int32_t e = table[size_t(b * max_blocks + blk)];
+        TORCH_CHECK_VALUE(e >= 0 && e < cache_rows, "block_table[", b, ", ", blk, "] must be in [0, ", cache_rows,
+                          ") (k_cache.shape[0], the number of blocks), got ", e);
+      }
+    }
+    used[size_t(b)] = int32_t(sl + s_new - lp);
+  }
+
+  // ---- rotary ----------------------------------------------------------------
+  TORCH_CHECK_VALUE(rotary_cos.has_value() == rotary_sin.has_value(), "rotary_cos and rotary_sin must be given together");
+  const bool rotary = rotary_cos.has_value();
+  const bool q_per_row = (window_left >= 0 && window_left < capacity) || (window_right >= 0 && window_right < capacity);
+  int64_t rd = 0;
+  bool rotary_fp32 = false;
+  if (rotary) {
+    TORCH_CHECK_VALUE(k.has_value(), "rotary_cos / rotary_sin need the new k and v to append (as FlashAttention)");
+    const at::Tensor& cs = *rotary_cos;
+    const at::Tensor& sn = *rotary_sin;
+    for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{cs, "rotary_cos"},
+                                  std::pair<const at::Tensor&, const char*>{sn, "rotary_sin"}}) {
+      TORCH_CHECK_VALUE(t.layout() == at::kStrided && t.has_storage(), name, " must be a dense strided tensor");
+      TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type() || t.scalar_type() == at::kFloat, name,
+                        ".dtype must be q.dtype (", q.scalar_type(), ") or torch.float32, got ", t.scalar_type());
+      TORCH_CHECK_VALUE(t.device() == q.device(), name, ".device must equal q.device");
+      TORCH_CHECK_VALUE(t.dim() == 2, name, " must have 2 dims (seqlen_ro, rotary_dim / 2), got ", t.dim());
+    }
+    TORCH_CHECK_VALUE(sn.sizes() == cs.sizes() && sn.scalar_type() == cs.scalar_type(),
+                      "rotary_sin must have rotary_cos's shape and dtype (", cs.sizes(), ", ", cs.scalar_type(),
+                      "), got ", sn.sizes(), ", ", sn.scalar_type());
+    rd = 2 * cs.size(1);
+    TORCH_CHECK_VALUE(rd > 0 && rd <= d, "rotary_dim = 2 * rotary_cos.shape[1] = ", rd, " must be in [2, ", d,
+                      "] (the head dim)");
+    int64_t need = 0;
+    for (int64_t b = 0; b < batch; ++b)
+      need = std::max<int64_t>(need, int64_t(seqlens[b]) + std::max<int64_t>(s_new, q_per_row ? sq : 1));
+    TORCH_CHECK_VALUE(cs.size(0) >= need, "rotary_cos.shape[0] (seqlen_ro) must be at least ", need,
+                      " (the last position rotated + 1), got ", cs.size(0));
+    rotary_fp32 = cs.scalar_type() == at::kFloat && q.scalar_type() != at::kFloat;
+  }
+
+  // ---- params -----------------------------------------------------------------
+  at::Tensor used_t = at::from_blob(used.data(), {batch}, at::TensorOptions().dtype(at::kInt)).clone();
+  at::Tensor out = at::empty({batch, sq, hq, dv}, q.options());
+  at::Tensor lse = at::empty({batch, hq, sq}, q.options().dtype(at::kFloat));
+  // Host copies the kernel indexes with (exactly the values checked above).
+  at::Tensor bt_t, bidx_t, lp_t, sl_t;
+  auto host = [](std::vector<int32_t>& vals, at::IntArrayRef shape) {
+    return at::from_blob(vals.data(), shape, at::TensorOptions().dtype(at::kInt)).clone();
+  };
+  sl_t = host(seqlens, {batch});
+  if (paged) bt_t = host(table, {batch, max_blocks});
+  if (!bidx.empty()) bidx_t = host(bidx, {batch});
+  if (!leftpad.empty()) lp_t = host(leftpad, {batch});
+
+  at::Tensor q_in = q;
+  if (rotary) q_in = at::empty({batch, sq, hq, d}, q.options());
+
+  AttentionFwdParams p{};
+  p.q = q_in.data_ptr();
+  p.k = k_cache.data_ptr();
+  p.v = v_cache.data_ptr();
+  p.q_batch_stride = q_in.stride(0);
+  p.q_row_stride = q_in.stride(1);
+  p.q_head_stride = q_in.stride(2);
+  p.k_batch_stride = k_cache.stride(0);
+  p.k_row_stride = k_cache.stride(1);
+  p.k_head_stride = k_cache.stride(2);
+  p.v_batch_stride = v_cache.stride(0);
+  p.v_row_stride = v_cache.stride(1);
+  p.v_head_stride = v_cache.stride(2);
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.o_batch_stride = out.stride(0);
+  p.o_row_stride = out.stride(1);
+  p.o_head_stride = out.stride(2);
+  p.lse_batch_stride = lse.stride(0);
+  p.lse_head_stride = lse.stride(1);
+  p.batch = int32_t(batch);
+  p.seqlen_q = int32_t(sq);
+  p.seqlen_k = int32_t(capacity);
+  p.num_heads = int32_t(hq);
+  p.num_heads_k = int32_t(hk);
+  p.head_dim = int32_t(d);
+  p.head_dim_v = int32_t(dv);
+  p.dtype = to_dtype(q.scalar_type());
+  p.seqused_k = used_t.data_ptr<int32_t>();
+  auto clamp_window = [](int64_t w) -> int32_t {
+    return w < 0 ? -1 : static_cast<int32_t>(std::min<int64_t>(w, INT32_MAX / 2));
+  };
+  p.window_left = clamp_window(window_left);
+  p.window_right = clamp_window(window_right);
+  p.bottom_right = true;
+  p.mask_kind = MaskKind::kNone;
+  constexpr double kLog2e = 1.4426950408889634;
+  p.scale = float(scale);
+  p.softcap = float(softcap);
+  p.scale_log2 = softcap > 0 ? 0.0f : float(scale * kLog2e);
+  p.block_table = paged ? bt_t.data_ptr<int32_t>() : nullptr;
+  p.block_table_batch_stride = paged ? max_blocks : 0;
+  p.page_block_size = int32_t(page);
+  p.cache_batch_idx = bidx.empty() ? nullptr : bidx_t.data_ptr<int32_t>();
+  p.cache_leftpad = leftpad.empty() ? nullptr : lp_t.data_ptr<int32_t>();
+  p.num_splits = int32_t(std::max<int64_t>(0, std::min<int64_t>(num_splits, 1 << 16)));
+
+  if (s_new > 0 || rotary) {
+    cpu::KvAppendParams a{};
+    if (s_new > 0) {
+      a.k_new = k->data_ptr();
+      a.v_new = v->data_ptr();
+      a.kn_batch_stride = k->stride(0);
+      a.kn_row_stride = k->stride(1);
+      a.kn_head_stride = k->stride(2);
+      a.vn_batch_stride = v->stride(0);
+      a.vn_row_stride = v->stride(1);
+      a.vn_head_stride = v->stride(2);
+    }
+    a.s_new = int32_t(s_new);
+    a.cache_seqlens = sl_t.data_ptr<int32_t>();
+    if (rotary) {
+      a.rotary_cos = rotary_cos->data_ptr();
+      a.rotary_sin = rotary_sin->data_ptr();
+      TORCH_CHECK_VALUE(rotary_cos->stride(1) == 1 && rotary_sin->stride(1) == 1 &&
+                            rotary_cos->stride(0) == rotary_sin->stride(0),
+                        "rotary_cos and rotary_sin must be contiguous in their last dim with equal row strides");
+      a.rotary_row_stride = rotary_cos->stride(0);
+      a.rotary_dim = int32_t(rd);
+      a.rotary_fp32 = rotary_fp32;
+      a.rotary_interleaved = rotary_interleaved;
+      a.q = q.data_ptr();
+      a.q_rot = q_in.data_ptr();
+      a.q_batch_stride = q.stride(0);
+      a.q_row_stride = q.stride(1);
+      a.q_head_stride = q.stride(2);
+      a.qr_batch_stride = q_in.stride(0);
+      a.qr_row_stride = q_in.stride(1);
+      a.qr_head_stride = q_in.stride(2);
+      a.q_per_row = q_per_row;
+    }
+    cpu::kvcache_append(p, a);
+  }
+  cpu::attention_kvcache_fwd(p);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyfastattn, m) {
+  m.def(
+      "attention_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+      "Tensor cache_seqlens, Tensor? cache_batch_idx, Tensor? cache_leftpad, Tensor? block_table, "
+      "Tensor? rotary_cos, Tensor? rotary_sin, bool rotary_interleaved, float scale, float softcap, "
+      "int window_left, int window_right, int num_splits) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pyfastattn, CPU, m) { m.impl("attention_kvcache_fwd", &attention_kvcache_fwd_cpu); }
+
+}  // namespace pyfastattn

@@ -1,0 +1,271 @@
+"""FlashAttention 2's public functions, over pyfastattn.
+
+A codebase that writes ``from flash_attn import flash_attn_func`` (or
+``from flash_attn.flash_attn_interface import ...``) can write
+``from pyfastattn.flash_attn_interface import ...`` instead and run unchanged,
+on CPU and CUDA: the same argument names, defaults, positions and return
+conventions. This module only translates arguments and return values; the
+math is :func:`pyfastattn.attention` and :func:`pyfastattn.attention_with_kvcache`.
+
+Return conventions (FlashAttention 2.6+):
+
+* ``out`` alone, or with ``return_attn_probs=True`` the tuple
+  ``(out, softmax_lse, S_dmask)``: ``softmax_lse`` float32 (B, H, Sq), or
+  (H, total_q) for the varlen functions; ``S_dmask`` is None (FlashAttention
+  returns a tensor only with dropout, which is not supported yet).
+* The LSE of a query row that sees no key is ``+inf``, as FlashAttention
+  returns it (pyfastattn's own functions give ``-inf``).
+* ``flash_attn_with_kvcache`` returns ``out``, or ``(out, softmax_lse)`` with
+  ``return_softmax_lse=True``.
+
+Accepted and ignored (they steer FlashAttention's CUDA scheduling only):
+``deterministic`` (pyfastattn's CPU backward is deterministic; on CUDA
+``torch.use_deterministic_algorithms`` applies) and ``num_splits`` outside
+the KV-cache call. ``dropout_p > 0`` and ``alibi_slopes`` raise
+``NotImplementedError`` until the dropout/ALiBi work lands.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .functional import InvalidArgumentError, attention
+from .kvcache import attention_with_kvcache
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+]
+
+
+def _unsupported(dropout_p: float, alibi_slopes) -> None:
+    if dropout_p and dropout_p > 0:
+        raise NotImplementedError(
+            "pyfastattn.flash_attn_interface: dropout_p > 0 is not supported yet "
+            "(it arrives with the dropout/ALiBi work); pass dropout_p=0.0"
+        )
+    if alibi_slopes is not None:
+        raise NotImplementedError(
+            "pyfastattn.flash_attn_interface: alibi_slopes is not supported yet "
+            "(it arrives with the dropout/ALiBi work)"
+        )
+
+
+def _fa_lse(lse: torch.Tensor) -> torch.Tensor:
+    """pyfastattn's -inf for a row without keys -> FlashAttention's +inf."""
+    return lse.masked_fill(lse == float("-inf"), float("inf"))
+
+
+def _finish(out_lse, return_attn_probs: bool):
+    out, lse = out_lse
+    if return_attn_probs:
+        return out, _fa_lse(lse), None
+    return out
+
+
+def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
+    _unsupported(dropout_p, alibi_slopes)
+    res = attention(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=tuple(window_size), softcap=softcap,
+        return_lse=True,
+    )  # fmt: skip
+    return _finish(res, return_attn_probs)
+
+
+def _varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
+    softcap, alibi_slopes, return_attn_probs,
+):  # fmt: skip
+    _unsupported(dropout_p, alibi_slopes)
+    res = attention(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=tuple(window_size), softcap=softcap,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
+        max_seqlen_k=int(max_seqlen_k), return_lse=True,
+    )  # fmt: skip
+    return _finish(res, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(
+    qkv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """``qkv`` (B, S, 3, H, D) -> out (B, S, H, D)."""
+    return _dense(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes, return_attn_probs)  # fmt: skip
+
+
+def flash_attn_kvpacked_func(
+    q,
+    kv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """``q`` (B, Sq, Hq, D), ``kv`` (B, Sk, 2, Hk, D) -> out (B, Sq, Hq, D)."""
+    return _dense(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                  return_attn_probs)  # fmt: skip
+
+
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """``q`` (B, Sq, Hq, D), ``k``/``v`` (B, Sk, Hk, D) -> out (B, Sq, Hq, D).
+    Causal and windows are aligned bottom-right when Sq != Sk."""
+    return _dense(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs
+    )
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv,
+    cu_seqlens,
+    max_seqlen,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """``qkv`` (total, 3, H, D), int32 ``cu_seqlens`` (B + 1,) -> out (total, H, D)."""
+    return _varlen(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)  # fmt: skip
+
+
+def flash_attn_varlen_kvpacked_func(
+    q,
+    kv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """``q`` (total_q, Hq, D), ``kv`` (total_k, 2, Hk, D) -> out (total_q, Hq, D)."""
+    return _varlen(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)  # fmt: skip
+
+
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
+    """``q`` (total_q, Hq, D), ``k``/``v`` (total_k, Hk, D) packed by int32
+    ``cu_seqlens_q``/``cu_seqlens_k`` -> out (total_q, Hq, D). With
+    ``block_table`` (B, max_blocks), ``k``/``v`` are paged caches
+    (num_blocks, block_size, Hk, D) and sequence b's keys are its first
+    ``cu_seqlens_k[b+1] - cu_seqlens_k[b]`` positions (gathered, then attended:
+    a copy, unlike :func:`flash_attn_with_kvcache`)."""
+    if block_table is not None:
+        k, v = _gather_paged_varlen(k, v, cu_seqlens_k, block_table)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                   causal, window_size, softcap, alibi_slopes, return_attn_probs)  # fmt: skip
+
+
+def _gather_paged_varlen(k_cache, v_cache, cu_seqlens_k, block_table):
+    if block_table.dtype != torch.int32 or block_table.dim() != 2:
+        raise InvalidArgumentError(f"block_table must be int32 (batch, max_blocks), got {block_table.dtype} "
+                                   f"of shape {tuple(block_table.shape)}")  # fmt: skip
+    lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    bs, nb = k_cache.shape[1], k_cache.shape[0]
+    cap = block_table.shape[1] * bs
+    if lens.numel() != block_table.shape[0]:
+        raise InvalidArgumentError(
+            f"block_table.shape[0] must equal the batch ({lens.numel()}), got {block_table.shape[0]}"
+        )
+    for i, n in enumerate(lens.tolist()):
+        if n > cap:
+            raise InvalidArgumentError(f"sequence {i} has {n} keys, more than block_table holds ({cap})")
+        for blk in range((n + bs - 1) // bs):
+            e = int(block_table[i, blk])
+            if not 0 <= e < nb:
+                raise InvalidArgumentError(f"block_table[{i}, {blk}] must be in [0, {nb}), got {e}")
+    kk, vv = reference.kvcache_gather(k_cache, v_cache, lens, block_table=block_table)
+    keep = torch.arange(kk.shape[1], device=kk.device)[None, :] < lens[:, None]
+    return kk[keep], vv[keep]
+
+
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+):
+    """FlashAttention 2's ``flash_attn_with_kvcache``: see
+    :func:`pyfastattn.attention_with_kvcache` (same arguments; ``k_cache``
+    and ``v_cache`` are updated in place when ``k``/``v`` are given)."""
+    if alibi_slopes is not None:
+        _unsupported(0.0, alibi_slopes)
+    out, lse = attention_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad, block_table=block_table, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        rotary_interleaved=rotary_interleaved, causal=causal, softmax_scale=softmax_scale,
+        window_size=tuple(window_size), softcap=softcap, return_lse=True, num_splits=int(num_splits or 0),
+    )  # fmt: skip
+    return (out, _fa_lse(lse)) if return_softmax_lse else out

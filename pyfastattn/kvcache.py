@@ -1,0 +1,367 @@
+"""Attention over a KV cache: ``attention_with_kvcache``.
+
+FlashAttention 2's ``flash_attn_with_kvcache`` semantics: new keys / values
+are appended to the cache in place, rotary embedding is applied to them and
+to the query, and each query attends to its sequence's cached keys plus the
+new ones, with causal masking and windows aligned bottom-right. The cache is
+contiguous (one row per sequence, optionally chosen by ``cache_batch_idx`` and
+left-padded by ``cache_leftpad``) or paged (``block_table``).
+
+The CPU kernel (``torch.ops.pyfastattn.attention_kvcache_fwd``) reads the
+cache where it lies, block by block, and splits long caches into chunks that
+run in parallel and merge by their LSE. Elsewhere (CUDA for now, backend
+``reference``, or no compiled extension) the call runs in PyTorch: the same
+append and rotary, then the keys are gathered and attended through
+``canonical_attention`` (the backend rule of ``functional``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backend, _ops, reference
+from .functional import InvalidArgumentError, canonical_attention
+
+__all__ = ["attention_with_kvcache", "kvcache_unsupported_reason"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kvcache_unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why the fused KV-cache kernel can't run this call (``None`` when it can)."""
+    if not _ops.AVAILABLE:
+        return f"the compiled extension pyfastattn._C could not be imported ({_ops.EXTENSION_ERROR})"
+    if not _ops.has_kernel("attention_kvcache_fwd", q.device.type):
+        return f"there is no KV-cache kernel for device type {q.device.type!r} yet"
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"the KV-cache kernel has no {q.dtype} variant (supported: {_KERNEL_DTYPES})"
+    return None
+
+
+def _int32_vector(t, name: str, batch: int, device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32 or tuple(t.shape) != (batch,):
+        raise InvalidArgumentError(
+            f"{name} must be int32 of shape ({batch},), got {t.dtype} of shape {tuple(t.shape)}"
+        )
+    if t.device != device:
+        raise InvalidArgumentError(f"{name}.device must equal q.device ({device}), got {t.device}")
+    return t
+
+
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    *,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    rotary_interleaved: bool = True,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    return_lse: bool = False,
+    num_splits: int = 0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over a KV cache, appending ``k``/``v`` to it in place.
+
+    Shapes: ``q`` (B, Sq, Hq, D). Contiguous cache: ``k_cache`` (B_cache, S_cache,
+    Hk, D), ``v_cache`` (B_cache, S_cache, Hk, Dv). Paged cache (``block_table``
+    int32 (B, max_blocks) given): ``k_cache`` (num_blocks, block_size, Hk, D),
+    ``v_cache`` (num_blocks, block_size, Hk, Dv); a sequence's position t lives
+    in block ``block_table[b, t // block_size]``, row ``t % block_size``. Hq is a
+    multiple of Hk (GQA / MQA). dtypes fp32, fp16, bf16 (q, caches, k, v alike).
+
+    ``k``/``v`` (B, S_new, Hk, D/Dv), optional: written into the cache at
+    positions ``cache_seqlens .. cache_seqlens + S_new - 1`` (in place).
+    ``cache_seqlens``: int or int32 (B,) - where each sequence's cached keys
+    end (absolute cache position); None: the whole cache (then no ``k``/``v``).
+    ``cache_batch_idx`` int32 (B,): the cache row of each batch row (contiguous
+    cache only). ``cache_leftpad`` int32 (B,): the cache position where each
+    sequence starts. Sequence b attends ``cache_seqlens[b] + S_new -
+    cache_leftpad[b]`` keys.
+
+    ``rotary_cos``/``rotary_sin`` (seqlen_ro, rotary_dim / 2), q's dtype or
+    float32, rotary_dim <= D: rotary embedding of the new keys (at their cache
+    positions) and of q (row i at ``cache_seqlens + i`` with causal or a window,
+    else every row at ``cache_seqlens``), interleaved pairs (2i, 2i+1) or, with
+    ``rotary_interleaved=False``, half-split pairs (i, i + rotary_dim / 2).
+
+    ``causal``, ``window_size = (left, right)`` (-1 unbounded) are aligned
+    bottom-right: query row i sits at key i + len_k - Sq. ``softmax_scale``
+    defaults to 1/sqrt(D); ``softcap > 0`` caps the scores. ``num_splits``:
+    split-KV chunks per sequence (0: chosen from the shape).
+
+    Returns out (B, Sq, Hq, Dv), and with ``return_lse`` also the float32
+    log-sum-exp (B, Hq, Sq) (-inf for a row that sees no key). Not
+    differentiable (inference only).
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise InvalidArgumentError(f"{name} must have 4 dims, got shape {tuple(t.shape)}")
+    if alibi_slopes is not None:
+        raise NotImplementedError(
+            "alibi_slopes is not supported yet (ALiBi arrives with the dropout/ALiBi issue)"
+        )
+    if not q.dtype.is_floating_point:
+        raise InvalidArgumentError(f"q.dtype must be a floating-point dtype, got {q.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if t is None:
+            continue
+        if t.dtype != q.dtype:
+            raise InvalidArgumentError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise InvalidArgumentError(f"{name}.device must equal q.device ({q.device}), got {t.device}")
+    if (k is None) != (v is None):
+        raise InvalidArgumentError("k and v must be given together")
+    b, sq, hq, d = q.shape
+    hk, dv = k_cache.shape[2], v_cache.shape[3]
+    if k_cache.shape[3] != d:
+        raise InvalidArgumentError(
+            f"k_cache.shape[3] (head dim) must equal q.shape[3] ({d}), got {k_cache.shape[3]}"
+        )
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise InvalidArgumentError(
+            f"v_cache.shape[:3] must equal k_cache.shape[:3] ({tuple(k_cache.shape[:3])}), "
+            f"got {tuple(v_cache.shape[:3])}"
+        )
+    if hk == 0 or hq % hk != 0:
+        raise InvalidArgumentError(f"q heads ({hq}) must be a multiple of the cache's kv heads ({hk})")
+    if k is not None:
+        if k.dim() != 4 or tuple(k.shape) != (b, k.shape[1], hk, d):
+            raise InvalidArgumentError(
+                f"k must have shape ({b}, seqlen_new, {hk}, {d}) (batch, new keys, kv heads, head dim), "
+                f"got {tuple(k.shape)}"
+            )
+        if v.dim() != 4 or tuple(v.shape) != (b, k.shape[1], hk, dv):
+            raise InvalidArgumentError(
+                f"v must have shape ({b}, {k.shape[1]}, {hk}, {dv}), got {tuple(v.shape)}"
+            )
+    paged = block_table is not None
+    if paged:
+        if (
+            not isinstance(block_table, torch.Tensor)
+            or block_table.dtype != torch.int32
+            or block_table.dim() != 2
+        ):
+            raise InvalidArgumentError(
+                f"block_table must be an int32 tensor of shape ({b}, max_blocks), got "
+                f"{getattr(block_table, 'dtype', type(block_table).__name__)} of shape "
+                f"{tuple(getattr(block_table, 'shape', ()))}"
+            )
+        if block_table.shape[0] != b:
+            raise InvalidArgumentError(
+                f"block_table.shape[0] must equal the batch ({b}), got {block_table.shape[0]}"
+            )
+        if block_table.device != q.device:
+            raise InvalidArgumentError(
+                f"block_table.device must equal q.device ({q.device}), got {block_table.device}"
+            )
+        if cache_batch_idx is not None:
+            raise InvalidArgumentError("cache_batch_idx cannot be combined with block_table")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        capacity = k_cache.shape[1]
+        if cache_batch_idx is None and k_cache.shape[0] != b:
+            raise InvalidArgumentError(
+                f"k_cache.shape[0] ({k_cache.shape[0]}) must equal q.shape[0] (batch, {b}) without cache_batch_idx"
+            )
+    if cache_seqlens is None:
+        if k is not None:
+            raise InvalidArgumentError("cache_seqlens must be given when k and v are appended")
+        cache_seqlens = capacity
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
+        raise TypeError(
+            f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}"
+        )
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
+    cache_seqlens = _int32_vector(cache_seqlens, "cache_seqlens", b, q.device)
+    if cache_batch_idx is not None:
+        _int32_vector(cache_batch_idx, "cache_batch_idx", b, q.device)
+    if cache_leftpad is not None:
+        _int32_vector(cache_leftpad, "cache_leftpad", b, q.device)
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise InvalidArgumentError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if k is None:
+            raise InvalidArgumentError(
+                "rotary_cos / rotary_sin need the new k and v to append (as FlashAttention)"
+            )
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if t.dim() != 2 or t.dtype not in (q.dtype, torch.float32) or t.device != q.device:
+                raise InvalidArgumentError(
+                    f"{name} must be 2-D (seqlen_ro, rotary_dim / 2) of q.dtype or float32 on q.device, got "
+                    f"{t.dtype} of shape {tuple(t.shape)} on {t.device}"
+                )
+        if rotary_sin.shape != rotary_cos.shape or rotary_sin.dtype != rotary_cos.dtype:
+            raise InvalidArgumentError("rotary_sin must have rotary_cos's shape and dtype")
+        if not 0 < 2 * rotary_cos.shape[1] <= d:
+            raise InvalidArgumentError(
+                f"rotary_dim = 2 * rotary_cos.shape[1] = {2 * rotary_cos.shape[1]} must be in [2, {d}] (the head dim)"
+            )
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) for w in window_size)
+    ):
+        raise InvalidArgumentError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise InvalidArgumentError(f"softcap must be a finite number >= 0, got {softcap}")
+    if softmax_scale is not None and not math.isfinite(float(softmax_scale)):
+        raise InvalidArgumentError(f"softmax_scale must be a finite number, got {softmax_scale}")
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise InvalidArgumentError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    # Windows wider than the cache are no window (FlashAttention's rule; it
+    # also decides whether query rows get rotary positions per row).
+    wl, wr = (int(w) if 0 <= w < capacity else -1 for w in window_size)
+    if causal:
+        wr = 0
+    scale = float(softmax_scale) if softmax_scale is not None else (1.0 / math.sqrt(d) if d > 0 else 1.0)
+
+    mode = _backend.get_backend()
+    reason = None if mode != "reference" else "backend 'reference'"
+    if reason is None:
+        reason = kvcache_unsupported_reason(q)
+        if reason is not None and mode == "kernel":
+            raise RuntimeError(f"pyfastattn backend 'kernel' cannot run this call: {reason}")
+    if reason is None and _tiled_prefill(q, hk, block_table, cache_batch_idx, cache_leftpad):
+        out, lse = _prefill_into_cache(
+            q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, scale,
+            float(softcap), wl, wr,
+        )  # fmt: skip
+    elif reason is None:
+        out, lse = torch.ops.pyfastattn.attention_kvcache_fwd(
+            q if q.stride(-1) == 1 else q.contiguous(), k_cache, v_cache,
+            None if k is None else (k if k.stride(-1) == 1 else k.contiguous()),
+            None if v is None else (v if v.stride(-1) == 1 else v.contiguous()),
+            cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos, rotary_sin,
+            bool(rotary_interleaved), scale, float(softcap), wl, wr, int(num_splits),
+        )  # fmt: skip
+    else:
+        if mode != "reference" and not torch.compiler.is_compiling():
+            _backend.note_fallback(reason, target="PyTorch (append, gather, then attention)")
+        out, lse = _attention_with_kvcache_torch(
+            q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
+            rotary_sin, rotary_interleaved, scale, float(softcap), wl, wr, capacity, return_lse,
+        )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+# Query rows per kv head above which a contiguous, unindexed cache is attended
+# by the tiled kernel (the KV-cache kernel runs each row as a decode row).
+_TILED_MIN_ROWS = 64
+
+
+def _tiled_prefill(q, hk, block_table, cache_batch_idx, cache_leftpad) -> bool:
+    rows = q.shape[1] * (q.shape[2] // hk)
+    return (
+        rows > _TILED_MIN_ROWS and block_table is None and cache_batch_idx is None and cache_leftpad is None
+    )
+
+
+def _prefill_into_cache(
+    q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, scale, softcap, wl, wr
+):  # fmt: skip
+    """Many query rows over a contiguous cache: the op appends (and rotates k;
+    its checks guard every index) with no query rows, then the tiled kernel
+    attends over views of the cache with per-sequence key lengths. No copy of
+    the cache."""
+    b, sq = q.shape[:2]
+    s_new = 0 if k is None else k.shape[1]
+    q_none = q[:, :0] if q.stride(-1) == 1 else q[:, :0].contiguous()
+    torch.ops.pyfastattn.attention_kvcache_fwd(
+        q_none, k_cache, v_cache, k, v, cache_seqlens, None, None, None, rotary_cos, rotary_sin,
+        bool(rotary_interleaved), scale, softcap, wl, wr, 0,
+    )  # fmt: skip
+    if rotary_cos is not None:
+        pos = reference.kvcache_query_positions(cache_seqlens, sq, wl >= 0 or wr >= 0)
+        if int(pos.max()) >= rotary_cos.shape[0]:
+            raise InvalidArgumentError(
+                f"rotary_cos.shape[0] (seqlen_ro) must be at least {int(pos.max()) + 1} "
+                f"(the last position rotated + 1), got {rotary_cos.shape[0]}"
+            )
+        q = reference.apply_rotary(q, rotary_cos, rotary_sin, pos, rotary_interleaved)
+    len_k = (cache_seqlens + s_new).to(torch.int32)
+    width = max(int(len_k.max()), 1)
+    return canonical_attention(
+        q, k_cache[:, :width], v_cache[:, :width], seqused_k=len_k, scale=scale, softcap=softcap,
+        window_left=wl, window_right=wr, bottom_right=True, return_lse=True,
+    )  # fmt: skip
+
+
+def _attention_with_kvcache_torch(
+    q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos, rotary_sin,
+    rotary_interleaved, scale, softcap, wl, wr, capacity, need_lse,
+):  # fmt: skip
+    """The call in PyTorch: the same checks of the metadata values the C++ op
+    makes (so that no index runs outside a tensor), the reference's append and
+    rotary, then the gathered keys through ``canonical_attention``."""
+    s_new = 0 if k is None else k.shape[1]
+    seqlens = cache_seqlens.tolist()
+    lp = [0] * len(seqlens) if cache_leftpad is None else cache_leftpad.tolist()
+    for i, (sl, pad) in enumerate(zip(seqlens, lp)):
+        if sl < 0 or sl + s_new > capacity:
+            raise InvalidArgumentError(
+                f"cache_seqlens[{i}] + seqlen_new = {sl} + {s_new} = {sl + s_new} must be in [0, {capacity}] "
+                f"(the cache's capacity per sequence)"
+            )
+        if not 0 <= pad <= sl:
+            raise InvalidArgumentError(
+                f"cache_leftpad[{i}] must be in [0, cache_seqlens[{i}] = {sl}], got {pad}"
+            )
+    if cache_batch_idx is not None:
+        for i, r in enumerate(cache_batch_idx.tolist()):
+            if not 0 <= r < k_cache.shape[0]:
+                raise InvalidArgumentError(
+                    f"cache_batch_idx[{i}] must be in [0, {k_cache.shape[0]}), got {r}"
+                )
+    if block_table is not None:
+        bs = k_cache.shape[1]
+        for i, row in enumerate(block_table.tolist()):
+            for blk in range(lp[i] // bs, (seqlens[i] + s_new + bs - 1) // bs):
+                if not 0 <= row[blk] < k_cache.shape[0]:
+                    raise InvalidArgumentError(
+                        f"block_table[{i}, {blk}] must be in [0, {k_cache.shape[0]}) (the number of blocks), "
+                        f"got {row[blk]}"
+                    )
+    if rotary_cos is not None:
+        per_row = wl >= 0 or wr >= 0
+        need = max((sl + max(s_new, q.shape[1] if per_row else 1) for sl in seqlens), default=0)
+        if rotary_cos.shape[0] < need:
+            raise InvalidArgumentError(
+                f"rotary_cos.shape[0] (seqlen_ro) must be at least {need} (the last position rotated + 1), "
+                f"got {rotary_cos.shape[0]}"
+            )
+    with torch.no_grad():
+        if k is not None:
+            reference.kvcache_append_(
+                k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx=cache_batch_idx, block_table=block_table,
+                rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+            )  # fmt: skip
+        if rotary_cos is not None:
+            pos = reference.kvcache_query_positions(cache_seqlens, q.shape[1], wl >= 0 or wr >= 0)
+            q = reference.apply_rotary(q, rotary_cos, rotary_sin, pos, rotary_interleaved)
+        len_k = cache_seqlens.long() + s_new - (0 if cache_leftpad is None else cache_leftpad.long())
+        kk, vv = reference.kvcache_gather(
+            k_cache, v_cache, len_k, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+            block_table=block_table,
+        )  # fmt: skip
+        res = canonical_attention(
+            q, kk, vv, seqused_k=len_k.to(torch.int32), scale=scale, softcap=softcap, window_left=wl,
+            window_right=wr, bottom_right=True, return_lse=need_lse,
+        )  # fmt: skip
+    return res if need_lse else (res, None)

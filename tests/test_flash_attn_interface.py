@@ -1,0 +1,184 @@
+"""pyfastattn.flash_attn_interface: FlashAttention 2's public functions with
+their argument names, defaults, positions and return conventions, computing
+what pyfastattn.attention / attention_with_kvcache compute."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+
+import pyfastattn
+from pyfastattn import flash_attn_interface as fai
+from pyfastattn import reference
+
+COMMON = [("dropout_p", 0.0), ("softmax_scale", None), ("causal", False), ("window_size", (-1, -1)),
+          ("softcap", 0.0), ("alibi_slopes", None), ("deterministic", False), ("return_attn_probs", False)]  # fmt: skip
+_ = inspect.Parameter.empty
+SIGNATURES = {
+    "flash_attn_qkvpacked_func": [("qkv", _)] + COMMON,
+    "flash_attn_kvpacked_func": [("q", _), ("kv", _)] + COMMON,
+    "flash_attn_func": [("q", _), ("k", _), ("v", _)] + COMMON,
+    "flash_attn_varlen_qkvpacked_func": [("qkv", _), ("cu_seqlens", _), ("max_seqlen", _)] + COMMON,
+    "flash_attn_varlen_kvpacked_func": [
+        ("q", _),
+        ("kv", _),
+        ("cu_seqlens_q", _),
+        ("cu_seqlens_k", _),
+        ("max_seqlen_q", _),
+        ("max_seqlen_k", _),
+    ]
+    + COMMON,  # fmt: skip
+    "flash_attn_varlen_func": [
+        ("q", _),
+        ("k", _),
+        ("v", _),
+        ("cu_seqlens_q", _),
+        ("cu_seqlens_k", _),
+        ("max_seqlen_q", _),
+        ("max_seqlen_k", _),
+    ]
+    + COMMON
+    + [("block_table", None)],  # fmt: skip
+    "flash_attn_with_kvcache": [
+        ("q", _),
+        ("k_cache", _),
+        ("v_cache", _),
+        ("k", None),
+        ("v", None),
+        ("rotary_cos", None),
+        ("rotary_sin", None),
+        ("cache_seqlens", None),
+        ("cache_batch_idx", None),
+        ("cache_leftpad", None),
+        ("block_table", None),
+        ("softmax_scale", None),
+        ("causal", False),
+        ("window_size", (-1, -1)),
+        ("softcap", 0.0),
+        ("rotary_interleaved", True),
+        ("alibi_slopes", None),
+        ("num_splits", 0),
+        ("return_softmax_lse", False),
+    ],  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_signature_is_flash_attention_2s(name):
+    params = list(inspect.signature(getattr(fai, name)).parameters.values())
+    got = [(p.name, p.default) for p in params]
+    assert got == SIGNATURES[name]
+    assert all(p.kind == p.POSITIONAL_OR_KEYWORD for p in params)
+
+
+def _qkv(b=2, sq=7, sk=9, hq=4, hk=2, d=32, dtype=torch.float32, grad=False):
+    g = torch.Generator().manual_seed(0)
+    t = [
+        torch.randn(b, s, h, d, generator=g, dtype=dtype).requires_grad_(grad)
+        for s, h in ((sq, hq), (sk, hk), (sk, hk))
+    ]
+    return t
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_functions_agree_with_attention(causal):
+    q, k, v = _qkv()
+    want, lse = pyfastattn.attention(q, k, v, causal=causal, return_lse=True)
+    torch.testing.assert_close(fai.flash_attn_func(q, k, v, 0.0, None, causal), want)
+    kv = torch.stack([k, v], 2)
+    torch.testing.assert_close(fai.flash_attn_kvpacked_func(q, kv, causal=causal), want)
+    out, sl, s_dmask = fai.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    torch.testing.assert_close(out, want)
+    assert sl.shape == (2, 4, 7) and sl.dtype == torch.float32 and s_dmask is None
+    q2, k2, v2 = _qkv(sq=9, hk=4)
+    qkv = torch.stack([q2, k2, v2], 2)
+    torch.testing.assert_close(
+        fai.flash_attn_qkvpacked_func(qkv, causal=causal), pyfastattn.attention(q2, k2, v2, causal=causal)
+    )
+
+
+def test_lse_of_a_row_without_keys_is_plus_inf():
+    # bottom-right causal with Sq > Sk: the first Sq - Sk rows see no key
+    q, k, v = _qkv(sq=6, sk=3)
+    out, lse, _ = fai.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert (lse[:, :, :3] == math.inf).all() and torch.isfinite(lse[:, :, 3:]).all()
+    assert (out[:, :3] == 0).all()
+
+
+def test_varlen_functions_agree_with_attention():
+    g = torch.Generator().manual_seed(1)
+    cu_q = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 7, 15], dtype=torch.int32)
+    q = torch.randn(10, 4, 16, generator=g)
+    k = torch.randn(15, 2, 16, generator=g)
+    v = torch.randn(15, 2, 16, generator=g)
+    want = pyfastattn.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=7, max_seqlen_k=8,
+                                causal=True)  # fmt: skip
+    got = fai.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 8, causal=True)
+    torch.testing.assert_close(got, want)
+    out, lse, _ = fai.flash_attn_varlen_kvpacked_func(q, torch.stack([k, v], 1), cu_q, cu_k, 7, 8, causal=True,
+                                                      return_attn_probs=True)  # fmt: skip
+    torch.testing.assert_close(out, want)
+    assert lse.shape == (4, 10)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    qkv = torch.randn(9, 3, 2, 16, generator=g)
+    want = pyfastattn.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                max_seqlen_q=5, max_seqlen_k=5)  # fmt: skip
+    torch.testing.assert_close(fai.flash_attn_varlen_qkvpacked_func(qkv, cu, 5), want)
+
+
+def test_varlen_paged_block_table():
+    g = torch.Generator().manual_seed(2)
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 20, 37], dtype=torch.int32)
+    q = torch.randn(5, 2, 16, generator=g)
+    kp = torch.randn(6, 16, 2, 16, generator=g)
+    vp = torch.randn(6, 16, 2, 16, generator=g)
+    bt = torch.tensor([[4, 1], [0, 5]], dtype=torch.int32)
+    got = fai.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, 3, 20, causal=True, block_table=bt)
+    k = torch.cat([torch.cat([kp[4], kp[1]])[:20], torch.cat([kp[0], kp[5]])[:17]])
+    v = torch.cat([torch.cat([vp[4], vp[1]])[:20], torch.cat([vp[0], vp[5]])[:17]])
+    want = pyfastattn.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=3, max_seqlen_k=20,
+                                causal=True)  # fmt: skip
+    torch.testing.assert_close(got, want)
+
+
+def test_backward_through_flash_attn_func():
+    q, k, v = _qkv(grad=True)
+    fai.flash_attn_func(q, k, v, causal=True).sum().backward()
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    reference.attention(q2, k2, v2, window_right=0, bottom_right=True)[0].sum().backward()
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_with_kvcache_positional_and_lse():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 1, 4, 16, generator=g)
+    kc, vc = torch.randn(2, 20, 2, 16, generator=g), torch.randn(2, 20, 2, 16, generator=g)
+    k, v = torch.randn(2, 1, 2, 16, generator=g), torch.randn(2, 1, 2, 16, generator=g)
+    cos, sin = torch.randn(30, 4, generator=g), torch.randn(30, 4, generator=g)
+    sl = torch.tensor([3, 0], dtype=torch.int32)
+    kc1, vc1 = kc.clone(), vc.clone()
+    out, lse = fai.flash_attn_with_kvcache(q, kc1, vc1, k, v, cos, sin, sl, None, None, None, None, True,
+                                           return_softmax_lse=True)  # fmt: skip
+    want, wlse = pyfastattn.attention_with_kvcache(q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=sl,
+                                                   causal=True, return_lse=True)  # fmt: skip
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, wlse)
+    torch.testing.assert_close(kc1, kc)
+    assert (
+        fai.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=0, return_softmax_lse=True)[1].eq(math.inf).all()
+    )
+
+
+def test_dropout_and_alibi_raise_not_implemented():
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match="dropout"):
+        fai.flash_attn_func(q, k, v, dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match="alibi"):
+        fai.flash_attn_func(q, k, v, alibi_slopes=torch.zeros(4))
+    fai.flash_attn_func(q, k, v, deterministic=True)  # accepted

@@ -1,0 +1,367 @@
+"""attention_with_kvcache: the CPU kernel (append, rotary, batch index, left
+padding, paged blocks, split-KV) against the pure-PyTorch reference computed
+in float64, the caches it writes against the reference's, and bad input
+(refused with a message, never a read or write outside a tensor; run in
+subprocesses)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pyfastattn
+from pyfastattn import _ops, reference
+from tests._helpers import assert_tolerance, naive_attention
+
+pytestmark = pytest.mark.skipif(
+    not _ops.has_kernel("attention_kvcache_fwd", "cpu"), reason="no compiled CPU KV-cache kernel"
+)
+
+
+def make_case(
+    b=2, sq=1, s_new=1, hq=4, hk=2, d=64, dv=None, cap=80, dtype=torch.float32, block=None, batch_idx=False,
+    leftpad=False, rotary=None, rotary_dim=None, seed=0, full=False,
+):  # fmt: skip
+    """Random caches (contiguous, or paged with a shuffled block table holding
+    the same logical rows), new k / v, cache_seqlens that leave room for them."""
+    g = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
+    rows = b + 2 if batch_idx else b
+    kc = torch.randn(rows, cap, hk, d, generator=g).to(dtype)
+    vc = torch.randn(rows, cap, hk, dv, generator=g).to(dtype)
+    q = torch.randn(b, sq, hq, d, generator=g).to(dtype)
+    k = torch.randn(b, s_new, hk, d, generator=g).to(dtype) if s_new else None
+    v = torch.randn(b, s_new, hk, dv, generator=g).to(dtype) if s_new else None
+    hi = cap - s_new
+    seqlens = torch.randint(0, hi + 1, (b,), generator=g, dtype=torch.int32)
+    if full:
+        seqlens[0] = hi
+    args = dict(cache_seqlens=seqlens)
+    if batch_idx:
+        args["cache_batch_idx"] = torch.randperm(rows, generator=g)[:b].to(torch.int32)
+    if leftpad:
+        args["cache_leftpad"] = (
+            (torch.rand(b, generator=g) * (seqlens.float() + 1)).floor().clamp(max=seqlens).to(torch.int32)
+        )
+    if block is not None:
+        assert not batch_idx
+        nblk = (cap + block - 1) // block
+        num_blocks = b * nblk + 3
+        perm = torch.randperm(num_blocks, generator=g)[: b * nblk].to(torch.int32).view(b, nblk)
+        pk = torch.randn(num_blocks, block, hk, d, generator=g).to(dtype)
+        pv = torch.randn(num_blocks, block, hk, dv, generator=g).to(dtype)
+        for bi in range(b):
+            for j in range(nblk):
+                n = min(block, cap - j * block)
+                pk[perm[bi, j], :n] = kc[bi, j * block : j * block + n]
+                pv[perm[bi, j], :n] = vc[bi, j * block : j * block + n]
+        kc, vc = pk, pv
+        args["block_table"] = perm
+    if rotary is not None:
+        rd = rotary_dim or d
+        pos = torch.arange(cap + sq, dtype=torch.float64)[:, None]
+        inv = 1.0 / (10000.0 ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
+        args["rotary_cos"] = torch.cos(pos * inv).to(dtype)
+        args["rotary_sin"] = torch.sin(pos * inv).to(dtype)
+        args["rotary_interleaved"] = rotary == "interleaved"
+    return q, kc, vc, k, v, args
+
+
+def truth(q, kc, vc, k, v, args, causal=False, window=(-1, -1), softcap=0.0, scale=None):
+    """(out, lse) in float64, and the caches after the append, from the reference."""
+    kc, vc = kc.clone(), vc.clone()
+    seqlens = args["cache_seqlens"]
+    s_new = 0 if k is None else k.shape[1]
+    wl, wr = window
+    if causal:
+        wr = 0
+    extra = {n: args.get(n) for n in ("cache_batch_idx", "block_table")}
+    rot = {n: args.get(n) for n in ("rotary_cos", "rotary_sin")}
+    inter = args.get("rotary_interleaved", True)
+    if k is not None:
+        reference.kvcache_append_(kc, vc, k, v, seqlens, **extra, **rot, rotary_interleaved=inter)
+    if rot["rotary_cos"] is not None:
+        pos = reference.kvcache_query_positions(seqlens, q.shape[1], wl >= 0 or wr >= 0)
+        q = reference.apply_rotary(q, rot["rotary_cos"], rot["rotary_sin"], pos, inter)
+    lp = args.get("cache_leftpad")
+    len_k = seqlens.long() + s_new - (0 if lp is None else lp.long())
+    kk, vv = reference.kvcache_gather(kc, vc, len_k, cache_leftpad=lp, **extra)
+    sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    common = dict(scale=sc, seqused_k=len_k.to(torch.int32), softcap=softcap, window_left=wl, window_right=wr,
+                  bottom_right=True)  # fmt: skip
+    out, lse = reference.attention(q.double(), kk.double(), vv.double(), **common)
+    base = naive_attention(q, kk, vv, **common) if q.dtype != torch.float32 else None
+    return out, lse, kc, vc, base
+
+
+def run(q, kc, vc, k, v, args, **kw):
+    return pyfastattn.attention_with_kvcache(q, kc, vc, k, v, **args, return_lse=True, **kw)
+
+
+def check(name, q, kc, vc, k, v, args, causal=False, window=(-1, -1), softcap=0.0, num_splits=0):
+    ref_out, ref_lse, ref_kc, ref_vc, base = truth(q, kc, vc, k, v, args, causal, window, softcap)
+    kc2, vc2 = kc.clone(), vc.clone()
+    out, lse = run(q, kc2, vc2, k, v, args, causal=causal, window_size=window, softcap=softcap,
+                   num_splits=num_splits)  # fmt: skip
+    assert_tolerance(f"{name} out", out, ref_out, base, q.dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), f"{name}: lse -inf pattern differs"
+    assert (lse[~finite] == -math.inf).all() and (out.transpose(1, 2)[~finite] == 0).all()
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-4, rtol=1e-5)
+    if (
+        "rotary_cos" in args
+    ):  # the kernel rounds once from fp32, as the reference; FMA contraction may differ by 1 ulp
+        torch.testing.assert_close(kc2, ref_kc)
+    else:
+        assert torch.equal(kc2, ref_kc), f"{name}: k_cache differs from the reference append"
+    assert torch.equal(vc2, ref_vc), f"{name}: v_cache differs from the reference append"
+    return out, lse
+
+
+CASES = [
+    # name, make_case kwargs, check kwargs
+    ("decode", dict(), dict()),
+    ("decode_causal_mqa", dict(hq=6, hk=1), dict(causal=True)),
+    ("no_append", dict(s_new=0), dict()),
+    ("full_cache", dict(full=True, s_new=3, sq=3), dict(causal=True)),
+    ("spec_decode_causal", dict(sq=4, s_new=4), dict(causal=True)),
+    ("window", dict(sq=3, s_new=3, cap=120), dict(window=(17, 0))),
+    ("window_both", dict(sq=5, s_new=2), dict(window=(9, 1))),
+    ("softcap", dict(), dict(softcap=5.0)),
+    ("batch_idx", dict(batch_idx=True, b=3), dict(causal=True)),
+    ("leftpad", dict(leftpad=True, b=3, sq=2, s_new=2), dict(causal=True)),
+    ("dv_ne_d", dict(d=40, dv=24, hq=2, hk=2), dict()),
+    ("odd_head_dim", dict(d=97, hq=3, hk=3), dict()),
+    ("rotary_interleaved", dict(rotary="interleaved"), dict(causal=True)),
+    ("rotary_half", dict(rotary="half", sq=3, s_new=3), dict(causal=True)),
+    ("rotary_partial_noncausal", dict(rotary="half", rotary_dim=32, sq=2, s_new=2), dict()),
+    ("rotary_leftpad", dict(rotary="interleaved", leftpad=True, b=3), dict(causal=True)),
+    ("paged16", dict(block=16), dict()),
+    ("paged16_causal_gqa", dict(block=16, hq=8, hk=2, sq=3, s_new=3), dict(causal=True)),
+    ("paged64_rotary", dict(block=64, cap=200, rotary="half"), dict(causal=True)),
+    ("paged_leftpad", dict(block=16, leftpad=True, b=3), dict()),
+    ("paged_odd_block", dict(block=24, cap=100), dict(window=(30, 0))),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize("name,mk,ck", CASES, ids=[c[0] for c in CASES])
+def test_kvcache_matches_reference(name, mk, ck, dtype):
+    q, kc, vc, k, v, args = make_case(dtype=dtype, **mk)
+    check(name, q, kc, vc, k, v, args, **ck)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_splits", [0, 1, 3, 7])
+@pytest.mark.parametrize("block", [None, 16])
+def test_split_kv(dtype, num_splits, block):
+    # One sequence, one kv head, a long cache: the automatic split cuts it into
+    # chunks of 512 keys; forced splits give chunks of any multiple of 16.
+    q, kc, vc, k, v, args = make_case(b=1, hq=4, hk=1, d=64, cap=2100, dtype=dtype, block=block, full=True)
+    check(f"split{num_splits}", q, kc, vc, k, v, args, num_splits=num_splits)
+
+
+def test_split_kv_empty_chunks():
+    # A window leaves most chunks of the sequence empty for the query row.
+    q, kc, vc, k, v, args = make_case(b=1, hq=2, hk=1, cap=2000, full=True)
+    check("split_window", q, kc, vc, k, v, args, window=(100, 0), num_splits=8)
+
+
+def test_rows_without_keys():
+    # cache_seqlens 0 and nothing appended: no key; lse -inf, out 0.
+    q, kc, vc, _, _, args = make_case(b=2, s_new=0)
+    args["cache_seqlens"] = torch.tensor([0, 5], dtype=torch.int32)
+    out, lse = check("empty", q, kc, vc, None, None, args)
+    assert (lse[0] == -math.inf).all() and (out[0] == 0).all()
+
+
+def test_int_cache_seqlens_and_generation_loop():
+    # A decode loop: each step appends one token and must equal attention over
+    # the concatenation of everything appended so far.
+    torch.manual_seed(0)
+    b, hq, hk, d, cap = 2, 4, 2, 32, 40
+    kc = torch.zeros(b, cap, hk, d)
+    vc = torch.zeros(b, cap, hk, d)
+    ks, vs = [], []
+    for step in range(6):
+        q, k, v = torch.randn(b, 1, hq, d), torch.randn(b, 1, hk, d), torch.randn(b, 1, hk, d)
+        ks.append(k)
+        vs.append(v)
+        out = pyfastattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=step, causal=True)
+        ref, _ = reference.attention(q, torch.cat(ks, 1), torch.cat(vs, 1), window_right=0, bottom_right=True)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_seqlens_none_attends_whole_cache():
+    q, kc, vc, _, _, args = make_case(s_new=0, cap=33)
+    out = pyfastattn.attention_with_kvcache(q, kc, vc)
+    ref, _ = reference.attention(q, kc, vc, bottom_right=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic_across_threads():
+    q, kc, vc, k, v, args = make_case(b=1, hk=1, cap=3000, dtype=torch.bfloat16, full=True)
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(run(q, kc.clone(), vc.clone(), k, v, args)[0])
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_alibi_not_implemented():
+    q, kc, vc, k, v, args = make_case()
+    with pytest.raises(NotImplementedError, match="alibi"):
+        pyfastattn.attention_with_kvcache(q, kc, vc, k, v, **args, alibi_slopes=torch.zeros(4))
+
+
+def test_reference_backend_matches_kernel():
+    q, kc, vc, k, v, args = make_case(block=16, rotary="half", sq=2, s_new=2)
+    kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    out1 = pyfastattn.attention_with_kvcache(q, kc1, vc1, k, v, **args, causal=True)
+    with pyfastattn.backend("reference"):
+        out2 = pyfastattn.attention_with_kvcache(q, kc2, vc2, k, v, **args, causal=True)
+    torch.testing.assert_close(out1, out2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc1, kc2)
+
+
+# ---------------------------------------------------------------------------
+# Bad input: each call runs in a subprocess (a wild read or write would crash
+# it or corrupt it, not this process) and must raise with a message naming
+# the argument. Both the public function and the raw op (the C++ checks).
+# ---------------------------------------------------------------------------
+
+BAD_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, pyfastattn
+    op = torch.ops.pyfastattn.attention_kvcache_fwd
+    b, hq, hk, d, cap = 2, 4, 2, 16, 32
+    q = torch.randn(b, 1, hq, d); kc = torch.randn(b, cap, hk, d); vc = torch.randn(b, cap, hk, d)
+    k = torch.randn(b, 1, hk, d); v = torch.randn(b, 1, hk, d)
+    sl = lambda *x: torch.tensor(x, dtype=torch.int32)
+    pk = torch.randn(5, 16, hk, d); pv = torch.randn(5, 16, hk, d)
+    cos = torch.randn(40, 8); sin = torch.randn(40, 8)
+    def raw(q=q, kc=kc, vc=vc, k=k, v=v, seqlens=sl(3, 4), bidx=None, lp=None, bt=None, cos=None, sin=None):
+        return op(q, kc, vc, k, v, seqlens, bidx, lp, bt, cos, sin, True, 0.25, 0.0, -1, -1, 0)
+    def api(**kw):
+        a = dict(k=k, v=v, cache_seqlens=sl(3, 4)); a.update(kw)
+        kcc, vcc = a.pop("k_cache", kc), a.pop("v_cache", vc)
+        return pyfastattn.attention_with_kvcache(q, kcc, vcc, **a)
+    cases = {
+        "seqlens_over_capacity": lambda: raw(seqlens=sl(3, 32)),
+        "seqlens_negative": lambda: raw(seqlens=sl(-1, 0)),
+        "api_seqlens_over_capacity": lambda: api(cache_seqlens=32),
+        "block_negative": lambda: raw(kc=pk, vc=pv, bt=torch.tensor([[0, -1], [2, 3]], dtype=torch.int32), seqlens=sl(20, 3)),
+        "block_too_large": lambda: raw(kc=pk, vc=pv, bt=torch.tensor([[0, 1], [5, 3]], dtype=torch.int32)),
+        "paged_over_capacity": lambda: raw(kc=pk, vc=pv, bt=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), seqlens=sl(32, 0)),
+        "api_block_too_large": lambda: api(k_cache=pk, v_cache=pv, block_table=torch.tensor([[0, 1], [9, 3]], dtype=torch.int32)),
+        "hk_mismatch": lambda: raw(vc=torch.randn(b, cap, 1, d)),
+        "hq_not_multiple": lambda: raw(kc=torch.randn(b, cap, 3, d), vc=torch.randn(b, cap, 3, d), k=torch.randn(b, 1, 3, d), v=torch.randn(b, 1, 3, d)),
+        "d_mismatch": lambda: raw(kc=torch.randn(b, cap, hk, d + 1)),
+        "new_k_shape": lambda: raw(k=torch.randn(b, 1, hk + 1, d)),
+        "batch_idx_range": lambda: raw(bidx=sl(0, 2)),
+        "leftpad_range": lambda: raw(lp=sl(4, 0)),
+        "rotary_too_short": lambda: raw(seqlens=sl(3, 31), cos=cos[:10], sin=sin[:10]),
+        "rotary_dim_too_large": lambda: raw(cos=torch.randn(40, 9), sin=torch.randn(40, 9)),
+        "seqlens_dtype": lambda: raw(seqlens=torch.tensor([3, 4])),
+        "api_dtype": lambda: api(k=k.double(), v=v.double()),
+    }
+    before = (kc.clone(), vc.clone(), pk.clone(), pv.clone())
+    for name, fn in cases.items():
+        try:
+            fn()
+            print(f"{name}\\tNO ERROR")
+        except Exception as e:
+            print(f"{name}\\t{type(e).__name__}: {str(e).splitlines()[0]}")
+    untouched = all(torch.equal(a, b) for a, b in zip(before, (kc, vc, pk, pv)))
+    print(f"caches_untouched\\t{untouched}")
+    """
+)
+
+EXPECT = {
+    "seqlens_over_capacity": "exceeds the cache's capacity",
+    "seqlens_negative": "cache_seqlens[0] must be >= 0",
+    "api_seqlens_over_capacity": "capacity",
+    "block_negative": "block_table[0, 1] must be in [0, 5)",
+    "block_too_large": "block_table[1, 0] must be in [0, 5)",
+    "paged_over_capacity": "exceeds the cache's capacity",
+    "api_block_too_large": "block_table[1, 0] must be in [0, 5)",
+    "hk_mismatch": "v_cache.shape[2]",
+    "hq_not_multiple": "multiple of the cache's kv heads",
+    "d_mismatch": "k_cache.shape[3]",
+    "new_k_shape": "k must have shape",
+    "batch_idx_range": "cache_batch_idx[1] must be in [0, 2)",
+    "leftpad_range": "cache_leftpad[0] must be in [0, cache_seqlens[0] = 3]",
+    "rotary_too_short": "seqlen_ro",
+    "rotary_dim_too_large": "rotary_dim",
+    "seqlens_dtype": "cache_seqlens.dtype must be torch.int32",
+    "api_dtype": "k.dtype must equal q.dtype",
+}
+
+
+def test_bad_input_refused_in_subprocess():
+    r = subprocess.run([sys.executable, "-c", BAD_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"subprocess died (rc {r.returncode}):\n{r.stdout}\n{r.stderr}"
+    got = dict(line.split("\t", 1) for line in r.stdout.strip().splitlines())
+    assert got.pop("caches_untouched") == "True", "a refused call wrote into a cache"
+    for name, want in EXPECT.items():
+        assert name in got, f"{name}: no result\n{r.stdout}\n{r.stderr}"
+        assert want in got[name], f"{name}: expected an error containing {want!r}, got {got[name]!r}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [20, 40, 72])
+def test_memory_past_a_row_is_never_read(dtype, d):
+    # q, k_cache and v_cache are views into buffers whose elements past each
+    # row's head dim hold inf: a kernel that loads whole vectors past d (and
+    # multiplies them by zero lanes) turns them into NaN.
+    q, kc, vc, k, v, args = make_case(d=d, hq=4, hk=2, dtype=dtype, cap=70)
+
+    def padded(t):
+        buf = torch.full((*t.shape[:-1], t.shape[-1] + 40), math.inf, dtype=t.dtype)
+        buf[..., : t.shape[-1]] = t
+        return buf[..., : t.shape[-1]]
+
+    check(f"padded_d{d}", padded(q), padded(kc), padded(vc), k, v, args, causal=True)
+
+
+def test_opcheck():
+    q, kc, vc, k, v, args = make_case(block=16, rotary="half", sq=2, s_new=2)
+    op_args = (q, kc, vc, k, v, args["cache_seqlens"], None, None, args["block_table"], args["rotary_cos"],
+               args["rotary_sin"], False, 0.125, 0.0, -1, 0, 0)  # fmt: skip
+    torch.library.opcheck(torch.ops.pyfastattn.attention_kvcache_fwd, op_args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rotary", [None, "interleaved"])
+def test_prefill_into_cache_takes_the_tiled_kernel(dtype, rotary):
+    # 40 query rows x 2 heads per kv head > 64: the append runs in the op, the
+    # attention on the tiled kernel over views of the cache.
+    q, kc, vc, k, v, args = make_case(b=2, sq=40, s_new=40, hq=4, hk=2, cap=120, dtype=dtype, rotary=rotary)
+    check("prefill", q, kc, vc, k, v, args, causal=True)
+    check("prefill_window", q, kc, vc, k, v, args, window=(30, 0))
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_instruction_set_fallbacks(isa):
+    # The capped paths (AVX-512 without BF16 dot products, AVX2 and portable
+    # both on the portable row steps) in a subprocess: the cap is read once.
+    import os
+
+    env = dict(os.environ, PYFASTATTN_CPU_ISA=isa)
+    sel = "matches_reference and (decode or paged16 or softcap or window or rotary_half or dv_ne_d)"
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
