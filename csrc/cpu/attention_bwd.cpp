@@ -123,6 +123,7 @@ PFA_INLINE void bwd_dkdv_block(const Ctx& c, const BwdScratch& w, const Task& t)
           // bf16 rows of P^T / dS^T are pairs along the query axis; lanes
           // past m hold P = dS = 0, which pads an odd m.
           grad_tile<typename Isa::Vec, BwdOut::kRowsBf16>(c, w, n, mp);
+          drop_p_rows<true>(c, w, n, mp);
           const int m2 = (m + 1) / 2;
           if (m & 1) {
             // The pad lane of the last pair must be 0, not a stale value.
@@ -135,6 +136,7 @@ PFA_INLINE void bwd_dkdv_block(const Ctx& c, const BwdScratch& w, const Task& t)
           gemm<Isa, CT>(GemmArgs{n, c.d, m2, w.dsout, ldq / 2, false, w.qb, c.d, w.acc1, c.d, true});
         } else {
           grad_tile<typename Isa::Vec, BwdOut::kInPlace>(c, w, n, mp);
+          drop_p_rows<false>(c, w, n, mp);
           gemm<Isa, CT>(GemmArgs{n, c.dv, m, w.s, ldq, false, w.dob, c.dv, w.acc2, c.dv, true});
           gemm<Isa, CT>(GemmArgs{n, c.d, m, w.dp, ldq, false, w.qb, c.d, w.acc1, c.d, true});
         }

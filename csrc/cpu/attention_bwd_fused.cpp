@@ -121,6 +121,7 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
           float* dq = part + row0 * c.d;
           if constexpr (TL::kPairs) {
             grad_tile<typename Isa::Vec, BwdOut::kAllBf16>(c, w, n, mp);
+            drop_p_rows<true>(c, w, n, mp);
             const int m2 = (m + 1) / 2;
             if (m & 1) {
               for (int j = 0; j < n; ++j) {
@@ -133,6 +134,7 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
             gemm<Isa, CT>(GemmArgs{m, c.d, (n + 1) / 2, w.dspair, ldq, true, w.kb, c.d, dq, c.d, !first});
           } else {
             grad_tile<typename Isa::Vec, BwdOut::kInPlace>(c, w, n, mp);
+            drop_p_rows<false>(c, w, n, mp);
             gemm<Isa, CT>(GemmArgs{n, c.dv, m, w.s, ldq, false, wq.dob, c.dv, w.acc2, c.dv, true});
             gemm<Isa, CT>(GemmArgs{n, c.d, m, w.dp, ldq, false, wq.qb, c.d, w.acc1, c.d, true});
             gemm<Isa, CT>(GemmArgs{m, c.d, n, w.dp, ldq, true, w.ka, c.d, dq, c.d, !first});

@@ -46,7 +46,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, double softcap,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+    const std::optional<at::Tensor>& dropout_rng, const std::optional<at::Tensor>& alibi_slopes) {
   const c10::cuda::CUDAGuard guard(q.device());
   const AttentionShape s = check_attention_inputs(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k,
                                                   seqused_k, max_seqlen_q, max_seqlen_k);
@@ -62,6 +63,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   AttentionFwdParams p;
   fill_fwd_params(p, sk, qk, kk, vk, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k,
                   scale, softcap, window_left, window_right, bottom_right);
+  fill_dropout_alibi(p, sk, qk, dropout_p, dropout_rng, alibi_slopes);
+  // Issue 17: the CUDA kernels do not apply dropout or ALiBi yet; "does not
+  // support this case" lets backend auto fall back (to the reference, which
+  // drops the same elements).
+  TORCH_CHECK(p.dropout_p == 0.0f && p.alibi_slopes == nullptr,
+              "pyfastattn CUDA attention kernel does not support this case: dropout and ALiBi "
+              "are not in the CUDA kernels yet");
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
@@ -87,7 +95,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale, double softcap, int64_t window_left, int64_t window_right, bool bottom_right,
-    bool deterministic) {
+    bool deterministic, double dropout_p, const std::optional<at::Tensor>& dropout_rng,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const c10::cuda::CUDAGuard guard(q.device());
   const AttentionShape s = check_attention_inputs(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k,
                                                   seqused_k, max_seqlen_q, max_seqlen_k);
@@ -106,6 +115,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   fill_fwd_params(p, sk, qk, kk, vk, ok, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k,
                   scale, softcap, window_left, window_right, bottom_right);
   fill_bwd_grads(p, dok, dq, dk, dv, deterministic);
+  fill_dropout_alibi(p, sk, qk, dropout_p, dropout_rng, alibi_slopes);
+  TORCH_CHECK(p.dropout_p == 0.0f && p.alibi_slopes == nullptr,
+              "pyfastattn CUDA attention kernel does not support this case: dropout and ALiBi "
+              "are not in the CUDA kernels yet");
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
