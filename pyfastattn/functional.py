@@ -193,11 +193,12 @@ def describe_path(path: str, why: str | None) -> str:
 
 def draw_dropout_rng(device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
     """The (seed, offset) pair of one dropout call: int64 [2], drawn by one
-    torch random op (``random_``) from ``generator`` or the default generator
+    torch random op (``randint``, 62 bits each) from ``generator`` or the default generator
     of ``device``. So the generator advances as for any torch random op,
     ``torch.manual_seed`` makes the pattern reproducible, and torch.compile
     traces it as a random op (no graph break)."""
-    return torch.empty(2, dtype=torch.int64, device=device).random_(generator=generator)
+    kw = {} if generator is None else {"generator": generator}  # dynamo traces randint without one
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device, **kw)
 
 
 def _run(

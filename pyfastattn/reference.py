@@ -239,6 +239,8 @@ def attention(
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if torch.is_tensor(dropout_rng) and dropout_rng.device.type == "meta":
+        dropout_rng = None  # shapes only (meta tensors): F.dropout gives them
     if cu_seqlens_q is None:
         b, sk = k.shape[0], k.shape[1]
         if seqused_k is None:

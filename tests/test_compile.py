@@ -117,7 +117,7 @@ def _dropout_alibi_samples():
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("i", range(3))
 def test_opcheck_attention_fwd_dropout_alibi(i, requires_grad):
-    args = list(_dropout_alibi_samples())[i]
+    args = list(list(_dropout_alibi_samples())[i])
     args[:3] = [a.requires_grad_(requires_grad) for a in args[:3]]
     torch.library.opcheck(torch.ops.pyfastattn.attention_fwd.default, tuple(args))
 

@@ -96,7 +96,9 @@ PFA_PHILOX_FN Philox4 dropout_words(const DropoutKey& d, int64_t b, int64_t h, i
 // Whether query row i of head h, sequence b keeps key j.
 PFA_PHILOX_FN bool dropout_keep(const DropoutKey& d, int64_t b, int64_t h, int64_t i, int64_t j) {
   const Philox4 w = dropout_words(d, b, h, i, j >> 2);
-  return uint64_t(w.x[j & 3]) >= d.threshold;
+  // Selects, not w.x[j & 3]: a dynamic index puts w in (CUDA) local memory.
+  const uint32_t x = (j & 2) ? ((j & 1) ? w.x[3] : w.x[2]) : ((j & 1) ? w.x[1] : w.x[0]);
+  return uint64_t(x) >= d.threshold;
 }
 
 }  // namespace pyfastattn

@@ -376,20 +376,31 @@ PFA_ATTN_DEVICE DropoutKey dropout_key(const AttentionFwdParams& p) {
 template <typename T>
 PFA_ATTN_DEVICE void apply_dropout(ScoreTile<T>& s, const DropoutKey& key, const SeqInfo& seq, int h, int row0,
                                    int n0, int lane) {
+  static_assert(2 * T::kNTilesS <= 64, "one 64-bit keep mask per row");
   const int col = n0 + 2 * (lane & 3);
 #pragma unroll
   for (int mt = 0; mt < T::kMTiles; ++mt) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int i = row0 + mt * 16 + hh * 8;
-#pragma unroll
+      // The keep bits of the row first, one Philox call at a time (a loop
+      // kept rolled, so its temporaries do not pile up on the score tile's
+      // registers: unrolled, the hdim64 kernel spilled 136 bytes), then
+      // applied to the unrolled tile.
+      uint64_t drop = 0;
+#pragma unroll 1
       for (int nt = 0; nt < T::kNTilesS; ++nt) {
         const int j = col + nt * 8;  // even: both keys in group j >> 2
         const Philox4 w = dropout_words(key, seq.bi, h, i, j >> 2);
         const uint32_t w0 = (j & 2) ? w.x[2] : w.x[0];
         const uint32_t w1 = (j & 2) ? w.x[3] : w.x[1];
-        if (uint64_t(w0) < key.threshold) s[mt][nt][2 * hh] = 0.f;
-        if (uint64_t(w1) < key.threshold) s[mt][nt][2 * hh + 1] = 0.f;
+        drop |= uint64_t(uint64_t(w0) < key.threshold) << (2 * nt);
+        drop |= uint64_t(uint64_t(w1) < key.threshold) << (2 * nt + 1);
+      }
+#pragma unroll
+      for (int nt = 0; nt < T::kNTilesS; ++nt) {
+        if ((drop >> (2 * nt)) & 1) s[mt][nt][2 * hh] = 0.f;
+        if ((drop >> (2 * nt + 1)) & 1) s[mt][nt][2 * hh + 1] = 0.f;
       }
     }
   }

@@ -77,7 +77,22 @@ struct Case {
   bool head_major = false;
   int d_pad = 0, row_pad = 0;
   int grid_y = 0;
+  // Issue 17: dropout (the keep function of csrc/attention/dropout.h) and
+  // ALiBi slopes ([hq] or [batch][hq]).
+  float dropout_p = 0.f;
+  uint64_t seed = 0, offset = 0;
+  std::vector<float> slopes;
+  bool slopes_per_batch = false;
 
+  float slope(int b, int h) const { return slopes_per_batch ? slopes[b * hq + h] : slopes[h]; }
+  pyfastattn::DropoutKey dropout_key() const {
+    return pyfastattn::DropoutKey{seed, offset, pyfastattn::dropout_threshold(dropout_p)};
+  }
+  // Kept weights' factor: 1 / (1 - p) or 0 (dropped); 1 without dropout.
+  double keep_factor(int b, int h, int i, int j) const {
+    if (dropout_p <= 0) return 1.0;
+    return pyfastattn::dropout_keep(dropout_key(), b, h, i, j) ? 1.0 / (1.0 - dropout_p) : 0.0;
+  }
   int seqlen_q() const { return *std::max_element(len_q.begin(), len_q.end()); }
   int seqlen_k() const { return *std::max_element(len_k.begin(), len_k.end()); }
   int key_len(int b) const { return seqused ? used_k[b] : len_k[b]; }
@@ -101,6 +116,8 @@ struct Case {
       << " scale=" << scale << " softcap=" << softcap << " det=" << deterministic
       << (head_major ? " bhsd" : " bshd") << " dpad=" << d_pad << " rpad=" << row_pad
       << " gy=" << grid_y;
+    if (dropout_p > 0) s << " dropout=" << dropout_p << " seed=" << seed << " offset=" << offset;
+    if (!slopes.empty()) s << " alibi" << (slopes_per_batch ? "[b,h]" : "[h]");
     return s.str();
   }
 };
@@ -270,6 +287,7 @@ Result run_case(const Case& c, std::mt19937& rng) {
             x = c.softcap * th[j];
           }
           if (c.mask != MaskKind::kNone) x += mask_value(b, h, i, j);
+          if (!c.slopes.empty()) x -= double(c.slope(b, h)) * std::fabs(double(i + lk - lq - j));
           s[j] = x;
           mx = std::max(mx, x);
         }
@@ -281,23 +299,28 @@ Result run_case(const Case& c, std::mt19937& rng) {
         std::fill(out.begin(), out.end(), 0.0);
         for (int j = 0; j < lk; ++j) {
           pr[j] = s[j] == -INFINITY ? 0 : std::exp(s[j] - l);
-          for (int d = 0; d < D; ++d) out[d] += pr[j] * vv(b, j, hkv, d);
+          const double w = pr[j] * c.keep_factor(b, h, i, j);
+          for (int d = 0; d < D; ++d) out[d] += w * vv(b, j, hkv, d);
         }
         auto [ob, orow] = q_row(b, i);
         for (int d = 0; d < D; ++d) o.data[o.at(ob, orow, h, d)] = to_bits(static_cast<float>(out[d]), bf16);
         // Gradients: dP_j = dO . v_j, D = dO . O, dS_j = P_j (dP_j - D).
+        // D from the O the backward is given (rounded to 16 bits), as the
+        // kernel's contract says: with dropout 0.9 (O scaled by 10) the
+        // rounding of O alone moved dQ by 0.4% of max|dQ| (fp16).
         double dsum = 0;
-        for (int d = 0; d < D; ++d) dsum += dov(b, i, h, d) * out[d];
+        for (int d = 0; d < D; ++d) dsum += dov(b, i, h, d) * to_float(o.data[o.at(ob, orow, h, d)], bf16);
         for (int j = 0; j < lk; ++j) {
           if (pr[j] == 0) continue;
           double dpj = 0;
           for (int d = 0; d < D; ++d) dpj += dov(b, i, h, d) * vv(b, j, hkv, d);
-          double ds = pr[j] * (dpj - dsum);
+          const double z = c.keep_factor(b, h, i, j);  // dropout: dP_j = z dO . v_j
+          double ds = pr[j] * (z * dpj - dsum);
           if (c.softcap > 0) ds *= 1 - th[j] * th[j];
           for (int d = 0; d < D; ++d) {
             ref_dq[qi(b, i, h) + d] += c.scale * ds * kv(b, j, hkv, d);
             ref_dk[ki(b, j, hkv) + d] += c.scale * ds * qv(b, i, h, d);
-            ref_dv[ki(b, j, hkv) + d] += pr[j] * dov(b, i, h, d);
+            ref_dv[ki(b, j, hkv) + d] += z * pr[j] * dov(b, i, h, d);
           }
         }
       }
@@ -338,6 +361,12 @@ Result run_case(const Case& c, std::mt19937& rng) {
   p.scale = c.scale;
   p.softcap = c.softcap;
   p.scale_log2 = c.softcap > 0.f ? 0.f : c.scale * 1.4426950408889634f;
+  p.dropout_p = c.dropout_p;
+  p.dropout_rescale = c.dropout_p >= 1.f ? 0.f : 1.f / (1.f - c.dropout_p);
+  p.dropout_rng = nullptr;
+  p.dropout = c.dropout_key();
+  p.alibi_slopes = c.slopes.empty() ? nullptr : c.slopes.data();
+  p.alibi_batch_stride = c.slopes_per_batch ? c.hq : 0;
   p.dout = d_o.data.data();
   p.do_batch_stride = d_o.bs, p.do_row_stride = d_o.rs, p.do_head_stride = d_o.hs;
   p.dq = dq.data.data(), p.dk = dk.data.data(), p.dv = dv.data.data();
@@ -526,6 +555,16 @@ Case random_case(std::mt19937& rng, int index) {
   c.d_pad = pick({0, 0, 8, 24});
   c.row_pad = pick({0, 0, 8, 40});
   c.grid_y = chance(0.3) ? pick({1, 2, 3, 5}) : 0;
+  if (chance(0.3)) {
+    c.dropout_p = pick({1, 5, 9}) / 10.f;
+    c.seed = rng();
+    c.offset = (uint64_t(rng()) << 32) | rng();
+  }
+  if (chance(0.3)) {
+    c.slopes_per_batch = chance(0.5);
+    std::uniform_real_distribution<float> sl(0.f, 0.5f);
+    for (int x = 0; x < (c.slopes_per_batch ? c.batch : 1) * c.hq; ++x) c.slopes.push_back(sl(rng));
+  }
   return c;
 }
 
@@ -566,6 +605,9 @@ std::vector<Case> fixed_cases() {
   l.window_right = 0, l.bottom_right = true, l.bf16 = true, l.deterministic = true;
   out.push_back(l);
   l.head_dim = 128, l.window_left = 100, l.softcap = 30, l.bf16 = false, l.hq = 2;
+  out.push_back(l);
+  l.dropout_p = 0.3f, l.seed = 12345, l.offset = 678;  // issue 17: dropout + ALiBi
+  l.slopes = {0.1f, 0.25f, 0.05f, 0.4f}, l.slopes_per_batch = true;
   out.push_back(l);
   Case a;  // additive mask over several key blocks, odd row stride, misaligned base
   a.head_dim = 256, a.batch = 2, a.hq = 2, a.hk = 2, a.len_q = {70, 70}, a.len_k = {101, 101};

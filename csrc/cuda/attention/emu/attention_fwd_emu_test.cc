@@ -71,7 +71,14 @@ struct Case {
   bool head_major = false;
   int d_pad = 0, row_pad = 0;
   int grid_y = 0;
+  // Issue 17: dropout (the keep function of csrc/attention/dropout.h) and
+  // ALiBi slopes ([hq] or [batch][hq]).
+  float dropout_p = 0.f;
+  uint64_t seed = 0, offset = 0;
+  std::vector<float> slopes;
+  bool slopes_per_batch = false;
 
+  float slope(int b, int h) const { return slopes_per_batch ? slopes[b * hq + h] : slopes[h]; }
   int seqlen_q() const { return *std::max_element(len_q.begin(), len_q.end()); }
   int seqlen_k() const { return *std::max_element(len_k.begin(), len_k.end()); }
   int key_len(int b) const { return seqused ? used_k[b] : len_k[b]; }
@@ -95,6 +102,8 @@ struct Case {
       << " scale=" << scale << " softcap=" << softcap << " lse=" << with_lse
       << (head_major ? " bhsd" : " bshd") << " dpad=" << d_pad << " rpad=" << row_pad
       << " gy=" << grid_y;
+    if (dropout_p > 0) s << " dropout=" << dropout_p << " seed=" << seed << " offset=" << offset;
+    if (!slopes.empty()) s << " alibi" << (slopes_per_batch ? "[b,h]" : "[h]");
     return s.str();
   }
 };
@@ -260,6 +269,12 @@ Result run_case(const Case& c, std::mt19937& rng) {
   p.scale = c.scale;
   p.softcap = c.softcap;
   p.scale_log2 = c.softcap > 0.f ? 0.f : c.scale * 1.4426950408889634f;
+  p.dropout_p = c.dropout_p;
+  p.dropout_rescale = c.dropout_p >= 1.f ? 0.f : 1.f / (1.f - c.dropout_p);
+  p.dropout_rng = nullptr;
+  p.dropout = pyfastattn::DropoutKey{c.seed, c.offset, pyfastattn::dropout_threshold(c.dropout_p)};
+  p.alibi_slopes = c.slopes.empty() ? nullptr : c.slopes.data();
+  p.alibi_batch_stride = c.slopes_per_batch ? c.hq : 0;
 
   emu::clear_ranges();
   emu::add_range(q.data.data(), q.data.size() * 2, false);
@@ -306,6 +321,7 @@ Result run_case(const Case& c, std::mt19937& rng) {
           s *= c.scale;
           if (c.softcap > 0) s = c.softcap * std::tanh(s / c.softcap);
           if (c.mask != MaskKind::kNone) s += mask_value(b, h, i, j);
+          if (!c.slopes.empty()) s -= double(c.slope(b, h)) * std::fabs(double(i + c.key_len(b) - lq - j));
           scores[j] = s;
           mx = std::max(mx, s);
         }
@@ -316,8 +332,11 @@ Result run_case(const Case& c, std::mt19937& rng) {
             if (scores[j] == -INFINITY) continue;
             const double w = std::exp(scores[j] - mx);
             sum += w;
+            double wv = w;  // dropout after the row sum, kept weights scaled by 1 / (1 - p)
+            if (c.dropout_p > 0)
+              wv = pyfastattn::dropout_keep(p.dropout, b, h, i, j) ? w / (1.0 - c.dropout_p) : 0.0;
             auto [kb, kr] = k_row(b, j);
-            for (int d = 0; d < c.head_dim; ++d) out[d] += w * to_float(v.data[v.at(kb, kr, hkv, d)], bf16);
+            for (int d = 0; d < c.head_dim; ++d) out[d] += wv * to_float(v.data[v.at(kb, kr, hkv, d)], bf16);
           }
           for (double& x : out) x /= sum;
         }
@@ -428,6 +447,16 @@ Case random_case(std::mt19937& rng, int index) {
   c.d_pad = pick({0, 0, 8, 24});
   c.row_pad = pick({0, 0, 8, 40});
   c.grid_y = chance(0.3) ? pick({1, 2, 3, 5}) : 0;
+  if (chance(0.3)) {
+    c.dropout_p = pick({1, 5, 9}) / 10.f;
+    c.seed = rng();
+    c.offset = (uint64_t(rng()) << 32) | rng();
+  }
+  if (chance(0.3)) {
+    c.slopes_per_batch = chance(0.5);
+    std::uniform_real_distribution<float> sl(0.f, 0.5f);
+    for (int x = 0; x < (c.slopes_per_batch ? c.batch : 1) * c.hq; ++x) c.slopes.push_back(sl(rng));
+  }
   return c;
 }
 
@@ -467,6 +496,9 @@ std::vector<Case> fixed_cases() {
   Case l;  // long sequences: many trips through the K/V pipeline
   l.varlen = true, l.batch = 2, l.head_dim = 64, l.len_q = {300, 257}, l.len_k = {700, 129};
   l.window_right = 0, l.bottom_right = true, l.bf16 = true;
+  out.push_back(l);
+  l.dropout_p = 0.3f, l.seed = 12345, l.offset = 678;  // issue 17: dropout + ALiBi over many blocks
+  l.slopes = {0.1f, 0.25f}, l.slopes_per_batch = true;
   out.push_back(l);
   l.head_dim = 128, l.window_left = 200, l.softcap = 30, l.bf16 = false;
   out.push_back(l);
