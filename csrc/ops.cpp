@@ -75,11 +75,7 @@ at::Tensor dropout_mask_cpu(const at::Tensor& dropout_rng, double dropout_p, int
     for (int64_t row = begin; row < end; ++row) {
       const int64_t i = row % seqlen_q, h = (row / seqlen_q) % heads, b = row / (seqlen_q * heads);
       bool* o = out + row * seqlen_k;
-      for (int64_t g = 0; g * 4 < seqlen_k; ++g) {
-        const Philox4 w = dropout_words(key, b, h, i, g);
-        for (int64_t x = 0; x < 4 && 4 * g + x < seqlen_k; ++x)
-          o[4 * g + x] = uint64_t(w.x[x]) >= key.threshold;
-      }
+      for (int64_t j = 0; j < seqlen_k; ++j) o[j] = dropout_keep(key, b, h, i, j);
     }
   });
   return keep;

@@ -87,8 +87,6 @@ def kernel_unsupported_reason(
         return f"pyfastattn was built without {dev.upper()} kernels (see python -m pyfastattn.info)"
     if q.dtype not in _KERNEL_DTYPES[dev]:
         return f"the {dev.upper()} kernel has no {q.dtype} variant (supported: {_KERNEL_DTYPES[dev]})"
-    if dev == "cuda" and (dropout_p > 0 or alibi_slopes is not None):
-        return "the CUDA kernels do not apply dropout or ALiBi yet"
     if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
         return (
             f"the kernel adds attn_mask in the input dtype, and this {attn_mask.dtype} mask has values "

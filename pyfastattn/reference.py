@@ -95,12 +95,12 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
 
 
 def dropout_threshold(p: float) -> int:
-    """A 32-bit word w is kept iff w >= this (2^32 for p = 1: nothing kept)."""
+    """A 16-bit piece u is kept iff u >= this (2^16 for p = 1: nothing kept)."""
     if not p > 0:
         return 0
     if p >= 1:
-        return 1 << 32
-    return int(p * 4294967296.0 + 0.5)
+        return 1 << 16
+    return int(p * 65536.0 + 0.5)
 
 
 def _to_int64(x: int) -> int:
@@ -125,7 +125,7 @@ def dropout_keep_mask(
     seed &= (1 << 64) - 1
     b = batch if torch.is_tensor(batch) else torch.arange(batch)
     b = b.to(device=device, dtype=torch.int64).view(-1, 1, 1, 1)
-    groups = (seqlen_k + 3) // 4
+    groups = (seqlen_k + 7) // 8
     h = torch.arange(heads, device=device, dtype=torch.int64).view(1, -1, 1, 1)
     i = torch.arange(seqlen_q, device=device, dtype=torch.int64).view(1, 1, -1, 1)
     g = torch.arange(groups, device=device, dtype=torch.int64).view(1, 1, 1, -1)
@@ -134,8 +134,9 @@ def dropout_keep_mask(
     shape = (b.shape[0], heads, seqlen_q, groups)
     c0, c1, c2, c3 = (x.expand(shape) for x in (c0, c1, i & _M32, h & _M32))
     words = torch.stack(philox4x32_10(c0, c1, c2, c3, seed & _M32, seed >> 32), dim=-1)
-    words = words.reshape(*shape[:3], groups * 4)[..., :seqlen_k]
-    return words >= dropout_threshold(dropout_p)
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=-1)  # key 8g + 2x + e: word x, half e
+    halves = halves.reshape(*shape[:3], groups * 8)[..., :seqlen_k]
+    return halves >= dropout_threshold(dropout_p)
 
 
 def alibi_bias(

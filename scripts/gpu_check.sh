@@ -71,7 +71,10 @@ python3 -m pyfastattn.info > "$OUT/info.txt" 2>&1
 
 # Every test marked gpu: attention forward (features x odd sizes, 10-run
 # bit-identity, streams, memory), backward (gradients, deterministic mode),
-# FFN (both CUDA paths, every activation, odd sizes).
+# dropout and ALiBi (tests/test_dropout_alibi.py: the CUDA kernels against the
+# reference with the same keep pattern, and CPU and CUDA dropping the same
+# elements for the same seed and offset), FFN (both CUDA paths, every
+# activation, odd sizes).
 run_step tests 200 tests_gpu.log \
   python3 -m pytest -q -m gpu tests -p no:cacheprovider -rfE --durations=15
 

@@ -389,3 +389,69 @@ def test_bad_input_op_level():
         torch.ops.pyfastattn.attention_fwd(*args, 0.0, None, torch.rand(5))
     with pytest.raises(ValueError, match="alibi_slopes.dtype"):
         torch.ops.pyfastattn.attention_fwd(*args, 0.0, None, torch.rand(2).half())
+
+
+# ---------------------------------------------------------------------------
+# CUDA (run by scripts/gpu_check.sh's `tests` step, marker gpu)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("case", ["plain", "causal_bottom_right", "bool_mask", "seqused_k", "two_pass_bwd"])
+def test_cuda_kernel_matches_reference(case, feature, dtype):
+    q, k, v, kw = _inputs(case, dtype)
+    q, k, v = (t.cuda() for t in (q, k, v))
+    kw = {n: (t.cuda() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    if kw["softcap"] > 0 or q.shape[-1] not in (32, 64, 96, 128, 256):
+        pytest.skip("not a CUDA head dim")
+    b, sq, sk, hq = q.shape[0], q.shape[1], k.shape[1], q.shape[2]
+    dropout_p = 0.2 if "dropout" in feature else 0.0
+    slopes = _slopes(b, hq, per_batch=True).cuda() if "alibi" in feature else None
+    rng = torch.tensor([31337 + sq, 271828 * sk], dtype=torch.int64, device="cuda") if dropout_p else None
+    scale = default_scale(q.shape[-1])
+    qs, ks, vs = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    with pyfastattn.backend("kernel"):
+        out = functional.canonical_attention(
+            qs, ks, vs, scale=scale, dropout_p=dropout_p, dropout_rng=rng, alibi_slopes=slopes, **kw
+        )
+    g = torch.randn_like(out)
+    out.backward(g)
+    keep = None if not dropout_p else functional.dropout_mask(rng, dropout_p, b, hq, sq, sk, "cuda")
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    kw64 = dict(kw)
+    if "attn_mask" in kw64 and kw64["attn_mask"].dtype != torch.bool:
+        kw64["attn_mask"] = kw64["attn_mask"].double()
+    ref, _ = reference.attention(
+        q64, k64, v64, scale=scale, dropout_p=dropout_p, dropout_mask=keep, alibi_slopes=slopes, **kw64
+    )
+    ref.backward(g.double())
+    ql, kl, vl = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    base = _naive_low_precision(ql, kl, vl, kw, scale, dropout_p, keep, slopes)
+    base.backward(g)
+    assert_tolerance(f"cuda {case}/{feature} out", out, ref.detach(), base, dtype)
+    for name, got, want, bg in zip("qkv", (qs.grad, ks.grad, vs.grad), (q64.grad, k64.grad, v64.grad),
+                                   (ql.grad, kl.grad, vl.grad)):  # fmt: skip
+        assert_tolerance(f"cuda {case}/{feature} d{name}", got, want, bg, dtype)
+
+
+@pytest.mark.gpu
+def test_cpu_and_cuda_drop_the_same_elements():
+    """Same (seed, offset): v = one-hot key columns make out[i, j] = P[i, j] *
+    keep[i, j] / (1 - p), so the zero patterns of the two devices' outputs
+    are the keep patterns; they must be equal."""
+    s, h, d = 64, 2, 64
+    q, k = torch.randn(1, s, h, d).half(), torch.randn(1, s, h, d).half()
+    v = torch.eye(s, d).half()[None, :, None, :].expand(1, s, h, d).contiguous()
+    rng = torch.tensor([2024, 1203], dtype=torch.int64)
+    outs = []
+    for dev in ("cpu", "cuda"):
+        with pyfastattn.backend("kernel"):
+            o = functional.canonical_attention(
+                q.to(dev), k.to(dev), v.to(dev), dropout_p=0.5, dropout_rng=rng.to(dev), bottom_right=True
+            )
+        outs.append(o.cpu())
+    assert torch.equal(outs[0] == 0, outs[1] == 0)
+    keep = functional.dropout_mask(rng, 0.5, 1, h, s, s)
+    assert torch.equal((outs[0] != 0).permute(0, 2, 1, 3), keep[..., :d])

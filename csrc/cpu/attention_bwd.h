@@ -193,7 +193,7 @@ PFA_INLINE void bwd_scores(const Ctx& c, const BwdScratch& w, const RowRanges& r
   // Dropout: dP = keep ? dP / (1 - p) : 0, and w.keep holds the tile's keep
   // masks for the P^T that feeds dV (drop_p_rows).
   if (c.dropout) {
-    fill_keep_tile(c, bi, h, i0, mp, j0, n, w.keep, ldq);
+    fill_keep_tile<Isa::kAvx512>(c, bi, h, i0, mp, j0, n, w.keep, ldq);
     keep_scaled_f32(w.dp, w.keep, ldq, n, mp, c.dropout_rescale);
   }
 }

@@ -173,7 +173,7 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
                                             w.tsum);
     // Dropout after the row sums (they, and lse, are taken before it).
     if (c.dropout) {
-      fill_keep_tile(c, t.b, h, i0, mp, j0, n, w.keep, ldq);
+      fill_keep_tile<Isa::kAvx512>(c, t.b, h, i0, mp, j0, n, w.keep, ldq);
       if constexpr (TL::kPairs) {
         keep_pairs(reinterpret_cast<uint32_t*>(w.ppair), w.keep, ldq, n, mp);
       } else {

@@ -372,7 +372,7 @@ PFA_ATTN_DEVICE DropoutKey dropout_key(const AttentionFwdParams& p) {
 
 // Dropout (issue 17) on P after online_softmax took its row sums: zero where
 // dropout_keep (csrc/attention/dropout.h) drops. A lane holds keys 2c, 2c + 1
-// (c = lane & 3) of each n8 tile: half of one Philox group of 4 keys.
+// (c = lane & 3) of each n8 tile: the two halves of one Philox word.
 template <typename T>
 PFA_ATTN_DEVICE void apply_dropout(ScoreTile<T>& s, const DropoutKey& key, const SeqInfo& seq, int h, int row0,
                                    int n0, int lane) {
@@ -390,12 +390,11 @@ PFA_ATTN_DEVICE void apply_dropout(ScoreTile<T>& s, const DropoutKey& key, const
       uint64_t drop = 0;
 #pragma unroll 1
       for (int nt = 0; nt < T::kNTilesS; ++nt) {
-        const int j = col + nt * 8;  // even: both keys in group j >> 2
-        const Philox4 w = dropout_words(key, seq.bi, h, i, j >> 2);
-        const uint32_t w0 = (j & 2) ? w.x[2] : w.x[0];
-        const uint32_t w1 = (j & 2) ? w.x[3] : w.x[1];
-        drop |= uint64_t(uint64_t(w0) < key.threshold) << (2 * nt);
-        drop |= uint64_t(uint64_t(w1) < key.threshold) << (2 * nt + 1);
+        const int j = col + nt * 8;  // even: keys j, j + 1 are the halves of one word
+        const Philox4 w = dropout_words(key, seq.bi, h, i, j >> 3);
+        const uint32_t x = (j & 4) ? ((j & 2) ? w.x[3] : w.x[2]) : ((j & 2) ? w.x[1] : w.x[0]);
+        drop |= uint64_t((x & 0xFFFFu) < key.threshold) << (2 * nt);
+        drop |= uint64_t((x >> 16) < key.threshold) << (2 * nt + 1);
       }
 #pragma unroll
       for (int nt = 0; nt < T::kNTilesS; ++nt) {
