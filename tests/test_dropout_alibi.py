@@ -368,6 +368,7 @@ def test_alibi_through_sdpa_route_matches_reference():
         (dict(alibi_slopes=torch.rand(2, 2, 2)), "alibi_slopes must have shape"),
         (dict(alibi_slopes=torch.rand(2, dtype=torch.float64)), "alibi_slopes.dtype"),
         (dict(alibi_slopes=[0.1, 0.2]), "alibi_slopes must be a torch.Tensor"),
+        (dict(alibi_slopes=torch.rand(2, device="meta")), "alibi_slopes.device"),
     ],
 )
 def test_bad_input(kwargs, match):
