@@ -4,6 +4,7 @@
 // described in csrc/attention/params.h. pyfastattn/_ops.py adds register_fake
 // and register_autograd; pyfastattn/functional.py maps both public APIs here.
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "attention/api.h"
@@ -17,13 +18,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, double softcap,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+    const std::optional<at::Tensor>& dropout_rng, const std::optional<at::Tensor>& alibi_slopes) {
   const AttentionShape s = check_attention_inputs(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k,
                                                   seqused_k, max_seqlen_q, max_seqlen_k);
   auto [out, lse] = empty_fwd_outputs(q, s);
   AttentionFwdParams p;
   fill_fwd_params(p, s, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k,
                   scale, softcap, window_left, window_right, bottom_right);
+  fill_dropout_alibi(p, s, q, dropout_p, dropout_rng, alibi_slopes);
   cpu::attention_fwd(p);
   return {out, lse};
 }
@@ -34,7 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale, double softcap, int64_t window_left, int64_t window_right, bool bottom_right,
-    bool deterministic) {
+    bool deterministic, double dropout_p, const std::optional<at::Tensor>& dropout_rng,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const AttentionShape s = check_attention_inputs(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k,
                                                   seqused_k, max_seqlen_q, max_seqlen_k);
   check_bwd_inputs(s, q, dout, out, lse);
@@ -43,8 +47,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   fill_fwd_params(p, s, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k,
                   scale, softcap, window_left, window_right, bottom_right);
   fill_bwd_grads(p, dout, dq, dk, dv, deterministic);
+  fill_dropout_alibi(p, s, q, dropout_p, dropout_rng, alibi_slopes);
   cpu::attention_bwd(p);
   return {dq, dk, dv};
+}
+
+// Debug only, O(b h sq sk): the keep pattern of dropout_keep (bool, True =
+// kept) for every (sequence, head, row, key), the pattern the kernels apply
+// for the same (seed, offset) and p. Rows and keys are those inside each
+// sequence (varlen: relative to cu_seqlens, padded to max_seqlen).
+at::Tensor dropout_mask_cpu(const at::Tensor& dropout_rng, double dropout_p, int64_t batch,
+                            int64_t heads, int64_t seqlen_q, int64_t seqlen_k) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p must be in [0, 1], got ",
+                    dropout_p);
+  TORCH_CHECK_VALUE(dropout_rng.scalar_type() == at::kLong && dropout_rng.dim() == 1 &&
+                        dropout_rng.size(0) == 2,
+                    "dropout_rng must be an int64 tensor of shape [2] (seed, offset), got ",
+                    dropout_rng.scalar_type(), " of shape ", dropout_rng.sizes());
+  TORCH_CHECK_VALUE(batch >= 0 && heads >= 0 && seqlen_q >= 0 && seqlen_k >= 0,
+                    "sizes must be >= 0");
+  const at::Tensor r = dropout_rng.contiguous();
+  const DropoutKey key{static_cast<uint64_t>(r.data_ptr<int64_t>()[0]),
+                       static_cast<uint64_t>(r.data_ptr<int64_t>()[1]), dropout_threshold(dropout_p)};
+  at::Tensor keep = at::empty({batch, heads, seqlen_q, seqlen_k}, r.options().dtype(at::kBool));
+  bool* out = keep.data_ptr<bool>();
+  at::parallel_for(0, batch * heads * seqlen_q, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row % seqlen_q, h = (row / seqlen_q) % heads, b = row / (seqlen_q * heads);
+      bool* o = out + row * seqlen_k;
+      for (int64_t j = 0; j < seqlen_k; ++j) o[j] = dropout_keep(key, b, h, i, j);
+    }
+  });
+  return keep;
 }
 
 }  // namespace
@@ -53,12 +87,17 @@ TORCH_LIBRARY(pyfastattn, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, float scale, "
-      "float softcap, int window_left, int window_right, bool bottom_right) -> (Tensor, Tensor)");
+      "float softcap, int window_left, int window_right, bool bottom_right, float dropout_p=0., "
+      "Tensor? dropout_rng=None, Tensor? alibi_slopes=None) -> (Tensor, Tensor)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? attn_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, float softcap, int window_left, "
-      "int window_right, bool bottom_right, bool deterministic) -> (Tensor, Tensor, Tensor)");
+      "int window_right, bool bottom_right, bool deterministic, float dropout_p=0., "
+      "Tensor? dropout_rng=None, Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dropout_mask(Tensor dropout_rng, float dropout_p, int batch, int heads, int seqlen_q, "
+      "int seqlen_k) -> Tensor");
   // Combines two partial attentions over disjoint key sets by their LSE
   // (csrc/merge/params.h); CPU and CUDA implementations register in their own files.
   m.def(
@@ -69,6 +108,7 @@ TORCH_LIBRARY(pyfastattn, m) {
 TORCH_LIBRARY_IMPL(pyfastattn, CPU, m) {
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
+  m.impl("dropout_mask", &dropout_mask_cpu);
 }
 
 }  // namespace pyfastattn

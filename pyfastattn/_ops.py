@@ -67,6 +67,9 @@ if AVAILABLE:
         window_left,
         window_right,
         bottom_right,
+        dropout_p=0.0,
+        dropout_rng=None,
+        alibi_slopes=None,
     ):
         if cu_seqlens_q is None:
             out = empty_like_layout(q, (*q.shape[:-1], v.shape[-1]))
@@ -96,6 +99,9 @@ if AVAILABLE:
         window_right,
         bottom_right,
         deterministic,
+        dropout_p=0.0,
+        dropout_rng=None,
+        alibi_slopes=None,
     ):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -109,21 +115,34 @@ if AVAILABLE:
         lse = q.new_empty((b, hq, sq), dtype=torch.float32)
         return out, lse
 
+    @torch.library.register_fake("pyfastattn::dropout_mask")
+    def _dropout_mask_fake(dropout_rng, dropout_p, batch, heads, seqlen_q, seqlen_k):
+        return dropout_rng.new_empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.bool)
+
     def _fwd_setup_context(ctx, inputs, output):
         q, k, v, attn_mask, cu_q, cu_k, used = inputs[:7]
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, attn_mask, cu_q, cu_k, used)
-        ctx.args = inputs[7:]
+        # Appended arguments (issue 17): dropout_p, dropout_rng (int64 [2], seed
+        # and offset: the backward regenerates the keep pattern from it), alibi_slopes.
+        extra = inputs[14:] + (0.0, None, None)[len(inputs) - 14 :]
+        dropout_p, rng, slopes = extra
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, cu_q, cu_k, used, rng, slopes)
+        ctx.args = inputs[7:14]
+        ctx.dropout_p = dropout_p
+        ctx.n_inputs = len(inputs)
         ctx.mark_non_differentiable(lse)
 
     def _fwd_backward(ctx, dout, _dlse):
-        q, k, v, out, lse, attn_mask, cu_q, cu_k, used = ctx.saved_tensors
+        q, k, v, out, lse, attn_mask, cu_q, cu_k, used, rng, slopes = ctx.saved_tensors
         max_q, max_k, scale, softcap, wl, wr, br = ctx.args
+        dropout_p = ctx.dropout_p
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
         grads = None
         if has_kernel("attention_bwd", q.device.type):
-            grads = _kernel_backward(dout, q, k, v, out, lse, attn_mask, cu_q, cu_k, used, ctx.args)
+            grads = _kernel_backward(
+                dout, q, k, v, out, lse, attn_mask, cu_q, cu_k, used, ctx.args, (dropout_p, rng, slopes)
+            )
         if grads is not None:
             dq, dk, dv = grads
         else:
@@ -145,15 +164,19 @@ if AVAILABLE:
                     window_left=wl,
                     window_right=wr,
                     bottom_right=br,
+                    dropout_p=dropout_p,
+                    dropout_rng=rng,
+                    alibi_slopes=slopes,
                 )[0]
 
             _, vjp = torch.func.vjp(f, q, k, v)
             dq, dk, dv = vjp(dout)
-        return (dq, dk, dv) + (None,) * 11
+        return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
-    def _kernel_backward(dout, q, k, v, out, lse, attn_mask, cu_q, cu_k, used, args):
+    def _kernel_backward(dout, q, k, v, out, lse, attn_mask, cu_q, cu_k, used, args, extra=(0.0, None, None)):
         """The compiled backward, or ``None`` when the CUDA kernel declines the case."""
         max_q, max_k, scale, softcap, wl, wr, br = args
+        dropout_p, rng, slopes = extra
         try:
             return torch.ops.pyfastattn.attention_bwd(
                 dout,
@@ -174,6 +197,9 @@ if AVAILABLE:
                 wr,
                 br,
                 torch.are_deterministic_algorithms_enabled(),
+                dropout_p,
+                rng,
+                slopes,
             )
         except RuntimeError as e:
             from . import _backend  # here: _backend imports nothing of ours, but keep _ops light

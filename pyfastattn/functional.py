@@ -23,6 +23,8 @@ __all__ = [
     "kernel_unsupported_reason",
     "sdpa_unsupported_reason",
     "decide_path",
+    "dropout_mask",
+    "draw_dropout_rng",
 ]
 
 _KERNEL_DTYPES = {
@@ -68,6 +70,7 @@ def kernel_unsupported_reason(
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     mode: str | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> str | None:
     """Why the fused kernel can't run this call (``None`` when it can).
 
@@ -84,8 +87,6 @@ def kernel_unsupported_reason(
         return f"pyfastattn was built without {dev.upper()} kernels (see python -m pyfastattn.info)"
     if q.dtype not in _KERNEL_DTYPES[dev]:
         return f"the {dev.upper()} kernel has no {q.dtype} variant (supported: {_KERNEL_DTYPES[dev]})"
-    if dropout_p > 0:
-        return "dropout is not fused into the kernel"
     if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
         return (
             f"the kernel adds attn_mask in the input dtype, and this {attn_mask.dtype} mask has values "
@@ -116,15 +117,28 @@ def _torch_version() -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-def sdpa_unsupported_reason(*, softcap: float, need_lse: bool, varlen: bool) -> str | None:
+def sdpa_unsupported_reason(
+    *,
+    softcap: float,
+    need_lse: bool,
+    varlen: bool,
+    alibi_dtype: torch.dtype | None = None,
+    need_dropout_mask: bool = False,
+) -> str | None:
     """Why torch's own ``scaled_dot_product_attention`` cannot compute this
     canonical call exactly (``None`` when it can). Everything else of the
     canonical form (top-left or bottom-right causal, windows, key lengths,
-    bool or float masks, GQA, scale, dropout) maps onto SDPA's arguments."""
+    bool or float masks, GQA, scale, dropout with torch's own RNG) maps onto
+    SDPA's arguments; ALiBi (``alibi_dtype``: the query dtype when slopes are
+    given) becomes a float32 bias mask."""
     if _torch_version() < _SDPA_ROUTE_MIN_TORCH:
         return f"torch {torch.__version__} is older than 2.5 (no enable_gqa in its SDPA)"
     if softcap > 0:
         return "torch's SDPA has no softcap"
+    if alibi_dtype is not None and alibi_dtype != torch.float32:
+        return f"torch's SDPA takes ALiBi only as a {alibi_dtype} bias mask, which rounds the ALiBi terms"
+    if need_dropout_mask:
+        return "torch's SDPA does not return its dropout pattern"
     if need_lse:
         return "torch's SDPA does not return the log-sum-exp"
     if varlen and _is_compiling():
@@ -175,6 +189,16 @@ def describe_path(path: str, why: str | None) -> str:
     return names[path] + (f" ({why})" if why else "")
 
 
+def draw_dropout_rng(device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The (seed, offset) pair of one dropout call: int64 [2], drawn by one
+    torch random op (``randint``, 62 bits each) from ``generator`` or the default generator
+    of ``device``. So the generator advances as for any torch random op,
+    ``torch.manual_seed`` makes the pattern reproducible, and torch.compile
+    traces it as a random op (no graph break)."""
+    kw = {} if generator is None else {"generator": generator}  # dynamo traces randint without one
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device, **kw)
+
+
 def _run(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -193,17 +217,38 @@ def _run(
     bottom_right: bool,
     dropout_p: float,
     need_lse: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_rng: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    need_dropout_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Canonical form in, ``(out, lse)`` out, through the chosen backend.
-    ``lse`` is ``None`` when ``need_lse`` is false and torch's SDPA ran."""
+    ``lse`` is ``None`` when ``need_lse`` is false and torch's SDPA ran.
+
+    Dropout on the kernel and reference paths drops the elements of the
+    Philox keep function (csrc/attention/dropout.h) for ``dropout_rng`` (int64
+    [2], seed and offset), drawn from ``generator`` (default: torch's default
+    generator of q's device) when not given; torch's SDPA route uses torch's
+    own dropout."""
     mode = _backend.get_backend()
     common = dict(
         attn_mask=attn_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
         softcap=softcap, window_left=window_left, window_right=window_right, bottom_right=bottom_right,
     )  # fmt: skip
 
+    drawn: list[torch.Tensor] = [] if dropout_rng is None else [dropout_rng]
+
+    def rng() -> torch.Tensor | None:  # drawn once, on first use (never on the SDPA route)
+        if dropout_p <= 0:
+            return None
+        if not drawn:
+            drawn.append(draw_dropout_rng(q.device, generator))
+        return drawn[0]
+
     def run_reference() -> tuple[torch.Tensor, torch.Tensor]:
-        return reference.attention(q, k, v, scale=scale, dropout_p=dropout_p, **common)
+        return reference.attention(
+            q, k, v, scale=scale, dropout_p=dropout_p, dropout_rng=rng(), alibi_slopes=alibi_slopes, **common
+        )
 
     # Nothing to compute (an empty batch, head, sequence or head dim): the
     # reference gives torch's answer (empty, zeros for no keys, the mean of v
@@ -215,21 +260,24 @@ def _run(
         # the op's fake implementation gives the kernel's shapes and layout.
         return torch.ops.pyfastattn.attention_fwd(
             q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-            scale, softcap, window_left, window_right, bottom_right,
+            scale, softcap, window_left, window_right, bottom_right, dropout_p, rng(), alibi_slopes,
         )  # fmt: skip
     if mode == "reference":
         return run_reference()
-    kernel_reason = kernel_unsupported_reason(q, v, attn_mask, dropout_p, mode)
+    kernel_reason = kernel_unsupported_reason(q, v, attn_mask, dropout_p, mode, alibi_slopes)
     sdpa_reason = None
     if kernel_reason is not None and mode == "auto":
         sdpa_reason = sdpa_unsupported_reason(
-            softcap=softcap, need_lse=need_lse, varlen=cu_seqlens_q is not None
-        )
+            softcap=softcap, need_lse=need_lse, varlen=cu_seqlens_q is not None,
+            alibi_dtype=None if alibi_slopes is None else q.dtype, need_dropout_mask=need_dropout_mask,
+        )  # fmt: skip
     path, why = decide_path(kernel_reason, sdpa_reason, mode)
     if path == "sdpa":
         if not _is_compiling():
             _backend.note_fallback(why, target="torch's scaled_dot_product_attention")
-        return _sdpa_route(q, k, v, scale=scale, dropout_p=dropout_p, **common), None
+        return _sdpa_route(
+            q, k, v, scale=scale, dropout_p=dropout_p, alibi_slopes=alibi_slopes, **common
+        ), None
     if path == "reference":
         if not _is_compiling():
             _backend.note_fallback(why)
@@ -237,6 +285,8 @@ def _run(
     qk, kk, vk = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     args = (qk, kk, vk, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
             scale, softcap, window_left, window_right, bottom_right)  # fmt: skip
+    if dropout_p > 0 or alibi_slopes is not None:  # appended op arguments (issue 17)
+        args = (*args, dropout_p, rng(), alibi_slopes)
     if mode == "kernel" or q.device.type != "cuda" or _is_compiling():
         return torch.ops.pyfastattn.attention_fwd(*args)
     # auto on CUDA: the kernel itself declines what only the device can tell
@@ -254,7 +304,7 @@ def _run(
 
 def _sdpa_route(
     q, k, v, *, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k, softcap, window_left, window_right,
-    bottom_right, scale, dropout_p,
+    bottom_right, scale, dropout_p, alibi_slopes=None,
 ) -> torch.Tensor:  # fmt: skip
     """The canonical call through ``torch.nn.functional.scaled_dot_product_attention``
     (torch picks its flash, memory-efficient, cuDNN or CPU backend). Varlen runs
@@ -262,8 +312,9 @@ def _sdpa_route(
     assert softcap == 0, "softcap is not expressible in torch's SDPA"
     if cu_seqlens_q is None:
         return _sdpa_dense(
-            q, k, v, attn_mask, seqused_k, scale, window_left, window_right, bottom_right, dropout_p
-        )
+            q, k, v, attn_mask, seqused_k, scale, window_left, window_right, bottom_right, dropout_p,
+            alibi_slopes,
+        )  # fmt: skip
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     used = seqused_k.tolist() if seqused_k is not None else None
     outs = []
@@ -273,14 +324,27 @@ def _sdpa_route(
             outs.append(q.new_zeros(qs.shape[0], q.shape[1], v.shape[2]))  # no rows, or no keys
             continue
         lens = None if used is None else seqused_k[i : i + 1]
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[i]
         o = _sdpa_dense(qs[None], ks[None], vs[None], None, lens, scale, window_left, window_right, bottom_right,
-                        dropout_p)  # fmt: skip
+                        dropout_p, slopes)  # fmt: skip
         outs.append(o[0])
     outs.append(q.new_zeros(q.shape[0] - cq[-1], q.shape[1], v.shape[2]))
     return torch.cat(outs, 0)
 
 
-def _sdpa_dense(q, k, v, attn_mask, seqused_k, scale, window_left, window_right, bottom_right, dropout_p):
+def _sdpa_dense(
+    q,
+    k,
+    v,
+    attn_mask,
+    seqused_k,
+    scale,
+    window_left,
+    window_right,
+    bottom_right,
+    dropout_p,
+    alibi_slopes=None,
+):
     """Dense canonical (B, S, H, D) views through torch's SDPA. Top-left causal
     becomes ``is_causal``; bottom-right causal with Sq <= Sk becomes torch's
     ``causal_lower_right`` bias (flash / memory-efficient on CUDA); windows,
@@ -293,6 +357,17 @@ def _sdpa_dense(q, k, v, attn_mask, seqused_k, scale, window_left, window_right,
     is_causal = False
     mask = attn_mask
     dead_rows = None
+    if alibi_slopes is not None:  # ALiBi as a float bias (fp32 only, see sdpa_unsupported_reason)
+        len_k = torch.full((1,), sk, dtype=torch.int64, device=q.device)
+        if seqused_k is not None:
+            len_k = seqused_k.to(torch.int64)
+        bias = reference.alibi_bias(alibi_slopes, sq, sk, len_k, q.dtype)
+        if mask is None:
+            mask = bias
+        elif mask.dtype == torch.bool:
+            mask = bias.masked_fill(~mask, float("-inf"))
+        else:
+            mask = mask + bias
     if seqused_k is None and window_left < 0 and window_right < 0:
         pass
     elif seqused_k is None and plain_causal and mask is None:
@@ -504,8 +579,10 @@ def scaled_dot_product_attention(
     and it is not in the future), as on torch's default CPU path.
     ``enable_gqa`` lets Hq be a multiple of Hk. ``scale`` defaults to
     1/sqrt(E). ``dropout_p`` in [0, 1] is applied as in torch (always, when >
-    0); it is not fused into the kernel. A query row whose keys are all masked
-    gives 0.
+    0, scaling kept weights by 1 / (1 - p)), inside the kernel, with its
+    Philox keep pattern drawn from torch's default generator (reproducible
+    under ``torch.manual_seed``; not torch's own pattern). A query row whose
+    keys are all masked gives 0.
 
     Invalid arguments raise :class:`InvalidArgumentError`, a ``RuntimeError``
     (as torch raises) and a ``ValueError``. Tensor subclasses that override
@@ -648,6 +725,10 @@ def canonical_attention(
     bottom_right: bool = False,
     dropout_p: float = 0.0,
     return_lse: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    dropout_rng: torch.Tensor | None = None,
+    need_dropout_mask: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention in pyfastattn's canonical form, through the backend rule.
 
@@ -666,6 +747,12 @@ def canonical_attention(
     0``. ``scale`` defaults to 1/sqrt(D); ``softcap > 0`` caps the scores. With
     ``return_lse`` also returns the float32 log-sum-exp (B, Hq, Sq) or (Hq,
     total_q). See ``csrc/attention/params.h`` for the exact semantics.
+
+    ``dropout_p`` drops softmax weights with the kernels' Philox keep
+    function (seed and offset: ``dropout_rng``, else drawn from ``generator``;
+    ``need_dropout_mask`` keeps the call off torch's SDPA route, whose pattern
+    differs). ``alibi_slopes`` (fp32 (Hq,) or (B, Hq)) adds ``-slope * |i +
+    len_k - len_q - j|`` to the scores.
     """
     b, lq, hq, d = q.shape if cu_seqlens_q is None else (None, None, *q.shape[-2:])
     if cu_seqlens_q is None:
@@ -696,6 +783,10 @@ def canonical_attention(
         bottom_right=bottom_right,
         dropout_p=dropout_p,
         need_lse=return_lse,
+        alibi_slopes=alibi_slopes,
+        dropout_rng=dropout_rng,
+        generator=generator,
+        need_dropout_mask=need_dropout_mask,
     )
     return (out, lse) if return_lse else out
 
@@ -715,7 +806,11 @@ def attention(
     max_seqlen_k: int | None = None,
     seqused_k: torch.Tensor | None = None,
     return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    dropout_p: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_dropout_mask: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Native (FlashAttention-style) attention.
 
     Dense: ``q`` (B, Sq, Hq, D), ``k`` (B, Sk, Hk, D), ``v`` (B, Sk, Hk, Dv) ->
@@ -730,6 +825,19 @@ def attention(
     each sequence's real key length (a key-padding mask without a dense mask).
     With ``return_lse`` also returns the log-sum-exp of the scaled scores,
     float32, (B, Hq, Sq) or (Hq, total_q); -inf for rows that see no key.
+
+    ``dropout_p`` in [0, 1] drops each softmax weight with probability p and
+    scales the rest by 1 / (1 - p), as torch does (p = 1 drops all), inside the
+    kernel: the keep decision is Philox 4x32-10 of (seed, offset, b, h, i, j)
+    with the seed and offset drawn by one torch random op from ``generator``
+    (default: torch's default generator of q's device), so the result is
+    reproducible under ``torch.manual_seed`` for any thread count.
+    ``return_dropout_mask`` (debug only, O(B H Sq Sk)) also returns the keep
+    pattern, bool (B, Hq, Sq, Sk), True = kept (varlen: (B, Hq, max_seqlen_q,
+    max_seqlen_k), rows and keys counted inside each sequence), last.
+    ``alibi_slopes``: float32 (Hq,) or (B, Hq) on q's device; adds
+    ``-slope * |i + Sk - Sq - j|`` to the score of query i and key j
+    (FlashAttention's ALiBi, whatever the causal alignment).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(t, name)
@@ -806,10 +914,18 @@ def attention(
             for i, (u, a) in enumerate(zip(seqused_k.tolist(), avail)):
                 if not 0 <= u <= a:
                     raise InvalidArgumentError(f"seqused_k[{i}] = {u} must be in [0, {a}]")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise InvalidArgumentError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if alibi_slopes is not None:
+        _check_alibi_slopes(alibi_slopes, batch, hq, q.device)
+        alibi_slopes = alibi_slopes.detach().contiguous()  # a constant, like the kernels treat it
+    dropout_rng = None
+    if return_dropout_mask and dropout_p > 0:
+        dropout_rng = draw_dropout_rng(q.device, generator)
     wl, wr = int(window_size[0]), int(window_size[1])
     if causal:
         wr = 0
-    return canonical_attention(
+    result = canonical_attention(
         q,
         k,
         v,
@@ -824,4 +940,55 @@ def attention(
         window_right=wr,
         bottom_right=True,
         return_lse=return_lse,
+        dropout_p=float(dropout_p),
+        alibi_slopes=alibi_slopes,
+        generator=generator,
+        dropout_rng=dropout_rng,
+        need_dropout_mask=return_dropout_mask,
     )
+    if not return_dropout_mask:
+        return result
+    result = result if isinstance(result, tuple) else (result,)
+    return (
+        *result,
+        dropout_mask(dropout_rng, float(dropout_p), batch, hq, max_seqlen_q, max_seqlen_k, q.device),
+    )
+
+
+def dropout_mask(
+    dropout_rng: torch.Tensor | None,
+    dropout_p: float,
+    batch: int,
+    heads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The keep pattern (bool (batch, heads, seqlen_q, seqlen_k), True = kept)
+    of the kernels' dropout for this (seed, offset) pair and p; all True
+    without dropout. Debug only: O(B H Sq Sk). Computed by the C++ keep
+    function when the extension is built, else by the reference's."""
+    if dropout_rng is None or dropout_p <= 0:
+        return torch.ones(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if _ops.AVAILABLE:
+        keep = torch.ops.pyfastattn.dropout_mask(
+            dropout_rng.cpu(), dropout_p, batch, heads, seqlen_q, seqlen_k
+        )
+        return keep.to(device)
+    return reference.dropout_keep_mask(dropout_rng, dropout_p, batch, heads, seqlen_q, seqlen_k, device)
+
+
+def _check_alibi_slopes(slopes, batch: int, hq: int, device: torch.device) -> None:
+    _check_tensor(slopes, "alibi_slopes")
+    if slopes.dtype != torch.float32:
+        raise InvalidArgumentError(f"alibi_slopes.dtype must be torch.float32, got {slopes.dtype}")
+    if tuple(slopes.shape) not in ((hq,), (batch, hq)):
+        raise InvalidArgumentError(
+            f"alibi_slopes must have shape ({hq},) or ({batch}, {hq}), got {tuple(slopes.shape)}"
+        )
+    if slopes.device != device:
+        raise InvalidArgumentError(f"alibi_slopes.device must equal q.device ({device}), got {slopes.device}")
+    if slopes.layout != torch.strided:
+        raise InvalidArgumentError(
+            f"alibi_slopes must be a dense (strided) tensor, got layout {slopes.layout}"
+        )

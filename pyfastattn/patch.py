@@ -82,11 +82,7 @@ def _unfused_causes(model: nn.Module, converted: list[nn.Module]) -> list[str]:
     }
     for m in converted:
         if isinstance(m, nn.MultiheadAttention):
-            if m.dropout > 0:
-                add(
-                    f"attention dropout (p={m.dropout:g}) while training: not fused into the kernel, "
-                    "runs on torch's SDPA or the reference"
-                )
+            # Attention dropout runs inside the kernel (issue 17): not a cause.
             if id(m) not in layer_attn:
                 add(
                     "MultiheadAttention called with need_weights=True (torch's default for a bare "

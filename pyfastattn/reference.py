@@ -31,6 +31,8 @@ __all__ = [
     "apply_rotary",
     "kvcache_append_",
     "kvcache_gather",
+    "dropout_keep_mask",
+    "alibi_bias",
     "feed_forward",
     "gated_feed_forward",
     "apply_activation",
@@ -67,7 +69,97 @@ def _visible(
     return vis
 
 
-def _dense(q, k, v, attn_mask, len_k, scale, softcap, window_left, window_right, bottom_right, dropout_p):
+# ---------------------------------------------------------------------------
+# Dropout keep pattern: Philox 4x32-10, the same pure function as
+# csrc/attention/dropout.h (which documents the counter layout), with uint32
+# arithmetic emulated in int64 (a wrapping int64 product keeps the exact low
+# 64 bits of the 32 x 32 product).
+# ---------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox 4x32-10 of int64 tensors holding uint32 counter words (broadcast),
+    under the key (k0, k1). Returns the four output words as int64 tensors."""
+    for _ in range(10):
+        p0 = c0 * _PHILOX_M0
+        p1 = c2 * _PHILOX_M1
+        c0, c1, c2, c3 = (
+            ((p1 >> 32) & _M32) ^ c1 ^ k0,
+            p1 & _M32,
+            ((p0 >> 32) & _M32) ^ c3 ^ k1,
+            p0 & _M32,
+        )
+        k0 = (k0 + _PHILOX_W0) & _M32
+        k1 = (k1 + _PHILOX_W1) & _M32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """A 16-bit piece u is kept iff u >= this (2^16 for p = 1: nothing kept)."""
+    if not p > 0:
+        return 0
+    if p >= 1:
+        return 1 << 16
+    return int(p * 65536.0 + 0.5)
+
+
+def _to_int64(x: int) -> int:
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def dropout_keep_mask(
+    dropout_rng: torch.Tensor | tuple[int, int],
+    dropout_p: float,
+    batch: int | torch.Tensor,
+    heads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Bool (B, H, Sq, Sk): True where the kernels keep the weight of query
+    row i, key j, head h, sequence b for this (seed, offset) and ``dropout_p``.
+    ``batch`` may be a tensor of sequence indices (the varlen reference asks
+    for one sequence at a time)."""
+    seed, offset = (int(x) for x in (dropout_rng.tolist() if torch.is_tensor(dropout_rng) else dropout_rng))
+    seed &= (1 << 64) - 1
+    b = batch if torch.is_tensor(batch) else torch.arange(batch)
+    b = b.to(device=device, dtype=torch.int64).view(-1, 1, 1, 1)
+    groups = (seqlen_k + 7) // 8
+    h = torch.arange(heads, device=device, dtype=torch.int64).view(1, -1, 1, 1)
+    i = torch.arange(seqlen_q, device=device, dtype=torch.int64).view(1, 1, -1, 1)
+    g = torch.arange(groups, device=device, dtype=torch.int64).view(1, 1, 1, -1)
+    t = (b << 29) + g + _to_int64(offset)  # wraps like the uint64 sum
+    c0, c1 = t & _M32, (t >> 32) & _M32
+    shape = (b.shape[0], heads, seqlen_q, groups)
+    c0, c1, c2, c3 = (x.expand(shape) for x in (c0, c1, i & _M32, h & _M32))
+    words = torch.stack(philox4x32_10(c0, c1, c2, c3, seed & _M32, seed >> 32), dim=-1)
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=-1)  # key 8g + 2x + e: word x, half e
+    halves = halves.reshape(*shape[:3], groups * 8)[..., :seqlen_k]
+    return halves >= dropout_threshold(dropout_p)
+
+
+def alibi_bias(
+    slopes: torch.Tensor, len_q: int, seqlen_k: int, len_k: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """(B|1, H, len_q, seqlen_k): ``-slope * |i + len_k - len_q - j|`` (FlashAttention's
+    ALiBi), slopes (H,) or (B, H), ``len_k`` int64 [b] of real key lengths."""
+    sl = slopes.to(dtype)
+    sl = sl.view(1, -1, 1, 1) if sl.dim() == 1 else sl.view(sl.shape[0], sl.shape[1], 1, 1)
+    i = torch.arange(len_q, device=slopes.device).view(1, 1, -1, 1)
+    j = torch.arange(seqlen_k, device=slopes.device).view(1, 1, 1, -1)
+    dist = (i + len_k.to(slopes.device).view(-1, 1, 1, 1) - len_q - j).abs().to(dtype)
+    return -sl * dist
+
+
+def _dense(
+    q, k, v, attn_mask, len_k, scale, softcap, window_left, window_right, bottom_right, dropout_p,
+    alibi_slopes=None, dropout_keep=None,
+):  # fmt: skip
     cdt = _compute_dtype(q.dtype)
     b, sq, hq, _ = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -80,6 +172,8 @@ def _dense(q, k, v, attn_mask, len_k, scale, softcap, window_left, window_right,
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     if softcap > 0:
         s = torch.tanh(s / softcap) * softcap
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, sq, sk, len_k, cdt)
     vis = _visible(sq, sk, len_k, window_left, window_right, bottom_right, q.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -102,7 +196,10 @@ def _dense(q, k, v, attn_mask, len_k, scale, softcap, window_left, window_right,
         denom = e.sum(dim=-1, keepdim=True)
         p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
         lse = (m + torch.log(denom.detach())).squeeze(-1)
-    if dropout_p > 0:
+    if dropout_p > 0 and dropout_keep is not None:
+        rescale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
+        p = p * (dropout_keep.to(cdt) * rescale)
+    elif dropout_p > 0:
         p = F.dropout(p, dropout_p)
     out = torch.matmul(p, vf).transpose(1, 2)
     return out.to(q.dtype), lse.to(torch.float64 if cdt == torch.float64 else torch.float32)
@@ -123,8 +220,19 @@ def attention(
     window_right: int = -1,
     bottom_right: bool = False,
     dropout_p: float = 0.0,
+    dropout_rng: torch.Tensor | None = None,
+    dropout_mask: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention in the canonical form. Returns ``(out, lse)``.
+
+    Dropout (``dropout_p > 0``) drops the weights the kernels drop: those of
+    :func:`dropout_keep_mask` for ``dropout_rng`` (int64 [2], seed and
+    offset), or exactly ``dropout_mask`` (bool (B, Hq, Sq, Sk), True = kept;
+    varlen: padded to the max lengths) when given; with neither, torch's own
+    ``F.dropout``. Kept weights are scaled by 1 / (1 - p). ``alibi_slopes``
+    (fp32, (Hq,) or (B, Hq)) adds ``-slope * |i + len_k - len_q - j|`` to the
+    scores after softcap.
 
     Shapes: dense ``q`` [b, sq, hq, d], ``k`` [b, sk, hk, d], ``v`` [b, sk, hk, dv],
     ``attn_mask`` broadcastable to [b, hq, sq, sk] (bool: True = attend; float:
@@ -136,15 +244,21 @@ def attention(
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if torch.is_tensor(dropout_rng) and dropout_rng.device.type == "meta":
+        dropout_rng = None  # shapes only (meta tensors): F.dropout gives them
     if cu_seqlens_q is None:
         b, sk = k.shape[0], k.shape[1]
         if seqused_k is None:
             len_k = torch.full((b,), sk, dtype=torch.int64, device=q.device)
         else:
             len_k = seqused_k.to(device=q.device, dtype=torch.int64)
+        keep = dropout_mask
+        if dropout_p > 0 and keep is None and dropout_rng is not None:
+            keep = dropout_keep_mask(dropout_rng, dropout_p, b, q.shape[2], q.shape[1], sk, q.device)
         return _dense(
-            q, k, v, attn_mask, len_k, scale, softcap, window_left, window_right, bottom_right, dropout_p
-        )
+            q, k, v, attn_mask, len_k, scale, softcap, window_left, window_right, bottom_right, dropout_p,
+            alibi_slopes, keep,
+        )  # fmt: skip
 
     if attn_mask is not None:
         raise ValueError("attn_mask cannot be combined with cu_seqlens")
@@ -159,9 +273,19 @@ def attention(
         vs = v[ck[bi] : ck[bi + 1]].unsqueeze(0)
         lk = ck[bi + 1] - ck[bi] if used is None else used[bi]
         len_k = torch.tensor([lk], dtype=torch.int64, device=q.device)
+        lq_i, lk_i = cq[bi + 1] - cq[bi], ck[bi + 1] - ck[bi]
+        keep = None
+        if dropout_p > 0 and dropout_mask is not None:
+            keep = dropout_mask[bi : bi + 1, :, :lq_i, :lk_i]
+        elif dropout_p > 0 and dropout_rng is not None:
+            keep = dropout_keep_mask(dropout_rng, dropout_p, torch.tensor([bi]), hq, lq_i, lk_i, q.device)
+        slopes = alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[bi]
         o, lse = _dense(
-            qs, ks, vs, None, len_k, scale, softcap, window_left, window_right, bottom_right, dropout_p
-        )
+            qs, ks, vs, None, len_k, scale, softcap, window_left, window_right, bottom_right, dropout_p,
+            slopes, keep,
+        )  # fmt: skip
         outs.append(o[0])
         lses.append(lse[0])
     tail = q.shape[0] - (cq[-1] if cq else 0)

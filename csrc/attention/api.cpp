@@ -281,6 +281,57 @@ void fill_fwd_params(AttentionFwdParams& p, const AttentionShape& s, const at::T
   p.scale_log2 = softcap > 0 ? 0.0f : static_cast<float>(scale * kLog2e);
 }
 
+void fill_dropout_alibi(AttentionFwdParams& p, const AttentionShape& s, const at::Tensor& q,
+                        double dropout_p, const std::optional<at::Tensor>& dropout_rng,
+                        const std::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p must be in [0, 1], got ",
+                    dropout_p);
+  p.dropout_p = 0.0f;
+  p.dropout_rescale = 1.0f;
+  p.dropout_rng = nullptr;
+  p.dropout = DropoutKey{0, 0, 0};
+  if (dropout_p > 0.0) {
+    TORCH_CHECK_VALUE(dropout_rng.has_value(),
+                      "dropout_p > 0 needs dropout_rng, an int64 tensor [2] (seed, offset)");
+    const at::Tensor& r = *dropout_rng;
+    check_strided(r, "dropout_rng");
+    TORCH_CHECK_VALUE(r.scalar_type() == at::kLong && r.dim() == 1 && r.size(0) == 2 &&
+                          r.is_contiguous(),
+                      "dropout_rng must be a contiguous int64 tensor of shape [2] (seed, offset), got ",
+                      r.scalar_type(), " of shape ", r.sizes());
+    TORCH_CHECK_VALUE(r.device() == q.device() || r.device().is_cpu(),
+                      "dropout_rng.device must be q.device (", q.device(), ") or cpu, got ",
+                      r.device());
+    p.dropout_p = static_cast<float>(dropout_p);
+    p.dropout_rescale = dropout_p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - dropout_p));
+    p.dropout.threshold = dropout_threshold(dropout_p);
+    if (r.device().is_cpu()) {
+      const int64_t* v = r.data_ptr<int64_t>();
+      p.dropout.seed = static_cast<uint64_t>(v[0]);
+      p.dropout.offset = static_cast<uint64_t>(v[1]);
+    }
+    p.dropout_rng = r.device() == q.device() ? r.data_ptr<int64_t>() : nullptr;
+  }
+  p.alibi_slopes = nullptr;
+  p.alibi_batch_stride = 0;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    check_strided(a, "alibi_slopes");
+    TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat, "alibi_slopes.dtype must be torch.float32, got ",
+                      a.scalar_type());
+    TORCH_CHECK_VALUE(a.device() == q.device(), "alibi_slopes.device must equal q.device (",
+                      q.device(), "), got ", a.device());
+    const bool per_head = a.dim() == 1 && a.size(0) == s.heads;
+    const bool per_batch = a.dim() == 2 && a.size(0) == s.batch && a.size(1) == s.heads;
+    TORCH_CHECK_VALUE(per_head || per_batch, "alibi_slopes must have shape (", s.heads, ",) or (",
+                      s.batch, ", ", s.heads, "), got ", a.sizes());
+    TORCH_CHECK_VALUE(a.numel() == 0 || a.stride(-1) == 1,
+                      "alibi_slopes must be contiguous in its last dim");
+    p.alibi_slopes = a.data_ptr<float>();
+    p.alibi_batch_stride = per_batch && s.batch > 1 ? a.stride(0) : 0;
+  }
+}
+
 void check_bwd_inputs(const AttentionShape& s, const at::Tensor& q, const at::Tensor& dout,
                       const at::Tensor& out, const at::Tensor& lse) {
   check_same(dout, q, "dout");

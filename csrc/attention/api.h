@@ -66,4 +66,10 @@ void check_bwd_inputs(const AttentionShape& s, const at::Tensor& q, const at::Te
 void fill_bwd_grads(AttentionBwdParams& p, const at::Tensor& dout, const at::Tensor& dq,
                     const at::Tensor& dk, const at::Tensor& dv, bool deterministic);
 
+// Dropout and ALiBi (issue 17): checks dropout_p, the (seed, offset) pair and
+// the slopes, and fills their params fields (all off when p = 0 and no slopes).
+void fill_dropout_alibi(AttentionFwdParams& p, const AttentionShape& s, const at::Tensor& q,
+                        double dropout_p, const std::optional<at::Tensor>& dropout_rng,
+                        const std::optional<at::Tensor>& alibi_slopes);
+
 }  // namespace pyfastattn

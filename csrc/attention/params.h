@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "../dtype.h"
+#include "dropout.h"
 
 namespace pyfastattn {
 
@@ -102,6 +103,20 @@ struct AttentionFwdParams {
   const int32_t* cache_batch_idx;    // [b] or nullptr: batch row -> cache row
   const int32_t* cache_leftpad;      // [b] or nullptr: first cache position of each sequence
   int32_t num_splits;                // split-KV chunks per (sequence, kv head); 0: the kernel picks
+  // ---- dropout and ALiBi (issue 17; appended, zero = off) -------------------
+  // Dropout on the softmax weights: P[i][j] is kept iff dropout_keep(dropout,
+  // b, h, i, j) (csrc/attention/dropout.h) and then scaled by dropout_rescale;
+  // the row sum (and lse) is taken before dropout, as in torch.
+  float dropout_p;               // 0: off
+  float dropout_rescale;         // 1 / (1 - p); 0 when p = 1 (every weight dropped)
+  const int64_t* dropout_rng;    // [2] (seed, offset) on the kernel's device; nullptr: off
+  DropoutKey dropout;            // seed, offset (filled on the host when dropout_rng is
+                                 // on the CPU) and threshold (always)
+  // ALiBi: score(i, j) += -slope[b, h] * |i + len_k - len_q - j| (natural-log
+  // units, after softcap, like an additive mask; FlashAttention's convention,
+  // whatever the causal alignment).
+  const float* alibi_slopes;     // [b|1, hq] fp32; nullptr: off
+  int64_t alibi_batch_stride;    // 0 for slopes of shape [hq]
 };
 
 // Backward kernels write dq for rows i < len_q and dk/dv for rows j < len_k of

@@ -20,6 +20,7 @@
 
 #include <vector>
 
+#include "attention_dropout.h"
 #include "attention_tile.h"
 
 namespace pyfastattn {
@@ -55,6 +56,7 @@ struct BwdScratch {
   float* dsum;   // D [blk.q]
   int* lo;
   int* hi;
+  uint32_t* keep;  // dropout keep masks [blk.k][blk.q] (attention_dropout.h)
 };
 
 PFA_INLINE BwdScratch carve_bwd(Carver& cv, const Ctx& c) {
@@ -82,6 +84,7 @@ PFA_INLINE BwdScratch carve_bwd(Carver& cv, const Ctx& c) {
   w.dsum = cv.take(bq);
   w.lo = reinterpret_cast<int*>(cv.take(bq));
   w.hi = reinterpret_cast<int*>(cv.take(bq));
+  w.keep = reinterpret_cast<uint32_t*>(cv.take(c.dropout ? bk * bq : 0));
   return w;
 }
 
@@ -177,7 +180,7 @@ PFA_INLINE void bwd_scores(const Ctx& c, const BwdScratch& w, const RowRanges& r
   const AttentionFwdParams& p = *c.p;
   const int64_t ldq = c.blk.q;
   const int kd = TL::kdim(c.d), kdv = TL::kdim(c.dv);
-  const bool masked = p.mask_kind != MaskKind::kNone;
+  const bool masked = p.mask_kind != MaskKind::kNone || c.alibi;
   const bool fused = !masked && !c.softcap && tile_inside(rr, j0, n);
   GemmArgs qk{n, rr.m, kd, w.ka, kd, false, w.qt, ldq, w.s, ldq, false};
   if (fused) qk.alpha = c.score_scale;
@@ -186,6 +189,25 @@ PFA_INLINE void bwd_scores(const Ctx& c, const BwdScratch& w, const RowRanges& r
   if (!fused) {
     const MaskTile mask = load_mask_tile<typename Isa::Vec, T>(p, bi, h, i0, rr.m, j0, n, w.bias, ldq);
     score_tile(c, rr, j0, n, mp, w.s, ldq, mask, w.dtanh, nullptr);
+  }
+  // Dropout: dP = keep ? dP / (1 - p) : 0, and w.keep holds the tile's keep
+  // masks for the P^T that feeds dV (drop_p_rows).
+  if (c.dropout) {
+    fill_keep_tile<Isa::kAvx512>(c, bi, h, i0, mp, j0, n, w.keep, ldq);
+    keep_scaled_f32(w.dp, w.keep, ldq, n, mp, c.dropout_rescale);
+  }
+}
+
+// Dropout on the P^T rows that feed dV += P^T dO, after grad_tile wrote them
+// (fp32 in place in S^T, or bf16 rows in pout); dV's 1 / (1 - p) is applied
+// in store_dkdv.
+template <bool kPairs>
+PFA_INLINE void drop_p_rows(const Ctx& c, const BwdScratch& w, int n, int mp) {
+  if (!c.dropout) return;
+  if constexpr (kPairs) {
+    keep_bf16_rows(reinterpret_cast<uint16_t*>(w.pout), w.keep, c.blk.q, n, mp);
+  } else {
+    keep_f32(w.s, w.keep, c.blk.q, n, mp);
   }
 }
 
@@ -285,7 +307,7 @@ PFA_INLINE void store_dkdv(const Ctx& c, const BwdScratch& w, const SeqInfo& si,
           int64_t(hk) * p.dk_head_stride;
   T* dv = static_cast<T*>(p.dv) + si.k_row(j0, p.dv_batch_stride, p.dv_row_stride) +
           int64_t(hk) * p.dv_head_stride;
-  const float scale = c.p->scale;
+  const float scale = c.p->scale, vscale = c.dropout_rescale;
   for (int j = 0; j < owned; ++j) {
     T* PFA_RESTRICT krow = dk + int64_t(j) * p.dk_row_stride;
     T* PFA_RESTRICT vrow = dv + int64_t(j) * p.dv_row_stride;
@@ -293,7 +315,7 @@ PFA_INLINE void store_dkdv(const Ctx& c, const BwdScratch& w, const SeqInfo& si,
       const float* PFA_RESTRICT ak = w.acc1 + int64_t(j) * c.d;
       const float* PFA_RESTRICT av = w.acc2 + int64_t(j) * c.dv;
       for (int x = 0; x < c.d; ++x) krow[x] = from_f32<T>(ak[x] * scale);
-      for (int x = 0; x < c.dv; ++x) vrow[x] = from_f32<T>(av[x]);
+      for (int x = 0; x < c.dv; ++x) vrow[x] = from_f32<T>(av[x] * vscale);
     } else {
       for (int x = 0; x < c.d; ++x) krow[x] = from_f32<T>(0.0f);
       for (int x = 0; x < c.dv; ++x) vrow[x] = from_f32<T>(0.0f);

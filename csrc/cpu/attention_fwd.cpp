@@ -16,6 +16,7 @@
 
 #include "attention_cpu.h"
 #include "attention_decode.h"
+#include "attention_dropout.h"
 #include "attention_schedule.h"
 #include "attention_tile.h"
 
@@ -38,6 +39,7 @@ struct FwdScratch {
   float* alpha;  // rescale of the running sum and output, [blk.q]
   int* lo;
   int* hi;
+  uint32_t* keep;  // dropout keep masks [blk.k][blk.q] (attention_dropout.h)
 };
 
 PFA_INLINE FwdScratch carve_fwd(Carver& cv, const Ctx& c) {
@@ -57,6 +59,7 @@ PFA_INLINE FwdScratch carve_fwd(Carver& cv, const Ctx& c) {
   w.alpha = cv.take(bq);
   w.lo = reinterpret_cast<int*>(cv.take(bq));
   w.hi = reinterpret_cast<int*>(cv.take(bq));
+  w.keep = reinterpret_cast<uint32_t*>(cv.take(c.dropout ? bk * bq : 0));
   return w;
 }
 
@@ -105,7 +108,8 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
   const int mp = int(round_up(m, kLanes));
   const int64_t ldq = c.blk.q;
   const int kd = TL::kdim(c.d);
-  const bool masked = p.mask_kind != MaskKind::kNone;
+  // ALiBi, like a mask, sends every tile through score_tile.
+  const bool masked = p.mask_kind != MaskKind::kNone || c.alibi;
 
   RowRanges rr{w.lo, w.hi, m};
   fill_ranges(p, si, i0, rr);
@@ -127,7 +131,7 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
 #if PFA_X86
   if constexpr (Isa::kAvx512) {
     // One row sees exactly [key_begin, key_end): no window edge in any tile.
-    if (m == 1 && !masked && !c.softcap && c.d <= 256) {
+    if (m == 1 && !masked && !c.softcap && !c.dropout && c.d <= 256) {
       if (key_begin < key_end)
         decode_row<T, TL::kPairs>(c, q, kbase, vbase, key_begin, key_end, w.s, w.oacc, w.mrun[0], w.lrun[0]);
       decoded = true;
@@ -168,6 +172,15 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     }
     exp_tile<typename Isa::Vec, TL::kPairs>(w.s, ldq, n, mp, w.tmax, reinterpret_cast<uint32_t*>(w.ppair),
                                             w.tsum);
+    // Dropout after the row sums (they, and lse, are taken before it).
+    if (c.dropout) {
+      fill_keep_tile<Isa::kAvx512>(c, t.b, h, i0, mp, j0, n, w.keep, ldq);
+      if constexpr (TL::kPairs) {
+        keep_pairs(reinterpret_cast<uint32_t*>(w.ppair), w.keep, ldq, n, mp);
+      } else {
+        keep_f32(w.s, w.keep, ldq, n, mp);
+      }
+    }
     for (int i = 0; i < m; ++i) w.lrun[i] = w.lrun[i] * w.alpha[i] + w.tsum[i];
     // O = alpha O + P V
     TL::b_rows(vbase + int64_t(j0) * p.v_row_stride, p.v_row_stride, n, c.dv, w.vb);
@@ -183,7 +196,7 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
   for (int i = 0; i < m; ++i) {
     // A NaN sum (NaN or inf in the inputs) is not empty: it propagates.
     const bool empty = w.mrun[i] == -kInf || w.lrun[i] == 0.0f;
-    const float inv = empty ? 0.0f : 1.0f / w.lrun[i];
+    const float inv = empty ? 0.0f : c.dropout_rescale / w.lrun[i];
     const float* PFA_RESTRICT acc = w.oacc + int64_t(i) * c.dv;
     T* PFA_RESTRICT orow = o + int64_t(i) * p.o_row_stride;
     for (int x = 0; x < c.dv; ++x) orow[x] = from_f32<T>(acc[x] * inv);

@@ -60,6 +60,10 @@ struct Ctx {
   float* qo_pack;
   int64_t pack_floats;  // per query block
   const int64_t* pack_first;
+  // Dropout and ALiBi (issue 17; attention_dropout.h, score_tile).
+  bool dropout;           // p.dropout_p > 0
+  bool alibi;             // p.alibi_slopes != nullptr: every tile goes through score_tile
+  float dropout_rescale;  // 1 / (1 - p) (0 for p = 1), 1 without dropout: O and dV scale
 };
 
 // A query block (forward, dQ, prep, reduce) or a key block / chunk (dK dV,

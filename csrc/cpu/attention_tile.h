@@ -178,6 +178,11 @@ PFA_INLINE void gemm(const GemmArgs& g) {
 struct MaskTile {
   const float* bias;  // nullptr: no mask
   bool per_key;       // bias[j] for every query (mask row stride 0), else bias[j][i]
+  // ALiBi (issue 17): S^T[j][i] -= slope2 * |diag + i - j| (log2 units), with
+  // diag = i0 + len_k - len_q - j0.
+  bool alibi = false;
+  float alibi_slope2 = 0.0f;
+  int64_t alibi_diag = 0;
 };
 
 // A mask with row stride 0 (a key-padding mask, [b, h, 1, sk]) is the same
@@ -212,8 +217,26 @@ PFA_INLINE MaskTile load_mask_tile_as(const AttentionFwdParams& p, const M* mk, 
 }
 
 template <class Vec, typename T>
+PFA_INLINE MaskTile load_mask_tile_only(const AttentionFwdParams& p, int bi, int h, int i0, int m, int j0, int n,
+                                        float* bias, int64_t ld);
+
+// The attn_mask tile (if any) with the ALiBi terms of (sequence bi, head h).
+template <class Vec, typename T>
 PFA_INLINE MaskTile load_mask_tile(const AttentionFwdParams& p, int bi, int h, int i0, int m, int j0, int n,
                                    float* bias, int64_t ld) {
+  MaskTile mt = load_mask_tile_only<Vec, T>(p, bi, h, i0, m, j0, n, bias, ld);
+  if (p.alibi_slopes) {
+    const SeqInfo si(p, bi);
+    mt.alibi = true;
+    mt.alibi_slope2 = p.alibi_slopes[int64_t(bi) * p.alibi_batch_stride + h] * kLog2e;
+    mt.alibi_diag = int64_t(i0) + si.len_k - si.len_q - j0;
+  }
+  return mt;
+}
+
+template <class Vec, typename T>
+PFA_INLINE MaskTile load_mask_tile_only(const AttentionFwdParams& p, int bi, int h, int i0, int m, int j0, int n,
+                                        float* bias, int64_t ld) {
   const int64_t at = int64_t(bi) * p.mask_batch_stride + int64_t(h) * p.mask_head_stride +
                      int64_t(i0) * p.mask_row_stride + j0;
   switch (p.mask_kind) {
@@ -258,6 +281,11 @@ PFA_INLINE void score_tile(const Ctx& c, const RowRanges& rr, int j0, int n, int
     } else if (mask.bias) {
       const float* PFA_RESTRICT br = mask.bias + j * ld;
       for (int i = 0; i < mp; ++i) sr[i] += br[i];
+    }
+    if (mask.alibi) {
+      const float slope = mask.alibi_slope2;
+      const float base = float(mask.alibi_diag - j);
+      for (int i = 0; i < mp; ++i) sr[i] -= slope * std::fabs(base + float(i));
     }
     const int lane_end = std::min(lw.end(), rr.m);
     for (int i = 0; i < lw.begin(); ++i) sr[i] = -kInf;

@@ -86,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, double softcap,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+    const std::optional<at::Tensor>& dropout_rng, const std::optional<at::Tensor>& alibi_slopes) {
   const c10::cuda::CUDAGuard guard(q.device());
   const AttentionShape s = check_attention_inputs(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k,
                                                   seqused_k, max_seqlen_q, max_seqlen_k);
@@ -102,6 +103,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   AttentionFwdParams p;
   fill_fwd_params(p, sk, qk, kk, vk, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k,
                   scale, softcap, window_left, window_right, bottom_right);
+  // Dropout and ALiBi (issue 17); the (seed, offset) pair may live on the GPU.
+  fill_dropout_alibi(p, sk, qk, dropout_p, dropout_rng, alibi_slopes);
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
@@ -128,7 +131,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale, double softcap, int64_t window_left, int64_t window_right, bool bottom_right,
-    bool deterministic) {
+    bool deterministic, double dropout_p, const std::optional<at::Tensor>& dropout_rng,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const c10::cuda::CUDAGuard guard(q.device());
   const AttentionShape s = check_attention_inputs(q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k,
                                                   seqused_k, max_seqlen_q, max_seqlen_k);
@@ -147,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   fill_fwd_params(p, sk, qk, kk, vk, ok, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k,
                   scale, softcap, window_left, window_right, bottom_right);
   fill_bwd_grads(p, dok, dq, dk, dv, deterministic);
+  fill_dropout_alibi(p, sk, qk, dropout_p, dropout_rng, alibi_slopes);
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));

@@ -76,6 +76,7 @@ def attend(
     scale: float | None = None,
     softcap: float = 0.0,
     dropout_p: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> Tensor:
     """Attention in the canonical form, through the backend rule.
 
@@ -83,7 +84,9 @@ def attend(
     contiguous last dim (Hq a multiple of Hk) -> (B, L, Hq, Dv). ``mask``:
     bool (True = attend) or additive float, broadcastable to (B, Hq, L, S).
     ``seqused_k``: int32 (B,) real key lengths. ``causal`` is top-left aligned
-    unless ``bottom_right``. The caller has validated shapes and dtypes.
+    unless ``bottom_right``. ``dropout_p`` runs inside the kernel (its Philox
+    keep pattern, seeded from torch's default generator); ``alibi_slopes``
+    (fp32 (Hq,) or (B, Hq)) adds ALiBi. The caller has validated shapes and dtypes.
     """
     return _functional.canonical_attention(
         q,
@@ -96,6 +99,7 @@ def attend(
         window_right=0 if causal else -1,
         bottom_right=bottom_right,
         dropout_p=dropout_p,
+        alibi_slopes=alibi_slopes,
     )
 
 

@@ -335,6 +335,76 @@ PFA_ATTN_DEVICE void mask_scores(ScoreTile<T>& s, const AttentionFwdParams& p, c
   }
 }
 
+// ALiBi (issue 17): S -= slope * log2(e) * |i + len_k - len_q - j| for this
+// lane's rows i and keys j of the block at n0. Hidden scores stay -inf.
+template <typename T>
+PFA_ATTN_DEVICE void add_alibi(ScoreTile<T>& s, const AttentionFwdParams& p, const SeqInfo& seq, int h,
+                               int row0, int n0, int lane) {
+  const float slope = p.alibi_slopes[int64_t(seq.bi) * p.alibi_batch_stride + h] * kLog2e;
+  const int col = n0 + 2 * (lane & 3);
+#pragma unroll
+  for (int mt = 0; mt < T::kMTiles; ++mt) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int diag = row0 + mt * 16 + hh * 8 + seq.len_k - seq.len_q - col;
+#pragma unroll
+      for (int nt = 0; nt < T::kNTilesS; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[mt][nt][2 * hh + e];
+          x -= slope * fabsf(float(diag - nt * 8 - e));
+        }
+      }
+    }
+  }
+}
+
+// The dropout key of this call: (seed, offset) from device memory when the
+// pair lives there (drawn on the GPU), else from the params.
+PFA_ATTN_DEVICE DropoutKey dropout_key(const AttentionFwdParams& p) {
+  DropoutKey key = p.dropout;
+  if (p.dropout_rng != nullptr) {
+    key.seed = static_cast<uint64_t>(p.dropout_rng[0]);
+    key.offset = static_cast<uint64_t>(p.dropout_rng[1]);
+  }
+  return key;
+}
+
+// Dropout (issue 17) on P after online_softmax took its row sums: zero where
+// dropout_keep (csrc/attention/dropout.h) drops. A lane holds keys 2c, 2c + 1
+// (c = lane & 3) of each n8 tile: the two halves of one Philox word.
+template <typename T>
+PFA_ATTN_DEVICE void apply_dropout(ScoreTile<T>& s, const DropoutKey& key, const SeqInfo& seq, int h, int row0,
+                                   int n0, int lane) {
+  static_assert(2 * T::kNTilesS <= 64, "one 64-bit keep mask per row");
+  const int col = n0 + 2 * (lane & 3);
+#pragma unroll
+  for (int mt = 0; mt < T::kMTiles; ++mt) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int i = row0 + mt * 16 + hh * 8;
+      // The keep bits of the row first, one Philox call at a time (a loop
+      // kept rolled, so its temporaries do not pile up on the score tile's
+      // registers: unrolled, the hdim64 kernel spilled 136 bytes), then
+      // applied to the unrolled tile.
+      uint64_t drop = 0;
+#pragma unroll 1
+      for (int nt = 0; nt < T::kNTilesS; ++nt) {
+        const int j = col + nt * 8;  // even: keys j, j + 1 are the halves of one word
+        const Philox4 w = dropout_words(key, seq.bi, h, i, j >> 3);
+        const uint32_t x = (j & 4) ? ((j & 2) ? w.x[3] : w.x[2]) : ((j & 2) ? w.x[1] : w.x[0]);
+        drop |= uint64_t((x & 0xFFFFu) < key.threshold) << (2 * nt);
+        drop |= uint64_t((x >> 16) < key.threshold) << (2 * nt + 1);
+      }
+#pragma unroll
+      for (int nt = 0; nt < T::kNTilesS; ++nt) {
+        if ((drop >> (2 * nt)) & 1) s[mt][nt][2 * hh] = 0.f;
+        if ((drop >> (2 * nt + 1)) & 1) s[mt][nt][2 * hh + 1] = 0.f;
+      }
+    }
+  }
+}
+
 // Online softmax over one key block. S (log2 units, hidden = -inf) becomes the
 // unnormalised probabilities P = exp2(S - running max); O and the partial row
 // sums are rescaled by exp2(old max - new max). A row has 4 lanes (a quad), so
@@ -415,6 +485,7 @@ template <typename T>
 PFA_ATTN_DEVICE void finalize_rows(OutTile<T>& o, const RowStats<T>& row_max,
                                    const RowStats<T>& row_sum, const AttentionFwdParams& p,
                                    const SeqInfo& seq, int h, int row0, int lane) {
+  const float rescale = p.dropout_p > 0.f ? p.dropout_rescale : 1.f;
 #pragma unroll
   for (int mt = 0; mt < T::kMTiles; ++mt) {
 #pragma unroll
@@ -422,7 +493,8 @@ PFA_ATTN_DEVICE void finalize_rows(OutTile<T>& o, const RowStats<T>& row_max,
       float sum = row_sum[mt][hh];
       sum += sm80::shfl_xor(sum, 1);
       sum += sm80::shfl_xor(sum, 2);
-      const float inv = sum > 0.f ? sm80::fast_rcp(sum) : 0.f;  // sum >= 1 when > 0
+      // sum >= 1 when > 0; dropout's 1 / (1 - p) is folded in here.
+      const float inv = sum > 0.f ? rescale * sm80::fast_rcp(sum) : 0.f;
 #pragma unroll
       for (int nt = 0; nt < T::kNTilesO; ++nt) {
         o[mt][nt][2 * hh] *= inv;
@@ -545,6 +617,7 @@ __global__ void __launch_bounds__(T::kNThreads)
     }
   }
 
+  const DropoutKey dkey = dropout_key(p);
   if (n_begin < n_end) {
     load_rows_async<T, kBlockM>(sQ, q_rows, p.q_row_stride, rows_q, p.head_dim, p.q);
     load_rows_async<T, kBlockN>(sK, k_rows + int64_t(n_begin) * kBlockN * p.k_row_stride,
@@ -581,7 +654,9 @@ __global__ void __launch_bounds__(T::kNThreads)
         mask_scores<T, MaskKind::kAdditive>(s, p, seq, h, row0, n0, lane, s_mask_row);
       else if (n0 < all_rows_lo || n0 + kBlockN > all_rows_hi)  // block crosses a row's window edge or len_k
         mask_scores<T, MaskKind::kNone>(s, p, seq, h, row0, n0, lane, s_mask_row);
+      if (p.alibi_slopes != nullptr) add_alibi<T>(s, p, seq, h, row0, n0, lane);
       online_softmax<T>(s, o, row_max, row_sum);
+      if (p.dropout_p > 0.f) apply_dropout<T>(s, dkey, seq, h, row0, n0, lane);
       gemm_pv<T>(o, s, v_addr);
     }
   }

@@ -1,0 +1,169 @@
+// Dropout on the CPU kernels' tiles (issue 17). The keep decision is
+// dropout_keep (csrc/attention/dropout.h), evaluated here 16 query lanes at a
+// time: one Philox call per (lane, group of 8 keys), in AVX-512 intrinsics
+// (philox16_avx512) or plain loops over the lanes elsewhere.
+//
+// The tile of keep masks is S^T-shaped, keep[j][i] = ~0u (kept) or 0, and is
+// applied where each step needs it:
+//   forward : P (the exp2 tile, fp32 or bf16 pairs) is zeroed where dropped;
+//             the 1 / (1 - p) rescale is folded into O = acc / l at the end.
+//   backward: dP = keep ? dP / (1 - p) : 0 before dS = P (dP - D); the P^T
+//             that feeds dV is zeroed where dropped and dV is rescaled at the
+//             end (store_dkdv).
+// No mask is stored between the forward and the backward: the backward
+// regenerates it.
+#pragma once
+
+#include <cstring>
+
+#include "attention_schedule.h"
+
+namespace pyfastattn {
+namespace cpu {
+
+#if PFA_X86
+// Philox 4x32-10 of 16 counters that differ only in word 2 (x2 = base + lane),
+// in AVX-512: each 32 x 32 -> 64 product is a vpmuludq of the even lanes and
+// one of the odd lanes shifted down, recombined by two blends. About 18
+// instructions a round for 16 lanes x 8 keys (the auto-vectorised loop below
+// used ymm halves).
+PFA_AVX512 inline void philox16_avx512(const Philox4& base, uint32_t k0, uint32_t k1, uint32_t* out0,
+                                      uint32_t* out1, uint32_t* out2, uint32_t* out3) {
+  __m512i x0 = _mm512_set1_epi32(int(base.x[0]));
+  __m512i x1 = _mm512_set1_epi32(int(base.x[1]));
+  __m512i x2 = _mm512_add_epi32(_mm512_set1_epi32(int(base.x[2])),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i x3 = _mm512_set1_epi32(int(base.x[3]));
+  const __m512i m0 = _mm512_set1_epi32(int(kPhiloxM0)), m1 = _mm512_set1_epi32(int(kPhiloxM1));
+  constexpr __mmask16 kOdd = 0xAAAA;
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    const __m512i e0 = _mm512_mul_epu32(x0, m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(x0, 32), m0);
+    const __m512i e1 = _mm512_mul_epu32(x2, m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(x2, 32), m1);
+    const __m512i lo0 = _mm512_mask_blend_epi32(kOdd, e0, _mm512_slli_epi64(o0, 32));
+    const __m512i hi0 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(e0, 32), o0);
+    const __m512i lo1 = _mm512_mask_blend_epi32(kOdd, e1, _mm512_slli_epi64(o1, 32));
+    const __m512i hi1 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(e1, 32), o1);
+    x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32(int(k0)));
+    x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(int(k1)));
+    x1 = lo1;
+    x3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  _mm512_store_si512(out0, x0);
+  _mm512_store_si512(out1, x1);
+  _mm512_store_si512(out2, x2);
+  _mm512_store_si512(out3, x3);
+}
+#endif
+
+// The same for any instruction set: plain loops over the lanes.
+PFA_INLINE void philox16(const Philox4& base, uint32_t k0, uint32_t k1, uint32_t* x0, uint32_t* x1,
+                         uint32_t* x2, uint32_t* x3) {
+  for (int l = 0; l < kLanes; ++l) {
+    x0[l] = base.x[0];
+    x1[l] = base.x[1];
+    x2[l] = base.x[2] + uint32_t(l);
+    x3[l] = base.x[3];
+  }
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    for (int l = 0; l < kLanes; ++l) {
+      const uint64_t p0 = uint64_t(kPhiloxM0) * x0[l];
+      const uint64_t p1 = uint64_t(kPhiloxM1) * x2[l];
+      const uint32_t y0 = uint32_t(p1 >> 32) ^ x1[l] ^ k0;
+      const uint32_t y2 = uint32_t(p0 >> 32) ^ x3[l] ^ k1;
+      x1[l] = uint32_t(p1);
+      x3[l] = uint32_t(p0);
+      x0[l] = y0;
+      x2[l] = y2;
+    }
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+// keep[(j - j0) * ld + i] for keys j0 .. j0 + n - 1 and query lanes 0 .. mp - 1
+// (rows i0 + lane) of head h, sequence b: dropout_keep of
+// csrc/attention/dropout.h, one Philox call per (lane, group of 8 keys).
+template <bool kAvx512>
+PFA_INLINE void fill_keep_tile(const Ctx& c, int b, int h, int i0, int mp, int j0, int n, uint32_t* keep,
+                               int64_t ld) {
+  const DropoutKey& d = c.p->dropout;
+  const uint32_t k0 = uint32_t(d.seed), k1 = uint32_t(d.seed >> 32);
+  const uint32_t thr = uint32_t(d.threshold);  // <= 2^16: compared with 16-bit pieces
+  const int64_t g_begin = j0 >> 3, g_end = (int64_t(j0) + n + 7) >> 3;
+  alignas(64) uint32_t words[4][kLanes];
+  for (int c0 = 0; c0 < mp; c0 += kLanes) {
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      const Philox4 base = dropout_counter(d, b, h, i0 + c0, g);
+#if PFA_X86
+      if constexpr (kAvx512) {
+        philox16_avx512(base, k0, k1, words[0], words[1], words[2], words[3]);
+      } else {
+        philox16(base, k0, k1, words[0], words[1], words[2], words[3]);
+      }
+#else
+      philox16(base, k0, k1, words[0], words[1], words[2], words[3]);
+#endif
+      for (int x = 0; x < 8; ++x) {
+        const int64_t j = 8 * g + x - j0;
+        if (j < 0 || j >= n) continue;
+        uint32_t* PFA_RESTRICT out = keep + j * ld + c0;
+        const uint32_t* PFA_RESTRICT w = words[x >> 1];
+        const int shift = (x & 1) * 16;
+        for (int l = 0; l < kLanes; ++l) out[l] = ((w[l] >> shift) & 0xFFFFu) >= thr ? ~0u : 0u;
+      }
+    }
+  }
+}
+
+// fp32 tile t[j][i] (P^T): zero where dropped.
+PFA_INLINE void keep_f32(float* t, const uint32_t* keep, int64_t ld, int n, int mp) {
+  for (int j = 0; j < n; ++j) {
+    uint32_t* PFA_RESTRICT tr = reinterpret_cast<uint32_t*>(t + j * ld);
+    const uint32_t* PFA_RESTRICT kr = keep + j * ld;
+    for (int i = 0; i < mp; ++i) tr[i] &= kr[i];
+  }
+}
+
+// fp32 tile dP^T: dP * rescale where kept, 0 where dropped.
+PFA_INLINE void keep_scaled_f32(float* t, const uint32_t* keep, int64_t ld, int n, int mp, float rescale) {
+  for (int j = 0; j < n; ++j) {
+    float* PFA_RESTRICT tr = t + j * ld;
+    const uint32_t* PFA_RESTRICT kr = keep + j * ld;
+    for (int i = 0; i < mp; ++i) {
+      const float v = tr[i] * rescale;
+      uint32_t bits;
+      std::memcpy(&bits, &v, 4);
+      bits &= kr[i];
+      std::memcpy(tr + i, &bits, 4);
+    }
+  }
+}
+
+// bf16 rows t[j][i] (P^T for the dV product): zero where dropped.
+PFA_INLINE void keep_bf16_rows(uint16_t* t, const uint32_t* keep, int64_t ld, int n, int mp) {
+  for (int j = 0; j < n; ++j) {
+    uint16_t* PFA_RESTRICT tr = t + j * ld;
+    const uint32_t* PFA_RESTRICT kr = keep + j * ld;
+    for (int i = 0; i < mp; ++i) tr[i] &= uint16_t(kr[i]);
+  }
+}
+
+// bf16 pairs along keys, t[j / 2][i] = (P[j][i], P[j + 1][i]): zero the halves
+// that are dropped.
+PFA_INLINE void keep_pairs(uint32_t* t, const uint32_t* keep, int64_t ld, int n, int mp) {
+  for (int j = 0; j < n; j += 2) {
+    uint32_t* PFA_RESTRICT tr = t + (j / 2) * ld;
+    const uint32_t* PFA_RESTRICT k0 = keep + j * ld;
+    if (j + 1 < n) {
+      const uint32_t* PFA_RESTRICT k1 = keep + (j + 1) * ld;
+      for (int i = 0; i < mp; ++i) tr[i] &= (k0[i] & 0xFFFFu) | (k1[i] & 0xFFFF0000u);
+    } else {
+      for (int i = 0; i < mp; ++i) tr[i] &= k0[i] & 0xFFFFu;
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace pyfastattn
