@@ -25,11 +25,11 @@ for dtype in (torch.float32, torch.bfloat16):
             q, k, v = (torch.randn(1, 8, s, 64, dtype=dtype, requires_grad=True) for _ in range(3))
             g = torch.randn(1, 8, s, 64, dtype=dtype)
 
-            def fwd():
+            def fwd(q=q, k=k, v=v, causal=causal):
                 with torch.no_grad():
                     pyfastattn.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-            def fb():
+            def fb(q=q, k=k, v=v, g=g, causal=causal):
                 o = pyfastattn.scaled_dot_product_attention(q, k, v, is_causal=causal)
                 torch.autograd.grad(o, (q, k, v), g)
 
