@@ -433,6 +433,20 @@ def _check_scale(scale, name: str) -> None:
         raise InvalidArgumentError(f"{name} must be a finite number, got {scale}")
 
 
+def _check_window_softcap_scale(window_size, softcap: float, softmax_scale) -> None:
+    """The native API's window_size, softcap and softmax_scale (shared by
+    ``attention`` and ``attention_with_kvcache``)."""
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) for w in window_size)
+    ):
+        raise InvalidArgumentError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise InvalidArgumentError(f"softcap must be a finite number >= 0, got {softcap}")
+    _check_scale(softmax_scale, "softmax_scale")
+
+
 def _check_varlen(
     cu: torch.Tensor, name: str, total: int, max_seqlen: int | None, max_name: str, device
 ) -> int:
@@ -870,15 +884,7 @@ def attention(
         raise InvalidArgumentError(
             f"k.shape[0] (batch) must equal q.shape[0] ({q.shape[0]}), got {k.shape[0]}"
         )
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or not all(isinstance(w, int) for w in window_size)
-    ):
-        raise InvalidArgumentError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    if not (softcap >= 0 and math.isfinite(softcap)):
-        raise InvalidArgumentError(f"softcap must be a finite number >= 0, got {softcap}")
-    _check_scale(softmax_scale, "softmax_scale")
+    _check_window_softcap_scale(window_size, softcap, softmax_scale)
     if varlen:
         max_seqlen_q = _check_varlen(
             cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q.device

@@ -22,7 +22,7 @@ import math
 import torch
 
 from . import _backend, _ops, reference
-from .functional import InvalidArgumentError, canonical_attention
+from .functional import InvalidArgumentError, _check_window_softcap_scale, canonical_attention
 
 __all__ = ["attention_with_kvcache", "kvcache_unsupported_reason"]
 
@@ -213,16 +213,7 @@ def attention_with_kvcache(
             raise InvalidArgumentError(
                 f"rotary_dim = 2 * rotary_cos.shape[1] = {2 * rotary_cos.shape[1]} must be in [2, {d}] (the head dim)"
             )
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or not all(isinstance(w, int) for w in window_size)
-    ):
-        raise InvalidArgumentError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    if not (softcap >= 0 and math.isfinite(softcap)):
-        raise InvalidArgumentError(f"softcap must be a finite number >= 0, got {softcap}")
-    if softmax_scale is not None and not math.isfinite(float(softmax_scale)):
-        raise InvalidArgumentError(f"softmax_scale must be a finite number, got {softmax_scale}")
+    _check_window_softcap_scale(window_size, softcap, softmax_scale)
     if not isinstance(num_splits, int) or num_splits < 0:
         raise InvalidArgumentError(f"num_splits must be an int >= 0, got {num_splits!r}")
     # Windows wider than the cache are no window (FlashAttention's rule; it
