@@ -22,7 +22,8 @@ Accepted and ignored (they steer FlashAttention's CUDA scheduling only):
 ``deterministic`` (pyfastattn's CPU backward is deterministic; on CUDA
 ``torch.use_deterministic_algorithms`` applies) and ``num_splits`` outside
 the KV-cache call. ``dropout_p > 0`` and ``alibi_slopes`` raise
-``NotImplementedError`` until the dropout/ALiBi work lands.
+``NotImplementedError`` here: this interface is not yet wired to the fused
+dropout and ALiBi that ``pyfastattn.attention`` has (issue 17).
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ def _unsupported(dropout_p: float, alibi_slopes) -> None:
     if dropout_p and dropout_p > 0:
         raise NotImplementedError(
             "pyfastattn.flash_attn_interface: dropout_p > 0 is not supported yet "
-            "(it arrives with the dropout/ALiBi work); pass dropout_p=0.0"
+            "in this interface (pyfastattn.attention(..., dropout_p=...) has it); pass dropout_p=0.0"
         )
     if alibi_slopes is not None:
         raise NotImplementedError(
             "pyfastattn.flash_attn_interface: alibi_slopes is not supported yet "
-            "(it arrives with the dropout/ALiBi work)"
+            "in this interface (pyfastattn.attention(..., alibi_slopes=...) has it)"
         )
 
 
