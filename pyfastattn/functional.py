@@ -559,13 +559,6 @@ def _causal_bias_alignment(attn_mask) -> str | None:
     raise InvalidArgumentError(f"CausalBias.variant must be a CausalVariant, got {attn_mask.variant!r}")
 
 
-def _empty_like_layout(q: torch.Tensor, sizes) -> torch.Tensor:
-    """``torch.empty(sizes)`` whose first three dims lie in memory in the order
-    of ``q``'s (largest stride outermost; ties keep the natural order), the last
-    dim innermost: what the kernel allocates for its output (csrc/attention/api.cpp)."""
-    return _ops.empty_like_layout(q, sizes)
-
-
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -707,7 +700,7 @@ def scaled_dot_product_attention(
     )
     if out.numel() > 0 and not _same_layout(out, q):
         # The kernel allocates its output in q's layout; the other paths may not.
-        out = _empty_like_layout(q, out.shape).copy_(out)
+        out = _ops.empty_like_layout(q, out.shape).copy_(out)
     out = out.transpose(1, 2).reshape(*batch, hq, lq, ev)
     return out.squeeze(0) if unbatched_heads else out
 
