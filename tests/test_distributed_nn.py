@@ -91,6 +91,7 @@ def _worker_cp(rank, world, store, method, causal):
         fails += _check(f"{method} causal={causal} grad {n}", grad, rp.grad)
     # outside the context the module is local again
     assert torch.equal(model(xl), ref_model(xl))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
     if fails:
         raise AssertionError("\n".join(fails))
@@ -121,6 +122,7 @@ def _worker_cp_errors(rank, world, store):
     with pytest.raises(ValueError, match="method must be one of"):
         with context_parallel(None, "tree"):
             pass
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
@@ -160,6 +162,7 @@ def _worker_ddp(rank, world, store):
     fails = []
     for n, p in model.module.named_parameters():
         fails += _check(f"DDP {n}", p.detach(), want[n])
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
     if fails:
         raise AssertionError("\n".join(fails))
@@ -200,6 +203,7 @@ def _worker_fsdp(rank, world, store, meta):
     fails = []
     for n, p in model.named_parameters():
         fails += _check(f"FSDP2 {n}", p.full_tensor().detach(), want[n])
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
     if fails:
         raise AssertionError("\n".join(fails))
