@@ -583,7 +583,8 @@ def scaled_dot_product_attention(
     (``torch.nn.attention.bias``), which become the kernel's causal mask
     aligned top-left / bottom-right. ``is_causal`` is top-left aligned; given
     together with a mask, both apply (a key is seen only if the mask allows it
-    and it is not in the future), as on torch's default CPU path.
+    and it is not in the future), as torch 2.13's default CPU path does
+    (later torch versions refuse the pair).
     ``enable_gqa`` lets Hq be a multiple of Hk. ``scale`` defaults to
     1/sqrt(E). ``dropout_p`` in [0, 1] is applied as in torch (always, when >
     0, scaling kept weights by 1 / (1 - p)), inside the kernel, with its
