@@ -286,20 +286,6 @@ PFA_ATTN_DEVICE void scores_to_grads(KeyQueryTile<T>& s, KeyQueryTile<T>& dp,
   const float pre = softcap ? sm80::fast_div(p.scale, p.softcap) : 0.f;
   const float post = p.softcap * kLog2e;
   const int g = lane >> 2, c2 = 2 * (lane & 3);
-  // Issue 17: ALiBi slope (log2 units) and dropout (dropout.h's keep function,
-  // one Philox call per element here; P for dV is stored as P / (1 - p) where
-  // kept, and dP is scaled the same way before dS).
-  const bool alibi = p.alibi_slopes != nullptr;
-  const float slope =
-      alibi ? p.alibi_slopes[int64_t(seq.bi) * p.alibi_batch_stride + st.h] * kLog2e : 0.f;
-  const int alibi_diag = seq.len_k - seq.len_q - n0;
-  const bool dropout = p.dropout_p > 0.f;
-  DropoutKey dkey = p.dropout;
-  if (dropout && p.dropout_rng != nullptr) {
-    dkey.seed = static_cast<uint64_t>(p.dropout_rng[0]);
-    dkey.offset = static_cast<uint64_t>(p.dropout_rng[1]);
-  }
-  const float rescale = p.dropout_rescale;
 #pragma unroll
   for (int nt = 0; nt < T::kQueryTilesA; ++nt) {
 #pragma unroll
@@ -339,17 +325,9 @@ PFA_ATTN_DEVICE void scores_to_grads(KeyQueryTile<T>& s, KeyQueryTile<T>& dp,
           } else if constexpr (kMaskKind == MaskKind::kAdditive) {
             x = add_bias_log2(x, sm80::bits_to_float<Element>(sm80::ld_shared_u16(m_addr + 2 * j)));
           }
-          if (alibi) x -= slope * fabsf(float(i + alibi_diag - j));
           const float pr = visible ? sm80::fast_exp2(x - lse2) : 0.f;
-          float dpv = dp[mt][nt][r];
-          float pv = pr;
-          if (dropout) {
-            const bool keep = dropout_keep(dkey, seq.bi, st.h, i, n0 + j);
-            dpv = keep ? dpv * rescale : 0.f;
-            pv = keep ? pr * rescale : 0.f;
-          }
-          s[mt][nt][r] = pv;
-          dp[mt][nt][r] = pr * (dpv - dsum) * dtanh;
+          s[mt][nt][r] = pr;
+          dp[mt][nt][r] = pr * (dp[mt][nt][r] - dsum) * dtanh;
         }
       }
     }
