@@ -16,6 +16,34 @@ CHECK_ACROSS_RANKS = os.environ.get("PYFASTATTN_CP_CHECK", "1") != "0"
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
+def check_local_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """Checks one rank's (B, S_local, H, D) shards of q, k, v (ring and Ulysses
+    take the same); returns ``(b, s_local, hq, hk, d)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims (B, S_local, H, D), got {t.dim()} (shape {tuple(t.shape)})"
+            )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(
+                f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}"
+            )
+    b, s_local, hq, d = q.shape
+    hk = k.shape[2]
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[1] != s_local:
+        raise ValueError(
+            f"k and v must be (B={b}, S_local={s_local}, Hk, *) like q, got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[-1] != d:
+        raise ValueError(f"k.shape[-1] must equal q.shape[-1] ({d}), got {k.shape[-1]}")
+    if hk == 0 or hq % hk:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k heads ({hk})")
+    return b, s_local, hq, hk, d
+
+
 def group_info(group) -> tuple[int, int]:
     """(world size, rank in group); clear error without an initialised process group."""
     if not dist.is_available() or not dist.is_initialized():

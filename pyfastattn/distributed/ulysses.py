@@ -93,28 +93,7 @@ def ulysses_attention(
     :func:`shard_sequence`). ``causal``/``window_size`` are on global
     positions. Differentiable in q, k, v.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must have 4 dims (B, S_local, H, D), got {t.dim()} (shape {tuple(t.shape)})"
-            )
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(
-                f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}"
-            )
-    b, s_local, hq, d = q.shape
-    hk = k.shape[2]
-    if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[1] != s_local:
-        raise ValueError(
-            f"k and v must be (B={b}, S_local={s_local}, Hk, *) like q, got k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if k.shape[-1] != d:
-        raise ValueError(f"k.shape[-1] must equal q.shape[-1] ({d}), got {k.shape[-1]}")
-    if hk == 0 or hq % hk:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k heads ({hk})")
+    b, s_local, hq, hk, d = _comm.check_local_shards(q, k, v)
     world, _ = _comm.group_info(group)
     if hq % world:
         raise ValueError(
