@@ -1,0 +1,57 @@
+"""pyfastattn.testing: the tolerance rule every kernel test and the benchmarks'
+correctness gate rely on, including its special values (NaN, infinities) on
+both the one-pass fast path and the masked path."""
+
+import math
+
+import torch
+
+from pyfastattn.testing import max_error, rounding_floor, tolerance_failure
+
+NAN, INF = float("nan"), float("inf")
+
+
+def t64(*v):
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def test_max_error_plain():
+    assert max_error(torch.tensor([1.0, 2.0]), t64(1.5, 2.0)) == 0.5
+
+
+def test_max_error_matching_nan_and_equal_infinities_are_exact():
+    assert max_error(torch.tensor([1.0, NAN, INF, -INF]), t64(1.25, NAN, INF, -INF)) == 0.25
+    assert max_error(torch.tensor([NAN, INF]), t64(NAN, INF)) == 0.0
+
+
+def test_max_error_nan_pattern_differs_is_nan():
+    assert math.isnan(max_error(torch.tensor([NAN, 1.0]), t64(1.0, 1.0)))
+    assert math.isnan(max_error(torch.tensor([1.0, 1.0]), t64(NAN, 1.0)))
+
+
+def test_max_error_unequal_infinity_is_infinite():
+    assert max_error(torch.tensor([INF, 1.0]), t64(-INF, 1.0)) == INF
+    assert max_error(torch.tensor([INF, 1.0]), t64(3.0, 1.0)) == INF
+
+
+def test_rounding_floor_ignores_non_finite():
+    x = 1.0 + 2.0**-10  # not representable in bf16 (8 bits of mantissa)
+    plain = rounding_floor(t64(x, 2.0), torch.bfloat16)
+    assert plain > 0
+    assert rounding_floor(t64(x, 2.0, NAN, INF), torch.bfloat16) == plain
+    assert rounding_floor(t64(NAN, INF), torch.bfloat16) == 0.0
+    assert rounding_floor(t64(), torch.bfloat16) == 0.0
+
+
+def test_tolerance_failure_rule():
+    torch.manual_seed(0)
+    ref = torch.randn(256, 64, dtype=torch.float64)
+    base = ref.to(torch.bfloat16)  # plain torch's error: one rounding
+    assert tolerance_failure("o", base, ref, base, torch.bfloat16) is None
+    bad = base.clone()
+    bad[3, 5] += 0.5
+    msg = tolerance_failure("o", bad, ref, base, torch.bfloat16)
+    assert msg is not None and msg.startswith("o: max error")
+    nan = base.clone()
+    nan[0, 0] = NAN
+    assert "NaN pattern differs" in tolerance_failure("o", nan, ref, base, torch.bfloat16)
