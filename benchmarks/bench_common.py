@@ -498,6 +498,59 @@ def matmul_ceiling(device: str, dtype: torch.dtype, threads: int, quick: bool, s
     return best
 
 
+def _best_rate(call, work: float, samples: int) -> float:
+    """work / seconds of ``call()``, the best of ``samples`` timed calls. The
+    best, not the median: a probe measures what the hardware can do, and other
+    work on the machine only ever subtracts from it."""
+    call()  # warm-up: page faults, frequency ramp, lazy initialisation
+    best = 0.0
+    for _ in range(samples):
+        t = time.perf_counter()
+        call()
+        best = max(best, work / (time.perf_counter() - t))
+    return best
+
+
+def cpu_peak(dtype: torch.dtype, threads: int, quick: bool, smoke: bool = False) -> tuple[float, str]:
+    """(TFLOP/s, instruction) of the CPU's vector units on every benchmark
+    thread: independent multiply-adds in registers (csrc/cpu/peak_probe.cpp),
+    vdpbf16ps for bf16 where the CPU has AVX512_BF16, the fp32 FMA otherwise
+    (fp16 data is converted to fp32 by the kernels, so its peak is fp32's).
+    The physical roof for 'fraction of peak': no kernel can exceed it."""
+    import pyfastattn  # noqa: F401  (loads the extension)
+
+    torch.set_num_threads(threads)
+    kind = "bf16_dot" if dtype == torch.bfloat16 else "fp32_fma"
+    probe = torch.ops.pyfastattn.cpu_peak_probe
+    target = 0.002 if smoke else 0.04 if quick else 0.2
+    iters = 1 << 12
+    while True:  # calibrate the loop count to about `target` seconds a call
+        t = time.perf_counter()
+        probe(kind, iters)
+        dt = time.perf_counter() - t
+        if dt >= target / 4:
+            break
+        iters *= 4
+    iters = max(1, int(iters * target / dt))
+    flops = probe(kind, iters)
+    best = _best_rate(lambda: probe(kind, iters), flops, 3 if smoke else 5 if quick else 9)
+    return best / 1e12, torch.ops.pyfastattn.cpu_peak_probe_isa(kind)
+
+
+def cpu_read_bandwidth(threads: int, quick: bool, smoke: bool = False) -> float:
+    """GB/s (1e9 B/s) of reading a float32 buffer far larger than the caches
+    once, every benchmark thread summing its own slice with vector loads
+    (csrc/cpu/peak_probe.cpp): the roof of a memory-bound kernel, which must
+    at least read its inputs (decode, small-token FFN)."""
+    import pyfastattn  # noqa: F401
+
+    torch.set_num_threads(threads)
+    nbytes = (16 << 20) if smoke else (256 << 20) if quick else (1 << 30)
+    buf = torch.ones(nbytes // 4)
+    read = torch.ops.pyfastattn.cpu_read_probe
+    return _best_rate(lambda: read(buf), nbytes, 2 if smoke else 5 if quick else 9) / 1e9
+
+
 def copy_bandwidth(device: str, threads: int, quick: bool, smoke: bool = False) -> float:
     """GB/s (1e9 B/s) of dst.copy_(src) for a tensor far larger than the
     caches, counting the bytes read and the bytes written."""
@@ -511,6 +564,12 @@ def copy_bandwidth(device: str, threads: int, quick: bool, smoke: bool = False) 
     else:
         ms = statistics.median(time_cuda([lambda: dst.copy_(src)], 0.2))
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def roof_names(device: str) -> tuple[str, str]:
+    """What the two roofs are on ``device``: the compute roof and the bandwidth
+    roof (run.py measures the physical ones on CPU, torch's on CUDA)."""
+    return ("peak", "read bandwidth") if device == "cpu" else ("matmul ceiling", "copy bandwidth")
 
 
 def add_roofline(row: dict, ceiling_tflops: float, copy_gbps: float) -> None:
@@ -717,9 +776,11 @@ def write_markdown(
     summary: list[dict],
     rows: list[dict],
     plots: list[str],
+    device: str = "cpu",
 ) -> None:
     """The report: the exact command, the header lines (environment, method,
-    roofs), the summary, every row, and the plots."""
+    roofs), the summary, every row, and the plots. ``device``: "cpu" or
+    "cuda", which names the roofs (``roof_names``)."""
     parts = [f"# {title}\n", f"```\n{command}\n```\n", "\n".join(f"- {h}" for h in header) + "\n"]
     parts.append("## Summary: pyfastattn against the fastest baseline\n")
     parts.append("speedup = the baseline's p50 / pyfastattn's p50 (> 1: pyfastattn is faster).\n")
@@ -778,8 +839,8 @@ def write_markdown(
                 "p20 / p80 ms",
                 "spread",
                 "TFLOP/s",
-                "of matmul",
-                "GB/s (of copy)",
+                f"of {roof_names(device)[0]}",
+                f"GB/s (of {roof_names(device)[1]})",
                 "bound",
                 "peak MiB",
                 "vs best baseline",
@@ -825,7 +886,12 @@ def _panels(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def write_plots(
-    out_dir: str, rows: list[dict], ceilings: dict, copy_gbps: float, env: dict | None = None
+    out_dir: str,
+    rows: list[dict],
+    ceilings: dict,
+    copy_gbps: float,
+    env: dict | None = None,
+    device: str = "cpu",
 ) -> tuple[list[str], str | None]:
     """Per (suite, dtype), two PNGs, a panel per variant of the shape (the
     pass, the mask, the head dim), sequence length (tokens for the FFN) on a
@@ -835,8 +901,9 @@ def write_plots(
       (the baseline's p50 / pyfastattn's p50; above the 1.0 line pyfastattn is
       faster), error bars from the p20/p80 of both (baseline p20 / ours p80 to
       baseline p80 / ours p20);
-    - ``<suite>-<dtype>.png``: TFLOP/s of every provider against the matmul
-      ceiling (GB/s against the copy bandwidth for a memory-bound panel),
+    - ``<suite>-<dtype>.png``: TFLOP/s of every provider against the compute
+      roof (GB/s against the bandwidth roof for a memory-bound panel; see
+      ``roof_names``),
       error bars from p20/p80.
 
     Titles carry the machine, torch version and thread count. Returns
@@ -920,9 +987,9 @@ def write_plots(
         for ax, (variant, vr) in zip(axes, panels.items()):
             memory = all(r.get("bound") == "memory" for r in vr)
             key, roof, label = (
-                ("gbps", copy_gbps, "GB/s (copy bandwidth dashed)")
+                ("gbps", copy_gbps, f"GB/s ({roof_names(device)[1]} dashed)")
                 if memory
-                else ("tflops", ceilings.get(dtype), "TFLOP/s (matmul ceiling dashed)")
+                else ("tflops", ceilings.get(dtype), f"TFLOP/s ({roof_names(device)[0]} dashed)")
             )
             for prov in dict.fromkeys(r["provider"] for r in vr):
                 pts = sorted(

@@ -29,8 +29,10 @@ spread (p80 - p20) / p50. A warning is printed (and written to results.md)
 when the machine was busy (1-minute load average above the thread count) or a
 row's spread exceeds 10%: the ratios of such a run may flip between runs.
 FLOPs: 4*B*H*Sq*Sk*D forward (half for causal), x2.5 backward, x3.5 fwd+bwd.
-Bytes: each pass reads its inputs and writes its outputs once. A torch.matmul
-ceiling and the device-copy bandwidth are measured in the same run.
+Bytes: each pass reads its inputs and writes its outputs once. The roofs are
+measured in the same run: on CPU the vector units' multiply-add peak
+(csrc/cpu/peak_probe.cpp; vdpbf16ps for bf16 where the CPU has it) and the
+read bandwidth; on CUDA a torch.matmul ceiling and the device-copy bandwidth.
 
 Output in --out (default: a new folder benchmarks/results/local/<date-time>-<mode>-<suite>/,
 ignored by git; its path is printed at the start and the end; --record writes
@@ -517,9 +519,9 @@ COLUMNS = [
     ("p80_ms", "p80", 8, ".3f"),
     ("spread", "spread", 6, ".0%"),
     ("tflops", "TFLOP/s", 8, ".3f"),
-    ("frac_ceiling", "of mm", 6, ".0%"),
+    ("frac_ceiling", "of pk", 6, ".0%"),
     ("gbps", "GB/s", 7, ".1f"),
-    ("frac_copy_bw", "of cp", 6, ".0%"),
+    ("frac_copy_bw", "of bw", 6, ".0%"),
     ("bound", "bound", 7, ""),
     ("peak_mem_mib", "peak MiB", 8, ".1f"),
     ("speedup_vs_best", "vs best", 7, ".2f"),
@@ -598,12 +600,40 @@ def main(argv=None) -> int:
     ]
     budget_s = args.budget_s if args.budget_s is not None else (140.0 if quick and device == "cuda" else 0.0)
     prog = bc.Progress(len(dtypes) + 1 + len(jobs) + ("ffn" in suites) + 1)
-    ceilings = {}
+    # The roofs every row is a fraction of. CPU: the physical peak of the
+    # vector units and the read bandwidth, probed in this run (issue 21);
+    # torch.matmul's rate is one more baseline (--full). CUDA: torch.matmul's
+    # best rate and the device-copy bandwidth.
+    ceilings, roof_lines = {}, []
     for dt in dtypes:
-        prog.step(f"matmul ceiling {dt}")
-        ceilings[dt] = bc.matmul_ceiling(device, dt, threads, quick, smoke=smoke)
-    prog.step("device-copy bandwidth")
-    copy_gbps = bc.copy_bandwidth(device, threads, quick, smoke=smoke)
+        if device == "cpu":
+            prog.step(f"peak probe {dt}")
+            ceilings[dt], isa = bc.cpu_peak(dt, threads, quick, smoke=smoke)
+            line = f"{str(dt)[6:]} {ceilings[dt]:.3f} TFLOP/s ({isa})"
+            if not quick and not smoke:
+                mm = bc.matmul_ceiling(device, dt, threads, quick)
+                line += f", torch.matmul reaches {mm:.3f} ({mm / ceilings[dt]:.0%} of it)"
+            roof_lines.append(line)
+        else:
+            prog.step(f"matmul ceiling {dt}")
+            ceilings[dt] = bc.matmul_ceiling(device, dt, threads, quick, smoke=smoke)
+            roof_lines.append(f"{str(dt)[6:]} {ceilings[dt]:.3f} TFLOP/s")
+    if device == "cpu":
+        prog.step("read bandwidth")
+        copy_gbps = bc.cpu_read_bandwidth(threads, quick, smoke=smoke)
+        roof_desc = (
+            "peak (csrc/cpu/peak_probe.cpp: independent multiply-adds in registers on every thread, "
+            "the best of the samples, this run): " + "; ".join(roof_lines),
+            f"read bandwidth (every thread sums its slice of a {'16 MiB' if smoke else '256 MiB' if quick else '1 GiB'} "
+            f"buffer once, the best of the samples, this run): {copy_gbps:.1f} GB/s",
+        )
+    else:
+        prog.step("device-copy bandwidth")
+        copy_gbps = bc.copy_bandwidth(device, threads, quick, smoke=smoke)
+        roof_desc = (
+            "matmul ceiling (torch.matmul, best square size, this run): " + ", ".join(roof_lines),
+            f"device-copy bandwidth (dst.copy_(src), read + write, this run): {copy_gbps:.1f} GB/s",
+        )
     cpu_timing = CPU_TIMING[mode]
 
     def header(done: str, plots=(), plot_skip=None, warnings=()) -> list[str]:
@@ -628,9 +658,7 @@ def main(argv=None) -> int:
             "FFN: 2*tokens*d_model*d_ff per GEMM",
             "GB/s: the least bytes a pass must move (each input read once, each output written once) / p50; "
             "'bound' says which roof applies (memory when FLOP/byte is below the machine's ceiling/bandwidth)",
-            "matmul ceiling (torch.matmul, best square size, this run): "
-            + ", ".join(f"{str(d)[6:]} {c:.3f} TFLOP/s" for d, c in ceilings.items()),
-            f"device-copy bandwidth (dst.copy_(src), read + write, this run): {copy_gbps:.1f} GB/s",
+            *roof_desc,
             f"peak memory: {mem_method}",
             "correctness: every provider checked against the float64 pyfastattn reference with "
             "pyfastattn.testing's tolerance rule before timing (large shapes: 64 evenly spaced query rows); "
@@ -649,7 +677,8 @@ def main(argv=None) -> int:
         bc.write_csv(os.path.join(out_dir, "results.csv"), rows)
         bc.write_csv(os.path.join(out_dir, "summary.csv"), summary, bc.SUMMARY_FIELDS)
         bc.write_markdown(
-            os.path.join(out_dir, "results.md"), "pyfastattn benchmark", command, head, summary, rows, plots
+            os.path.join(out_dir, "results.md"), "pyfastattn benchmark", command, head, summary, rows, plots,
+            device=device,
         )
 
     def over_budget() -> str | None:
@@ -688,7 +717,7 @@ def main(argv=None) -> int:
     prog.step("summary and plots")
     summary = bc.summarize(rows)
     plots, plot_skip = bc.write_plots(
-        out_dir, rows, {str(d)[6:]: c for d, c in ceilings.items()}, copy_gbps, env
+        out_dir, rows, {str(d)[6:]: c for d, c in ceilings.items()}, copy_gbps, env, device=device
     )
     load.stop()
     warnings = bc.noise_warnings(rows, load, threads if device == "cpu" else None)

@@ -7,8 +7,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
 #include "attention/api.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/peak_probe.h"
 
 namespace pyfastattn {
 namespace {
@@ -81,6 +85,51 @@ at::Tensor dropout_mask_cpu(const at::Tensor& dropout_rng, double dropout_p, int
   return keep;
 }
 
+// The peak probes (cpu/peak_probe.h) on every thread of torch's pool at once;
+// the caller times the call. cpu_peak_probe returns the floating-point
+// operations done by all threads together, cpu_read_probe the sum of the
+// buffer (each thread reads one contiguous slice of it once).
+double cpu_peak_probe(c10::string_view kind, int64_t iters) {
+  const std::string k(kind);
+  TORCH_CHECK_VALUE(cpu::peak_probe_isa(k.c_str()) != nullptr,
+                    "kind must be 'fp32_fma' or 'bf16_dot', got '", k, "'");
+  TORCH_CHECK_VALUE(iters >= 1, "iters must be >= 1, got ", iters);
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> flops(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) flops[t] = cpu::peak_probe_run(k.c_str(), iters);
+  });
+  double total = 0.0;
+  for (double f : flops) total += f;
+  return total;
+}
+
+std::string cpu_peak_probe_isa(c10::string_view kind) {
+  const std::string k(kind);
+  const char* isa = cpu::peak_probe_isa(k.c_str());
+  TORCH_CHECK_VALUE(isa != nullptr, "kind must be 'fp32_fma' or 'bf16_dot', got '", k, "'");
+  return isa;
+}
+
+double cpu_read_probe(const at::Tensor& buf) {
+  TORCH_CHECK_VALUE(buf.device().is_cpu() && buf.layout() == at::kStrided && buf.has_storage() &&
+                        buf.scalar_type() == at::kFloat && buf.is_contiguous(),
+                    "buf must be a contiguous float32 CPU tensor, got ", buf.scalar_type(), " on ",
+                    buf.device(), buf.is_contiguous() ? "" : " (not contiguous)");
+  const float* p = buf.data_ptr<float>();
+  const int64_t n = buf.numel(), threads = at::get_num_threads();
+  std::vector<double> sums(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
+      sums[t] = cpu::read_probe_run(p + lo, static_cast<size_t>(hi - lo));
+    }
+  });
+  double total = 0.0;
+  for (double s : sums) total += s;
+  return total;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pyfastattn, m) {
@@ -103,6 +152,10 @@ TORCH_LIBRARY(pyfastattn, m) {
   m.def(
       "merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
       "-> (Tensor, Tensor)");
+  // The machine's limits for the benchmarks (cpu/peak_probe.h); not for models.
+  m.def("cpu_peak_probe(str kind, int iters) -> float", &cpu_peak_probe);
+  m.def("cpu_peak_probe_isa(str kind) -> str", &cpu_peak_probe_isa);
+  m.def("cpu_read_probe(Tensor buf) -> float", &cpu_read_probe);
 }
 
 TORCH_LIBRARY_IMPL(pyfastattn, CPU, m) {
