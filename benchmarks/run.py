@@ -677,7 +677,13 @@ def main(argv=None) -> int:
         bc.write_csv(os.path.join(out_dir, "results.csv"), rows)
         bc.write_csv(os.path.join(out_dir, "summary.csv"), summary, bc.SUMMARY_FIELDS)
         bc.write_markdown(
-            os.path.join(out_dir, "results.md"), "pyfastattn benchmark", command, head, summary, rows, plots,
+            os.path.join(out_dir, "results.md"),
+            "pyfastattn benchmark",
+            command,
+            head,
+            summary,
+            rows,
+            plots,
             device=device,
         )
 
