@@ -522,7 +522,7 @@ def cpu_peak(dtype: torch.dtype, threads: int, quick: bool, smoke: bool = False)
     torch.set_num_threads(threads)
     kind = "bf16_dot" if dtype == torch.bfloat16 else "fp32_fma"
     probe = torch.ops.pyfastattn.cpu_peak_probe
-    target = 0.002 if smoke else 0.04 if quick else 0.2
+    target = 0.01 if smoke else 0.04 if quick else 0.2
     iters = 1 << 12
     while True:  # calibrate the loop count to about `target` seconds a call
         t = time.perf_counter()
@@ -647,6 +647,7 @@ CSV_FIELDS = [
     "gbps",
     "frac_copy_bw",
     "bound",
+    "thread_scaling",
     "speedup_vs_best",
     "vs_eager",
     "vs_floor",
@@ -809,7 +810,7 @@ def write_markdown(
     for r in rows:
         head = [r["suite"], r["dtype"], r["shape"], r.get("pass", ""), r["provider"]]
         if r["status"] != "ok":
-            lines.append(head + [r["status"]] + [""] * 9)
+            lines.append(head + [r["status"]] + [""] * 10)
             continue
         lines.append(
             head
@@ -822,6 +823,7 @@ def write_markdown(
                 fmt(r.get("gbps"), ".1f")
                 + (f" ({100 * r['frac_copy_bw']:.0f}%)" if r.get("frac_copy_bw") else ""),
                 r.get("bound", ""),
+                fmt(r.get("thread_scaling"), ".2f"),
                 fmt(r.get("peak_mem_mib"), ".1f"),
                 fmt(r.get("speedup_vs_best"), ".2f") + ("x" if r.get("speedup_vs_best") is not None else ""),
             ]
@@ -842,6 +844,7 @@ def write_markdown(
                 f"of {roof_names(device)[0]}",
                 f"GB/s (of {roof_names(device)[1]})",
                 "bound",
+                "1 -> N threads",
                 "peak MiB",
                 "vs best baseline",
                 "note",

@@ -55,6 +55,7 @@ import argparse
 import contextlib
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -484,7 +485,24 @@ def attention_rows(
             r["tflops"] = shape.flops(pass_) / (st["p50_ms"] * 1e-3) / 1e12
             r["gbps"] = shape.bytes_moved(pass_, elsize) / (st["p50_ms"] * 1e-3) / 1e9
             bc.add_roofline(r, ceiling, copy_gbps)
+            if scales(name, device, threads, pass_, shape):
+                # the same call on one thread: how the kernel scales with cores (issue 21)
+                one = bc.time_cpu(calls[0], 1, min_run, max_run, min_samples=min_samples)
+                torch.set_num_threads(threads)
+                r["thread_scaling"] = statistics.median(one) / st["p50_ms"]
     return rows
+
+
+SCALING_MIN_S = 1024
+
+
+def scales(name: str, device: str, threads: int, pass_: str, shape) -> bool:
+    """Rows that also time pyfastattn on one thread: the CPU forward at S >=
+    1024 (the thread-scaling target of issue 21: >= 1.9x from 1 to 2)."""
+    return (
+        name == "pyfastattn" and device == "cpu" and threads > 1 and pass_ == "fwd"
+        and shape.q_len >= SCALING_MIN_S and shape.s >= SCALING_MIN_S
+    )  # fmt: skip
 
 
 def make_call(fn, qkv, dout, causal, pass_):
@@ -523,6 +541,7 @@ COLUMNS = [
     ("gbps", "GB/s", 7, ".1f"),
     ("frac_copy_bw", "of bw", 6, ".0%"),
     ("bound", "bound", 7, ""),
+    ("thread_scaling", "1->N", 5, ".2f"),
     ("peak_mem_mib", "peak MiB", 8, ".1f"),
     ("speedup_vs_best", "vs best", 7, ".2f"),
 ]
@@ -660,6 +679,14 @@ def main(argv=None) -> int:
             "'bound' says which roof applies (memory when FLOP/byte is below the machine's ceiling/bandwidth)",
             *roof_desc,
             f"peak memory: {mem_method}",
+            *(
+                [
+                    f"thread scaling ('1->N'): pyfastattn's forward at S >= {SCALING_MIN_S} timed again on 1 thread; "
+                    f"its time there / its time on {threads} threads (ideal {threads})"
+                ]  # fmt: skip
+                if device == "cpu" and threads > 1
+                else []
+            ),
             "correctness: every provider checked against the float64 pyfastattn reference with "
             "pyfastattn.testing's tolerance rule before timing (large shapes: 64 evenly spaced query rows); "
             "FAIL rows are never timed",
