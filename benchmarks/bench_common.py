@@ -61,6 +61,38 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+# AMD's CPU family numbers (cpuid leaf 1, as /proc/cpuinfo prints them): 23 =
+# 17h, 25 = 19h, 26 = 1Ah. 19h spans two generations (Zen 4 halved the FMA
+# width per clock of its AVX-512 against Zen 5's full datapath: what a
+# peak means depends on it), so the model number is reported beside it.
+AMD_FAMILIES = {23: "Zen 1/Zen 2", 25: "Zen 3/Zen 4", 26: "Zen 5"}
+
+
+def cpu_identity() -> str:
+    """'family 26 model 2 = AMD Zen 5, avx512f avx512_bf16' from /proc/cpuinfo:
+    what the model name alone does not say in a VM ('AMD EPYC')."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, val = line.partition(":")
+                info[key.strip()] = val.strip()
+    except OSError:
+        return platform.machine() or "cpu"
+    parts = []
+    if "cpu family" in info:
+        fam = int(info["cpu family"])
+        name = AMD_FAMILIES.get(fam) if info.get("vendor_id") == "AuthenticAMD" else None
+        parts.append(f"family {fam} model {info.get('model', '?')}" + (f" = AMD {name}" if name else ""))
+    flags = set(info.get("flags", "").split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if f in flags]
+    if isa:
+        parts.append(" ".join(isa))
+    return ", ".join(parts) or (platform.machine() or "cpu")
+
+
 def sanitize(name: str) -> str:
     """A directory name from a device name: 'NVIDIA H200' -> 'NVIDIA-H200'."""
     return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-.") or "unknown"
@@ -89,6 +121,7 @@ def environment(device: str, threads: int) -> dict:
     """The columns every CSV row carries."""
     return dict(
         device=device_name(device),
+        cpu=cpu_identity(),
         threads=threads if device == "cpu" else "",
         torch=torch.__version__,
         cuda=torch.version.cuda or "",
@@ -655,6 +688,7 @@ CSV_FIELDS = [
     "saved_mib",
     "seqlen",
     "device",
+    "cpu",
     "threads",
     "torch",
     "cuda",
@@ -873,6 +907,8 @@ def machine_title(env: dict | None) -> str:
     if not env:
         return ""
     parts = [env.get("device", "")]
+    if env.get("cpu") and env.get("threads"):  # a CPU run
+        parts[0] += f" ({env['cpu'].split(',')[0]})"
     if env.get("torch"):
         parts.append(f"torch {env['torch']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else ""))
     if env.get("threads"):

@@ -666,7 +666,7 @@ def main(argv=None) -> int:
             timing = (f"CUDA events around each call, rotating over input sets that together exceed 2x the "
                       f"L2 ({bc.l2_bytes() >> 20} MiB); two warm-up calls per set")  # fmt: skip
         h = [
-            f"device: {env['device']} ({device}); torch {env['torch']}"
+            f"device: {env['device']} ({device}{'; ' + env['cpu'] if device == 'cpu' else ''}); torch {env['torch']}"
             + (f", CUDA {env['cuda']}" if env["cuda"] else "")
             + f"; pyfastattn {env['sha']}; {env['timestamp']}",
             f"{done}; wall time {time.perf_counter() - t_start:.0f} s; 1-minute load average "
