@@ -382,12 +382,15 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       // ALiBi. With fewer than 8 rows (d = 256) parts past kRows store to
       // their dump slot.
       const int32_t j = n0 + jj;
+      float dots[Traits::kOwnRows];
+#pragma unroll
+      for (int k = 0; k < Traits::kOwnRows; ++k) dots[k] = 0.f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)  // compile-time indices: acc stays in registers
+        if (r % kParts == part) dots[r / kParts] = acc[r];
 #pragma unroll
       for (int k = 0; k < Traits::kOwnRows; ++k) {
-        float dot = 0.f;
-#pragma unroll
-        for (int r = k * kParts; r < (k + 1) * kParts && r < kRows; ++r)  // compile-time acc index
-          if (r == part + k * kParts) dot = acc[r];
+        const float dot = dots[k];
         const int r = part + k * kParts;
         float s = -INFINITY;
         if (j >= own_lo[k] && j < own_hi[k]) {

@@ -507,7 +507,7 @@ int main(int argc, char** argv) {
   std::printf("%zu cases, %d failed; max |O err| fp16 %.2e bf16 %.2e; max |LSE err| %.2e\n", all.size(), failed,
               worst_fp16, worst_bf16, worst_lse);
   std::printf("CTAs %" PRIu64 "; bank conflicts (extra wavefronts): ld.shared.v4 %" PRIu64 "/%" PRIu64
-              ", st.shared %" PRIu64 "/%" PRIu64 " (the Q staging, once per CTA)\n",
+              ", st.shared %" PRIu64 "/%" PRIu64 " (counted, not failed: the Q staging once per CTA, d = 256's dump stores)\n",
               s.ctas, s.lds128_extra_wavefronts, s.lds128, s.sts_extra_wavefronts, s.sts);
   if (s.lds128_extra_wavefronts) {
     std::printf("FAIL shared-memory bank conflicts in the K / Q / V reads\n");
