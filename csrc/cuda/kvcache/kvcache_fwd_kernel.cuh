@@ -226,7 +226,8 @@ __global__ void __launch_bounds__(128) kvcache_append_kernel(const __grid_consta
     const int i = int(rest % p.seqlen_q);
     const int b = int(rest / p.seqlen_q);
     const int64_t pos = int64_t(a.cache_seqlens[b]) + (a.q_per_row ? i : 0);
-    const auto* src = static_cast<const Element*>(a.q) + b * a.q_batch_stride + i * a.q_row_stride + h * a.q_head_stride;
+    const auto* src =
+        static_cast<const Element*>(a.q) + b * a.q_batch_stride + i * a.q_row_stride + h * a.q_head_stride;
     auto* dst = static_cast<Element*>(a.q_rot) + b * a.qr_batch_stride + i * a.qr_row_stride + h * a.qr_head_stride;
     sm80::st_global_v4(dst + c * 8, rotate_chunk<Element>(src, c, a, pos));
   }
@@ -361,7 +362,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       for (int u = 0; u < Traits::kChunksPerPart; ++u) {
         const int c = part + u * kParts;
         float kf[8];
-        unpack8<Element>(sm80::ld_shared_v4(sK + uint32_t(stage * Traits::kTileBytes + jj * kHeadDim * 2 + c * 16)), kf);
+        const uint32_t k_addr = sK + uint32_t(stage * Traits::kTileBytes + jj * kHeadDim * 2 + c * 16);
+        unpack8<Element>(sm80::ld_shared_v4(k_addr), kf);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
           const uint32_t qa = sQ + uint32_t(r * kHeadDim * 4 + c * 16);
@@ -397,7 +399,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
           s = softcap ? cap_log2 * sm80::fast_tanh(dot * dot_scale) : dot * dot_scale;
           s -= own_slope[k] * fabsf(float(own_diag[k] - j));
         }
-        sm80::st_shared_u32(r < kRows ? sS + uint32_t((r * Traits::kSRow + jj) * 4) : sDump + uint32_t(tid * 4), float_bits(s));
+        const uint32_t s_addr = r < kRows ? sS + uint32_t((r * Traits::kSRow + jj) * 4) : sDump + uint32_t(tid * 4);
+        sm80::st_shared_u32(s_addr, float_bits(s));
       }
     }
     sm80::sync_threads();
@@ -428,7 +431,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       for (int jj = 0; jj < kBlockN; ++jj) {
         const float pj = sm80::ld_shared_f32(sS + uint32_t((orow * Traits::kSRow + jj) * 4));
         float vf[8];
-        unpack8<Element>(sm80::ld_shared_v4(sV + uint32_t(stage * Traits::kTileBytes + jj * kHeadDim * 2 + oc * 16)), vf);
+        const uint32_t v_addr = sV + uint32_t(stage * Traits::kTileBytes + jj * kHeadDim * 2 + oc * 16);
+        unpack8<Element>(sm80::ld_shared_v4(v_addr), vf);
 #pragma unroll
         for (int e = 0; e < 8; ++e) o[e] += pj * vf[e];
       }

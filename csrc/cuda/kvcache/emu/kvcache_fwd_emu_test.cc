@@ -189,7 +189,10 @@ Result run_case(const KvCase& c, std::mt19937& rng) {
   for (int b = 0; b < c.batch; ++b)
     for (int s = 0; s < c.s_new; ++s)
       for (int h = 0; h < c.hk; ++h)
-        for (int e = 0; e < d; ++e) kn[at4(b, s, h, e, c.s_new, c.hk)] = rnd(), vn[at4(b, s, h, e, c.s_new, c.hk)] = rnd();
+        for (int e = 0; e < d; ++e) {
+          kn[at4(b, s, h, e, c.s_new, c.hk)] = rnd();
+          vn[at4(b, s, h, e, c.s_new, c.hk)] = rnd();
+        }
   for (int b = 0; b < c.batch; ++b)
     for (int i = 0; i < c.sq; ++i)
       for (int h = 0; h < hq; ++h)
@@ -207,7 +210,10 @@ Result run_case(const KvCase& c, std::mt19937& rng) {
       const double ang = t * std::pow(10000.0, -2.0 * i / std::max(1, c.rotary_dim));
       cos32[t * rh + i] = float(std::cos(ang)), sin32[t * rh + i] = float(std::sin(ang));
       cos16[t * rh + i] = to_bits(cos32[t * rh + i], bf16), sin16[t * rh + i] = to_bits(sin32[t * rh + i], bf16);
-      if (!c.rotary_fp32) cos32[t * rh + i] = to_float(cos16[t * rh + i], bf16), sin32[t * rh + i] = to_float(sin16[t * rh + i], bf16);
+      if (!c.rotary_fp32) {  // the reference uses the table the kernel reads
+        cos32[t * rh + i] = to_float(cos16[t * rh + i], bf16);
+        sin32[t * rh + i] = to_float(sin16[t * rh + i], bf16);
+      }
     }
   std::vector<float> slopes(size_t(c.alibi == 2 ? c.batch : 1) * hq);
   for (float& s : slopes) s = std::uniform_real_distribution<float>(0.01f, 0.6f)(rng);
@@ -507,7 +513,8 @@ int main(int argc, char** argv) {
   std::printf("%zu cases, %d failed; max |O err| fp16 %.2e bf16 %.2e; max |LSE err| %.2e\n", all.size(), failed,
               worst_fp16, worst_bf16, worst_lse);
   std::printf("CTAs %" PRIu64 "; bank conflicts (extra wavefronts): ld.shared.v4 %" PRIu64 "/%" PRIu64
-              ", st.shared %" PRIu64 "/%" PRIu64 " (counted, not failed: the Q staging once per CTA, d = 256's dump stores)\n",
+              ", st.shared %" PRIu64 "/%" PRIu64
+              " (counted, not failed: the Q staging once per CTA, d = 256's dump stores)\n",
               s.ctas, s.lds128_extra_wavefronts, s.lds128, s.sts_extra_wavefronts, s.sts);
   if (s.lds128_extra_wavefronts) {
     std::printf("FAIL shared-memory bank conflicts in the K / Q / V reads\n");
