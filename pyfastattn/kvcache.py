@@ -9,10 +9,14 @@ left-padded by ``cache_leftpad``) or paged (``block_table``).
 
 The CPU kernel (``torch.ops.pyfastattn.attention_kvcache_fwd``) reads the
 cache where it lies, block by block, and splits long caches into chunks that
-run in parallel and merge by their LSE. Elsewhere (CUDA for now, backend
-``reference``, or no compiled extension) the call runs in PyTorch: the same
-append and rotary, then the keys are gathered and attended through
-``canonical_attention`` (the backend rule of ``functional``).
+run in parallel and merge by their LSE. The CUDA kernels (the same op; fp16 /
+bf16) do the same on the GPU, but have not run on hardware yet: backend
+``auto`` takes them only on the capabilities in
+``KVCACHE_CUDA_VERIFIED_CAPABILITIES`` (none yet), backend ``kernel`` always.
+Elsewhere (backend ``reference``, an unverified GPU, fp32 on CUDA, or no
+compiled extension) the call runs in PyTorch: the same append and rotary,
+then the keys are gathered and attended through ``canonical_attention`` (the
+backend rule of ``functional``).
 """
 
 from __future__ import annotations
@@ -26,18 +30,83 @@ from .functional import InvalidArgumentError, _check_window_softcap_scale, canon
 
 __all__ = ["attention_with_kvcache", "kvcache_unsupported_reason"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float16, torch.bfloat16),  # an fp32 cache takes the PyTorch path on CUDA
+}
+
+# Compute capabilities on which the CUDA KV-cache kernels have passed
+# tests/test_gpu_kvcache.py. None yet: they are written, compiled with zero
+# spills and tested under the CPU emulation of their sm_80 primitives
+# (csrc/cuda/kvcache/emu), never run on a GPU. Backend "auto" keeps the
+# PyTorch path on CUDA until a capability is listed; "kernel" runs them.
+KVCACHE_CUDA_VERIFIED_CAPABILITIES: tuple[tuple[int, int], ...] = ()
 
 
-def kvcache_unsupported_reason(q: torch.Tensor) -> str | None:
-    """Why the fused KV-cache kernel can't run this call (``None`` when it can)."""
+def _aligned16(t: torch.Tensor | None) -> bool:
+    """16-byte aligned with every stride but the last a multiple of 16 bytes:
+    what the CUDA kernels' 16-byte row copies need."""
+    if t is None:
+        return True
+    return t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+
+
+def _cuda_reason(q, k_cache, v_cache, rotary_cos, mode) -> str | None:
+    """What keeps the CUDA KV-cache kernels from this call (what
+    kvcache_fwd_unsupported_reason in csrc/cuda/kvcache/kvcache_fwd.cu checks
+    on the tensors the op gets; q, k and v are copied when misaligned)."""
+    d = q.shape[-1]
+    if k_cache is not None and (k_cache.shape[-1] != v_cache.shape[-1] or d % 8 != 0 or not 8 <= d <= 256):
+        return "the CUDA KV-cache kernel needs head_dim == head_dim_v, a multiple of 8 in [8, 256]"
+    if k_cache is not None and not (_aligned16(k_cache) and _aligned16(v_cache)):
+        return (
+            "the CUDA KV-cache kernel needs k_cache / v_cache 16-byte aligned with 16-byte-multiple strides"
+        )
+    if rotary_cos is not None and (2 * rotary_cos.shape[1]) % 16 != 0:
+        return "the CUDA KV-cache kernel needs rotary_dim a multiple of 16"
+    if (mode or _backend.get_backend()) == "auto":
+        cap = torch.cuda.get_device_capability(q.device)
+        if tuple(cap) not in KVCACHE_CUDA_VERIFIED_CAPABILITIES:
+            return (
+                f"the CUDA KV-cache kernel is not yet verified on hardware of capability {cap[0]}.{cap[1]} "
+                "(use backend 'kernel' to run it anyway)"
+            )
+    return None
+
+
+def kvcache_unsupported_reason(
+    q: torch.Tensor,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    mode: str | None = None,
+) -> str | None:
+    """Why the fused KV-cache kernel can't run this call (``None`` when it can).
+    The caches and rotary table, when given, are checked too (CUDA)."""
     if not _ops.AVAILABLE:
         return f"the compiled extension pyfastattn._C could not be imported ({_ops.EXTENSION_ERROR})"
-    if not _ops.has_kernel("attention_kvcache_fwd", q.device.type):
-        return f"there is no KV-cache kernel for device type {q.device.type!r} yet"
-    if q.dtype not in _KERNEL_DTYPES:
-        return f"the KV-cache kernel has no {q.dtype} variant (supported: {_KERNEL_DTYPES})"
+    dev = q.device.type
+    if not _ops.has_kernel("attention_kvcache_fwd", dev):
+        return f"there is no KV-cache kernel for device type {dev!r} in this build"
+    dtypes = _KERNEL_DTYPES.get(dev, ())
+    if q.dtype not in dtypes:
+        return f"the {dev.upper()} KV-cache kernel has no {q.dtype} variant (supported: {dtypes})"
+    if dev == "cuda":
+        return _cuda_reason(q, k_cache, v_cache, rotary_cos, mode)
     return None
+
+
+def _rows_ok(t: torch.Tensor | None) -> torch.Tensor | None:
+    """q / k / v as the op takes them: last dim contiguous, and on CUDA a
+    fresh copy of a view that is not 16-byte aligned (the cache itself is
+    never copied: it is written in place)."""
+    if t is None:
+        return None
+    if t.stride(-1) != 1:
+        return t.contiguous()
+    if t.is_cuda and not _aligned16(t):
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def _int32_vector(t, name: str, batch: int, device) -> torch.Tensor:
@@ -226,7 +295,7 @@ def attention_with_kvcache(
     mode = _backend.get_backend()
     reason = None if mode != "reference" else "backend 'reference'"
     if reason is None:
-        reason = kvcache_unsupported_reason(q)
+        reason = kvcache_unsupported_reason(q, k_cache, v_cache, rotary_cos, mode)
         if reason is not None and mode == "kernel":
             raise RuntimeError(f"pyfastattn backend 'kernel' cannot run this call: {reason}")
     if reason is None and _tiled_prefill(q, hk, block_table, cache_batch_idx, cache_leftpad):
@@ -236,9 +305,7 @@ def attention_with_kvcache(
         )  # fmt: skip
     elif reason is None:
         out, lse = torch.ops.pyfastattn.attention_kvcache_fwd(
-            q if q.stride(-1) == 1 else q.contiguous(), k_cache, v_cache,
-            None if k is None else (k if k.stride(-1) == 1 else k.contiguous()),
-            None if v is None else (v if v.stride(-1) == 1 else v.contiguous()),
+            _rows_ok(q), k_cache, v_cache, _rows_ok(k), _rows_ok(v),
             cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos, rotary_sin,
             bool(rotary_interleaved), scale, float(softcap), wl, wr, int(num_splits),
         )  # fmt: skip
@@ -273,9 +340,9 @@ def _prefill_into_cache(
     the cache."""
     b, sq = q.shape[:2]
     s_new = 0 if k is None else k.shape[1]
-    q_none = q[:, :0] if q.stride(-1) == 1 else q[:, :0].contiguous()
+    q_none = _rows_ok(q[:, :0])
     torch.ops.pyfastattn.attention_kvcache_fwd(
-        q_none, k_cache, v_cache, k, v, cache_seqlens, None, None, None, rotary_cos, rotary_sin,
+        q_none, k_cache, v_cache, _rows_ok(k), _rows_ok(v), cache_seqlens, None, None, None, rotary_cos, rotary_sin,
         bool(rotary_interleaved), scale, softcap, wl, wr, 0,
     )  # fmt: skip
     if rotary_cos is not None:

@@ -13,7 +13,8 @@
 #              and backward against the reference under the tolerance rule over
 #              the support matrix, misaligned offset views, the multi-wave
 #              deterministic backward bit-equal under a watchdog, NaN-poisoned
-#              outputs, grid splits, streams, the FFN against its reference
+#              outputs, grid splits, streams, the FFN against its reference, the
+#              KV-cache kernels (paged, split-KV, append + rotary) against theirs
 #   sanitizer  compute-sanitizer memcheck and racecheck on scripts/gpu_small_shapes.py
 #   bench      benchmarks/run.py --device cuda: attention fwd and fwd+bwd, bf16 and
 #              fp16, d 64 and 128, S 512-16k, causal and not, beside every torch
@@ -23,7 +24,10 @@
 #              why (verdict.md, verdict.csv), and auto_shapes.csv: the shapes where
 #              the kernel was correct and faster than the best torch backend
 # Optional steps, run only when named: ffn-dispatch (times both CUDA FFN paths and
-# writes the dispatch table), nn (the drop-in module tests on CUDA), fuzz (the
+# writes the dispatch table), kvcache (tests/test_gpu_kvcache.py alone -- the
+# KV-cache kernels, which `tests` also runs -- then scripts/gpu_kvcache_bench.py:
+# the issue-18 decode step, contiguous and paged, beside SDPA and the measured
+# read bandwidth, into kvcache_bench.csv), nn (the drop-in module tests on CUDA), fuzz (the
 # property tests on CUDA). A rerun after a fix names only the steps it needs;
 # `build` is incremental (ninja).
 #
@@ -67,7 +71,7 @@ export MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
 BUDGET="${GPU_CHECK_BUDGET_S:-480}"
 DEFAULT_STEPS=(build tests sanitizer bench verdict)
 declare -A CAP=([build]=220 [tests]=120 [sanitizer]=40 [bench]=80 [verdict]=10
-                [ffn-dispatch]=120 [nn]=90 [fuzz]=90)
+                [ffn-dispatch]=120 [nn]=90 [fuzz]=90 [kvcache]=90)
 STEPS=("$@")
 [ "${#STEPS[@]}" -gt 0 ] || STEPS=("${DEFAULT_STEPS[@]}")
 for s in "${STEPS[@]}"; do
@@ -214,6 +218,8 @@ run_step bench bench.log bash -c bench
 run_step ffn-dispatch ffn_dispatch.log \
   "$PY" benchmarks/ffn_bench.py --device cuda --dtype bfloat16 --tokens 16,512,8192 --dmodel 1024,4096 \
   --write-dispatch "$OUT/ffn_cuda_dispatch.py"
+run_step kvcache tests_kvcache_cuda.log bash -c '"$PY" -m pytest -q tests/test_gpu_kvcache.py -p no:cacheprovider -rfE &&
+  "$PY" scripts/gpu_kvcache_bench.py --out "$OUT_DIR/kvcache_bench.csv"'
 run_step nn tests_nn_cuda.log env PYFASTATTN_TEST_DEVICE=cuda \
   "$PY" -m pytest -q tests/test_nn.py -p no:cacheprovider -rfE
 run_step fuzz tests_fuzz_cuda.log env PYFASTATTN_BACKEND=kernel PYFASTATTN_FUZZ_DEVICE=cuda \

@@ -63,6 +63,31 @@ def attention_shapes(dt: torch.dtype) -> None:
     ).sum().backward()
 
 
+def kvcache_shapes(dt: torch.dtype) -> None:
+    """Paged (blocks 16 and 64, shuffled tables) and contiguous caches with
+    append, rotary, leftpad and forced splits: memcheck sees every cache read
+    through the block table."""
+    b, hq, hk, d = 2, 8, 2, 128
+    for block, splits in ((16, 3), (64, 0), (None, 1)):
+        seqlens = torch.tensor([70, 5], dtype=torch.int32, device="cuda")
+        if block is None:
+            kc = torch.randn(b, 90, hk, d, device="cuda", dtype=dt)
+            table = None
+        else:
+            nblk = (90 + block - 1) // block
+            kc = torch.randn(b * nblk + 1, block, hk, d, device="cuda", dtype=dt)
+            table = torch.randperm(b * nblk + 1, device="cuda")[: b * nblk].to(torch.int32).view(b, nblk)
+        vc = torch.randn_like(kc)
+        q = torch.randn(b, 2, hq, d, device="cuda", dtype=dt)
+        k = torch.randn(b, 2, hk, d, device="cuda", dtype=dt)
+        cos = torch.rand(100, 32, device="cuda")
+        pyfastattn.attention_with_kvcache(
+            q, kc, vc, k, torch.randn_like(k), cache_seqlens=seqlens, block_table=table, rotary_cos=cos,
+            rotary_sin=cos.flip(1), causal=True, num_splits=splits,
+            cache_leftpad=torch.tensor([3, 0], dtype=torch.int32, device="cuda") if block is None else None,
+        )  # fmt: skip
+
+
 def ffn_shapes(dt: torch.dtype) -> None:
     from pyfastattn import _ffn_cuda
 
@@ -94,6 +119,7 @@ def main() -> None:
     with pyfastattn.backend("kernel"):
         for dt in dtypes:
             attention_shapes(dt)
+            kvcache_shapes(dt)
             ffn_shapes(dt)
     torch.cuda.synchronize()
     print("small shapes ok")

@@ -58,6 +58,12 @@ TEST_CAPABILITIES = [
         r"test_cuda_ffn_matches_reference|test_cuda_ffn_float32_composition",
     ),
     (
+        "KV-cache attention",
+        "CUDA append/rotary, split-KV paged attention and combine match the float64 reference and the "
+        "CPU op (paged 16/64/256, GQA, leftpad, batch idx, ALiBi)",
+        r"tests/test_gpu_kvcache\.py::",
+    ),
+    (
         "FFN",
         "CUDA FFN (fused GEMMs and cuBLAS paths) matches the float64 reference",
         r"tests/test_ffn_gpu\.py::",

@@ -1,7 +1,9 @@
 // torch.ops.pyfastattn.attention_kvcache_fwd: attention over a KV cache with
-// in-place append, rotary, a batch index, left padding and paged blocks
-// (FlashAttention 2's flash_attn_with_kvcache semantics). The schema, the
+// in-place append, rotary, a batch index, left padding, paged blocks and
+// ALiBi (FlashAttention 2's flash_attn_with_kvcache semantics). The schema, the
 // checks that protect memory, tensors -> params, and the CPU implementation.
+// The CUDA implementation (csrc/cuda/kvcache_cuda_api.cpp) runs the same
+// checks through prepare_kvcache_call.
 //
 // pyfastattn/kvcache.py validates user input first; this layer re-checks every
 // value a kernel would index with (cache_seqlens, cache_batch_idx,
@@ -12,6 +14,8 @@
 
 #include <algorithm>
 #include <vector>
+
+#include "kvcache_api.h"
 
 #include "../cpu/attention_kvcache.h"
 #include "api.h"
@@ -44,13 +48,15 @@ std::vector<int32_t> host_int32(const at::Tensor& t, const char* name, at::IntAr
   return std::vector<int32_t>(h.data_ptr<int32_t>(), h.data_ptr<int32_t>() + h.numel());
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd_cpu(
+}  // namespace
+
+KvCacheCall prepare_kvcache_call(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
     const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_leftpad,
     const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& rotary_cos,
     const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved, double scale, double softcap,
-    int64_t window_left, int64_t window_right, int64_t num_splits) {
+    int64_t window_left, int64_t window_right, int64_t num_splits, const std::optional<at::Tensor>& alibi_slopes) {
   // ---- shapes -------------------------------------------------------------
   to_dtype(q.scalar_type());
   check_like_q(q, q, "q", 4);
@@ -167,23 +173,30 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd_cpu(
   }
 
   // ---- params -----------------------------------------------------------------
-  at::Tensor used_t = at::from_blob(used.data(), {batch}, at::TensorOptions().dtype(at::kInt)).clone();
-  at::Tensor out = at::empty({batch, sq, hq, dv}, q.options());
-  at::Tensor lse = at::empty({batch, hq, sq}, q.options().dtype(at::kFloat));
-  // Host copies the kernel indexes with (exactly the values checked above).
-  at::Tensor bt_t, bidx_t, lp_t, sl_t;
-  auto host = [](std::vector<int32_t>& vals, at::IntArrayRef shape) {
-    return at::from_blob(vals.data(), shape, at::TensorOptions().dtype(at::kInt)).clone();
-  };
-  sl_t = host(seqlens, {batch});
-  if (paged) bt_t = host(table, {batch, max_blocks});
-  if (!bidx.empty()) bidx_t = host(bidx, {batch});
-  if (!leftpad.empty()) lp_t = host(leftpad, {batch});
-
+  KvCacheCall call;
+  call.out = at::empty({batch, sq, hq, dv}, q.options());
+  call.lse = at::empty({batch, hq, sq}, q.options().dtype(at::kFloat));
+  at::Tensor& out = call.out;
+  at::Tensor& lse = call.lse;
+  // The int32 values the kernels index with (exactly the values checked
+  // above), in one tensor on q's device: used | seqlens | table | bidx | leftpad.
+  std::vector<int32_t> meta(used);
+  const size_t at_sl = meta.size();
+  meta.insert(meta.end(), seqlens.begin(), seqlens.end());
+  const size_t at_bt = meta.size();
+  meta.insert(meta.end(), table.begin(), table.end());
+  const size_t at_bidx = meta.size();
+  meta.insert(meta.end(), bidx.begin(), bidx.end());
+  const size_t at_lp = meta.size();
+  meta.insert(meta.end(), leftpad.begin(), leftpad.end());
+  call.meta = at::from_blob(meta.data(), {int64_t(meta.size())}, at::TensorOptions().dtype(at::kInt))
+                  .to(at::TensorOptions().device(q.device()).dtype(at::kInt), /*non_blocking=*/false, /*copy=*/true);
+  int32_t* meta_ptr = call.meta.data_ptr<int32_t>();
+  for (int32_t u : used) call.max_len_k = std::max(call.max_len_k, u);
   at::Tensor q_in = q;
-  if (rotary) q_in = at::empty({batch, sq, hq, d}, q.options());
+  if (rotary) q_in = call.q_rot = at::empty({batch, sq, hq, d}, q.options());
 
-  AttentionFwdParams p{};
+  AttentionFwdParams& p = call.p;
   p.q = q_in.data_ptr();
   p.k = k_cache.data_ptr();
   p.v = v_cache.data_ptr();
@@ -211,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd_cpu(
   p.head_dim = int32_t(d);
   p.head_dim_v = int32_t(dv);
   p.dtype = to_dtype(q.scalar_type());
-  p.seqused_k = used_t.data_ptr<int32_t>();
+  p.seqused_k = meta_ptr;
   auto clamp_window = [](int64_t w) -> int32_t {
     return w < 0 ? -1 : static_cast<int32_t>(std::min<int64_t>(w, INT32_MAX / 2));
   };
@@ -223,15 +236,23 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd_cpu(
   p.scale = float(scale);
   p.softcap = float(softcap);
   p.scale_log2 = softcap > 0 ? 0.0f : float(scale * kLog2e);
-  p.block_table = paged ? bt_t.data_ptr<int32_t>() : nullptr;
+  p.block_table = paged ? meta_ptr + at_bt : nullptr;
   p.block_table_batch_stride = paged ? max_blocks : 0;
   p.page_block_size = int32_t(page);
-  p.cache_batch_idx = bidx.empty() ? nullptr : bidx_t.data_ptr<int32_t>();
-  p.cache_leftpad = leftpad.empty() ? nullptr : lp_t.data_ptr<int32_t>();
+  p.cache_batch_idx = bidx.empty() ? nullptr : meta_ptr + at_bidx;
+  p.cache_leftpad = leftpad.empty() ? nullptr : meta_ptr + at_lp;
   p.num_splits = int32_t(std::max<int64_t>(0, std::min<int64_t>(num_splits, 1 << 16)));
+  // ALiBi: the one check of the slopes (dtype, device, shape (hq) or (b, hq))
+  // that attention_fwd uses; dropout stays off (FlashAttention's KV-cache
+  // call has none).
+  AttentionShape shape{};
+  shape.batch = batch;
+  shape.heads = hq;
+  fill_dropout_alibi(p, shape, q, 0.0, std::nullopt, alibi_slopes);
 
-  if (s_new > 0 || rotary) {
-    cpu::KvAppendParams a{};
+  call.append = s_new > 0 || rotary;
+  if (call.append) {
+    cpu::KvAppendParams& a = call.a;
     if (s_new > 0) {
       a.k_new = k->data_ptr();
       a.v_new = v->data_ptr();
@@ -243,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd_cpu(
       a.vn_head_stride = v->stride(2);
     }
     a.s_new = int32_t(s_new);
-    a.cache_seqlens = sl_t.data_ptr<int32_t>();
+    a.cache_seqlens = meta_ptr + at_sl;
     if (rotary) {
       a.rotary_cos = rotary_cos->data_ptr();
       a.rotary_sin = rotary_sin->data_ptr();
@@ -264,10 +285,29 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd_cpu(
       a.qr_head_stride = q_in.stride(2);
       a.q_per_row = q_per_row;
     }
-    cpu::kvcache_append(p, a);
   }
-  cpu::attention_kvcache_fwd(p);
-  return {out, lse};
+  return call;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
+    const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_leftpad,
+    const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved, double scale, double softcap,
+    int64_t window_left, int64_t window_right, int64_t num_splits, const std::optional<at::Tensor>& alibi_slopes) {
+  KvCacheCall c = prepare_kvcache_call(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad,
+                                       block_table, rotary_cos, rotary_sin, rotary_interleaved, scale, softcap,
+                                       window_left, window_right, num_splits, alibi_slopes);
+  // The CPU kernel's ALiBi arrives with the kvcache-cpu branch; until then
+  // slopes are refused here rather than ignored.
+  TORCH_CHECK_NOT_IMPLEMENTED(c.p.alibi_slopes == nullptr,
+                              "attention_kvcache_fwd: the CPU kernel does not take alibi_slopes yet");
+  if (c.append) cpu::kvcache_append(c.p, c.a);
+  cpu::attention_kvcache_fwd(c.p);
+  return {c.out, c.lse};
 }
 
 }  // namespace
@@ -277,7 +317,7 @@ TORCH_LIBRARY_FRAGMENT(pyfastattn, m) {
       "attention_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
       "Tensor cache_seqlens, Tensor? cache_batch_idx, Tensor? cache_leftpad, Tensor? block_table, "
       "Tensor? rotary_cos, Tensor? rotary_sin, bool rotary_interleaved, float scale, float softcap, "
-      "int window_left, int window_right, int num_splits) -> (Tensor, Tensor)");
+      "int window_left, int window_right, int num_splits, Tensor? alibi_slopes=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyfastattn, CPU, m) { m.impl("attention_kvcache_fwd", &attention_kvcache_fwd_cpu); }
