@@ -108,7 +108,7 @@ if AVAILABLE:
     @torch.library.register_fake("pyfastattn::attention_kvcache_fwd")
     def _attention_kvcache_fwd_fake(
         q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
-        rotary_sin, rotary_interleaved, scale, softcap, window_left, window_right, num_splits,
+        rotary_sin, rotary_interleaved, scale, softcap, window_left, window_right, num_splits, alibi_slopes=None,
     ):  # fmt: skip
         b, sq, hq, _ = q.shape
         out = q.new_empty((b, sq, hq, v_cache.shape[-1]))

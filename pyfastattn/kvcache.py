@@ -22,7 +22,12 @@ import math
 import torch
 
 from . import _backend, _ops, reference
-from .functional import InvalidArgumentError, _check_window_softcap_scale, canonical_attention
+from .functional import (
+    InvalidArgumentError,
+    _check_alibi_slopes,
+    _check_window_softcap_scale,
+    canonical_attention,
+)
 
 __all__ = ["attention_with_kvcache", "kvcache_unsupported_reason"]
 
@@ -100,8 +105,11 @@ def attention_with_kvcache(
 
     ``causal``, ``window_size = (left, right)`` (-1 unbounded) are aligned
     bottom-right: query row i sits at key i + len_k - Sq. ``softmax_scale``
-    defaults to 1/sqrt(D); ``softcap > 0`` caps the scores. ``num_splits``:
-    split-KV chunks per sequence (0: chosen from the shape).
+    defaults to 1/sqrt(D); ``softcap > 0`` caps the scores. ``alibi_slopes``
+    float32 (Hq,) or (B, Hq) on q's device adds ``-slope * |i + len_k - Sq -
+    j|`` to the score of query row i and key j (after softcap; len_k the keys
+    sequence b attends, j counted from its first), FlashAttention's ALiBi.
+    ``num_splits``: split-KV chunks per sequence (0: chosen from the shape).
 
     Returns out (B, Sq, Hq, Dv), and with ``return_lse`` also the float32
     log-sum-exp (B, Hq, Sq) (-inf for a row that sees no key). Not
@@ -112,10 +120,6 @@ def attention_with_kvcache(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise InvalidArgumentError(f"{name} must have 4 dims, got shape {tuple(t.shape)}")
-    if alibi_slopes is not None:
-        raise NotImplementedError(
-            "alibi_slopes is not supported yet (ALiBi arrives with the dropout/ALiBi issue)"
-        )
     if not q.dtype.is_floating_point:
         raise InvalidArgumentError(f"q.dtype must be a floating-point dtype, got {q.dtype}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
@@ -214,6 +218,9 @@ def attention_with_kvcache(
                 f"rotary_dim = 2 * rotary_cos.shape[1] = {2 * rotary_cos.shape[1]} must be in [2, {d}] (the head dim)"
             )
     _check_window_softcap_scale(window_size, softcap, softmax_scale)
+    if alibi_slopes is not None:
+        _check_alibi_slopes(alibi_slopes, b, hq, q.device)
+        alibi_slopes = alibi_slopes.detach().contiguous()
     if not isinstance(num_splits, int) or num_splits < 0:
         raise InvalidArgumentError(f"num_splits must be an int >= 0, got {num_splits!r}")
     # Windows wider than the cache are no window (FlashAttention's rule; it
@@ -232,7 +239,7 @@ def attention_with_kvcache(
     if reason is None and _tiled_prefill(q, hk, block_table, cache_batch_idx, cache_leftpad):
         out, lse = _prefill_into_cache(
             q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, scale,
-            float(softcap), wl, wr,
+            float(softcap), wl, wr, alibi_slopes,
         )  # fmt: skip
     elif reason is None:
         out, lse = torch.ops.pyfastattn.attention_kvcache_fwd(
@@ -240,14 +247,14 @@ def attention_with_kvcache(
             None if k is None else (k if k.stride(-1) == 1 else k.contiguous()),
             None if v is None else (v if v.stride(-1) == 1 else v.contiguous()),
             cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos, rotary_sin,
-            bool(rotary_interleaved), scale, float(softcap), wl, wr, int(num_splits),
+            bool(rotary_interleaved), scale, float(softcap), wl, wr, int(num_splits), alibi_slopes,
         )  # fmt: skip
     else:
         if mode != "reference" and not torch.compiler.is_compiling():
             _backend.note_fallback(reason, target="PyTorch (append, gather, then attention)")
         out, lse = _attention_with_kvcache_torch(
             q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
-            rotary_sin, rotary_interleaved, scale, float(softcap), wl, wr, capacity, return_lse,
+            rotary_sin, rotary_interleaved, scale, float(softcap), wl, wr, capacity, return_lse, alibi_slopes,
         )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -265,7 +272,8 @@ def _tiled_prefill(q, hk, block_table, cache_batch_idx, cache_leftpad) -> bool:
 
 
 def _prefill_into_cache(
-    q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, scale, softcap, wl, wr
+    q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, scale, softcap, wl, wr,
+    alibi_slopes,
 ):  # fmt: skip
     """Many query rows over a contiguous cache: the op appends (and rotates k;
     its checks guard every index) with no query rows, then the tiled kernel
@@ -290,13 +298,13 @@ def _prefill_into_cache(
     width = max(int(len_k.max()), 1)
     return canonical_attention(
         q, k_cache[:, :width], v_cache[:, :width], seqused_k=len_k, scale=scale, softcap=softcap,
-        window_left=wl, window_right=wr, bottom_right=True, return_lse=True,
+        window_left=wl, window_right=wr, bottom_right=True, return_lse=True, alibi_slopes=alibi_slopes,
     )  # fmt: skip
 
 
 def _attention_with_kvcache_torch(
     q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos, rotary_sin,
-    rotary_interleaved, scale, softcap, wl, wr, capacity, need_lse,
+    rotary_interleaved, scale, softcap, wl, wr, capacity, need_lse, alibi_slopes,
 ):  # fmt: skip
     """The call in PyTorch: the same checks of the metadata values the C++ op
     makes (so that no index runs outside a tensor), the reference's append and
@@ -353,6 +361,6 @@ def _attention_with_kvcache_torch(
         )  # fmt: skip
         res = canonical_attention(
             q, kk, vv, seqused_k=len_k.to(torch.int32), scale=scale, softcap=softcap, window_left=wl,
-            window_right=wr, bottom_right=True, return_lse=need_lse,
+            window_right=wr, bottom_right=True, return_lse=need_lse, alibi_slopes=alibi_slopes,
         )  # fmt: skip
     return res if need_lse else (res, None)

@@ -1,6 +1,6 @@
 // torch.ops.pyfastattn.attention_kvcache_fwd: attention over a KV cache with
-// in-place append, rotary, a batch index, left padding and paged blocks
-// (FlashAttention 2's flash_attn_with_kvcache semantics). The schema, the
+// in-place append, rotary, a batch index, left padding, paged blocks and
+// ALiBi (FlashAttention 2's flash_attn_with_kvcache semantics). The schema, the
 // checks that protect memory, tensors -> params, and the CPU implementation.
 //
 // pyfastattn/kvcache.py validates user input first; this layer re-checks every
@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd_cpu(
     const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_leftpad,
     const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& rotary_cos,
     const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved, double scale, double softcap,
-    int64_t window_left, int64_t window_right, int64_t num_splits) {
+    int64_t window_left, int64_t window_right, int64_t num_splits, const std::optional<at::Tensor>& alibi_slopes) {
   // ---- shapes -------------------------------------------------------------
   to_dtype(q.scalar_type());
   check_like_q(q, q, "q", 4);
@@ -229,6 +229,13 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd_cpu(
   p.cache_batch_idx = bidx.empty() ? nullptr : bidx_t.data_ptr<int32_t>();
   p.cache_leftpad = leftpad.empty() ? nullptr : lp_t.data_ptr<int32_t>();
   p.num_splits = int32_t(std::max<int64_t>(0, std::min<int64_t>(num_splits, 1 << 16)));
+  // ALiBi: the one check of the slopes (dtype, device, shape (hq) or (b, hq))
+  // that attention_fwd uses; dropout stays off (FlashAttention's KV-cache
+  // call has none).
+  AttentionShape shape{};
+  shape.batch = batch;
+  shape.heads = hq;
+  fill_dropout_alibi(p, shape, q, 0.0, std::nullopt, alibi_slopes);
 
   if (s_new > 0 || rotary) {
     cpu::KvAppendParams a{};
@@ -277,7 +284,7 @@ TORCH_LIBRARY_FRAGMENT(pyfastattn, m) {
       "attention_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
       "Tensor cache_seqlens, Tensor? cache_batch_idx, Tensor? cache_leftpad, Tensor? block_table, "
       "Tensor? rotary_cos, Tensor? rotary_sin, bool rotary_interleaved, float scale, float softcap, "
-      "int window_left, int window_right, int num_splits) -> (Tensor, Tensor)");
+      "int window_left, int window_right, int num_splits, Tensor? alibi_slopes=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyfastattn, CPU, m) { m.impl("attention_kvcache_fwd", &attention_kvcache_fwd_cpu); }

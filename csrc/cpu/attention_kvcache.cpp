@@ -142,6 +142,7 @@ struct KvCtx {
   float score_scale;       // raw dot -> log2 units, or -> tanh argument with softcap
   float cap_log2;          // softcap * log2(e)
   bool softcap;
+  bool alibi;              // p.alibi_slopes != nullptr
   int64_t chunk;           // keys per chunk
   int max_chunks;
   // Partials of split sequences, [b][hk][max_chunks][rows] (x dv for acc).
@@ -417,6 +418,19 @@ struct OpsAvx512Bf16 {
 
 // ---- the task body ---------------------------------------------------------
 
+// ALiBi (params.h): s[j] -= slope2 * |dist0 - j| for j < n, in log2 units
+// (slope2 = slope * log2(e)), after softcap, where dist0 = i + len_k - len_q
+// - (the first key of s). A plain loop the compiler vectorises.
+PFA_INLINE void add_alibi(float* s, int n, float slope2, int64_t dist0) {
+  const float base = float(dist0);
+  for (int j = 0; j < n; ++j) s[j] -= slope2 * std::fabs(base - float(j));
+}
+
+// slope * log2(e) of (sequence b, query head h).
+PFA_INLINE float alibi_slope2(const AttentionFwdParams& p, int b, int h) {
+  return p.alibi_slopes[int64_t(b) * p.alibi_batch_stride + h] * kLog2e;
+}
+
 // Row pointers of keys [j0, j0 + n) of sequence b, kv head hk, into kp / vp.
 // Paged: one division per tile, then a walk along the block.
 template <typename T>
@@ -505,6 +519,9 @@ PFA_INLINE void kv_task(const KvCtx& c, const KvScratch& w, const KvTask& t) {
         if (c.softcap)
           for (int x = 0; x < g; ++x)
             for (int j = 0; j < nk; ++j) w.sc[x * kTileKeys + j] = c.cap_log2 * tanh_approx(w.sc[x * kTileKeys + j]);
+        if (c.alibi)
+          for (int x = 0; x < g; ++x)
+            add_alibi(w.sc + x * kTileKeys, nk, alibi_slope2(p, t.b, t.hk * g + x), int64_t(i) + si.offset - lo);
         softmax_group_avx512(g, nk, w.sc, w.m + r0, w.l + r0, w.alpha);
         pv_group_avx512<T>(g, c.dv, vp + (lo - j0), nk, w.sc, w.acc + int64_t(r0) * c.dv, w.alpha);
 #endif
@@ -514,6 +531,7 @@ PFA_INLINE void kv_task(const KvCtx& c, const KvScratch& w, const KvTask& t) {
           Ops::scores(c, w, q0 + int64_t(x) * p.q_head_stride, kp + (lo - j0), nk, w.sc);
           if (c.softcap)
             for (int j = 0; j < nk; ++j) w.sc[j] = c.cap_log2 * tanh_approx(w.sc[j]);
+          if (c.alibi) add_alibi(w.sc, nk, alibi_slope2(p, t.b, t.hk * g + x), int64_t(i) + si.offset - lo);
           Ops::softmax_pv(c, vp + (lo - j0), nk, w.sc, w.acc + int64_t(r) * c.dv, w.m[r], w.l[r]);
         }
       }
@@ -703,6 +721,7 @@ void attention_kvcache_fwd(const AttentionFwdParams& p) {
   c.softcap = p.softcap > 0.0f;
   c.score_scale = c.softcap ? p.scale / p.softcap : p.scale * kLog2e;
   c.cap_log2 = c.softcap ? p.softcap * kLog2e : 0.0f;
+  c.alibi = p.alibi_slopes != nullptr;
   c.chunk = kvcache_chunk_keys(p);
   int64_t max_len = 1;
   for (int b = 0; b < p.batch; ++b) max_len = std::max<int64_t>(max_len, SeqInfo(p, b).len_k);
