@@ -160,6 +160,10 @@ CASES = [
     ("paged64_rotary", dict(block=64, cap=200, rotary="half"), dict(causal=True)),
     ("paged_leftpad", dict(block=16, leftpad=True, b=3), dict()),
     ("paged_odd_block", dict(block=24, cap=100), dict(window=(30, 0))),
+    # Tasks of 3 of the 6 kv heads (rows per task capped): two head groups.
+    ("kv_head_groups", dict(hq=12, hk=6, sq=4, s_new=4), dict(causal=True)),
+    # 80 rows per kv head: one kv head per task, above the split limit.
+    ("paged_many_rows", dict(block=16, sq=20, s_new=20, hq=8, hk=2, cap=120), dict(causal=True)),
 ]
 
 
