@@ -466,3 +466,22 @@ def test_instruction_set_fallbacks(isa):
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_decode_benchmark_rows_for_run_py():
+    # The form benchmarks/run.py takes (smoke grid: tiny, timing meaningless).
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import decode_kvcache
+    finally:
+        sys.path.pop(0)
+    rows = decode_kvcache.run("cpu", ["bfloat16"], quick=True, threads=1, smoke=True)
+    provs = {r["provider"] for r in rows}
+    assert provs == {"pyfastattn", "torch sdpa (cache views)", "naive (cat + pyfastattn.attention)"}, provs
+    for r in rows:
+        assert r["suite"] == "decode-kvcache" and r["pass"] == "fwd" and r["status"] == "ok", r
+        assert (
+            0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["gbps"] > 0 and "read bandwidth" in r["note"]
+        )
