@@ -236,10 +236,10 @@ def attention_with_kvcache(
         reason = kvcache_unsupported_reason(q)
         if reason is not None and mode == "kernel":
             raise RuntimeError(f"pyfastattn backend 'kernel' cannot run this call: {reason}")
-    if reason is None and _tiled_prefill(q, hk, block_table, cache_batch_idx, cache_leftpad):
+    if reason is None and _tiled_prefill(q, hk, block_table):
         out, lse = _prefill_into_cache(
-            q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, scale,
-            float(softcap), wl, wr, alibi_slopes,
+            q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, rotary_cos, rotary_sin,
+            rotary_interleaved, scale, float(softcap), wl, wr, alibi_slopes,
         )  # fmt: skip
     elif reason is None:
         out, lse = torch.ops.pyfastattn.attention_kvcache_fwd(
@@ -259,31 +259,36 @@ def attention_with_kvcache(
     return (out, lse) if return_lse else out
 
 
-# Query rows per kv head above which a contiguous, unindexed cache is attended
-# by the tiled kernel (the KV-cache kernel runs each row as a decode row).
+# Query rows per kv head above which a contiguous cache (with or without a
+# batch index or left padding) is attended by the tiled kernel: measured
+# (B2 Hq32 Hk8 D128 bf16, 2048 keys, one thread, CPU ms; PERF_NOTES.md) the
+# KV-cache kernel's dot-product rows cost 11.8 / 55 / 230 ms at 64 / 256 /
+# 1024 rows per kv head where the tiled kernel takes 5.9-6.9 / 14 / 46.
+# A paged cache stays on the KV-cache kernel (the tiled kernel has no block
+# table, and a gather would copy the cache).
 _TILED_MIN_ROWS = 64
 
 
-def _tiled_prefill(q, hk, block_table, cache_batch_idx, cache_leftpad) -> bool:
+def _tiled_prefill(q, hk, block_table) -> bool:
     rows = q.shape[1] * (q.shape[2] // hk)
-    return (
-        rows > _TILED_MIN_ROWS and block_table is None and cache_batch_idx is None and cache_leftpad is None
-    )
+    return rows > _TILED_MIN_ROWS and block_table is None
 
 
 def _prefill_into_cache(
-    q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, scale, softcap, wl, wr,
-    alibi_slopes,
+    q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, rotary_cos, rotary_sin,
+    rotary_interleaved, scale, softcap, wl, wr, alibi_slopes,
 ):  # fmt: skip
     """Many query rows over a contiguous cache: the op appends (and rotates k;
     its checks guard every index) with no query rows, then the tiled kernel
-    attends over views of the cache with per-sequence key lengths. No copy of
+    attends over views of the cache with per-sequence key lengths: one call
+    for the plain cache, one per sequence with a batch index or left padding
+    (each sequence's keys are then a view of its own cache row). No copy of
     the cache."""
     b, sq = q.shape[:2]
     s_new = 0 if k is None else k.shape[1]
     q_none = q[:, :0] if q.stride(-1) == 1 else q[:, :0].contiguous()
     torch.ops.pyfastattn.attention_kvcache_fwd(
-        q_none, k_cache, v_cache, k, v, cache_seqlens, None, None, None, rotary_cos, rotary_sin,
+        q_none, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, None, rotary_cos, rotary_sin,
         bool(rotary_interleaved), scale, softcap, wl, wr, 0,
     )  # fmt: skip
     if rotary_cos is not None:
@@ -294,12 +299,32 @@ def _prefill_into_cache(
                 f"(the last position rotated + 1), got {rotary_cos.shape[0]}"
             )
         q = reference.apply_rotary(q, rotary_cos, rotary_sin, pos, rotary_interleaved)
-    len_k = (cache_seqlens + s_new).to(torch.int32)
-    width = max(int(len_k.max()), 1)
-    return canonical_attention(
-        q, k_cache[:, :width], v_cache[:, :width], seqused_k=len_k, scale=scale, softcap=softcap,
-        window_left=wl, window_right=wr, bottom_right=True, return_lse=True, alibi_slopes=alibi_slopes,
-    )  # fmt: skip
+    common = dict(
+        scale=scale, softcap=softcap, window_left=wl, window_right=wr, bottom_right=True, return_lse=True
+    )
+    if cache_batch_idx is None and cache_leftpad is None:
+        len_k = (cache_seqlens + s_new).to(torch.int32)
+        width = max(int(len_k.max()), 1)
+        return canonical_attention(
+            q, k_cache[:, :width], v_cache[:, :width], seqused_k=len_k, alibi_slopes=alibi_slopes, **common
+        )
+    rows = range(b) if cache_batch_idx is None else cache_batch_idx.tolist()
+    starts = [0] * b if cache_leftpad is None else cache_leftpad.tolist()
+    outs, lses = [], []
+    for i, (r, t0, sl) in enumerate(zip(rows, starts, cache_seqlens.tolist())):
+        n = sl + s_new - t0
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[i : i + 1]
+        if n == 0:  # no key: out 0, lse -inf (as the kernels give it)
+            outs.append(q.new_zeros(1, sq, q.shape[2], v_cache.shape[3]))
+            lses.append(torch.full((1, q.shape[2], sq), float("-inf"), device=q.device))
+            continue
+        o, lse = canonical_attention(
+            q[i : i + 1], k_cache[r : r + 1, t0 : t0 + n], v_cache[r : r + 1, t0 : t0 + n], alibi_slopes=slopes,
+            **common,
+        )  # fmt: skip
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
 
 
 def _attention_with_kvcache_torch(

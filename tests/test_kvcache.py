@@ -274,9 +274,13 @@ def test_alibi_split_kv(num_splits, block):
     check(f"alibi_split{num_splits}", q, kc, vc, k, v, args, num_splits=num_splits, alibi=alibi)
 
 
-def test_alibi_prefill_into_cache():
-    # Many query rows: the tiled kernel attends, with the same bias.
-    q, kc, vc, k, v, args = make_case(b=2, sq=40, s_new=40, hq=4, hk=2, cap=120, dtype=torch.bfloat16)
+@pytest.mark.parametrize("leftpad", [False, True])
+def test_alibi_prefill_into_cache(leftpad):
+    # Many query rows: the tiled kernel attends (one call, or one per
+    # sequence with left padding), with the same bias.
+    q, kc, vc, k, v, args = make_case(
+        b=2, sq=40, s_new=40, hq=4, hk=2, cap=120, dtype=torch.bfloat16, leftpad=leftpad
+    )
     check("alibi_prefill", q, kc, vc, k, v, args, causal=True, alibi=slopes_for(2, 4, per_batch=True))
 
 
@@ -440,14 +444,54 @@ def test_opcheck():
     )
 
 
+@pytest.fixture
+def tiled_calls(monkeypatch):
+    """Counts the calls of the tiled kernel's entry made by attention_with_kvcache."""
+    from pyfastattn import kvcache
+
+    calls = []
+    real = kvcache.canonical_attention
+
+    def counting(*a, **kw):
+        calls.append(a[1].shape)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kvcache, "canonical_attention", counting)
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rotary", [None, "interleaved"])
-def test_prefill_into_cache_takes_the_tiled_kernel(dtype, rotary):
+@pytest.mark.parametrize("layout", ["plain", "batch_idx", "leftpad", "batch_idx_leftpad", "paged16"])
+def test_prefill_into_cache_takes_the_tiled_kernel(dtype, rotary, layout, tiled_calls):
     # 40 query rows x 2 heads per kv head > 64: the append runs in the op, the
-    # attention on the tiled kernel over views of the cache.
-    q, kc, vc, k, v, args = make_case(b=2, sq=40, s_new=40, hq=4, hk=2, cap=120, dtype=dtype, rotary=rotary)
+    # attention on the tiled kernel over views of the cache (one call, or one
+    # per sequence with a batch index or left padding); a paged cache stays on
+    # the KV-cache kernel.
+    b = 3
+    mk = dict(
+        batch_idx="batch_idx" in layout,
+        leftpad="leftpad" in layout,
+        block=16 if layout == "paged16" else None,
+    )
+    q, kc, vc, k, v, args = make_case(
+        b=b, sq=40, s_new=40, hq=4, hk=2, cap=120, dtype=dtype, rotary=rotary, **mk
+    )
     check("prefill", q, kc, vc, k, v, args, causal=True)
+    want = 0 if layout == "paged16" else (1 if layout == "plain" else b)
+    assert len(tiled_calls) == want, tiled_calls
     check("prefill_window", q, kc, vc, k, v, args, window=(30, 0))
+
+
+def test_prefill_tiled_per_sequence_without_keys(tiled_calls):
+    # Left padding that leaves a sequence no key: out 0, lse -inf, on the
+    # per-sequence tiled route.
+    q, kc, vc, _, _, args = make_case(b=3, sq=40, s_new=0, hq=4, hk=2, cap=50, leftpad=True)
+    args["cache_seqlens"] = torch.tensor([7, 0, 30], dtype=torch.int32)
+    args["cache_leftpad"] = torch.tensor([7, 0, 4], dtype=torch.int32)
+    out, lse = check("prefill_empty", q, kc, vc, None, None, args, causal=True)
+    assert (lse[:2] == -math.inf).all() and (out[:2] == 0).all()
+    assert len(tiled_calls) == 1, tiled_calls  # only the sequence with keys
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
