@@ -12,17 +12,19 @@
 // chunk leaves its unnormalised output, running max and sum, and one merge
 // step combines the chunks by their LSE.
 //
-// A tile of kTileKeys keys is three passes, each over the tile's rows in
-// address order: scores (a dot product read straight from the key row: fp32
-// FMAs, or bf16 dot products for bf16 on AVX512-BF16; each K row loaded once
-// for all the task's rows, the 16-lane partials of 16 keys summed by one
-// transpose-and-add tree), the online softmax, and O += p V (each V row
-// converted once, four keys per accumulator load). The scores pass prefetches
-// the tile's V rows, the P V pass the next tile's K rows. Key rows are reached
-// through per-tile arrays of row pointers, so a tile may cross block
-// boundaries of a paged cache at no cost beyond the pointer walk. The load and
-// mask helpers come from the decode path (attention_decode.h). Without
-// AVX-512 (or for head dims > 256) the portable steps run the same passes.
+// A tile of kTileKeys keys is three passes: scores (a dot product read
+// straight from the key row: fp32 FMAs, or bf16 dot products for bf16 on
+// AVX512-BF16; per kv head, q in registers for 16 keys and the 16 sums formed
+// by one transpose-and-add tree), the online softmax, and O += p V (per kv
+// head, accumulators in registers over the tile). The scores pass prefetches
+// every line of the tile's V rows, the P V pass every line of the next tile's
+// K rows, both in address order (whole rows, key after key), which is what
+// the memory system sees; the demand order inside the tile is then free. Key
+// rows are reached through per-tile arrays of row pointers, so a tile may
+// cross block boundaries of a paged cache at no cost beyond the pointer walk.
+// The load and mask helpers come from the decode path (attention_decode.h).
+// Without AVX-512 (or for head dims > 256) the portable steps run the same
+// passes in address order, without prefetches.
 // PERF_NOTES.md has the versions and their numbers.
 #include "attention_kvcache.h"
 
@@ -137,15 +139,15 @@ constexpr int64_t kTargetTasks = 64;
 constexpr int64_t kMinChunk = 512;
 constexpr int64_t kMaxSplitRows = 64;
 // Rows (query rows x query heads) a task holds at most when it takes more
-// than one kv head: its scores, partial dot products and outputs then stay in
-// L1 / L2 (32 rows: sc 8 KB, part 32 KB, acc 16 KB at dv = 128).
+// than one kv head: its scores and outputs then stay in L1 (32 rows: sc 8 KB,
+// acc 16 KB at dv = 128).
 constexpr int kMaxTaskRows = 32;
 
 // Kv heads per task: the largest divisor of hk whose rows fit kMaxTaskRows
 // (at least 1). With all of them (decode: 8 kv heads x 4 query heads = 32
 // rows) a task reads whole cache rows, so its loads walk the cache in address
-// order, which the hardware prefetchers follow; one kv head per task read 256
-// bytes of every 2 KB row, which they do not (PERF_NOTES.md, v5).
+// order; one kv head per task read 256 bytes of every 2 KB row (PERF_NOTES.md,
+// v5 and v6).
 int heads_per_task(const AttentionFwdParams& p) {
   const int64_t qrows = int64_t(p.seqlen_q) * (p.num_heads / p.num_heads_k);
   int best = 1;
@@ -181,7 +183,6 @@ struct KvTask {
 struct KvScratch {
   float* sc;         // [rows][kTileKeys] scores, then probabilities
   float* qf;         // [rows][d] fp32 queries (the fp32 dot-product steps)
-  float* part;       // [rows][16][16] per-key partial dot products of a 16-key block
   float* alpha;      // [rows] rescale of each row's running sum and output
   float* m;          // [rows] running max (log2 units)
   float* l;          // [rows] running sum
@@ -189,6 +190,7 @@ struct KvScratch {
   const void** qp;   // [rows] query row pointers
   const void** kp;   // [2][kTileKeys] key row pointers (at the task's first kv
   const void** vp;   // head) of this tile and the next; value rows likewise
+  const void** pfl;  // [kTileKeys x heads] row slices a pass prefetches (PfCursor)
 };
 
 PFA_INLINE int row_head(const KvCtx& c, int hg, int r) {
@@ -199,13 +201,12 @@ PFA_INLINE int row_query(const KvCtx& c, int r) { return (r % c.qrows) / c.group
 // ---- per-instruction-set tile steps -----------------------------------------
 //
 // scores: sc[r][j] = score_scale * dot(q row r, K row j of r's kv head), j < n,
-//         reading each key row once for all kv heads and rows of the task;
-//         prefetches the tile's V rows (read next, by pv).
+//         each key row read once for all rows of its kv head; prefetches the
+//         tile's V rows (read next, by pv).
 // softmax: the online-softmax update of every row over the tile's n scores
 //         (running max m, sum l; alpha = the rescale of the old state).
-// pv:     acc[r] = alpha[r] acc[r] + sum_j p[r][j] V row j of r's kv head,
-//         again one pass over the rows in address order; prefetches the next
-//         tile's K rows (kn, nn of them).
+// pv:     acc[r] = alpha[r] acc[r] + sum_j p[r][j] V row j of r's kv head;
+//         prefetches the next tile's K rows (kn, nn of them).
 
 template <typename T>
 struct StepsPortable {
@@ -259,20 +260,6 @@ struct StepsPortable {
 };
 
 #if PFA_X86
-// Brings every line of one key's rows (the task's kv heads) into L1. The
-// hardware prefetchers do not keep up with this kernel even on a contiguous
-// cache walked in address order: without these, a step took 2.5x the CPU
-// time; prefetching every other line (leaving the rest to the adjacent-line
-// prefetcher) or one line per 256 bytes, 2.2-2.5x; the T1 and NTA hints
-// instead of T0, no difference (PERF_NOTES.md, v5).
-template <typename T>
-PFA_INLINE void prefetch_row(const T* row, int heads, int64_t head_stride, int elems) {
-  for (int hl = 0; hl < heads; ++hl) {
-    const char* p = reinterpret_cast<const char*>(row + hl * head_stride);
-    for (int b = 0; b < int(elems * sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-  }
-}
-
 // Online-softmax update of G rows from their scores sc[x * kTileKeys + j]:
 // per row max, alpha and exp2 as decode_softmax_pv (attention_decode.h);
 // alpha per row out.
@@ -312,152 +299,165 @@ PFA_AVX512 inline __m512 hsum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
 }
 
-// sc[r][j0 + j] = score_scale * (the sum of part[r][j]'s lanes), j < nb, all
-// rows: one transpose-and-add tree per row and 16 keys. Lanes j >= nb hold
-// stale partials and are not stored.
-PFA_AVX512 inline void reduce_partials(const KvCtx& c, const KvScratch& w, int j0, int nb) {
-  const __m512 scale = _mm512_set1_ps(c.score_scale);
-  for (int r = 0; r < c.rows; ++r) {
-    const float* pr = w.part + int64_t(r) * 256;
-    __m512 v[16];
-    for (int j = 0; j < 16; ++j) v[j] = _mm512_loadu_ps(pr + 16 * j);
-    _mm512_mask_storeu_ps(w.sc + int64_t(r) * kTileKeys + j0, mask16(nb), _mm512_mul_ps(hsum16(v), scale));
-  }
-}
+// ---- AVX-512 steps: one kv head at a time inside the tile -------------------
+//
+// Every line of a tile is software-prefetched in address order (whole cache
+// rows, one key after another: the walk the memory system sees), so the
+// demand order inside the tile is free: the steps run one kv head at a time
+// with q in registers for 16 keys and the output accumulators in registers
+// over the whole tile, while a cursor spreads the prefetches of the next
+// pass's rows over the loop. The hardware prefetchers do not keep up with
+// this kernel on their own, even on a contiguous cache walked in address
+// order (PERF_NOTES.md, v5: without the software prefetches a step took 2.5x
+// the CPU time; every other line or one per 256 bytes, 2.2-2.5x; the T1 and
+// NTA hints, no different from T0).
 
-// Scores by fp32 FMAs (any dtype; q converted once per task into qf): each
-// K row is loaded and converted once, then dotted with the rows of its kv
-// head; the 16-lane partial of (row, key) goes to part, and every 16 keys one
-// tree per row sums them.
+// The row slices (one key's kv heads after another) a pass prefetches, a
+// share at a time.
+struct PfCursor {
+  const char* const* slices;
+  int count, next, lines;  // lines (64 B) per slice
+  PFA_INLINE void step(int k) {
+    const int e = std::min(count, next + k);
+    for (; next < e; ++next)
+      for (int l = 0; l < lines; ++l) _mm_prefetch(slices[next] + 64 * l, _MM_HINT_T0);
+  }
+};
+
+// The slices of keys [0, n) of rows rp (kv heads of the task) into the list.
 template <typename T>
-PFA_AVX512 inline void scores_f32_avx512(const KvCtx& c, const KvScratch& w, const T* const* kp,
-                                         const T* const* vp, int n) {
-  const AttentionFwdParams& p = *c.p;
-  const int d = c.d, nv = (d + 15) / 16;
-  for (int j0 = 0; j0 < n; j0 += 16) {
-    const int nb = std::min(16, n - j0);
-    for (int jj = 0; jj < nb; ++jj) {
-      const int j = j0 + jj;
-      prefetch_row(vp[j], c.heads, p.v_head_stride, c.dv);
-      for (int hl = 0; hl < c.heads; ++hl) {
-        const T* k = kp[j] + int64_t(hl) * p.k_head_stride;
-        __m512 kv[16];
-        for (int v = 0; v < nv; ++v) kv[v] = load16_f32(k + 16 * v, mask16(d - 16 * v));
-        for (int rr = 0; rr < c.qrows; ++rr) {
-          const int r = hl * c.qrows + rr;
-          const float* q = w.qf + int64_t(r) * d;
-          __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-          int v = 0;
-          for (; v + 1 < nv; v += 2) {
-            // masked: lanes past d of q would meet K's zero lanes, and 0 * inf is NaN
-            a0 = _mm512_fmadd_ps(kv[v], _mm512_maskz_loadu_ps(mask16(d - 16 * v), q + 16 * v), a0);
-            a1 = _mm512_fmadd_ps(kv[v + 1], _mm512_maskz_loadu_ps(mask16(d - 16 * v - 16), q + 16 * v + 16), a1);
-          }
-          if (v < nv) a0 = _mm512_fmadd_ps(kv[v], _mm512_maskz_loadu_ps(mask16(d - 16 * v), q + 16 * v), a0);
-          _mm512_storeu_ps(w.part + (int64_t(r) * 16 + jj) * 16, _mm512_add_ps(a0, a1));
-        }
-      }
-    }
-    reduce_partials(c, w, j0, nb);
-  }
+PFA_INLINE PfCursor pf_cursor(const KvScratch& w, const T* const* rp, int n, int heads, int64_t head_stride,
+                              int elems) {
+  const char** list = reinterpret_cast<const char**>(w.pfl);
+  for (int j = 0; j < n; ++j)
+    for (int hl = 0; hl < heads; ++hl) list[j * heads + hl] = reinterpret_cast<const char*>(rp[j] + hl * head_stride);
+  return PfCursor{list, n * heads, 0, int((elems * sizeof(T) + 63) / 64)};
 }
 
-// The same with bf16 dot products, q read in place (a bf16 row already is
-// pairs along the head dim, the operand format).
-PFA_AVX512_BF16 inline void scores_bf16_avx512(const KvCtx& c, const KvScratch& w, const c10::BFloat16* const* kp,
-                                               const c10::BFloat16* const* vp, int n) {
+// Scores of G rows (q rows qp[x]) against keys kp[j] + koff, j < n, into
+// sc[x * kTileKeys + j]: bf16 dot products, q in registers per 16 keys, the
+// 16 sums of a row formed by one transpose-and-add tree.
+PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16* const* qp, int G,
+                                             const c10::BFloat16* const* kp, int64_t koff, int n, float* sc,
+                                             PfCursor& pf) {
   using T = c10::BFloat16;
-  const AttentionFwdParams& p = *c.p;
   const int d = c.d, nv = (d + 31) / 32;
   __mmask32 km[8];
   for (int v = 0; v < nv; ++v) {
     const int left = d - 32 * v;
     km[v] = left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1);
   }
-  const T* const* qp = reinterpret_cast<const T* const*>(w.qp);
-  for (int j0 = 0; j0 < n; j0 += 16) {
-    const int nb = std::min(16, n - j0);
-    for (int jj = 0; jj < nb; ++jj) {
-      const int j = j0 + jj;
-      prefetch_row(vp[j], c.heads, p.v_head_stride, c.dv);
-      for (int hl = 0; hl < c.heads; ++hl) {
-        const T* k = kp[j] + int64_t(hl) * p.k_head_stride;
-        __m512i kv[8];
-        for (int v = 0; v < nv; ++v) kv[v] = _mm512_maskz_loadu_epi16(km[v], k + 32 * v);
-        for (int rr = 0; rr < c.qrows; ++rr) {
-          const int r = hl * c.qrows + rr;
-          const T* q = qp[r];
-          __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-          int v = 0;
-          for (; v + 1 < nv; v += 2) {
-            // masked: never read past the q row (the tensor may end there)
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)kv[v], (__m512bh)_mm512_maskz_loadu_epi16(km[v], q + 32 * v));
-            a1 = _mm512_dpbf16_ps(a1, (__m512bh)kv[v + 1],
-                                  (__m512bh)_mm512_maskz_loadu_epi16(km[v + 1], q + 32 * v + 32));
-          }
-          if (v < nv) a0 = _mm512_dpbf16_ps(a0, (__m512bh)kv[v], (__m512bh)_mm512_maskz_loadu_epi16(km[v], q + 32 * v));
-          _mm512_storeu_ps(w.part + (int64_t(r) * 16 + jj) * 16, _mm512_add_ps(a0, a1));
-        }
+  const __m512 scale = _mm512_set1_ps(c.score_scale);
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    pf.step(16);
+    for (int x = 0; x < G; ++x) {
+      const T* q = qp[x];
+      __m512i qv[8];
+      for (int v = 0; v < nv; ++v) qv[v] = _mm512_maskz_loadu_epi16(km[v], q + 32 * v);
+      __m512 acc[16];
+      for (int jj = 0; jj < 16; ++jj) {
+        const T* k = kp[j + jj] + koff;
+        __m512 a = _mm512_setzero_ps();
+        for (int v = 0; v < nv; ++v)
+          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(km[v], k + 32 * v), (__m512bh)qv[v]);
+        acc[jj] = a;
       }
+      _mm512_storeu_ps(sc + int64_t(x) * kTileKeys + j, _mm512_mul_ps(hsum16(acc), scale));
     }
-    reduce_partials(c, w, j0, nb);
+  }
+  for (; j < n; ++j) {
+    pf.step(1);
+    const T* k = kp[j] + koff;
+    __m512i kv[8];
+    for (int v = 0; v < nv; ++v) kv[v] = _mm512_maskz_loadu_epi16(km[v], k + 32 * v);
+    for (int x = 0; x < G; ++x) {
+      const T* q = qp[x];
+      __m512 a = _mm512_setzero_ps();
+      for (int v = 0; v < nv; ++v)
+        a = _mm512_dpbf16_ps(a, (__m512bh)kv[v], (__m512bh)_mm512_maskz_loadu_epi16(km[v], q + 32 * v));
+      sc[int64_t(x) * kTileKeys + j] = _mm512_reduce_add_ps(a) * c.score_scale;
+    }
   }
 }
 
-// acc[r] += sum_{kk < KB} p[r][j + kk] V row (j + kk), for every row: per kv
-// head and 64 columns, the KB value rows are converted once into registers
-// and each row's 4 accumulators are loaded, updated KB times and stored
-// (KB = 4: a quarter of the accumulator traffic of one key at a time).
-template <typename T, int KB>
-PFA_AVX512 inline void pv_keys_avx512(const KvCtx& c, const KvScratch& w, const T* const* vp, int j) {
-  const AttentionFwdParams& p = *c.p;
-  const int dv = c.dv;
-  for (int hl = 0; hl < c.heads; ++hl) {
-    for (int x0 = 0; x0 < dv; x0 += 64) {
-      __mmask16 km[4];
-      for (int v = 0; v < 4; ++v) km[v] = x0 + 16 * v < dv ? mask16(dv - x0 - 16 * v) : __mmask16(0);
-      __m512 vv[KB][4];
-      for (int kk = 0; kk < KB; ++kk) {
-        const T* vr = vp[j + kk] + int64_t(hl) * p.v_head_stride + x0;
-        for (int v = 0; v < 4; ++v) vv[kk][v] = load16_f32(vr + 16 * v, km[v]);
+// The same with fp32 FMAs (q from qf, fp32 rows of d): each key row loaded and
+// converted once for the G rows.
+template <typename T>
+PFA_AVX512 inline void scores_head_f32(const KvCtx& c, const float* qf, int G, const T* const* kp, int64_t koff,
+                                       int n, float* sc, PfCursor& pf) {
+  const int d = c.d, nv = (d + 15) / 16;
+  for (int j = 0; j < n; ++j) {
+    pf.step(1);
+    const T* k = kp[j] + koff;
+    __m512 kv[16];
+    for (int v = 0; v < nv; ++v) kv[v] = load16_f32(k + 16 * v, mask16(d - 16 * v));
+    for (int x = 0; x < G; ++x) {
+      const float* q = qf + int64_t(x) * d;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int v = 0;
+      for (; v + 1 < nv; v += 2) {
+        // masked: lanes past d of q would meet K's zero lanes, and 0 * inf is NaN
+        a0 = _mm512_fmadd_ps(kv[v], _mm512_maskz_loadu_ps(mask16(d - 16 * v), q + 16 * v), a0);
+        a1 = _mm512_fmadd_ps(kv[v + 1], _mm512_maskz_loadu_ps(mask16(d - 16 * v - 16), q + 16 * v + 16), a1);
       }
-      for (int rr = 0; rr < c.qrows; ++rr) {
-        const int r = hl * c.qrows + rr;
-        const float* s = w.sc + int64_t(r) * kTileKeys + j;
-        __m512 pk[KB];
-        for (int kk = 0; kk < KB; ++kk) pk[kk] = _mm512_set1_ps(s[kk]);
-        float* o = w.acc + int64_t(r) * dv + x0;
-        for (int v = 0; v < 4; ++v) {
-          __m512 a = _mm512_maskz_loadu_ps(km[v], o + 16 * v);
-          for (int kk = 0; kk < KB; ++kk) a = _mm512_fmadd_ps(pk[kk], vv[kk][v], a);
-          _mm512_mask_storeu_ps(o + 16 * v, km[v], a);
-        }
+      if (v < nv) a0 = _mm512_fmadd_ps(kv[v], _mm512_maskz_loadu_ps(mask16(d - 16 * v), q + 16 * v), a0);
+      sc[int64_t(x) * kTileKeys + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * c.score_scale;
+    }
+  }
+}
+
+// acc[x] = alpha[x] acc[x] + sum_j p[x][j] V_j (V_j = vp[j] + voff) for GS <=
+// 4 rows, 64 columns at a time: each V row converted once per 64 columns,
+// GS x 4 accumulators in registers over the tile. pf (may be null) steps one
+// slice per key.
+template <typename T, int GS>
+PFA_AVX512 inline void pv_quad_regs(int dv, const T* const* vp, int64_t voff, int n, const float* sc, float* acc,
+                                    const float* alpha, PfCursor* pf) {
+  for (int x0 = 0; x0 < dv; x0 += 64) {
+    __mmask16 km[4];
+    for (int v = 0; v < 4; ++v) km[v] = x0 + 16 * v < dv ? mask16(dv - x0 - 16 * v) : __mmask16(0);
+    __m512 o[GS][4];
+    for (int t = 0; t < GS; ++t) {
+      const __m512 a = _mm512_set1_ps(alpha[t]);
+      for (int v = 0; v < 4; ++v) o[t][v] = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(km[v], acc + t * dv + x0 + 16 * v));
+    }
+    for (int j = 0; j < n; ++j) {
+      if (pf && x0 == 0) pf->step(1);
+      const T* vr = vp[j] + voff + x0;
+      __m512 vv[4];
+      for (int v = 0; v < 4; ++v) vv[v] = load16_f32(vr + 16 * v, km[v]);
+      for (int t = 0; t < GS; ++t) {
+        const __m512 pj = _mm512_set1_ps(sc[t * kTileKeys + j]);
+        for (int v = 0; v < 4; ++v) o[t][v] = _mm512_fmadd_ps(pj, vv[v], o[t][v]);
       }
     }
+    for (int t = 0; t < GS; ++t)
+      for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(acc + t * dv + x0 + 16 * v, km[v], o[t][v]);
   }
 }
 
 template <typename T>
-PFA_AVX512 inline void pv_avx512(const KvCtx& c, const KvScratch& w, const T* const* vp, int n, const T* const* kn,
-                                 int nn) {
+PFA_AVX512 inline void pv_regs_avx512(const KvCtx& c, const KvScratch& w, const T* const* vp, int n,
+                                      const T* const* kn, int nn) {
   const AttentionFwdParams& p = *c.p;
-  const int dv = c.dv;
-  for (int r = 0; r < c.rows; ++r) {
-    const __m512 a = _mm512_set1_ps(w.alpha[r]);
-    float* o = w.acc + int64_t(r) * dv;
-    for (int x = 0; x < dv; x += 16)
-      _mm512_mask_storeu_ps(o + x, mask16(dv - x), _mm512_mul_ps(a, _mm512_maskz_loadu_ps(mask16(dv - x), o + x)));
+  PfCursor pf = pf_cursor(w, kn, nn, c.heads, p.k_head_stride, c.d);
+  for (int hl = 0; hl < c.heads; ++hl) {
+    const int64_t voff = int64_t(hl) * p.v_head_stride;
+    for (int x = 0; x < c.qrows; x += 4) {
+      const int r = hl * c.qrows + x;
+      const float* s = w.sc + int64_t(r) * kTileKeys;
+      float* a = w.acc + int64_t(r) * c.dv;
+      PfCursor* pp = x == 0 ? &pf : nullptr;
+      switch (std::min(4, c.qrows - x)) {
+        case 1: pv_quad_regs<T, 1>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
+        case 2: pv_quad_regs<T, 2>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
+        case 3: pv_quad_regs<T, 3>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
+        default: pv_quad_regs<T, 4>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
+      }
+    }
   }
-  int j = 0;
-  for (; j + 4 <= n; j += 4) {
-    for (int kk = j; kk < std::min(j + 4, nn); ++kk) prefetch_row(kn[kk], c.heads, p.k_head_stride, c.d);
-    pv_keys_avx512<T, 4>(c, w, vp, j);
-  }
-  for (; j < n; ++j) {
-    if (j < nn) prefetch_row(kn[j], c.heads, p.k_head_stride, c.d);
-    pv_keys_avx512<T, 1>(c, w, vp, j);
-  }
-  for (; j < nn; ++j) prefetch_row(kn[j], c.heads, p.k_head_stride, c.d);
+  pf.step(pf.count);
 }
 
 // fp32 FMAs for every dtype (d <= 256).
@@ -466,14 +466,19 @@ struct StepsAvx512 {
   static constexpr bool kNeedQf = true;
   static PFA_AVX512 inline void scores(const KvCtx& c, const KvScratch& w, const T* const* kp, const T* const* vp,
                                        int n) {
-    scores_f32_avx512<T>(c, w, kp, vp, n);
+    const AttentionFwdParams& p = *c.p;
+    PfCursor pf = pf_cursor(w, vp, n, c.heads, p.v_head_stride, c.dv);
+    for (int hl = 0; hl < c.heads; ++hl)
+      scores_head_f32<T>(c, w.qf + int64_t(hl) * c.qrows * c.d, c.qrows, kp, int64_t(hl) * p.k_head_stride, n,
+                         w.sc + int64_t(hl) * c.qrows * kTileKeys, pf);
+    pf.step(pf.count);
   }
   static PFA_AVX512 inline void softmax(int rows, int n, float* sc, float* m, float* l, float* alpha) {
     softmax_rows_avx512(rows, n, sc, m, l, alpha);
   }
   static PFA_AVX512 inline void pv(const KvCtx& c, const KvScratch& w, const T* const* vp, int n, const T* const* kn,
                                    int nn) {
-    pv_avx512<T>(c, w, vp, n, kn, nn);
+    pv_regs_avx512<T>(c, w, vp, n, kn, nn);
   }
 };
 
@@ -483,14 +488,20 @@ struct StepsAvx512Bf16 {
   static constexpr bool kNeedQf = false;
   static PFA_AVX512_BF16 inline void scores(const KvCtx& c, const KvScratch& w, const T* const* kp,
                                             const T* const* vp, int n) {
-    scores_bf16_avx512(c, w, kp, vp, n);
+    const AttentionFwdParams& p = *c.p;
+    PfCursor pf = pf_cursor(w, vp, n, c.heads, p.v_head_stride, c.dv);
+    const T* const* qp = reinterpret_cast<const T* const*>(w.qp);
+    for (int hl = 0; hl < c.heads; ++hl)
+      scores_head_bf16(c, qp + hl * c.qrows, c.qrows, kp, int64_t(hl) * p.k_head_stride, n,
+                       w.sc + int64_t(hl) * c.qrows * kTileKeys, pf);
+    pf.step(pf.count);
   }
   static PFA_AVX512_BF16 inline void softmax(int rows, int n, float* sc, float* m, float* l, float* alpha) {
     softmax_rows_avx512(rows, n, sc, m, l, alpha);
   }
   static PFA_AVX512_BF16 inline void pv(const KvCtx& c, const KvScratch& w, const T* const* vp, int n,
                                         const T* const* kn, int nn) {
-    pv_avx512<T>(c, w, vp, n, kn, nn);
+    pv_regs_avx512<T>(c, w, vp, n, kn, nn);
   }
 };
 #endif
@@ -729,12 +740,10 @@ void run_kvcache(KvCtx& c) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   const int64_t rows = c.rows;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    // Zeroed once: the partials' stale lanes (reduce_partials) are finite.
-    std::vector<float> buf(size_t(rows * (kTileKeys + c.d + 256 + 3 + c.dv) + 16));
-    std::vector<const void*> ptrs(size_t(rows + 4 * kTileKeys));
+    std::vector<float> buf(size_t(rows * (kTileKeys + c.d + 3 + c.dv)));
+    std::vector<const void*> ptrs(size_t(rows + 4 * kTileKeys + kTileKeys * c.heads));
     KvScratch w;
-    w.part = buf.data();
-    w.sc = w.part + rows * 256;
+    w.sc = buf.data();
     w.qf = w.sc + rows * kTileKeys;
     w.alpha = w.qf + rows * c.d;
     w.m = w.alpha + rows;
@@ -743,6 +752,7 @@ void run_kvcache(KvCtx& c) {
     w.qp = ptrs.data();
     w.kp = w.qp + rows;
     w.vp = w.kp + 2 * kTileKeys;
+    w.pfl = w.vp + 2 * kTileKeys;
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
          i = next.fetch_add(1, std::memory_order_relaxed))
       fn(c, w, tasks[size_t(order[size_t(i)])]);
