@@ -260,13 +260,13 @@ def flash_attn_with_kvcache(
 ):
     """FlashAttention 2's ``flash_attn_with_kvcache``: see
     :func:`pyfastattn.attention_with_kvcache` (same arguments; ``k_cache``
-    and ``v_cache`` are updated in place when ``k``/``v`` are given)."""
-    if alibi_slopes is not None:
-        _unsupported(0.0, alibi_slopes)
+    and ``v_cache`` are updated in place when ``k``/``v`` are given; ALiBi
+    ``alibi_slopes`` fp32 (H,) or (B, H)))."""
     out, lse = attention_with_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
         cache_leftpad=cache_leftpad, block_table=block_table, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
         rotary_interleaved=rotary_interleaved, causal=causal, softmax_scale=softmax_scale,
-        window_size=tuple(window_size), softcap=softcap, return_lse=True, num_splits=int(num_splits or 0),
+        window_size=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True,
+        num_splits=int(num_splits or 0),
     )  # fmt: skip
     return (out, _fa_lse(lse)) if return_softmax_lse else out

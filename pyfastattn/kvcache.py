@@ -26,7 +26,12 @@ import math
 import torch
 
 from . import _backend, _ops, reference
-from .functional import InvalidArgumentError, _check_window_softcap_scale, canonical_attention
+from .functional import (
+    InvalidArgumentError,
+    _check_alibi_slopes,
+    _check_window_softcap_scale,
+    canonical_attention,
+)
 
 __all__ = ["attention_with_kvcache", "kvcache_unsupported_reason"]
 
@@ -169,8 +174,11 @@ def attention_with_kvcache(
 
     ``causal``, ``window_size = (left, right)`` (-1 unbounded) are aligned
     bottom-right: query row i sits at key i + len_k - Sq. ``softmax_scale``
-    defaults to 1/sqrt(D); ``softcap > 0`` caps the scores. ``num_splits``:
-    split-KV chunks per sequence (0: chosen from the shape).
+    defaults to 1/sqrt(D); ``softcap > 0`` caps the scores. ``alibi_slopes``
+    float32 (Hq,) or (B, Hq) on q's device adds ``-slope * |i + len_k - Sq -
+    j|`` to the score of query row i and key j (after softcap; len_k the keys
+    sequence b attends, j counted from its first), FlashAttention's ALiBi.
+    ``num_splits``: split-KV chunks per sequence (0: chosen from the shape).
 
     Returns out (B, Sq, Hq, Dv), and with ``return_lse`` also the float32
     log-sum-exp (B, Hq, Sq) (-inf for a row that sees no key). Not
@@ -181,10 +189,6 @@ def attention_with_kvcache(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise InvalidArgumentError(f"{name} must have 4 dims, got shape {tuple(t.shape)}")
-    if alibi_slopes is not None:
-        raise NotImplementedError(
-            "alibi_slopes is not supported yet (ALiBi arrives with the dropout/ALiBi issue)"
-        )
     if not q.dtype.is_floating_point:
         raise InvalidArgumentError(f"q.dtype must be a floating-point dtype, got {q.dtype}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
@@ -283,6 +287,9 @@ def attention_with_kvcache(
                 f"rotary_dim = 2 * rotary_cos.shape[1] = {2 * rotary_cos.shape[1]} must be in [2, {d}] (the head dim)"
             )
     _check_window_softcap_scale(window_size, softcap, softmax_scale)
+    if alibi_slopes is not None:
+        _check_alibi_slopes(alibi_slopes, b, hq, q.device)
+        alibi_slopes = alibi_slopes.detach().contiguous()
     if not isinstance(num_splits, int) or num_splits < 0:
         raise InvalidArgumentError(f"num_splits must be an int >= 0, got {num_splits!r}")
     # Windows wider than the cache are no window (FlashAttention's rule; it
@@ -298,51 +305,58 @@ def attention_with_kvcache(
         reason = kvcache_unsupported_reason(q, k_cache, v_cache, rotary_cos, mode)
         if reason is not None and mode == "kernel":
             raise RuntimeError(f"pyfastattn backend 'kernel' cannot run this call: {reason}")
-    if reason is None and _tiled_prefill(q, hk, block_table, cache_batch_idx, cache_leftpad):
+    if reason is None and _tiled_prefill(q, hk, block_table):
         out, lse = _prefill_into_cache(
-            q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, scale,
-            float(softcap), wl, wr,
+            q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, rotary_cos, rotary_sin,
+            rotary_interleaved, scale, float(softcap), wl, wr, alibi_slopes,
         )  # fmt: skip
     elif reason is None:
         out, lse = torch.ops.pyfastattn.attention_kvcache_fwd(
             _rows_ok(q), k_cache, v_cache, _rows_ok(k), _rows_ok(v),
             cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos, rotary_sin,
-            bool(rotary_interleaved), scale, float(softcap), wl, wr, int(num_splits),
+            bool(rotary_interleaved), scale, float(softcap), wl, wr, int(num_splits), alibi_slopes,
         )  # fmt: skip
     else:
         if mode != "reference" and not torch.compiler.is_compiling():
             _backend.note_fallback(reason, target="PyTorch (append, gather, then attention)")
         out, lse = _attention_with_kvcache_torch(
             q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
-            rotary_sin, rotary_interleaved, scale, float(softcap), wl, wr, capacity, return_lse,
+            rotary_sin, rotary_interleaved, scale, float(softcap), wl, wr, capacity, return_lse, alibi_slopes,
         )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
-# Query rows per kv head above which a contiguous, unindexed cache is attended
-# by the tiled kernel (the KV-cache kernel runs each row as a decode row).
+# Query rows per kv head above which a contiguous cache (with or without a
+# batch index or left padding) is attended by the tiled kernel: measured
+# (B2 Hq32 Hk8 D128 bf16, 2048 keys, one thread, CPU ms; PERF_NOTES.md) the
+# KV-cache kernel's dot-product rows cost 11.8 / 55 / 230 ms at 64 / 256 /
+# 1024 rows per kv head where the tiled kernel takes 5.9-6.9 / 14 / 46.
+# A paged cache stays on the KV-cache kernel (the tiled kernel has no block
+# table, and a gather would copy the cache).
 _TILED_MIN_ROWS = 64
 
 
-def _tiled_prefill(q, hk, block_table, cache_batch_idx, cache_leftpad) -> bool:
+def _tiled_prefill(q, hk, block_table) -> bool:
     rows = q.shape[1] * (q.shape[2] // hk)
-    return (
-        rows > _TILED_MIN_ROWS and block_table is None and cache_batch_idx is None and cache_leftpad is None
-    )
+    return rows > _TILED_MIN_ROWS and block_table is None
 
 
 def _prefill_into_cache(
-    q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, scale, softcap, wl, wr
+    q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, rotary_cos, rotary_sin,
+    rotary_interleaved, scale, softcap, wl, wr, alibi_slopes,
 ):  # fmt: skip
     """Many query rows over a contiguous cache: the op appends (and rotates k;
     its checks guard every index) with no query rows, then the tiled kernel
-    attends over views of the cache with per-sequence key lengths. No copy of
+    attends over views of the cache with per-sequence key lengths: one call
+    for the plain cache, one per sequence with a batch index or left padding
+    (each sequence's keys are then a view of its own cache row). No copy of
     the cache."""
     b, sq = q.shape[:2]
     s_new = 0 if k is None else k.shape[1]
     q_none = _rows_ok(q[:, :0])
     torch.ops.pyfastattn.attention_kvcache_fwd(
-        q_none, k_cache, v_cache, _rows_ok(k), _rows_ok(v), cache_seqlens, None, None, None, rotary_cos, rotary_sin,
+        q_none, k_cache, v_cache, _rows_ok(k), _rows_ok(v), cache_seqlens, cache_batch_idx, cache_leftpad, None,
+        rotary_cos, rotary_sin,
         bool(rotary_interleaved), scale, softcap, wl, wr, 0,
     )  # fmt: skip
     if rotary_cos is not None:
@@ -353,17 +367,37 @@ def _prefill_into_cache(
                 f"(the last position rotated + 1), got {rotary_cos.shape[0]}"
             )
         q = reference.apply_rotary(q, rotary_cos, rotary_sin, pos, rotary_interleaved)
-    len_k = (cache_seqlens + s_new).to(torch.int32)
-    width = max(int(len_k.max()), 1)
-    return canonical_attention(
-        q, k_cache[:, :width], v_cache[:, :width], seqused_k=len_k, scale=scale, softcap=softcap,
-        window_left=wl, window_right=wr, bottom_right=True, return_lse=True,
-    )  # fmt: skip
+    common = dict(
+        scale=scale, softcap=softcap, window_left=wl, window_right=wr, bottom_right=True, return_lse=True
+    )
+    if cache_batch_idx is None and cache_leftpad is None:
+        len_k = (cache_seqlens + s_new).to(torch.int32)
+        width = max(int(len_k.max()), 1)
+        return canonical_attention(
+            q, k_cache[:, :width], v_cache[:, :width], seqused_k=len_k, alibi_slopes=alibi_slopes, **common
+        )
+    rows = range(b) if cache_batch_idx is None else cache_batch_idx.tolist()
+    starts = [0] * b if cache_leftpad is None else cache_leftpad.tolist()
+    outs, lses = [], []
+    for i, (r, t0, sl) in enumerate(zip(rows, starts, cache_seqlens.tolist())):
+        n = sl + s_new - t0
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[i : i + 1]
+        if n == 0:  # no key: out 0, lse -inf (as the kernels give it)
+            outs.append(q.new_zeros(1, sq, q.shape[2], v_cache.shape[3]))
+            lses.append(torch.full((1, q.shape[2], sq), float("-inf"), device=q.device))
+            continue
+        o, lse = canonical_attention(
+            q[i : i + 1], k_cache[r : r + 1, t0 : t0 + n], v_cache[r : r + 1, t0 : t0 + n], alibi_slopes=slopes,
+            **common,
+        )  # fmt: skip
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
 
 
 def _attention_with_kvcache_torch(
     q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos, rotary_sin,
-    rotary_interleaved, scale, softcap, wl, wr, capacity, need_lse,
+    rotary_interleaved, scale, softcap, wl, wr, capacity, need_lse, alibi_slopes,
 ):  # fmt: skip
     """The call in PyTorch: the same checks of the metadata values the C++ op
     makes (so that no index runs outside a tensor), the reference's append and
@@ -420,6 +454,6 @@ def _attention_with_kvcache_torch(
         )  # fmt: skip
         res = canonical_attention(
             q, kk, vv, seqused_k=len_k.to(torch.int32), scale=scale, softcap=softcap, window_left=wl,
-            window_right=wr, bottom_right=True, return_lse=need_lse,
+            window_right=wr, bottom_right=True, return_lse=need_lse, alibi_slopes=alibi_slopes,
         )  # fmt: skip
     return res if need_lse else (res, None)

@@ -424,6 +424,7 @@ def attention_with_kvcache(
     softcap: float = 0.0,
     window_left: int = -1,
     window_right: int = -1,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``pyfastattn.attention_with_kvcache`` in pure PyTorch:
     append (in place, into the caches given), rotary, gather the keys each
@@ -449,7 +450,7 @@ def attention_with_kvcache(
     )  # fmt: skip
     return attention(
         q, kk, vv, scale=scale, seqused_k=len_k.to(torch.int32), softcap=softcap, window_left=window_left,
-        window_right=window_right, bottom_right=True,
+        window_right=window_right, bottom_right=True, alibi_slopes=alibi_slopes,
     )  # fmt: skip
 
 

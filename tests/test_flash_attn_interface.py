@@ -175,6 +175,25 @@ def test_with_kvcache_positional_and_lse():
     )
 
 
+def test_with_kvcache_alibi():
+    # ALiBi in the KV-cache call, positionally where FlashAttention has it,
+    # against the reference (float64) over the appended cache.
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 3, 4, 16, generator=g)
+    kc, vc = torch.randn(2, 20, 2, 16, generator=g), torch.randn(2, 20, 2, 16, generator=g)
+    k, v = torch.randn(2, 3, 2, 16, generator=g), torch.randn(2, 3, 2, 16, generator=g)
+    sl = torch.tensor([5, 11], dtype=torch.int32)
+    slopes = torch.rand(2, 4, generator=g)
+    want, wlse = reference.attention_with_kvcache(
+        q.double(), kc.double(), vc.double(), k.double(), v.double(), cache_seqlens=sl, window_right=0,
+        alibi_slopes=slopes,
+    )  # fmt: skip
+    out, lse = fai.flash_attn_with_kvcache(q, kc, vc, k, v, None, None, sl, None, None, None, None, True, (-1, -1),
+                                           0.0, True, slopes, return_softmax_lse=True)  # fmt: skip
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), wlse, atol=2e-6, rtol=1e-5)
+
+
 def test_dropout_and_alibi_raise_not_implemented():
     q, k, v = _qkv()
     with pytest.raises(NotImplementedError, match="dropout"):

@@ -72,7 +72,16 @@ def make_case(
     return q, kc, vc, k, v, args
 
 
-def truth(q, kc, vc, k, v, args, causal=False, window=(-1, -1), softcap=0.0, scale=None):
+def slopes_for(b, hq, per_batch=False, seed=1):
+    """ALiBi slopes as models use them (2^(-8 h / H)), jittered so that heads
+    and batch rows differ; fp32 (Hq,) or (B, Hq)."""
+    g = torch.Generator().manual_seed(seed)
+    base = 2.0 ** (-8.0 * torch.arange(1, hq + 1, dtype=torch.float32) / hq)
+    shape = (b, hq) if per_batch else (hq,)
+    return base * (0.5 + torch.rand(shape, generator=g))
+
+
+def truth(q, kc, vc, k, v, args, causal=False, window=(-1, -1), softcap=0.0, scale=None, alibi=None):
     """(out, lse) in float64, and the caches after the append, from the reference."""
     kc, vc = kc.clone(), vc.clone()
     seqlens = args["cache_seqlens"]
@@ -94,8 +103,11 @@ def truth(q, kc, vc, k, v, args, causal=False, window=(-1, -1), softcap=0.0, sca
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     common = dict(scale=sc, seqused_k=len_k.to(torch.int32), softcap=softcap, window_left=wl, window_right=wr,
                   bottom_right=True)  # fmt: skip
-    out, lse = reference.attention(q.double(), kk.double(), vv.double(), **common)
-    base = naive_attention(q, kk, vv, **common) if q.dtype != torch.float32 else None
+    out, lse = reference.attention(q.double(), kk.double(), vv.double(), alibi_slopes=alibi, **common)
+    bias = None
+    if alibi is not None:  # plain PyTorch's ALiBi: a bias in q's dtype
+        bias = reference.alibi_bias(alibi, q.shape[1], kk.shape[1], len_k, torch.float32).to(q.dtype)
+    base = naive_attention(q, kk, vv, attn_mask=bias, **common) if q.dtype != torch.float32 else None
     return out, lse, kc, vc, base
 
 
@@ -103,11 +115,13 @@ def run(q, kc, vc, k, v, args, **kw):
     return pyfastattn.attention_with_kvcache(q, kc, vc, k, v, **args, return_lse=True, **kw)
 
 
-def check(name, q, kc, vc, k, v, args, causal=False, window=(-1, -1), softcap=0.0, num_splits=0):
-    ref_out, ref_lse, ref_kc, ref_vc, base = truth(q, kc, vc, k, v, args, causal, window, softcap)
+def check(name, q, kc, vc, k, v, args, causal=False, window=(-1, -1), softcap=0.0, num_splits=0, alibi=None):
+    ref_out, ref_lse, ref_kc, ref_vc, base = truth(
+        q, kc, vc, k, v, args, causal, window, softcap, alibi=alibi
+    )
     kc2, vc2 = kc.clone(), vc.clone()
     out, lse = run(q, kc2, vc2, k, v, args, causal=causal, window_size=window, softcap=softcap,
-                   num_splits=num_splits)  # fmt: skip
+                   num_splits=num_splits, alibi_slopes=alibi)  # fmt: skip
     assert_tolerance(f"{name} out", out, ref_out, base, q.dtype)
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite), f"{name}: lse -inf pattern differs"
@@ -146,6 +160,10 @@ CASES = [
     ("paged64_rotary", dict(block=64, cap=200, rotary="half"), dict(causal=True)),
     ("paged_leftpad", dict(block=16, leftpad=True, b=3), dict()),
     ("paged_odd_block", dict(block=24, cap=100), dict(window=(30, 0))),
+    # Tasks of 3 of the 6 kv heads (rows per task capped): two head groups.
+    ("kv_head_groups", dict(hq=12, hk=6, sq=4, s_new=4), dict(causal=True)),
+    # 80 rows per kv head: one kv head per task, above the split limit.
+    ("paged_many_rows", dict(block=16, sq=20, s_new=20, hq=8, hk=2, cap=120), dict(causal=True)),
 ]
 
 
@@ -219,10 +237,82 @@ def test_deterministic_across_threads():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_alibi_not_implemented():
+ALIBI_CASES = [
+    # name, make_case kwargs, check kwargs, slopes per batch row
+    ("decode_gqa", dict(hq=8, hk=2), dict(), False),
+    ("decode_per_batch", dict(b=3, hq=4, hk=1), dict(), True),
+    ("spec_decode_causal", dict(sq=4, s_new=4), dict(causal=True), True),
+    ("window_softcap", dict(sq=3, s_new=3, cap=120), dict(window=(17, 0), softcap=5.0), False),
+    ("batch_idx", dict(batch_idx=True, b=3), dict(causal=True), True),
+    ("leftpad", dict(leftpad=True, b=3, sq=2, s_new=2), dict(causal=True), True),
+    ("paged16_gqa", dict(block=16, hq=8, hk=2, sq=3, s_new=3), dict(causal=True), False),
+    ("paged_leftpad_rotary", dict(block=16, leftpad=True, b=3, rotary="half"), dict(), True),
+    ("odd_head_dim", dict(d=97, hq=3, hk=3), dict(), False),
+    ("no_append", dict(s_new=0), dict(), False),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize("name,mk,ck,per_batch", ALIBI_CASES, ids=[c[0] for c in ALIBI_CASES])
+def test_alibi_matches_reference(name, mk, ck, per_batch, dtype):
+    q, kc, vc, k, v, args = make_case(dtype=dtype, **mk)
+    alibi = slopes_for(q.shape[0], q.shape[2], per_batch)
+    check(f"alibi_{name}", q, kc, vc, k, v, args, alibi=alibi, **ck)
+
+
+@pytest.mark.parametrize("num_splits", [0, 3])
+@pytest.mark.parametrize("block", [None, 16])
+def test_alibi_split_kv(num_splits, block):
+    # Chunks of one sequence each carry the bias of their own key positions:
+    # the merge must give the unsplit result.
+    q, kc, vc, k, v, args = make_case(
+        b=1, hq=4, hk=1, d=64, cap=2100, dtype=torch.bfloat16, block=block, full=True
+    )
+    alibi = slopes_for(1, 4) * 0.05  # a bias that leaves far keys some weight
+    check(f"alibi_split{num_splits}", q, kc, vc, k, v, args, num_splits=num_splits, alibi=alibi)
+
+
+@pytest.mark.parametrize("leftpad", [False, True])
+def test_alibi_prefill_into_cache(leftpad):
+    # Many query rows: the tiled kernel attends (one call, or one per
+    # sequence with left padding), with the same bias.
+    q, kc, vc, k, v, args = make_case(
+        b=2, sq=40, s_new=40, hq=4, hk=2, cap=120, dtype=torch.bfloat16, leftpad=leftpad
+    )
+    check("alibi_prefill", q, kc, vc, k, v, args, causal=True, alibi=slopes_for(2, 4, per_batch=True))
+
+
+def test_alibi_reference_backend_matches_kernel():
+    q, kc, vc, k, v, args = make_case(block=16, leftpad=True, b=3, sq=2, s_new=2)
+    alibi = slopes_for(3, 4)
+    out1 = pyfastattn.attention_with_kvcache(
+        q, kc.clone(), vc.clone(), k, v, **args, causal=True, alibi_slopes=alibi
+    )
+    with pyfastattn.backend("reference"):
+        out2 = pyfastattn.attention_with_kvcache(
+            q, kc.clone(), vc.clone(), k, v, **args, causal=True, alibi_slopes=alibi
+        )
+    torch.testing.assert_close(out1, out2, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "slopes,match",
+    [
+        (torch.ones(4, dtype=torch.float64), "alibi_slopes.dtype must be torch.float32"),
+        (torch.ones(5), r"alibi_slopes must have shape \(4,\) or \(2, 4\)"),
+        (torch.ones(3, 4), r"alibi_slopes must have shape \(4,\) or \(2, 4\)"),
+        (torch.ones(4, device="meta"), "alibi_slopes.device must equal q.device"),
+    ],
+    ids=["dtype", "shape", "batch", "device"],
+)
+def test_alibi_bad_slopes(slopes, match):
     q, kc, vc, k, v, args = make_case()
-    with pytest.raises(NotImplementedError, match="alibi"):
-        pyfastattn.attention_with_kvcache(q, kc, vc, k, v, **args, alibi_slopes=torch.zeros(4))
+    kc0, vc0 = kc.clone(), vc.clone()
+    with pytest.raises(pyfastattn.InvalidArgumentError, match=match):
+        pyfastattn.attention_with_kvcache(q, kc, vc, k, v, **args, alibi_slopes=slopes)
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0), "a refused call wrote into the cache"
 
 
 def test_reference_backend_matches_kernel():
@@ -251,8 +341,9 @@ BAD_SCRIPT = textwrap.dedent(
     sl = lambda *x: torch.tensor(x, dtype=torch.int32)
     pk = torch.randn(5, 16, hk, d); pv = torch.randn(5, 16, hk, d)
     cos = torch.randn(40, 8); sin = torch.randn(40, 8)
-    def raw(q=q, kc=kc, vc=vc, k=k, v=v, seqlens=sl(3, 4), bidx=None, lp=None, bt=None, cos=None, sin=None):
-        return op(q, kc, vc, k, v, seqlens, bidx, lp, bt, cos, sin, True, 0.25, 0.0, -1, -1, 0)
+    def raw(q=q, kc=kc, vc=vc, k=k, v=v, seqlens=sl(3, 4), bidx=None, lp=None, bt=None, cos=None, sin=None,
+            alibi=None):
+        return op(q, kc, vc, k, v, seqlens, bidx, lp, bt, cos, sin, True, 0.25, 0.0, -1, -1, 0, alibi)
     def api(**kw):
         a = dict(k=k, v=v, cache_seqlens=sl(3, 4)); a.update(kw)
         kcc, vcc = a.pop("k_cache", kc), a.pop("v_cache", vc)
@@ -275,6 +366,10 @@ BAD_SCRIPT = textwrap.dedent(
         "rotary_dim_too_large": lambda: raw(cos=torch.randn(40, 9), sin=torch.randn(40, 9)),
         "seqlens_dtype": lambda: raw(seqlens=torch.tensor([3, 4])),
         "api_dtype": lambda: api(k=k.double(), v=v.double()),
+        "alibi_shape": lambda: raw(alibi=torch.ones(hq + 1)),
+        "alibi_batch": lambda: raw(alibi=torch.ones(b + 1, hq)),
+        "alibi_dtype": lambda: raw(alibi=torch.ones(hq, dtype=torch.float64)),
+        "alibi_last_dim": lambda: raw(alibi=torch.ones(hq, b).t()),
     }
     before = (kc.clone(), vc.clone(), pk.clone(), pv.clone())
     for name, fn in cases.items():
@@ -306,6 +401,10 @@ EXPECT = {
     "rotary_dim_too_large": "rotary_dim",
     "seqlens_dtype": "cache_seqlens.dtype must be torch.int32",
     "api_dtype": "k.dtype must equal q.dtype",
+    "alibi_shape": "alibi_slopes must have shape (4,) or (2, 4)",
+    "alibi_batch": "alibi_slopes must have shape (4,) or (2, 4)",
+    "alibi_dtype": "alibi_slopes.dtype must be torch.float32",
+    "alibi_last_dim": "alibi_slopes must be contiguous in its last dim",
 }
 
 
@@ -340,16 +439,59 @@ def test_opcheck():
     op_args = (q, kc, vc, k, v, args["cache_seqlens"], None, None, args["block_table"], args["rotary_cos"],
                args["rotary_sin"], False, 0.125, 0.0, -1, 0, 0)  # fmt: skip
     torch.library.opcheck(torch.ops.pyfastattn.attention_kvcache_fwd, op_args)
+    torch.library.opcheck(
+        torch.ops.pyfastattn.attention_kvcache_fwd, (*op_args, slopes_for(2, 4, per_batch=True))
+    )
+
+
+@pytest.fixture
+def tiled_calls(monkeypatch):
+    """Counts the calls of the tiled kernel's entry made by attention_with_kvcache."""
+    from pyfastattn import kvcache
+
+    calls = []
+    real = kvcache.canonical_attention
+
+    def counting(*a, **kw):
+        calls.append(a[1].shape)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kvcache, "canonical_attention", counting)
+    return calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rotary", [None, "interleaved"])
-def test_prefill_into_cache_takes_the_tiled_kernel(dtype, rotary):
+@pytest.mark.parametrize("layout", ["plain", "batch_idx", "leftpad", "batch_idx_leftpad", "paged16"])
+def test_prefill_into_cache_takes_the_tiled_kernel(dtype, rotary, layout, tiled_calls):
     # 40 query rows x 2 heads per kv head > 64: the append runs in the op, the
-    # attention on the tiled kernel over views of the cache.
-    q, kc, vc, k, v, args = make_case(b=2, sq=40, s_new=40, hq=4, hk=2, cap=120, dtype=dtype, rotary=rotary)
+    # attention on the tiled kernel over views of the cache (one call, or one
+    # per sequence with a batch index or left padding); a paged cache stays on
+    # the KV-cache kernel.
+    b = 3
+    mk = dict(
+        batch_idx="batch_idx" in layout,
+        leftpad="leftpad" in layout,
+        block=16 if layout == "paged16" else None,
+    )
+    q, kc, vc, k, v, args = make_case(
+        b=b, sq=40, s_new=40, hq=4, hk=2, cap=120, dtype=dtype, rotary=rotary, **mk
+    )
     check("prefill", q, kc, vc, k, v, args, causal=True)
+    want = 0 if layout == "paged16" else (1 if layout == "plain" else b)
+    assert len(tiled_calls) == want, tiled_calls
     check("prefill_window", q, kc, vc, k, v, args, window=(30, 0))
+
+
+def test_prefill_tiled_per_sequence_without_keys(tiled_calls):
+    # Left padding that leaves a sequence no key: out 0, lse -inf, on the
+    # per-sequence tiled route.
+    q, kc, vc, _, _, args = make_case(b=3, sq=40, s_new=0, hq=4, hk=2, cap=50, leftpad=True)
+    args["cache_seqlens"] = torch.tensor([7, 0, 30], dtype=torch.int32)
+    args["cache_leftpad"] = torch.tensor([7, 0, 4], dtype=torch.int32)
+    out, lse = check("prefill_empty", q, kc, vc, None, None, args, causal=True)
+    assert (lse[:2] == -math.inf).all() and (out[:2] == 0).all()
+    assert len(tiled_calls) == 1, tiled_calls  # only the sequence with keys
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
@@ -359,9 +501,31 @@ def test_instruction_set_fallbacks(isa):
     import os
 
     env = dict(os.environ, PYFASTATTN_CPU_ISA=isa)
-    sel = "matches_reference and (decode or paged16 or softcap or window or rotary_half or dv_ne_d)"
+    sel = (
+        "matches_reference and (decode or paged16 or softcap or window or rotary_half or dv_ne_d) "
+        "or alibi_matches_reference and (decode_gqa or paged16_gqa or leftpad)"
+    )
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel],
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_decode_benchmark_rows_for_run_py():
+    # The form benchmarks/run.py takes (smoke grid: tiny, timing meaningless).
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import decode_kvcache
+    finally:
+        sys.path.pop(0)
+    rows = decode_kvcache.run("cpu", ["bfloat16"], quick=True, threads=1, smoke=True)
+    provs = {r["provider"] for r in rows}
+    assert provs == {"pyfastattn", "torch sdpa (cache views)", "naive (cat + pyfastattn.attention)"}, provs
+    for r in rows:
+        assert r["suite"] == "decode-kvcache" and r["pass"] == "fwd" and r["status"] == "ok", r
+        assert (
+            0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["gbps"] > 0 and "read bandwidth" in r["note"]
+        )

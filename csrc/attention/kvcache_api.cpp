@@ -301,10 +301,6 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd_cpu(
   KvCacheCall c = prepare_kvcache_call(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad,
                                        block_table, rotary_cos, rotary_sin, rotary_interleaved, scale, softcap,
                                        window_left, window_right, num_splits, alibi_slopes);
-  // The CPU kernel's ALiBi arrives with the kvcache-cpu branch; until then
-  // slopes are refused here rather than ignored.
-  TORCH_CHECK_NOT_IMPLEMENTED(c.p.alibi_slopes == nullptr,
-                              "attention_kvcache_fwd: the CPU kernel does not take alibi_slopes yet");
   if (c.append) cpu::kvcache_append(c.p, c.a);
   cpu::attention_kvcache_fwd(c.p);
   return {c.out, c.lse};

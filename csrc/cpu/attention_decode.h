@@ -65,14 +65,28 @@ PFA_AVX512_BF16 inline float decode_dot_bf16(const c10::BFloat16* k, const __m51
   return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
+// The K row kDecodePrefetch keys ahead of key j of the tile at krow, every
+// line: rows of one kv head lie hk x d elements apart, so the hardware
+// prefetchers do not stream them (the KV-cache kernel measured 2.5x the CPU
+// time per step without its software prefetches, PERF_NOTES.md v5).
+constexpr int kDecodePrefetch = 16;
+template <typename T>
+PFA_INLINE void decode_prefetch(const Ctx& c, const T* krow, int j, int n) {
+  if (j + kDecodePrefetch >= n) return;
+  const char* r = reinterpret_cast<const char*>(krow + int64_t(j + kDecodePrefetch) * c.p->k_row_stride);
+  for (int b = 0; b < int(c.d * sizeof(T)); b += 64) _mm_prefetch(r + b, _MM_HINT_T0);
+}
+
 // Raw scores sc[j] = scale * dot(K row j0 + j, q) for j < n.
 template <typename T>
 PFA_AVX512 inline void decode_scores(const Ctx& c, const T* q, const T* krow, int n, float* sc) {
   const int d = c.d;
   __m512 qv[16];
   for (int v = 0; v * 16 < d; ++v) qv[v] = load16_f32(q + 16 * v, mask16(d - 16 * v));
-  for (int j = 0; j < n; ++j)
+  for (int j = 0; j < n; ++j) {
+    decode_prefetch(c, krow, j, n);
     sc[j] = decode_dot(krow + int64_t(j) * c.p->k_row_stride, qv, d) * c.score_scale;
+  }
 }
 PFA_AVX512_BF16 inline void decode_scores_bf16(const Ctx& c, const c10::BFloat16* q,
                                                const c10::BFloat16* krow, int n, float* sc) {
@@ -83,8 +97,10 @@ PFA_AVX512_BF16 inline void decode_scores_bf16(const Ctx& c, const c10::BFloat16
     const __mmask32 msk = left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1);
     qp[v] = _mm512_maskz_loadu_epi16(msk, q + 32 * v);
   }
-  for (int j = 0; j < n; ++j)
+  for (int j = 0; j < n; ++j) {
+    decode_prefetch(c, krow, j, n);
     sc[j] = decode_dot_bf16(krow + int64_t(j) * c.p->k_row_stride, qp, d) * c.score_scale;
+  }
 }
 
 // One tile of the online softmax from its scores: updates mrun and lrun,
@@ -118,6 +134,10 @@ PFA_AVX512 inline void decode_softmax_pv(const Ctx& c, const T* vrow0, int n, fl
       o[v] = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(km[v], oacc + x0 + 16 * v));
     }
     for (int j = 0; j < n; ++j) {
+      if (x0 == 0 && j + kDecodePrefetch < n) {
+        const char* r = reinterpret_cast<const char*>(vrow0 + int64_t(j + kDecodePrefetch) * c.p->v_row_stride);
+        for (int b = 0; b < int(dv * sizeof(T)); b += 64) _mm_prefetch(r + b, _MM_HINT_T0);
+      }
       const T* vr = vrow0 + int64_t(j) * c.p->v_row_stride + x0;
       const __m512 pj = _mm512_set1_ps(sc[j]);
 #pragma GCC unroll 4

@@ -2,24 +2,29 @@
 // forward that reads the cache where it lies (contiguous rows, a batch index,
 // left padding, or paged blocks through a block table; no gather copy).
 //
-// Work is cut into tasks of (sequence, kv head, key chunk). A task owns every
-// query row of its kv head's group (sq x hq / hk rows), so each key tile is
-// read from memory once and then reused from L1/L2 by the group's rows (GQA
-// decode reads the cache once, not hq / hk times). When batch x kv heads
-// cannot fill the cores (the usual decode case), the keys of a sequence are
-// split into chunks; each chunk leaves its unnormalised output, running max
-// and sum, and one merge step combines the chunks by their LSE.
+// Work is cut into tasks of (sequence, group of kv heads, key chunk). A task
+// owns every query row of its kv heads (sq x hq / hk rows each), so each key
+// row is read from memory once and reused from registers / L1 by all of them
+// (GQA decode reads the cache once, not hq / hk times). For decode a task
+// takes all kv heads (up to kMaxTaskRows rows), so it reads whole cache rows
+// and walks the cache in address order. When the tasks cannot fill the cores
+// (the usual decode case), the keys of a sequence are split into chunks; each
+// chunk leaves its unnormalised output, running max and sum, and one merge
+// step combines the chunks by their LSE.
 //
-// The arithmetic follows the decode path (attention_decode.h, whose load and
-// mask helpers it uses): a score is a dot product read straight from the key
-// row (fp32 FMAs, or bf16 dot products for bf16 on AVX512-BF16), each K row
-// loaded once for all the group's heads and the sums of 16 keys formed by one
-// transpose-and-add tree; the online softmax runs over up to kTileKeys keys at
-// a time, and O += p V reads each V row once for up to four heads. Key rows
-// are reached through a per-tile array of row pointers, so a tile may cross
-// block boundaries of a paged cache at no cost beyond the pointer walk, and
-// they are prefetched kPrefetchKeys ahead (see prefetch_row). Without AVX-512
-// (or for head dims > 256) the portable row steps run, one head at a time.
+// A tile of kTileKeys keys is three passes: scores (a dot product read
+// straight from the key row: fp32 FMAs, or bf16 dot products for bf16 on
+// AVX512-BF16; per kv head, q in registers for 16 keys and the 16 sums formed
+// by one transpose-and-add tree), the online softmax, and O += p V (per kv
+// head, accumulators in registers over the tile). The scores pass prefetches
+// every line of the tile's V rows, the P V pass every line of the next tile's
+// K rows, both in address order (whole rows, key after key), which is what
+// the memory system sees; the demand order inside the tile is then free. Key
+// rows are reached through per-tile arrays of row pointers, so a tile may
+// cross block boundaries of a paged cache at no cost beyond the pointer walk.
+// The load and mask helpers come from the decode path (attention_decode.h).
+// Without AVX-512 (or for head dims > 256) the portable steps run the same
+// passes in address order, without prefetches.
 // PERF_NOTES.md has the versions and their numbers.
 #include "attention_kvcache.h"
 
@@ -122,116 +127,145 @@ void append_dispatch_cos(const AttentionFwdParams& p, const KvAppendParams& a) {
 // The split-KV forward.
 // ---------------------------------------------------------------------------
 
-// Keys per tile: the scores of one row for a tile live in sc[kTileKeys]; 256
-// as the tile path (attention_schedule.cpp), so a tile's K and V (128 KB at
-// D = 128 bf16) stay in L2 while the group's rows reuse them.
-constexpr int kTileKeys = 256;
-// Keys ahead that the scores loop prefetches (see prefetch_row).
-constexpr int kPrefetchKeys = 32;
-// Split-KV: enough (sequence, kv head, chunk) tasks for 64 threads, chunks of
-// at least kMinChunk keys (a chunk's merge costs rows x dv, nothing next to
-// reading its keys), and no split when a task already has more than
+// Keys per tile: the scores of every row of a task for one tile live in
+// sc[rows][kTileKeys]; the tile's K rows, then its V rows (64 keys x 8 kv
+// heads x D 128 bf16 = 128 KB each) stream through L2 in address order.
+constexpr int kTileKeys = 64;
+// Split-KV: enough (sequence, kv-head group, chunk) tasks for 64 threads,
+// chunks of at least kMinChunk keys (a chunk's merge costs rows x dv, nothing
+// next to reading its keys), and no split when a task already has more than
 // kMaxSplitRows query rows (prefill-like calls have work enough per task).
 constexpr int64_t kTargetTasks = 64;
 constexpr int64_t kMinChunk = 512;
 constexpr int64_t kMaxSplitRows = 64;
+// Rows (query rows x query heads) a task holds at most when it takes more
+// than one kv head: its scores and outputs then stay in L1 (32 rows: sc 8 KB,
+// acc 16 KB at dv = 128).
+constexpr int kMaxTaskRows = 32;
+
+// Kv heads per task: the largest divisor of hk whose rows fit kMaxTaskRows
+// (at least 1). With all of them (decode: 8 kv heads x 4 query heads = 32
+// rows) a task reads whole cache rows, so its loads walk the cache in address
+// order; one kv head per task read 256 bytes of every 2 KB row (PERF_NOTES.md,
+// v5 and v6).
+int heads_per_task(const AttentionFwdParams& p) {
+  const int64_t qrows = int64_t(p.seqlen_q) * (p.num_heads / p.num_heads_k);
+  int best = 1;
+  for (int h = 1; h <= p.num_heads_k; ++h)
+    if (p.num_heads_k % h == 0 && h * qrows <= kMaxTaskRows) best = h;
+  return best;
+}
 
 struct KvCtx {
   const AttentionFwdParams* p;
-  int group, d, dv, rows;  // rows per task: sq x group
-  float score_scale;       // raw dot -> log2 units, or -> tanh argument with softcap
-  float cap_log2;          // softcap * log2(e)
+  int group, d, dv;
+  int heads;  // kv heads per task (divides hk)
+  int qrows;  // rows per kv head: sq x group
+  int rows;   // rows per task: heads x qrows; row r = (hl x sq + i) x group + x
+              // is query row i of query head (hk0 + hl) x group + x
+  float score_scale;  // raw dot -> log2 units, or -> tanh argument with softcap
+  float cap_log2;     // softcap * log2(e)
   bool softcap;
-  int64_t chunk;           // keys per chunk
+  bool alibi;         // p.alibi_slopes != nullptr
+  int64_t chunk;      // keys per chunk
   int max_chunks;
-  // Partials of split sequences, [b][hk][max_chunks][rows] (x dv for acc).
+  // Partials of split sequences, [b][hk / heads][max_chunks][rows] (x dv for acc).
   float* part_acc;
   float* part_m;
   float* part_l;
 };
 
 struct KvTask {
-  int b, hk, chunk;
+  int b, hg, chunk;  // sequence, kv-head group (kv heads hg x heads ..), key chunk
 };
 
 // Per-worker scratch.
 struct KvScratch {
-  float* sc;       // [group][kTileKeys] scores, then probabilities
-  float* qf;       // [group][d] fp32 queries
-  float* alpha;    // [group] rescale of each row's running sum and output
-  float* m;        // [rows] running max (log2 units)
-  float* l;        // [rows] running sum
-  float* acc;      // [rows][dv] unnormalised output
-  const void** kp; // [kTileKeys + kPrefetchKeys] key row pointers of the tile (+ the next's first)
-  const void** vp; // [kTileKeys + kPrefetchKeys] value row pointers
+  float* sc;         // [rows][kTileKeys] scores, then probabilities
+  float* qf;         // [rows][d] fp32 queries (the fp32 dot-product steps)
+  float* alpha;      // [rows] rescale of each row's running sum and output
+  float* m;          // [rows] running max (log2 units)
+  float* l;          // [rows] running sum
+  float* acc;        // [rows][dv] unnormalised output
+  const void** qp;   // [rows] query row pointers
+  const void** kp;   // [2][kTileKeys] key row pointers (at the task's first kv
+  const void** vp;   // head) of this tile and the next; value rows likewise
+  const void** pfl;  // [kTileKeys x heads] row slices a pass prefetches (PfCursor)
 };
 
-// ---- per-instruction-set row steps ----------------------------------------
+PFA_INLINE int row_head(const KvCtx& c, int hg, int r) {
+  return (hg * c.heads + r / c.qrows) * c.group + r % c.group;
+}
+PFA_INLINE int row_query(const KvCtx& c, int r) { return (r % c.qrows) / c.group; }
 
-// sc[j] = score_scale * dot(q, K row kp[j]) for j < n; then the online
-// softmax over them and acc = alpha acc + sum_j p_j V row vp[j].
+// ---- per-instruction-set tile steps -----------------------------------------
+//
+// scores: sc[r][j] = score_scale * dot(q row r, K row j of r's kv head), j < n,
+//         each key row read once for all rows of its kv head; prefetches the
+//         tile's V rows (read next, by pv).
+// softmax: the online-softmax update of every row over the tile's n scores
+//         (running max m, sum l; alpha = the rescale of the old state).
+// pv:     acc[r] = alpha[r] acc[r] + sum_j p[r][j] V row j of r's kv head;
+//         prefetches the next tile's K rows (kn, nn of them).
+
 template <typename T>
-struct OpsPortable {
-  static constexpr bool kGroup = false;
-  static PFA_INLINE void scores(const KvCtx& c, const KvScratch& w, const T* q, const T* const* kp, int n,
-                                float* sc) {
-    for (int x = 0; x < c.d; ++x) w.qf[x] = to_f32(q[x]);
-    for (int j = 0; j < n; ++j) {
-      const T* k = kp[j];
-      float s = 0.0f;
-      for (int x = 0; x < c.d; ++x) s += to_f32(k[x]) * w.qf[x];
-      sc[j] = s * c.score_scale;
+struct StepsPortable {
+  static constexpr bool kNeedQf = true;
+  static void scores(const KvCtx& c, const KvScratch& w, const T* const* kp, const T* const*, int n) {
+    const AttentionFwdParams& p = *c.p;
+    for (int j = 0; j < n; ++j)
+      for (int hl = 0; hl < c.heads; ++hl) {
+        const T* k = kp[j] + int64_t(hl) * p.k_head_stride;
+        for (int rr = 0; rr < c.qrows; ++rr) {
+          const int r = hl * c.qrows + rr;
+          const float* q = w.qf + int64_t(r) * c.d;
+          float s = 0.0f;
+          for (int x = 0; x < c.d; ++x) s += to_f32(k[x]) * q[x];
+          w.sc[int64_t(r) * kTileKeys + j] = s * c.score_scale;
+        }
+      }
+  }
+  static void softmax(int rows, int n, float* sc, float* m, float* l, float* alpha) {
+    for (int r = 0; r < rows; ++r) {
+      float* s = sc + int64_t(r) * kTileKeys;
+      float mx = -kInf;
+      for (int j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+      const float mnew = std::max(m[r], mx);
+      const float use = mnew == -kInf ? 0.0f : mnew;  // empty stays 0, not NaN
+      alpha[r] = exp2_approx(m[r] - use);
+      m[r] = mnew;
+      float sum = 0.0f;
+      for (int j = 0; j < n; ++j) {
+        s[j] = exp2_approx(s[j] - use);
+        sum += s[j];
+      }
+      l[r] = l[r] * alpha[r] + sum;
     }
   }
-  static PFA_INLINE void softmax_pv(const KvCtx& c, const T* const* vp, int n, float* sc, float* acc, float& mrun,
-                                    float& lrun) {
-    float mx = -kInf;
-    for (int j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
-    const float mnew = std::max(mrun, mx);
-    const float use = mnew == -kInf ? 0.0f : mnew;  // empty stays 0, not NaN
-    const float alpha = exp2_approx(mrun - use);
-    mrun = mnew;
-    float sum = 0.0f;
-    for (int j = 0; j < n; ++j) {
-      sc[j] = exp2_approx(sc[j] - use);
-      sum += sc[j];
-    }
-    lrun = lrun * alpha + sum;
-    for (int x = 0; x < c.dv; ++x) acc[x] *= alpha;
-    for (int j = 0; j < n; ++j) {
-      const T* v = vp[j];
-      const float pj = sc[j];
-      for (int x = 0; x < c.dv; ++x) acc[x] += pj * to_f32(v[x]);
-    }
+  static void pv(const KvCtx& c, const KvScratch& w, const T* const* vp, int n, const T* const*, int) {
+    const AttentionFwdParams& p = *c.p;
+    for (int r = 0; r < c.rows; ++r)
+      for (int x = 0; x < c.dv; ++x) w.acc[int64_t(r) * c.dv + x] *= w.alpha[r];
+    for (int j = 0; j < n; ++j)
+      for (int hl = 0; hl < c.heads; ++hl) {
+        const T* v = vp[j] + int64_t(hl) * p.v_head_stride;
+        for (int rr = 0; rr < c.qrows; ++rr) {
+          const int r = hl * c.qrows + rr;
+          const float pj = w.sc[int64_t(r) * kTileKeys + j];
+          float* a = w.acc + int64_t(r) * c.dv;
+          for (int x = 0; x < c.dv; ++x) a[x] += pj * to_f32(v[x]);
+        }
+      }
   }
 };
 
 #if PFA_X86
-// ---- the same for the G query heads of one kv head at once -----------------
-// Each key row is loaded (and converted) once for the whole group instead of
-// once per head: the per-row steps above spent ~220 instructions per key and
-// kv head at G = 4, D = 128 bf16, mostly converting the same K and V rows
-// again for every head; these spend ~115.
-
-// Key rows of one kv head lie hk x d elements apart (2 KB at Hk = 8, D = 128
-// bf16), so every other row starts a new 4 KB page, where the hardware
-// prefetchers stop: without help the row loads wait on memory latency (the
-// first cut read 2.6 GB/s per core against 30 GB/s for a plain sum of the same
-// bytes, in CPU time). The scores loop therefore prefetches the K and V rows
-// kPrefetchKeys keys ahead (V is read after the tile's scores, so its lines
-// have long arrived).
-template <typename T>
-PFA_INLINE void prefetch_row(const T* row, int elems) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int b = 0; b < int(elems * sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-}
-
 // Online-softmax update of G rows from their scores sc[x * kTileKeys + j]:
 // per row max, alpha and exp2 as decode_softmax_pv (attention_decode.h);
-// returns alpha per row.
-PFA_AVX512 inline void softmax_group_avx512(int G, int n, float* sc, float* m, float* l, float* alpha) {
+// alpha per row out.
+PFA_AVX512 inline void softmax_rows_avx512(int G, int n, float* sc, float* m, float* l, float* alpha) {
   for (int x = 0; x < G; ++x) {
-    float* s = sc + x * kTileKeys;
+    float* s = sc + int64_t(x) * kTileKeys;
     __m512 mx = _mm512_set1_ps(-kInf);
     for (int j = 0; j < n; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, mask16(n - j), s + j));
     const float mnew = std::max(m[x], _mm512_reduce_max_ps(mx));
@@ -244,51 +278,9 @@ PFA_AVX512 inline void softmax_group_avx512(int G, int n, float* sc, float* m, f
       const __mmask16 k = mask16(n - j);
       const __m512 e = _mm512_maskz_mov_ps(k, VecAvx512::exp2(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), u)));
       sum = _mm512_add_ps(sum, e);
-      _mm512_storeu_ps(s + j, e);
+      _mm512_mask_storeu_ps(s + j, k, e);
     }
     l[x] = l[x] * alpha[x] + _mm512_reduce_add_ps(sum);
-  }
-}
-
-// acc[x] = alpha[x] acc[x] + sum_j p[x][j] V_j for GS <= 4 rows, 64 columns
-// at a time: each V row converted once, GS x 4 accumulators in registers.
-template <typename T, int GS>
-PFA_AVX512 inline void pv_quad_avx512(int dv, const T* const* vp, int n, const float* sc, float* acc,
-                                      const float* alpha) {
-  for (int x0 = 0; x0 < dv; x0 += 64) {
-    __mmask16 km[4];
-    for (int v = 0; v < 4; ++v) km[v] = x0 + 16 * v < dv ? mask16(dv - x0 - 16 * v) : __mmask16(0);
-    __m512 o[GS][4];
-    for (int t = 0; t < GS; ++t) {
-      const __m512 a = _mm512_set1_ps(alpha[t]);
-      for (int v = 0; v < 4; ++v) o[t][v] = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(km[v], acc + t * dv + x0 + 16 * v));
-    }
-    for (int j = 0; j < n; ++j) {
-      const T* vr = vp[j] + x0;
-      __m512 vv[4];
-      for (int v = 0; v < 4; ++v) vv[v] = load16_f32(vr + 16 * v, km[v]);
-      for (int t = 0; t < GS; ++t) {
-        const __m512 pj = _mm512_set1_ps(sc[t * kTileKeys + j]);
-        for (int v = 0; v < 4; ++v) o[t][v] = _mm512_fmadd_ps(pj, vv[v], o[t][v]);
-      }
-    }
-    for (int t = 0; t < GS; ++t)
-      for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(acc + t * dv + x0 + 16 * v, km[v], o[t][v]);
-  }
-}
-
-template <typename T>
-PFA_AVX512 inline void pv_group_avx512(int G, int dv, const T* const* vp, int n, const float* sc, float* acc,
-                                       const float* alpha) {
-  for (int x = 0; x < G; x += 4) {
-    const float* s = sc + x * kTileKeys;
-    float* a = acc + int64_t(x) * dv;
-    switch (std::min(4, G - x)) {
-      case 1: pv_quad_avx512<T, 1>(dv, vp, n, s, a, alpha + x); break;
-      case 2: pv_quad_avx512<T, 2>(dv, vp, n, s, a, alpha + x); break;
-      case 3: pv_quad_avx512<T, 3>(dv, vp, n, s, a, alpha + x); break;
-      default: pv_quad_avx512<T, 4>(dv, vp, n, s, a, alpha + x); break;
-    }
   }
 }
 
@@ -307,40 +299,48 @@ PFA_AVX512 inline __m512 hsum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
 }
 
-// Scores of G heads (q rows q0 + x * q_head_stride) against each key row,
-// loaded once: fp32 FMAs with q converted once per call into qf [G][d].
-template <typename T>
-PFA_AVX512 inline void scores_group_avx512(const KvCtx& c, float* qf, const T* q0, int64_t qhs, int G,
-                                           const T* const* kp, const T* const* vp, int n, float* sc) {
-  const int d = c.d, nv = (d + 15) / 16;
-  for (int x = 0; x < G; ++x)
-    for (int y = 0; y < d; ++y) qf[x * d + y] = to_f32(q0[x * qhs + y]);
-  for (int j = 0; j < n; ++j) {
-    if (j + kPrefetchKeys < n) {
-      prefetch_row(kp[j + kPrefetchKeys], d);
-      prefetch_row(vp[j + kPrefetchKeys], c.dv);
-    }
-    __m512 kv[16];
-    for (int v = 0; v < nv; ++v) kv[v] = load16_f32(kp[j] + 16 * v, mask16(d - 16 * v));
-    for (int x = 0; x < G; ++x) {
-      const float* q = qf + x * d;
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      int v = 0;
-      for (; v + 1 < nv; v += 2) {
-        // masked: lanes past d of q would meet K's zero lanes, and 0 * inf is NaN
-        a0 = _mm512_fmadd_ps(kv[v], _mm512_maskz_loadu_ps(mask16(d - 16 * v), q + 16 * v), a0);
-        a1 = _mm512_fmadd_ps(kv[v + 1], _mm512_maskz_loadu_ps(mask16(d - 16 * v - 16), q + 16 * v + 16), a1);
-      }
-      if (v < nv) a0 = _mm512_fmadd_ps(kv[v], _mm512_maskz_loadu_ps(mask16(d - 16 * v), q + 16 * v), a0);
-      sc[x * kTileKeys + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * c.score_scale;
-    }
+// ---- AVX-512 steps: one kv head at a time inside the tile -------------------
+//
+// Every line of a tile is software-prefetched in address order (whole cache
+// rows, one key after another: the walk the memory system sees), so the
+// demand order inside the tile is free: the steps run one kv head at a time
+// with q in registers for 16 keys and the output accumulators in registers
+// over the whole tile, while a cursor spreads the prefetches of the next
+// pass's rows over the loop. The hardware prefetchers do not keep up with
+// this kernel on their own, even on a contiguous cache walked in address
+// order (PERF_NOTES.md, v5: without the software prefetches a step took 2.5x
+// the CPU time; every other line or one per 256 bytes, 2.2-2.5x; the T1 and
+// NTA hints, no different from T0).
+
+// The row slices (one key's kv heads after another) a pass prefetches, a
+// share at a time.
+struct PfCursor {
+  const char* const* slices;
+  int count, next, lines;  // lines (64 B) per slice
+  PFA_INLINE void step(int k) {
+    const int e = std::min(count, next + k);
+    for (; next < e; ++next)
+      for (int l = 0; l < lines; ++l) _mm_prefetch(slices[next] + 64 * l, _MM_HINT_T0);
   }
+};
+
+// The slices of keys [0, n) of rows rp (kv heads of the task) into the list.
+template <typename T>
+PFA_INLINE PfCursor pf_cursor(const KvScratch& w, const T* const* rp, int n, int heads, int64_t head_stride,
+                              int elems) {
+  const char** list = reinterpret_cast<const char**>(w.pfl);
+  for (int j = 0; j < n; ++j)
+    for (int hl = 0; hl < heads; ++hl) list[j * heads + hl] = reinterpret_cast<const char*>(rp[j] + hl * head_stride);
+  return PfCursor{list, n * heads, 0, int((elems * sizeof(T) + 63) / 64)};
 }
 
-// bf16 dot products, q read in place (a bf16 row already is pairs).
-PFA_AVX512_BF16 inline void scores_group_bf16(const KvCtx& c, const c10::BFloat16* q0, int64_t qhs, int G,
-                                              const c10::BFloat16* const* kp, const c10::BFloat16* const* vp, int n,
-                                              float* sc) {
+// Scores of G rows (q rows qp[x]) against keys kp[j] + koff, j < n, into
+// sc[x * kTileKeys + j]: bf16 dot products, q in registers per 16 keys, the
+// 16 sums of a row formed by one transpose-and-add tree.
+PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16* const* qp, int G,
+                                             const c10::BFloat16* const* kp, int64_t koff, int n, float* sc,
+                                             PfCursor& pf) {
+  using T = c10::BFloat16;
   const int d = c.d, nv = (d + 31) / 32;
   __mmask32 km[8];
   for (int v = 0; v < nv; ++v) {
@@ -349,75 +349,179 @@ PFA_AVX512_BF16 inline void scores_group_bf16(const KvCtx& c, const c10::BFloat1
   }
   const __m512 scale = _mm512_set1_ps(c.score_scale);
   int j = 0;
-  // 16 keys at a time: one accumulator per key, summed by hsum16.
   for (; j + 16 <= n; j += 16) {
-    for (int jj = 0; jj < 16; ++jj) {
-      if (j + jj + kPrefetchKeys < n) {
-        prefetch_row(kp[j + jj + kPrefetchKeys], d);
-        prefetch_row(vp[j + jj + kPrefetchKeys], c.dv);
-      }
-    }
+    pf.step(16);
     for (int x = 0; x < G; ++x) {
-      const c10::BFloat16* q = q0 + x * qhs;
+      const T* q = qp[x];
       __m512i qv[8];
       for (int v = 0; v < nv; ++v) qv[v] = _mm512_maskz_loadu_epi16(km[v], q + 32 * v);
       __m512 acc[16];
       for (int jj = 0; jj < 16; ++jj) {
-        const c10::BFloat16* k = kp[j + jj];
+        const T* k = kp[j + jj] + koff;
         __m512 a = _mm512_setzero_ps();
         for (int v = 0; v < nv; ++v)
           a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(km[v], k + 32 * v), (__m512bh)qv[v]);
         acc[jj] = a;
       }
-      _mm512_storeu_ps(sc + x * kTileKeys + j, _mm512_mul_ps(hsum16(acc), scale));
+      _mm512_storeu_ps(sc + int64_t(x) * kTileKeys + j, _mm512_mul_ps(hsum16(acc), scale));
     }
   }
   for (; j < n; ++j) {
-    if (j + kPrefetchKeys < n) {
-      prefetch_row(kp[j + kPrefetchKeys], d);
-      prefetch_row(vp[j + kPrefetchKeys], c.dv);
-    }
+    pf.step(1);
+    const T* k = kp[j] + koff;
     __m512i kv[8];
-    for (int v = 0; v < nv; ++v) kv[v] = _mm512_maskz_loadu_epi16(km[v], kp[j] + 32 * v);
+    for (int v = 0; v < nv; ++v) kv[v] = _mm512_maskz_loadu_epi16(km[v], k + 32 * v);
     for (int x = 0; x < G; ++x) {
-      const c10::BFloat16* q = q0 + x * qhs;
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      int v = 0;
-      for (; v + 1 < nv; v += 2) {
-        // masked: never read past the q row (the tensor may end there)
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)kv[v], (__m512bh)_mm512_maskz_loadu_epi16(km[v], q + 32 * v));
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)kv[v + 1], (__m512bh)_mm512_maskz_loadu_epi16(km[v + 1], q + 32 * v + 32));
-      }
-      if (v < nv) a0 = _mm512_dpbf16_ps(a0, (__m512bh)kv[v], (__m512bh)_mm512_maskz_loadu_epi16(km[v], q + 32 * v));
-      sc[x * kTileKeys + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * c.score_scale;
+      const T* q = qp[x];
+      __m512 a = _mm512_setzero_ps();
+      for (int v = 0; v < nv; ++v)
+        a = _mm512_dpbf16_ps(a, (__m512bh)kv[v], (__m512bh)_mm512_maskz_loadu_epi16(km[v], q + 32 * v));
+      sc[int64_t(x) * kTileKeys + j] = _mm512_reduce_add_ps(a) * c.score_scale;
     }
   }
 }
+
+// The same with fp32 FMAs (q from qf, fp32 rows of d): each key row loaded and
+// converted once for the G rows.
+template <typename T>
+PFA_AVX512 inline void scores_head_f32(const KvCtx& c, const float* qf, int G, const T* const* kp, int64_t koff,
+                                       int n, float* sc, PfCursor& pf) {
+  const int d = c.d, nv = (d + 15) / 16;
+  for (int j = 0; j < n; ++j) {
+    pf.step(1);
+    const T* k = kp[j] + koff;
+    __m512 kv[16];
+    for (int v = 0; v < nv; ++v) kv[v] = load16_f32(k + 16 * v, mask16(d - 16 * v));
+    for (int x = 0; x < G; ++x) {
+      const float* q = qf + int64_t(x) * d;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int v = 0;
+      for (; v + 1 < nv; v += 2) {
+        // masked: lanes past d of q would meet K's zero lanes, and 0 * inf is NaN
+        a0 = _mm512_fmadd_ps(kv[v], _mm512_maskz_loadu_ps(mask16(d - 16 * v), q + 16 * v), a0);
+        a1 = _mm512_fmadd_ps(kv[v + 1], _mm512_maskz_loadu_ps(mask16(d - 16 * v - 16), q + 16 * v + 16), a1);
+      }
+      if (v < nv) a0 = _mm512_fmadd_ps(kv[v], _mm512_maskz_loadu_ps(mask16(d - 16 * v), q + 16 * v), a0);
+      sc[int64_t(x) * kTileKeys + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * c.score_scale;
+    }
+  }
+}
+
+// acc[x] = alpha[x] acc[x] + sum_j p[x][j] V_j (V_j = vp[j] + voff) for GS <=
+// 4 rows, 64 columns at a time: each V row converted once per 64 columns,
+// GS x 4 accumulators in registers over the tile. pf (may be null) steps one
+// slice per key.
+template <typename T, int GS>
+PFA_AVX512 inline void pv_quad_regs(int dv, const T* const* vp, int64_t voff, int n, const float* sc, float* acc,
+                                    const float* alpha, PfCursor* pf) {
+  for (int x0 = 0; x0 < dv; x0 += 64) {
+    __mmask16 km[4];
+    for (int v = 0; v < 4; ++v) km[v] = x0 + 16 * v < dv ? mask16(dv - x0 - 16 * v) : __mmask16(0);
+    __m512 o[GS][4];
+    for (int t = 0; t < GS; ++t) {
+      const __m512 a = _mm512_set1_ps(alpha[t]);
+      for (int v = 0; v < 4; ++v) o[t][v] = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(km[v], acc + t * dv + x0 + 16 * v));
+    }
+    for (int j = 0; j < n; ++j) {
+      if (pf && x0 == 0) pf->step(1);
+      const T* vr = vp[j] + voff + x0;
+      __m512 vv[4];
+      for (int v = 0; v < 4; ++v) vv[v] = load16_f32(vr + 16 * v, km[v]);
+      for (int t = 0; t < GS; ++t) {
+        const __m512 pj = _mm512_set1_ps(sc[t * kTileKeys + j]);
+        for (int v = 0; v < 4; ++v) o[t][v] = _mm512_fmadd_ps(pj, vv[v], o[t][v]);
+      }
+    }
+    for (int t = 0; t < GS; ++t)
+      for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(acc + t * dv + x0 + 16 * v, km[v], o[t][v]);
+  }
+}
+
+template <typename T>
+PFA_AVX512 inline void pv_regs_avx512(const KvCtx& c, const KvScratch& w, const T* const* vp, int n,
+                                      const T* const* kn, int nn) {
+  const AttentionFwdParams& p = *c.p;
+  PfCursor pf = pf_cursor(w, kn, nn, c.heads, p.k_head_stride, c.d);
+  for (int hl = 0; hl < c.heads; ++hl) {
+    const int64_t voff = int64_t(hl) * p.v_head_stride;
+    for (int x = 0; x < c.qrows; x += 4) {
+      const int r = hl * c.qrows + x;
+      const float* s = w.sc + int64_t(r) * kTileKeys;
+      float* a = w.acc + int64_t(r) * c.dv;
+      PfCursor* pp = x == 0 ? &pf : nullptr;
+      switch (std::min(4, c.qrows - x)) {
+        case 1: pv_quad_regs<T, 1>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
+        case 2: pv_quad_regs<T, 2>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
+        case 3: pv_quad_regs<T, 3>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
+        default: pv_quad_regs<T, 4>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
+      }
+    }
+  }
+  pf.step(pf.count);
+}
+
 // fp32 FMAs for every dtype (d <= 256).
 template <typename T>
-struct OpsAvx512 {
-  static constexpr bool kGroup = true;
-  static PFA_AVX512 inline void scores_group(const KvCtx& c, const KvScratch& w, const T* q0, int64_t qhs, int G,
-                                             const T* const* kp, const T* const* vp, int n, float* sc) {
-    scores_group_avx512<T>(c, w.qf, q0, qhs, G, kp, vp, n, sc);
+struct StepsAvx512 {
+  static constexpr bool kNeedQf = true;
+  static PFA_AVX512 inline void scores(const KvCtx& c, const KvScratch& w, const T* const* kp, const T* const* vp,
+                                       int n) {
+    const AttentionFwdParams& p = *c.p;
+    PfCursor pf = pf_cursor(w, vp, n, c.heads, p.v_head_stride, c.dv);
+    for (int hl = 0; hl < c.heads; ++hl)
+      scores_head_f32<T>(c, w.qf + int64_t(hl) * c.qrows * c.d, c.qrows, kp, int64_t(hl) * p.k_head_stride, n,
+                         w.sc + int64_t(hl) * c.qrows * kTileKeys, pf);
+    pf.step(pf.count);
+  }
+  static PFA_AVX512 inline void softmax(int rows, int n, float* sc, float* m, float* l, float* alpha) {
+    softmax_rows_avx512(rows, n, sc, m, l, alpha);
+  }
+  static PFA_AVX512 inline void pv(const KvCtx& c, const KvScratch& w, const T* const* vp, int n, const T* const* kn,
+                                   int nn) {
+    pv_regs_avx512<T>(c, w, vp, n, kn, nn);
   }
 };
 
 // bf16 dot products for the scores (d <= 256).
-struct OpsAvx512Bf16 {
+struct StepsAvx512Bf16 {
   using T = c10::BFloat16;
-  static constexpr bool kGroup = true;
-  static PFA_AVX512_BF16 inline void scores_group(const KvCtx& c, const KvScratch&, const T* q0, int64_t qhs, int G,
-                                                  const T* const* kp, const T* const* vp, int n, float* sc) {
-    scores_group_bf16(c, q0, qhs, G, kp, vp, n, sc);
+  static constexpr bool kNeedQf = false;
+  static PFA_AVX512_BF16 inline void scores(const KvCtx& c, const KvScratch& w, const T* const* kp,
+                                            const T* const* vp, int n) {
+    const AttentionFwdParams& p = *c.p;
+    PfCursor pf = pf_cursor(w, vp, n, c.heads, p.v_head_stride, c.dv);
+    const T* const* qp = reinterpret_cast<const T* const*>(w.qp);
+    for (int hl = 0; hl < c.heads; ++hl)
+      scores_head_bf16(c, qp + hl * c.qrows, c.qrows, kp, int64_t(hl) * p.k_head_stride, n,
+                       w.sc + int64_t(hl) * c.qrows * kTileKeys, pf);
+    pf.step(pf.count);
+  }
+  static PFA_AVX512_BF16 inline void softmax(int rows, int n, float* sc, float* m, float* l, float* alpha) {
+    softmax_rows_avx512(rows, n, sc, m, l, alpha);
+  }
+  static PFA_AVX512_BF16 inline void pv(const KvCtx& c, const KvScratch& w, const T* const* vp, int n,
+                                        const T* const* kn, int nn) {
+    pv_regs_avx512<T>(c, w, vp, n, kn, nn);
   }
 };
-
 #endif
 
 // ---- the task body ---------------------------------------------------------
 
-// Row pointers of keys [j0, j0 + n) of sequence b, kv head hk, into kp / vp.
+// ALiBi (params.h): s[j] -= slope2 * |dist0 - j| for j < n, in log2 units
+// (slope2 = slope * log2(e)), after softcap, where dist0 = i + len_k - len_q
+// - (the first key of s). A plain loop the compiler vectorises.
+PFA_INLINE void add_alibi(float* s, int n, float slope2, int64_t dist0) {
+  const float base = float(dist0);
+  for (int j = 0; j < n; ++j) s[j] -= slope2 * std::fabs(base - float(j));
+}
+
+// slope * log2(e) of (sequence b, query head h).
+PFA_INLINE float alibi_slope2(const AttentionFwdParams& p, int b, int h) {
+  return p.alibi_slopes[int64_t(b) * p.alibi_batch_stride + h] * kLog2e;
+}
+
+// Row pointers of keys [j0, j0 + n) of sequence b at kv head hk, into kp / vp.
 // Paged: one division per tile, then a walk along the block.
 template <typename T>
 PFA_INLINE void tile_pointers(const AttentionFwdParams& p, int b, int hk, int j0, int n, const T** kp,
@@ -452,17 +556,16 @@ int chunks_of(const KvCtx& c, int len_k) {
   return len_k <= 0 ? 1 : int((len_k + c.chunk - 1) / c.chunk);
 }
 
-template <class Ops, typename T>
+template <class Steps, typename T>
 PFA_INLINE void kv_task(const KvCtx& c, const KvScratch& w, const KvTask& t) {
   const AttentionFwdParams& p = *c.p;
   const SeqInfo si(p, t.b);
-  const int g = c.group, rows = c.rows;
+  const int g = c.group, sq = p.seqlen_q, rows = c.rows, hk0 = t.hg * c.heads;
   const int c0 = int(int64_t(t.chunk) * c.chunk);
   const int c1 = int(std::min<int64_t>(si.len_k, int64_t(c0) + c.chunk));
-  // Row r is query row i = r / g of head hk * g + r % g: rows of one query
-  // row share a key range.
+  // The keys some query row sees in this chunk.
   int ulo = c1, uhi = c0;
-  for (int i = 0; i < p.seqlen_q; ++i) {
+  for (int i = 0; i < sq; ++i) {
     const int lo = std::max(si.key_lo(p, i), c0), hi = std::min(si.key_hi(p, i), c1);
     if (lo < hi) {
       ulo = std::min(ulo, lo);
@@ -470,59 +573,53 @@ PFA_INLINE void kv_task(const KvCtx& c, const KvScratch& w, const KvTask& t) {
     }
   }
   for (int r = 0; r < rows; ++r) {
+    const T* q = static_cast<const T*>(p.q) + int64_t(t.b) * p.q_batch_stride +
+                 int64_t(row_query(c, r)) * p.q_row_stride + int64_t(row_head(c, t.hg, r)) * p.q_head_stride;
+    w.qp[r] = q;
+    if constexpr (Steps::kNeedQf)
+      for (int y = 0; y < c.d; ++y) w.qf[int64_t(r) * c.d + y] = to_f32(q[y]);
     w.m[r] = -kInf;
     w.l[r] = 0.0f;
   }
   std::fill(w.acc, w.acc + int64_t(rows) * c.dv, 0.0f);
-  const T** kp = reinterpret_cast<const T**>(w.kp);
-  const T** vp = reinterpret_cast<const T**>(w.vp);
+  const T** kp[2] = {reinterpret_cast<const T**>(w.kp), reinterpret_cast<const T**>(w.kp) + kTileKeys};
+  const T** vp[2] = {reinterpret_cast<const T**>(w.vp), reinterpret_cast<const T**>(w.vp) + kTileKeys};
+  int cur = 0;
+  if (ulo < uhi) tile_pointers<T>(p, t.b, hk0, ulo, std::min(kTileKeys, uhi - ulo), kp[0], vp[0]);
   for (int j0 = ulo; j0 < uhi; j0 += kTileKeys) {
     const int n = std::min(kTileKeys, uhi - j0);
-    tile_pointers<T>(p, t.b, t.hk, j0, n, kp, vp);
-#if PFA_X86
-    // The first rows of the next tile, which the scores loop's prefetch
-    // (kPrefetchKeys ahead, inside a tile) does not reach.
-    if (j0 + n < uhi) {
-      const int pn = std::min(kPrefetchKeys, uhi - j0 - n);
-      const T** kq = kp + kTileKeys;
-      const T** vq = vp + kTileKeys;
-      tile_pointers<T>(p, t.b, t.hk, j0 + n, pn, kq, vq);
-      for (int j = 0; j < pn; ++j) {
-        prefetch_row(kq[j], c.d);
-        prefetch_row(vq[j], c.dv);
-      }
-    }
-#endif
-    for (int i = 0; i < p.seqlen_q; ++i) {
-      const int lo = std::max({si.key_lo(p, i), c0, j0}), hi = std::min({si.key_hi(p, i), c1, j0 + n});
-      if (lo >= hi) continue;
-      const T* q0 = static_cast<const T*>(p.q) + int64_t(t.b) * p.q_batch_stride + int64_t(i) * p.q_row_stride +
-                    int64_t(t.hk * g) * p.q_head_stride;
-      const int nk = hi - lo, r0 = i * g;
-      if constexpr (Ops::kGroup) {
-#if PFA_X86
-        Ops::scores_group(c, w, q0, p.q_head_stride, g, kp + (lo - j0), vp + (lo - j0), nk, w.sc);
-        if (c.softcap)
-          for (int x = 0; x < g; ++x)
-            for (int j = 0; j < nk; ++j) w.sc[x * kTileKeys + j] = c.cap_log2 * tanh_approx(w.sc[x * kTileKeys + j]);
-        softmax_group_avx512(g, nk, w.sc, w.m + r0, w.l + r0, w.alpha);
-        pv_group_avx512<T>(g, c.dv, vp + (lo - j0), nk, w.sc, w.acc + int64_t(r0) * c.dv, w.alpha);
-#endif
-      } else {
-        for (int x = 0; x < g; ++x) {
-          const int r = r0 + x;
-          Ops::scores(c, w, q0 + int64_t(x) * p.q_head_stride, kp + (lo - j0), nk, w.sc);
-          if (c.softcap)
-            for (int j = 0; j < nk; ++j) w.sc[j] = c.cap_log2 * tanh_approx(w.sc[j]);
-          Ops::softmax_pv(c, vp + (lo - j0), nk, w.sc, w.acc + int64_t(r) * c.dv, w.m[r], w.l[r]);
+    const int nn = std::min(kTileKeys, uhi - j0 - n);
+    if (nn > 0) tile_pointers<T>(p, t.b, hk0, j0 + n, nn, kp[cur ^ 1], vp[cur ^ 1]);
+    Steps::scores(c, w, kp[cur], vp[cur], n);
+    if (c.softcap)
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < n; ++j) {
+          float& s = w.sc[int64_t(r) * kTileKeys + j];
+          s = c.cap_log2 * tanh_approx(s);
         }
-      }
+    if (c.alibi)
+      for (int r = 0; r < rows; ++r)
+        add_alibi(w.sc + int64_t(r) * kTileKeys, n, alibi_slope2(p, t.b, row_head(c, t.hg, r)),
+                  int64_t(row_query(c, r)) + si.offset - j0);
+    // Keys of the tile a query row does not see (causal / window edges).
+    for (int i = 0; i < sq; ++i) {
+      const int lo = std::max(si.key_lo(p, i), c0) - j0, hi = std::min(si.key_hi(p, i), c1) - j0;
+      if (lo <= 0 && hi >= n) continue;
+      for (int hl = 0; hl < c.heads; ++hl)
+        for (int x = 0; x < g; ++x) {
+          float* s = w.sc + int64_t(hl * c.qrows + i * g + x) * kTileKeys;
+          for (int j = 0; j < n; ++j)
+            if (j < lo || j >= hi) s[j] = -kInf;
+        }
     }
+    Steps::softmax(rows, n, w.sc, w.m, w.l, w.alpha);
+    Steps::pv(c, w, vp[cur], n, kp[cur ^ 1], nn);
+    cur ^= 1;
   }
   if (chunks_of(c, si.len_k) == 1) {
     // The whole sequence in one task: normalise and write out / lse.
     for (int r = 0; r < rows; ++r) {
-      const int i = r / g, h = t.hk * g + r % g;
+      const int i = row_query(c, r), h = row_head(c, t.hg, r);
       const bool empty = w.m[r] == -kInf || w.l[r] == 0.0f;  // NaN sums propagate
       const float inv = empty ? 0.0f : 1.0f / w.l[r];
       T* o = static_cast<T*>(p.o) + int64_t(t.b) * p.o_batch_stride + int64_t(i) * p.o_row_stride +
@@ -532,45 +629,43 @@ PFA_INLINE void kv_task(const KvCtx& c, const KvScratch& w, const KvTask& t) {
       p.lse[si.lse_index(p, h, i)] = empty ? -kInf : (w.m[r] + std::log2(w.l[r])) * kLn2;
     }
   } else {
-    const int64_t base = ((int64_t(t.b) * p.num_heads_k + t.hk) * c.max_chunks + t.chunk) * rows;
+    const int groups = p.num_heads_k / c.heads;
+    const int64_t base = ((int64_t(t.b) * groups + t.hg) * c.max_chunks + t.chunk) * rows;
     std::copy(w.m, w.m + rows, c.part_m + base);
     std::copy(w.l, w.l + rows, c.part_l + base);
     std::copy(w.acc, w.acc + int64_t(rows) * c.dv, c.part_acc + base * c.dv);
   }
 }
 
-// Combines the chunks of one (sequence, kv head): O = sum_c 2^(m_c - M) acc_c
-// / L, L = sum_c 2^(m_c - M) l_c, lse = ln2 (M + log2 L).
+// Combines the chunks of row r of one (sequence, kv-head group): O = sum_c
+// 2^(m_c - M) acc_c / L, L = sum_c 2^(m_c - M) l_c, lse = ln2 (M + log2 L).
 template <typename T>
-void merge_unit(const KvCtx& c, int b, int hk, int nch) {
+void merge_row(const KvCtx& c, int b, int hg, int r, int nch, float* out) {
   const AttentionFwdParams& p = *c.p;
   const SeqInfo si(p, b);
-  const int g = c.group;
-  std::vector<float> out(c.dv);
-  for (int r = 0; r < c.rows; ++r) {
-    const int i = r / g, h = hk * g + r % g;
-    const int64_t base = (int64_t(b) * p.num_heads_k + hk) * c.max_chunks * c.rows + r;
-    float mmax = -kInf;
-    for (int ch = 0; ch < nch; ++ch) mmax = std::max(mmax, c.part_m[base + int64_t(ch) * c.rows]);
-    float lsum = 0.0f;
-    std::fill(out.begin(), out.end(), 0.0f);
-    if (mmax != -kInf) {
-      for (int ch = 0; ch < nch; ++ch) {
-        const int64_t at = base + int64_t(ch) * c.rows;
-        const float wgt = exp2_approx(c.part_m[at] - mmax);
-        if (c.part_m[at] == -kInf) continue;
-        lsum += wgt * c.part_l[at];
-        const float* a = c.part_acc + at * c.dv;
-        for (int x = 0; x < c.dv; ++x) out[x] += wgt * a[x];
-      }
+  const int i = row_query(c, r), h = row_head(c, hg, r);
+  const int groups = p.num_heads_k / c.heads;
+  const int64_t base = (int64_t(b) * groups + hg) * c.max_chunks * c.rows + r;
+  float mmax = -kInf;
+  for (int ch = 0; ch < nch; ++ch) mmax = std::max(mmax, c.part_m[base + int64_t(ch) * c.rows]);
+  float lsum = 0.0f;
+  std::fill(out, out + c.dv, 0.0f);
+  if (mmax != -kInf) {
+    for (int ch = 0; ch < nch; ++ch) {
+      const int64_t at = base + int64_t(ch) * c.rows;
+      if (c.part_m[at] == -kInf) continue;
+      const float wgt = exp2_approx(c.part_m[at] - mmax);
+      lsum += wgt * c.part_l[at];
+      const float* a = c.part_acc + at * c.dv;
+      for (int x = 0; x < c.dv; ++x) out[x] += wgt * a[x];
     }
-    const bool empty = mmax == -kInf || lsum == 0.0f;
-    const float inv = empty ? 0.0f : 1.0f / lsum;
-    T* o = static_cast<T*>(p.o) + int64_t(b) * p.o_batch_stride + int64_t(i) * p.o_row_stride +
-           int64_t(h) * p.o_head_stride;
-    for (int x = 0; x < c.dv; ++x) o[x] = from_f32<T>(out[x] * inv);
-    p.lse[si.lse_index(p, h, i)] = empty ? -kInf : (mmax + std::log2(lsum)) * kLn2;
   }
+  const bool empty = mmax == -kInf || lsum == 0.0f;
+  const float inv = empty ? 0.0f : 1.0f / lsum;
+  T* o = static_cast<T*>(p.o) + int64_t(b) * p.o_batch_stride + int64_t(i) * p.o_row_stride +
+         int64_t(h) * p.o_head_stride;
+  for (int x = 0; x < c.dv; ++x) o[x] = from_f32<T>(out[x] * inv);
+  p.lse[si.lse_index(p, h, i)] = empty ? -kInf : (mmax + std::log2(lsum)) * kLn2;
 }
 
 // ---- entry points per instruction set --------------------------------------
@@ -579,16 +674,16 @@ using KvTaskFn = void (*)(const KvCtx&, const KvScratch&, const KvTask&);
 
 template <typename T>
 void task_portable(const KvCtx& c, const KvScratch& w, const KvTask& t) {
-  kv_task<OpsPortable<T>, T>(c, w, t);
+  kv_task<StepsPortable<T>, T>(c, w, t);
 }
 #if PFA_X86
 template <typename T>
 PFA_AVX512 __attribute__((flatten)) void task_avx512(const KvCtx& c, const KvScratch& w, const KvTask& t) {
-  kv_task<OpsAvx512<T>, T>(c, w, t);
+  kv_task<StepsAvx512<T>, T>(c, w, t);
 }
 PFA_AVX512_BF16 __attribute__((flatten)) void task_avx512_bf16(const KvCtx& c, const KvScratch& w,
                                                                const KvTask& t) {
-  kv_task<OpsAvx512Bf16, c10::BFloat16>(c, w, t);
+  kv_task<StepsAvx512Bf16, c10::BFloat16>(c, w, t);
 }
 #endif
 
@@ -596,7 +691,7 @@ template <typename T>
 KvTaskFn task_fn_for(const KvCtx& c) {
   const CpuPath path = cpu_path(c.p->dtype);
 #if PFA_X86
-  // The AVX-512 row steps hold q in registers: head dims up to 256. AVX2
+  // The AVX-512 scores hold a K row in registers: head dims up to 256. AVX2
   // machines take the portable steps (the compiler vectorises their loops).
   if (c.d <= 256) {
     if constexpr (std::is_same<T, c10::BFloat16>::value) {
@@ -612,6 +707,7 @@ KvTaskFn task_fn_for(const KvCtx& c) {
 template <typename T>
 void run_kvcache(KvCtx& c) {
   const AttentionFwdParams& p = *c.p;
+  const int groups = p.num_heads_k / c.heads;
   std::vector<KvTask> tasks;
   std::vector<int64_t> cost;
   std::vector<int> nchunks(size_t(p.batch));
@@ -620,15 +716,15 @@ void run_kvcache(KvCtx& c) {
     const SeqInfo si(p, b);
     nchunks[b] = chunks_of(c, si.len_k);
     any_split |= nchunks[b] > 1;
-    for (int hk = 0; hk < p.num_heads_k; ++hk)
+    for (int hg = 0; hg < groups; ++hg)
       for (int ch = 0; ch < nchunks[b]; ++ch) {
-        tasks.push_back(KvTask{b, hk, ch});
+        tasks.push_back(KvTask{b, hg, ch});
         cost.push_back(std::min<int64_t>(c.chunk, si.len_k - int64_t(ch) * c.chunk));
       }
   }
   std::vector<float> parts;
   if (any_split) {
-    const int64_t slots = int64_t(p.batch) * p.num_heads_k * c.max_chunks * c.rows;
+    const int64_t slots = int64_t(p.batch) * groups * c.max_chunks * c.rows;
     parts.resize(size_t(slots * (c.dv + 2)));
     c.part_acc = parts.data();
     c.part_m = c.part_acc + slots * c.dv;
@@ -642,28 +738,32 @@ void run_kvcache(KvCtx& c) {
   const int64_t n = int64_t(tasks.size());
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const int64_t rows = c.rows;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> buf(size_t(int64_t(c.group) * (kTileKeys + c.d + 1) + 2 * c.rows + int64_t(c.rows) * c.dv));
-    std::vector<const void*> ptrs(2 * (kTileKeys + kPrefetchKeys));
+    std::vector<float> buf(size_t(rows * (kTileKeys + c.d + 3 + c.dv)));
+    std::vector<const void*> ptrs(size_t(rows + 4 * kTileKeys + kTileKeys * c.heads));
     KvScratch w;
     w.sc = buf.data();
-    w.qf = w.sc + int64_t(c.group) * kTileKeys;
-    w.alpha = w.qf + int64_t(c.group) * c.d;
-    w.m = w.alpha + c.group;
-    w.l = w.m + c.rows;
-    w.acc = w.l + c.rows;
-    w.kp = ptrs.data();
-    w.vp = ptrs.data() + kTileKeys + kPrefetchKeys;
+    w.qf = w.sc + rows * kTileKeys;
+    w.alpha = w.qf + rows * c.d;
+    w.m = w.alpha + rows;
+    w.l = w.m + rows;
+    w.acc = w.l + rows;
+    w.qp = ptrs.data();
+    w.kp = w.qp + rows;
+    w.vp = w.kp + 2 * kTileKeys;
+    w.pfl = w.vp + 2 * kTileKeys;
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
          i = next.fetch_add(1, std::memory_order_relaxed))
       fn(c, w, tasks[size_t(order[size_t(i)])]);
   });
   if (any_split) {
-    const int64_t units = int64_t(p.batch) * p.num_heads_k;
-    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    const int64_t units = int64_t(p.batch) * groups * rows;
+    at::parallel_for(0, units, 8, [&](int64_t u0, int64_t u1) {
+      std::vector<float> out(size_t(c.dv));
       for (int64_t u = u0; u < u1; ++u) {
-        const int b = int(u / p.num_heads_k), hk = int(u % p.num_heads_k);
-        if (nchunks[b] > 1) merge_unit<T>(c, b, hk, nchunks[b]);
+        const int b = int(u / (groups * rows)), hg = int(u / rows % groups), r = int(u % rows);
+        if (nchunks[b] > 1) merge_row<T>(c, b, hg, r, nchunks[b], out.data());
       }
     });
   }
@@ -676,8 +776,9 @@ int64_t kvcache_chunk_keys(const AttentionFwdParams& p) {
   for (int b = 0; b < p.batch; ++b) max_len = std::max<int64_t>(max_len, SeqInfo(p, b).len_k);
   max_len = std::max<int64_t>(max_len, 1);
   if (p.num_splits > 0) return std::max<int64_t>(16, round_up((max_len + p.num_splits - 1) / p.num_splits, 16));
-  const int64_t units = int64_t(p.batch) * p.num_heads_k;
-  const int64_t rows = int64_t(p.seqlen_q) * (p.num_heads / p.num_heads_k);
+  const int heads = heads_per_task(p);
+  const int64_t units = int64_t(p.batch) * (p.num_heads_k / heads);
+  const int64_t rows = int64_t(p.seqlen_q) * (p.num_heads / p.num_heads_k) * heads;
   const int64_t want = (kTargetTasks + units - 1) / units;
   if (want <= 1 || rows > kMaxSplitRows) return max_len;
   return std::max<int64_t>(kMinChunk, round_up((max_len + want - 1) / want, kTileKeys));
@@ -699,10 +800,13 @@ void attention_kvcache_fwd(const AttentionFwdParams& p) {
   c.group = p.num_heads / p.num_heads_k;
   c.d = p.head_dim;
   c.dv = p.head_dim_v;
-  c.rows = p.seqlen_q * c.group;
+  c.heads = heads_per_task(p);
+  c.qrows = p.seqlen_q * c.group;
+  c.rows = c.heads * c.qrows;
   c.softcap = p.softcap > 0.0f;
   c.score_scale = c.softcap ? p.scale / p.softcap : p.scale * kLog2e;
   c.cap_log2 = c.softcap ? p.softcap * kLog2e : 0.0f;
+  c.alibi = p.alibi_slopes != nullptr;
   c.chunk = kvcache_chunk_keys(p);
   int64_t max_len = 1;
   for (int b = 0; b < p.batch; ++b) max_len = std::max<int64_t>(max_len, SeqInfo(p, b).len_k);
