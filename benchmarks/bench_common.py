@@ -958,7 +958,8 @@ def write_plots(
     files = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["status"] == "ok" and r.get("seqlen"):
+        # decode-kvcache: one context length per run, no curve to draw
+        if r["status"] == "ok" and r.get("seqlen") and r["suite"] != "decode-kvcache":
             groups.setdefault((r["suite"], r["dtype"]), []).append(r)
     machine = machine_title(env)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -182,7 +182,8 @@ def run(
                             provider=_RUN_PY_NAMES[r["provider"]], suite="decode-kvcache",
                             shape=f"B{b} Hq{HQ} Hk{HK} D{D} ctx{ctx} {lay}", dtype=r["dtype"],
                             status="ok", p20_ms=r["p20_ms"], p50_ms=r["p50_ms"], p80_ms=r["p80_ms"],
-                            gbps=r["gbps"], seqlen=ctx, causal=True,
+                            gbps=r["gbps"], seqlen=ctx, causal=True, samples=grid["reps"],
+                            spread=(r["p80_ms"] - r["p20_ms"]) / r["p50_ms"],
                             note=f"{100 * r['frac_read_bw']:.1f}% of the read bandwidth ({r['read_bw_gbps']} GB/s)",
                         ))  # fmt: skip
                         out[-1]["pass"] = "fwd"

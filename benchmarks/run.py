@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """pyfastattn benchmarks: the fused kernels beside PyTorch's own attention and FFN.
 
-    python benchmarks/run.py [--suite attention|attention-bwd|ffn|all] [--device auto|cpu|cuda]
+    python benchmarks/run.py [--suite attention|attention-bwd|decode-kvcache|ffn|all] [--device auto|cpu|cuda]
                              [--dtype float32,bfloat16] [--quick|--full|--smoke] [--threads N]
                              [--seqlens 512,1024] [--headdims 64] [--providers NAMES]
                              [--ffn-tokens 16,512] [--ffn-dmodel 1024] [--out DIR | --record]
@@ -15,6 +15,11 @@ Providers, all in this process on the same inputs in the same run:
                  autograd, so pyfastattn's is whatever its public autograd path
                  dispatches to: the attention_bwd kernel where one is registered),
                  pass "fwd+bwd" the two together
+  decode-kvcache benchmarks/decode_kvcache.py: one decode step with append over a
+                 KV cache (B1 Hq32 Hk8 D128 bf16; quick: context 4096, contiguous
+                 and paged 64), pyfastattn.attention_with_kvcache beside torch SDPA
+                 over views of the same cache and a concatenate-then-attend path;
+                 memory-bound, so its rows report the fraction of the read bandwidth
   ffn            benchmarks/ffn_bench.py: pyfastattn, torch eager, torch.compile
 
 Method: before timing, every provider's output (and, for attention-bwd, its
@@ -553,9 +558,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--suite",
         default="all",
-        choices=["attention", "attention-bwd", "ffn", "all"],
+        choices=["attention", "attention-bwd", "decode-kvcache", "ffn", "all"],
         help="what to time: the attention forward, its backward (alone and with the forward), "
-        "the feed-forward block, or all three (default: all)",
+        "a decode step over a KV cache, the feed-forward block, or all four (default: all)",
     )
     bc.add_common_args(ap)
     ap.add_argument("--seqlens", default=None, help="comma list replacing the grid's sequence lengths")
@@ -586,7 +591,7 @@ def main(argv=None) -> int:
             "float32,bfloat16" if device == "cpu" else ("bfloat16" if quick else "bfloat16,float16")
         )
     dtypes = [getattr(torch, n.strip()) for n in (args.dtype or default_dtypes).split(",")]
-    suites = ["attention", "attention-bwd", "ffn"] if args.suite == "all" else [args.suite]
+    suites = ["attention", "attention-bwd", "decode-kvcache", "ffn"] if args.suite == "all" else [args.suite]
     ints = lambda text: [int(x) for x in text.split(",")] if text else None  # noqa: E731
     provs, unavailable = providers(device)
     if args.providers:
@@ -605,7 +610,7 @@ def main(argv=None) -> int:
     jobs = [
         (su, dt, sh)
         for su in suites
-        if su != "ffn"
+        if su in ("attention", "attention-bwd")
         for dt in dtypes
         for sh in shapes_for(
             device,
@@ -618,7 +623,7 @@ def main(argv=None) -> int:
         )  # fmt: skip
     ]
     budget_s = args.budget_s if args.budget_s is not None else (140.0 if quick and device == "cuda" else 0.0)
-    prog = bc.Progress(len(dtypes) + 1 + len(jobs) + ("ffn" in suites) + 1)
+    prog = bc.Progress(len(dtypes) + 1 + len(jobs) + ("decode-kvcache" in suites) + ("ffn" in suites) + 1)
     # The roofs every row is a fraction of. CPU: the physical peak of the
     # vector units and the read bandwidth, probed in this run (issue 21);
     # torch.matmul's rate is one more baseline (--full). CUDA: torch.matmul's
@@ -729,6 +734,21 @@ def main(argv=None) -> int:
         )  # fmt: skip
         # after every step, so that a run killed by an outer timeout still leaves its results
         write_files(rows, header(f"partial: {i + 1} of {len(jobs)} attention jobs done"), bc.summarize(rows))
+    if "decode-kvcache" in suites:
+        import decode_kvcache
+
+        prog.step("decode-kvcache")
+        if skip := over_budget():
+            dec = [dict(provider="pyfastattn", suite="decode-kvcache", shape="(the decode suite)", dtype="",
+                        status=skip, **{"pass": ""})]  # fmt: skip
+        else:
+            dec = decode_kvcache.run(device, ["bfloat16"], quick, threads, smoke=smoke)
+        for r in dec:
+            r.update(env)
+            r["variant"] = "fwd decode with append"
+            if r["status"] == "ok" and r.get("gbps"):
+                r["frac_copy_bw"], r["bound"] = r["gbps"] / copy_gbps, "memory"
+        rows += dec
     if "ffn" in suites:
         import ffn_bench
 
