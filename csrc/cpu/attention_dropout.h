@@ -4,17 +4,16 @@
 // (philox16_avx512) or plain loops over the lanes elsewhere.
 //
 // The tile of keep masks is S^T-shaped, keep[j][i] = ~0u (kept) or 0, and is
-// applied where each step needs it:
-//   forward : P (the exp2 tile, fp32 or bf16 pairs) is zeroed where dropped;
-//             the 1 / (1 - p) rescale is folded into O = acc / l at the end.
-//   backward: dP = keep ? dP / (1 - p) : 0 before dS = P (dP - D); the P^T
-//             that feeds dV is zeroed where dropped and dV is rescaled at the
-//             end (store_dkdv).
+// applied (Vec::keep, an AND) where the values are in registers anyway:
+//   forward : exp_tile zeroes P (fp32 or bf16 pairs) where dropped, after the
+//             row sums; the 1 / (1 - p) rescale is folded into O = acc / l.
+//   backward: grad_tile takes dP = keep ? dP / (1 - p) : 0 for dS = P (dP - D)
+//             and zeroes the P^T that feeds dV where dropped; dV is rescaled
+//             at the end (store_dkdv).
 // No mask is stored between the forward and the backward: the backward
 // regenerates it.
 #pragma once
 
-#include <cstring>
 
 #include "attention_schedule.h"
 
@@ -113,54 +112,6 @@ PFA_INLINE void fill_keep_tile(const Ctx& c, int b, int h, int i0, int mp, int j
         const int shift = (x & 1) * 16;
         for (int l = 0; l < kLanes; ++l) out[l] = ((w[l] >> shift) & 0xFFFFu) >= thr ? ~0u : 0u;
       }
-    }
-  }
-}
-
-// fp32 tile t[j][i] (P^T): zero where dropped.
-PFA_INLINE void keep_f32(float* t, const uint32_t* keep, int64_t ld, int n, int mp) {
-  for (int j = 0; j < n; ++j) {
-    uint32_t* PFA_RESTRICT tr = reinterpret_cast<uint32_t*>(t + j * ld);
-    const uint32_t* PFA_RESTRICT kr = keep + j * ld;
-    for (int i = 0; i < mp; ++i) tr[i] &= kr[i];
-  }
-}
-
-// fp32 tile dP^T: dP * rescale where kept, 0 where dropped.
-PFA_INLINE void keep_scaled_f32(float* t, const uint32_t* keep, int64_t ld, int n, int mp, float rescale) {
-  for (int j = 0; j < n; ++j) {
-    float* PFA_RESTRICT tr = t + j * ld;
-    const uint32_t* PFA_RESTRICT kr = keep + j * ld;
-    for (int i = 0; i < mp; ++i) {
-      const float v = tr[i] * rescale;
-      uint32_t bits;
-      std::memcpy(&bits, &v, 4);
-      bits &= kr[i];
-      std::memcpy(tr + i, &bits, 4);
-    }
-  }
-}
-
-// bf16 rows t[j][i] (P^T for the dV product): zero where dropped.
-PFA_INLINE void keep_bf16_rows(uint16_t* t, const uint32_t* keep, int64_t ld, int n, int mp) {
-  for (int j = 0; j < n; ++j) {
-    uint16_t* PFA_RESTRICT tr = t + j * ld;
-    const uint32_t* PFA_RESTRICT kr = keep + j * ld;
-    for (int i = 0; i < mp; ++i) tr[i] &= uint16_t(kr[i]);
-  }
-}
-
-// bf16 pairs along keys, t[j / 2][i] = (P[j][i], P[j + 1][i]): zero the halves
-// that are dropped.
-PFA_INLINE void keep_pairs(uint32_t* t, const uint32_t* keep, int64_t ld, int n, int mp) {
-  for (int j = 0; j < n; j += 2) {
-    uint32_t* PFA_RESTRICT tr = t + (j / 2) * ld;
-    const uint32_t* PFA_RESTRICT k0 = keep + j * ld;
-    if (j + 1 < n) {
-      const uint32_t* PFA_RESTRICT k1 = keep + (j + 1) * ld;
-      for (int i = 0; i < mp; ++i) tr[i] &= (k0[i] & 0xFFFFu) | (k1[i] & 0xFFFF0000u);
-    } else {
-      for (int i = 0; i < mp; ++i) tr[i] &= k0[i] & 0xFFFFu;
     }
   }
 }
