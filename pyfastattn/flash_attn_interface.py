@@ -77,27 +77,31 @@ def _weights(q, k, kwargs, varlen: bool) -> torch.Tensor:
     """The softmax weights P of the call (no dropout), (B, Hq, Sq, Sk) in q's
     dtype (varlen: padded to the max lengths), computed by the reference with
     v = the identity over key positions (P @ I = P)."""
-    kw = dict(kwargs, dropout_p=0.0)
+    wl, wr = kwargs["window_size"]
+    ref = dict(
+        scale=kwargs["softmax_scale"], softcap=kwargs["softcap"], window_left=int(wl),
+        window_right=0 if kwargs["causal"] else int(wr), bottom_right=True, alibi_slopes=kwargs["alibi_slopes"],
+    )  # fmt: skip
+    q, k = q.detach(), k.detach()
     if not varlen:
         b, sk, hk = k.shape[0], k.shape[1], k.shape[2]
         if sk == 0:
             return q.new_zeros(b, q.shape[2], q.shape[1], 0)
-        eye = torch.eye(sk, dtype=q.dtype, device=q.device)
-        v_id = eye.view(1, sk, 1, sk).expand(b, sk, hk, sk)
-        p, _ = attention(q.detach(), k.detach(), v_id, **kw)  # (B, Sq, Hq, Sk)
+        v_id = torch.eye(sk, dtype=q.dtype, device=q.device).view(1, sk, 1, sk).expand(b, sk, hk, sk)
+        p, _ = reference.attention(q, k, v_id, **ref)  # (B, Sq, Hq, Sk)
         return p.transpose(1, 2)
     cu_q, cu_k = kwargs["cu_seqlens_q"].tolist(), kwargs["cu_seqlens_k"].tolist()
     msq, msk, hk = kwargs["max_seqlen_q"], kwargs["max_seqlen_k"], k.shape[1]
-    pos = torch.cat([torch.arange(cu_k[i + 1] - cu_k[i]) for i in range(len(cu_k) - 1)] + [torch.arange(0)])
-    pos = torch.cat(
-        [pos, torch.zeros(k.shape[0] - pos.numel(), dtype=torch.long)]
-    )  # rows past cu_seqlens_k[-1]
-    v_id = torch.nn.functional.one_hot(pos, msk).to(device=q.device, dtype=q.dtype)
-    v_id = v_id.view(-1, 1, msk).expand(-1, hk, msk)
-    p, _ = attention(q.detach(), k.detach(), v_id, **kw)  # (total_q, Hq, max_seqlen_k)
+    pos = torch.zeros(k.shape[0], dtype=torch.long)  # rows past cu_seqlens_k[-1]: never attended
+    for i in range(len(cu_k) - 1):
+        pos[cu_k[i] : cu_k[i + 1]] = torch.arange(cu_k[i + 1] - cu_k[i])
+    v_id = torch.nn.functional.one_hot(pos, max(msk, 1)).to(device=q.device, dtype=q.dtype)
+    v_id = v_id.view(-1, 1, v_id.shape[-1]).expand(-1, hk, v_id.shape[-1])
+    p, _ = reference.attention(q, k, v_id, cu_seqlens_q=kwargs["cu_seqlens_q"], cu_seqlens_k=kwargs["cu_seqlens_k"],
+                               **ref)  # fmt: skip
     out = p.new_zeros(len(cu_q) - 1, q.shape[1], msq, msk)
     for i in range(len(cu_q) - 1):
-        out[i, :, : cu_q[i + 1] - cu_q[i]] = p[cu_q[i] : cu_q[i + 1]].transpose(0, 1)
+        out[i, :, : cu_q[i + 1] - cu_q[i]] = p[cu_q[i] : cu_q[i + 1], :, :msk].transpose(0, 1)
     return out
 
 

@@ -15,6 +15,8 @@
 //   wait; barrier       step t's tiles visible; every warp is past step t-1,
 //                       so stage (t+1)%2 and the P / dS tiles are free
 //   issue step t+1 into stage (t+1)%2                       -- lands during t
+//     (with dropout, the CTA also writes step t+1's keep bits there:
+//     stage_keep_bits; the next barrier publishes them)
 //   A: S^T = K Q^T, dP^T = V dO^T      (registers, keys x queries)
 //      P = exp2(S * scale * log2e - lse * log2e), masked; dS = P (dP - D)
 //      -> P^T and dS^T to shared memory (16-bit, [key][query])
