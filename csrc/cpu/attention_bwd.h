@@ -104,7 +104,9 @@ enum class BwdOut {
 // dropped (dV's 1 / (1 - p) is applied in store_dkdv). Applied here, on the
 // values in registers, rather than in passes of their own over the stored
 // tiles (PERF_NOTES.md, dropout v3).
-template <class Vec, BwdOut kOut, bool kSoftcap>
+// kDrop is a template flag, not a test of keep per vector: the per-vector
+// test cost the bf16 no-dropout backward 3-4% (PERF_NOTES.md, dropout v4).
+template <class Vec, BwdOut kOut, bool kSoftcap, bool kDrop>
 PFA_INLINE void grad_tile(float* s, float* dp, const float* dtanh, int64_t ld, int n, int mp,
                           const float* lse2, const float* dsum, uint16_t* pout, uint32_t* dsout,
                           uint32_t* dspair, const uint32_t* keep, float rescale) {
@@ -113,9 +115,13 @@ PFA_INLINE void grad_tile(float* s, float* dp, const float* dtanh, int64_t ld, i
   // Z dP, and the P for dV, at tile offset `at`.
   auto dpz = [&](int64_t at) {
     const V x = Vec::load(dp + at);
-    return keep ? Vec::keep(Vec::mul(x, rs), keep + at) : x;
+    if constexpr (kDrop) return Vec::keep(Vec::mul(x, rs), keep + at);
+    return x;
   };
-  auto kept = [&](V e, int64_t at) { return keep ? Vec::keep(e, keep + at) : e; };
+  auto kept = [&](V e, int64_t at) {
+    if constexpr (kDrop) return Vec::keep(e, keep + at);
+    return e;
+  };
   for (int c0 = 0; c0 < mp; c0 += kLanes) {
     const V l = Vec::load(lse2 + c0);
     const V dd = Vec::load(dsum + c0);
@@ -178,13 +184,15 @@ PFA_INLINE void grad_tile(const Ctx& c, const BwdScratch& w, int n, int mp) {
   uint16_t* pout = reinterpret_cast<uint16_t*>(w.pout);
   uint32_t* dsout = reinterpret_cast<uint32_t*>(w.dsout);
   uint32_t* dspair = reinterpret_cast<uint32_t*>(w.dspair);
-  const uint32_t* keep = c.dropout ? w.keep : nullptr;
-  if (c.softcap) {
-    grad_tile<Vec, kOut, true>(w.s, w.dp, w.dtanh, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair, keep,
-                               c.dropout_rescale);
+  const float r = c.dropout_rescale;
+  if (c.softcap && c.dropout) {
+    grad_tile<Vec, kOut, true, true>(w.s, w.dp, w.dtanh, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair, w.keep, r);
+  } else if (c.softcap) {
+    grad_tile<Vec, kOut, true, false>(w.s, w.dp, w.dtanh, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair, nullptr, r);
+  } else if (c.dropout) {
+    grad_tile<Vec, kOut, false, true>(w.s, w.dp, nullptr, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair, w.keep, r);
   } else {
-    grad_tile<Vec, kOut, false>(w.s, w.dp, nullptr, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair, keep,
-                                c.dropout_rescale);
+    grad_tile<Vec, kOut, false, false>(w.s, w.dp, nullptr, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair, nullptr, r);
   }
 }
 

@@ -31,7 +31,9 @@ namespace cpu {
 // of all-ones (16 lanes); the scalar loop it replaced (per lane: shift, and,
 // compare, negate, arithmetic shift, store) was a third of the one-pass
 // backward's instructions with dropout (perf annotate; PERF_NOTES.md).
-PFA_AVX512 inline void philox16_keep_avx512(const Philox4& base, uint32_t k0, uint32_t k1, uint32_t threshold,
+// Not inlined: inlined, its constants and temporaries stayed live across the
+// block functions' loops and cost the bf16 backward without dropout ~3%.
+PFA_AVX512 inline __attribute__((noinline)) void philox16_keep_avx512(const Philox4& base, uint32_t k0, uint32_t k1, uint32_t threshold,
                                            int64_t g, int j0, int n, uint32_t* keep, int64_t ld) {
   __m512i x0 = _mm512_set1_epi32(int(base.x[0]));
   __m512i x1 = _mm512_set1_epi32(int(base.x[1]));

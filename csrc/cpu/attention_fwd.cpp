@@ -70,11 +70,15 @@ PFA_INLINE FwdScratch carve_fwd(Carver& cv, const Ctx& c) {
 // the stored P is zero where dropped, after the sums took it (the row sum and
 // lse are taken before dropout); applied here rather than in a pass of its
 // own over the stored tile (PERF_NOTES.md, dropout v3).
-template <class Vec, bool kPairs>
+// kDrop: a template flag like grad_tile's (no per-vector test without dropout).
+template <class Vec, bool kPairs, bool kDrop>
 PFA_INLINE void exp_tile(float* s, int64_t ld, int n, int mp, const float* use, uint32_t* pairs,
                          float* tsum, const uint32_t* keep) {
   using V = typename Vec::V;
-  auto kept = [&](V e, int64_t at) { return keep ? Vec::keep(e, keep + at) : e; };
+  auto kept = [&](V e, int64_t at) {
+    if constexpr (kDrop) return Vec::keep(e, keep + at);
+    return e;
+  };
   for (int c0 = 0; c0 < mp; c0 += kLanes) {
     const V u = Vec::load(use + c0);
     V sum = Vec::zero();
@@ -177,9 +181,13 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     }
     // Dropout: the tile's keep masks, applied by exp_tile after the row sums
     // (they, and lse, are taken before it).
-    if (c.dropout) fill_keep_tile<Isa::kAvx512>(c, t.b, h, i0, mp, j0, n, w.keep, ldq);
-    exp_tile<typename Isa::Vec, TL::kPairs>(w.s, ldq, n, mp, w.tmax, reinterpret_cast<uint32_t*>(w.ppair),
-                                            w.tsum, c.dropout ? w.keep : nullptr);
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(w.ppair);
+    if (c.dropout) {
+      fill_keep_tile<Isa::kAvx512>(c, t.b, h, i0, mp, j0, n, w.keep, ldq);
+      exp_tile<typename Isa::Vec, TL::kPairs, true>(w.s, ldq, n, mp, w.tmax, pairs, w.tsum, w.keep);
+    } else {
+      exp_tile<typename Isa::Vec, TL::kPairs, false>(w.s, ldq, n, mp, w.tmax, pairs, w.tsum, nullptr);
+    }
     for (int i = 0; i < m; ++i) w.lrun[i] = w.lrun[i] * w.alpha[i] + w.tsum[i];
     // O = alpha O + P V
     TL::b_rows(vbase + int64_t(j0) * p.v_row_stride, p.v_row_stride, n, c.dv, w.vb);
