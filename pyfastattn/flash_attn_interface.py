@@ -11,8 +11,15 @@ Return conventions (FlashAttention 2.6+):
 
 * ``out`` alone, or with ``return_attn_probs=True`` the tuple
   ``(out, softmax_lse, S_dmask)``: ``softmax_lse`` float32 (B, H, Sq), or
-  (H, total_q) for the varlen functions; ``S_dmask`` is None (FlashAttention
-  returns a tensor only with dropout, which is not supported yet).
+  (H, total_q) for the varlen functions. ``S_dmask`` is None without dropout
+  (as in FlashAttention); with ``dropout_p > 0`` it is the softmax weights P
+  (before dropout, q's dtype, (B, H, Sq, Sk); varlen (B, H, max_seqlen_q,
+  max_seqlen_k), rows and keys counted inside each sequence, zero past them)
+  with every dropped element negated: FlashAttention's convention, "negative
+  means dropped". A dropped weight of 0 (a hidden key) is -0.0, so test with
+  ``torch.signbit(S_dmask)``. Debug only: O(B H Sq Sk) memory and a second
+  attention computation through the reference (FlashAttention also pads the
+  last two dims to multiples of 128; these are not padded).
 * The LSE of a query row that sees no key is ``+inf``, as FlashAttention
   returns it (pyfastattn's own functions give ``-inf``).
 * ``flash_attn_with_kvcache`` returns ``out``, or ``(out, softmax_lse)`` with
@@ -21,9 +28,11 @@ Return conventions (FlashAttention 2.6+):
 Accepted and ignored (they steer FlashAttention's CUDA scheduling only):
 ``deterministic`` (pyfastattn's CPU backward is deterministic; on CUDA
 ``torch.use_deterministic_algorithms`` applies) and ``num_splits`` outside
-the KV-cache call. ``dropout_p > 0`` and ``alibi_slopes`` raise
-``NotImplementedError`` here: this interface is not yet wired to the fused
-dropout and ALiBi that ``pyfastattn.attention`` has (issue 17).
+the KV-cache call. ``dropout_p`` and ``alibi_slopes`` are those of
+:func:`pyfastattn.attention` (fused in the kernels, issue 17): dropout draws
+its (seed, offset) pair from torch's default generator of q's device, and
+ALiBi adds ``-slope * |i + Sk - Sq - j|``, FlashAttention's convention
+(``flash_attn_with_kvcache`` too, with Sk the keys each sequence attends).
 """
 
 from __future__ import annotations
@@ -45,51 +54,71 @@ __all__ = [
 ]
 
 
-def _unsupported(dropout_p: float, alibi_slopes) -> None:
-    if dropout_p and dropout_p > 0:
-        raise NotImplementedError(
-            "pyfastattn.flash_attn_interface: dropout_p > 0 is not supported yet "
-            "in this interface (pyfastattn.attention(..., dropout_p=...) has it); pass dropout_p=0.0"
-        )
-    if alibi_slopes is not None:
-        raise NotImplementedError(
-            "pyfastattn.flash_attn_interface: alibi_slopes is not supported yet "
-            "in this interface (pyfastattn.attention(..., alibi_slopes=...) has it)"
-        )
-
-
 def _fa_lse(lse: torch.Tensor) -> torch.Tensor:
     """pyfastattn's -inf for a row without keys -> FlashAttention's +inf."""
     return lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
-def _finish(out_lse, return_attn_probs: bool):
-    out, lse = out_lse
-    if return_attn_probs:
-        return out, _fa_lse(lse), None
+def _weights(q, k, kwargs, varlen: bool) -> torch.Tensor:
+    """The softmax weights P of the call (no dropout), (B, Hq, Sq, Sk) in q's
+    dtype (varlen: padded to the max lengths), computed by the reference with
+    v = the identity over key positions (P @ I = P)."""
+    wl, wr = kwargs["window_size"]
+    ref = dict(
+        scale=kwargs["softmax_scale"], softcap=kwargs["softcap"], window_left=int(wl),
+        window_right=0 if kwargs["causal"] else int(wr), bottom_right=True, alibi_slopes=kwargs["alibi_slopes"],
+    )  # fmt: skip
+    q, k = q.detach(), k.detach()
+    if not varlen:
+        b, sk, hk = k.shape[0], k.shape[1], k.shape[2]
+        if sk == 0:
+            return q.new_zeros(b, q.shape[2], q.shape[1], 0)
+        v_id = torch.eye(sk, dtype=q.dtype, device=q.device).view(1, sk, 1, sk).expand(b, sk, hk, sk)
+        p, _ = reference.attention(q, k, v_id, **ref)  # (B, Sq, Hq, Sk)
+        return p.transpose(1, 2)
+    cu_q, cu_k = kwargs["cu_seqlens_q"].tolist(), kwargs["cu_seqlens_k"].tolist()
+    msq, msk, hk = kwargs["max_seqlen_q"], kwargs["max_seqlen_k"], k.shape[1]
+    pos = torch.zeros(k.shape[0], dtype=torch.long)  # rows past cu_seqlens_k[-1]: never attended
+    for i in range(len(cu_k) - 1):
+        pos[cu_k[i] : cu_k[i + 1]] = torch.arange(cu_k[i + 1] - cu_k[i])
+    v_id = torch.nn.functional.one_hot(pos, max(msk, 1)).to(device=q.device, dtype=q.dtype)
+    v_id = v_id.view(-1, 1, v_id.shape[-1]).expand(-1, hk, v_id.shape[-1])
+    p, _ = reference.attention(q, k, v_id, cu_seqlens_q=kwargs["cu_seqlens_q"], cu_seqlens_k=kwargs["cu_seqlens_k"],
+                               **ref)  # fmt: skip
+    out = p.new_zeros(len(cu_q) - 1, q.shape[1], msq, msk)
+    for i in range(len(cu_q) - 1):
+        out[i, :, : cu_q[i + 1] - cu_q[i]] = p[cu_q[i] : cu_q[i + 1], :, :msk].transpose(0, 1)
     return out
 
 
+def _call(q, k, v, dropout_p, alibi_slopes, return_attn_probs, varlen: bool, **kwargs):
+    """pyfastattn.attention, then FlashAttention's return convention."""
+    kwargs.update(alibi_slopes=alibi_slopes, return_lse=True)
+    with_dropout = isinstance(dropout_p, (int, float)) and dropout_p > 0  # attention() validates it
+    if not (return_attn_probs and with_dropout):
+        out, lse = attention(q, k, v, dropout_p=dropout_p, **kwargs)
+        return (out, _fa_lse(lse), None) if return_attn_probs else out
+    out, lse, keep = attention(q, k, v, dropout_p=dropout_p, return_dropout_mask=True, **kwargs)
+    p = _weights(q, k, kwargs, varlen)
+    return out, _fa_lse(lse), torch.where(keep, p, -p)
+
+
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
-    _unsupported(dropout_p, alibi_slopes)
-    res = attention(
-        q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=tuple(window_size), softcap=softcap,
-        return_lse=True,
+    return _call(
+        q, k, v, dropout_p, alibi_slopes, return_attn_probs, False, causal=causal, softmax_scale=softmax_scale,
+        window_size=tuple(window_size), softcap=softcap,
     )  # fmt: skip
-    return _finish(res, return_attn_probs)
 
 
 def _varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
     softcap, alibi_slopes, return_attn_probs,
 ):  # fmt: skip
-    _unsupported(dropout_p, alibi_slopes)
-    res = attention(
-        q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=tuple(window_size), softcap=softcap,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
-        max_seqlen_k=int(max_seqlen_k), return_lse=True,
+    return _call(
+        q, k, v, dropout_p, alibi_slopes, return_attn_probs, True, causal=causal, softmax_scale=softmax_scale,
+        window_size=tuple(window_size), softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
     )  # fmt: skip
-    return _finish(res, return_attn_probs)
 
 
 def flash_attn_qkvpacked_func(

@@ -2,8 +2,8 @@
 scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck).
 
 Attention forward and backward (atomic and deterministic dQ paths, GQA, a
-broadcast bool mask, window + softcap, varlen with an empty sequence, inputs
-that are misaligned offset views), and the FFN (fused GEMM path and cuBLAS
+broadcast bool mask, window + softcap, dropout + ALiBi, varlen with an empty
+sequence, inputs that are misaligned offset views), and the FFN (fused GEMM path and cuBLAS
 path, plain and gated, forward and backward), all through the public API with
 the backend forced to the kernels.
 
@@ -33,9 +33,12 @@ def attention_shapes(dt: torch.dtype) -> None:
         v = torch.randn(b, sk, hk, d, device="cuda", dtype=dt, requires_grad=True)
         pyfastattn.attention(q, k, v, causal=True).sum().backward()
         pyfastattn.attention(q, k, v, window_size=(5, 3), softcap=4.0).sum().backward()
+        slopes = torch.rand(h, device="cuda")  # dropout's keep-bit staging and ALiBi (issue 17)
+        pyfastattn.attention(q, k, v, causal=True, dropout_p=0.2, alibi_slopes=slopes).sum().backward()
         torch.use_deterministic_algorithms(True)  # the backward's turn-taking dQ path
         try:
             pyfastattn.attention(q, k, v, causal=True).sum().backward()
+            pyfastattn.attention(q, k, v, dropout_p=0.5, alibi_slopes=slopes).sum().backward()
         finally:
             torch.use_deterministic_algorithms(False)
         m = torch.rand(b, 1, sq, sk, device="cuda") > 0.3

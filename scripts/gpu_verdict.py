@@ -41,6 +41,12 @@ TEST_CAPABILITIES = [
         r"tests/test_gpu_attention_bwd\.py::",
     ),
     (
+        "dropout and ALiBi",
+        "CUDA forward and backward with dropout and ALiBi match the float64 reference computed with the "
+        "same keep pattern; CPU and CUDA drop the same elements for the same (seed, offset)",
+        r"tests/test_dropout_alibi\.py::test_cuda_|test_cpu_and_cuda_drop_the_same_elements",
+    ),
+    (
         "deterministic backward",
         "bit-identical runs; multi-wave grids (> 32 CTAs per SM) finish under a watchdog",
         r"deterministic",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -390,6 +391,51 @@ def test_bad_input_op_level():
         torch.ops.pyfastattn.attention_fwd(*args, 0.0, None, torch.rand(5))
     with pytest.raises(ValueError, match="alibi_slopes.dtype"):
         torch.ops.pyfastattn.attention_fwd(*args, 0.0, None, torch.rand(2).half())
+
+
+# ---------------------------------------------------------------------------
+# The CUDA forward under the CPU emulation of its sm_80 primitives
+# ---------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_fp16.h")) or shutil.which("g++") is None,
+    reason="needs g++ and the CUDA headers (cuda_fp16.h) for the emulator",
+)
+def test_emulated_cuda_forward_and_cpu_kernel_drop_the_same_elements(tmp_path):
+    """The CUDA forward kernel, run by the emulator
+    (csrc/cuda/attention/emu/attention_fwd_emu_test.cc keep-pattern), and the
+    CPU kernel, for one (seed, offset): Q = 0 and one-hot V make each output
+    element nonzero exactly where its weight is kept, so the two zero patterns
+    are the two kernels' keep patterns. Without a GPU this is what ties the
+    devices together (test_cpu_and_cuda_drop_the_same_elements does it on one)."""
+    exe = tmp_path / "attention_fwd_emu_test"
+    src = os.path.join(ROOT, "csrc", "cuda", "attention", "emu", "attention_fwd_emu_test.cc")
+    subprocess.run(["g++", "-std=c++17", "-O1", "-DPFA_ATTN_HOST_EMULATION", f"-I{CUDA_INCLUDE}", src, "-o",
+                    str(exe)], check=True, capture_output=True, timeout=600)  # fmt: skip
+    b, h, s, p = 2, 3, 61, 0.3
+    seed, offset = 0x1234_5678_9ABC_DEF0 & (2**62 - 1), 987_654_321_012
+    r = subprocess.run([str(exe), "keep-pattern", str(seed), str(offset), str(p), str(b), str(h), str(s)],
+                       check=True, capture_output=True, text=True, timeout=600)  # fmt: skip
+    cuda_keep = torch.zeros(b, h, s, s, dtype=torch.bool)
+    lines = r.stdout.splitlines()
+    assert len(lines) == b * h * s, r.stdout[-2000:]
+    for line in lines:
+        bi, hi, i, bits = line.split()
+        cuda_keep[int(bi), int(hi), int(i)] = torch.tensor([c == "1" for c in bits])
+    q = torch.zeros(b, s, h, 64)
+    v = torch.eye(s, 64)[None, :, None, :].expand(b, s, h, 64).contiguous()
+    rng = torch.tensor([seed, offset], dtype=torch.int64)
+    with pyfastattn.backend("kernel"):
+        out = functional.canonical_attention(q, torch.randn(b, s, h, 64), v, dropout_p=p, dropout_rng=rng)
+    cpu_keep = (out[..., :s] != 0).permute(0, 2, 1, 3)
+    assert torch.equal(cpu_keep, cuda_keep)
+    assert torch.equal(cpu_keep, functional.dropout_mask(rng, p, b, h, s, s))
+    assert 0.6 < cpu_keep.double().mean() < 0.8
 
 
 # ---------------------------------------------------------------------------

@@ -194,10 +194,107 @@ def test_with_kvcache_alibi():
     torch.testing.assert_close(lse.double(), wlse, atol=2e-6, rtol=1e-5)
 
 
-def test_dropout_and_alibi_raise_not_implemented():
+def _weights64(q, k, scale, causal, slopes):
+    """Softmax weights (B, Hq, Sq, Sk) in float64, written out here: scores,
+    ALiBi (-slope |i + Sk - Sq - j|), bottom-right causal."""
+    b, sq, hq, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    kk = k.double().repeat_interleave(hq // hk, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), kk) * scale
+    i = torch.arange(sq).view(-1, 1)
+    j = torch.arange(sk).view(1, -1)
+    if slopes is not None:
+        sl = slopes.double().view(-1 if slopes.dim() == 2 else 1, hq, 1, 1)
+        s = s - sl * (i + sk - sq - j).abs()
+    if causal:
+        s = s.masked_fill(j > i + sk - sq, -math.inf)
+    return torch.softmax(s, -1).nan_to_num(0.0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("per_batch_slopes", [False, True])
+def test_dropout_and_alibi_with_attn_probs(causal, per_batch_slopes):
+    """dropout_p and alibi_slopes reach pyfastattn.attention; S_dmask is P with
+    the dropped elements negated (FlashAttention's convention), and out is the
+    reference computed with exactly that pattern."""
+    q, k, v = _qkv(sq=13, sk=21)
+    slopes = torch.rand(2, 4) if per_batch_slopes else torch.rand(4)
+    torch.manual_seed(5)
+    out, lse, s_dmask = fai.flash_attn_func(
+        q, k, v, 0.3, None, causal, alibi_slopes=slopes, return_attn_probs=True
+    )
+    torch.manual_seed(5)  # the same (seed, offset) draw: the native call's own pattern
+    want, want_lse, keep = pyfastattn.attention(q, k, v, causal=causal, dropout_p=0.3, alibi_slopes=slopes,
+                                                return_lse=True, return_dropout_mask=True)  # fmt: skip
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, fai._fa_lse(want_lse))
+    assert s_dmask.shape == (2, 4, 13, 21) and s_dmask.dtype == q.dtype
+    dropped = torch.signbit(s_dmask)
+    assert torch.equal(dropped, ~keep)
+    assert 0.15 < dropped.double().mean() < 0.45  # p = 0.3 over 1092 weights
+    p = _weights64(q, k, 1 / math.sqrt(32), causal, slopes)
+    torch.testing.assert_close(s_dmask.abs().double(), p, atol=1e-6, rtol=1e-5)
+    ref, _ = reference.attention(q.double(), k.double(), v.double(), window_right=0 if causal else -1,
+                                 bottom_right=True, dropout_p=0.3, dropout_mask=~dropped, alibi_slopes=slopes)  # fmt: skip
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # Without return_attn_probs: out alone, the same pattern under the same seed.
+    torch.manual_seed(5)
+    torch.testing.assert_close(fai.flash_attn_func(q, k, v, 0.3, None, causal, alibi_slopes=slopes), out)
+    # Without dropout, S_dmask is None (FlashAttention returns it only with dropout).
+    assert fai.flash_attn_func(q, k, v, alibi_slopes=slopes, return_attn_probs=True)[2] is None
+
+
+def test_dropout_gradients_use_the_returned_pattern():
+    q, k, v = _qkv(sq=11, sk=11, grad=True)
+    slopes = torch.rand(4)
+    torch.manual_seed(9)
+    s_dmask = fai.flash_attn_func(q, k, v, 0.25, causal=True, alibi_slopes=slopes, return_attn_probs=True)[2]
+    torch.manual_seed(9)
+    out = fai.flash_attn_func(q, k, v, 0.25, causal=True, alibi_slopes=slopes)
+    g = torch.randn_like(out)
+    out.backward(g)
+    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference.attention(q2, k2, v2, window_right=0, bottom_right=True, dropout_p=0.25,
+                                 dropout_mask=~torch.signbit(s_dmask), alibi_slopes=slopes)  # fmt: skip
+    ref.backward(g.double())
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-5, rtol=1e-4)
+
+
+def test_varlen_dropout_and_alibi_with_attn_probs():
+    g = torch.Generator().manual_seed(4)
+    cu_q = torch.tensor([0, 3, 3, 12], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 7, 17], dtype=torch.int32)
+    q = torch.randn(12, 4, 16, generator=g)
+    k = torch.randn(17, 2, 16, generator=g)
+    v = torch.randn(17, 2, 16, generator=g)
+    slopes = torch.rand(3, 4, generator=g)
+    torch.manual_seed(11)
+    out, lse, s_dmask = fai.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 10, 0.4, causal=True,
+                                                   alibi_slopes=slopes, return_attn_probs=True)  # fmt: skip
+    assert s_dmask.shape == (3, 4, 9, 10) and lse.shape == (4, 12)
+    keep = ~torch.signbit(s_dmask)
+    ref, _ = reference.attention(q.double(), k.double(), v.double(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                 window_right=0, bottom_right=True, dropout_p=0.4, dropout_mask=keep,
+                                 alibi_slopes=slopes)  # fmt: skip
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for bi in range(3):  # |S_dmask| of each sequence: its own weights; zero past its lengths
+        lq, lk = int(cu_q[bi + 1] - cu_q[bi]), int(cu_k[bi + 1] - cu_k[bi])
+        qs, ks = q[cu_q[bi] : cu_q[bi + 1]][None], k[cu_k[bi] : cu_k[bi + 1]][None]
+        p = _weights64(qs, ks, 0.25, True, slopes[bi])
+        torch.testing.assert_close(s_dmask[bi, :, :lq, :lk].abs().double(), p[0], atol=1e-6, rtol=1e-5)
+        assert (s_dmask[bi, :, lq:] == 0).all() and (s_dmask[bi, :, :, lk:] == 0).all()
+
+
+def test_dropout_and_alibi_bad_input():
     q, k, v = _qkv()
-    with pytest.raises(NotImplementedError, match="dropout"):
-        fai.flash_attn_func(q, k, v, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="alibi"):
-        fai.flash_attn_func(q, k, v, alibi_slopes=torch.zeros(4))
+    for p in (-0.1, 1.5):
+        with pytest.raises(pyfastattn.InvalidArgumentError, match="dropout_p"):
+            fai.flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True)
+    with pytest.raises(pyfastattn.InvalidArgumentError, match="alibi_slopes"):
+        fai.flash_attn_func(q, k, v, alibi_slopes=torch.zeros(3))
+    with pytest.raises(pyfastattn.InvalidArgumentError, match="alibi_slopes.dtype"):
+        fai.flash_attn_func(q, k, v, alibi_slopes=torch.zeros(4, dtype=torch.float64))
+    out = fai.flash_attn_func(q, k, v, dropout_p=1.0)  # p = 1 drops every weight, as torch does
+    assert (out == 0).all()
     fai.flash_attn_func(q, k, v, deterministic=True)  # accepted

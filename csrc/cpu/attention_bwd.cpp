@@ -121,10 +121,8 @@ PFA_INLINE void bwd_dkdv_block(const Ctx& c, const BwdScratch& w, const Task& t)
         TL::b_rows(q, p.q_row_stride, m, c.d, w.qb);
         if constexpr (TL::kPairs) {
           grad_tile<typename Isa::Vec, BwdOut::kRowsBf16>(c, w, n, mp);
-          drop_p_rows<true>(c, w, n, mp);
         } else {
           grad_tile<typename Isa::Vec, BwdOut::kInPlace>(c, w, n, mp);
-          drop_p_rows<false>(c, w, n, mp);
         }
         add_dkdv<Isa, T, CT>(c, w, w.qb, w.dob, n, m);
       }

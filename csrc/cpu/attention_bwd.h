@@ -99,43 +99,63 @@ enum class BwdOut {
 // P = exp2(S - lse2) and dS = P (dP - D) [* (1 - tanh^2)] over a tile, lanes
 // outside like exp_tile. lse2 is +inf for empty rows, so P = 0 there. The
 // softmax scale is applied to dQ and dK at the end.
-template <class Vec, BwdOut kOut, bool kSoftcap>
+// Dropout, with keep (the tile's masks, keep[j * ld + i]) and Z = keep /
+// (1 - p): dS = P (Z dP - D), and the P rows that feed dV are zero where
+// dropped (dV's 1 / (1 - p) is applied in store_dkdv). Applied here, on the
+// values in registers, rather than in passes of their own over the stored
+// tiles (PERF_NOTES.md, dropout v3).
+// kDrop is a template flag, not a test of keep per vector: the per-vector
+// test cost the bf16 no-dropout backward 3-4% (PERF_NOTES.md, dropout v4).
+template <class Vec, BwdOut kOut, bool kSoftcap, bool kDrop>
 PFA_INLINE void grad_tile(float* s, float* dp, const float* dtanh, int64_t ld, int n, int mp,
                           const float* lse2, const float* dsum, uint16_t* pout, uint32_t* dsout,
-                          uint32_t* dspair) {
+                          uint32_t* dspair, const uint32_t* keep, float rescale) {
   using V = typename Vec::V;
+  const V rs = Vec::set1(rescale);
+  // Z dP, and the P for dV, at tile offset `at`.
+  auto dpz = [&](int64_t at) {
+    const V x = Vec::load(dp + at);
+    if constexpr (kDrop) return Vec::keep(Vec::mul(x, rs), keep + at);
+    return x;
+  };
+  auto kept = [&](V e, int64_t at) {
+    if constexpr (kDrop) return Vec::keep(e, keep + at);
+    return e;
+  };
   for (int c0 = 0; c0 < mp; c0 += kLanes) {
     const V l = Vec::load(lse2 + c0);
     const V dd = Vec::load(dsum + c0);
     if constexpr (kOut == BwdOut::kAllBf16) {
       uint16_t* dsrows = reinterpret_cast<uint16_t*>(dsout);
       for (int j = 0; j < n; j += 2) {
-        const V e0 = Vec::exp2(Vec::sub(Vec::load(s + j * ld + c0), l));
-        V g0 = Vec::mul(e0, Vec::sub(Vec::load(dp + j * ld + c0), dd));
-        if constexpr (kSoftcap) g0 = Vec::mul(g0, Vec::load(dtanh + j * ld + c0));
-        Vec::store_bf16(pout + j * ld + c0, e0);
-        Vec::store_bf16(dsrows + j * ld + c0, g0);
+        const int64_t at0 = j * ld + c0;
+        const V e0 = Vec::exp2(Vec::sub(Vec::load(s + at0), l));
+        V g0 = Vec::mul(e0, Vec::sub(dpz(at0), dd));
+        if constexpr (kSoftcap) g0 = Vec::mul(g0, Vec::load(dtanh + at0));
+        Vec::store_bf16(pout + at0, kept(e0, at0));
+        Vec::store_bf16(dsrows + at0, g0);
         V g1 = Vec::zero();
         if (j + 1 < n) {
           const int64_t at = (j + 1) * ld + c0;
           const V e1 = Vec::exp2(Vec::sub(Vec::load(s + at), l));
-          g1 = Vec::mul(e1, Vec::sub(Vec::load(dp + at), dd));
+          g1 = Vec::mul(e1, Vec::sub(dpz(at), dd));
           if constexpr (kSoftcap) g1 = Vec::mul(g1, Vec::load(dtanh + at));
-          Vec::store_bf16(pout + at, e1);
+          Vec::store_bf16(pout + at, kept(e1, at));
           Vec::store_bf16(dsrows + at, g1);
         }
         Vec::store_pairs(dspair + (j / 2) * ld + c0, g0, g1);
       }
     } else if constexpr (kOut == BwdOut::kDsPairs) {
       for (int j = 0; j < n; j += 2) {
-        V e = Vec::exp2(Vec::sub(Vec::load(s + j * ld + c0), l));
-        V g0 = Vec::mul(e, Vec::sub(Vec::load(dp + j * ld + c0), dd));
-        if constexpr (kSoftcap) g0 = Vec::mul(g0, Vec::load(dtanh + j * ld + c0));
+        const int64_t at0 = j * ld + c0;
+        V e = Vec::exp2(Vec::sub(Vec::load(s + at0), l));
+        V g0 = Vec::mul(e, Vec::sub(dpz(at0), dd));
+        if constexpr (kSoftcap) g0 = Vec::mul(g0, Vec::load(dtanh + at0));
         V g1 = Vec::zero();
         if (j + 1 < n) {
           const int64_t at = (j + 1) * ld + c0;
           e = Vec::exp2(Vec::sub(Vec::load(s + at), l));
-          g1 = Vec::mul(e, Vec::sub(Vec::load(dp + at), dd));
+          g1 = Vec::mul(e, Vec::sub(dpz(at), dd));
           if constexpr (kSoftcap) g1 = Vec::mul(g1, Vec::load(dtanh + at));
         }
         Vec::store_pairs(dsout + (j / 2) * ld + c0, g0, g1);
@@ -144,13 +164,13 @@ PFA_INLINE void grad_tile(float* s, float* dp, const float* dtanh, int64_t ld, i
       for (int j = 0; j < n; ++j) {
         const int64_t at = j * ld + c0;
         const V e = Vec::exp2(Vec::sub(Vec::load(s + at), l));
-        V g = Vec::mul(e, Vec::sub(Vec::load(dp + at), dd));
+        V g = Vec::mul(e, Vec::sub(dpz(at), dd));
         if constexpr (kSoftcap) g = Vec::mul(g, Vec::load(dtanh + at));
         if constexpr (kOut == BwdOut::kInPlace) {
-          Vec::store(s + at, e);
+          Vec::store(s + at, kept(e, at));
           Vec::store(dp + at, g);
         } else {
-          Vec::store_bf16(pout + at, e);
+          Vec::store_bf16(pout + at, kept(e, at));
           Vec::store_bf16(reinterpret_cast<uint16_t*>(dsout) + at, g);
         }
       }
@@ -164,10 +184,15 @@ PFA_INLINE void grad_tile(const Ctx& c, const BwdScratch& w, int n, int mp) {
   uint16_t* pout = reinterpret_cast<uint16_t*>(w.pout);
   uint32_t* dsout = reinterpret_cast<uint32_t*>(w.dsout);
   uint32_t* dspair = reinterpret_cast<uint32_t*>(w.dspair);
-  if (c.softcap) {
-    grad_tile<Vec, kOut, true>(w.s, w.dp, w.dtanh, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair);
+  const float r = c.dropout_rescale;
+  if (c.softcap && c.dropout) {
+    grad_tile<Vec, kOut, true, true>(w.s, w.dp, w.dtanh, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair, w.keep, r);
+  } else if (c.softcap) {
+    grad_tile<Vec, kOut, true, false>(w.s, w.dp, w.dtanh, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair, nullptr, r);
+  } else if (c.dropout) {
+    grad_tile<Vec, kOut, false, true>(w.s, w.dp, nullptr, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair, w.keep, r);
   } else {
-    grad_tile<Vec, kOut, false>(w.s, w.dp, nullptr, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair);
+    grad_tile<Vec, kOut, false, false>(w.s, w.dp, nullptr, ld, n, mp, w.lse2, w.dsum, pout, dsout, dspair, nullptr, r);
   }
 }
 
@@ -190,25 +215,9 @@ PFA_INLINE void bwd_scores(const Ctx& c, const BwdScratch& w, const RowRanges& r
     const MaskTile mask = load_mask_tile<typename Isa::Vec, T>(p, bi, h, i0, rr.m, j0, n, w.bias, ldq);
     score_tile(c, rr, j0, n, mp, w.s, ldq, mask, w.dtanh, nullptr);
   }
-  // Dropout: dP = keep ? dP / (1 - p) : 0, and w.keep holds the tile's keep
-  // masks for the P^T that feeds dV (drop_p_rows).
-  if (c.dropout) {
-    fill_keep_tile<Isa::kAvx512>(c, bi, h, i0, mp, j0, n, w.keep, ldq);
-    keep_scaled_f32(w.dp, w.keep, ldq, n, mp, c.dropout_rescale);
-  }
-}
-
-// Dropout on the P^T rows that feed dV += P^T dO, after grad_tile wrote them
-// (fp32 in place in S^T, or bf16 rows in pout); dV's 1 / (1 - p) is applied
-// in store_dkdv.
-template <bool kPairs>
-PFA_INLINE void drop_p_rows(const Ctx& c, const BwdScratch& w, int n, int mp) {
-  if (!c.dropout) return;
-  if constexpr (kPairs) {
-    keep_bf16_rows(reinterpret_cast<uint16_t*>(w.pout), w.keep, c.blk.q, n, mp);
-  } else {
-    keep_f32(w.s, w.keep, c.blk.q, n, mp);
-  }
+  // Dropout: the tile's keep masks, which grad_tile applies to dP and to the
+  // P^T that feeds dV.
+  if (c.dropout) fill_keep_tile<Isa::kAvx512>(c, bi, h, i0, mp, j0, n, w.keep, ldq);
 }
 
 // Per-row inputs of a query block: lse in log2 units (+inf when the row is

@@ -123,12 +123,10 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
           // pairs along keys, or read by column from dS^T).
           if constexpr (TL::kPairs) {
             grad_tile<typename Isa::Vec, BwdOut::kAllBf16>(c, w, n, mp);
-            drop_p_rows<true>(c, w, n, mp);
             add_dkdv<Isa, T, CT>(c, w, wq.qb, wq.dob, n, m);
             gemm<Isa, CT>(GemmArgs{m, c.d, (n + 1) / 2, w.dspair, ldq, true, w.kb, c.d, dq, c.d, !first});
           } else {
             grad_tile<typename Isa::Vec, BwdOut::kInPlace>(c, w, n, mp);
-            drop_p_rows<false>(c, w, n, mp);
             add_dkdv<Isa, T, CT>(c, w, wq.qb, wq.dob, n, m);
             gemm<Isa, CT>(GemmArgs{m, c.d, n, w.dp, ldq, true, w.ka, c.d, dq, c.d, !first});
           }

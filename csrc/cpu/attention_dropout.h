@@ -4,17 +4,16 @@
 // (philox16_avx512) or plain loops over the lanes elsewhere.
 //
 // The tile of keep masks is S^T-shaped, keep[j][i] = ~0u (kept) or 0, and is
-// applied where each step needs it:
-//   forward : P (the exp2 tile, fp32 or bf16 pairs) is zeroed where dropped;
-//             the 1 / (1 - p) rescale is folded into O = acc / l at the end.
-//   backward: dP = keep ? dP / (1 - p) : 0 before dS = P (dP - D); the P^T
-//             that feeds dV is zeroed where dropped and dV is rescaled at the
-//             end (store_dkdv).
+// applied (Vec::keep, an AND) where the values are in registers anyway:
+//   forward : exp_tile zeroes P (fp32 or bf16 pairs) where dropped, after the
+//             row sums; the 1 / (1 - p) rescale is folded into O = acc / l.
+//   backward: grad_tile takes dP = keep ? dP / (1 - p) : 0 for dS = P (dP - D)
+//             and zeroes the P^T that feeds dV where dropped; dV is rescaled
+//             at the end (store_dkdv).
 // No mask is stored between the forward and the backward: the backward
 // regenerates it.
 #pragma once
 
-#include <cstring>
 
 #include "attention_schedule.h"
 
@@ -23,12 +22,19 @@ namespace cpu {
 
 #if PFA_X86
 // Philox 4x32-10 of 16 counters that differ only in word 2 (x2 = base + lane),
-// in AVX-512: each 32 x 32 -> 64 product is a vpmuludq of the even lanes and
-// one of the odd lanes shifted down, recombined by two blends. About 18
-// instructions a round for 16 lanes x 8 keys (the auto-vectorised loop below
-// used ymm halves).
-PFA_AVX512 inline void philox16_avx512(const Philox4& base, uint32_t k0, uint32_t k1, uint32_t* out0,
-                                      uint32_t* out1, uint32_t* out2, uint32_t* out3) {
+// in AVX-512, and the keep masks of the 8 keys the call decides, written
+// straight from the registers: keep[(8g + x - j0) * ld + lane] for the keys
+// inside [j0, j0 + n). Each 32 x 32 -> 64 product is a vpmuludq of the even
+// lanes and one of the odd lanes shifted down, recombined by two blends
+// (about 18 instructions a round for 16 lanes x 8 keys). A key's mask is one
+// unsigned compare of its 16-bit piece with the threshold and one masked move
+// of all-ones (16 lanes); the scalar loop it replaced (per lane: shift, and,
+// compare, negate, arithmetic shift, store) was a third of the one-pass
+// backward's instructions with dropout (perf annotate; PERF_NOTES.md).
+// Not inlined: inlined, its constants and temporaries stayed live across the
+// block functions' loops and cost the bf16 backward without dropout ~3%.
+PFA_AVX512 inline __attribute__((noinline)) void philox16_keep_avx512(const Philox4& base, uint32_t k0, uint32_t k1, uint32_t threshold,
+                                           int64_t g, int j0, int n, uint32_t* keep, int64_t ld) {
   __m512i x0 = _mm512_set1_epi32(int(base.x[0]));
   __m512i x1 = _mm512_set1_epi32(int(base.x[1]));
   __m512i x2 = _mm512_add_epi32(_mm512_set1_epi32(int(base.x[2])),
@@ -50,10 +56,17 @@ PFA_AVX512 inline void philox16_avx512(const Philox4& base, uint32_t k0, uint32_
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
-  _mm512_store_si512(out0, x0);
-  _mm512_store_si512(out1, x1);
-  _mm512_store_si512(out2, x2);
-  _mm512_store_si512(out3, x3);
+  const __m512i words[4] = {x0, x1, x2, x3};
+  const __m512i thr = _mm512_set1_epi32(int(threshold)), low16 = _mm512_set1_epi32(0xFFFF);
+  const __m512i ones = _mm512_set1_epi32(-1);
+  for (int x = 0; x < 8; ++x) {
+    const int64_t j = 8 * g + x - j0;
+    if (j < 0 || j >= n) continue;
+    const __m512i w = words[x >> 1];
+    const __m512i piece = (x & 1) ? _mm512_srli_epi32(w, 16) : _mm512_and_si512(w, low16);
+    const __mmask16 kept = _mm512_cmpge_epu32_mask(piece, thr);
+    _mm512_storeu_si512(keep + j * ld, _mm512_maskz_mov_epi32(kept, ones));
+  }
 }
 #endif
 
@@ -98,13 +111,11 @@ PFA_INLINE void fill_keep_tile(const Ctx& c, int b, int h, int i0, int mp, int j
       const Philox4 base = dropout_counter(d, b, h, i0 + c0, g);
 #if PFA_X86
       if constexpr (kAvx512) {
-        philox16_avx512(base, k0, k1, words[0], words[1], words[2], words[3]);
-      } else {
-        philox16(base, k0, k1, words[0], words[1], words[2], words[3]);
+        philox16_keep_avx512(base, k0, k1, thr, g, j0, n, keep + c0, ld);
+        continue;
       }
-#else
-      philox16(base, k0, k1, words[0], words[1], words[2], words[3]);
 #endif
+      philox16(base, k0, k1, words[0], words[1], words[2], words[3]);
       for (int x = 0; x < 8; ++x) {
         const int64_t j = 8 * g + x - j0;
         if (j < 0 || j >= n) continue;
@@ -113,54 +124,6 @@ PFA_INLINE void fill_keep_tile(const Ctx& c, int b, int h, int i0, int mp, int j
         const int shift = (x & 1) * 16;
         for (int l = 0; l < kLanes; ++l) out[l] = ((w[l] >> shift) & 0xFFFFu) >= thr ? ~0u : 0u;
       }
-    }
-  }
-}
-
-// fp32 tile t[j][i] (P^T): zero where dropped.
-PFA_INLINE void keep_f32(float* t, const uint32_t* keep, int64_t ld, int n, int mp) {
-  for (int j = 0; j < n; ++j) {
-    uint32_t* PFA_RESTRICT tr = reinterpret_cast<uint32_t*>(t + j * ld);
-    const uint32_t* PFA_RESTRICT kr = keep + j * ld;
-    for (int i = 0; i < mp; ++i) tr[i] &= kr[i];
-  }
-}
-
-// fp32 tile dP^T: dP * rescale where kept, 0 where dropped.
-PFA_INLINE void keep_scaled_f32(float* t, const uint32_t* keep, int64_t ld, int n, int mp, float rescale) {
-  for (int j = 0; j < n; ++j) {
-    float* PFA_RESTRICT tr = t + j * ld;
-    const uint32_t* PFA_RESTRICT kr = keep + j * ld;
-    for (int i = 0; i < mp; ++i) {
-      const float v = tr[i] * rescale;
-      uint32_t bits;
-      std::memcpy(&bits, &v, 4);
-      bits &= kr[i];
-      std::memcpy(tr + i, &bits, 4);
-    }
-  }
-}
-
-// bf16 rows t[j][i] (P^T for the dV product): zero where dropped.
-PFA_INLINE void keep_bf16_rows(uint16_t* t, const uint32_t* keep, int64_t ld, int n, int mp) {
-  for (int j = 0; j < n; ++j) {
-    uint16_t* PFA_RESTRICT tr = t + j * ld;
-    const uint32_t* PFA_RESTRICT kr = keep + j * ld;
-    for (int i = 0; i < mp; ++i) tr[i] &= uint16_t(kr[i]);
-  }
-}
-
-// bf16 pairs along keys, t[j / 2][i] = (P[j][i], P[j + 1][i]): zero the halves
-// that are dropped.
-PFA_INLINE void keep_pairs(uint32_t* t, const uint32_t* keep, int64_t ld, int n, int mp) {
-  for (int j = 0; j < n; j += 2) {
-    uint32_t* PFA_RESTRICT tr = t + (j / 2) * ld;
-    const uint32_t* PFA_RESTRICT k0 = keep + j * ld;
-    if (j + 1 < n) {
-      const uint32_t* PFA_RESTRICT k1 = keep + (j + 1) * ld;
-      for (int i = 0; i < mp; ++i) tr[i] &= (k0[i] & 0xFFFFu) | (k1[i] & 0xFFFF0000u);
-    } else {
-      for (int i = 0; i < mp; ++i) tr[i] &= k0[i] & 0xFFFFu;
     }
   }
 }

@@ -66,10 +66,19 @@ PFA_INLINE FwdScratch carve_fwd(Carver& cv, const Ctx& c) {
 // P = exp2(S - use) over a tile, lanes outside (16 queries at a time, all
 // keys inside) so that the column sums stay in a register. P goes back into
 // S (fp32 product) or, with kPairs, to bf16 pairs along keys, pairs[j/2][i].
-template <class Vec, bool kPairs>
+// Dropout: with keep (the tile's masks, keep[j * ld + i], attention_dropout.h)
+// the stored P is zero where dropped, after the sums took it (the row sum and
+// lse are taken before dropout); applied here rather than in a pass of its
+// own over the stored tile (PERF_NOTES.md, dropout v3).
+// kDrop: a template flag like grad_tile's (no per-vector test without dropout).
+template <class Vec, bool kPairs, bool kDrop>
 PFA_INLINE void exp_tile(float* s, int64_t ld, int n, int mp, const float* use, uint32_t* pairs,
-                         float* tsum) {
+                         float* tsum, const uint32_t* keep) {
   using V = typename Vec::V;
+  auto kept = [&](V e, int64_t at) {
+    if constexpr (kDrop) return Vec::keep(e, keep + at);
+    return e;
+  };
   for (int c0 = 0; c0 < mp; c0 += kLanes) {
     const V u = Vec::load(use + c0);
     V sum = Vec::zero();
@@ -79,19 +88,19 @@ PFA_INLINE void exp_tile(float* s, int64_t ld, int n, int mp, const float* use, 
         const V e0 = Vec::exp2(Vec::sub(Vec::load(s + j * ld + c0), u));
         const V e1 = Vec::exp2(Vec::sub(Vec::load(s + (j + 1) * ld + c0), u));
         sum = Vec::add(sum, Vec::add(e0, e1));
-        Vec::store_pairs(pairs + (j / 2) * ld + c0, e0, e1);
+        Vec::store_pairs(pairs + (j / 2) * ld + c0, kept(e0, j * ld + c0), kept(e1, (j + 1) * ld + c0));
       }
       if (j < n) {
         const V e0 = Vec::exp2(Vec::sub(Vec::load(s + j * ld + c0), u));
         sum = Vec::add(sum, e0);
-        Vec::store_pairs(pairs + (j / 2) * ld + c0, e0, Vec::zero());
+        Vec::store_pairs(pairs + (j / 2) * ld + c0, kept(e0, j * ld + c0), Vec::zero());
       }
     } else {
       for (int j = 0; j < n; ++j) {
         float* sr = s + j * ld + c0;
         const V e = Vec::exp2(Vec::sub(Vec::load(sr), u));
         sum = Vec::add(sum, e);
-        Vec::store(sr, e);
+        Vec::store(sr, kept(e, j * ld + c0));
       }
     }
     Vec::store(tsum + c0, sum);
@@ -170,16 +179,14 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
         tmax[i] = use;
       }
     }
-    exp_tile<typename Isa::Vec, TL::kPairs>(w.s, ldq, n, mp, w.tmax, reinterpret_cast<uint32_t*>(w.ppair),
-                                            w.tsum);
-    // Dropout after the row sums (they, and lse, are taken before it).
+    // Dropout: the tile's keep masks, applied by exp_tile after the row sums
+    // (they, and lse, are taken before it).
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(w.ppair);
     if (c.dropout) {
       fill_keep_tile<Isa::kAvx512>(c, t.b, h, i0, mp, j0, n, w.keep, ldq);
-      if constexpr (TL::kPairs) {
-        keep_pairs(reinterpret_cast<uint32_t*>(w.ppair), w.keep, ldq, n, mp);
-      } else {
-        keep_f32(w.s, w.keep, ldq, n, mp);
-      }
+      exp_tile<typename Isa::Vec, TL::kPairs, true>(w.s, ldq, n, mp, w.tmax, pairs, w.tsum, w.keep);
+    } else {
+      exp_tile<typename Isa::Vec, TL::kPairs, false>(w.s, ldq, n, mp, w.tmax, pairs, w.tsum, nullptr);
     }
     for (int i = 0; i < m; ++i) w.lrun[i] = w.lrun[i] * w.alpha[i] + w.tsum[i];
     // O = alpha O + P V

@@ -246,6 +246,11 @@ struct VecPortable {
     for (int v = 0; v < kLanes; ++v) p[v] = a.x[v];
   }
   static V zero() { return V{}; }
+  static V set1(float x) {
+    V r;
+    for (int v = 0; v < kLanes; ++v) r.x[v] = x;
+    return r;
+  }
   static V add(const V& a, const V& b) {
     V r;
     for (int v = 0; v < kLanes; ++v) r.x[v] = a.x[v] + b.x[v];
@@ -264,6 +269,17 @@ struct VecPortable {
   static V exp2(const V& a) {
     V r;
     for (int v = 0; v < kLanes; ++v) r.x[v] = exp2_approx(a.x[v]);
+    return r;
+  }
+  // a where the 32-bit mask m is ~0, +0 where it is 0 (dropout's keep masks).
+  static V keep(const V& a, const uint32_t* m) {
+    V r;
+    for (int v = 0; v < kLanes; ++v) {
+      uint32_t bits;
+      std::memcpy(&bits, &a.x[v], 4);
+      bits &= m[v];
+      std::memcpy(&r.x[v], &bits, 4);
+    }
     return r;
   }
   static void store_pairs(uint32_t* p, const V& lo, const V& hi) {
@@ -291,9 +307,13 @@ struct VecAvx512 {
   PFA_AVX512 static inline V load(const float* p) { return _mm512_loadu_ps(p); }
   PFA_AVX512 static inline void store(float* p, V a) { _mm512_storeu_ps(p, a); }
   PFA_AVX512 static inline V zero() { return _mm512_setzero_ps(); }
+  PFA_AVX512 static inline V set1(float x) { return _mm512_set1_ps(x); }
   PFA_AVX512 static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
   PFA_AVX512 static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   PFA_AVX512 static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  PFA_AVX512 static inline V keep(V a, const uint32_t* m) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_loadu_si512(m)));
+  }
   // 2^x as exp2_approx, with the exponent applied by vscalefps: x is clamped
   // to -150, where p * 2^-150 (p = 1) rounds to exactly 0, so -inf gives 0.
   // x is the *second* operand: vmaxps returns it when it is NaN, so a NaN
@@ -381,6 +401,7 @@ struct VecAvx2 {
     _mm256_storeu_ps(p + 8, a.hi);
   }
   PFA_AVX2 static inline V zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  PFA_AVX2 static inline V set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
   PFA_AVX2 static inline V add(const V& a, const V& b) {
     return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
   }
@@ -389,6 +410,10 @@ struct VecAvx2 {
   }
   PFA_AVX2 static inline V mul(const V& a, const V& b) {
     return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)};
+  }
+  PFA_AVX2 static inline V keep(const V& a, const uint32_t* m) {
+    const float* f = reinterpret_cast<const float*>(m);
+    return {_mm256_and_ps(a.lo, _mm256_loadu_ps(f)), _mm256_and_ps(a.hi, _mm256_loadu_ps(f + 8))};
   }
   PFA_AVX2 static inline __m256 exp2_8(__m256 x) {
     // x second in both: vmaxps/vminps return the second operand when it is NaN.

@@ -41,12 +41,6 @@ const char* attention_bwd_unsupported_reason(const AttentionBwdParams& p, int sm
     return "the CUDA attention backward needs num_heads to be a multiple of num_heads_k";
   if (p.mask_kind != MaskKind::kNone && p.cu_seqlens_q != nullptr)
     return "the CUDA attention backward takes no attn_mask with variable-length sequences";
-  // Dropout and ALiBi in this kernel spilled registers for d64 and d96 once
-  // combined with the deterministic start ticket; until that is reworked the
-  // backward declines them and autograd recomputes through the reference with
-  // the same keep pattern (pyfastattn/_ops.py).
-  if (p.dropout_p > 0.f || p.alibi_slopes != nullptr)
-    return "the CUDA attention backward does not apply dropout or ALiBi yet";
   const int block_n = with_variant(p, [](auto variant) { return decltype(variant)::block_n(); });
   if (!attention::attention_bwd_grid(p.seqlen_k, block_n, p.num_heads_k, p.batch).fits() ||
       !attention::attention_bwd_grid(p.seqlen_q, attention::kRowKernelRows, p.num_heads, p.batch)

@@ -15,6 +15,8 @@
 //   wait; barrier       step t's tiles visible; every warp is past step t-1,
 //                       so stage (t+1)%2 and the P / dS tiles are free
 //   issue step t+1 into stage (t+1)%2                       -- lands during t
+//     (with dropout, the CTA also writes step t+1's keep bits there:
+//     stage_keep_bits; the next barrier publishes them)
 //   A: S^T = K Q^T, dP^T = V dO^T      (registers, keys x queries)
 //      P = exp2(S * scale * log2e - lse * log2e), masked; dS = P (dP - D)
 //      -> P^T and dS^T to shared memory (16-bit, [key][query])
@@ -272,20 +274,73 @@ struct StepInfo {
   int rows_q;    // rows present (<= kBlockM)
 };
 
+// Dropout (issue 17): the keep bits of one step's [kBlockM queries x kBlockN
+// keys] block, staged in shared memory by the whole CTA when the step's loads
+// are issued, so that step A reads one bit per element instead of running
+// Philox on the tile's registers. Byte n of query row q holds keys
+// n0 + 8n .. n0 + 8n + 7 (bit g: key n0 + 8n + g), which is exactly one call
+// of dropout_words (csrc/attention/dropout.h): a call per byte, none wasted,
+// where step A's layout (a lane holds keys g and g + 8 of each m16 tile) would
+// need a call per element. Each thread packs 4 bytes into one 32-bit store
+// (consecutive words across a warp: no bank conflicts). Rows and keys past
+// the sequence get bits too; step A never reads them as visible.
+template <typename T>
+PFA_ATTN_DEVICE void stage_keep_bits(uint32_t s_drop, const AttentionBwdKernelParams& p,
+                                     const SeqInfo& seq, const StepInfo& st, int n0) {
+  constexpr int kBytesPerRow = T::kBlockN / 8;
+  constexpr int kWords = T::kSmemDropBytes / 4;
+  DropoutKey key = p.dropout;
+  if (p.dropout_rng != nullptr) {  // the (seed, offset) pair drawn on the device
+    key.seed = static_cast<uint64_t>(p.dropout_rng[0]);
+    key.offset = static_cast<uint64_t>(p.dropout_rng[1]);
+  }
+  const int64_t group0 = n0 / 8;
+  // Whole warps take a word or skip (kWords is a multiple of 32 or below it
+  // at d = 256, where warp 0 alone stages the block's 32 words).
+#pragma unroll 1
+  for (int w = static_cast<int>(threadIdx.x); w < kWords; w += T::kNThreads) {
+    uint32_t word = 0;
+#pragma unroll 1
+    for (int b = 0; b < 4; ++b) {
+      const int byte = 4 * w + b;
+      const int q = byte / kBytesPerRow, n = byte % kBytesPerRow;
+      const Philox4 r = dropout_words(key, seq.bi, st.h, st.m0 + q, group0 + n);
+      uint32_t bits = 0;
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        bits |= uint32_t((r.x[x] & 0xFFFFu) >= key.threshold) << (2 * x);
+        bits |= uint32_t((r.x[x] >> 16) >= key.threshold) << (2 * x + 1);
+      }
+      word |= bits << (8 * b);
+    }
+    sm80::st_shared_u32(s_drop + 4 * w, word);
+  }
+}
+
 // S^T, dP^T (raw q.k and dO.v) -> P and dS in place, for one warp's tile.
 // kBounds: apply the window / causal / length visibility per element (blocks
 // that cross an edge); kMaskKind: read the staged attn_mask tile too.
+// ALiBi adds -slope * |i + len_k - len_q - j| (log2 units, after softcap, like
+// an additive mask). Dropout (keep bits staged in s_drop by stage_keep_bits):
+// with Z = keep / (1 - p), P^T for dV holds Z P and dS = P (Z dP - D), the
+// derivative of O = sum_j Z_j P_j v_j (D = dO . O already carries Z).
 template <typename T, MaskKind kMaskKind, bool kBounds>
 PFA_ATTN_DEVICE void scores_to_grads(KeyQueryTile<T>& s, KeyQueryTile<T>& dp,
                                      const AttentionBwdKernelParams& p, const SeqInfo& seq,
                                      const StepInfo& st, int n0, int key_row0, int query_row0,
-                                     uint32_t s_stat, uint32_t s_mask, int lane) {
+                                     uint32_t s_stat, uint32_t s_mask, uint32_t s_drop, int lane) {
   using Element = typename T::Element;
   constexpr int kElemBytes = kMaskKind == MaskKind::kBool ? 1 : 2;
   const bool softcap = p.softcap > 0.f;
   const float pre = softcap ? sm80::fast_div(p.scale, p.softcap) : 0.f;
   const float post = p.softcap * kLog2e;
   const int g = lane >> 2, c2 = 2 * (lane & 3);
+  const bool alibi = p.alibi_slopes != nullptr;
+  const float slope =
+      alibi ? p.alibi_slopes[int64_t(seq.bi) * p.alibi_batch_stride + st.h] * kLog2e : 0.f;
+  // |i + alibi_diag - j| for key n0 + j.
+  const int alibi_diag = seq.len_k - seq.len_q - n0;
+  const bool dropout = p.dropout_p > 0.f;
 #pragma unroll
   for (int nt = 0; nt < T::kQueryTilesA; ++nt) {
 #pragma unroll
@@ -305,6 +360,11 @@ PFA_ATTN_DEVICE void scores_to_grads(KeyQueryTile<T>& s, KeyQueryTile<T>& dp,
                  mask_lead<kElemBytes>(p, seq, st.h, i, n0);
 #pragma unroll
       for (int mt = 0; mt < T::kKeyTilesA; ++mt) {
+        // Keys key_row0 + 16 mt .. + 15 of this row: two bytes, bit 8 hh + g.
+        const uint32_t keep_bits =
+            dropout ? sm80::ld_shared_u16(s_drop + static_cast<uint32_t>(
+                                                       q_local * (T::kBlockN / 8) + (key_row0 + mt * 16) / 8))
+                    : 0xFFFFu;
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int j = key_row0 + mt * 16 + hh * 8 + g;  // key, relative to n0
@@ -325,9 +385,12 @@ PFA_ATTN_DEVICE void scores_to_grads(KeyQueryTile<T>& s, KeyQueryTile<T>& dp,
           } else if constexpr (kMaskKind == MaskKind::kAdditive) {
             x = add_bias_log2(x, sm80::bits_to_float<Element>(sm80::ld_shared_u16(m_addr + 2 * j)));
           }
+          if (alibi) x -= slope * fabsf(float(i + alibi_diag - j));
           const float pr = visible ? sm80::fast_exp2(x - lse2) : 0.f;
-          s[mt][nt][r] = pr;
-          dp[mt][nt][r] = pr * (dp[mt][nt][r] - dsum) * dtanh;
+          // Z = keep / (1 - p) (1 without dropout).
+          const float z = (keep_bits >> (8 * hh + g)) & 1u ? (dropout ? p.dropout_rescale : 1.f) : 0.f;
+          s[mt][nt][r] = pr * z;
+          dp[mt][nt][r] = pr * (dp[mt][nt][r] * z - dsum) * dtanh;
         }
       }
     }
@@ -498,6 +561,8 @@ __global__ void __launch_bounds__(T::kNThreads)
       load_mask_async<T, 1>(s_mask, p, seq, st.h, st.m0, st.rows_q, n0);
     else if (p.mask_kind == MaskKind::kAdditive)
       load_mask_async<T, 2>(s_mask, p, seq, st.h, st.m0, st.rows_q, n0);
+    if (p.dropout_p > 0.f)
+      stage_keep_bits<T>(smem + T::kOffDrop + stage * T::kSmemDropBytes, p, seq, st, n0);
   };
 
   KeyDimTile<T> dk, dv;
@@ -537,6 +602,7 @@ __global__ void __launch_bounds__(T::kNThreads)
     const uint32_t sdO = smem + T::kOffDO + stage * T::kSmemQBytes;
     const uint32_t s_stat = smem + T::kOffStat + stage * T::kSmemStatBytes;
     const uint32_t s_mask = smem + T::kOffMask + stage * T::kSmemMaskBytes;
+    const uint32_t s_drop = smem + T::kOffDrop + stage * T::kSmemDropBytes;
 
     // ---- A: S^T, dP^T -> P^T, dS^T in shared memory -------------------------
     {
@@ -549,16 +615,16 @@ __global__ void __launch_bounds__(T::kNThreads)
                           seq.key_hi(p, st.m0) >= n0 + kBlockN;
       if (p.mask_kind == MaskKind::kBool)
         scores_to_grads<T, MaskKind::kBool, true>(s, dp, p, seq, st, n0, key_row0_a, query_row0_a,
-                                                  s_stat, s_mask, lane);
+                                                  s_stat, s_mask, s_drop, lane);
       else if (p.mask_kind == MaskKind::kAdditive)
         scores_to_grads<T, MaskKind::kAdditive, true>(s, dp, p, seq, st, n0, key_row0_a,
-                                                      query_row0_a, s_stat, s_mask, lane);
+                                                      query_row0_a, s_stat, s_mask, s_drop, lane);
       else if (!inside)
         scores_to_grads<T, MaskKind::kNone, true>(s, dp, p, seq, st, n0, key_row0_a, query_row0_a,
-                                                  s_stat, s_mask, lane);
+                                                  s_stat, s_mask, s_drop, lane);
       else
         scores_to_grads<T, MaskKind::kNone, false>(s, dp, p, seq, st, n0, key_row0_a,
-                                                   query_row0_a, s_stat, s_mask, lane);
+                                                   query_row0_a, s_stat, s_mask, s_drop, lane);
       store_key_query<T>(s, sP, key_row0_a, query_row0_a, lane);
       store_key_query<T>(dp, sdS, key_row0_a, query_row0_a, lane);
     }

@@ -23,7 +23,11 @@ namespace attention {
 //   96   64 x 64     96     64     24 + 48 + 16 + 1  =  89 KB
 //   128  64 x 32     64     32     16 + 64 +  8 + 1  =  89 KB
 //   256  64 x 16     64     16     16 +128 +  4 + 1  = 149 KB
-// (+ 2 * kBlockM * (2 * kBlockN + 4) bytes of attn_mask staging with a mask.)
+// (+ 2 * kBlockM * kBlockN / 8 bytes of dropout keep bits, always reserved:
+// 1 KB at N = 64, which moves no variant's CTAs per SM on sm_80 or sm_90 --
+// registers hold it at 2 CTAs per SM for d <= 64 and smem at 1 (sm_80) or
+// 2 (sm_90) above; + 2 * kBlockM * (2 * kBlockN + 4) bytes of attn_mask
+// staging with a mask.)
 // ptxas needs ~100-150 registers beyond these accumulators (addresses, the
 // masking paths, the pipeline); 64 x 64 at d = 128 and 32 x 32 at d = 256
 // spilled (PERF_NOTES.md). These are first, register-driven choices; the GPU
@@ -69,6 +73,8 @@ struct AttentionBwdTraits {
   static constexpr int kSmemQBytes = kBlockM * kHeadDim * 2;   // Q[2]; dO[2]
   static constexpr int kSmemPBytes = kBlockN * kBlockM * 2;    // P^T; dS^T ([key][query])
   static constexpr int kSmemStatBytes = kBlockM * 4 * 2;       // [2]: lse * log2(e), D
+  // [2]: dropout keep bits, [query][key / 8] bytes (bit g of byte n: key 8n + g).
+  static constexpr int kSmemDropBytes = kBlockM * kBlockN / 8;
   static constexpr int kOffK = 0;
   static constexpr int kOffV = kOffK + kSmemKVBytes;
   static constexpr int kOffQ = kOffV + kSmemKVBytes;
@@ -76,7 +82,8 @@ struct AttentionBwdTraits {
   static constexpr int kOffP = kOffDO + 2 * kSmemQBytes;
   static constexpr int kOffDS = kOffP + kSmemPBytes;
   static constexpr int kOffStat = kOffDS + kSmemPBytes;
-  static constexpr int kOffMask = kOffStat + 2 * kSmemStatBytes;
+  static constexpr int kOffDrop = kOffStat + 2 * kSmemStatBytes;
+  static constexpr int kOffMask = kOffDrop + 2 * kSmemDropBytes;
   static constexpr int kSmemBytes = kOffMask;
   // attn_mask staging, per stage (as in the forward: kBlockM query rows of
   // kBlockN values plus one word for the row's misalignment).
@@ -104,6 +111,7 @@ struct AttentionBwdTraits {
   static_assert((kBlockN * kRowChunks) % kNThreads == 0,
                 "the dK/dV store gives every thread the same number of 16-byte chunks");
   static_assert(kSmemBytes % 128 == 0, "the mask staging starts 128-byte aligned");
+  static_assert(kSmemDropBytes % 4 == 0, "the keep bits are staged as 32-bit words");
 };
 
 }  // namespace attention

@@ -180,6 +180,7 @@ Result run_case(const Case& c, std::mt19937& rng) {
             x = c.softcap * th[j];
           }
           if (c.mask != MaskKind::kNone) x += mask_value(b, h, i, j);
+          if (!c.slopes.empty()) x -= double(c.slope(b, h)) * std::fabs(double(i + lk - lq - j));
           s[j] = x;
           mx = std::max(mx, x);
         }
@@ -191,23 +192,29 @@ Result run_case(const Case& c, std::mt19937& rng) {
         std::fill(out.begin(), out.end(), 0.0);
         for (int j = 0; j < lk; ++j) {
           pr[j] = s[j] == -INFINITY ? 0 : std::exp(s[j] - l);
-          for (int d = 0; d < D; ++d) out[d] += pr[j] * vv(b, j, hkv, d);
+          const double w = pr[j] * c.keep_factor(b, h, i, j);  // dropout after the row sum
+          for (int d = 0; d < D; ++d) out[d] += w * vv(b, j, hkv, d);
         }
         auto [ob, orow] = q_row(b, i);
         for (int d = 0; d < D; ++d) o.data[o.at(ob, orow, h, d)] = to_bits(static_cast<float>(out[d]), bf16);
-        // Gradients: dP_j = dO . v_j, D = dO . O, dS_j = P_j (dP_j - D).
+        // Gradients, with Z_j = keep_j / (1 - p) (1 without dropout):
+        // dP_j = Z_j dO . v_j, D = dO . O, dS_j = P_j (dP_j - D), dV_j += Z_j P_j dO.
+        // D from the O the backward is given (rounded to 16 bits), as the
+        // contract says: with p = 0.9 (O scaled by 10) the rounding of O alone
+        // moved dQ by 0.4% of max |dQ| (fp16).
         double dsum = 0;
-        for (int d = 0; d < D; ++d) dsum += dov(b, i, h, d) * out[d];
+        for (int d = 0; d < D; ++d) dsum += dov(b, i, h, d) * to_float(o.data[o.at(ob, orow, h, d)], bf16);
         for (int j = 0; j < lk; ++j) {
           if (pr[j] == 0) continue;
           double dpj = 0;
           for (int d = 0; d < D; ++d) dpj += dov(b, i, h, d) * vv(b, j, hkv, d);
-          double ds = pr[j] * (dpj - dsum);
+          const double z = c.keep_factor(b, h, i, j);
+          double ds = pr[j] * (z * dpj - dsum);
           if (c.softcap > 0) ds *= 1 - th[j] * th[j];
           for (int d = 0; d < D; ++d) {
             ref_dq[qi(b, i, h) + d] += c.scale * ds * kv(b, j, hkv, d);
             ref_dk[ki(b, j, hkv) + d] += c.scale * ds * qv(b, i, h, d);
-            ref_dv[ki(b, j, hkv) + d] += pr[j] * dov(b, i, h, d);
+            ref_dv[ki(b, j, hkv) + d] += z * pr[j] * dov(b, i, h, d);
           }
         }
       }
@@ -249,6 +256,7 @@ Result run_case(const Case& c, std::mt19937& rng) {
   p.scale = c.scale;
   p.softcap = c.softcap;
   p.scale_log2 = c.softcap > 0.f ? 0.f : c.scale * 1.4426950408889634f;
+  c.fill_dropout_alibi(p);
   p.dout = d_o.data.data();
   p.do_batch_stride = d_o.bs, p.do_row_stride = d_o.rs, p.do_head_stride = d_o.hs;
   p.dq = dq.data.data(), p.dk = dk.data.data(), p.dv = dv.data.data();
@@ -429,6 +437,19 @@ std::vector<Case> fixed_cases() {
   out.push_back(l);
   l.head_dim = 128, l.window_left = 100, l.softcap = 30, l.bf16 = false, l.hq = 2;
   out.push_back(l);
+  l.dropout_p = 0.3f, l.seed = 12345, l.offset = 678;  // issue 17: dropout + ALiBi [b, h]
+  l.slopes = {0.1f, 0.25f, 0.05f, 0.4f}, l.slopes_per_batch = true;
+  out.push_back(l);
+  Case da;  // dropout p = 0.9 and ALiBi [h], GQA, top-left causal, deterministic dQ
+  da.head_dim = 96, da.batch = 2, da.hq = 4, da.hk = 2, da.len_q = {75, 75}, da.len_k = {140, 140};
+  da.window_right = 0, da.dropout_p = 0.9f, da.seed = 0xdeadbeefcafe, da.offset = 1ull << 40;
+  da.slopes = {0.5f, 0.0625f, 0.2f, 0.01f}, da.deterministic = true;
+  out.push_back(da);
+  da.dropout_p = 1.f, da.deterministic = false, da.head_dim = 32;  // every weight dropped
+  out.push_back(da);
+  da.dropout_p = 0.5f, da.head_dim = 256, da.bf16 = true;  // d = 256: warp 0 stages the keep bits
+  da.mask = MaskKind::kBool, da.mask_pad = 2, da.mask_offset = 1;
+  out.push_back(da);
   Case a;  // additive mask over several key blocks, odd row stride, misaligned base
   a.head_dim = 256, a.batch = 2, a.hq = 2, a.hk = 2, a.len_q = {70, 70}, a.len_k = {101, 101};
   a.mask = MaskKind::kAdditive, a.mask_pad = 5, a.mask_offset = 1, a.window_right = 0,

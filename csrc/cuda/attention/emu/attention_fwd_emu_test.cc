@@ -9,6 +9,8 @@
 //   g++ -std=c++17 -O2 -DPFA_ATTN_HOST_EMULATION -I/usr/local/cuda/include
 //       csrc/cuda/attention/emu/attention_fwd_emu_test.cc -o /tmp/attention_fwd_emu_test
 //   /tmp/attention_fwd_emu_test [cases=200] [seed=1]    (about 8 s per 100 cases)
+//   /tmp/attention_fwd_emu_test keep-pattern SEED OFFSET P B H S
+//       prints the kernel's dropout keep pattern (see print_keep_pattern)
 // Exit status 0 when every case and the bank-conflict counts pass.
 //
 // Inputs hold NaN wherever the kernel must not read (head-dim and row
@@ -172,6 +174,7 @@ Result run_case(const Case& c, std::mt19937& rng) {
   p.scale = c.scale;
   p.softcap = c.softcap;
   p.scale_log2 = c.softcap > 0.f ? 0.f : c.scale * 1.4426950408889634f;
+  c.fill_dropout_alibi(p);
 
   emu::clear_ranges();
   emu::add_range(q.data.data(), q.data.size() * 2, false);
@@ -203,6 +206,14 @@ Result run_case(const Case& c, std::mt19937& rng) {
   // itself; to first order O then moves by sum_j P_j err_j |v_j - O| and the
   // LSE by sum_j P_j err_j. Both join the tolerance.
   const double kTanhRelErr = std::exp2(-10.987);
+  // The kernel's fp32 scores in log2 units are rounded by up to four
+  // operations (scale, + bias, - ALiBi, - the running max), each by at most
+  // half an ulp of a value <= |s| log2(e): a weight's relative error is up to
+  // 4 |s| 2^-24 (natural units). Negligible for ordinary scores; for a row
+  // that an additive mask pushes to -65504 (fp16's lowest) it is ~1.5% of
+  // each weight, and one such case (fp16, d = 136, ALiBi) missed the plain
+  // tolerance by 30%. Added to score_err like the tanh term.
+  const double kScoreRoundErr = 4.0 * std::exp2(-24.0);
   for (int b = 0; b < c.batch; ++b) {
     const int lq = c.len_q[b], lk = c.key_len(b);
     const int offset = c.bottom_right ? lk - lq : 0;
@@ -227,6 +238,8 @@ Result run_case(const Case& c, std::mt19937& rng) {
             score_err[j] = kTanhRelErr * std::fabs(s);
           }
           if (c.mask != MaskKind::kNone) s += mask_value(b, h, i, j);
+          if (!c.slopes.empty()) s -= double(c.slope(b, h)) * std::fabs(double(i + lk - lq - j));
+          score_err[j] += kScoreRoundErr * std::fabs(s);
           scores[j] = s;
           mx = std::max(mx, s);
         }
@@ -236,18 +249,20 @@ Result run_case(const Case& c, std::mt19937& rng) {
           for (int j = 0; j < lk; ++j) {
             if (scores[j] == -INFINITY) continue;
             const double w = std::exp(scores[j] - mx);
-            sum += w;
+            sum += w;  // the row sum before dropout; kept weights times 1 / (1 - p)
+            const double wv = w * c.keep_factor(b, h, i, j);
             auto [kb, kr] = k_row(b, j);
-            for (int d = 0; d < c.head_dim; ++d) out[d] += w * to_float(v.data[v.at(kb, kr, hkv, d)], bf16);
+            for (int d = 0; d < c.head_dim; ++d) out[d] += wv * to_float(v.data[v.at(kb, kr, hkv, d)], bf16);
           }
           for (double& x : out) x /= sum;
         }
         std::vector<double> out_sfu(c.head_dim, 0.0);
         double lse_sfu = 0;
-        if (mx > -INFINITY && c.softcap > 0) {
+        if (mx > -INFINITY) {
           for (int j = 0; j < lk; ++j) {
             if (scores[j] == -INFINITY) continue;
-            const double pe = std::exp(scores[j] - mx) / sum * score_err[j];
+            const double pe = std::exp(scores[j] - mx) / sum * score_err[j] *
+                              std::max(1.0, c.keep_factor(b, h, i, j));
             lse_sfu += pe;
             auto [kb, kr] = k_row(b, j);
             for (int d = 0; d < c.head_dim; ++d)
@@ -340,8 +355,19 @@ std::vector<Case> fixed_cases() {
   l.varlen = true, l.batch = 2, l.head_dim = 64, l.len_q = {300, 257}, l.len_k = {700, 129};
   l.window_right = 0, l.bottom_right = true, l.bf16 = true;
   out.push_back(l);
+  l.dropout_p = 0.3f, l.seed = 12345, l.offset = 678;  // issue 17: dropout + ALiBi over many blocks
+  l.slopes = {0.1f, 0.25f}, l.slopes_per_batch = true;
+  out.push_back(l);
   l.head_dim = 128, l.window_left = 200, l.softcap = 30, l.bf16 = false;
   out.push_back(l);
+  l.dropout_p = 0.f, l.slopes.clear();
+  Case da;  // dropout (p = 0.9: O scaled by 10) and ALiBi [h], GQA, top-left causal
+  da.head_dim = 96, da.batch = 2, da.hq = 4, da.hk = 2, da.len_q = {75, 75}, da.len_k = {140, 140};
+  da.window_right = 0, da.dropout_p = 0.9f, da.seed = 0xdeadbeefcafe, da.offset = 1ull << 40;
+  da.slopes = {0.5f, 0.0625f, 0.2f, 0.01f};
+  out.push_back(da);
+  da.dropout_p = 1.f;  // drops every weight: O = 0, the LSE as without dropout
+  out.push_back(da);
   Case a;  // additive mask over several key blocks, odd row stride, misaligned base
   a.head_dim = 256, a.batch = 2, a.hq = 2, a.hk = 2, a.len_q = {70, 70}, a.len_k = {301, 301};
   a.mask = MaskKind::kAdditive, a.mask_pad = 5, a.mask_offset = 1, a.window_right = 0,
@@ -388,9 +414,62 @@ bool check_layout() {
   return true;
 }
 
+// The keep pattern the CUDA forward applies, read off its output: Q = 0 makes
+// every weight 1 / S, and V's rows are one-hot (v_j = e_j, head dim 64), so
+// O[b, i, h, j] = keep(b, h, i, j) / ((1 - p) S) is nonzero exactly where
+// key j is kept. Prints one line per (b, h, i): "b h i " and S digits 0/1.
+// tests/test_dropout_alibi.py compares it with the CPU kernel's pattern for
+// the same (seed, offset), the check that both devices drop the same elements.
+int print_keep_pattern(uint64_t seed, uint64_t offset, float dropout_p, int batch, int heads, int s) {
+  using Traits = attn::AttentionFwdTraits<64, __half>;
+  if (s < 1 || s > 64 || batch < 1 || heads < 1) {
+    std::printf("keep-pattern: need 1 <= S <= 64, B >= 1, H >= 1\n");
+    return 2;
+  }
+  Case c;
+  c.batch = batch, c.hq = c.hk = heads, c.len_q.assign(batch, s), c.len_k.assign(batch, s);
+  c.dropout_p = dropout_p, c.seed = seed, c.offset = offset;
+  Tensor q = make_tensor(c, batch, s, heads, to_bits(0.f, false));
+  Tensor k = make_tensor(c, batch, s, heads, to_bits(0.f, false));
+  Tensor v = make_tensor(c, batch, s, heads, to_bits(0.f, false));
+  Tensor o = make_tensor(c, batch, s, heads, kSentinelBits);
+  for (int b = 0; b < batch; ++b)
+    for (int j = 0; j < s; ++j)
+      for (int h = 0; h < heads; ++h) v.data[v.at(b, j, h, j)] = to_bits(1.f, false);
+  AttentionFwdParams p{};
+  p.q = q.data.data(), p.k = k.data.data(), p.v = v.data.data(), p.o = o.data.data();
+  p.q_batch_stride = q.bs, p.q_row_stride = q.rs, p.q_head_stride = q.hs;
+  p.k_batch_stride = k.bs, p.k_row_stride = k.rs, p.k_head_stride = k.hs;
+  p.v_batch_stride = v.bs, p.v_row_stride = v.rs, p.v_head_stride = v.hs;
+  p.o_batch_stride = o.bs, p.o_row_stride = o.rs, p.o_head_stride = o.hs;
+  p.batch = batch, p.seqlen_q = p.seqlen_k = s, p.num_heads = p.num_heads_k = heads;
+  p.head_dim = p.head_dim_v = 64;
+  p.dtype = DType::kFloat16;
+  p.window_left = p.window_right = -1;
+  p.scale = 0.125f, p.scale_log2 = 0.125f * 1.4426950408889634f;
+  c.fill_dropout_alibi(p);
+  emu::clear_ranges();
+  for (const Tensor* t : {&q, &k, &v}) emu::add_range(t->data.data(), t->data.size() * 2, false);
+  emu::add_range(o.data.data(), o.data.size() * 2, true);
+  const attn::AttentionFwdGrid g = attn::attention_fwd_grid(p, Traits::kBlockM);
+  emu::launch(dim3(unsigned(g.m_blocks), unsigned(g.y), unsigned(g.z)), Traits::kNThreads, Traits::kSmemBytes,
+              [&] { attn::attention_fwd_kernel<Traits>(p); });
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < s; ++i) {
+        std::printf("%d %d %d ", b, h, i);
+        for (int j = 0; j < s; ++j) std::printf("%d", to_float(o.data[o.at(b, i, h, j)], false) != 0.f ? 1 : 0);
+        std::printf("\n");
+      }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 8 && std::string(argv[1]) == "keep-pattern")  // SEED OFFSET P B H S
+    return print_keep_pattern(std::stoull(argv[2]), std::stoull(argv[3]), std::stof(argv[4]), std::atoi(argv[5]),
+                              std::atoi(argv[6]), std::atoi(argv[7]));
   if (!(check_layout<32>() && check_layout<64>() && check_layout<96>() && check_layout<128>() &&
         check_layout<256>())) {
     std::printf("FAIL shared-memory layout check\n");

@@ -69,13 +69,40 @@ struct Case {
   bool head_major = false;
   int d_pad = 0, row_pad = 0;
   int grid_y = 0;
+  // Issue 17: dropout (the keep function of csrc/attention/dropout.h) and
+  // ALiBi slopes ([hq] or [batch][hq]).
+  float dropout_p = 0.f;
+  uint64_t seed = 0, offset = 0;
+  std::vector<float> slopes;
+  bool slopes_per_batch = false;
+
+  float slope(int b, int h) const { return slopes_per_batch ? slopes[b * hq + h] : slopes[h]; }
+  DropoutKey dropout_key() const { return DropoutKey{seed, offset, dropout_threshold(dropout_p)}; }
+  // Z: 1 / (1 - p) where query i keeps key j, 0 where it drops it (p = 1:
+  // always 0); 1 without dropout.
+  double keep_factor(int b, int h, int i, int j) const {
+    if (dropout_p <= 0) return 1.0;
+    if (!dropout_keep(dropout_key(), b, h, i, j)) return 0.0;
+    return 1.0 / (1.0 - double(dropout_p));
+  }
+  // The params' fields for both features.
+  template <typename Params>
+  void fill_dropout_alibi(Params& p) const {
+    p.dropout_p = dropout_p;
+    p.dropout_rescale = dropout_p >= 1.f ? 0.f : 1.f / (1.f - dropout_p);
+    p.dropout_rng = nullptr;
+    p.dropout = dropout_key();
+    p.alibi_slopes = slopes.empty() ? nullptr : slopes.data();
+    p.alibi_batch_stride = slopes_per_batch ? hq : 0;
+  }
 
   int seqlen_q() const { return *std::max_element(len_q.begin(), len_q.end()); }
   int seqlen_k() const { return *std::max_element(len_k.begin(), len_k.end()); }
   int key_len(int b) const { return seqused ? used_k[b] : len_k[b]; }
   bool consistent() const {
     return int(len_q.size()) == batch && int(len_k.size()) == batch &&
-           (!seqused || int(used_k.size()) == batch);
+           (!seqused || int(used_k.size()) == batch) &&
+           (slopes.empty() || int(slopes.size()) == (slopes_per_batch ? batch : 1) * hq);
   }
 
   std::string describe() const {
@@ -97,6 +124,8 @@ struct Case {
       << " scale=" << scale << " softcap=" << softcap << " lse=" << with_lse
       << " det=" << deterministic << (head_major ? " bhsd" : " bshd") << " dpad=" << d_pad
       << " rpad=" << row_pad << " gy=" << grid_y;
+    if (dropout_p > 0) s << " dropout=" << dropout_p << " seed=" << seed << " offset=" << offset;
+    if (!slopes.empty()) s << " alibi" << (slopes_per_batch ? "[b,h]" : "[h]");
     return s.str();
   }
 };
@@ -169,6 +198,16 @@ inline Case random_case(std::mt19937& rng, int index, const CaseLimits& lim) {
   c.d_pad = pick({0, 0, 8, 24});
   c.row_pad = pick({0, 0, 8, 40});
   c.grid_y = chance(0.3) ? pick({1, 2, 3, 5}) : 0;
+  if (chance(0.3)) {  // p = 1 drops every weight (O = 0, and every gradient 0)
+    c.dropout_p = pick({1, 5, 9, 9, 10}) / 10.f;
+    c.seed = (uint64_t(rng()) << 32) | rng();
+    c.offset = (uint64_t(rng()) << 32) | rng();
+  }
+  if (chance(0.3)) {
+    c.slopes_per_batch = chance(0.5);
+    std::uniform_real_distribution<float> sl(0.f, 0.5f);
+    for (int x = 0; x < (c.slopes_per_batch ? c.batch : 1) * c.hq; ++x) c.slopes.push_back(sl(rng));
+  }
   return c;
 }
 
