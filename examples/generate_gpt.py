@@ -3,8 +3,14 @@ briefly, then generating text greedily and by sampling through a KV cache.
 
 Data: the Python language reference that ships inside CPython's standard
 library (``pydoc_data.topics``, about 460 KB of English prose and grammar
-rules), read from disk: nothing is downloaded. Characters are the tokens; the
-last 10% of the text is held out for the validation loss.
+rules), read from disk: nothing is downloaded. Heading underlines,
+indentation and blank lines are collapsed (a fifth of the raw text is
+spaces). Characters are the tokens; the last 10% of the text is held out for
+the validation loss. ``--quick`` trains for only ~300k characters: the loss
+falls from ln(94) = 4.5 to about 2.5, the sampled text has the corpus's
+letters, spacing and short words, and greedy decoding already settles into a
+loop of frequent words ("the the the"), as a briefly trained character model
+does.
 
 The model is written the way a GPT is usually written (nanoGPT-style blocks:
 LayerNorm, fused QKV projection, causal self-attention, output projection,
@@ -36,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import time
 
@@ -66,7 +73,12 @@ def load_corpus() -> str:
         raise SystemExit(f"this example needs the standard library's pydoc_data module: {e}") from e
     text = "\n".join(topics[k] for k in sorted(topics))
     text = "".join(_ASCII.get(c, c) for c in text)
-    return "".join(c for c in text if c == "\n" or 32 <= ord(c) < 127)
+    text = "".join(c for c in text if c == "\n" or 32 <= ord(c) < 127)
+    # Prose over layout: drop heading underlines, collapse indentation and blank lines
+    # (a fifth of the raw text is spaces, which a briefly trained model would mostly repeat).
+    text = re.sub(r"(?m)^[*=\-]{3,}$", "", text)
+    text = re.sub(r" {2,}", " ", text)
+    return re.sub(r"\n\s*\n+", "\n", text)
 
 
 class CausalSelfAttention(nn.Module):
@@ -226,9 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        cfg = dict(d_model=128, n_head=4, layers=2, block=128, batch=8, steps=300, lr=3e-3, new_tokens=96)
+        cfg = dict(d_model=128, n_head=4, layers=2, block=128, batch=8, steps=300, lr=6e-3, new_tokens=96)
     else:
-        cfg = dict(d_model=256, n_head=4, layers=4, block=256, batch=16, steps=1500, lr=1e-3, new_tokens=200)
+        cfg = dict(d_model=256, n_head=4, layers=4, block=256, batch=16, steps=1500, lr=2e-3, new_tokens=200)
     if args.steps:
         cfg["steps"] = args.steps
     print(f"config: {cfg}  threads: {torch.get_num_threads()}  load average: {os.getloadavg()[0]:.2f}")
@@ -249,6 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
     base.load_state_dict(fast.state_dict())  # the same initial weights
     models = {"pyfastattn": fast, "torch": base}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=cfg["lr"], weight_decay=0.01) for k, m in models.items()}
+    # linear warm-up over 30 steps, then a cosine decay to a tenth of the peak rate
+    lr_factor = lambda s: min((s + 1) / 30, 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / cfg["steps"]))))
+    scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_factor) for k, o in opts.items()}
     n_val = 4 if args.quick else 16
     loss0 = eval_loss(fast, val, cfg["block"], n_val)
     print(
@@ -266,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
             opts[k].zero_grad(set_to_none=True)
             loss.backward()
             opts[k].step()
+            scheds[k].step()
             step_times[k].append(time.perf_counter() - t)
             train_losses[k].append(loss.item())
         if step % max(1, cfg["steps"] // 5) == 0 or step == cfg["steps"] - 1:

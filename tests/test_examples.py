@@ -3,8 +3,8 @@
 Each script runs in a subprocess (as a user runs it) and ends with a line
 ``RESULT {json}``; the assertions read that line:
 
-* ``generate_gpt.py``: the validation loss falls at least 1.6x from the
-  untrained model's (~ln 94 = 4.5 -> below 2.8); the greedy tokens of the
+* ``generate_gpt.py``: the validation loss falls at least 1.5x from the
+  untrained model's (~ln 94 = 4.5 -> below 3.0); the greedy tokens of the
   pyfastattn model (KV cache through ``attention_with_kvcache``) equal those
   of the same weights run through plain torch (SDPA, torch FFN, torch KV
   cache), and those of the no-cache decode path.
@@ -51,8 +51,8 @@ def test_generate_gpt_learns_and_decodes_like_torch():
     r = run_example("generate_gpt.py")
     before, after = r["val_loss_before"], r["val_loss"]
     assert before > 4.0, f"an untrained model should be near ln(vocab); got {before}"
-    assert after["pyfastattn"] * 1.6 < before, f"validation loss fell too little: {before} -> {after}"
-    assert after["torch"] * 1.6 < before, (
+    assert after["pyfastattn"] * 1.5 < before, f"validation loss fell too little: {before} -> {after}"
+    assert after["torch"] * 1.5 < before, (
         f"the baseline's validation loss fell too little: {before} -> {after}"
     )
     assert r["greedy_same_as_torch"], "greedy tokens differ from the same weights run through plain torch"
