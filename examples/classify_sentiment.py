@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
     train_s = time.perf_counter() - t_start
     # median real (unpadded) tokens per median step time; the first 3 steps are warm-up
-    train_tps = {k: statistics.median(tokens) / statistics.median(v[3:]) for k, v in step_times.items()}
+    train_tps = {k: statistics.median(tokens) / statistics.median(v[3:] or v) for k, v in step_times.items()}
 
     acc = {k: (predict(m, tok, test)[0] == labels_test).float().mean().item() for k, m in models.items()}
     twin = SentimentClassifier(load("sdpa"))

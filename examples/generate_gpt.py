@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_s = time.perf_counter() - t_start
     tokens_per_step = cfg["batch"] * cfg["block"]
     # median step time, the first 3 steps (warm-up) left out
-    train_tps = {k: tokens_per_step / statistics.median(v[3:]) for k, v in step_times.items()}
+    train_tps = {k: tokens_per_step / statistics.median(v[3:] or v) for k, v in step_times.items()}
     val_loss = {k: eval_loss(m, val, cfg["block"], n_val) for k, m in models.items()}
 
     # Generation. The greedy check runs the pyfastattn-trained weights through

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
     train_s = time.perf_counter() - t_start
     # median tokens (source + target, padding excluded) per median step time; first 5 steps are warm-up
-    train_tps = {k: statistics.median(tokens) / statistics.median(v[5:]) for k, v in step_times.items()}
+    train_tps = {k: statistics.median(tokens) / statistics.median(v[5:] or v) for k, v in step_times.items()}
 
     twin = Translator(len(VOCAB), cfg["d_model"], cfg["nhead"], cfg["layers"], cfg["d_ff"])
     twin.load_state_dict(fast.state_dict())  # the pyfastattn-trained weights in plain torch
