@@ -3,7 +3,8 @@
 Every fenced block of README.md is tagged: ``python`` blocks run (each in a
 fresh interpreter); ``sh`` blocks are checked in a cheap form: each line
 parses as a shell command, every command is one this test knows (pip install,
-python -m pytest/pyfastattn.info, the benchmark scripts, scripts/*.sh), every
+python -m pytest/pyfastattn.info, the benchmark scripts, the examples (their
+flags in their --help; tests/test_examples.py runs them), scripts/*.sh), every
 environment variable set is one setup.py or the code reads, every pip
 requirement is installable from a clone (pyfastattn only by path, extras that
 exist), every flag of a benchmark command is in that script's --help, and each
@@ -204,6 +205,12 @@ def test_shell_blocks_parse_and_use_only_known_commands_flags_and_variables():
         elif argv[0] in ("python", "python3") and argv[1] in BENCH_SCRIPTS:
             used = {a.split("=", 1)[0] for a in argv[2:] if a.startswith("-")}
             missing = used - flags[argv[1]]
+            assert not missing, f"{where}: {sorted(missing)} not in {argv[1]} --help"
+        elif argv[0] in ("python", "python3") and argv[1].startswith("examples/"):
+            # run for real by tests/test_examples.py; here: the script exists and takes the flags
+            assert os.path.isfile(os.path.join(ROOT, argv[1])), f"{where}: no such example"
+            used = {a.split("=", 1)[0] for a in argv[2:] if a.startswith("-")}
+            missing = used - _help_flags(argv[1])
             assert not missing, f"{where}: {sorted(missing)} not in {argv[1]} --help"
         elif argv[0].startswith("scripts/"):
             assert os.access(os.path.join(ROOT, argv[0]), os.X_OK), f"{where}: not an executable script"
