@@ -28,7 +28,8 @@ would.
 Before timing, every provider is checked against the float64 reference with
 the tolerance rule of tests/_helpers.py (error <= 2x torch eager's in the same
 dtype + the rounding floor): the output and dx on the first 64 tokens (rows
-are independent), and, where tokens * d_model * d_ff <= 2^30, all gradients.
+are independent), and, where tokens * d_model * d_ff <= 2^30 (--quick: 2^28),
+all gradients.
 A provider that fails is reported FAIL and not timed.
 
 FLOPs: plain 4 T D F forward, 12 T D F forward+backward; gated 6 and 18.
@@ -73,6 +74,9 @@ from pyfastattn.testing import tolerance_failure  # noqa: E402
 
 CHECK_ROWS = 64
 FULL_GRAD_CHECK = 2**30
+# --quick checks every gradient up to T64 at D1024 (T256 adds ~0.5 s of float64
+# reference and comparison per provider over 4M-element weight gradients)
+QUICK_FULL_GRAD_CHECK = 2**28
 
 
 class Shape:
@@ -213,10 +217,12 @@ class Checker:
     """The float64 reference and torch eager's error for one shape and pass,
     computed once; ``check(fn)`` then holds a provider to the tolerance rule."""
 
-    def __init__(self, module: EagerFFN, x, dy, shape: Shape, backward: bool):
+    def __init__(
+        self, module: EagerFFN, x, dy, shape: Shape, backward: bool, full_limit: int = FULL_GRAD_CHECK
+    ):
         self.module, self.backward = module, backward
         self.params = list(module.parameters())
-        self.full = backward and shape.tokens * shape.d_model * shape.d_ff <= FULL_GRAD_CHECK
+        self.full = backward and shape.tokens * shape.d_model * shape.d_ff <= full_limit
         rows = slice(None) if self.full else slice(0, CHECK_ROWS)
         self.x, self.dy = x[rows], dy[rows]
         ref_mod = EagerFFN(shape, "cpu", torch.float64)
@@ -377,7 +383,9 @@ def run(
                 }
             for backward in (False, True):
                 pass_name = "fwd+bwd" if backward else "fwd"
-                checker = Checker(module, x, dy, shape, backward)
+                checker = Checker(
+                    module, x, dy, shape, backward, QUICK_FULL_GRAD_CHECK if quick else FULL_GRAD_CHECK
+                )
                 calls, these = {}, []
                 for name, fn in providers.items():
                     if name == "pyfastattn recompute" and not backward:
