@@ -194,16 +194,25 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="the full case grid")
     ap.add_argument("--quick", action="store_true", help="the small grid of run(quick=True) (< 10 s)")
-    ap.add_argument("--batch", type=int, nargs="*", default=None)
-    ap.add_argument("--context", type=int, nargs="*", default=None)
-    ap.add_argument("--dtype", nargs="*", default=None, choices=["bf16", "fp32"])
+    ap.add_argument("--batch", type=int, nargs="*", default=None, help="batch sizes (default: 1)")
+    ap.add_argument("--context", type=int, nargs="*", default=None, help="context lengths (default: 32768)")
+    ap.add_argument(
+        "--dtype", nargs="*", default=None, choices=["bf16", "fp32"], help="cache dtypes (default: bf16)"
+    )
     ap.add_argument("--layout", nargs="*", default=None, help="contiguous paged16 paged64 paged256")
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=20, help="timed steps per case (default: 20)")
     ap.add_argument("--max-gib", type=float, default=1.5, help="skip cases whose attended cache is larger")
-    ap.add_argument("--no-baselines", action="store_true")
-    ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "decode_kvcache.csv"))
+    ap.add_argument("--no-baselines", action="store_true", help="time pyfastattn only")
+    ap.add_argument("--no-check", action="store_true", help="skip the check against the reference")
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--out", default=None,
+                     help="CSV to append the rows to (default: benchmarks/results/local/decode_kvcache.csv, "
+                          "which git ignores)")  # fmt: skip
+    out.add_argument("--record", action="store_true",
+                     help="append to the committed results of record, benchmarks/results/decode_kvcache.csv")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.out is None:
+        a.out = os.path.join(HERE, "results", *(() if a.record else ("local",)), "decode_kvcache.csv")
     if a.sweep:
         batches, contexts = [1, 4, 32], [1024, 8192, 32768, 65536]
         dtypes, layouts = ["bf16", "fp32"], ["contiguous", "paged16", "paged64", "paged256"]
@@ -261,6 +270,7 @@ def main(argv=None):
             w.writeheader()
         for r in all_rows:
             w.writerow(dict(time=stamp, threads=torch.get_num_threads(), load1=round(load[0], 2), **r))
+    print(f"appended {len(all_rows)} rows to {a.out}")
     return all_rows
 
 
