@@ -8,7 +8,7 @@ or, from a harness, ``run(device, dtypes, quick, threads) -> list[dict]``.
 
 Providers, all in this process on the same inputs:
   pyfastattn              pyfastattn.ffn (backend "kernel"), saving activations
-  pyfastattn recompute    the same with recompute=True (memory row)
+  pyfastattn recompute    the same with recompute=True (memory row; not in --quick)
   torch eager             nn.Linear -> act -> nn.Linear (gated: the LLaMA MLP)
   torch.compile           torch.compile of that eager module
   GEMM floor              the same GEMMs alone (plain: 2 forward, 6 forward+
@@ -388,8 +388,10 @@ def run(
                 )
                 calls, these = {}, []
                 for name, fn in providers.items():
-                    if name == "pyfastattn recompute" and not backward:
-                        continue  # without a backward it is the same call as "pyfastattn"
+                    if name == "pyfastattn recompute" and (not backward or (quick and not smoke)):
+                        # without a backward it is the same call as "pyfastattn"; an
+                        # ablation (memory against time), so --quick leaves it to --full
+                        continue
                     row = dict(
                         provider=name,
                         suite="ffn",
