@@ -76,47 +76,34 @@ PFA_AVX2 float avx2_fma_loop(int64_t iters, float a, float b) {
   return t;
 }
 
-PFA_AVX512 float avx512_read(const float* p, size_t n) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-  size_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    s0 = _mm512_add_ps(s0, _mm512_loadu_ps(p + i));
-    s1 = _mm512_add_ps(s1, _mm512_loadu_ps(p + i + 16));
-    s2 = _mm512_add_ps(s2, _mm512_loadu_ps(p + i + 32));
-    s3 = _mm512_add_ps(s3, _mm512_loadu_ps(p + i + 48));
-  }
-  float t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-  for (; i < n; ++i) t += p[i];
-  return t;
-}
+#endif  // PFA_X86
 
-PFA_AVX2 float avx2_read(const float* p, size_t n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+// The read loop, written once over simd.h's 16-lane vector types: four
+// independent sums of 16 floats, so the loads are never a dependency chain.
+template <typename Vec>
+PFA_INLINE float read_sum(const float* p, size_t n) {
+  typename Vec::V s0 = Vec::zero(), s1 = s0, s2 = s0, s3 = s0;
   size_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    s0 = _mm256_add_ps(s0, _mm256_loadu_ps(p + i));
-    s1 = _mm256_add_ps(s1, _mm256_loadu_ps(p + i + 8));
-    s2 = _mm256_add_ps(s2, _mm256_loadu_ps(p + i + 16));
-    s3 = _mm256_add_ps(s3, _mm256_loadu_ps(p + i + 24));
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    s0 = Vec::add(s0, Vec::load(p + i));
+    s1 = Vec::add(s1, Vec::load(p + i + kLanes));
+    s2 = Vec::add(s2, Vec::load(p + i + 2 * kLanes));
+    s3 = Vec::add(s3, Vec::load(p + i + 3 * kLanes));
   }
-  float lanes[8];
-  _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  float lanes[kLanes];
+  Vec::store(lanes, Vec::add(Vec::add(s0, s1), Vec::add(s2, s3)));
   float t = 0.f;
   for (float l : lanes) t += l;
   for (; i < n; ++i) t += p[i];
   return t;
 }
-#endif  // PFA_X86
 
-float portable_read(const float* p, size_t n) {
-  float s[4] = {0.f, 0.f, 0.f, 0.f};
-  size_t i = 0;
-  for (; i + 4 <= n; i += 4)
-    for (int k = 0; k < 4; ++k) s[k] += p[i + k];
-  float t = s[0] + s[1] + s[2] + s[3];
-  for (; i < n; ++i) t += p[i];
-  return t;
+#if PFA_X86
+PFA_AVX512 __attribute__((flatten)) float avx512_read(const float* p, size_t n) {
+  return read_sum<VecAvx512>(p, n);
 }
+PFA_AVX2 __attribute__((flatten)) float avx2_read(const float* p, size_t n) { return read_sum<VecAvx2>(p, n); }
+#endif
 
 }  // namespace
 
@@ -162,7 +149,7 @@ float read_probe_run(const float* p, size_t n) {
   if (cpu_has_avx512()) return avx512_read(p, n);
   if (cpu_has_avx2()) return avx2_read(p, n);
 #endif
-  return portable_read(p, n);
+  return read_sum<VecPortable>(p, n);
 }
 
 }  // namespace cpu
