@@ -51,6 +51,7 @@ import statistics
 import time
 
 import torch
+from side_by_side import print_footer, print_speeds, step_both
 from torch import nn
 
 import pyfastattn.integrations.transformers as pfa_hf
@@ -183,14 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
         enc = tok([s for s, _ in batch], padding=True, return_tensors="pt")
         y = torch.tensor([lab for _, lab in batch])
         tokens.append(int(enc["attention_mask"].sum()))
-        for k in list(models) if step % 2 == 0 else list(reversed(models)):  # alternate who goes first
-            t = time.perf_counter()
-            loss = nn.functional.cross_entropy(models[k](**enc), y)
-            opts[k].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[k].step()
-            step_times[k].append(time.perf_counter() - t)
-            losses[k].append(loss.item())
+        loss_of = lambda m: nn.functional.cross_entropy(m(**enc), y)  # noqa: B023, E731 (called at once, here)
+        step_both(models, opts, None, step, loss_of, step_times, losses)
         if step % max(1, cfg["steps"] // 5) == 0 or step == cfg["steps"] - 1:
             print(
                 f"step {step:5d}  loss  pyfastattn {losses['pyfastattn'][-1]:.4f}  sdpa {losses['sdpa'][-1]:.4f}"
@@ -218,17 +213,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"held-out predictions, pyfastattn vs the same weights through sdpa: {disagree} of {len(test)} differ"
     )
-    print(f"\n{'':24s}{'pyfastattn':>12s}{'sdpa':>12s}{'ratio':>8s}")
-    for name, d in (("train tokens/s", train_tps), ("inference tokens/s", infer_tps)):
-        r = d["pyfastattn"] / d["sdpa"]
-        print(f"{name:24s}{d['pyfastattn']:12.0f}{d['sdpa']:12.0f}{r:7.2f}x  "
-              f"({'pyfastattn faster' if r > 1 else 'pyfastattn SLOWER'})")  # fmt: skip
+    print_speeds([("train tokens/s", train_tps), ("inference tokens/s", infer_tps)], "sdpa")
     print(
         f"{'held-out accuracy':24s}{acc['pyfastattn']:12.1%}{acc['sdpa']:12.1%}   (before: {acc_before:.1%})"
     )
-    cpu = time.process_time() - cpu0
-    print(f"training took {train_s:.1f} s for both models, {cfg['steps']} steps each; process CPU time "
-          f"{cpu:.1f} s; load average now {os.getloadavg()[0]:.2f}")  # fmt: skip
+    cpu = print_footer(train_s, cfg["steps"], cpu0)
     result = {
         "example": "classify_sentiment",
         "config": cfg,

@@ -48,6 +48,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from side_by_side import print_footer, print_speeds, step_both
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
@@ -274,16 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_losses: dict[str, list[float]] = {k: [] for k in models}
     t_start = time.perf_counter()
     for step, (x, y) in enumerate(batches(train, cfg["batch"], cfg["block"], cfg["steps"], args.seed)):
-        order = list(models) if step % 2 == 0 else list(reversed(models))  # alternate who goes first
-        for k in order:
-            t = time.perf_counter()
-            loss = F.cross_entropy(models[k](x).flatten(0, 1), y.flatten())
-            opts[k].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[k].step()
-            scheds[k].step()
-            step_times[k].append(time.perf_counter() - t)
-            train_losses[k].append(loss.item())
+        step_both(models, opts, scheds, step, lambda m: F.cross_entropy(m(x).flatten(0, 1), y.flatten()),  # noqa: B023
+                  step_times, train_losses)  # fmt: skip
         if step % max(1, cfg["steps"] // 5) == 0 or step == cfg["steps"] - 1:
             print(f"step {step:5d}  train loss  pyfastattn {train_losses['pyfastattn'][-1]:.3f}  "
                   f"torch {train_losses['torch'][-1]:.3f}")  # fmt: skip
@@ -334,18 +327,11 @@ def main(argv: list[str] | None = None) -> dict:
           f" ({prompt.shape[0]} prompts x {cfg['new_tokens']} tokens); KV cache vs no cache: "
           f"{'identical' if same_no_cache else 'DIFFERENT'}; sampled (same seed): "
           f"{'identical' if torch.equal(*sampled.values()) else 'different'}")  # fmt: skip
-    print(f"\n{'':24s}{'pyfastattn':>12s}{'torch':>12s}{'ratio':>8s}")
-    rows = [("train tokens/s", train_tps), ("generate tokens/s", gen_tps)]
-    for name, d in rows:
-        r = d["pyfastattn"] / d["torch"]
-        print(f"{name:24s}{d['pyfastattn']:12.0f}{d['torch']:12.0f}{r:7.2f}x  "
-              f"({'pyfastattn faster' if r > 1 else 'pyfastattn SLOWER'})")  # fmt: skip
+    print_speeds([("train tokens/s", train_tps), ("generate tokens/s", gen_tps)], "torch")
     print(
         f"{'validation loss':24s}{val_loss['pyfastattn']:12.3f}{val_loss['torch']:12.3f}   (before: {loss0:.3f})"
     )
-    cpu = time.process_time() - cpu0
-    print(f"training took {train_s:.1f} s for both models, {cfg['steps']} steps each; process CPU time "
-          f"{cpu:.1f} s; load average now {os.getloadavg()[0]:.2f}")  # fmt: skip
+    cpu = print_footer(train_s, cfg["steps"], cpu0)
     result = {
         "example": "generate_gpt",
         "config": cfg,

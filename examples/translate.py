@@ -41,6 +41,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from side_by_side import print_footer, print_speeds, step_both
 from torch import nn
 
 import pyfastattn
@@ -200,16 +201,13 @@ def main(argv: list[str] | None = None) -> dict:
                 numbers.append(n)
         src, pad, tgt = encode_pairs(numbers)
         tokens.append(int((~pad).sum()) + int((tgt[:, 1:] != PAD).sum()))
-        for k in list(models) if step % 2 == 0 else list(reversed(models)):  # alternate who goes first
-            t = time.perf_counter()
-            logits = models[k](src, pad, tgt[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD)
-            opts[k].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[k].step()
-            sched[k].step()
-            step_times[k].append(time.perf_counter() - t)
-            losses[k].append(loss.item())
+        step_both(
+            models, opts, sched, step,
+            lambda m: F.cross_entropy(  # noqa: B023 (called at once, in this iteration)
+                m(src, pad, tgt[:, :-1]).flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD  # noqa: B023
+            ),
+            step_times, losses,
+        )  # fmt: skip
         if step % max(1, cfg["steps"] // 5) == 0 or step == cfg["steps"] - 1:
             print(
                 f"step {step:5d}  loss  pyfastattn {losses['pyfastattn'][-1]:.4f}  torch {losses['torch'][-1]:.4f}"
@@ -245,17 +243,11 @@ def main(argv: list[str] | None = None) -> dict:
         )
     print(f"greedy tokens on {len(test_numbers)} held-out numbers, pyfastattn vs the same weights in plain torch: "
           f"{'identical' if same_greedy else 'DIFFERENT'}")  # fmt: skip
-    print(f"\n{'':24s}{'pyfastattn':>12s}{'torch':>12s}{'ratio':>8s}")
-    for name, d in (("train tokens/s", train_tps), ("decode tokens/s", gen_tps)):
-        r = d["pyfastattn"] / d["torch"]
-        print(f"{name:24s}{d['pyfastattn']:12.0f}{d['torch']:12.0f}{r:7.2f}x  "
-              f"({'pyfastattn faster' if r > 1 else 'pyfastattn SLOWER'})")  # fmt: skip
+    print_speeds([("train tokens/s", train_tps), ("decode tokens/s", gen_tps)], "torch")
     print(
         f"{'held-out exact match':24s}{em['pyfastattn']:12.1%}{em['torch']:12.1%}   (before training: {em_before:.1%})"
     )
-    cpu = time.process_time() - cpu0
-    print(f"training took {train_s:.1f} s for both models, {cfg['steps']} steps each; process CPU time "
-          f"{cpu:.1f} s; load average now {os.getloadavg()[0]:.2f}")  # fmt: skip
+    cpu = print_footer(train_s, cfg["steps"], cpu0)
     result = {
         "example": "translate",
         "config": cfg,
