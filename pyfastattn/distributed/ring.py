@@ -28,6 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .. import functional as _functional
 from . import _comm
 from ._block import block_backward, block_forward, coalesce, plan_block
 from .layout import local_chunks
@@ -225,14 +226,7 @@ def ring_attention(
     ``PYFASTATTN_CP_CHECK=0``).
     """
     b, s_local, hq, hk, d = _comm.check_local_shards(q, k, v)
-    if not (
-        isinstance(window_size, (tuple, list))
-        and len(window_size) == 2
-        and all(isinstance(w, int) for w in window_size)
-    ):
-        raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    if not (softcap >= 0 and math.isfinite(softcap)):
-        raise ValueError(f"softcap must be a finite number >= 0, got {softcap}")
+    _functional._check_window_softcap_scale(window_size, softcap, softmax_scale)  # as attention() checks them
     world, _ = _comm.group_info(group)
     if zigzag and s_local % 2:
         raise ValueError(

@@ -105,14 +105,7 @@ def ulysses_attention(
             f"ulysses_attention needs k heads to be a multiple or a divisor of the group size: "
             f"Hk = {hk}, group size = {world}"
         )
-    if not (
-        isinstance(window_size, (tuple, list))
-        and len(window_size) == 2
-        and all(isinstance(w, int) for w in window_size)
-    ):
-        raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    if not (softcap >= 0 and math.isfinite(softcap)):
-        raise ValueError(f"softcap must be a finite number >= 0, got {softcap}")
+    _functional._check_window_softcap_scale(window_size, softcap, softmax_scale)  # as attention() checks them
     total = world * s_local
     if seqlen is None:
         seqlen = total
