@@ -149,21 +149,28 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
 #endif
   if (!decoded && key_begin < key_end) TL::b_t(q, p.q_row_stride, m, c.d, w.qt, ldq);
 
-  for (int j0 = decoded ? key_end : key_begin; j0 < key_end; j0 += c.blk.k) {
-    const int n = std::min(c.blk.k, key_end - j0);
+  // Key tiles (next_key_tile): blk.k keys while every row sees them whole,
+  // then kEdgeKeys-key tiles along the diagonal, each over only the rows
+  // [r0, r1) that see some of its keys (rows_seeing): the rows above see none
+  // of them, so their running max, sum and output stay as they are.
+  for (int j0 = decoded ? key_end : key_begin, n = 0; j0 < key_end; j0 += n) {
+    n = next_key_tile(rr, c.blk.k, j0, key_end);
+    const LaneSpan span = rows_seeing(rr, j0, n, mp);
+    const int r0 = span.begin, r1 = span.end, rm = std::min(r1, m) - r0;
+    if (rm <= 0) continue;
     const bool fused = !masked && !c.softcap && tile_inside(rr, j0, n);
-    for (int i = 0; i < mp; ++i) w.tmax[i] = -kInf;
+    for (int i = r0; i < r1; ++i) w.tmax[i] = -kInf;
     // S^T = K Q^T; then scores and their column max.
     TL::a_rows(kbase + int64_t(j0) * p.k_row_stride, p.k_row_stride, n, c.d, w.ka);
-    GemmArgs qk{n, m, kd, w.ka, kd, false, w.qt, ldq, w.s, ldq, false};
+    GemmArgs qk{n, rm, kd, w.ka, kd, false, w.qt + r0, ldq, w.s + r0, ldq, false};
     if (fused) {
       qk.alpha = c.score_scale;
-      qk.col_max = w.tmax;
+      qk.col_max = w.tmax + r0;
     }
     gemm<Isa, CT>(qk);
     if (!fused) {
       const MaskTile mask = load_mask_tile<typename Isa::Vec, T>(p, t.b, h, i0, m, j0, n, w.bias, ldq);
-      score_tile(c, rr, j0, n, mp, w.s, ldq, mask, nullptr, w.tmax);
+      score_tile(c, rr, j0, n, r1, w.s, ldq, mask, nullptr, w.tmax, r0);
     }
     // New running max; `use` (kept in tmax) is 0 for rows still empty, so
     // that exp2(-inf - use) = 0 instead of NaN.
@@ -171,7 +178,7 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
       float* PFA_RESTRICT mrun = w.mrun;
       float* PFA_RESTRICT tmax = w.tmax;
       float* PFA_RESTRICT alpha = w.alpha;
-      for (int i = 0; i < mp; ++i) {
+      for (int i = r0; i < r1; ++i) {
         const float mnew = std::max(mrun[i], tmax[i]);
         const float use = mnew == -kInf ? 0.0f : mnew;
         alpha[i] = exp2_approx(mrun[i] - use);
@@ -184,17 +191,19 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     uint32_t* pairs = reinterpret_cast<uint32_t*>(w.ppair);
     if (c.dropout) {
       fill_keep_tile<Isa::kAvx512>(c, t.b, h, i0, mp, j0, n, w.keep, ldq);
-      exp_tile<typename Isa::Vec, TL::kPairs, true>(w.s, ldq, n, mp, w.tmax, pairs, w.tsum, w.keep);
+      exp_tile<typename Isa::Vec, TL::kPairs, true>(w.s + r0, ldq, n, r1 - r0, w.tmax + r0, pairs + r0,
+                                                    w.tsum + r0, w.keep + r0);
     } else {
-      exp_tile<typename Isa::Vec, TL::kPairs, false>(w.s, ldq, n, mp, w.tmax, pairs, w.tsum, nullptr);
+      exp_tile<typename Isa::Vec, TL::kPairs, false>(w.s + r0, ldq, n, r1 - r0, w.tmax + r0, pairs + r0,
+                                                     w.tsum + r0, nullptr);
     }
-    for (int i = 0; i < m; ++i) w.lrun[i] = w.lrun[i] * w.alpha[i] + w.tsum[i];
+    for (int i = r0; i < r0 + rm; ++i) w.lrun[i] = w.lrun[i] * w.alpha[i] + w.tsum[i];
     // O = alpha O + P V
     TL::b_rows(vbase + int64_t(j0) * p.v_row_stride, p.v_row_stride, n, c.dv, w.vb);
     const int64_t pk = TL::kPairs ? (n + 1) / 2 : n;  // K axis: keys, or key pairs
     const float* pa = TL::kPairs ? w.ppair : w.s;
-    GemmArgs pv{m, c.dv, pk, pa, ldq, true, w.vb, c.dv, w.oacc, c.dv, true};
-    pv.row_scale = w.alpha;
+    GemmArgs pv{rm, c.dv, pk, pa + r0, ldq, true, w.vb, c.dv, w.oacc + int64_t(r0) * c.dv, c.dv, true};
+    pv.row_scale = w.alpha + r0;
     gemm<Isa, CT>(pv);
   }
 

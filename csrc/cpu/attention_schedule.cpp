@@ -76,7 +76,18 @@ void run_tasks(const Ctx& c, BlockFn fn, Kind kind, int64_t floats, const std::v
   if (tasks.empty()) return;
   std::vector<int64_t> order(tasks.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
+  // Head by head, and within a head longest first: consecutive tasks share
+  // the head's K and V (or Q and dO), which then stay in the core's L2; the
+  // tasks of the last head end short, so threads still finish together.
+  // (Longest first over all tasks cycled through the heads, reading K and V
+  // from L3 for every task: PERF_NOTES "issue 21 v3".)
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    const Task& a = tasks[size_t(x)];
+    const Task& b = tasks[size_t(y)];
+    if (a.b != b.b) return a.b < b.b;
+    if (a.h != b.h) return a.h < b.h;
+    return cost[x] > cost[y];
+  });
   std::atomic<int64_t> next{0};
   const int64_t n = int64_t(tasks.size());
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));

@@ -7,8 +7,9 @@
 // How the work is cut (attention_cpu.h has the overview): tasks are blocks of
 // query rows (forward, backward dQ, the one-pass backward's prep and
 // reduction) or of key rows (backward dK/dV, the one-pass backward), handed
-// out longest first from a shared counter inside at::parallel_for, so
-// torch.set_num_threads applies and causal work balances. Block sizes depend
+// out head by head, longest first within a head, from a shared counter inside
+// at::parallel_for, so torch.set_num_threads applies, causal work balances
+// and a head's K and V stay in L2 across its tasks. Block sizes depend
 // on the shape only, never on the thread count, so results are bit-identical
 // for any number of threads.
 #pragma once
@@ -202,9 +203,9 @@ Ctx make_ctx(const AttentionFwdParams& p, bool backward);
 void query_tasks(const Ctx& c, std::vector<Task>& tasks, std::vector<int64_t>& cost);
 
 // Runs `fn` over the tasks with a scratch block of `scratch_floats` floats per
-// worker, in order of decreasing estimated cost (longest first), handed out
-// one at a time from a shared counter, so causal blocks balance across
-// threads. The order only affects which thread runs a task, never its result.
+// worker, (sequence, head) by (sequence, head) and within one in order of
+// decreasing estimated cost (longest first), handed out one at a time from a
+// shared counter, so causal blocks balance across threads. The order only affects which thread runs a task, never its result.
 void run_tasks(const Ctx& c, BlockFn fn, Kind kind, int64_t scratch_floats, const std::vector<Task>& tasks,
                const std::vector<int64_t>& cost);
 

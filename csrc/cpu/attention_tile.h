@@ -256,10 +256,16 @@ PFA_INLINE MaskTile load_mask_tile_only(const AttentionFwdParams& p, int bi, int
 //   t += bias, and t = -inf for query lanes outside the key's window.
 // Optionally fills col_max and, with a softcap, dtanh = 1 - tanh^2 (the
 // derivative factor the backward needs), both [n][ld] like S^T.
+// Only lanes [l0, mp) are touched (l0 a multiple of kLanes): a tile at the
+// causal diagonal restricted to the rows that see it (fwd_block).
 PFA_INLINE void score_tile(const Ctx& c, const RowRanges& rr, int j0, int n, int mp, float* s, int64_t ld,
-                           const MaskTile& mask, float* dtanh, float* col_max) {
+                           const MaskTile& mask, float* dtanh, float* col_max, int l0 = 0) {
   const float scale = c.score_scale, cap = c.cap_log2;
   LaneWindow lw(rr);
+  s += l0;
+  if (dtanh) dtanh += l0;
+  if (col_max) col_max += l0;
+  mp -= l0;
   for (int j = 0; j < n; ++j) {
     lw.advance(j0 + j);
     float* PFA_RESTRICT sr = s + j * ld;
@@ -279,16 +285,16 @@ PFA_INLINE void score_tile(const Ctx& c, const RowRanges& rr, int j0, int n, int
       const float bj = mask.bias[j];
       for (int i = 0; i < mp; ++i) sr[i] += bj;
     } else if (mask.bias) {
-      const float* PFA_RESTRICT br = mask.bias + j * ld;
+      const float* PFA_RESTRICT br = mask.bias + j * ld + l0;
       for (int i = 0; i < mp; ++i) sr[i] += br[i];
     }
     if (mask.alibi) {
       const float slope = mask.alibi_slope2;
-      const float base = float(mask.alibi_diag - j);
+      const float base = float(mask.alibi_diag - j + l0);
       for (int i = 0; i < mp; ++i) sr[i] -= slope * std::fabs(base + float(i));
     }
-    const int lane_end = std::min(lw.end(), rr.m);
-    for (int i = 0; i < lw.begin(); ++i) sr[i] = -kInf;
+    const int lane_end = std::min(lw.end(), rr.m) - l0;
+    for (int i = 0; i < lw.begin() - l0; ++i) sr[i] = -kInf;
     for (int i = std::max(lane_end, 0); i < mp; ++i) sr[i] = -kInf;
     if (col_max) {
       float* PFA_RESTRICT cm = col_max;
@@ -302,6 +308,35 @@ PFA_INLINE void score_tile(const Ctx& c, const RowRanges& rr, int j0, int n, int
 // product applies in its epilogue (with the column max), and no score pass.
 PFA_INLINE bool tile_inside(const RowRanges& rr, int j0, int n) {
   return rr.lo[rr.m - 1] <= j0 && rr.hi[0] >= j0 + n;
+}
+
+// Keys per tile at the edge of the rows' windows (the causal diagonal): see
+// next_key_tile.
+constexpr int kEdgeKeys = 32;
+
+// The forward's next key tile from j0 (keys < key_end): the largest of
+// blk.k, blk.k / 2, ... down to kEdgeKeys that every row of the block sees
+// whole, else kEdgeKeys keys, of which each row sees a part or none (the
+// causal diagonal, a window's edge). Without causal or window every tile is
+// inside and this is blk.k. Sizes follow the shape only (never the thread
+// count), so results stay bit-identical for any thread count.
+PFA_INLINE int next_key_tile(const RowRanges& rr, int blk_k, int j0, int key_end) {
+  int s = blk_k;
+  while (s > kEdgeKeys && !tile_inside(rr, j0, std::min(s, key_end - j0))) s /= 2;
+  return std::min(s, key_end - j0);
+}
+
+// The rows [begin, end) that see some key of [j0, j0 + n), widened to whole
+// vectors of kLanes lanes (end <= mp); begin >= end when none does.
+struct LaneSpan {
+  int begin, end;
+};
+PFA_INLINE LaneSpan rows_seeing(const RowRanges& rr, int j0, int n, int mp) {
+  int a = 0, b = rr.m;
+  while (a < rr.m && rr.hi[a] <= j0) ++a;      // hi nondecreasing: a prefix sees nothing
+  while (b > a && rr.lo[b - 1] >= j0 + n) --b;  // lo nondecreasing: a suffix sees nothing
+  if (a >= b) return LaneSpan{0, 0};
+  return LaneSpan{a / kLanes * kLanes, int(std::min<int64_t>(round_up(b, kLanes), mp))};
 }
 
 }  // namespace cpu
