@@ -75,7 +75,7 @@ for ps in passes:
                         for _ in range(reps):
                             c0 = time.thread_time(); f(); ts.append(time.thread_time() - c0)
                     t = statistics.median(ts)
-                    res[name] = (t * 1e3, flops / t / pk[dtype])
+                    res[name] = (t * 1e3, flops / t / pk[dtype], min(ts) * 1e3)
 print(json.dumps(res))
 """
 
@@ -102,20 +102,22 @@ def main() -> None:
             print(f"round {r} {tree}: peak fp32 {x['peak fp32']:.0f} bf16 {x['peak bf16']:.0f} GFLOP/s"
                   f"  load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     keys = [k for k in runs[trees[0]][0] if not k.startswith("peak")]
-    print("\n1 thread, thread CPU time; median over rounds of the per-process median: ms, fraction of peak")
+    print("\n1 thread, thread CPU time; median over rounds of the per-process median: ms, fraction of peak;"
+          " B/A of those medians, and (in brackets) of the fastest call over all rounds")  # fmt: skip
     hdr = "".join(f" | {chr(65 + i)} ms  of pk" for i in range(len(trees)))
     print(f"{'case':34s}{hdr}" + ("" if len(trees) == 1 else "".join(
-        f" | {chr(65 + i)}/A" for i in range(1, len(trees)))))  # fmt: skip
+        f" | {chr(65 + i)}/A (best)" for i in range(1, len(trees)))))  # fmt: skip
     for k in keys:
         row = f"{k:34s}"
-        ms = []
+        ms, best = [], []
         for t in trees:
             m = statistics.median(x[k][0] for x in runs[t])
             f = statistics.median(x[k][1] for x in runs[t])
             ms.append(m)
+            best.append(min(x[k][2] for x in runs[t]))
             row += f" | {m:7.1f} {100 * f:4.0f}%"
-        for m in ms[1:]:
-            row += f" | {m / ms[0]:.3f}"
+        for m, b in zip(ms[1:], best[1:]):
+            row += f" | {m / ms[0]:.3f} ({b / best[0]:.3f})"
         print(row)
     for t in trees:
         pf = statistics.median(x["peak fp32"] for x in runs[t])

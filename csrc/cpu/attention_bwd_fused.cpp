@@ -100,6 +100,13 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
           if (!load_row_stats(c, w, si, h, i0, m, mp)) continue;
           RowRanges rr{w.lo, w.hi, m};
           fill_ranges(p, si, i0, rr);
+          // Keys no row of the block sees (past the causal diagonal) are cut
+          // from the tile, kept even so that a bf16 pair never pairs a
+          // visible key with an unloaded one: the block on the diagonal of
+          // a 256-key block computed 256 keys where its rows see 128
+          // (PERF_NOTES "issue 21 v4"). dK and dV of the cut keys get
+          // nothing from this block, as before (P = dS = 0 there).
+          const int nt = std::min(n, int(round_up(std::max(rr.last() - j0, 1), 2)));
           BwdScratch wq = w;
           if (TL::kPairs && c.qo_pack) {  // only the bf16 dot-product path packs
             const QoPack k = pack_parts<T, CT>(c, si, h, i0);
@@ -115,20 +122,20 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
             TL::b_rows(dout, p.do_row_stride, m, c.dv, w.dob);
             TL::b_rows(q, p.q_row_stride, m, c.d, w.qb);
           }
-          bwd_scores<Isa, T, CT>(c, wq, rr, t.b, h, i0, j0, n, mp);
+          bwd_scores<Isa, T, CT>(c, wq, rr, t.b, h, i0, j0, nt, mp);
           const int64_t row0 = dsum_index(c, si, h, i0);
           const bool first = touched[row0] == 0;
           float* dq = part + row0 * c.d;
           // dV, dK as in the two-pass backward; dQ partial += dS K (A = dS
           // pairs along keys, or read by column from dS^T).
           if constexpr (TL::kPairs) {
-            grad_tile<typename Isa::Vec, BwdOut::kAllBf16>(c, w, n, mp);
-            add_dkdv<Isa, T, CT>(c, w, wq.qb, wq.dob, n, m);
-            gemm<Isa, CT>(GemmArgs{m, c.d, (n + 1) / 2, w.dspair, ldq, true, w.kb, c.d, dq, c.d, !first});
+            grad_tile<typename Isa::Vec, BwdOut::kAllBf16>(c, w, nt, mp);
+            add_dkdv<Isa, T, CT>(c, w, wq.qb, wq.dob, nt, m);
+            gemm<Isa, CT>(GemmArgs{m, c.d, (nt + 1) / 2, w.dspair, ldq, true, w.kb, c.d, dq, c.d, !first});
           } else {
-            grad_tile<typename Isa::Vec, BwdOut::kInPlace>(c, w, n, mp);
-            add_dkdv<Isa, T, CT>(c, w, wq.qb, wq.dob, n, m);
-            gemm<Isa, CT>(GemmArgs{m, c.d, n, w.dp, ldq, true, w.ka, c.d, dq, c.d, !first});
+            grad_tile<typename Isa::Vec, BwdOut::kInPlace>(c, w, nt, mp);
+            add_dkdv<Isa, T, CT>(c, w, wq.qb, wq.dob, nt, m);
+            gemm<Isa, CT>(GemmArgs{m, c.d, nt, w.dp, ldq, true, w.ka, c.d, dq, c.d, !first});
           }
           if (first) std::fill(touched + row0, touched + row0 + m, uint8_t(1));
         }
