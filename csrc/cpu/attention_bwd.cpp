@@ -47,8 +47,8 @@ PFA_INLINE void bwd_dq_block(const Ctx& c, const BwdScratch& w, const Task& t) {
   std::fill(w.acc1, w.acc1 + int64_t(m) * c.d, 0.0f);
   const int key_begin = rr.first(), key_end = any ? rr.last() : rr.first();
   if (key_begin < key_end) {
-    TL::b_t(q, p.q_row_stride, m, c.d, w.qt, ldq);
-    TL::b_t(dout, p.do_row_stride, m, c.dv, w.dot, ldq);
+    pack_t<typename Isa::Vec, T, CT>(q, p.q_row_stride, m, c.d, w.qt, ldq);
+    pack_t<typename Isa::Vec, T, CT>(dout, p.do_row_stride, m, c.dv, w.dot, ldq);
   }
   for (int j0 = key_begin; j0 < key_end; j0 += c.blk.k) {
     const int n = std::min(c.blk.k, key_end - j0);
@@ -113,8 +113,8 @@ PFA_INLINE void bwd_dkdv_block(const Ctx& c, const BwdScratch& w, const Task& t)
         fill_ranges(p, si, i0, rr);
         const T* q = qh + int64_t(i0) * p.q_row_stride;
         const T* dout = doh + int64_t(i0) * p.do_row_stride;
-        TL::b_t(q, p.q_row_stride, m, c.d, w.qt, ldq);
-        TL::b_t(dout, p.do_row_stride, m, c.dv, w.dot, ldq);
+        pack_t<typename Isa::Vec, T, CT>(q, p.q_row_stride, m, c.d, w.qt, ldq);
+        pack_t<typename Isa::Vec, T, CT>(dout, p.do_row_stride, m, c.dv, w.dot, ldq);
         bwd_scores<Isa, T, CT>(c, w, rr, t.b, h, i0, j0, n, mp);
         // dV += P^T dO, dK += dS^T Q (K axis = query rows).
         TL::b_rows(dout, p.do_row_stride, m, c.dv, w.dob);

@@ -117,8 +117,8 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
           } else {
             const T* q = qh + int64_t(i0) * p.q_row_stride;
             const T* dout = doh + int64_t(i0) * p.do_row_stride;
-            TL::b_t(q, p.q_row_stride, m, c.d, w.qt, ldq);
-            TL::b_t(dout, p.do_row_stride, m, c.dv, w.dot, ldq);
+            pack_t<typename Isa::Vec, T, CT>(q, p.q_row_stride, m, c.d, w.qt, ldq);
+            pack_t<typename Isa::Vec, T, CT>(dout, p.do_row_stride, m, c.dv, w.dot, ldq);
             TL::b_rows(dout, p.do_row_stride, m, c.dv, w.dob);
             TL::b_rows(q, p.q_row_stride, m, c.d, w.qb);
           }
@@ -145,37 +145,6 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
   }
 }
 
-// Tiles<T, uint32_t>::b_t (Q^T, dO^T as bf16 pairs) in 16 x 16 blocks through
-// Vec::transpose16 (the scalar b_t writes one value per row of dst); the
-// columns from `rows` to the next multiple of kLanes are written as zeros, so
-// ld >= that. Odd head dims take the scalar b_t. Only the bf16 dot-product
-// path packs operands (fused_bwd), so there is no fp32 form.
-template <class Vec, typename T>
-PFA_INLINE void pack_t(const T* src, int64_t stride, int rows, int cols, float* dst, int64_t ld) {
-  using TL = Tiles<T, uint32_t>;
-  if (cols % 2 != 0) {
-    TL::b_t(src, stride, rows, cols, dst, ld);
-    return;
-  }
-  const int kc = TL::kdim(cols);
-  alignas(64) float in[kLanes][kLanes];
-  for (int r0 = 0; r0 < rows; r0 += kLanes) {
-    const int nr = std::min(kLanes, rows - r0);
-    for (int c0 = 0; c0 < kc; c0 += kLanes) {
-      const int nc = std::min(kLanes, kc - c0);
-      for (int a = 0; a < kLanes; ++a) {
-        int b = 0;
-        if (a < nr) {
-          std::memcpy(in[a], src + int64_t(r0 + a) * stride + 2 * c0, size_t(nc) * 2 * sizeof(T));
-          b = nc;
-        }
-        for (; b < kLanes; ++b) in[a][b] = 0.0f;
-      }
-      Vec::transpose16(in, dst + int64_t(c0) * ld + r0, ld, nc);
-    }
-  }
-}
-
 // One-pass backward, before it: D for one query block, and its Q / dO
 // operands packed (bf16 pairs, when qo_pack is set).
 template <class Vec, typename T, typename CT>
@@ -194,8 +163,8 @@ PFA_INLINE void bwd_prep_block(const Ctx& c, const Task& t) {
     const T* q = static_cast<const T*>(p.q) + si.q_row(t.i0, p.q_batch_stride, p.q_row_stride) +
                  int64_t(t.h) * p.q_head_stride;
     const QoPack k = pack_parts<T, CT>(c, si, t.h, t.i0);
-    pack_t<Vec, T>(q, p.q_row_stride, m, c.d, k.qt, c.blk.q);
-    pack_t<Vec, T>(dout, p.do_row_stride, m, c.dv, k.dot, c.blk.q);
+    pack_t<Vec, T, uint32_t>(q, p.q_row_stride, m, c.d, k.qt, c.blk.q);
+    pack_t<Vec, T, uint32_t>(dout, p.do_row_stride, m, c.dv, k.dot, c.blk.q);
     TL::b_rows(q, p.q_row_stride, m, c.d, k.qb);
     TL::b_rows(dout, p.do_row_stride, m, c.dv, k.dob);
   }

@@ -147,7 +147,8 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     }
   }
 #endif
-  if (!decoded && key_begin < key_end) TL::b_t(q, p.q_row_stride, m, c.d, w.qt, ldq);
+  if (!decoded && key_begin < key_end)
+    pack_t<typename Isa::Vec, T, CT>(q, p.q_row_stride, m, c.d, w.qt, ldq);
 
   // Key tiles (next_key_tile): blk.k keys while every row sees them whole,
   // then kEdgeKeys-key tiles along the diagonal, each over only the rows

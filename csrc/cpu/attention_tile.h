@@ -160,6 +160,43 @@ struct Tiles<T, uint32_t> {
   }
 };
 
+// Tiles<T, CT>::b_t (Q^T, dO^T) in 16 x 16 blocks through Vec::transpose16:
+// the scalar b_t writes one value per row of dst, a strided store each (the
+// forward's Q^T was 16% of its task body outside the products, perf on one
+// core, PERF_NOTES "issue 21 v5"). The columns from `rows` to the next
+// multiple of kLanes are written as zeros, so ld >= that. bf16 pairs with an
+// odd head dim take the scalar b_t.
+template <class Vec, typename T, typename CT>
+PFA_INLINE void pack_t(const T* src, int64_t stride, int rows, int cols, float* dst, int64_t ld) {
+  using TL = Tiles<T, CT>;
+  if (TL::kPairs && cols % 2 != 0) {
+    TL::b_t(src, stride, rows, cols, dst, ld);
+    return;
+  }
+  const int kc = TL::kdim(cols);
+  alignas(64) float in[kLanes][kLanes];
+  for (int r0 = 0; r0 < rows; r0 += kLanes) {
+    const int nr = std::min(kLanes, rows - r0);
+    for (int c0 = 0; c0 < kc; c0 += kLanes) {
+      const int nc = std::min(kLanes, kc - c0);
+      for (int a = 0; a < kLanes; ++a) {
+        int b = 0;
+        if (a < nr) {
+          const T* row = src + int64_t(r0 + a) * stride;
+          if constexpr (TL::kPairs) {
+            std::memcpy(in[a], row + 2 * c0, size_t(nc) * 2 * sizeof(T));
+          } else {
+            for (int x = 0; x < nc; ++x) in[a][x] = to_f32(row[c0 + x]);
+          }
+          b = nc;
+        }
+        for (; b < kLanes; ++b) in[a][b] = 0.0f;
+      }
+      Vec::transpose16(in, dst + int64_t(c0) * ld + r0, ld, nc);
+    }
+  }
+}
+
 template <class Isa, typename CT>
 PFA_INLINE void gemm(const GemmArgs& g) {
   if constexpr (std::is_same<CT, float>::value) {
