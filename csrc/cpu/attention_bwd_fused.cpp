@@ -49,6 +49,37 @@ PFA_INLINE QoPack pack_parts(const Ctx& c, const SeqInfo& si, int h, int i0) {
   return k;
 }
 
+// Rows per sub-block of a diagonal tile in the one-pass backward (a multiple
+// of 2 * kLanes, so that bf16 row pairs and vectors of lanes stay whole).
+constexpr int kDiagRows = 32;
+
+// The scratch of a query block seen from its row r0 on (r0 a multiple of
+// kDiagRows): every per-row pointer moves by r0 lanes; fp32 words hold one
+// lane, bf16 rows of P^T / dS^T (pout, dsout) two, VNNI Q / dO rows a pair
+// of rows. Key-indexed buffers (ka, va, kb, acc1, acc2) stay.
+template <bool kPairs>
+PFA_INLINE BwdScratch sub_rows(const BwdScratch& w, int r0, int d, int dv) {
+  BwdScratch v = w;
+  if (r0 == 0) return v;
+  v.qt += r0;
+  v.dot += r0;
+  v.qb += int64_t(kPairs ? r0 / 2 : r0) * d;
+  v.dob += int64_t(kPairs ? r0 / 2 : r0) * dv;
+  v.s += r0;
+  v.dp += r0;
+  v.pout += r0 / 2;
+  v.dsout += r0 / 2;
+  if (v.dspair) v.dspair += r0;
+  if (v.bias) v.bias += r0;
+  if (v.dtanh) v.dtanh += r0;
+  v.lse2 += r0;
+  v.dsum += r0;
+  v.lo += r0;
+  v.hi += r0;
+  if (v.keep) v.keep += r0;
+  return v;
+}
+
 // One-pass backward (chosen by fused_chunks): one task per (sequence, kv
 // head, chunk of key blocks) computes S, dP, P and dS of each tile once and
 // all three products from them, 5 tile products instead of 7. dK and dV are
@@ -122,22 +153,35 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
             TL::b_rows(dout, p.do_row_stride, m, c.dv, w.dob);
             TL::b_rows(q, p.q_row_stride, m, c.d, w.qb);
           }
-          bwd_scores<Isa, T, CT>(c, wq, rr, t.b, h, i0, j0, nt, mp);
+          // A tile on the diagonal (some row does not see all its keys) runs
+          // in sub-blocks of kDiagRows rows, each over only the keys up to
+          // the last one its rows see: at S512 (128-key blocks) the diagonal
+          // tile computed 128 x 128 scores for 8256 visible (PERF_NOTES
+          // "issue 21 v6"). Sub-block boundaries follow the shape only.
           const int64_t row0 = dsum_index(c, si, h, i0);
-          const bool first = touched[row0] == 0;
-          float* dq = part + row0 * c.d;
-          // dV, dK as in the two-pass backward; dQ partial += dS K (A = dS
-          // pairs along keys, or read by column from dS^T).
-          if constexpr (TL::kPairs) {
-            grad_tile<typename Isa::Vec, BwdOut::kAllBf16>(c, w, nt, mp);
-            add_dkdv<Isa, T, CT>(c, w, wq.qb, wq.dob, nt, m);
-            gemm<Isa, CT>(GemmArgs{m, c.d, (nt + 1) / 2, w.dspair, ldq, true, w.kb, c.d, dq, c.d, !first});
-          } else {
-            grad_tile<typename Isa::Vec, BwdOut::kInPlace>(c, w, nt, mp);
-            add_dkdv<Isa, T, CT>(c, w, wq.qb, wq.dob, nt, m);
-            gemm<Isa, CT>(GemmArgs{m, c.d, nt, w.dp, ldq, true, w.ka, c.d, dq, c.d, !first});
+          const int step = tile_inside(rr, j0, nt) ? m : kDiagRows;
+          for (int r0 = 0; r0 < m; r0 += step) {
+            const int mr = std::min(step, m - r0);
+            const int mrp = int(std::min<int64_t>(round_up(mr, kLanes), mp - r0));
+            RowRanges rs{w.lo + r0, w.hi + r0, mr};
+            const int ns = std::min(nt, int(round_up(std::max(rs.last() - j0, 1), 2)));
+            BwdScratch ws = sub_rows<TL::kPairs>(wq, r0, c.d, c.dv);
+            bwd_scores<Isa, T, CT>(c, ws, rs, t.b, h, i0 + r0, j0, ns, mrp);
+            const bool first = touched[row0 + r0] == 0;
+            float* dq = part + (row0 + r0) * c.d;
+            // dV, dK as in the two-pass backward; dQ partial += dS K (A = dS
+            // pairs along keys, or read by column from dS^T).
+            if constexpr (TL::kPairs) {
+              grad_tile<typename Isa::Vec, BwdOut::kAllBf16>(c, ws, ns, mrp);
+              add_dkdv<Isa, T, CT>(c, ws, ws.qb, ws.dob, ns, mr);
+              gemm<Isa, CT>(GemmArgs{mr, c.d, (ns + 1) / 2, ws.dspair, ldq, true, w.kb, c.d, dq, c.d, !first});
+            } else {
+              grad_tile<typename Isa::Vec, BwdOut::kInPlace>(c, ws, ns, mrp);
+              add_dkdv<Isa, T, CT>(c, ws, ws.qb, ws.dob, ns, mr);
+              gemm<Isa, CT>(GemmArgs{mr, c.d, ns, ws.dp, ldq, true, w.ka, c.d, dq, c.d, !first});
+            }
+            if (first) std::fill(touched + row0 + r0, touched + row0 + r0 + mr, uint8_t(1));
           }
-          if (first) std::fill(touched + row0, touched + row0 + m, uint8_t(1));
         }
       }
     }
