@@ -86,7 +86,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="processes per tree, interleaved (default 2)")
     ap.add_argument("--reps", type=int, default=5, help="timed calls per case in a process (default 5)")
     ap.add_argument("--cases", default="fwd,fwdbwd", help="passes: fwd, fwdbwd or both (default both)")
-    ap.add_argument("--only", default="", help="comma list of case names, e.g. 'fwd S1024 D64 float32 causal'")
+    ap.add_argument(
+        "--only", default="", help="comma list of case names, e.g. 'fwd S1024 D64 float32 causal'"
+    )
     args = ap.parse_args()
     trees = [os.path.abspath(t) for t in args.trees]
     runs: dict[str, list[dict]] = {t: [] for t in trees}
@@ -95,7 +97,10 @@ def main() -> None:
         for tree in trees:
             out = subprocess.run(
                 [sys.executable, "-c", CHILD, tree, args.cases, str(args.reps), args.only],
-                capture_output=True, text=True, check=True, env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
             )
             runs[tree].append(json.loads(out.stdout.strip().splitlines()[-1]))
             x = runs[tree][-1]

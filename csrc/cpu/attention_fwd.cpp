@@ -4,8 +4,9 @@
 //
 // One task per (sequence, query head, query block): it walks the key tiles its
 // rows can see (tiles outside the window of the whole block are never
-// touched), keeps a running max and sum per row, and holds one key tile of
-// scores at a time (S^T, see attention_tile.h). A block of one row takes the
+// touched; at the causal diagonal or a window's edge, 32-key tiles over only
+// the rows that see them, next_key_tile), keeps a running max and sum per
+// row, and holds one key tile of scores at a time (S^T, see attention_tile.h). A block of one row takes the
 // decode path on AVX-512 (attention_decode.h).
 //
 // On one Zen 5 core (B1 H8 S1024 D64, GFLOP/s from CPU time): 212 fp32 / 375
