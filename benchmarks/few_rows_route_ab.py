@@ -48,17 +48,29 @@ print(json.dumps(res))
 FULL = [
     (dt, b, sq, hq, hk, d, sk)
     for dt in ("float32", "bfloat16")
-    for b, sq, hq, hk, d in ((1, 1, 8, 8, 64), (1, 1, 32, 8, 128), (1, 1, 8, 2, 64), (1, 4, 32, 8, 128),
-                             (1, 8, 32, 8, 128), (1, 2, 8, 8, 64), (1, 16, 8, 8, 64), (4, 1, 32, 8, 128))
+    for b, sq, hq, hk, d in (
+        (1, 1, 8, 8, 64),
+        (1, 1, 32, 8, 128),
+        (1, 1, 8, 2, 64),
+        (1, 4, 32, 8, 128),
+        (1, 8, 32, 8, 128),
+        (1, 2, 8, 8, 64),
+        (1, 16, 8, 8, 64),
+        (4, 1, 32, 8, 128),
+    )
     for sk in (512, 4096, 32768)
 ]
-QUICK = [(dt, 1, sq, hq, 8, d, 4096) for dt in ("float32", "bfloat16") for sq, hq, d in ((1, 32, 128), (16, 8, 64))]
+QUICK = [
+    (dt, 1, sq, hq, 8, d, 4096) for dt in ("float32", "bfloat16") for sq, hq, d in ((1, 32, 128), (16, 8, 64))
+]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="threads per process (default: 1)")
-    ap.add_argument("--rounds", type=int, default=3, help="A/B rounds, one process per route each (default: 3)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="A/B rounds, one process per route each (default: 3)"
+    )
     ap.add_argument("--quick", action="store_true", help="4 shapes instead of 48")
     a = ap.parse_args()
     shapes = QUICK if a.quick else FULL
@@ -67,8 +79,13 @@ def main() -> None:
     for rnd in range(a.rounds):
         for r in routes:
             env = dict(os.environ, PYFASTATTN_CPU_FEW_ROWS=r)
-            out = subprocess.run([sys.executable, "-c", CHILD, str(a.threads), json.dumps(shapes)], env=env,
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, str(a.threads), json.dumps(shapes)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs[r].append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"round {rnd + 1} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
     print(f"# {a.threads} thread(s), {a.rounds} rounds, process CPU us per call, median over rounds")

@@ -65,8 +65,15 @@ CASES = {
     # sequences, MQA over several chunks, strided inputs, MHA decode > 16 MiB.
     "few_rows_gqa_softcap_causal_tl": (2, 3, 150, 8, 2, 72, None, dict(window_right=0, softcap=4.0)),
     "few_rows_window_br_seqused": (
-        3, 5, 600, 4, 4, 40, 24, dict(window_left=33, window_right=2, bottom_right=True, seqused=[600, 0, 131])
-    ),
+        3,
+        5,
+        600,
+        4,
+        4,
+        40,
+        24,
+        dict(window_left=33, window_right=2, bottom_right=True, seqused=[600, 0, 131]),
+    ),  # fmt: skip
     "few_rows_mqa_chunks_strided": (2, 2, 1100, 16, 1, 64, None, dict(strided=True)),
     "decode_mha_over_16mib": (1, 1, 16400, 4, 4, 64, None, {}),
     "no_keys": (2, 5, 0, 2, 2, 16, None, {}),
@@ -315,8 +322,12 @@ def test_cpu_kernel_fallback_paths(isa):
 
 @pytest.mark.parametrize(
     "shape, routed",
-    [((2, 1, 300, 8, 2, 64), True), ((1, 6, 700, 4, 1, 40), True), ((2, 16, 300, 4, 4, 64), False),
-     ((1, 1, 300, 4, 4, 64), False)],
+    [
+        ((2, 1, 300, 8, 2, 64), True),
+        ((1, 6, 700, 4, 1, 40), True),
+        ((2, 16, 300, 4, 4, 64), False),
+        ((1, 1, 300, 4, 4, 64), False),
+    ],
 )
 def test_cpu_few_query_rows_take_the_kvcache_kernel(shape, routed):
     """Which dense forwards run on the KV-cache kernel (csrc/ops.cpp,
@@ -327,10 +338,29 @@ def test_cpu_few_query_rows_take_the_kvcache_kernel(shape, routed):
     b, sq, sk, hq, hk, d = shape
     q, k, v = make_qkv(b, sq, sk, hq, hk, d, dtype=torch.float32)
     scale = default_scale(d)
-    out, lse = torch.ops.pyfastattn.attention_fwd(q, k, v, None, None, None, None, sq, sk, scale, 0.0, -1, 0, True)
+    out, lse = torch.ops.pyfastattn.attention_fwd(
+        q, k, v, None, None, None, None, sq, sk, scale, 0.0, -1, 0, True
+    )
     seqlens = torch.full((b,), sk, dtype=torch.int32)
     kv_out, kv_lse = torch.ops.pyfastattn.attention_kvcache_fwd(
-        q, k.clone(), v.clone(), None, None, seqlens, None, None, None, None, None, True, scale, 0.0, -1, 0, 0, None
+        q,
+        k.clone(),
+        v.clone(),
+        None,
+        None,
+        seqlens,
+        None,
+        None,
+        None,
+        None,
+        None,
+        True,
+        scale,
+        0.0,
+        -1,
+        0,
+        0,
+        None,
     )
     same = torch.equal(out, kv_out) and torch.equal(lse, kv_lse)
     assert same == routed, (shape, routed, (out - kv_out).abs().max().item())
