@@ -10,8 +10,8 @@
 // What it does. nn.Linear weights are [out, in] row-major, so each output
 // feature's weights are one contiguous row, and a feature's value for a
 // token is a dot product of that row with the token's input row:
-//   layer 1: tasks of kFeatBlock features; for each block of kRows rows of
-//            W1 (and W3), every token's dot products, in fp32 registers; the
+//   layer 1: tasks of kFeatBlock features; for each block of rows of W1
+//            (and W3), every token's dot products, in fp32 registers; the
 //            task's pre-activations [T, kFeatBlock] stay in a stack array,
 //            get the bias and the activation (and the gate product) there
 //            (ffn_act_fp32, the FFN step's vectorised code) and are written
@@ -26,16 +26,16 @@
 // fixed order (lanes over the reduced dimension, then a fixed tree): the
 // result does not depend on the thread count.
 //
-// The dot-product tile. kRows weight rows x kTokens token rows, one 512-bit
-// accumulator per pair (16 zmm), the reduced dimension in steps of one
-// vector: per step kRows weight loads + kTokens token loads feed 16 FMAs
-// (vdpbf16ps for bf16: 32 products each), so the loads never limit the FMA
-// pipes; token rows come from L1/L2 (T16 x D1024 bf16 = 32 KB) and each
-// weight line from memory once (it is reread from L1 for the other token
-// tiles). The first token tile software-prefetches the next row block's
-// lines. A single token uses 8 rows x 1 token. Rows and tokens past the end
-// repeat the last valid one (results dropped); the reduced dimension's tail
-// is a masked (zero-filled) load. The 16 sums leave the registers through a
+// The dot-product tile (AVX-512). R weight rows x TT tokens (8 x 2; 8 x 1 for
+// one token), one 512-bit accumulator per pair, the reduced dimension in
+// steps of one vector: per step R weight loads + TT token loads feed R TT
+// multiply-adds (vdpbf16ps for bf16: 32 products each). Each weight line
+// comes from memory once, for the first token tile, and from L1 for the
+// others; the token rows (T16 x D1024 bf16 = 32 KB, copied with padded rows)
+// stay in L1/L2. The token tiles of a block share the software prefetch of
+// the block two ahead. Rows and tokens past the end repeat the last valid
+// one (results dropped); the reduced dimension's tail is a masked
+// (zero-filled) load. The sums leave the registers through a
 // transpose-and-add tree, four accumulators to one xmm.
 #include "ffn_small_tokens.h"
 
@@ -55,14 +55,17 @@ namespace {
 
 constexpr int64_t kFeatBlock = 64;  // layer-1 features per task (44 tasks at F2816)
 constexpr int64_t kOutBlock = 32;   // layer-2 outputs per task (32 tasks at D1024)
-constexpr int kWideRows = 4, kWideTokens = 4;  // the AVX-512 tile for T >= 2
-constexpr int kGenericTokens = 2;              // the generic tile's (4 x 2 x 16 lanes: AVX2 has 16 ymm)
-constexpr int kOneRows = 8;                    // the tile for T = 1
-// How many row blocks ahead of the one being computed the tiles prefetch.
-int64_t prefetch_blocks() {
-  const char* env = std::getenv("PYFASTATTN_FFN_PF_BLOCKS");
-  return env != nullptr ? std::atoll(env) : 2;
-}
+// Tiles (weight rows x tokens): AVX-512 8 x 2 for T >= 2 (measured against
+// 4 x 4: bf16 T16 1.83 vs 2.07 ms, T8 1.51 vs 1.85; fp32 T16 4.04 vs 4.38,
+// one thread: eight weight rows in flight keep more lines coming from
+// memory), 8 x 1 for T = 1; the generic code's 4 x 2 (x 16 lanes: AVX2 has
+// 16 ymm registers).
+constexpr int kWideRows = 8, kWideTokens = 2;
+constexpr int kGenericRows = 4, kGenericTokens = 2;
+constexpr int kOneRows = 8;
+// How many row blocks ahead of the one being computed the tiles prefetch
+// (bf16 T16, one thread: 1.83 ms with 2 or 8, 1.99 with none).
+constexpr int64_t kPrefetchBlocks = 2;
 
 // c[t * ldc + (r - r0)] = sum_i a[t][i] w[r][i] for t < tokens, r in [r0, r1):
 // a [tokens, k] rows lda apart, w rows ldw apart (elements).
@@ -74,6 +77,7 @@ struct DotRows {
   float* c;
   int64_t ldc;
   int64_t pf_blocks;  // prefetch this many row blocks ahead (0: none)
+  int64_t pf_end;     // rows of w that exist (prefetches stop there, not at r1)
 };
 using RowsFn = void (*)(const DotRows&);
 
@@ -114,7 +118,7 @@ PFA_INLINE void rows_loop(const DotRows& d) {
       for (int tt = 0; tt < TT; ++tt) a[tt] = abase + (t + std::min<int64_t>(tt, nt - 1)) * d.lda;
       const int64_t first = pf_block + pass * pf_rows;
       const int64_t n_pf =
-          d.pf_blocks > 0 ? std::max<int64_t>(0, std::min(pf_rows, std::min(d.r1, pf_block + R) - first)) : 0;
+          d.pf_blocks > 0 ? std::max<int64_t>(0, std::min(pf_rows, std::min(d.pf_end, pf_block + R) - first)) : 0;
       const char* pf = n_pf > 0 ? reinterpret_cast<const char*>(wbase + first * d.ldw) : nullptr;
       const bool full = nr == R && nt == TT;
       float* out = full ? d.c + t * d.ldc + (r - d.r0) : edge;
@@ -194,10 +198,10 @@ template <class A, class B>
 RowsSet generic_rows(bool avx2) {
   using T = GenericTile<A, B>;
 #if PFA_SMALL_TOKENS_AVX2
-  if (avx2) return {&rows_avx2<T, kWideRows, kGenericTokens>, &rows_avx2<T, kOneRows, 1>};
+  if (avx2) return {&rows_avx2<T, kGenericRows, kGenericTokens>, &rows_avx2<T, kOneRows, 1>};
 #endif
   (void)avx2;
-  return {&rows_portable<T, kWideRows, kGenericTokens>, &rows_portable<T, kOneRows, 1>};
+  return {&rows_portable<T, kGenericRows, kGenericTokens>, &rows_portable<T, kOneRows, 1>};
 }
 
 // ---------------------------------------------------------------------------
@@ -466,9 +470,9 @@ void store_f32(DType dt, void* base, int64_t i, float v) {
 
 // c[t * ldc + (r - r0)] = sum_i a[t][i] w[r][i] for t < tokens, r in [r0, r1).
 void dot_rows(const RowsSet& rs, const void* a, int64_t lda, int64_t tokens, const void* w,
-              int64_t ldw, int64_t r0, int64_t r1, int64_t k, float* c, int64_t ldc,
+              int64_t ldw, int64_t rows, int64_t r0, int64_t r1, int64_t k, float* c, int64_t ldc,
               int64_t pf_blocks) {
-  const DotRows d{a, lda, tokens, w, ldw, r0, r1, k, c, ldc, pf_blocks};
+  const DotRows d{a, lda, tokens, w, ldw, r0, r1, k, c, ldc, pf_blocks, rows};
   (tokens == 1 ? rs.one : rs.many)(d);
 }
 
@@ -493,17 +497,23 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
   if (T == 0 || O == 0) return;
   const DType dt = p.dtype;
   const RowsSet rs = rows_for(dt);
-  const int64_t pf = prefetch_blocks();
+  const int64_t pf = kPrefetchBlocks;
   // Token-side operands: bf16 stays bf16 (vdpbf16ps pairs); fp16 tokens and
   // h are fp32 (the fp16 weights are widened per load).
   const bool a_bf16 = dt == DType::kBFloat16;
   const int64_t a_size = a_bf16 ? 2 : 4;
-  const int64_t h_floats = (T * F * a_size + 3) / 4;
-  const int64_t x_floats = dt == DType::kFloat16 ? T * D : 0;
+  // x and h are copied with padded rows (ld_pad): with D1024 bf16 the rows
+  // of x are 2 KiB apart, so a tile's 4 token lines at one step, and the
+  // same step of every other token, land in 2 of L1's 64 sets; one extra
+  // line per row spreads them over 16.
+  const auto ld_pad = [&](int64_t n) { return (n + 31) / 32 * 32 + 64 / a_size; };
+  const int64_t ldx = ld_pad(D), ldh = ld_pad(F);
+  const int64_t h_floats = (T * ldh * a_size + 3) / 4;
+  const int64_t x_floats = (T * ldx * a_size + 3) / 4;
   float* scratch = call_scratch(h_floats + x_floats + 2 * F + O);
   void* h = scratch;
-  float* xf = scratch + h_floats;
-  float* b1 = xf + x_floats;
+  void* xa = scratch + h_floats;
+  float* b1 = scratch + h_floats + x_floats;
   float* b3 = b1 + F;
   float* b2 = b3 + F;
   for (int64_t f = 0; f < F; ++f) {
@@ -511,14 +521,18 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
     b3[f] = p.b3 ? load_f32(dt, p.b3, f) : 0.0f;
   }
   for (int64_t o = 0; o < O; ++o) b2[o] = p.b2 ? load_f32(dt, p.b2, o) : 0.0f;
-  const void* xa = p.x;
-  int64_t lda = p.x_row_stride;
-  if (dt == DType::kFloat16) {
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t d = 0; d < D; ++d) xf[t * D + d] = load_f32(dt, p.x, t * p.x_row_stride + d);
-    xa = xf;
-    lda = D;
+  // Token-side operands: bf16 stays bf16 (vdpbf16ps pairs); fp16 tokens and
+  // h are fp32 (the fp16 weights are widened per load).
+  for (int64_t t = 0; t < T; ++t) {
+    if (dt == DType::kFloat16) {
+      float* row = static_cast<float*>(xa) + t * ldx;
+      for (int64_t d = 0; d < D; ++d) row[d] = load_f32(dt, p.x, t * p.x_row_stride + d);
+    } else {  // same element type: a row copy
+      std::memcpy(static_cast<char*>(xa) + t * ldx * a_size,
+                  static_cast<const char*>(p.x) + t * p.x_row_stride * a_size, size_t(D * a_size));
+    }
   }
+  const int64_t lda = ldx;
 
   // Layer 1: h[:, f0:f1] = act(x W1^T + b1) [* (x W3^T + b3)].
   if (F > 0) {
@@ -528,8 +542,8 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
       alignas(64) float u[kFfnSmallTokensMax * kFeatBlock];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t f0 = task * kFeatBlock, f1 = std::min(F, f0 + kFeatBlock), n = f1 - f0;
-        dot_rows(rs, xa, lda, T, p.w1, D, f0, f1, D, g, n, pf);
-        if (p.gated) dot_rows(rs, xa, lda, T, p.w3, D, f0, f1, D, u, n, pf);
+        dot_rows(rs, xa, lda, T, p.w1, D, F, f0, f1, D, g, n, pf);
+        if (p.gated) dot_rows(rs, xa, lda, T, p.w3, D, F, f0, f1, D, u, n, pf);
         for (int64_t t = 0; t < T; ++t) {
           for (int64_t c = 0; c < n; ++c) {
             g[t * n + c] += b1[f0 + c];
@@ -539,10 +553,10 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
         ffn_act_fp32(p.act, g, p.gated ? u : nullptr, T * n);
         for (int64_t t = 0; t < T; ++t) {
           if (a_bf16) {
-            uint16_t* hr = static_cast<uint16_t*>(h) + t * F + f0;
+            uint16_t* hr = static_cast<uint16_t*>(h) + t * ldh + f0;
             for (int64_t c = 0; c < n; ++c) hr[c] = f32_to_bf16_bits(g[t * n + c]);
           } else {
-            std::memcpy(static_cast<float*>(h) + t * F + f0, g + t * n, size_t(n) * 4);
+            std::memcpy(static_cast<float*>(h) + t * ldh + f0, g + t * n, size_t(n) * 4);
           }
         }
       }
@@ -556,7 +570,7 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t o0 = task * kOutBlock, o1 = std::min(O, o0 + kOutBlock), n = o1 - o0;
       if (F > 0) {
-        dot_rows(rs, h, F, T, p.w2, F, o0, o1, F, y, n, pf);
+        dot_rows(rs, h, ldh, T, p.w2, F, O, o0, o1, F, y, n, pf);
       } else {
         std::fill(y, y + T * n, 0.0f);
       }
