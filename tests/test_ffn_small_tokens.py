@@ -36,11 +36,15 @@ def reference_forward(x, params, activation):
 
 
 def test_limit_default_env_and_cap(monkeypatch):
-    assert torch.ops.pyfastattn.ffn_small_tokens_limit() == 16
+    limit = torch.ops.pyfastattn.ffn_small_tokens_limit
+    monkeypatch.delenv(ENV, raising=False)
+    assert (limit(torch.bfloat16), limit(torch.float32), limit(torch.float16)) == (16, 32, 32)
     monkeypatch.setenv(ENV, "0")
-    assert torch.ops.pyfastattn.ffn_small_tokens_limit() == 0
+    assert limit(torch.float32) == 0
     monkeypatch.setenv(ENV, "1000")
-    assert torch.ops.pyfastattn.ffn_small_tokens_limit() == 32  # the kernel's buffers hold 32 tokens
+    assert limit(torch.bfloat16) == 32  # the kernel's buffers hold 32 tokens
+    with pytest.raises(RuntimeError, match="dtype must be"):
+        limit(torch.float64)
     assert torch.ops.pyfastattn.ffn_small_tokens_isa() in ("avx512_bf16", "avx512", "avx2", "portable")
 
 
@@ -85,6 +89,8 @@ def test_routes_to_the_kernel(dtype, monkeypatch):
     assert not torch.equal(small, aten)
     monkeypatch.setenv(ENV, "15")
     assert torch.equal(forward(x, params, "silu"), aten)
+    monkeypatch.delenv(ENV)
+    assert torch.equal(forward(x, params, "silu"), small)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -580,12 +580,14 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
   });
 }
 
-int64_t ffn_small_tokens_limit() {
-  // Default: the crossover measured in PERF_NOTES.md ("CPU feed-forward at
-  // decode sizes").
-  constexpr int64_t kDefault = 16;
+int64_t ffn_small_tokens_limit(DType dt) {
+  // Defaults: the crossovers measured (PERF_NOTES.md, "CPU feed-forward at
+  // decode sizes", one thread, gated D1024 F2816): bf16 1.05x eager at T16,
+  // 0.96x at T20; fp32 still 1.55x at T32, fp16 5.9x (eager fp16 has no fast
+  // CPU GEMM), so those run it up to the kernel's maximum.
+  const int64_t fallback = dt == DType::kBFloat16 ? 16 : kFfnSmallTokensMax;
   const char* env = std::getenv("PYFASTATTN_CPU_FFN_SMALL_TOKENS");
-  const int64_t v = env != nullptr ? std::atoll(env) : kDefault;
+  const int64_t v = env != nullptr ? std::atoll(env) : fallback;
   return std::min<int64_t>(std::max<int64_t>(v, 0), kFfnSmallTokensMax);
 }
 

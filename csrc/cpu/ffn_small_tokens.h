@@ -38,10 +38,11 @@ constexpr int64_t kFfnSmallTokensMax = 32;
 // dot product, summed in a fixed order over the reduced dimension.
 void ffn_fwd_small_tokens(const FfnSmallTokensParams& p);
 
-// The largest token count the CPU op routes here: PYFASTATTN_CPU_FFN_SMALL_TOKENS
-// (read on every call; 0 turns the kernel off), default from measurement,
+// The largest token count the CPU op routes here for dtype dt:
+// PYFASTATTN_CPU_FFN_SMALL_TOKENS (read on every call, every dtype; 0 turns
+// the kernel off), else the measured crossover (bf16 16, fp32 and fp16 32);
 // capped at kFfnSmallTokensMax.
-int64_t ffn_small_tokens_limit();
+int64_t ffn_small_tokens_limit(DType dt);
 
 // The instruction set the kernel runs with here: "avx512_bf16", "avx512",
 // "avx2" or "portable" (lowered by PYFASTATTN_FFN_ISA, as the FFN step's).

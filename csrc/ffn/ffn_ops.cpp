@@ -398,13 +398,13 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(
     const at::Tensor& w2, const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& w3, const std::optional<at::Tensor>& b3,
     c10::string_view activation, bool save_for_backward) {
-  // Decode sizes: up to ffn_small_tokens_limit() tokens (16 by default, the
-  // measured crossover; PERF_NOTES.md "CPU feed-forward at decode sizes"),
-  // a forward that saves nothing (no grad, or recompute) runs the fused
-  // small-token kernel. A forward that saves the pre-activations, and every
-  // backward, keeps the ATen GEMMs.
-  if (!save_for_backward && x.dim() == 2 && x.size(0) > 0 &&
-      x.size(0) <= cpu::ffn_small_tokens_limit()) {
+  // Decode sizes: up to ffn_small_tokens_limit() tokens (the measured
+  // crossover: bf16 16, fp32/fp16 32; PERF_NOTES.md "CPU feed-forward at
+  // decode sizes"), a forward that saves nothing (no grad, or recompute)
+  // runs the fused small-token kernel. A forward that saves the
+  // pre-activations, and every backward, keeps the ATen GEMMs.
+  if (!save_for_backward && x.dim() == 2 && x.size(0) > 0 && kernel_dtype(x.scalar_type()) &&
+      x.size(0) <= cpu::ffn_small_tokens_limit(to_dtype(x.scalar_type()))) {
     return ffn_fwd_small_tokens_cpu(x, w1, b1, w2, b2, w3, b3, parse_activation(activation));
   }
   return ffn_fwd_impl(&cpu::ffn_act_fwd, x, w1, b1, w2, b2, w3, b3, activation,
@@ -444,7 +444,10 @@ TORCH_LIBRARY_FRAGMENT(pyfastattn, m) {
   // avx2 or portable; and the most tokens the CPU ffn_fwd routes to it.
   m.def("ffn_small_tokens_isa() -> str",
         [] { return std::string(cpu::ffn_small_tokens_isa()); });
-  m.def("ffn_small_tokens_limit() -> int", [] { return cpu::ffn_small_tokens_limit(); });
+  m.def("ffn_small_tokens_limit(ScalarType dtype) -> int", [](c10::ScalarType dt) {
+    TORCH_CHECK(kernel_dtype(dt), "ffn_small_tokens_limit: dtype must be ", kKernelDTypes, ", got ", dt);
+    return cpu::ffn_small_tokens_limit(to_dtype(dt));
+  });
 }
 
 TORCH_LIBRARY_IMPL(pyfastattn, CPU, m) {
