@@ -13,7 +13,7 @@ At these sizes the FFN is bound by reading its weights, so a row also gives
 the weight bytes per second and that rate as a fraction of the machine's read
 bandwidth (torch.ops.pyfastattn.cpu_read_probe: every thread sums its slice of
 a 256 MiB buffer), measured in the same run, before and after the timed
-rounds (the fraction uses the larger of the two). A decode step runs every
+rounds (median of 7 reads each; the fraction uses the larger of the two). A decode step runs every
 layer's FFN once, so by default each call takes the next of several weight
 sets ("layers") whose total is at least twice the last-level cache: each call
 then reads its weights from memory, as in a model. --hot uses one set (it
@@ -58,15 +58,17 @@ def d_ff_for(d_model: int, gated: bool) -> int:
 
 
 def read_bandwidth(threads: int) -> float:
-    """GB/s of every thread summing its slice of a 256 MiB float32 buffer, best of 5."""
+    """GB/s of every thread summing its slice of a 256 MiB float32 buffer,
+    median of 7 (the best of a few jumped to 2x the box's rate now and then
+    under load)."""
     torch.set_num_threads(threads)
     buf = torch.ones(64 << 20)
-    best = math.inf
-    for _ in range(5):
+    times = []
+    for _ in range(7):
         t = time.perf_counter()
         torch.ops.pyfastattn.cpu_read_probe(buf)
-        best = min(best, time.perf_counter() - t)
-    return buf.numel() * 4 / best / 1e9
+        times.append(time.perf_counter() - t)
+    return buf.numel() * 4 / statistics.median(times) / 1e9
 
 
 def make_layers(d_model, d_ff, gated, dtype, hot):
@@ -174,7 +176,7 @@ def main() -> None:
     load = os.getloadavg()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     print(f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; commit {commit}; isa {torch.ops.pyfastattn.ffn_small_tokens_isa()}; "
-          f"small-token limit {torch.ops.pyfastattn.ffn_small_tokens_limit()}; weights {'hot (one set)' if a.hot else 'rotating'}")  # fmt: skip
+          f"small-token limit (bf16/fp32/fp16) {'/'.join(str(torch.ops.pyfastattn.ffn_small_tokens_limit(d)) for d in (torch.bfloat16, torch.float32, torch.float16))}; weights {'hot (one set)' if a.hot else 'rotating'}")  # fmt: skip
     rows = []
     torch.manual_seed(0)
     for form in forms:
