@@ -1,6 +1,6 @@
 """The CPU FFN forward at decode sizes (csrc/cpu/ffn_small_tokens.cpp): the
-fused kernel that the CPU ffn_fwd runs for forwards that save nothing (no
-grad, or recompute=True) with at most ffn_small_tokens_limit() tokens,
+fused kernel that the CPU ffn_fwd runs for at most ffn_small_tokens_limit()
+tokens (and that then also writes the pre-activations the backward reads),
 against the float64 reference with the tolerance rule of tests/_helpers.py."""
 
 from __future__ import annotations
@@ -132,16 +132,36 @@ def test_decode_shapes_and_strided_x():
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_training_at_small_tokens(dtype, gated, recompute, poison):
-    """With grad: recompute=True's forward saves nothing and runs the
-    small-token kernel, its backward recomputes with the ATen GEMMs; the
-    default forward saves the pre-activations and keeps ATen. Both give the
-    reference's output and gradients."""
+    """With grad, both through the small-token forward: recompute=True's
+    saves nothing and the backward recomputes with the ATen GEMMs; the
+    default one writes the pre-activations (biases in them for bf16/fp16, as
+    addmm) that the ATen backward reads. Both give the reference's output and
+    gradients."""
     torch.manual_seed(1)
     for lead, d_model, d_ff in [((1,), 96, 256), ((2, 5), 72, 300)]:
         params = make_params(d_model, d_ff, gated=gated, bias=True, dtype=dtype)
         x = torch.randn(*lead, d_model).to(dtype)
         with pyfastattn.backend("kernel"):
             check_against_reference(x, params, "silu", recompute, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_saved_pre_activations_match_the_aten_path(dtype, poison, monkeypatch):
+    """act_in, what ffn_bwd reads, is what the ATen path saves: x W^T [+ b]
+    per form, biases in it for bf16/fp16 only (bias_in_gemm), within the
+    tolerance of the float64 values (every element written: NaN-poisoned)."""
+    torch.manual_seed(0)
+    w1, b1, w2, b2, w3, b3 = make_params(72, 203, gated=True, bias=True, dtype=dtype)
+    x = torch.randn(5, 72).to(dtype)
+    op = torch.ops.pyfastattn.ffn_fwd
+    _, act_in = op(x, w1, b1, w2, b2, w3, b3, "silu", True)
+    monkeypatch.setenv(ENV, "0")
+    _, aten_act_in = op(x, w1, b1, w2, b2, w3, b3, "silu", True)
+    assert act_in.shape == aten_act_in.shape == (2, 5, 203) and act_in.dtype == dtype
+    with_bias = dtype != torch.float32
+    for i, (w, b) in enumerate(((w1, b1), (w3, b3))):
+        ref = x.double() @ w.double().t() + (b.double() if with_bias else 0.0)
+        assert_tolerance(f"act_in[{i}]", act_in[i], ref, aten_act_in[i], dtype)
 
 
 def test_bad_shapes_raise_before_the_kernel_reads():

@@ -490,6 +490,18 @@ float* call_scratch(int64_t floats) {
   return buf.get();
 }
 
+// act_in[0 (gate), 1 (up)][t][f0 + c] = g / u [t][c], in the storage dtype.
+void save_pre_activations(const FfnSmallTokensParams& p, const float* g, const float* u, int64_t f0,
+                          int64_t n) {
+  const int64_t T = p.tokens, F = p.d_ff;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t c = 0; c < n; ++c) {
+      store_f32(p.dtype, p.act_in, t * F + f0 + c, g[t * n + c]);
+      if (p.gated) store_f32(p.dtype, p.act_in, T * F + t * F + f0 + c, u[t * n + c]);
+    }
+  }
+}
+
 }  // namespace
 
 void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
@@ -544,12 +556,14 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
         const int64_t f0 = task * kFeatBlock, f1 = std::min(F, f0 + kFeatBlock), n = f1 - f0;
         dot_rows(rs, xa, lda, T, p.w1, D, F, f0, f1, D, g, n, pf);
         if (p.gated) dot_rows(rs, xa, lda, T, p.w3, D, F, f0, f1, D, u, n, pf);
+        if (p.act_in != nullptr && !p.act_in_bias) save_pre_activations(p, g, u, f0, n);
         for (int64_t t = 0; t < T; ++t) {
           for (int64_t c = 0; c < n; ++c) {
             g[t * n + c] += b1[f0 + c];
             if (p.gated) u[t * n + c] += b3[f0 + c];
           }
         }
+        if (p.act_in != nullptr && p.act_in_bias) save_pre_activations(p, g, u, f0, n);
         ffn_act_fp32(p.act, g, p.gated ? u : nullptr, T * n);
         for (int64_t t = 0; t < T; ++t) {
           if (a_bf16) {

@@ -12,7 +12,8 @@ namespace pyfastattn {
 namespace cpu {
 
 // y = W2 act(W1 x + b1) + b2, or gated y = W2 (act(W1 x + b1) * (W3 x + b3)) + b2
-// (the maths of csrc/ffn/params.h), with no grad: nothing is saved.
+// (the maths of csrc/ffn/params.h); optionally also the pre-activations the
+// op saves for its backward (act_in).
 struct FfnSmallTokensParams {
   const void* x;   // [tokens, d_model], rows x_row_stride apart, contiguous within a row
   const void* w1;  // [d_ff, d_model] contiguous (nn.Linear layout: a feature's weights are one row)
@@ -22,6 +23,8 @@ struct FfnSmallTokensParams {
   const void* b3;  // [d_ff] or nullptr (always nullptr unless gated)
   const void* b2;  // [d_out] or nullptr
   void* out;       // [tokens, d_out] contiguous
+  void* act_in;    // [gated ? 2 : 1, tokens, d_ff] contiguous, or nullptr: x W1^T (and x W3^T)
+  bool act_in_bias;  // act_in includes b1 / b3 (ffn_ops.cpp's bias_in_gemm: bf16/fp16)
   int64_t x_row_stride;
   int64_t tokens;  // 1 .. kFfnSmallTokensMax
   int64_t d_model, d_ff, d_out;
@@ -38,7 +41,7 @@ constexpr int64_t kFfnSmallTokensMax = 32;
 // dot product, summed in a fixed order over the reduced dimension.
 void ffn_fwd_small_tokens(const FfnSmallTokensParams& p);
 
-// The largest token count the CPU op routes here for dtype dt:
+// The largest token count the CPU ffn_fwd routes here for dtype dt:
 // PYFASTATTN_CPU_FFN_SMALL_TOKENS (read on every call, every dtype; 0 turns
 // the kernel off), else the measured crossover (bf16 16, fp32 and fp16 32);
 // capped at kFfnSmallTokensMax.

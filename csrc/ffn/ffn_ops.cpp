@@ -361,18 +361,25 @@ namespace {
 
 // ---- CPU registrations ------------------------------------------------------
 
-// A forward that saves nothing, at decode sizes: the fused small-token
-// kernel (csrc/cpu/ffn_small_tokens.cpp), one pass over the weights.
+// The forward at decode sizes: the fused small-token kernel
+// (csrc/cpu/ffn_small_tokens.cpp), one pass over the weights.
 std::tuple<at::Tensor, at::Tensor> ffn_fwd_small_tokens_cpu(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const at::Tensor& w2, const std::optional<at::Tensor>& b2,
-    const std::optional<at::Tensor>& w3, const std::optional<at::Tensor>& b3, Activation act) {
+    const std::optional<at::Tensor>& w3, const std::optional<at::Tensor>& b3, Activation act,
+    bool save_for_backward) {
   const FfnShape s = check_inputs(x, w1, b1, w2, b2, w3, b3);
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const auto w3c = contiguous(w3), b1c = contiguous(b1), b2c = contiguous(b2), b3c = contiguous(b3);
   at::Tensor out = at::empty({s.tokens, s.d_out}, x.options());
+  // What ffn_bwd reads: the first GEMMs' results, biases in them where
+  // bias_in_gemm (here rounded once from the fp32 sum, as addmm does).
+  at::Tensor act_in = save_for_backward ? at::empty({s.n_in(), s.tokens, s.d_ff}, x.options())
+                                        : at::empty({0}, x.options());
   cpu::FfnSmallTokensParams p{};
+  p.act_in = save_for_backward ? act_in.data_ptr() : nullptr;
+  p.act_in_bias = bias_in_gemm(x);
   p.x = xc.data_ptr();
   p.w1 = w1c.data_ptr();
   p.w3 = w3c ? w3c->data_ptr() : nullptr;
@@ -390,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_small_tokens_cpu(
   p.gated = s.gated;
   p.dtype = to_dtype(x.scalar_type());
   cpu::ffn_fwd_small_tokens(p);
-  return {out, at::empty({0}, x.options())};
+  return {out, act_in};
 }
 
 std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(
@@ -400,12 +407,13 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(
     c10::string_view activation, bool save_for_backward) {
   // Decode sizes: up to ffn_small_tokens_limit() tokens (the measured
   // crossover: bf16 16, fp32/fp16 32; PERF_NOTES.md "CPU feed-forward at
-  // decode sizes"), a forward that saves nothing (no grad, or recompute)
-  // runs the fused small-token kernel. A forward that saves the
-  // pre-activations, and every backward, keeps the ATen GEMMs.
-  if (!save_for_backward && x.dim() == 2 && x.size(0) > 0 && kernel_dtype(x.scalar_type()) &&
+  // decode sizes") the forward is the fused small-token kernel, which also
+  // writes act_in when the backward needs it (training at small T: fwd+bwd
+  // 1.02-1.29x the ATen path). The backward keeps the ATen GEMMs.
+  if (x.dim() == 2 && x.size(0) > 0 && kernel_dtype(x.scalar_type()) &&
       x.size(0) <= cpu::ffn_small_tokens_limit(to_dtype(x.scalar_type()))) {
-    return ffn_fwd_small_tokens_cpu(x, w1, b1, w2, b2, w3, b3, parse_activation(activation));
+    return ffn_fwd_small_tokens_cpu(x, w1, b1, w2, b2, w3, b3, parse_activation(activation),
+                                    save_for_backward);
   }
   return ffn_fwd_impl(&cpu::ffn_act_fwd, x, w1, b1, w2, b2, w3, b3, activation,
                       save_for_backward);
