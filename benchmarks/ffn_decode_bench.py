@@ -174,7 +174,9 @@ def main() -> None:
     tokens = [int(t) for t in a.tokens.split(",")]
     forms = a.forms.split(",")
     load = os.getloadavg()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+    ).stdout.strip()
     print(f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; commit {commit}; isa {torch.ops.pyfastattn.ffn_small_tokens_isa()}; "
           f"small-token limit (bf16/fp32/fp16) {'/'.join(str(torch.ops.pyfastattn.ffn_small_tokens_limit(d)) for d in (torch.bfloat16, torch.float32, torch.float16))}; weights {'hot (one set)' if a.hot else 'rotating'}")  # fmt: skip
     rows = []

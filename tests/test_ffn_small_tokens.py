@@ -70,7 +70,11 @@ def test_matches_reference(activation, gated, dtype, poison, monkeypatch):
         y = forward(x, params, activation)
         assert y.dtype == dtype and y.shape == (tokens, d_out)
         assert_tolerance(
-            f"y T{tokens}", y, reference_forward(x, params, activation), run_plain_torch(x, params, activation), dtype
+            f"y T{tokens}",
+            y,
+            reference_forward(x, params, activation),
+            run_plain_torch(x, params, activation),
+            dtype,
         )
 
 
@@ -120,11 +124,17 @@ def test_decode_shapes_and_strided_x():
     x = torch.randn(3, 1, 64)
     y = forward(x, params, "silu")
     assert y.shape == (3, 1, 48)
-    assert_tolerance("y", y, reference_forward(x, params, "silu"), run_plain_torch(x, params, "silu"), torch.float32)
+    assert_tolerance(
+        "y", y, reference_forward(x, params, "silu"), run_plain_torch(x, params, "silu"), torch.float32
+    )
     xs = torch.randn(64, 2 * 7)[:, ::2].t()  # [7, 64], strides (2, 14)
     y = forward(xs, params, "silu")
     assert_tolerance(
-        "y strided", y, reference_forward(xs, params, "silu"), run_plain_torch(xs, params, "silu"), torch.float32
+        "y strided",
+        y,
+        reference_forward(xs, params, "silu"),
+        run_plain_torch(xs, params, "silu"),
+        torch.float32,
     )
 
 
@@ -210,10 +220,15 @@ def test_other_instruction_sets(isa):
     "avx512" leaves out the BF16 dot products) agree with the reference; a
     CPU without AVX-512 (or its BF16 extension) runs one of them."""
     env = dict(os.environ, PYFASTATTN_FFN_ISA=isa)
-    r = subprocess.run([sys.executable, "-c", _ISA_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _ISA_CHECK], capture_output=True, text=True, env=env, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.split()
     assert lines[-1] == "ok"
-    expected = {"avx512": ("avx512", "avx2", "portable"), "avx2": ("avx2", "portable"), "portable": ("portable",)}
+    expected = {
+        "avx512": ("avx512", "avx2", "portable"),
+        "avx2": ("avx2", "portable"),
+        "portable": ("portable",),
+    }
     assert lines[0] in expected[isa]  # never wider than asked
-

@@ -117,8 +117,8 @@ PFA_INLINE void rows_loop(const DotRows& d) {
       const A* a[TT];
       for (int tt = 0; tt < TT; ++tt) a[tt] = abase + (t + std::min<int64_t>(tt, nt - 1)) * d.lda;
       const int64_t first = pf_block + pass * pf_rows;
-      const int64_t n_pf =
-          d.pf_blocks > 0 ? std::max<int64_t>(0, std::min(pf_rows, std::min(d.pf_end, pf_block + R) - first)) : 0;
+      const int64_t pf_last = std::min(d.pf_end, pf_block + R);  // one past the block's last row
+      const int64_t n_pf = d.pf_blocks > 0 ? std::max<int64_t>(0, std::min(pf_rows, pf_last - first)) : 0;
       const char* pf = n_pf > 0 ? reinterpret_cast<const char*>(wbase + first * d.ldw) : nullptr;
       const bool full = nr == R && nt == TT;
       float* out = full ? d.c + t * d.ldc + (r - d.r0) : edge;
