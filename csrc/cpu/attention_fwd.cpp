@@ -192,7 +192,7 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     // (they, and lse, are taken before it).
     uint32_t* pairs = reinterpret_cast<uint32_t*>(w.ppair);
     if (c.dropout) {
-      fill_keep_tile<Isa::kAvx512>(c, t.b, h, i0, mp, j0, n, w.keep, ldq);
+      fill_keep_tile<Isa::kAvx512>(c, t.b, h, i0, rr, mp, j0, n, w.keep, ldq);
       exp_tile<typename Isa::Vec, TL::kPairs, true>(w.s + r0, ldq, n, r1 - r0, w.tmax + r0, pairs + r0,
                                                     w.tsum + r0, w.keep + r0);
     } else {

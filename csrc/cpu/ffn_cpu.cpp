@@ -406,8 +406,32 @@ PFA_INLINE void bwd_block(const FfnActBwdParams& p, const Tiling& t, const float
 // instantiation here is compiled (and vectorised) for its target.
 // ---------------------------------------------------------------------------
 
+// g = act(g) [* u] over n fp32 values in place (the small-token forward's
+// step, csrc/cpu/ffn_small_tokens.cpp): whole chunks in place, a short tail
+// through a zero-padded local copy.
+template <Activation A>
+PFA_INLINE void act_fp32_span(float* g, const float* u, int64_t n) {
+  alignas(64) float tail[kChunk];
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int m = int(std::min<int64_t>(kChunk, n - c));
+    float* v = g + c;
+    if (m < kChunk) {
+      for (int i = 0; i < kChunk; ++i) tail[i] = i < m ? g[c + i] : 0.0f;
+      v = tail;
+    }
+    act_value<A>(v);
+    if (u != nullptr) {
+      for (int i = 0; i < m; ++i) v[i] *= u[c + i];
+    }
+    if (m < kChunk) {
+      for (int i = 0; i < m; ++i) g[c + i] = tail[i];
+    }
+  }
+}
+
 using FwdFn = void (*)(const FfnActFwdParams&, const Tiling&, const float*, const float*, int64_t,
                        int64_t);
+using SpanFn = void (*)(float*, const float*, int64_t);
 using BwdFn = void (*)(const FfnActBwdParams&, const Tiling&, const float*, const float*, int64_t,
                        int64_t, float*);
 
@@ -421,6 +445,10 @@ using BwdFn = void (*)(const FfnActBwdParams&, const Tiling&, const float*, cons
   ATTR void bwd_tasks_##SUFFIX(const FfnActBwdParams& p, const Tiling& t, const float* bg,   \
                                const float* bu, int64_t begin, int64_t end, float* partial) { \
     for (int64_t i = begin; i < end; ++i) bwd_block<A>(p, t, bg, bu, i, partial);            \
+  }                                                                                          \
+  template <Activation A>                                                                    \
+  ATTR void act_span_##SUFFIX(float* g, const float* u, int64_t n) {                         \
+    act_fp32_span<A>(g, u, n);                                                               \
   }
 
 PFA_FFN_TASKS(portable, )
@@ -542,6 +570,44 @@ void ffn_act_bwd(const FfnActBwdParams& p) {
       }
     }
   });
+}
+
+namespace {
+
+template <Activation A>
+SpanFn pick_span(Isa i) {
+  switch (i) {
+#if PFA_FFN_X86
+    case Isa::kAvx512:
+      return &act_span_avx512<A>;
+    case Isa::kAvx2:
+      return &act_span_avx2<A>;
+#endif
+    default:
+      return &act_span_portable<A>;
+  }
+}
+
+}  // namespace
+
+void ffn_act_fp32(Activation act, float* g, const float* u, int64_t n) {
+  const Isa i = isa();
+  SpanFn f;
+  switch (act) {
+    case Activation::kGelu:
+      f = pick_span<Activation::kGelu>(i);
+      break;
+    case Activation::kGeluTanh:
+      f = pick_span<Activation::kGeluTanh>(i);
+      break;
+    case Activation::kRelu:
+      f = pick_span<Activation::kRelu>(i);
+      break;
+    case Activation::kSilu:
+    default:
+      f = pick_span<Activation::kSilu>(i);
+  }
+  f(g, u, n);
 }
 
 const char* ffn_cpu_isa() {

@@ -15,6 +15,11 @@ void ffn_act_fwd(const FfnActFwdParams& p);
 // sums are bit-identical for any thread count.
 void ffn_act_bwd(const FfnActBwdParams& p);
 
+// g = act(g) [* u] in place over n contiguous fp32 values (u: nullptr for
+// the plain FFN); no threads of its own. The fused small-token forward
+// (ffn_small_tokens.h) runs it on each task's pre-activations.
+void ffn_act_fp32(Activation act, float* g, const float* u, int64_t n);
+
 // The instruction set the kernels above run with here: "avx512", "avx2" or
 // "portable" (for tests and benchmarks to report).
 const char* ffn_cpu_isa();

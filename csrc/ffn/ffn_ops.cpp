@@ -38,6 +38,7 @@
 #include <tuple>
 
 #include "../cpu/ffn_cpu.h"
+#include "../cpu/ffn_small_tokens.h"
 #include "../torch_dtype.h"
 #include "ffn_ops.h"
 #include "params.h"
@@ -360,11 +361,60 @@ namespace {
 
 // ---- CPU registrations ------------------------------------------------------
 
+// The forward at decode sizes: the fused small-token kernel
+// (csrc/cpu/ffn_small_tokens.cpp), one pass over the weights.
+std::tuple<at::Tensor, at::Tensor> ffn_fwd_small_tokens_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+    const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+    const std::optional<at::Tensor>& w3, const std::optional<at::Tensor>& b3, Activation act,
+    bool save_for_backward) {
+  const FfnShape s = check_inputs(x, w1, b1, w2, b2, w3, b3);
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
+  const auto w3c = contiguous(w3), b1c = contiguous(b1), b2c = contiguous(b2), b3c = contiguous(b3);
+  at::Tensor out = at::empty({s.tokens, s.d_out}, x.options());
+  // What ffn_bwd reads: the first GEMMs' results, biases in them where
+  // bias_in_gemm (here rounded once from the fp32 sum, as addmm does).
+  at::Tensor act_in = save_for_backward ? at::empty({s.n_in(), s.tokens, s.d_ff}, x.options())
+                                        : at::empty({0}, x.options());
+  cpu::FfnSmallTokensParams p{};
+  p.act_in = save_for_backward ? act_in.data_ptr() : nullptr;
+  p.act_in_bias = bias_in_gemm(x);
+  p.x = xc.data_ptr();
+  p.w1 = w1c.data_ptr();
+  p.w3 = w3c ? w3c->data_ptr() : nullptr;
+  p.w2 = w2c.data_ptr();
+  p.b1 = b1c ? b1c->data_ptr() : nullptr;
+  p.b3 = b3c ? b3c->data_ptr() : nullptr;
+  p.b2 = b2c ? b2c->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.x_row_stride = xc.stride(0);
+  p.tokens = s.tokens;
+  p.d_model = s.d_model;
+  p.d_ff = s.d_ff;
+  p.d_out = s.d_out;
+  p.act = act;
+  p.gated = s.gated;
+  p.dtype = to_dtype(x.scalar_type());
+  cpu::ffn_fwd_small_tokens(p);
+  return {out, act_in};
+}
+
 std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const at::Tensor& w2, const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& w3, const std::optional<at::Tensor>& b3,
     c10::string_view activation, bool save_for_backward) {
+  // Decode sizes: up to ffn_small_tokens_limit() tokens (the measured
+  // crossover: bf16 16, fp32/fp16 32; PERF_NOTES.md "CPU feed-forward at
+  // decode sizes") the forward is the fused small-token kernel, which also
+  // writes act_in when the backward needs it (training at small T: fwd+bwd
+  // 1.02-1.29x the ATen path). The backward keeps the ATen GEMMs.
+  if (x.dim() == 2 && x.size(0) > 0 && kernel_dtype(x.scalar_type()) &&
+      x.size(0) <= cpu::ffn_small_tokens_limit(to_dtype(x.scalar_type()))) {
+    return ffn_fwd_small_tokens_cpu(x, w1, b1, w2, b2, w3, b3, parse_activation(activation),
+                                    save_for_backward);
+  }
   return ffn_fwd_impl(&cpu::ffn_act_fwd, x, w1, b1, w2, b2, w3, b3, activation,
                       save_for_backward);
 }
@@ -398,6 +448,14 @@ TORCH_LIBRARY_FRAGMENT(pyfastattn, m) {
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The instruction set the CPU FFN kernels use here: avx512, avx2 or portable.
   m.def("ffn_cpu_isa() -> str", [] { return std::string(cpu::ffn_cpu_isa()); });
+  // The instruction set of the CPU small-token forward: avx512_bf16, avx512,
+  // avx2 or portable; and the most tokens the CPU ffn_fwd routes to it.
+  m.def("ffn_small_tokens_isa() -> str",
+        [] { return std::string(cpu::ffn_small_tokens_isa()); });
+  m.def("ffn_small_tokens_limit(ScalarType dtype) -> int", [](c10::ScalarType dt) {
+    TORCH_CHECK(kernel_dtype(dt), "ffn_small_tokens_limit: dtype must be ", kKernelDTypes, ", got ", dt);
+    return cpu::ffn_small_tokens_limit(to_dtype(dt));
+  });
 }
 
 TORCH_LIBRARY_IMPL(pyfastattn, CPU, m) {

@@ -1,0 +1,622 @@
+// The FFN forward at decode sizes (a few tokens), fused: see ffn_small_tokens.h.
+//
+// Why a kernel of its own. At T <= 16 tokens, bf16 gated D1024 F2816, the
+// weights are 17.3 MB per call and the arithmetic 2 T 8.65M = 277 MFLOP: at
+// this box's 33-45 GB/s the call is bound by reading the weights once
+// (~0.45 ms), and the arithmetic needs about half the bf16 dot-product peak
+// in that time. ATen's GEMMs (the op's path for larger T) plus the
+// elementwise pass ran at 0.91-0.95x eager there (issue 21).
+//
+// What it does. nn.Linear weights are [out, in] row-major, so each output
+// feature's weights are one contiguous row, and a feature's value for a
+// token is a dot product of that row with the token's input row:
+//   layer 1: tasks of kFeatBlock features; for each block of rows of W1
+//            (and W3), every token's dot products, in fp32 registers; the
+//            task's pre-activations [T, kFeatBlock] stay in a stack array,
+//            get the bias and the activation (and the gate product) there
+//            (ffn_act_fp32, the FFN step's vectorised code) and are written
+//            once into h [T, d_ff], a per-call buffer held by the calling
+//            thread (bf16 for bf16 inputs, else fp32; 90 KB at T16 F2816
+//            bf16: it stays in L2 for layer 2).
+//   layer 2: tasks of kOutBlock rows of W2, the same dot products against
+//            h's rows, + b2, rounded once into y.
+// at::parallel_for hands each thread one contiguous range of tasks, so the
+// two cores stream disjoint, contiguous stretches of every weight matrix.
+// Every output element is one dot product computed by one thread in one
+// fixed order (lanes over the reduced dimension, then a fixed tree): the
+// result does not depend on the thread count.
+//
+// The dot-product tile (AVX-512). R weight rows x TT tokens (8 x 2; 8 x 1 for
+// one token), one 512-bit accumulator per pair, the reduced dimension in
+// steps of one vector: per step R weight loads + TT token loads feed R TT
+// multiply-adds (vdpbf16ps for bf16: 32 products each). Each weight line
+// comes from memory once, for the first token tile, and from L1 for the
+// others; the token rows (T16 x D1024 bf16 = 32 KB, copied with padded rows)
+// stay in L1/L2. The token tiles of a block share the software prefetch of
+// the block two ahead. Rows and tokens past the end repeat the last valid
+// one (results dropped); the reduced dimension's tail is a masked
+// (zero-filled) load. The sums leave the registers through a
+// transpose-and-add tree, four accumulators to one xmm.
+#include "ffn_small_tokens.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "ffn_cpu.h"
+#include "simd.h"
+
+namespace pyfastattn {
+namespace cpu {
+namespace {
+
+constexpr int64_t kFeatBlock = 64;  // layer-1 features per task (44 tasks at F2816)
+constexpr int64_t kOutBlock = 32;   // layer-2 outputs per task (32 tasks at D1024)
+// Tiles (weight rows x tokens): AVX-512 8 x 2 for T >= 2 (measured against
+// 4 x 4: bf16 T16 1.83 vs 2.07 ms, T8 1.51 vs 1.85; fp32 T16 4.04 vs 4.38,
+// one thread: eight weight rows in flight keep more lines coming from
+// memory), 8 x 1 for T = 1; the generic code's 4 x 2 (x 16 lanes: AVX2 has
+// 16 ymm registers).
+constexpr int kWideRows = 8, kWideTokens = 2;
+constexpr int kGenericRows = 4, kGenericTokens = 2;
+constexpr int kOneRows = 8;
+// How many row blocks ahead of the one being computed the tiles prefetch
+// (bf16 T16, one thread: 1.83 ms with 2 or 8, 1.99 with none).
+constexpr int64_t kPrefetchBlocks = 2;
+
+// c[t * ldc + (r - r0)] = sum_i a[t][i] w[r][i] for t < tokens, r in [r0, r1):
+// a [tokens, k] rows lda apart, w rows ldw apart (elements).
+struct DotRows {
+  const void* a;
+  int64_t lda, tokens;
+  const void* w;
+  int64_t ldw, r0, r1, k;
+  float* c;
+  int64_t ldc;
+  int64_t pf_blocks;  // prefetch this many row blocks ahead (0: none)
+  int64_t pf_end;     // rows of w that exist (prefetches stop there, not at r1)
+};
+using RowsFn = void (*)(const DotRows&);
+
+struct RowsSet {
+  RowsFn many;  // T >= 2
+  RowsFn one;   // T = 1
+};
+
+// The loop over row blocks and token tiles, around a Tile policy:
+//   Tile::A, Tile::B              element types of a and w
+//   Tile::run<R, TT>(a, b, k, pf, pf_ld, pf_rows, out, ldo)
+//     out[t * ldo + r] = sum_i a[t][i] b[r][i] (TT token and R weight row
+//     pointers), prefetching pf_rows rows pf_ld bytes apart from pf.
+// Rows and tokens past the end repeat the last valid one; such edge tiles
+// go through a small buffer, full ones store straight into c.
+template <class Tile, int R, int TT>
+PFA_INLINE void rows_loop(const DotRows& d) {
+  using A = typename Tile::A;
+  using B = typename Tile::B;
+  const A* abase = static_cast<const A*>(d.a);
+  const B* wbase = static_cast<const B*>(d.w);
+  // The token tiles of a row block share the prefetching of the block
+  // pf_blocks ahead: pass j asks for rows [j pf_rows, (j + 1) pf_rows) of
+  // it, one line per row per step, so the requests spread evenly over the
+  // block's compute instead of bunching in its first pass.
+  const int64_t passes = (d.tokens + TT - 1) / TT;
+  const int64_t pf_rows = (R + passes - 1) / passes;
+  const int64_t pf_ld = d.ldw * int64_t(sizeof(B));
+  alignas(64) float edge[R * TT];
+  for (int64_t r = d.r0; r < d.r1; r += R) {
+    const int64_t nr = std::min<int64_t>(R, d.r1 - r);
+    const B* b[R];
+    for (int rr = 0; rr < R; ++rr) b[rr] = wbase + (r + std::min<int64_t>(rr, nr - 1)) * d.ldw;
+    const int64_t pf_block = r + d.pf_blocks * R;
+    for (int64_t t = 0, pass = 0; t < d.tokens; t += TT, ++pass) {
+      const int64_t nt = std::min<int64_t>(TT, d.tokens - t);
+      const A* a[TT];
+      for (int tt = 0; tt < TT; ++tt) a[tt] = abase + (t + std::min<int64_t>(tt, nt - 1)) * d.lda;
+      const int64_t first = pf_block + pass * pf_rows;
+      const int64_t pf_last = std::min(d.pf_end, pf_block + R);  // one past the block's last row
+      const int64_t n_pf = d.pf_blocks > 0 ? std::max<int64_t>(0, std::min(pf_rows, pf_last - first)) : 0;
+      const char* pf = n_pf > 0 ? reinterpret_cast<const char*>(wbase + first * d.ldw) : nullptr;
+      const bool full = nr == R && nt == TT;
+      float* out = full ? d.c + t * d.ldc + (r - d.r0) : edge;
+      Tile::template run<R, TT>(a, b, d.k, pf, pf_ld, int(n_pf), out, full ? d.ldc : R);
+      if (!full) {
+        for (int64_t tt = 0; tt < nt; ++tt)
+          for (int64_t rr = 0; rr < nr; ++rr) d.c[(t + tt) * d.ldc + (r - d.r0) + rr] = edge[tt * R + rr];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Portable (and AVX2, by gcc's vectoriser): 16 fp32 lanes per accumulator.
+// ---------------------------------------------------------------------------
+
+PFA_INLINE float to_float(float v) { return v; }
+struct Bf16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+PFA_INLINE float to_float(Bf16 v) { return bf16_bits_to_f32(v.bits); }
+PFA_INLINE float to_float(F16 v) { return f16_bits_to_f32(v.bits); }
+
+// Sum of 16 lanes in a fixed tree (8 + 4 + 2 + 1 pairs).
+PFA_INLINE float lane_sum(const float* v) {
+  float s[kLanes];
+  for (int i = 0; i < kLanes; ++i) s[i] = v[i];
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) s[i] += s[i + w];
+  return s[0];
+}
+
+template <class AT, class BT>
+struct GenericTile {
+  using A = AT;
+  using B = BT;
+  template <int R, int TT>
+  PFA_INLINE static void run(const A* const* a, const B* const* b, int64_t k, const char*, int64_t,
+                             int, float* out, int64_t ldo) {
+    float acc[R][TT][kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= k; i += kLanes) {
+      for (int r = 0; r < R; ++r) {
+        float bv[kLanes];
+        for (int l = 0; l < kLanes; ++l) bv[l] = to_float(b[r][i + l]);
+        for (int t = 0; t < TT; ++t)
+          for (int l = 0; l < kLanes; ++l) acc[r][t][l] += to_float(a[t][i + l]) * bv[l];
+      }
+    }
+    for (int l = 0; i + l < k; ++l)
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TT; ++t) acc[r][t][l] += to_float(a[t][i + l]) * to_float(b[r][i + l]);
+    for (int t = 0; t < TT; ++t)
+      for (int r = 0; r < R; ++r) out[t * ldo + r] = lane_sum(acc[r][t]);
+  }
+};
+
+#define PFA_GENERIC_ROWS(SUFFIX, ATTR)                               \
+  template <class Tile, int R, int TT>                               \
+  ATTR __attribute__((flatten)) void rows_##SUFFIX(const DotRows& d) { \
+    rows_loop<Tile, R, TT>(d);                                       \
+  }
+
+PFA_GENERIC_ROWS(portable, )
+#if PFA_X86 && defined(__GNUC__) && !defined(__clang__)
+#define PFA_SMALL_TOKENS_AVX2 1
+PFA_GENERIC_ROWS(avx2, PFA_AVX2)
+#else
+#define PFA_SMALL_TOKENS_AVX2 0
+#endif
+#undef PFA_GENERIC_ROWS
+
+template <class A, class B>
+RowsSet generic_rows(bool avx2) {
+  using T = GenericTile<A, B>;
+#if PFA_SMALL_TOKENS_AVX2
+  if (avx2) return {&rows_avx2<T, kGenericRows, kGenericTokens>, &rows_avx2<T, kOneRows, 1>};
+#endif
+  (void)avx2;
+  return {&rows_portable<T, kGenericRows, kGenericTokens>, &rows_portable<T, kOneRows, 1>};
+}
+
+// ---------------------------------------------------------------------------
+// AVX-512. One "Ops" struct per (token, weight) element pair: a step of the
+// reduced dimension, the loads (full and masked tail), the multiply-add.
+// Every member is an inline function with its target attribute (never a raw
+// intrinsic in the neutral template below): `flatten` inlines them into the
+// per-target row functions.
+// ---------------------------------------------------------------------------
+
+#if PFA_X86
+
+// fp32 tokens, fp32 weights.
+struct OpsF32 {
+  using A = float;
+  using B = float;
+  using AV = __m512;
+  using BV = __m512;
+  using Mask = __mmask16;
+  static constexpr int kStep = 16;
+  PFA_AVX512 static inline Mask tail(int64_t n) { return Mask((1u << n) - 1u); }
+  PFA_AVX512 static inline AV load_a(const A* p) { return _mm512_loadu_ps(p); }
+  PFA_AVX512 static inline AV load_a(const A* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  PFA_AVX512 static inline BV load_b(const B* p) { return _mm512_loadu_ps(p); }
+  PFA_AVX512 static inline BV load_b(const B* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  PFA_AVX512 static inline __m512 madd(__m512 acc, AV a, BV b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+// fp32 tokens (converted once), fp16 weights converted per load (vcvtph2ps).
+struct OpsF16 {
+  using A = float;
+  using B = uint16_t;
+  using AV = __m512;
+  using BV = __m512;
+  using Mask = __mmask16;
+  static constexpr int kStep = 16;
+  PFA_AVX512 static inline Mask tail(int64_t n) { return Mask((1u << n) - 1u); }
+  PFA_AVX512 static inline AV load_a(const A* p) { return _mm512_loadu_ps(p); }
+  PFA_AVX512 static inline AV load_a(const A* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  PFA_AVX512 static inline BV load_b(const B* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  PFA_AVX512 static inline BV load_b(const B* p, Mask m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+  PFA_AVX512 static inline __m512 madd(__m512 acc, AV a, BV b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+// bf16 both, widened to fp32 (AVX-512 without the BF16 extension).
+struct OpsBf16Wide {
+  using A = uint16_t;
+  using B = uint16_t;
+  using AV = __m512;
+  using BV = __m512;
+  using Mask = __mmask16;
+  static constexpr int kStep = 16;
+  PFA_AVX512 static inline __m512 widen(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  PFA_AVX512 static inline Mask tail(int64_t n) { return Mask((1u << n) - 1u); }
+  PFA_AVX512 static inline AV load_a(const A* p) {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  PFA_AVX512 static inline AV load_a(const A* p, Mask m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+  PFA_AVX512 static inline BV load_b(const B* p) { return load_a(p); }
+  PFA_AVX512 static inline BV load_b(const B* p, Mask m) { return load_a(p, m); }
+  PFA_AVX512 static inline __m512 madd(__m512 acc, AV a, BV b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+// bf16 both, vdpbf16ps: lane l gets a[2l] b[2l] + a[2l+1] b[2l+1].
+struct OpsBf16Dot {
+  using A = uint16_t;
+  using B = uint16_t;
+  using AV = __m512bh;
+  using BV = __m512bh;
+  using Mask = __mmask32;
+  static constexpr int kStep = 32;
+  PFA_AVX512_BF16 static inline Mask tail(int64_t n) { return Mask((uint64_t(1) << n) - 1u); }
+  PFA_AVX512_BF16 static inline AV load_a(const A* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  PFA_AVX512_BF16 static inline AV load_a(const A* p, Mask m) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
+  }
+  PFA_AVX512_BF16 static inline BV load_b(const B* p) { return load_a(p); }
+  PFA_AVX512_BF16 static inline BV load_b(const B* p, Mask m) { return load_a(p, m); }
+  PFA_AVX512_BF16 static inline __m512 madd(__m512 acc, AV a, BV b) { return _mm512_dpbf16_ps(acc, a, b); }
+};
+
+// What every AVX-512 tile shares: zero, prefetch, and the exit of four
+// accumulators' lane sums as one xmm (pairs interleaved and added, then the
+// 128-bit lanes added: a fixed order).
+struct Avx512 {
+  PFA_AVX512 static inline __m512 zero() { return _mm512_setzero_ps(); }
+  PFA_AVX512 static inline void prefetch(const char* p) { _mm_prefetch(p, _MM_HINT_T0); }
+  PFA_AVX512 static inline void store_sum4(float* out, __m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
+};
+
+// R weight rows x TT tokens, one zmm accumulator each; one step of the
+// reduced dimension loads R weight vectors and TT token vectors and does
+// R TT multiply-adds. Prefetch: one 64-byte line per row per step for fp32
+// and bf16 weights; fp16 asks for each line twice (a prefetch of a present
+// line is nearly free).
+template <class Ops>
+struct Avx512Tile {
+  using A = typename Ops::A;
+  using B = typename Ops::B;
+  template <int R, int TT>
+  PFA_INLINE static void run(const A* const* a, const B* const* b, int64_t k, const char* pf,
+                             int64_t pf_ld, int pf_rows, float* out, int64_t ldo) {
+    static_assert(R % 4 == 0, "rows leave the registers four at a time");
+    constexpr int S = Ops::kStep;
+    __m512 acc[R][TT];
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      #pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t) acc[r][t] = Avx512::zero();
+    int64_t i = 0;
+    for (; i + S <= k; i += S) {
+      if (pf != nullptr) {
+        #pragma GCC unroll 16
+        for (int r = 0; r < R; ++r)
+          if (r < pf_rows) Avx512::prefetch(pf + r * pf_ld + i * int64_t(sizeof(B)));
+      }
+      typename Ops::BV bv[R];
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) bv[r] = Ops::load_b(b[r] + i);
+      #pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t) {
+        const typename Ops::AV av = Ops::load_a(a[t] + i);
+        #pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) acc[r][t] = Ops::madd(acc[r][t], av, bv[r]);
+      }
+    }
+    if (i < k) {
+      const typename Ops::Mask m = Ops::tail(k - i);
+      typename Ops::BV bv[R];
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) bv[r] = Ops::load_b(b[r] + i, m);
+      #pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t) {
+        const typename Ops::AV av = Ops::load_a(a[t] + i, m);
+        #pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) acc[r][t] = Ops::madd(acc[r][t], av, bv[r]);
+      }
+    }
+    #pragma GCC unroll 16
+    for (int t = 0; t < TT; ++t)
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; r += 4)
+        Avx512::store_sum4(out + t * ldo + r, acc[r][t], acc[r + 1][t], acc[r + 2][t], acc[r + 3][t]);
+  }
+};
+
+template <class Tile, int R, int TT>
+PFA_AVX512 __attribute__((flatten)) void rows_avx512(const DotRows& d) {
+  rows_loop<Tile, R, TT>(d);
+}
+template <class Tile, int R, int TT>
+PFA_AVX512_BF16 __attribute__((flatten)) void rows_avx512_bf16(const DotRows& d) {
+  rows_loop<Tile, R, TT>(d);
+}
+
+template <class Ops>
+RowsSet avx512_rows() {
+  using T = Avx512Tile<Ops>;
+  return {&rows_avx512<T, kWideRows, kWideTokens>, &rows_avx512<T, kOneRows, 1>};
+}
+
+#endif  // PFA_X86
+
+// ---------------------------------------------------------------------------
+// Instruction-set choice: the widest this CPU has, lowered by
+// PYFASTATTN_FFN_ISA=avx512|avx2|portable (read once), as ffn_cpu.cpp's.
+// ---------------------------------------------------------------------------
+
+enum class Isa { kPortable, kAvx2, kAvx512, kAvx512Bf16 };
+
+Isa detect_isa() {
+  const char* step = ffn_cpu_isa();  // the FFN step's choice, after the same cap
+  Isa i = Isa::kPortable;
+#if PFA_X86
+  if (std::strcmp(step, "avx512") == 0) {
+    // PYFASTATTN_FFN_ISA=avx512 leaves out the BF16 dot products (tests run
+    // the widening path with it on a CPU that has them).
+    const char* cap = std::getenv("PYFASTATTN_FFN_ISA");
+    const bool no_dot = cap != nullptr && std::strcmp(cap, "avx512") == 0;
+    i = cpu_has_avx512_bf16() && !no_dot ? Isa::kAvx512Bf16 : Isa::kAvx512;
+  } else if (std::strcmp(step, "avx2") == 0) {
+    i = PFA_SMALL_TOKENS_AVX2 ? Isa::kAvx2 : Isa::kPortable;
+  }
+#endif
+  return i;
+}
+
+Isa isa() {
+  static const Isa value = detect_isa();
+  return value;
+}
+
+RowsSet rows_for(DType dt) {
+  const Isa i = isa();
+#if PFA_X86
+  if (i == Isa::kAvx512 || i == Isa::kAvx512Bf16) {
+    switch (dt) {
+      case DType::kFloat32:
+        return avx512_rows<OpsF32>();
+      case DType::kFloat16:
+        return avx512_rows<OpsF16>();
+      case DType::kBFloat16:
+      default:
+        if (i == Isa::kAvx512Bf16) {
+          using T = Avx512Tile<OpsBf16Dot>;
+          return {&rows_avx512_bf16<T, kWideRows, kWideTokens>, &rows_avx512_bf16<T, kOneRows, 1>};
+        }
+        return avx512_rows<OpsBf16Wide>();
+    }
+  }
+#endif
+  const bool avx2 = i == Isa::kAvx2;
+  switch (dt) {
+    case DType::kFloat32:
+      return generic_rows<float, float>(avx2);
+    case DType::kFloat16:
+      return generic_rows<float, F16>(avx2);
+    case DType::kBFloat16:
+    default:
+      return generic_rows<Bf16, Bf16>(avx2);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The two layers.
+// ---------------------------------------------------------------------------
+
+float load_f32(DType dt, const void* base, int64_t i) {
+  switch (dt) {
+    case DType::kFloat32:
+      return static_cast<const float*>(base)[i];
+    case DType::kBFloat16:
+      return bf16_bits_to_f32(static_cast<const uint16_t*>(base)[i]);
+    case DType::kFloat16:
+    default:
+      return f16_bits_to_f32(static_cast<const uint16_t*>(base)[i]);
+  }
+}
+
+void store_f32(DType dt, void* base, int64_t i, float v) {
+  switch (dt) {
+    case DType::kFloat32:
+      static_cast<float*>(base)[i] = v;
+      return;
+    case DType::kBFloat16:
+      static_cast<uint16_t*>(base)[i] = f32_to_bf16_bits(v);
+      return;
+    case DType::kFloat16:
+    default:
+      static_cast<uint16_t*>(base)[i] = f32_to_f16_bits(v);
+  }
+}
+
+// c[t * ldc + (r - r0)] = sum_i a[t][i] w[r][i] for t < tokens, r in [r0, r1).
+void dot_rows(const RowsSet& rs, const void* a, int64_t lda, int64_t tokens, const void* w,
+              int64_t ldw, int64_t rows, int64_t r0, int64_t r1, int64_t k, float* c, int64_t ldc,
+              int64_t pf_blocks) {
+  const DotRows d{a, lda, tokens, w, ldw, r0, r1, k, c, ldc, pf_blocks, rows};
+  (tokens == 1 ? rs.one : rs.many)(d);
+}
+
+// The calling thread's buffer for one call's h, the fp32 copy of x (fp16)
+// and the fp32 biases: held between calls (at most ~1.5 MB at T32 F11008
+// fp32), so no call page-faults in fresh memory.
+float* call_scratch(int64_t floats) {
+  thread_local std::unique_ptr<float[]> buf;
+  thread_local int64_t size = 0;
+  if (floats > size) {
+    buf.reset();
+    buf.reset(new float[size_t(floats)]);
+    size = floats;
+  }
+  return buf.get();
+}
+
+// act_in[0 (gate), 1 (up)][t][f0 + c] = g / u [t][c], in the storage dtype.
+void save_pre_activations(const FfnSmallTokensParams& p, const float* g, const float* u, int64_t f0,
+                          int64_t n) {
+  const int64_t T = p.tokens, F = p.d_ff;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t c = 0; c < n; ++c) {
+      store_f32(p.dtype, p.act_in, t * F + f0 + c, g[t * n + c]);
+      if (p.gated) store_f32(p.dtype, p.act_in, T * F + t * F + f0 + c, u[t * n + c]);
+    }
+  }
+}
+
+}  // namespace
+
+void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
+  const int64_t T = p.tokens, D = p.d_model, F = p.d_ff, O = p.d_out;
+  if (T == 0 || O == 0) return;
+  const DType dt = p.dtype;
+  const RowsSet rs = rows_for(dt);
+  const int64_t pf = kPrefetchBlocks;
+  // Token-side operands: bf16 stays bf16 (vdpbf16ps pairs); fp16 tokens and
+  // h are fp32 (the fp16 weights are widened per load).
+  const bool a_bf16 = dt == DType::kBFloat16;
+  const int64_t a_size = a_bf16 ? 2 : 4;
+  // x and h are copied with padded rows (ld_pad): with D1024 bf16 the rows
+  // of x are 2 KiB apart, so a tile's 4 token lines at one step, and the
+  // same step of every other token, land in 2 of L1's 64 sets; one extra
+  // line per row spreads them over 16.
+  const auto ld_pad = [&](int64_t n) { return (n + 31) / 32 * 32 + 64 / a_size; };
+  const int64_t ldx = ld_pad(D), ldh = ld_pad(F);
+  const int64_t h_floats = (T * ldh * a_size + 3) / 4;
+  const int64_t x_floats = (T * ldx * a_size + 3) / 4;
+  float* scratch = call_scratch(h_floats + x_floats + 2 * F + O);
+  void* h = scratch;
+  void* xa = scratch + h_floats;
+  float* b1 = scratch + h_floats + x_floats;
+  float* b3 = b1 + F;
+  float* b2 = b3 + F;
+  for (int64_t f = 0; f < F; ++f) {
+    b1[f] = p.b1 ? load_f32(dt, p.b1, f) : 0.0f;
+    b3[f] = p.b3 ? load_f32(dt, p.b3, f) : 0.0f;
+  }
+  for (int64_t o = 0; o < O; ++o) b2[o] = p.b2 ? load_f32(dt, p.b2, o) : 0.0f;
+  // Token-side operands: bf16 stays bf16 (vdpbf16ps pairs); fp16 tokens and
+  // h are fp32 (the fp16 weights are widened per load).
+  for (int64_t t = 0; t < T; ++t) {
+    if (dt == DType::kFloat16) {
+      float* row = static_cast<float*>(xa) + t * ldx;
+      for (int64_t d = 0; d < D; ++d) row[d] = load_f32(dt, p.x, t * p.x_row_stride + d);
+    } else {  // same element type: a row copy
+      std::memcpy(static_cast<char*>(xa) + t * ldx * a_size,
+                  static_cast<const char*>(p.x) + t * p.x_row_stride * a_size, size_t(D * a_size));
+    }
+  }
+  const int64_t lda = ldx;
+
+  // Layer 1: h[:, f0:f1] = act(x W1^T + b1) [* (x W3^T + b3)].
+  if (F > 0) {
+    const int64_t tasks = (F + kFeatBlock - 1) / kFeatBlock;
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) float g[kFfnSmallTokensMax * kFeatBlock];
+      alignas(64) float u[kFfnSmallTokensMax * kFeatBlock];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t f0 = task * kFeatBlock, f1 = std::min(F, f0 + kFeatBlock), n = f1 - f0;
+        dot_rows(rs, xa, lda, T, p.w1, D, F, f0, f1, D, g, n, pf);
+        if (p.gated) dot_rows(rs, xa, lda, T, p.w3, D, F, f0, f1, D, u, n, pf);
+        if (p.act_in != nullptr && !p.act_in_bias) save_pre_activations(p, g, u, f0, n);
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t c = 0; c < n; ++c) {
+            g[t * n + c] += b1[f0 + c];
+            if (p.gated) u[t * n + c] += b3[f0 + c];
+          }
+        }
+        if (p.act_in != nullptr && p.act_in_bias) save_pre_activations(p, g, u, f0, n);
+        ffn_act_fp32(p.act, g, p.gated ? u : nullptr, T * n);
+        for (int64_t t = 0; t < T; ++t) {
+          if (a_bf16) {
+            uint16_t* hr = static_cast<uint16_t*>(h) + t * ldh + f0;
+            for (int64_t c = 0; c < n; ++c) hr[c] = f32_to_bf16_bits(g[t * n + c]);
+          } else {
+            std::memcpy(static_cast<float*>(h) + t * ldh + f0, g + t * n, size_t(n) * 4);
+          }
+        }
+      }
+    });
+  }
+
+  // Layer 2: y[:, o0:o1] = h W2^T + b2 (h = 0 when d_ff = 0: y = b2).
+  const int64_t tasks = (O + kOutBlock - 1) / kOutBlock;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float y[kFfnSmallTokensMax * kOutBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t o0 = task * kOutBlock, o1 = std::min(O, o0 + kOutBlock), n = o1 - o0;
+      if (F > 0) {
+        dot_rows(rs, h, ldh, T, p.w2, F, O, o0, o1, F, y, n, pf);
+      } else {
+        std::fill(y, y + T * n, 0.0f);
+      }
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t c = 0; c < n; ++c) store_f32(dt, p.out, t * O + o0 + c, y[t * n + c] + b2[o0 + c]);
+    }
+  });
+}
+
+int64_t ffn_small_tokens_limit(DType dt) {
+  // Defaults: the crossovers measured (PERF_NOTES.md, "CPU feed-forward at
+  // decode sizes", one thread, gated D1024 F2816): bf16 1.05x eager at T16,
+  // 0.96x at T20; fp32 still 1.55x at T32, fp16 5.9x (eager fp16 has no fast
+  // CPU GEMM), so those run it up to the kernel's maximum.
+  const int64_t fallback = dt == DType::kBFloat16 ? 16 : kFfnSmallTokensMax;
+  const char* env = std::getenv("PYFASTATTN_CPU_FFN_SMALL_TOKENS");
+  const int64_t v = env != nullptr ? std::atoll(env) : fallback;
+  return std::min<int64_t>(std::max<int64_t>(v, 0), kFfnSmallTokensMax);
+}
+
+const char* ffn_small_tokens_isa() {
+  switch (isa()) {
+    case Isa::kAvx512Bf16:
+      return "avx512_bf16";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
+
+}  // namespace cpu
+}  // namespace pyfastattn
