@@ -418,7 +418,7 @@ def test_default_grids_have_four_points_per_curve(device):
         assert all(len(x) >= 3 if not quick else len(x) >= 4 for x in curves.values()), curves
 
 
-@pytest.mark.parametrize("script", ["run.py", "ffn_bench.py", "ffn_decode_bench.py"])
+@pytest.mark.parametrize("script", ["run.py", "ffn_bench.py", "ffn_decode_bench.py", "attention_peak_ab.py"])
 def test_every_flag_has_a_description(script):
     r = subprocess.run([sys.executable, os.path.join(BENCH, script), "--help"], capture_output=True,
                        text=True, timeout=120)  # fmt: skip
