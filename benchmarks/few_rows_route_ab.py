@@ -7,9 +7,10 @@ query rows), which csrc/ops.cpp routes such dense calls to.
 
 Each round runs one fresh process per route (``PYFASTATTN_CPU_FEW_ROWS=tiled``
 and ``=kvcache``, read once per process), A B A B ...; a process times
-``torch.ops.pyfastattn.attention_fwd`` (bottom-right causal) per shape in
-process CPU time (steadier than wall time on a shared machine), median of its
-calls. Prints per shape the median over rounds and kvcache / tiled. Shapes
+``torch.ops.pyfastattn.attention_fwd`` (bottom-right causal) per shape,
+median of its calls: on one thread in process CPU time (steadier than wall
+time on a shared machine), on more in wall time (the process CPU time of
+several threads counts OpenMP's spinning at the barriers); --clock overrides. Prints per shape the median over rounds and kvcache / tiled. Shapes
 the rule does not route (Sq 16 MHA; MHA decode below 16 MiB of K and V) run
 the tiled kernel in both columns: their ratio is the run's noise."""
 
@@ -27,6 +28,7 @@ import json, statistics, sys, time, torch
 import pyfastattn  # noqa: F401  (registers the ops)
 torch.set_num_threads(int(sys.argv[1]))
 shapes = json.loads(sys.argv[2])
+clock = time.process_time if sys.argv[3] == "cpu" else time.perf_counter
 fwd = torch.ops.pyfastattn.attention_fwd.default
 res = {}
 for dt, b, sq, hq, hk, d, sk in shapes:
@@ -40,7 +42,7 @@ for dt, b, sq, hq, hk, d, sk in shapes:
     n = max(5, min(200, int(4e6 / (b * sk * hk * d))))
     ts = []
     for _ in range(n):
-        t0 = time.process_time(); f(); ts.append(time.process_time() - t0)
+        t0 = clock(); f(); ts.append(clock() - t0)
     res[f"{dt} B{b} Sq{sq} Hq{hq} Hk{hk} D{d} Sk{sk}"] = statistics.median(ts) * 1e6
 print(json.dumps(res))
 """
@@ -72,15 +74,22 @@ def main() -> None:
         "--rounds", type=int, default=3, help="A/B rounds, one process per route each (default: 3)"
     )
     ap.add_argument("--quick", action="store_true", help="4 shapes instead of 48")
+    ap.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default=None,
+        help="process CPU time or wall time (default: cpu on one thread, wall on more)",
+    )
     a = ap.parse_args()
     shapes = QUICK if a.quick else FULL
+    clock = a.clock or ("cpu" if a.threads == 1 else "wall")
     routes = ("tiled", "kvcache")
     runs: dict[str, list[dict]] = {r: [] for r in routes}
     for rnd in range(a.rounds):
         for r in routes:
             env = dict(os.environ, PYFASTATTN_CPU_FEW_ROWS=r)
             out = subprocess.run(
-                [sys.executable, "-c", CHILD, str(a.threads), json.dumps(shapes)],
+                [sys.executable, "-c", CHILD, str(a.threads), json.dumps(shapes), clock],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -88,7 +97,8 @@ def main() -> None:
             )
             runs[r].append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"round {rnd + 1} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
-    print(f"# {a.threads} thread(s), {a.rounds} rounds, process CPU us per call, median over rounds")
+    what = "process CPU" if clock == "cpu" else "wall"
+    print(f"# {a.threads} thread(s), {a.rounds} rounds, {what} us per call, median over rounds")
     for key in runs["tiled"][0]:
         t = statistics.median(x[key] for x in runs["tiled"])
         kv = statistics.median(x[key] for x in runs["kvcache"])
