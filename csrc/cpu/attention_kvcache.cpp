@@ -19,7 +19,11 @@
 // head, accumulators in registers over the tile). The scores pass prefetches
 // every line of the tile's V rows, the P V pass every line of the next tile's
 // K rows, both in address order (whole rows, key after key), which is what
-// the memory system sees; the demand order inside the tile is then free. Key
+// the memory system sees; the demand order inside the tile is then free. The
+// scores pass also prefetches the first line of each K and V row of the next
+// tile, so that the address translations of a paged cache's next blocks are
+// walked a tile ahead (a random block order otherwise costs a page walk in
+// the middle of the stream at every block: v8 in PERF_NOTES.md). Key
 // rows are reached through per-tile arrays of row pointers, so a tile may
 // cross block boundaries of a paged cache at no cost beyond the pointer walk.
 // The load and mask helpers come from the decode path (attention_decode.h).
@@ -191,6 +195,7 @@ struct KvScratch {
   const void** kp;   // [2][kTileKeys] key row pointers (at the task's first kv
   const void** vp;   // head) of this tile and the next; value rows likewise
   const void** pfl;  // [kTileKeys x heads] row slices a pass prefetches (PfCursor)
+  const void** pff;  // [2 x kTileKeys] first lines of the next tile's K / V rows (PfCursor::far)
 };
 
 PFA_INLINE int row_head(const KvCtx& c, int hg, int r) {
@@ -211,7 +216,8 @@ PFA_INLINE int row_query(const KvCtx& c, int r) { return (r % c.qrows) / c.group
 template <typename T>
 struct StepsPortable {
   static constexpr bool kNeedQf = true;
-  static void scores(const KvCtx& c, const KvScratch& w, const T* const* kp, const T* const*, int n) {
+  static void scores(const KvCtx& c, const KvScratch& w, const T* const* kp, const T* const*, int n,
+                     const T* const*, const T* const*, int) {
     const AttentionFwdParams& p = *c.p;
     for (int j = 0; j < n; ++j)
       for (int hl = 0; hl < c.heads; ++hl) {
@@ -313,14 +319,24 @@ PFA_AVX512 inline __m512 hsum16(const __m512* v) {
 // NTA hints, no different from T0).
 
 // The row slices (one key's kv heads after another) a pass prefetches, a
-// share at a time.
+// share at a time; and, spread over the same steps, the first line of each
+// K and V row of the tile after this one (far). On a paged cache every block
+// starts on pages whose address translation is not in the TLB; a prefetch
+// that meets such a page walks the page table then, a tile before the row's
+// lines are asked for, instead of in the middle of the stream (PERF_NOTES.md,
+// v8: paged 16 from 1.27x to ~1.1x contiguous; a demand load in its place
+// was slower).
 struct PfCursor {
   const char* const* slices;
   int count, next, lines;  // lines (64 B) per slice
+  const char* const* far;
+  int far_count, far_next;
   PFA_INLINE void step(int k) {
     const int e = std::min(count, next + k);
     for (; next < e; ++next)
       for (int l = 0; l < lines; ++l) _mm_prefetch(slices[next] + 64 * l, _MM_HINT_T0);
+    const int fe = count > 0 ? int(int64_t(far_count) * next / count) : far_count;
+    for (; far_next < fe; ++far_next) _mm_prefetch(far[far_next], _MM_HINT_T0);
   }
 };
 
@@ -331,7 +347,20 @@ PFA_INLINE PfCursor pf_cursor(const KvScratch& w, const T* const* rp, int n, int
   const char** list = reinterpret_cast<const char**>(w.pfl);
   for (int j = 0; j < n; ++j)
     for (int hl = 0; hl < heads; ++hl) list[j * heads + hl] = reinterpret_cast<const char*>(rp[j] + hl * head_stride);
-  return PfCursor{list, n * heads, 0, int((elems * sizeof(T) + 63) / 64)};
+  return PfCursor{list, n * heads, 0, int((elems * sizeof(T) + 63) / 64), nullptr, 0, 0};
+}
+
+// Adds the far list to pf: the first line of K row j and V row j of the next
+// tile's keys, j < nn, in that order.
+template <typename T>
+PFA_INLINE void pf_far(PfCursor& pf, const KvScratch& w, const T* const* kn, const T* const* vn, int nn) {
+  const char** list = reinterpret_cast<const char**>(w.pff);
+  for (int j = 0; j < nn; ++j) {
+    list[2 * j] = reinterpret_cast<const char*>(kn[j]);
+    list[2 * j + 1] = reinterpret_cast<const char*>(vn[j]);
+  }
+  pf.far = list;
+  pf.far_count = 2 * nn;
 }
 
 // Scores of G rows (q rows qp[x]) against keys kp[j] + koff, j < n, into
@@ -465,9 +494,10 @@ template <typename T>
 struct StepsAvx512 {
   static constexpr bool kNeedQf = true;
   static PFA_AVX512 inline void scores(const KvCtx& c, const KvScratch& w, const T* const* kp, const T* const* vp,
-                                       int n) {
+                                       int n, const T* const* kn, const T* const* vn, int nn) {
     const AttentionFwdParams& p = *c.p;
     PfCursor pf = pf_cursor(w, vp, n, c.heads, p.v_head_stride, c.dv);
+    pf_far(pf, w, kn, vn, nn);
     for (int hl = 0; hl < c.heads; ++hl)
       scores_head_f32<T>(c, w.qf + int64_t(hl) * c.qrows * c.d, c.qrows, kp, int64_t(hl) * p.k_head_stride, n,
                          w.sc + int64_t(hl) * c.qrows * kTileKeys, pf);
@@ -487,9 +517,11 @@ struct StepsAvx512Bf16 {
   using T = c10::BFloat16;
   static constexpr bool kNeedQf = false;
   static PFA_AVX512_BF16 inline void scores(const KvCtx& c, const KvScratch& w, const T* const* kp,
-                                            const T* const* vp, int n) {
+                                            const T* const* vp, int n, const T* const* kn, const T* const* vn,
+                                            int nn) {
     const AttentionFwdParams& p = *c.p;
     PfCursor pf = pf_cursor(w, vp, n, c.heads, p.v_head_stride, c.dv);
+    pf_far(pf, w, kn, vn, nn);
     const T* const* qp = reinterpret_cast<const T* const*>(w.qp);
     for (int hl = 0; hl < c.heads; ++hl)
       scores_head_bf16(c, qp + hl * c.qrows, c.qrows, kp, int64_t(hl) * p.k_head_stride, n,
@@ -590,7 +622,7 @@ PFA_INLINE void kv_task(const KvCtx& c, const KvScratch& w, const KvTask& t) {
     const int n = std::min(kTileKeys, uhi - j0);
     const int nn = std::min(kTileKeys, uhi - j0 - n);
     if (nn > 0) tile_pointers<T>(p, t.b, hk0, j0 + n, nn, kp[cur ^ 1], vp[cur ^ 1]);
-    Steps::scores(c, w, kp[cur], vp[cur], n);
+    Steps::scores(c, w, kp[cur], vp[cur], n, kp[cur ^ 1], vp[cur ^ 1], nn);
     if (c.softcap)
       for (int r = 0; r < rows; ++r)
         for (int j = 0; j < n; ++j) {
@@ -741,7 +773,7 @@ void run_kvcache(KvCtx& c) {
   const int64_t rows = c.rows;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> buf(size_t(rows * (kTileKeys + c.d + 3 + c.dv)));
-    std::vector<const void*> ptrs(size_t(rows + 4 * kTileKeys + kTileKeys * c.heads));
+    std::vector<const void*> ptrs(size_t(rows + 6 * kTileKeys + kTileKeys * c.heads));
     KvScratch w;
     w.sc = buf.data();
     w.qf = w.sc + rows * kTileKeys;
@@ -753,6 +785,7 @@ void run_kvcache(KvCtx& c) {
     w.kp = w.qp + rows;
     w.vp = w.kp + 2 * kTileKeys;
     w.pfl = w.vp + 2 * kTileKeys;
+    w.pff = w.pfl + kTileKeys * c.heads;
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
          i = next.fetch_add(1, std::memory_order_relaxed))
       fn(c, w, tasks[size_t(order[size_t(i)])]);
