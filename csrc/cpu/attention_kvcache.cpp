@@ -365,12 +365,26 @@ PFA_INLINE void pf_far(PfCursor& pf, const KvScratch& w, const T* const* kn, con
 
 // Scores of G rows (q rows qp[x]) against keys kp[j] + koff, j < n, into
 // sc[x * kTileKeys + j]: bf16 dot products, q in registers per 16 keys, the
-// 16 sums of a row formed by one transpose-and-add tree.
+// 16 sums of a row formed by one transpose-and-add tree. NV > 0: d is
+// exactly 32 x NV (64, 128, 256), so the loads are whole vectors and the
+// loops unroll with q and the 16 sums in registers; NV = 0: any d <= 256,
+// masked loads (a run-time loop the compiler keeps out of registers:
+// PERF_NOTES.md, v9).
+template <int NV>
+PFA_AVX512_BF16 PFA_INLINE __m512i load_bf16x32(const c10::BFloat16* x, int v, const __mmask32* km) {
+  if constexpr (NV > 0) {
+    return _mm512_loadu_si512(x + 32 * v);
+  } else {
+    return _mm512_maskz_loadu_epi16(km[v], x + 32 * v);
+  }
+}
+
+template <int NV>
 PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16* const* qp, int G,
                                              const c10::BFloat16* const* kp, int64_t koff, int n, float* sc,
                                              PfCursor& pf) {
   using T = c10::BFloat16;
-  const int d = c.d, nv = (d + 31) / 32;
+  const int d = c.d, nv = NV > 0 ? NV : (d + 31) / 32;
   __mmask32 km[8];
   for (int v = 0; v < nv; ++v) {
     const int left = d - 32 * v;
@@ -382,14 +396,16 @@ PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16
     pf.step(16);
     for (int x = 0; x < G; ++x) {
       const T* q = qp[x];
-      __m512i qv[8];
-      for (int v = 0; v < nv; ++v) qv[v] = _mm512_maskz_loadu_epi16(km[v], q + 32 * v);
+      __m512i qv[NV > 0 ? NV : 8];
+#pragma GCC unroll 8
+      for (int v = 0; v < nv; ++v) qv[v] = load_bf16x32<NV>(q, v, km);
       __m512 acc[16];
+#pragma GCC unroll 16
       for (int jj = 0; jj < 16; ++jj) {
         const T* k = kp[j + jj] + koff;
         __m512 a = _mm512_setzero_ps();
-        for (int v = 0; v < nv; ++v)
-          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(km[v], k + 32 * v), (__m512bh)qv[v]);
+#pragma GCC unroll 8
+        for (int v = 0; v < nv; ++v) a = _mm512_dpbf16_ps(a, (__m512bh)load_bf16x32<NV>(k, v, km), (__m512bh)qv[v]);
         acc[jj] = a;
       }
       _mm512_storeu_ps(sc + int64_t(x) * kTileKeys + j, _mm512_mul_ps(hsum16(acc), scale));
@@ -398,13 +414,12 @@ PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16
   for (; j < n; ++j) {
     pf.step(1);
     const T* k = kp[j] + koff;
-    __m512i kv[8];
-    for (int v = 0; v < nv; ++v) kv[v] = _mm512_maskz_loadu_epi16(km[v], k + 32 * v);
+    __m512i kv[NV > 0 ? NV : 8];
+    for (int v = 0; v < nv; ++v) kv[v] = load_bf16x32<NV>(k, v, km);
     for (int x = 0; x < G; ++x) {
       const T* q = qp[x];
       __m512 a = _mm512_setzero_ps();
-      for (int v = 0; v < nv; ++v)
-        a = _mm512_dpbf16_ps(a, (__m512bh)kv[v], (__m512bh)_mm512_maskz_loadu_epi16(km[v], q + 32 * v));
+      for (int v = 0; v < nv; ++v) a = _mm512_dpbf16_ps(a, (__m512bh)kv[v], (__m512bh)load_bf16x32<NV>(q, v, km));
       sc[int64_t(x) * kTileKeys + j] = _mm512_reduce_add_ps(a) * c.score_scale;
     }
   }
@@ -523,9 +538,17 @@ struct StepsAvx512Bf16 {
     PfCursor pf = pf_cursor(w, vp, n, c.heads, p.v_head_stride, c.dv);
     pf_far(pf, w, kn, vn, nn);
     const T* const* qp = reinterpret_cast<const T* const*>(w.qp);
-    for (int hl = 0; hl < c.heads; ++hl)
-      scores_head_bf16(c, qp + hl * c.qrows, c.qrows, kp, int64_t(hl) * p.k_head_stride, n,
-                       w.sc + int64_t(hl) * c.qrows * kTileKeys, pf);
+    for (int hl = 0; hl < c.heads; ++hl) {
+      const T* const* q = qp + hl * c.qrows;
+      const int64_t koff = int64_t(hl) * p.k_head_stride;
+      float* sc = w.sc + int64_t(hl) * c.qrows * kTileKeys;
+      switch (c.d) {
+        case 64: scores_head_bf16<2>(c, q, c.qrows, kp, koff, n, sc, pf); break;
+        case 128: scores_head_bf16<4>(c, q, c.qrows, kp, koff, n, sc, pf); break;
+        case 256: scores_head_bf16<8>(c, q, c.qrows, kp, koff, n, sc, pf); break;
+        default: scores_head_bf16<0>(c, q, c.qrows, kp, koff, n, sc, pf); break;
+      }
+    }
     pf.step(pf.count);
   }
   static PFA_AVX512_BF16 inline void softmax(int rows, int n, float* sc, float* m, float* l, float* alpha) {
