@@ -10,7 +10,10 @@ layouts see the same minutes of this machine's drifting speed. Two probes
 read a float32 buffer of the cache's bytes: ``buf.sum()`` and the project's
 ``torch.ops.pyfastattn.cpu_read_probe`` (csrc/cpu/peak_probe.cpp); the
 faster of the two by median is the read bandwidth (a fraction of bandwidth
-is against the best reader), and the output names it.
+is against the best reader), and the output names it. Each layout's cache
+is copied into ``--allocs`` fresh allocations stepped in turn, round by
+round: where a paged cache's memory lands moves its time by ~10 % on this VM
+(PERF_NOTES.md), so one allocation is one sample of that, not the layout.
 
 Reported per layout: ms per step (median, p20, p80), tokens/s (batch / step
 time), GB/s of cache read (K and V of every attended key, once), the median
@@ -126,46 +129,58 @@ def _block_of(layout: str) -> int | None:
     return None if layout == "contiguous" else int(layout.removeprefix("paged"))
 
 
-def run_case(b, ctx, dtype, layouts, reps, baselines, check, device="cpu"):
+def run_case(b, ctx, dtype, layouts, reps, baselines, check, device="cpu", allocs=1):
     """One (batch, context, dtype) case: the read probes and one decode step
     of every layout, interleaved round by round (the order rotated each
     round), ``reps`` rounds, after two warm-up rounds. Rows per layout: the
     step's median ms (p20, p80), the median over rounds of probe ms / step ms
     (``frac_read_bw``: against the faster of the probes, by median) and of
-    step ms / contiguous step ms (``ratio_to_contiguous``). The baselines
-    (torch SDPA over views of the contiguous cache, concatenate-then-attend)
-    are timed after the rounds, against the probe's median."""
+    step ms / contiguous step ms (``ratio_to_contiguous``). ``allocs`` > 1:
+    each layout's cache is also copied into allocs - 1 fresh allocations
+    (same data and block table) and round r steps copy r % allocs of every
+    layout, since where a paged cache's memory lands moves its time by ~10 %
+    on this VM while contiguous copies agree within 2 % (PERF_NOTES.md). The
+    baselines (torch SDPA over views of the contiguous cache,
+    concatenate-then-attend) are timed after the rounds, against the probe's
+    median."""
     torch.manual_seed(0)
     q = torch.randn(b, 1, HQ, D, dtype=dtype, device=device)
     k = torch.randn(b, 1, HK, D, dtype=dtype, device=device)
     v = torch.randn(b, 1, HK, D, dtype=dtype, device=device)
     seqlens = torch.full((b,), ctx - 1, dtype=torch.int32, device=device)
-    caches = {lay: make_cache(b, ctx, dtype, _block_of(lay), device) for lay in layouts}
+    caches = {(lay, 0): make_cache(b, ctx, dtype, _block_of(lay), device) for lay in layouts}
+    for a in range(1, allocs):
+        for lay in layouts:
+            kc, vc, table = caches[(lay, 0)]
+            caches[(lay, a)] = (kc.clone(), vc.clone(), table)
     # K and V of every attended key
     nbytes = 2 * b * ctx * HK * D * torch.empty((), dtype=dtype).element_size()
 
-    def stepper(lay):
-        kc, vc, table = caches[lay]
+    def stepper(key):
+        kc, vc, table = caches[key]
         return lambda: pyfastattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table,
                                                          causal=True)  # fmt: skip
 
-    steps = {lay: stepper(lay) for lay in layouts}
+    steps = {key: stepper(key) for key in caches}
     if check:
         for lay in layouts:
-            kc, vc, table = caches[lay]
+            kc, vc, table = caches[(lay, 0)]
             ref = pyfastattn.reference.attention_with_kvcache(
                 q, kc.clone(), vc.clone(), k, v, cache_seqlens=seqlens, block_table=table, window_right=0,
             )[0]  # fmt: skip
-            err = (steps[lay]().float() - ref.float()).abs().max().item()
+            err = (steps[(lay, 0)]().float() - ref.float()).abs().max().item()
             assert err < (2e-2 if dtype != torch.float32 else 1e-4), f"kernel error {err} ({lay})"
     probes = read_probes(nbytes, device)
-    calls = {**{("probe", n): f for n, f in probes.items()}, **{("step", lay): f for lay, f in steps.items()}}
-    order = list(calls)
-    ts: dict = {key: [] for key in order}
-    for r in range(2 + reps):
-        for key in order[r % len(order) :] + order[: r % len(order)]:
-            t = _time_once(calls[key], device)
-            if r >= 2:
+    ts: dict = {("probe", n): [] for n in probes} | {("step", lay): [] for lay in layouts}
+    warmup = max(2, allocs)  # every allocation stepped at least once before timing
+    for r in range(warmup + reps):
+        a = r % allocs
+        calls = [(("probe", n), f) for n, f in probes.items()] + [
+            (("step", lay), steps[(lay, a)]) for lay in layouts
+        ]
+        for key, fn in calls[r % len(calls) :] + calls[: r % len(calls)]:
+            t = _time_once(fn, device)
+            if r >= warmup:
                 ts[key].append(t)
     probe_med = {n: statistics.median(ts[("probe", n)]) for n in probes}
     probe = min(probe_med, key=probe_med.get)  # the faster reader
@@ -193,7 +208,7 @@ def run_case(b, ctx, dtype, layouts, reps, baselines, check, device="cpu"):
             ratio = statistics.median(s / c for s, c in zip(st, ts[("step", "contiguous")]))
         row("pyfastattn kvcache", lay, _quantiles(st), frac, ratio)
     if baselines and "contiguous" in layouts:
-        kc, vc, _ = caches["contiguous"]
+        kc, vc, _ = caches[("contiguous", 0)]
         pos = ctx - 1
 
         def sdpa():  # the same append and the same cache, through views
@@ -251,7 +266,8 @@ def run(
     for dtype in dtypes:
         for b in grid["batches"]:
             for ctx in grid["contexts"]:
-                for r in run_case(b, ctx, dtype, grid["layouts"], grid["reps"], True, True, device):
+                allocs = 1 if quick or smoke else 3
+                for r in run_case(b, ctx, dtype, grid["layouts"], grid["reps"], True, True, device, allocs):
                     ratio = r["ratio_to_contiguous"]
                     out.append(dict(
                         provider=_RUN_PY_NAMES[r["provider"]], suite="decode-kvcache",
@@ -308,6 +324,10 @@ def main(argv=None):
         default=20,
         help="interleaved rounds per case, each one probe read and one step per layout (default: 20)",
     )
+    ap.add_argument(
+        "--allocs", type=int, default=3,
+        help="fresh allocations of each layout's cache, stepped in turn round by round (default: 3)",
+    )  # fmt: skip
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     ap.add_argument(
         "--max-gib",
@@ -362,10 +382,20 @@ def main(argv=None):
                 if gib > a.max_gib:
                     print(f"skip B{b} ctx{ctx} {dtype}: cache {gib:.1f} GiB > --max-gib {a.max_gib}")
                     continue
-                rows = run_case(b, ctx, dt[dtype], layouts, a.reps, not a.no_baselines, not a.no_check)
+                rows = run_case(
+                    b,
+                    ctx,
+                    dt[dtype],
+                    layouts,
+                    a.reps,
+                    not a.no_baselines,
+                    not a.no_check,
+                    allocs=max(1, a.allocs),
+                )
                 print(
-                    f"# B{b} ctx {ctx} {dtype}: {a.reps} interleaved rounds (a read probe and one step of each "
-                    f"layout per round); read probe {rows[0]['probe_note']}: {rows[0]['read_bw_gbps']:.2f} GB/s"
+                    f"# B{b} ctx {ctx} {dtype}: {a.reps} interleaved rounds (each probe and one step of each "
+                    f"layout per round, {max(1, a.allocs)} allocations of each cache in turn); "
+                    f"read probe {rows[0]['probe_note']}: {rows[0]['read_bw_gbps']:.2f} GB/s"
                 )
                 for r in rows:
                     ratio = r["ratio_to_contiguous"]
