@@ -7,15 +7,59 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "attention/api.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/attention_kvcache.h"
 #include "cpu/peak_probe.h"
 
 namespace pyfastattn {
 namespace {
+
+// Whether a dense forward goes to the KV-cache kernel (split-KV, every query
+// head of a kv head in one pass over its keys, software prefetch;
+// csrc/cpu/attention_kvcache.cpp) instead of the tiled one. That kernel reads
+// each K/V row once per kv head for all its query rows; the tiled kernel's
+// tasks hold one query head, so with few query rows per head (decode, short
+// speculative or chunked steps) they re-read K/V once per query head with most
+// of their 16 query lanes empty. Measured (one thread, CPU time, the two ops
+// on the same tensors; PERF_NOTES "Few query rows: the KV-cache kernel"):
+// 0.25-0.7x the time with 2-32 query rows per kv head and Sq <= 8, 1.2-2x
+// *slower* at Sq 16 (the tiled kernel's lanes are full there), and for one
+// row per kv head (MHA decode) a win only once K and V no longer fit in the
+// caches (0.5-0.75x from 16 MiB read, up to 1.5x slower below). It has no
+// mask, dropout or varlen path; it takes softcap, ALiBi, windows and both
+// causal alignments. Shape-only rule, so results do not depend on the
+// thread count (its chunking is shape-only too).
+// PYFASTATTN_CPU_FEW_ROWS=tiled (read once) keeps every dense forward on the
+// tiled kernel, for A/B measurements (benchmarks/few_rows_route_ab.py).
+bool few_rows_route_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("PYFASTATTN_CPU_FEW_ROWS");
+    const std::string v = env ? env : "";
+    TORCH_CHECK_VALUE(v.empty() || v == "kvcache" || v == "tiled",
+                      "PYFASTATTN_CPU_FEW_ROWS must be 'kvcache' (the default) or 'tiled', got '", v, "'");
+    return v != "tiled";
+  }();
+  return on;
+}
+
+bool dense_forward_suits_kvcache_kernel(const AttentionFwdParams& p) {
+  if (!few_rows_route_enabled()) return false;
+  if (p.cu_seqlens_q || p.mask_kind != MaskKind::kNone || p.dropout_p > 0.0f) return false;
+  if (p.num_heads_k <= 0 || p.seqlen_q <= 0 || p.seqlen_k <= 0) return false;
+  const int64_t group = p.num_heads / p.num_heads_k;
+  const int64_t rows = int64_t(p.seqlen_q) * group;  // query rows per kv head
+  if (p.seqlen_q <= 8 && rows >= 2 && rows <= 32) return true;
+  if (rows != 1) return false;
+  const int64_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t kv_bytes =
+      int64_t(p.batch) * p.seqlen_k * p.num_heads_k * (int64_t(p.head_dim) + p.head_dim_v) * elem;
+  return kv_bytes >= (int64_t(16) << 20);
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -31,7 +75,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   fill_fwd_params(p, s, q, k, v, out, lse, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k,
                   scale, softcap, window_left, window_right, bottom_right);
   fill_dropout_alibi(p, s, q, dropout_p, dropout_rng, alibi_slopes);
-  cpu::attention_fwd(p);
+  if (dense_forward_suits_kvcache_kernel(p))
+    cpu::attention_kvcache_fwd(p);
+  else
+    cpu::attention_fwd(p);
   return {out, lse};
 }
 

@@ -56,6 +56,19 @@ CASES = {
     # CPU decode path over several 256-key tiles (online rescaling), head dims
     # with vector tails (d 40 = 32 + 8, dv 72 = 64 + 8).
     "decode_multi_tile": (2, 1, 700, 4, 2, 40, 72, {}),
+    # One query row per kv head (MHA decode) stays on the decode path below
+    # 16 MiB of K and V (csrc/ops.cpp, dense_forward_suits_kvcache_kernel).
+    "decode_mha_multi_tile": (2, 1, 700, 3, 3, 40, 72, {}),
+    # Few query rows per kv head: the forward runs on the KV-cache kernel
+    # (split-KV chunks of >= 512 keys merged by their LSE), the backward on
+    # the tiled one. Top-left causal with sq < sk, windows, softcap, empty
+    # sequences, MQA over several chunks, strided inputs, MHA decode > 16 MiB.
+    "few_rows_gqa_softcap_causal_tl": (2, 3, 150, 8, 2, 72, None, dict(window_right=0, softcap=4.0)),
+    "few_rows_window_br_seqused": (
+        3, 5, 600, 4, 4, 40, 24, dict(window_left=33, window_right=2, bottom_right=True, seqused=[600, 0, 131])
+    ),
+    "few_rows_mqa_chunks_strided": (2, 2, 1100, 16, 1, 64, None, dict(strided=True)),
+    "decode_mha_over_16mib": (1, 1, 16400, 4, 4, 64, None, {}),
     "no_keys": (2, 5, 0, 2, 2, 16, None, {}),
     "hd256": (1, 33, 35, 2, 2, 256, None, dict(window_right=0)),
     "long_odd": (1, 1025, 1023, 2, 1, 64, None, dict(window_right=0, bottom_right=True)),
@@ -254,9 +267,11 @@ def _run_varlen(case, dtype, device, backward):
             assert err <= bound, f"varlen {case}/{dtype}/{name}: {err:.3e} > {bound:.3e}"
 
 
+@pytest.mark.parametrize("shape", [(2, 77, 91, 4, 2), (1, 3, 2100, 8, 2)], ids=["tiled", "few_rows"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
-def test_cpu_kernel_deterministic(dtype):
-    q, k, v = make_qkv(2, 77, 91, 4, 2, 40, dtype=dtype)
+def test_cpu_kernel_deterministic(dtype, shape):
+    b, sq, sk, hq, hk = shape
+    q, k, v = make_qkv(b, sq, sk, hq, hk, 40, dtype=dtype)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     results = []
     for threads in (1, 2, 1, 2):
@@ -264,7 +279,7 @@ def test_cpu_kernel_deterministic(dtype):
         torch.set_num_threads(threads)
         try:
             out, lse = torch.ops.pyfastattn.attention_fwd(
-                *leaves, None, None, None, None, 77, 91, 0.2, 0.0, -1, 0, True
+                *leaves, None, None, None, None, sq, sk, 0.2, 0.0, -1, 0, True
             )
             grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
         finally:
@@ -286,7 +301,7 @@ def test_cpu_kernel_fallback_paths(isa):
 
     cases = (
         "basic or softcap_gqa_d111 or bool_mask_broadcast or causal_bottom_right_sq_gt_sk or dv_ne_d or seqused_k"
-        " or two_pass_cpu_bwd or decode_multi_tile"
+        " or two_pass_cpu_bwd or decode_multi_tile or decode_mha_multi_tile or few_rows_gqa_softcap_causal_tl"
     )
     env = {**os.environ, "PYFASTATTN_CPU_ISA": isa}
     r = subprocess.run(
@@ -296,3 +311,26 @@ def test_cpu_kernel_fallback_paths(isa):
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "failed" not in r.stdout
+
+
+@pytest.mark.parametrize(
+    "shape, routed",
+    [((2, 1, 300, 8, 2, 64), True), ((1, 6, 700, 4, 1, 40), True), ((2, 16, 300, 4, 4, 64), False),
+     ((1, 1, 300, 4, 4, 64), False)],
+)
+def test_cpu_few_query_rows_take_the_kvcache_kernel(shape, routed):
+    """Which dense forwards run on the KV-cache kernel (csrc/ops.cpp,
+    dense_forward_suits_kvcache_kernel): the same bits as
+    attention_kvcache_fwd on the same tensors when routed, and not when the
+    tiled / decode path runs. Both must match the reference
+    (test_cpu_kernel_matches_reference's few_rows_* cases)."""
+    b, sq, sk, hq, hk, d = shape
+    q, k, v = make_qkv(b, sq, sk, hq, hk, d, dtype=torch.float32)
+    scale = default_scale(d)
+    out, lse = torch.ops.pyfastattn.attention_fwd(q, k, v, None, None, None, None, sq, sk, scale, 0.0, -1, 0, True)
+    seqlens = torch.full((b,), sk, dtype=torch.int32)
+    kv_out, kv_lse = torch.ops.pyfastattn.attention_kvcache_fwd(
+        q, k.clone(), v.clone(), None, None, seqlens, None, None, None, None, None, True, scale, 0.0, -1, 0, 0, None
+    )
+    same = torch.equal(out, kv_out) and torch.equal(lse, kv_lse)
+    assert same == routed, (shape, routed, (out - kv_out).abs().max().item())

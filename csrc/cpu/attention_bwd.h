@@ -217,7 +217,7 @@ PFA_INLINE void bwd_scores(const Ctx& c, const BwdScratch& w, const RowRanges& r
   }
   // Dropout: the tile's keep masks, which grad_tile applies to dP and to the
   // P^T that feeds dV.
-  if (c.dropout) fill_keep_tile<Isa::kAvx512>(c, bi, h, i0, mp, j0, n, w.keep, ldq);
+  if (c.dropout) fill_keep_tile<Isa::kAvx512>(c, bi, h, i0, rr, mp, j0, n, w.keep, ldq);
 }
 
 // Per-row inputs of a query block: lse in log2 units (+inf when the row is

@@ -15,7 +15,11 @@
 #pragma once
 
 
+#include <algorithm>
+#include <climits>
+
 #include "attention_schedule.h"
+#include "attention_tile.h"
 
 namespace pyfastattn {
 namespace cpu {
@@ -24,39 +28,47 @@ namespace cpu {
 // Philox 4x32-10 of 16 counters that differ only in word 2 (x2 = base + lane),
 // in AVX-512, and the keep masks of the 8 keys the call decides, written
 // straight from the registers: keep[(8g + x - j0) * ld + lane] for the keys
-// inside [j0, j0 + n). Each 32 x 32 -> 64 product is a vpmuludq of the even
-// lanes and one of the odd lanes shifted down, recombined by two blends
-// (about 18 instructions a round for 16 lanes x 8 keys). A key's mask is one
-// unsigned compare of its 16-bit piece with the threshold and one masked move
-// of all-ones (16 lanes); the scalar loop it replaced (per lane: shift, and,
-// compare, negate, arithmetic shift, store) was a third of the one-pass
-// backward's instructions with dropout (perf annotate; PERF_NOTES.md).
+// inside [j0, j0 + n).
+// Layout: lanes 0-7 in the 64-bit elements of one set of four registers (a),
+// lanes 8-15 in another (b), each 32-bit word in the low half of its element.
+// vpmuludq multiplies exactly those low halves, so a round is, per set, two
+// vpmuludq, two 64-bit shifts (the high product down) and two vpternlogd
+// (hi ^ x ^ round key): 12 vector instructions for 16 lanes. The high halves
+// carry junk that no instruction reads into a low half. v4's form kept 16
+// lanes in 32-bit elements and recombined even and odd products with shifts
+// and blends, 18 a round (PERF_NOTES.md, dropout v5). The round keys come
+// precomputed (round_keys: k0, k1 of round 0, then of round 1, ...), as
+// broadcast memory operands. At the end one vpermt2d per word gathers the 16
+// low halves into 32-bit lanes; a key's mask is one unsigned compare of its
+// 16-bit piece with the threshold and one masked move of all-ones (16 lanes).
 // Not inlined: inlined, its constants and temporaries stayed live across the
 // block functions' loops and cost the bf16 backward without dropout ~3%.
-PFA_AVX512 inline __attribute__((noinline)) void philox16_keep_avx512(const Philox4& base, uint32_t k0, uint32_t k1, uint32_t threshold,
-                                           int64_t g, int j0, int n, uint32_t* keep, int64_t ld) {
-  __m512i x0 = _mm512_set1_epi32(int(base.x[0]));
-  __m512i x1 = _mm512_set1_epi32(int(base.x[1]));
-  __m512i x2 = _mm512_add_epi32(_mm512_set1_epi32(int(base.x[2])),
-                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  __m512i x3 = _mm512_set1_epi32(int(base.x[3]));
-  const __m512i m0 = _mm512_set1_epi32(int(kPhiloxM0)), m1 = _mm512_set1_epi32(int(kPhiloxM1));
-  constexpr __mmask16 kOdd = 0xAAAA;
+PFA_AVX512 inline __attribute__((noinline)) void philox16_keep_avx512(const Philox4& base, const uint32_t* round_keys,
+                                                                      uint32_t threshold, int64_t g, int j0, int n,
+                                                                      uint32_t* keep, int64_t ld) {
+  const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  __m512i a0 = _mm512_set1_epi64(base.x[0]), a1 = _mm512_set1_epi64(base.x[1]);
+  __m512i a2 = _mm512_add_epi64(_mm512_set1_epi64(base.x[2]), lane), a3 = _mm512_set1_epi64(base.x[3]);
+  __m512i b0 = a0, b1 = a1, b3 = a3;
+  __m512i b2 = _mm512_add_epi64(_mm512_set1_epi64(uint64_t(base.x[2]) + 8), lane);
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+#pragma GCC unroll 10
   for (int r = 0; r < kPhiloxRounds; ++r) {
-    const __m512i e0 = _mm512_mul_epu32(x0, m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(x0, 32), m0);
-    const __m512i e1 = _mm512_mul_epu32(x2, m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(x2, 32), m1);
-    const __m512i lo0 = _mm512_mask_blend_epi32(kOdd, e0, _mm512_slli_epi64(o0, 32));
-    const __m512i hi0 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(e0, 32), o0);
-    const __m512i lo1 = _mm512_mask_blend_epi32(kOdd, e1, _mm512_slli_epi64(o1, 32));
-    const __m512i hi1 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(e1, 32), o1);
-    x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32(int(k0)));
-    x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(int(k1)));
-    x1 = lo1;
-    x3 = lo0;
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
+    const __m512i k0 = _mm512_set1_epi32(int(round_keys[2 * r])), k1 = _mm512_set1_epi32(int(round_keys[2 * r + 1]));
+    const __m512i pa0 = _mm512_mul_epu32(a0, m0), pa1 = _mm512_mul_epu32(a2, m1);
+    const __m512i pb0 = _mm512_mul_epu32(b0, m0), pb1 = _mm512_mul_epu32(b2, m1);
+    a0 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(pa1, 32), a1, k0, 0x96);
+    a2 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(pa0, 32), a3, k1, 0x96);
+    b0 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(pb1, 32), b1, k0, 0x96);
+    b2 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(pb0, 32), b3, k1, 0x96);
+    a1 = pa1;
+    a3 = pa0;
+    b1 = pb1;
+    b3 = pb0;
   }
-  const __m512i words[4] = {x0, x1, x2, x3};
+  const __m512i low = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i words[4] = {_mm512_permutex2var_epi32(a0, low, b0), _mm512_permutex2var_epi32(a1, low, b1),
+                            _mm512_permutex2var_epi32(a2, low, b2), _mm512_permutex2var_epi32(a3, low, b3)};
   const __m512i thr = _mm512_set1_epi32(int(threshold)), low16 = _mm512_set1_epi32(0xFFFF);
   const __m512i ones = _mm512_set1_epi32(-1);
   for (int x = 0; x < 8; ++x) {
@@ -98,20 +110,52 @@ PFA_INLINE void philox16(const Philox4& base, uint32_t k0, uint32_t k1, uint32_t
 // keep[(j - j0) * ld + i] for keys j0 .. j0 + n - 1 and query lanes 0 .. mp - 1
 // (rows i0 + lane) of head h, sequence b: dropout_keep of
 // csrc/attention/dropout.h, one Philox call per (lane, group of 8 keys).
+// rr: the rows' key ranges (rr.m = the block's rows). A group of 8 keys that
+// no row of a 16-lane group attends (the far side of the causal diagonal or
+// of a window, keys past a varlen row's end) gets no Philox call: its masks
+// are stored as 0. Those scores are -inf, so P there is 0 whatever its mask
+// (the forward's exp2, the backward's P and P^T alike); on the diagonal tiles
+// of a causal call at S512 this skips ~45% of the calls (PERF_NOTES, dropout v5).
 template <bool kAvx512>
-PFA_INLINE void fill_keep_tile(const Ctx& c, int b, int h, int i0, int mp, int j0, int n, uint32_t* keep,
-                               int64_t ld) {
+PFA_INLINE void fill_keep_tile(const Ctx& c, int b, int h, int i0, const RowRanges& rr, int mp, int j0, int n,
+                               uint32_t* keep, int64_t ld) {
   const DropoutKey& d = c.p->dropout;
   const uint32_t k0 = uint32_t(d.seed), k1 = uint32_t(d.seed >> 32);
   const uint32_t thr = uint32_t(d.threshold);  // <= 2^16: compared with 16-bit pieces
+  alignas(64) uint32_t round_keys[2 * kPhiloxRounds];
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    round_keys[2 * r] = k0 + uint32_t(r) * kPhiloxW0;
+    round_keys[2 * r + 1] = k1 + uint32_t(r) * kPhiloxW1;
+  }
   const int64_t g_begin = j0 >> 3, g_end = (int64_t(j0) + n + 7) >> 3;
   alignas(64) uint32_t words[4][kLanes];
   for (int c0 = 0; c0 < mp; c0 += kLanes) {
-    for (int64_t g = g_begin; g < g_end; ++g) {
+    // The keys any row of this lane group attends: [glo, ghi).
+    int glo = INT32_MAX, ghi = INT32_MIN;
+    for (int r = c0; r < std::min(c0 + kLanes, rr.m); ++r) {
+      if (rr.lo[r] >= rr.hi[r]) continue;
+      glo = std::min(glo, rr.lo[r]);
+      ghi = std::max(ghi, rr.hi[r]);
+    }
+    const int64_t gs = glo < ghi ? std::max(g_begin, int64_t(glo) >> 3) : g_end;
+    const int64_t ge = glo < ghi ? std::min(g_end, (int64_t(ghi) + 7) >> 3) : g_end;
+    // Keys [wb, we) of the tile get their masks from the Philox calls below;
+    // the rest are stored as 0.
+    const int64_t wb = gs < ge ? std::max<int64_t>(j0, 8 * gs) : j0;
+    const int64_t we = gs < ge ? std::min<int64_t>(int64_t(j0) + n, 8 * ge) : j0;
+    const auto zero = [&](int64_t from, int64_t to) {
+      for (int64_t j = from; j < to; ++j) {
+        uint32_t* PFA_RESTRICT out = keep + (j - j0) * ld + c0;
+        for (int l = 0; l < kLanes; ++l) out[l] = 0u;
+      }
+    };
+    zero(j0, wb);
+    zero(we, int64_t(j0) + n);
+    for (int64_t g = gs; g < ge; ++g) {
       const Philox4 base = dropout_counter(d, b, h, i0 + c0, g);
 #if PFA_X86
       if constexpr (kAvx512) {
-        philox16_keep_avx512(base, k0, k1, thr, g, j0, n, keep + c0, ld);
+        philox16_keep_avx512(base, round_keys, thr, g, j0, n, keep + c0, ld);
         continue;
       }
 #endif

@@ -183,7 +183,7 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     // (they, and lse, are taken before it).
     uint32_t* pairs = reinterpret_cast<uint32_t*>(w.ppair);
     if (c.dropout) {
-      fill_keep_tile<Isa::kAvx512>(c, t.b, h, i0, mp, j0, n, w.keep, ldq);
+      fill_keep_tile<Isa::kAvx512>(c, t.b, h, i0, rr, mp, j0, n, w.keep, ldq);
       exp_tile<typename Isa::Vec, TL::kPairs, true>(w.s, ldq, n, mp, w.tmax, pairs, w.tsum, w.keep);
     } else {
       exp_tile<typename Isa::Vec, TL::kPairs, false>(w.s, ldq, n, mp, w.tmax, pairs, w.tsum, nullptr);
