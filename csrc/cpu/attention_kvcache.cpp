@@ -363,13 +363,8 @@ PFA_INLINE void pf_far(PfCursor& pf, const KvScratch& w, const T* const* kn, con
   pf.far_count = 2 * nn;
 }
 
-// Scores of G rows (q rows qp[x]) against keys kp[j] + koff, j < n, into
-// sc[x * kTileKeys + j]: bf16 dot products, q in registers per 16 keys, the
-// 16 sums of a row formed by one transpose-and-add tree. NV > 0: d is
-// exactly 32 x NV (64, 128, 256), so the loads are whole vectors and the
-// loops unroll with q and the 16 sums in registers; NV = 0: any d <= 256,
-// masked loads (a run-time loop the compiler keeps out of registers:
-// PERF_NOTES.md, v9).
+// 32 bf16 values x[32 v, 32 v + 32): a whole vector when NV > 0 (d = 32 x NV),
+// else masked by km[v] (the lanes past d are zero).
 template <int NV>
 PFA_AVX512_BF16 PFA_INLINE __m512i load_bf16x32(const c10::BFloat16* x, int v, const __mmask32* km) {
   if constexpr (NV > 0) {
@@ -379,6 +374,13 @@ PFA_AVX512_BF16 PFA_INLINE __m512i load_bf16x32(const c10::BFloat16* x, int v, c
   }
 }
 
+// Scores of G rows (q rows qp[x]) against keys kp[j] + koff, j < n, into
+// sc[x * kTileKeys + j]: bf16 dot products, q in registers per 16 keys, the
+// 16 sums of a row formed by one transpose-and-add tree. NV > 0: d is
+// exactly 32 x NV (64, 128, 256), so the loads are whole vectors and the
+// loops unroll with q and the 16 sums in registers; NV = 0: any d <= 256,
+// masked loads (a run-time loop the compiler keeps out of registers:
+// PERF_NOTES.md, v9).
 template <int NV>
 PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16* const* qp, int G,
                                              const c10::BFloat16* const* kp, int64_t koff, int n, float* sc,
