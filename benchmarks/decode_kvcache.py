@@ -84,6 +84,21 @@ def _quantiles(ts: list[float]) -> tuple[float, float, float]:
     return q(0.2), statistics.median(ts), q(0.8)
 
 
+# The scheduler's time quantum observed on this box. With two threads on two
+# cores and one more busy process, a thread descheduled while it holds a task
+# makes the other wait at the end, and the steps come out in whole quanta
+# (PERF_NOTES.md: 24.0 ms for every layout in such runs, 5.8 ms when idle),
+# which measures the box, not the kernel.
+SCHEDULER_TICK_MS = 4.0
+
+
+def _on_scheduler_tick(ts: list[float]) -> float:
+    """The fraction of times in ts within 1 % of a whole number (>= 2) of
+    scheduler ticks."""
+    near = [t >= 1.5 * SCHEDULER_TICK_MS and abs(t / SCHEDULER_TICK_MS - round(t / SCHEDULER_TICK_MS)) < 0.01 * t / SCHEDULER_TICK_MS for t in ts]  # fmt: skip
+    return sum(near) / max(1, len(near))
+
+
 def read_probes(nbytes: int, device: str = "cpu") -> dict:
     """The readers of ``nbytes`` (float32 buffers far larger than the caches at
     the target case, one per reader so that neither reads the other's lines
@@ -190,14 +205,14 @@ def run_case(b, ctx, dtype, layouts, reps, baselines, check, device="cpu", alloc
 
     rows = []
 
-    def row(provider, layout, t, frac, ratio=None):
+    def row(provider, layout, t, frac, ratio=None, on_tick=0.0):
         p20, p50, p80 = t
         rows.append(dict(provider=provider, batch=b, context=ctx, dtype=str(dtype).replace("torch.", ""),
                          layout=layout, p20_ms=round(p20, 3), p50_ms=round(p50, 3), p80_ms=round(p80, 3),
                          tokens_per_s=round(b / p50 * 1e3, 1), gbps=round(nbytes / p50 / 1e6, 2),
                          read_bw_gbps=round(bw, 2), frac_read_bw=round(frac, 3),
                          ratio_to_contiguous="" if ratio is None else round(ratio, 3), read_probe=probe,
-                         probe_note=probe_note))  # fmt: skip
+                         probe_note=probe_note, on_tick=on_tick))  # fmt: skip
 
     pt = ts[("probe", probe)]
     for lay in layouts:
@@ -206,7 +221,7 @@ def run_case(b, ctx, dtype, layouts, reps, baselines, check, device="cpu", alloc
         ratio = None
         if "contiguous" in layouts:
             ratio = statistics.median(s / c for s, c in zip(st, ts[("step", "contiguous")]))
-        row("pyfastattn kvcache", lay, _quantiles(st), frac, ratio)
+        row("pyfastattn kvcache", lay, _quantiles(st), frac, ratio, _on_scheduler_tick(st))
     if baselines and "contiguous" in layouts:
         kc, vc, _ = caches[("contiguous", 0)]
         pos = ctx - 1
@@ -408,6 +423,11 @@ def main(argv=None):
                 all_rows += rows
     load_end = os.getloadavg()
     print(f"# load average at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+    ticked = [r for r in all_rows if r.get("on_tick", 0) > 0.5]
+    if ticked:
+        print(f"# WARNING: over half the steps of {', '.join(sorted({r['layout'] for r in ticked}))} took whole "
+              f"{SCHEDULER_TICK_MS:g} ms scheduler ticks: another process held a core, so these times are the "
+              "scheduler's, not the kernel's; rerun on an idle box (or with --threads 1)")  # fmt: skip
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     _append_csv(a.out, [dict(time=stamp, threads=torch.get_num_threads(), load1=round(load[0], 2), **r)

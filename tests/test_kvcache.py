@@ -546,6 +546,9 @@ def test_decode_benchmark_interleaved_rows_and_csv(tmp_path):
     for r in got[1:]:
         assert r["read_probe"] in probes and 0 < float(r["frac_read_bw"]) and float(r["p50_ms"]) > 0, r
     assert float(got[1]["ratio_to_contiguous"]) == 1.0
+    # steps in whole scheduler quanta are flagged (a loaded box), others not
+    assert decode_kvcache._on_scheduler_tick([24.0, 23.99, 20.01, 5.8]) == 0.75
+    assert decode_kvcache._on_scheduler_tick([5.77, 4.79, 6.16, 7.08]) == 0.0
     assert 0 < float(got[2]["ratio_to_contiguous"]) < 100
 
 
