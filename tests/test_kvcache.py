@@ -512,6 +512,46 @@ def test_instruction_set_fallbacks(isa):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 
 
+def test_decode_benchmark_interleaved_rows_and_csv(tmp_path):
+    # decode_kvcache.py's own CSV: an older file (no ratio_to_contiguous /
+    # read_probe columns) is rewritten once with them, its row kept; every new
+    # row names the probe it is measured against, and each paged layout its
+    # median per-round ratio to contiguous.
+    import csv
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import decode_kvcache
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "decode.csv"
+    old_fields = decode_kvcache.CSV_FIELDS[:-2]
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_fields)
+        w.writeheader()
+        w.writerow({k: "old" for k in old_fields})
+    rows = decode_kvcache.main(
+        ["--context", "300", "--layout", "contiguous", "paged16", "--reps", "3", "--allocs", "2",
+         "--threads", "1", "--no-baselines", "--out", str(out)]
+    )  # fmt: skip
+    assert [r["layout"] for r in rows] == ["contiguous", "paged16"]
+    with open(out, newline="") as f:
+        rd = csv.DictReader(f)
+        assert rd.fieldnames == decode_kvcache.CSV_FIELDS
+        got = list(rd)
+    assert len(got) == 3 and got[0]["provider"] == "old" and got[0]["read_probe"] == ""
+    probes = set(decode_kvcache.read_probes(1 << 16))
+    assert probes >= {"buf.sum()"}
+    for r in got[1:]:
+        assert r["read_probe"] in probes and 0 < float(r["frac_read_bw"]) and float(r["p50_ms"]) > 0, r
+    assert float(got[1]["ratio_to_contiguous"]) == 1.0
+    # steps in whole scheduler quanta are flagged (a loaded box), others not
+    assert decode_kvcache._on_scheduler_tick([24.0, 23.99, 20.01, 5.8]) == 0.75
+    assert decode_kvcache._on_scheduler_tick([5.77, 4.79, 6.16, 7.08]) == 0.0
+    assert 0 < float(got[2]["ratio_to_contiguous"]) < 100
+
+
 def test_decode_benchmark_rows_for_run_py():
     # The form benchmarks/run.py takes (smoke grid: tiny, timing meaningless).
     import os

@@ -19,7 +19,11 @@
 // head, accumulators in registers over the tile). The scores pass prefetches
 // every line of the tile's V rows, the P V pass every line of the next tile's
 // K rows, both in address order (whole rows, key after key), which is what
-// the memory system sees; the demand order inside the tile is then free. Key
+// the memory system sees; the demand order inside the tile is then free. The
+// scores pass also prefetches the first line of each K and V row of the next
+// tile, so that the address translations of a paged cache's next blocks are
+// walked a tile ahead (a random block order otherwise costs a page walk in
+// the middle of the stream at every block: v8 in PERF_NOTES.md). Key
 // rows are reached through per-tile arrays of row pointers, so a tile may
 // cross block boundaries of a paged cache at no cost beyond the pointer walk.
 // The load and mask helpers come from the decode path (attention_decode.h).
@@ -191,6 +195,7 @@ struct KvScratch {
   const void** kp;   // [2][kTileKeys] key row pointers (at the task's first kv
   const void** vp;   // head) of this tile and the next; value rows likewise
   const void** pfl;  // [kTileKeys x heads] row slices a pass prefetches (PfCursor)
+  const void** pff;  // [2 x kTileKeys] first lines of the next tile's K / V rows (PfCursor::far)
 };
 
 PFA_INLINE int row_head(const KvCtx& c, int hg, int r) {
@@ -211,7 +216,8 @@ PFA_INLINE int row_query(const KvCtx& c, int r) { return (r % c.qrows) / c.group
 template <typename T>
 struct StepsPortable {
   static constexpr bool kNeedQf = true;
-  static void scores(const KvCtx& c, const KvScratch& w, const T* const* kp, const T* const*, int n) {
+  static void scores(const KvCtx& c, const KvScratch& w, const T* const* kp, const T* const*, int n,
+                     const T* const*, const T* const*, int) {
     const AttentionFwdParams& p = *c.p;
     for (int j = 0; j < n; ++j)
       for (int hl = 0; hl < c.heads; ++hl) {
@@ -313,14 +319,24 @@ PFA_AVX512 inline __m512 hsum16(const __m512* v) {
 // NTA hints, no different from T0).
 
 // The row slices (one key's kv heads after another) a pass prefetches, a
-// share at a time.
+// share at a time; and, spread over the same steps, the first line of each
+// K and V row of the tile after this one (far). On a paged cache every block
+// starts on pages whose address translation is not in the TLB; a prefetch
+// that meets such a page walks the page table then, a tile before the row's
+// lines are asked for, instead of in the middle of the stream (PERF_NOTES.md,
+// v8: paged 16 from 1.27x to ~1.1x contiguous; a demand load in its place
+// was slower).
 struct PfCursor {
   const char* const* slices;
   int count, next, lines;  // lines (64 B) per slice
+  const char* const* far;
+  int far_count, far_next;
   PFA_INLINE void step(int k) {
     const int e = std::min(count, next + k);
     for (; next < e; ++next)
       for (int l = 0; l < lines; ++l) _mm_prefetch(slices[next] + 64 * l, _MM_HINT_T0);
+    const int fe = count > 0 ? int(int64_t(far_count) * next / count) : far_count;
+    for (; far_next < fe; ++far_next) _mm_prefetch(far[far_next], _MM_HINT_T0);
   }
 };
 
@@ -331,17 +347,46 @@ PFA_INLINE PfCursor pf_cursor(const KvScratch& w, const T* const* rp, int n, int
   const char** list = reinterpret_cast<const char**>(w.pfl);
   for (int j = 0; j < n; ++j)
     for (int hl = 0; hl < heads; ++hl) list[j * heads + hl] = reinterpret_cast<const char*>(rp[j] + hl * head_stride);
-  return PfCursor{list, n * heads, 0, int((elems * sizeof(T) + 63) / 64)};
+  return PfCursor{list, n * heads, 0, int((elems * sizeof(T) + 63) / 64), nullptr, 0, 0};
+}
+
+// Adds the far list to pf: the first line of K row j and V row j of the next
+// tile's keys, j < nn, in that order.
+template <typename T>
+PFA_INLINE void pf_far(PfCursor& pf, const KvScratch& w, const T* const* kn, const T* const* vn, int nn) {
+  const char** list = reinterpret_cast<const char**>(w.pff);
+  for (int j = 0; j < nn; ++j) {
+    list[2 * j] = reinterpret_cast<const char*>(kn[j]);
+    list[2 * j + 1] = reinterpret_cast<const char*>(vn[j]);
+  }
+  pf.far = list;
+  pf.far_count = 2 * nn;
+}
+
+// 32 bf16 values x[32 v, 32 v + 32): a whole vector when NV > 0 (d = 32 x NV),
+// else masked by km[v] (the lanes past d are zero).
+template <int NV>
+PFA_AVX512_BF16 PFA_INLINE __m512i load_bf16x32(const c10::BFloat16* x, int v, const __mmask32* km) {
+  if constexpr (NV > 0) {
+    return _mm512_loadu_si512(x + 32 * v);
+  } else {
+    return _mm512_maskz_loadu_epi16(km[v], x + 32 * v);
+  }
 }
 
 // Scores of G rows (q rows qp[x]) against keys kp[j] + koff, j < n, into
 // sc[x * kTileKeys + j]: bf16 dot products, q in registers per 16 keys, the
-// 16 sums of a row formed by one transpose-and-add tree.
+// 16 sums of a row formed by one transpose-and-add tree. NV > 0: d is
+// exactly 32 x NV (64, 128, 256), so the loads are whole vectors and the
+// loops unroll with q and the 16 sums in registers; NV = 0: any d <= 256,
+// masked loads (a run-time loop the compiler keeps out of registers:
+// PERF_NOTES.md, v9).
+template <int NV>
 PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16* const* qp, int G,
                                              const c10::BFloat16* const* kp, int64_t koff, int n, float* sc,
                                              PfCursor& pf) {
   using T = c10::BFloat16;
-  const int d = c.d, nv = (d + 31) / 32;
+  const int d = c.d, nv = NV > 0 ? NV : (d + 31) / 32;
   __mmask32 km[8];
   for (int v = 0; v < nv; ++v) {
     const int left = d - 32 * v;
@@ -353,14 +398,16 @@ PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16
     pf.step(16);
     for (int x = 0; x < G; ++x) {
       const T* q = qp[x];
-      __m512i qv[8];
-      for (int v = 0; v < nv; ++v) qv[v] = _mm512_maskz_loadu_epi16(km[v], q + 32 * v);
+      __m512i qv[NV > 0 ? NV : 8];
+#pragma GCC unroll 8
+      for (int v = 0; v < nv; ++v) qv[v] = load_bf16x32<NV>(q, v, km);
       __m512 acc[16];
+#pragma GCC unroll 16
       for (int jj = 0; jj < 16; ++jj) {
         const T* k = kp[j + jj] + koff;
         __m512 a = _mm512_setzero_ps();
-        for (int v = 0; v < nv; ++v)
-          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(km[v], k + 32 * v), (__m512bh)qv[v]);
+#pragma GCC unroll 8
+        for (int v = 0; v < nv; ++v) a = _mm512_dpbf16_ps(a, (__m512bh)load_bf16x32<NV>(k, v, km), (__m512bh)qv[v]);
         acc[jj] = a;
       }
       _mm512_storeu_ps(sc + int64_t(x) * kTileKeys + j, _mm512_mul_ps(hsum16(acc), scale));
@@ -369,13 +416,12 @@ PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16
   for (; j < n; ++j) {
     pf.step(1);
     const T* k = kp[j] + koff;
-    __m512i kv[8];
-    for (int v = 0; v < nv; ++v) kv[v] = _mm512_maskz_loadu_epi16(km[v], k + 32 * v);
+    __m512i kv[NV > 0 ? NV : 8];
+    for (int v = 0; v < nv; ++v) kv[v] = load_bf16x32<NV>(k, v, km);
     for (int x = 0; x < G; ++x) {
       const T* q = qp[x];
       __m512 a = _mm512_setzero_ps();
-      for (int v = 0; v < nv; ++v)
-        a = _mm512_dpbf16_ps(a, (__m512bh)kv[v], (__m512bh)_mm512_maskz_loadu_epi16(km[v], q + 32 * v));
+      for (int v = 0; v < nv; ++v) a = _mm512_dpbf16_ps(a, (__m512bh)kv[v], (__m512bh)load_bf16x32<NV>(q, v, km));
       sc[int64_t(x) * kTileKeys + j] = _mm512_reduce_add_ps(a) * c.score_scale;
     }
   }
@@ -465,9 +511,10 @@ template <typename T>
 struct StepsAvx512 {
   static constexpr bool kNeedQf = true;
   static PFA_AVX512 inline void scores(const KvCtx& c, const KvScratch& w, const T* const* kp, const T* const* vp,
-                                       int n) {
+                                       int n, const T* const* kn, const T* const* vn, int nn) {
     const AttentionFwdParams& p = *c.p;
     PfCursor pf = pf_cursor(w, vp, n, c.heads, p.v_head_stride, c.dv);
+    pf_far(pf, w, kn, vn, nn);
     for (int hl = 0; hl < c.heads; ++hl)
       scores_head_f32<T>(c, w.qf + int64_t(hl) * c.qrows * c.d, c.qrows, kp, int64_t(hl) * p.k_head_stride, n,
                          w.sc + int64_t(hl) * c.qrows * kTileKeys, pf);
@@ -487,13 +534,23 @@ struct StepsAvx512Bf16 {
   using T = c10::BFloat16;
   static constexpr bool kNeedQf = false;
   static PFA_AVX512_BF16 inline void scores(const KvCtx& c, const KvScratch& w, const T* const* kp,
-                                            const T* const* vp, int n) {
+                                            const T* const* vp, int n, const T* const* kn, const T* const* vn,
+                                            int nn) {
     const AttentionFwdParams& p = *c.p;
     PfCursor pf = pf_cursor(w, vp, n, c.heads, p.v_head_stride, c.dv);
+    pf_far(pf, w, kn, vn, nn);
     const T* const* qp = reinterpret_cast<const T* const*>(w.qp);
-    for (int hl = 0; hl < c.heads; ++hl)
-      scores_head_bf16(c, qp + hl * c.qrows, c.qrows, kp, int64_t(hl) * p.k_head_stride, n,
-                       w.sc + int64_t(hl) * c.qrows * kTileKeys, pf);
+    for (int hl = 0; hl < c.heads; ++hl) {
+      const T* const* q = qp + hl * c.qrows;
+      const int64_t koff = int64_t(hl) * p.k_head_stride;
+      float* sc = w.sc + int64_t(hl) * c.qrows * kTileKeys;
+      switch (c.d) {
+        case 64: scores_head_bf16<2>(c, q, c.qrows, kp, koff, n, sc, pf); break;
+        case 128: scores_head_bf16<4>(c, q, c.qrows, kp, koff, n, sc, pf); break;
+        case 256: scores_head_bf16<8>(c, q, c.qrows, kp, koff, n, sc, pf); break;
+        default: scores_head_bf16<0>(c, q, c.qrows, kp, koff, n, sc, pf); break;
+      }
+    }
     pf.step(pf.count);
   }
   static PFA_AVX512_BF16 inline void softmax(int rows, int n, float* sc, float* m, float* l, float* alpha) {
@@ -590,7 +647,7 @@ PFA_INLINE void kv_task(const KvCtx& c, const KvScratch& w, const KvTask& t) {
     const int n = std::min(kTileKeys, uhi - j0);
     const int nn = std::min(kTileKeys, uhi - j0 - n);
     if (nn > 0) tile_pointers<T>(p, t.b, hk0, j0 + n, nn, kp[cur ^ 1], vp[cur ^ 1]);
-    Steps::scores(c, w, kp[cur], vp[cur], n);
+    Steps::scores(c, w, kp[cur], vp[cur], n, kp[cur ^ 1], vp[cur ^ 1], nn);
     if (c.softcap)
       for (int r = 0; r < rows; ++r)
         for (int j = 0; j < n; ++j) {
@@ -741,7 +798,7 @@ void run_kvcache(KvCtx& c) {
   const int64_t rows = c.rows;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> buf(size_t(rows * (kTileKeys + c.d + 3 + c.dv)));
-    std::vector<const void*> ptrs(size_t(rows + 4 * kTileKeys + kTileKeys * c.heads));
+    std::vector<const void*> ptrs(size_t(rows + 6 * kTileKeys + kTileKeys * c.heads));
     KvScratch w;
     w.sc = buf.data();
     w.qf = w.sc + rows * kTileKeys;
@@ -753,6 +810,7 @@ void run_kvcache(KvCtx& c) {
     w.kp = w.qp + rows;
     w.vp = w.kp + 2 * kTileKeys;
     w.pfl = w.vp + 2 * kTileKeys;
+    w.pff = w.pfl + kTileKeys * c.heads;
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
          i = next.fetch_add(1, std::memory_order_relaxed))
       fn(c, w, tasks[size_t(order[size_t(i)])]);
