@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import tempfile
 
 import pytest
@@ -29,7 +30,24 @@ D_MODEL, NHEAD = 32, 4
 
 def _spawn(fn, world: int, *args) -> None:
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(fn, args=(world, os.path.join(d, "store"), *args), nprocs=world, join=True)
+        mp.spawn(
+            _worker_then_exit, args=(fn, world, os.path.join(d, "store"), *args), nprocs=world, join=True
+        )
+
+
+def _worker_then_exit(rank, fn, *args) -> None:
+    """Runs a worker; once it has returned (its checks passed, its process
+    group destroyed), leaves with os._exit(0) instead of the interpreter's
+    teardown. In about one full-suite run in four on the 2-core box, a worker
+    of the FSDP2 test died there with SIGABRT ("terminate called without an
+    active exception"; faulthandler: the main thread had no Python frame left,
+    i.e. after the worker returned, in the static destructors of torch's
+    distributed runtime). A failing check still raises before this point and
+    reaches mp.spawn as before."""
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _init(rank, world, store):
