@@ -26,7 +26,8 @@ namespace {
 // tasks hold one query head, so with few query rows per head (decode, short
 // speculative or chunked steps) they re-read K/V once per query head with most
 // of their 16 query lanes empty. Measured (one thread, CPU time, the two ops
-// on the same tensors; PERF_NOTES "Few query rows: the KV-cache kernel"):
+// on the same tensors; PERF_NOTES.md, "Few query rows: plain `attention`
+// forwards routed to the KV-cache kernel"):
 // 0.25-0.7x the time with 2-32 query rows per kv head and Sq <= 8, 1.2-2x
 // *slower* at Sq 16 (the tiled kernel's lanes are full there), and for one
 // row per kv head (MHA decode) a win only once K and V no longer fit in the
