@@ -16,7 +16,6 @@
 
 
 #include <algorithm>
-#include <climits>
 
 #include "attention_schedule.h"
 #include "attention_tile.h"
@@ -130,13 +129,11 @@ PFA_INLINE void fill_keep_tile(const Ctx& c, int b, int h, int i0, const RowRang
   const int64_t g_begin = j0 >> 3, g_end = (int64_t(j0) + n + 7) >> 3;
   alignas(64) uint32_t words[4][kLanes];
   for (int c0 = 0; c0 < mp; c0 += kLanes) {
-    // The keys any row of this lane group attends: [glo, ghi).
-    int glo = INT32_MAX, ghi = INT32_MIN;
-    for (int r = c0; r < std::min(c0 + kLanes, rr.m); ++r) {
-      if (rr.lo[r] >= rr.hi[r]) continue;
-      glo = std::min(glo, rr.lo[r]);
-      ghi = std::max(ghi, rr.hi[r]);
-    }
+    // The keys any row of this lane group attends lie in [glo, ghi): the
+    // rows' lo and hi are nondecreasing (attention_tile.h), so the group's
+    // first row has the least lo and its last row the greatest hi.
+    const RowRanges group{rr.lo + c0, rr.hi + c0, std::min(kLanes, rr.m - c0)};
+    const int glo = group.first(), ghi = group.last();
     const int64_t gs = glo < ghi ? std::max(g_begin, int64_t(glo) >> 3) : g_end;
     const int64_t ge = glo < ghi ? std::min(g_end, (int64_t(ghi) + 7) >> 3) : g_end;
     // Keys [wb, we) of the tile get their masks from the Philox calls below;
