@@ -108,6 +108,23 @@ PFA_INLINE void exp_tile(float* s, int64_t ld, int n, int mp, const float* use, 
   }
 }
 
+// Row pointers of keys j0 .. j0 + n - 1 of sequence b in a paged KV cache
+// (base: the cache with the kv head's offset): one block-table lookup per
+// block the tile crosses. Every entry was checked on the host.
+template <typename T>
+PFA_INLINE void paged_rows(const AttentionFwdParams& p, int b, int j0, int n, const T* base, int64_t block_stride,
+                           int64_t row_stride, const T** rows) {
+  const int64_t t0 = int64_t(j0) + (p.cache_leftpad ? p.cache_leftpad[b] : 0);
+  const int32_t* bt = p.block_table + int64_t(b) * p.block_table_batch_stride;
+  int64_t blk = t0 / p.page_block_size, r = t0 % p.page_block_size;
+  for (int j = 0; j < n;) {
+    const T* page = base + int64_t(bt[blk]) * block_stride;
+    for (; j < n && r < p.page_block_size; ++j, ++r) rows[j] = page + r * row_stride;
+    ++blk;
+    r = 0;
+  }
+}
+
 template <class Isa, typename T, typename CT>
 PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
   using TL = Tiles<T, CT>;
@@ -131,17 +148,28 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
 
   const T* q = static_cast<const T*>(p.q) + si.q_row(i0, p.q_batch_stride, p.q_row_stride) +
                int64_t(h) * p.q_head_stride;
-  const T* kbase = static_cast<const T*>(p.k) + si.k_row(0, p.k_batch_stride, p.k_row_stride) +
-                   int64_t(hk) * p.k_head_stride;
-  const T* vbase = static_cast<const T*>(p.v) + si.k_row(0, p.v_batch_stride, p.v_row_stride) +
-                   int64_t(hk) * p.v_head_stride;
+  // K / V rows: a dense or varlen tensor, or a KV cache (attention_with_kvcache's
+  // many-row calls, routed here by csrc/attention/kvcache_api.cpp): its rows in
+  // order from the sequence's first cache position (batch index, left padding),
+  // or a paged cache's blocks, gathered a tile at a time (paged_rows).
+  const bool paged = p.block_table != nullptr;
+  const bool cache_rows = p.cache_batch_idx != nullptr || p.cache_leftpad != nullptr;
+  const T* kbase = static_cast<const T*>(p.k) + int64_t(hk) * p.k_head_stride;
+  const T* vbase = static_cast<const T*>(p.v) + int64_t(hk) * p.v_head_stride;
+  if (!paged) {
+    kbase += cache_rows ? kv_row_offset(p, t.b, 0, p.k_batch_stride, p.k_row_stride)
+                        : si.k_row(0, p.k_batch_stride, p.k_row_stride);
+    vbase += cache_rows ? kv_row_offset(p, t.b, 0, p.v_batch_stride, p.v_row_stride)
+                        : si.k_row(0, p.v_batch_stride, p.v_row_stride);
+  }
+  const T* rows[kMaxKeyTile];  // a paged tile's K, then V, row pointers
 
   const int key_begin = rr.first(), key_end = rr.last();
   bool decoded = false;
 #if PFA_X86
   if constexpr (Isa::kAvx512) {
     // One row sees exactly [key_begin, key_end): no window edge in any tile.
-    if (m == 1 && !masked && !c.softcap && !c.dropout && c.d <= 256) {
+    if (m == 1 && !masked && !c.softcap && !c.dropout && !paged && c.d <= 256) {
       if (key_begin < key_end)
         decode_row<T, TL::kPairs>(c, q, kbase, vbase, key_begin, key_end, w.s, w.oacc, w.mrun[0], w.lrun[0]);
       decoded = true;
@@ -163,7 +191,12 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     const bool fused = !masked && !c.softcap && tile_inside(rr, j0, n);
     for (int i = r0; i < r1; ++i) w.tmax[i] = -kInf;
     // S^T = K Q^T; then scores and their column max.
-    TL::a_rows(kbase + int64_t(j0) * p.k_row_stride, p.k_row_stride, n, c.d, w.ka);
+    if (paged) {
+      paged_rows(p, t.b, j0, n, kbase, p.k_batch_stride, p.k_row_stride, rows);
+      TL::a_rows(rows, n, c.d, w.ka);
+    } else {
+      TL::a_rows(kbase + int64_t(j0) * p.k_row_stride, p.k_row_stride, n, c.d, w.ka);
+    }
     GemmArgs qk{n, rm, kd, w.ka, kd, false, w.qt + r0, ldq, w.s + r0, ldq, false};
     if (fused) {
       qk.alpha = c.score_scale;
@@ -201,7 +234,12 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     }
     for (int i = r0; i < r0 + rm; ++i) w.lrun[i] = w.lrun[i] * w.alpha[i] + w.tsum[i];
     // O = alpha O + P V
-    TL::b_rows(vbase + int64_t(j0) * p.v_row_stride, p.v_row_stride, n, c.dv, w.vb);
+    if (paged) {
+      paged_rows(p, t.b, j0, n, vbase, p.v_batch_stride, p.v_row_stride, rows);
+      TL::b_rows(rows, n, c.dv, w.vb);
+    } else {
+      TL::b_rows(vbase + int64_t(j0) * p.v_row_stride, p.v_row_stride, n, c.dv, w.vb);
+    }
     const int64_t pk = TL::kPairs ? (n + 1) / 2 : n;  // K axis: keys, or key pairs
     const float* pa = TL::kPairs ? w.ppair : w.s;
     GemmArgs pv{rm, c.dv, pk, pa + r0, ldq, true, w.vb, c.dv, w.oacc + int64_t(r0) * c.dv, c.dv, true};
