@@ -42,6 +42,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -376,6 +377,83 @@ RowsSet avx512_rows() {
   return {&rows_avx512<T, kWideRows, kWideTokens>, &rows_avx512<T, kOneRows, 1>};
 }
 
+// ---------------------------------------------------------------------------
+// The broadcast form (bf16 with vdpbf16ps, kBcastMinTokens <= T <= 16). The
+// token side is packed once per call pair-major: apack[j][t] holds token t's
+// elements 2j, 2j+1 (one 32-bit lane; tokens >= T and the odd tail's upper
+// half are zero), so one zmm holds every token's pair j. A weight row's pair
+// j is a 32-bit broadcast ({1to16}) memory operand, and
+//   acc[r] += vdpbf16ps(apack[j], broadcast W[r, 2j..2j+1])
+// gives each of R rows' 16 token lanes one step: per step one token load
+// serves R multiply-adds, each weight element is read once (4 bytes per row
+// per step, every row in address order), and the sums need no horizontal
+// adds (lane t is token t; each lane sums its pairs in order).
+// ---------------------------------------------------------------------------
+
+constexpr int kBcastRows = 16;  // weight rows (accumulators) per block
+constexpr int kBcastSteps = 16;  // pairs per unrolled step: one 64-byte line of every row
+
+struct BcastRows {
+  const uint32_t* a;  // packed [ceil(k / 2)][16]
+  const uint16_t* w;  // rows ldw apart
+  int64_t ldw, r0, r1, k;
+  float* c;  // c[t * ldc + (r - r0)], t < tokens
+  int64_t ldc, tokens;
+  int64_t pf_end;  // rows of w that exist (the next block's prefetch stops there)
+};
+
+// acc += vdpbf16ps(x, {1to16} broadcast of the 32 bits at p), the broadcast
+// as the instruction's memory operand: gcc's _mm512_set1_epi32 of a load
+// stays a separate vpbroadcastd.
+PFA_AVX512_BF16 static inline __m512 dp_bcast(__m512 acc, __m512bh x, const uint16_t* p) {
+  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*reinterpret_cast<const int32_t*>(p)));
+  return acc;
+}
+
+template <int R>
+PFA_AVX512_BF16 void bcast_rows_bf16(const BcastRows& d) {
+  const int64_t pairs = d.k / 2;  // full pairs; an odd k's last element is the tail
+  alignas(64) float tmp[R][16];
+  for (int64_t r = d.r0; r < d.r1; r += R) {
+    const int64_t nr = std::min<int64_t>(R, d.r1 - r);
+    const uint16_t* b[R];
+    #pragma GCC unroll 32
+    for (int rr = 0; rr < R; ++rr) b[rr] = d.w + (r + std::min<int64_t>(rr, nr - 1)) * d.ldw;
+    // The next block's rows, one line per row per unrolled step (to L2).
+    const int64_t pf_rows = std::max<int64_t>(0, std::min<int64_t>(R, d.pf_end - (r + R)));
+    const char* pf = reinterpret_cast<const char*>(d.w + (r + R) * d.ldw);
+    const int64_t pf_ld = d.ldw * 2;
+    __m512 acc[R];
+    #pragma GCC unroll 32
+    for (int rr = 0; rr < R; ++rr) acc[rr] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + kBcastSteps <= pairs; j += kBcastSteps) {
+      for (int64_t rr = 0; rr < pf_rows; ++rr) _mm_prefetch(pf + rr * pf_ld + j * 4, _MM_HINT_T1);
+      #pragma GCC unroll 16
+      for (int s = 0; s < kBcastSteps; ++s) {
+        const __m512bh xv = (__m512bh)_mm512_load_si512(d.a + (j + s) * 16);
+        #pragma GCC unroll 32
+        for (int rr = 0; rr < R; ++rr) acc[rr] = dp_bcast(acc[rr], xv, b[rr] + 2 * (j + s));
+      }
+    }
+    for (; j < pairs; ++j) {
+      const __m512bh xv = (__m512bh)_mm512_load_si512(d.a + j * 16);
+      #pragma GCC unroll 32
+      for (int rr = 0; rr < R; ++rr) acc[rr] = dp_bcast(acc[rr], xv, b[rr] + 2 * j);
+    }
+    if (d.k % 2 != 0) {  // the last element alone: (w, 0) against (x, 0)
+      const __m512bh xv = (__m512bh)_mm512_load_si512(d.a + pairs * 16);
+      #pragma GCC unroll 32
+      for (int rr = 0; rr < R; ++rr)
+        acc[rr] = _mm512_dpbf16_ps(acc[rr], xv, (__m512bh)_mm512_set1_epi32(int32_t(b[rr][2 * pairs])));
+    }
+    #pragma GCC unroll 32
+    for (int rr = 0; rr < R; ++rr) _mm512_store_ps(tmp[rr], acc[rr]);
+    for (int64_t t = 0; t < d.tokens; ++t)
+      for (int64_t rr = 0; rr < nr; ++rr) d.c[t * d.ldc + (r - d.r0) + rr] = tmp[rr][t];
+  }
+}
+
 #endif  // PFA_X86
 
 // ---------------------------------------------------------------------------
@@ -476,6 +554,48 @@ void dot_rows(const RowsSet& rs, const void* a, int64_t lda, int64_t tokens, con
   (tokens == 1 ? rs.one : rs.many)(d);
 }
 
+// The broadcast form's range of tokens: bf16 with the BF16 dot products
+// (below kBcastMinTokens the dot-product tiles are faster; above 16 the
+// tokens do not fit one vector).
+constexpr int64_t kBcastMinTokens = 8;
+
+bool use_bcast(DType dt, int64_t tokens) {
+#if PFA_X86
+  return dt == DType::kBFloat16 && isa() == Isa::kAvx512Bf16 && tokens >= kBcastMinTokens && tokens <= 16;
+#else
+  (void)dt;
+  (void)tokens;
+  return false;
+#endif
+}
+
+// dst[j * 16 + t] = src[t][2j] | src[t][2j + 1] << 16 for t < tokens, j <
+// ceil(k / 2); zero for tokens >= tokens and past k (src rows ld apart).
+void pack_pairs(const uint16_t* src, int64_t ld, int64_t tokens, int64_t k, uint32_t* dst) {
+  const int64_t pairs = (k + 1) / 2;
+  std::memset(dst, 0, size_t(pairs) * 64);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const uint16_t* row = src + t * ld;
+    for (int64_t j = 0; j < pairs; ++j) {
+      const uint32_t hi = 2 * j + 1 < k ? row[2 * j + 1] : 0u;
+      dst[j * 16 + t] = row[2 * j] | hi << 16;
+    }
+  }
+}
+
+// c[t * ldc + (r - r0)] = sum_i a[t][i] w[r][i] for t < tokens, r in [r0, r1),
+// a packed by pack_pairs.
+void bcast_rows(const void* a, int64_t tokens, const void* w, int64_t ldw, int64_t rows, int64_t r0,
+                int64_t r1, int64_t k, float* c, int64_t ldc) {
+#if PFA_X86
+  const BcastRows d{static_cast<const uint32_t*>(a), static_cast<const uint16_t*>(w), ldw, r0, r1, k, c, ldc,
+                    tokens, rows};
+  bcast_rows_bf16<kBcastRows>(d);
+#else
+  (void)a, (void)tokens, (void)w, (void)ldw, (void)rows, (void)r0, (void)r1, (void)k, (void)c, (void)ldc;
+#endif
+}
+
 // The calling thread's buffer for one call's h, the fp32 copy of x (fp16)
 // and the fp32 biases: held between calls (at most ~1.5 MB at T32 F11008
 // fp32), so no call page-faults in fresh memory.
@@ -520,9 +640,14 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
   // line per row spreads them over 16.
   const auto ld_pad = [&](int64_t n) { return (n + 31) / 32 * 32 + 64 / a_size; };
   const int64_t ldx = ld_pad(D), ldh = ld_pad(F);
-  const int64_t h_floats = (T * ldh * a_size + 3) / 4;
-  const int64_t x_floats = (T * ldx * a_size + 3) / 4;
-  float* scratch = call_scratch(h_floats + x_floats + 2 * F + O);
+  // The broadcast form (bf16, kBcastMinTokens..16 tokens) takes x and h
+  // packed pair-major instead: [ceil(n / 2)][16] 32-bit lanes.
+  const bool bcast = use_bcast(dt, T);
+  const auto round16 = [](int64_t n) { return (n + 15) / 16 * 16; };  // whole 64-byte lines
+  const int64_t h_floats = round16(bcast ? (F + 1) / 2 * 16 : (T * ldh * a_size + 3) / 4);
+  const int64_t x_floats = round16(bcast ? (D + 1) / 2 * 16 : (T * ldx * a_size + 3) / 4);
+  float* scratch = call_scratch(h_floats + x_floats + 2 * F + O + 16);
+  scratch += (16 - (reinterpret_cast<uintptr_t>(scratch) / 4) % 16) % 16;  // 64-byte aligned
   void* h = scratch;
   void* xa = scratch + h_floats;
   float* b1 = scratch + h_floats + x_floats;
@@ -535,7 +660,8 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
   for (int64_t o = 0; o < O; ++o) b2[o] = p.b2 ? load_f32(dt, p.b2, o) : 0.0f;
   // Token-side operands: bf16 stays bf16 (vdpbf16ps pairs); fp16 tokens and
   // h are fp32 (the fp16 weights are widened per load).
-  for (int64_t t = 0; t < T; ++t) {
+  if (bcast) pack_pairs(static_cast<const uint16_t*>(p.x), p.x_row_stride, T, D, static_cast<uint32_t*>(xa));
+  for (int64_t t = 0; t < T && !bcast; ++t) {
     if (dt == DType::kFloat16) {
       float* row = static_cast<float*>(xa) + t * ldx;
       for (int64_t d = 0; d < D; ++d) row[d] = load_f32(dt, p.x, t * p.x_row_stride + d);
@@ -554,8 +680,13 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
       alignas(64) float u[kFfnSmallTokensMax * kFeatBlock];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t f0 = task * kFeatBlock, f1 = std::min(F, f0 + kFeatBlock), n = f1 - f0;
-        dot_rows(rs, xa, lda, T, p.w1, D, F, f0, f1, D, g, n, pf);
-        if (p.gated) dot_rows(rs, xa, lda, T, p.w3, D, F, f0, f1, D, u, n, pf);
+        if (bcast) {
+          bcast_rows(xa, T, p.w1, D, F, f0, f1, D, g, n);
+          if (p.gated) bcast_rows(xa, T, p.w3, D, F, f0, f1, D, u, n);
+        } else {
+          dot_rows(rs, xa, lda, T, p.w1, D, F, f0, f1, D, g, n, pf);
+          if (p.gated) dot_rows(rs, xa, lda, T, p.w3, D, F, f0, f1, D, u, n, pf);
+        }
         if (p.act_in != nullptr && !p.act_in_bias) save_pre_activations(p, g, u, f0, n);
         for (int64_t t = 0; t < T; ++t) {
           for (int64_t c = 0; c < n; ++c) {
@@ -565,7 +696,17 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
         }
         if (p.act_in != nullptr && p.act_in_bias) save_pre_activations(p, g, u, f0, n);
         ffn_act_fp32(p.act, g, p.gated ? u : nullptr, T * n);
-        for (int64_t t = 0; t < T; ++t) {
+        if (bcast) {  // pairs of features f0 + 2 c2, f0 + 2 c2 + 1 (f0 is even)
+          uint32_t* hp = static_cast<uint32_t*>(h) + f0 / 2 * 16;
+          for (int64_t c2 = 0; c2 < (n + 1) / 2; ++c2) {
+            for (int64_t t = 0; t < 16; ++t) {
+              const uint32_t lo = t < T ? f32_to_bf16_bits(g[t * n + 2 * c2]) : 0u;
+              const uint32_t hi = t < T && 2 * c2 + 1 < n ? f32_to_bf16_bits(g[t * n + 2 * c2 + 1]) : 0u;
+              hp[c2 * 16 + t] = lo | hi << 16;
+            }
+          }
+        }
+        for (int64_t t = 0; t < T && !bcast; ++t) {
           if (a_bf16) {
             uint16_t* hr = static_cast<uint16_t*>(h) + t * ldh + f0;
             for (int64_t c = 0; c < n; ++c) hr[c] = f32_to_bf16_bits(g[t * n + c]);
@@ -583,7 +724,9 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
     alignas(64) float y[kFfnSmallTokensMax * kOutBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t o0 = task * kOutBlock, o1 = std::min(O, o0 + kOutBlock), n = o1 - o0;
-      if (F > 0) {
+      if (F > 0 && bcast) {
+        bcast_rows(h, T, p.w2, F, O, o0, o1, F, y, n);
+      } else if (F > 0) {
         dot_rows(rs, h, ldh, T, p.w2, F, O, o0, o1, F, y, n, pf);
       } else {
         std::fill(y, y + T * n, 0.0f);
