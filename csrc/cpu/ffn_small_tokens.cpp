@@ -405,7 +405,7 @@ struct BcastRows {
 // acc += vdpbf16ps(x, {1to16} broadcast of the 32 bits at p), the broadcast
 // as the instruction's memory operand: gcc's _mm512_set1_epi32 of a load
 // stays a separate vpbroadcastd.
-PFA_AVX512_BF16 static inline __m512 dp_bcast(__m512 acc, __m512bh x, const uint16_t* p) {
+PFA_AVX512_BF16 static inline __m512 dp_bcast(__m512 acc, __m512bh x, const void* p) {
   asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*reinterpret_cast<const int32_t*>(p)));
   return acc;
 }
@@ -426,14 +426,29 @@ PFA_AVX512_BF16 void bcast_rows_bf16(const BcastRows& d) {
     __m512 acc[R];
     #pragma GCC unroll 32
     for (int rr = 0; rr < R; ++rr) acc[rr] = _mm512_setzero_ps();
+    // The rows' lines of a step are copied into rowbuf first, one vector
+    // each (double-buffered, a step ahead): rows ldw apart are often a
+    // multiple of 2 KiB apart (D1024 bf16), so the broadcasts straight from
+    // the rows would all hit the same two L1 sets and conflict (a scratch
+    // test at 16 rows: 1.8 G multiply-adds/s with 2 KiB apart, 5.7 with
+    // 2112 B apart, 7.3 from registers); rowbuf's rows are 64 bytes apart.
+    alignas(64) int32_t rowbuf[2][R][kBcastSteps];
+    const auto copy_step = [&](int buf, int64_t j0) PFA_AVX512_BF16 {
+      #pragma GCC unroll 32
+      for (int rr = 0; rr < R; ++rr) _mm512_store_si512(rowbuf[buf][rr], _mm512_loadu_si512(b[rr] + 2 * j0));
+    };
     int64_t j = 0;
-    for (; j + kBcastSteps <= pairs; j += kBcastSteps) {
+    int cur = 0;
+    if (kBcastSteps <= pairs) copy_step(0, 0);
+    for (; j + kBcastSteps <= pairs; j += kBcastSteps, cur ^= 1) {
+      if (j + 2 * kBcastSteps <= pairs) copy_step(cur ^ 1, j + kBcastSteps);
       for (int64_t rr = 0; rr < pf_rows; ++rr) _mm_prefetch(pf + rr * pf_ld + j * 4, _MM_HINT_T1);
+      const int32_t* rb = rowbuf[cur][0];  // one base register, constant displacements
       #pragma GCC unroll 16
       for (int s = 0; s < kBcastSteps; ++s) {
         const __m512bh xv = (__m512bh)_mm512_load_si512(d.a + (j + s) * 16);
         #pragma GCC unroll 32
-        for (int rr = 0; rr < R; ++rr) acc[rr] = dp_bcast(acc[rr], xv, b[rr] + 2 * (j + s));
+        for (int rr = 0; rr < R; ++rr) acc[rr] = dp_bcast(acc[rr], xv, rb + rr * kBcastSteps + s);
       }
     }
     for (; j < pairs; ++j) {
