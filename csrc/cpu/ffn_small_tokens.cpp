@@ -379,22 +379,26 @@ RowsSet avx512_rows() {
 
 // ---------------------------------------------------------------------------
 // The broadcast form (bf16 with vdpbf16ps, kBcastMinTokens <= T <= 16). The
-// token side is packed once per call pair-major: apack[j][t] holds token t's
-// elements 2j, 2j+1 (one 32-bit lane; tokens >= T and the odd tail's upper
-// half are zero), so one zmm holds every token's pair j. A weight row's pair
-// j is a 32-bit broadcast ({1to16}) memory operand, and
-//   acc[r] += vdpbf16ps(apack[j], broadcast W[r, 2j..2j+1])
-// gives each of R rows' 16 token lanes one step: per step one token load
-// serves R multiply-adds, each weight element is read once (4 bytes per row
-// per step, every row in address order), and the sums need no horizontal
-// adds (lane t is token t; each lane sums its pairs in order).
+// 16 lanes of a vector are 16 / G tokens x G consecutive pairs of the
+// reduced dimension (G = 1 for 9-16 tokens, 2 for 5-8, 4 for up to 4). The
+// token side is packed once per call: apack[j][t G + q] holds token t's
+// pair j G + q (elements 2 (j G + q), +1; tokens past T and elements past k
+// are zero), so one vector holds every token's step j (2 G elements). A
+// weight row's step j, 4 G bytes, broadcast to all 16 / G token groups
+// (G = 1: the {1to16} memory operand of vdpbf16ps; 2: vpbroadcastq; 4:
+// vbroadcasti32x4), then
+//   acc[r] += vdpbf16ps(apack[j], broadcast of W[r, 2 G j .. 2 G j + 2 G))
+// gives each of R rows one step for every token: per step one token load
+// serves R multiply-adds, each weight element is read once (every row in
+// address order), and there are no horizontal sums over the reduced
+// dimension: lane t G + q sums token t's pairs q, G + q, 2 G + q, ... in
+// order, and the G lanes of a token are added at the end in a fixed order.
 // ---------------------------------------------------------------------------
 
 constexpr int kBcastRows = 16;  // weight rows (accumulators) per block
-constexpr int kBcastSteps = 16;  // pairs per unrolled step: one 64-byte line of every row
 
 struct BcastRows {
-  const uint32_t* a;  // packed [ceil(k / 2)][16]
+  const uint32_t* a;  // packed [steps][16], steps = ceil(k / (2 G))
   const uint16_t* w;  // rows ldw apart
   int64_t ldw, r0, r1, k;
   float* c;  // c[t * ldc + (r - r0)], t < tokens
@@ -405,67 +409,103 @@ struct BcastRows {
 // acc += vdpbf16ps(x, {1to16} broadcast of the 32 bits at p), the broadcast
 // as the instruction's memory operand: gcc's _mm512_set1_epi32 of a load
 // stays a separate vpbroadcastd.
-PFA_AVX512_BF16 static inline __m512 dp_bcast(__m512 acc, __m512bh x, const void* p) {
+PFA_AVX512_BF16 static inline __m512 dp_bcast32(__m512 acc, __m512bh x, const void* p) {
   asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*reinterpret_cast<const int32_t*>(p)));
   return acc;
 }
 
-template <int R>
+// One step: acc += vdpbf16ps(x, the 4 G bytes at p broadcast to 16 lanes).
+template <int G>
+PFA_AVX512_BF16 static inline __m512 dp_step(__m512 acc, __m512bh x, const int32_t* p) {
+  if (G == 1) return dp_bcast32(acc, x, p);
+  __m512i w;
+  if (G == 2) {
+    int64_t v;
+    std::memcpy(&v, p, 8);
+    w = _mm512_set1_epi64(v);
+  } else {
+    w = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  return _mm512_dpbf16_ps(acc, x, (__m512bh)w);
+}
+
+// The 4 G-byte group of elements [e, min(e + 2 G, k)) of a row, zero past k,
+// broadcast to 16 lanes (the reduced dimension's tail).
+template <int G>
+PFA_AVX512_BF16 static inline __m512bh tail_bcast(const uint16_t* row, int64_t e, int64_t k) {
+  const __m128i v = _mm_maskz_loadu_epi16(__mmask8((1u << (k - e)) - 1u), row + e);
+  if (G == 1) return (__m512bh)_mm512_broadcastd_epi32(v);
+  if (G == 2) return (__m512bh)_mm512_broadcastq_epi64(v);
+  return (__m512bh)_mm512_broadcast_i32x4(v);
+}
+
+template <int R, int G>
 PFA_AVX512_BF16 void bcast_rows_bf16(const BcastRows& d) {
-  const int64_t pairs = d.k / 2;  // full pairs; an odd k's last element is the tail
+  constexpr int kSteps = 16 / G;  // steps per 64-byte line of a row
+  const int64_t steps = d.k / (2 * G);  // full steps; the rest of k is the tail
   alignas(64) float tmp[R][16];
   for (int64_t r = d.r0; r < d.r1; r += R) {
     const int64_t nr = std::min<int64_t>(R, d.r1 - r);
     const uint16_t* b[R];
     #pragma GCC unroll 32
     for (int rr = 0; rr < R; ++rr) b[rr] = d.w + (r + std::min<int64_t>(rr, nr - 1)) * d.ldw;
-    // The next block's rows, one line per row per unrolled step (to L2).
+    // The next block's rows, one line per row per line of this block's (to
+    // L2; none: T16 1.29 ms instead of 0.97, to L1: the same).
     const int64_t pf_rows = std::max<int64_t>(0, std::min<int64_t>(R, d.pf_end - (r + R)));
     const char* pf = reinterpret_cast<const char*>(d.w + (r + R) * d.ldw);
     const int64_t pf_ld = d.ldw * 2;
     __m512 acc[R];
     #pragma GCC unroll 32
     for (int rr = 0; rr < R; ++rr) acc[rr] = _mm512_setzero_ps();
-    // The rows' lines of a step are copied into rowbuf first, one vector
-    // each (double-buffered, a step ahead): rows ldw apart are often a
-    // multiple of 2 KiB apart (D1024 bf16), so the broadcasts straight from
-    // the rows would all hit the same two L1 sets and conflict (a scratch
-    // test at 16 rows: 1.8 G multiply-adds/s with 2 KiB apart, 5.7 with
-    // 2112 B apart, 7.3 from registers); rowbuf's rows are 64 bytes apart.
-    alignas(64) int32_t rowbuf[2][R][kBcastSteps];
-    const auto copy_step = [&](int buf, int64_t j0) PFA_AVX512_BF16 {
+    // The rows' lines are copied into rowbuf first, one vector each
+    // (double-buffered, a line ahead): rows ldw apart are often a multiple
+    // of 2 KiB apart (D1024 bf16), so the broadcasts straight from the rows
+    // would all hit the same two L1 sets and conflict (a scratch test at 16
+    // rows: 1.8 G multiply-adds/s with the rows 2 KiB apart, 5.7 with 2112
+    // B apart, 7.3 from registers); rowbuf's rows are 64 bytes apart.
+    alignas(64) int32_t rowbuf[2][R][16];
+    const auto copy_line = [&](int buf, int64_t j0) PFA_AVX512_BF16 {
       #pragma GCC unroll 32
-      for (int rr = 0; rr < R; ++rr) _mm512_store_si512(rowbuf[buf][rr], _mm512_loadu_si512(b[rr] + 2 * j0));
+      for (int rr = 0; rr < R; ++rr)
+        _mm512_store_si512(rowbuf[buf][rr], _mm512_loadu_si512(b[rr] + 2 * G * j0));
     };
     int64_t j = 0;
     int cur = 0;
-    if (kBcastSteps <= pairs) copy_step(0, 0);
-    for (; j + kBcastSteps <= pairs; j += kBcastSteps, cur ^= 1) {
-      if (j + 2 * kBcastSteps <= pairs) copy_step(cur ^ 1, j + kBcastSteps);
-      for (int64_t rr = 0; rr < pf_rows; ++rr) _mm_prefetch(pf + rr * pf_ld + j * 4, _MM_HINT_T1);
+    if (kSteps <= steps) copy_line(0, 0);
+    for (; j + kSteps <= steps; j += kSteps, cur ^= 1) {
+      if (j + 2 * kSteps <= steps) copy_line(cur ^ 1, j + kSteps);
+      for (int64_t rr = 0; rr < pf_rows; ++rr) _mm_prefetch(pf + rr * pf_ld + j * 4 * G, _MM_HINT_T1);
       const int32_t* rb = rowbuf[cur][0];  // one base register, constant displacements
       #pragma GCC unroll 16
-      for (int s = 0; s < kBcastSteps; ++s) {
+      for (int s = 0; s < kSteps; ++s) {
         const __m512bh xv = (__m512bh)_mm512_load_si512(d.a + (j + s) * 16);
         #pragma GCC unroll 32
-        for (int rr = 0; rr < R; ++rr) acc[rr] = dp_bcast(acc[rr], xv, rb + rr * kBcastSteps + s);
+        for (int rr = 0; rr < R; ++rr) acc[rr] = dp_step<G>(acc[rr], xv, rb + rr * 16 + s * G);
       }
     }
-    for (; j < pairs; ++j) {
+    for (; j < steps; ++j) {
       const __m512bh xv = (__m512bh)_mm512_load_si512(d.a + j * 16);
       #pragma GCC unroll 32
-      for (int rr = 0; rr < R; ++rr) acc[rr] = dp_bcast(acc[rr], xv, b[rr] + 2 * j);
+      for (int rr = 0; rr < R; ++rr)
+        acc[rr] = dp_step<G>(acc[rr], xv, reinterpret_cast<const int32_t*>(b[rr] + 2 * G * j));
     }
-    if (d.k % 2 != 0) {  // the last element alone: (w, 0) against (x, 0)
-      const __m512bh xv = (__m512bh)_mm512_load_si512(d.a + pairs * 16);
+    if (2 * G * steps < d.k) {  // the tail, zero-filled (x is zero there too)
+      const __m512bh xv = (__m512bh)_mm512_load_si512(d.a + steps * 16);
       #pragma GCC unroll 32
       for (int rr = 0; rr < R; ++rr)
-        acc[rr] = _mm512_dpbf16_ps(acc[rr], xv, (__m512bh)_mm512_set1_epi32(int32_t(b[rr][2 * pairs])));
+        acc[rr] = _mm512_dpbf16_ps(acc[rr], xv, tail_bcast<G>(b[rr], 2 * G * steps, d.k));
     }
     #pragma GCC unroll 32
     for (int rr = 0; rr < R; ++rr) _mm512_store_ps(tmp[rr], acc[rr]);
-    for (int64_t t = 0; t < d.tokens; ++t)
-      for (int64_t rr = 0; rr < nr; ++rr) d.c[t * d.ldc + (r - d.r0) + rr] = tmp[rr][t];
+    for (int64_t t = 0; t < d.tokens; ++t) {
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        const float* v = tmp[rr] + t * G;
+        float sum = v[0];
+        if (G == 2) sum = v[0] + v[1];
+        if (G == 4) sum = (v[0] + v[1]) + (v[2] + v[3]);
+        d.c[t * d.ldc + (r - d.r0) + rr] = sum;
+      }
+    }
   }
 }
 
@@ -576,7 +616,8 @@ constexpr int64_t kBcastMinTokens = 8;
 
 bool use_bcast(DType dt, int64_t tokens) {
 #if PFA_X86
-  return dt == DType::kBFloat16 && isa() == Isa::kAvx512Bf16 && tokens >= kBcastMinTokens && tokens <= 16;
+  static const int64_t lo = [] { const char* e = std::getenv("PFA_BCMIN"); return e ? std::atoll(e) : kBcastMinTokens; }();  // TEMP
+  return dt == DType::kBFloat16 && isa() == Isa::kAvx512Bf16 && tokens >= lo && tokens <= 16;
 #else
   (void)dt;
   (void)tokens;
@@ -584,28 +625,42 @@ bool use_bcast(DType dt, int64_t tokens) {
 #endif
 }
 
-// dst[j * 16 + t] = src[t][2j] | src[t][2j + 1] << 16 for t < tokens, j <
-// ceil(k / 2); zero for tokens >= tokens and past k (src rows ld apart).
-void pack_pairs(const uint16_t* src, int64_t ld, int64_t tokens, int64_t k, uint32_t* dst) {
-  const int64_t pairs = (k + 1) / 2;
-  std::memset(dst, 0, size_t(pairs) * 64);
+// The broadcast form's pairs per token lane group for T tokens: 16 / G >= T.
+int64_t bcast_group(int64_t tokens) { return tokens > 8 ? 1 : tokens > 4 ? 2 : 4; }
+
+// 32-bit lanes of the packed [ceil(k / (2 G))][16] form.
+int64_t packed_lanes(int64_t k, int64_t g) { return (k + 2 * g - 1) / (2 * g) * 16; }
+
+// dst[(p / G) * 16 + t G + p % G] = src[t][2p] | src[t][2p + 1] << 16 for
+// t < tokens and pairs p, zero for other tokens and past k (src rows ld apart).
+void pack_pairs(const uint16_t* src, int64_t ld, int64_t tokens, int64_t k, int64_t g, uint32_t* dst) {
+  std::memset(dst, 0, size_t(packed_lanes(k, g)) * 4);
   for (int64_t t = 0; t < tokens; ++t) {
     const uint16_t* row = src + t * ld;
-    for (int64_t j = 0; j < pairs; ++j) {
-      const uint32_t hi = 2 * j + 1 < k ? row[2 * j + 1] : 0u;
-      dst[j * 16 + t] = row[2 * j] | hi << 16;
+    for (int64_t pr = 0; 2 * pr < k; ++pr) {
+      const uint32_t hi = 2 * pr + 1 < k ? row[2 * pr + 1] : 0u;
+      dst[pr / g * 16 + t * g + pr % g] = row[2 * pr] | hi << 16;
     }
   }
 }
 
 // c[t * ldc + (r - r0)] = sum_i a[t][i] w[r][i] for t < tokens, r in [r0, r1),
-// a packed by pack_pairs.
+// a packed by pack_pairs with bcast_group(tokens).
 void bcast_rows(const void* a, int64_t tokens, const void* w, int64_t ldw, int64_t rows, int64_t r0,
                 int64_t r1, int64_t k, float* c, int64_t ldc) {
 #if PFA_X86
   const BcastRows d{static_cast<const uint32_t*>(a), static_cast<const uint16_t*>(w), ldw, r0, r1, k, c, ldc,
                     tokens, rows};
-  bcast_rows_bf16<kBcastRows>(d);
+  switch (bcast_group(tokens)) {
+    case 1:
+      bcast_rows_bf16<kBcastRows, 1>(d);
+      return;
+    case 2:
+      bcast_rows_bf16<kBcastRows, 2>(d);
+      return;
+    default:
+      bcast_rows_bf16<kBcastRows, 4>(d);
+  }
 #else
   (void)a, (void)tokens, (void)w, (void)ldw, (void)rows, (void)r0, (void)r1, (void)k, (void)c, (void)ldc;
 #endif
@@ -659,8 +714,9 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
   // packed pair-major instead: [ceil(n / 2)][16] 32-bit lanes.
   const bool bcast = use_bcast(dt, T);
   const auto round16 = [](int64_t n) { return (n + 15) / 16 * 16; };  // whole 64-byte lines
-  const int64_t h_floats = round16(bcast ? (F + 1) / 2 * 16 : (T * ldh * a_size + 3) / 4);
-  const int64_t x_floats = round16(bcast ? (D + 1) / 2 * 16 : (T * ldx * a_size + 3) / 4);
+  const int64_t bg = bcast_group(T);
+  const int64_t h_floats = round16(bcast ? packed_lanes(F, bg) : (T * ldh * a_size + 3) / 4);
+  const int64_t x_floats = round16(bcast ? packed_lanes(D, bg) : (T * ldx * a_size + 3) / 4);
   float* scratch = call_scratch(h_floats + x_floats + 2 * F + O + 16);
   scratch += (16 - (reinterpret_cast<uintptr_t>(scratch) / 4) % 16) % 16;  // 64-byte aligned
   void* h = scratch;
@@ -675,7 +731,7 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
   for (int64_t o = 0; o < O; ++o) b2[o] = p.b2 ? load_f32(dt, p.b2, o) : 0.0f;
   // Token-side operands: bf16 stays bf16 (vdpbf16ps pairs); fp16 tokens and
   // h are fp32 (the fp16 weights are widened per load).
-  if (bcast) pack_pairs(static_cast<const uint16_t*>(p.x), p.x_row_stride, T, D, static_cast<uint32_t*>(xa));
+  if (bcast) pack_pairs(static_cast<const uint16_t*>(p.x), p.x_row_stride, T, D, bg, static_cast<uint32_t*>(xa));
   for (int64_t t = 0; t < T && !bcast; ++t) {
     if (dt == DType::kFloat16) {
       float* row = static_cast<float*>(xa) + t * ldx;
@@ -711,14 +767,20 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
         }
         if (p.act_in != nullptr && p.act_in_bias) save_pre_activations(p, g, u, f0, n);
         ffn_act_fp32(p.act, g, p.gated ? u : nullptr, T * n);
-        if (bcast) {  // pairs of features f0 + 2 c2, f0 + 2 c2 + 1 (f0 is even)
-          uint32_t* hp = static_cast<uint32_t*>(h) + f0 / 2 * 16;
-          for (int64_t c2 = 0; c2 < (n + 1) / 2; ++c2) {
-            for (int64_t t = 0; t < 16; ++t) {
+        if (bcast) {  // h packed as pack_pairs packs x (f0 is a multiple of 2 G)
+          uint32_t* hp = static_cast<uint32_t*>(h);
+          for (int64_t c2 = 0; 2 * c2 < n; ++c2) {
+            const int64_t pr = f0 / 2 + c2;
+            uint32_t* lane = hp + pr / bg * 16 + pr % bg;
+            for (int64_t t = 0; t < 16 / bg; ++t) {
               const uint32_t lo = t < T ? f32_to_bf16_bits(g[t * n + 2 * c2]) : 0u;
               const uint32_t hi = t < T && 2 * c2 + 1 < n ? f32_to_bf16_bits(g[t * n + 2 * c2 + 1]) : 0u;
-              hp[c2 * 16 + t] = lo | hi << 16;
+              lane[t * bg] = lo | hi << 16;
             }
+          }
+          if (f1 == F) {  // the last step's pairs past F (ceil(F / 2) .. a multiple of G): zero
+            for (int64_t pr = (F + 1) / 2; pr % bg != 0; ++pr)
+              for (int64_t t = 0; t < 16 / bg; ++t) hp[pr / bg * 16 + t * bg + pr % bg] = 0u;
           }
         }
         for (int64_t t = 0; t < T && !bcast; ++t) {
