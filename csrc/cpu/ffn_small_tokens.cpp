@@ -497,15 +497,47 @@ PFA_AVX512_BF16 void bcast_rows_bf16(const BcastRows& d) {
     }
     #pragma GCC unroll 32
     for (int rr = 0; rr < R; ++rr) _mm512_store_ps(tmp[rr], acc[rr]);
+    // Out through tmp: token t's value of row rr is the sum of tmp[rr][t G
+    // .. t G + G), (v0 + v1) + (v2 + v3) for G = 4; gathered 16 rows at a
+    // time (a scalar loop here took ~10% of the call at K = 1024).
+    static_assert(R == 16, "the gathers below take 16 rows");
+    const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+    const __mmask16 keep = __mmask16((uint32_t(1) << nr) - 1u);
     for (int64_t t = 0; t < d.tokens; ++t) {
-      for (int64_t rr = 0; rr < nr; ++rr) {
-        const float* v = tmp[rr] + t * G;
-        float sum = v[0];
-        if (G == 2) sum = v[0] + v[1];
-        if (G == 4) sum = (v[0] + v[1]) + (v[2] + v[3]);
-        d.c[t * d.ldc + (r - d.r0) + rr] = sum;
-      }
+      const auto lane = [&](int q) PFA_AVX512_BF16 {
+        return _mm512_i32gather_ps(_mm512_add_epi32(rows16, _mm512_set1_epi32(int(t * G + q))), &tmp[0][0], 4);
+      };
+      __m512 sum = lane(0);
+      if (G == 2) sum = _mm512_add_ps(lane(0), lane(1));
+      if (G == 4) sum = _mm512_add_ps(_mm512_add_ps(lane(0), lane(1)), _mm512_add_ps(lane(2), lane(3)));
+      _mm512_mask_storeu_ps(d.c + t * d.ldc + (r - d.r0), keep, sum);
     }
+  }
+}
+
+// h for the broadcast form: the task's [T][n] fp32 values (features f0 ..
+// f0 + n, f0 a multiple of 2 G) as bf16 pairs in pack_pairs' layout (pair p
+// of token t at hp[(p / G) * 16 + t G + p % G]; tokens T .. 16 / G zero).
+// Rounded to nearest even by vcvtne2ps2bf16, as the FFN step stores bf16.
+template <int G>
+PFA_AVX512_BF16 void pack_h_bf16(const float* g, int64_t tokens, int64_t n, int64_t f0, uint32_t* hp) {
+  alignas(64) uint32_t pairs[16][32];  // [token][pair of the task], n <= 64
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t c = 0; c < n; c += 32) {
+      const int64_t left = std::min<int64_t>(32, n - c);
+      const __mmask16 m_lo = __mmask16((1u << std::min<int64_t>(16, left)) - 1u);
+      const __mmask16 m_hi = left > 16 ? __mmask16((1u << (left - 16)) - 1u) : __mmask16(0);
+      const __m512 lo = _mm512_maskz_loadu_ps(m_lo, g + t * n + c);
+      const __m512 hi = _mm512_maskz_loadu_ps(m_hi, g + t * n + c + 16);
+      _mm512_store_si512(pairs[t] + c / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+  const int64_t task_pairs = (n + 1) / 2;
+  for (int64_t c2 = 0; c2 < task_pairs; ++c2) {
+    const int64_t pr = f0 / 2 + c2;
+    uint32_t* lane = hp + pr / G * 16 + pr % G;
+    for (int64_t t = 0; t < 16 / G; ++t) lane[t * G] = t < tokens ? pairs[t][c2] : 0u;
   }
 }
 
@@ -609,15 +641,16 @@ void dot_rows(const RowsSet& rs, const void* a, int64_t lda, int64_t tokens, con
   (tokens == 1 ? rs.one : rs.many)(d);
 }
 
-// The broadcast form's range of tokens: bf16 with the BF16 dot products
-// (below kBcastMinTokens the dot-product tiles are faster; above 16 the
-// tokens do not fit one vector).
-constexpr int64_t kBcastMinTokens = 8;
+// The broadcast form's range of tokens: bf16 with the BF16 dot products;
+// above 16 the tokens do not fit one vector. Below kBcastMinTokens the
+// dot-product tiles: one thread, gated D1024 F2816, dot vs broadcast form
+// (PERF_NOTES.md): T1 0.59 vs 0.76 ms, T2 0.63 / 0.78 vs 0.66 / 0.67 (two
+// runs), T3 1.00 vs 0.69, T4 0.93-0.99 vs 0.72-0.76.
+constexpr int64_t kBcastMinTokens = 3;
 
 bool use_bcast(DType dt, int64_t tokens) {
 #if PFA_X86
-  static const int64_t lo = [] { const char* e = std::getenv("PFA_BCMIN"); return e ? std::atoll(e) : kBcastMinTokens; }();  // TEMP
-  return dt == DType::kBFloat16 && isa() == Isa::kAvx512Bf16 && tokens >= lo && tokens <= 16;
+  return dt == DType::kBFloat16 && isa() == Isa::kAvx512Bf16 && tokens >= kBcastMinTokens && tokens <= 16;
 #else
   (void)dt;
   (void)tokens;
@@ -663,6 +696,17 @@ void bcast_rows(const void* a, int64_t tokens, const void* w, int64_t ldw, int64
   }
 #else
   (void)a, (void)tokens, (void)w, (void)ldw, (void)rows, (void)r0, (void)r1, (void)k, (void)c, (void)ldc;
+#endif
+}
+
+// pack_h_bf16 for G = bg.
+void pack_h(const float* g, int64_t tokens, int64_t n, int64_t f0, int64_t bg, uint32_t* hp) {
+#if PFA_X86
+  if (bg == 1) pack_h_bf16<1>(g, tokens, n, f0, hp);
+  if (bg == 2) pack_h_bf16<2>(g, tokens, n, f0, hp);
+  if (bg == 4) pack_h_bf16<4>(g, tokens, n, f0, hp);
+#else
+  (void)g, (void)tokens, (void)n, (void)f0, (void)bg, (void)hp;
 #endif
 }
 
@@ -769,15 +813,7 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
         ffn_act_fp32(p.act, g, p.gated ? u : nullptr, T * n);
         if (bcast) {  // h packed as pack_pairs packs x (f0 is a multiple of 2 G)
           uint32_t* hp = static_cast<uint32_t*>(h);
-          for (int64_t c2 = 0; 2 * c2 < n; ++c2) {
-            const int64_t pr = f0 / 2 + c2;
-            uint32_t* lane = hp + pr / bg * 16 + pr % bg;
-            for (int64_t t = 0; t < 16 / bg; ++t) {
-              const uint32_t lo = t < T ? f32_to_bf16_bits(g[t * n + 2 * c2]) : 0u;
-              const uint32_t hi = t < T && 2 * c2 + 1 < n ? f32_to_bf16_bits(g[t * n + 2 * c2 + 1]) : 0u;
-              lane[t * bg] = lo | hi << 16;
-            }
-          }
+          pack_h(g, T, n, f0, bg, hp);
           if (f1 == F) {  // the last step's pairs past F (ceil(F / 2) .. a multiple of G): zero
             for (int64_t pr = (F + 1) / 2; pr % bg != 0; ++pr)
               for (int64_t t = 0; t < 16 / bg; ++t) hp[pr / bg * 16 + t * bg + pr % bg] = 0u;
