@@ -127,28 +127,27 @@ def test_bit_identical_across_thread_counts(dtype):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", [2, 4, 8, 16])
-def test_reads_nothing_past_the_weights(tokens):
+def test_reads_nothing_past_the_weights(tokens, dtype):
     """Each weight matrix is the start of a larger buffer whose elements past
     its end are NaN: a read past a row's last element (the reduced
-    dimension's tail, 1 .. 2 G - 1 elements in the broadcast form) would turn
-    the last rows' outputs NaN (0 x NaN)."""
+    dimension's tail in the broadcast form, fewer than one step's G pairs /
+    G elements) would turn the last rows' outputs NaN (0 x NaN)."""
     torch.manual_seed(0)
     d_model, d_ff, d_out = 77, 83, 45  # odd: every matrix's last row ends mid-pair
 
     def padded(rows, cols):
-        buf = torch.full((rows * cols + 64,), float("nan"), dtype=torch.bfloat16)
+        buf = torch.full((rows * cols + 64,), float("nan"), dtype=dtype)
         w = buf[: rows * cols].view(rows, cols)
         w.copy_(torch.randn(rows, cols) / cols**0.5)
         return w
 
     params = [padded(d_ff, d_model), None, padded(d_out, d_ff), None, padded(d_ff, d_model), None]
-    x = torch.randn(tokens, d_model).to(torch.bfloat16)
+    x = torch.randn(tokens, d_model).to(dtype)
     y = forward(x, params, "silu")
     assert torch.isfinite(y).all()
-    assert_tolerance(
-        "y", y, reference_forward(x, params, "silu"), run_plain_torch(x, params, "silu"), torch.bfloat16
-    )
+    assert_tolerance("y", y, reference_forward(x, params, "silu"), run_plain_torch(x, params, "silu"), dtype)
 
 
 def test_decode_shapes_and_strided_x():

@@ -15,16 +15,18 @@
 //            task's pre-activations [T, kFeatBlock] stay in a stack array,
 //            get the bias and the activation (and the gate product) there
 //            (ffn_act_fp32, the FFN step's vectorised code) and are written
-//            once into h [T, d_ff], a per-call buffer held by the calling
-//            thread (bf16 for bf16 inputs, else fp32; 90 KB at T16 F2816
-//            bf16: it stays in L2 for layer 2).
+//            once into h [T, d_ff] (packed for the broadcast form), a
+//            per-call buffer held by the calling thread (bf16 for bf16
+//            inputs, else fp32; 90 KB at T16 F2816 bf16: it stays in L2
+//            for layer 2).
 //   layer 2: tasks of kOutBlock rows of W2, the same dot products against
 //            h's rows, + b2, rounded once into y.
 // at::parallel_for hands each thread one contiguous range of tasks, so the
 // two cores stream disjoint, contiguous stretches of every weight matrix.
 // Every output element is one dot product computed by one thread in one
-// fixed order (lanes over the reduced dimension, then a fixed tree): the
-// result does not depend on the thread count.
+// fixed order (lanes over the reduced dimension, then a fixed tree; in the
+// broadcast form each lane's steps in order): the result does not depend
+// on the thread count.
 //
 // The dot-product tile (AVX-512). R weight rows x TT tokens (8 x 2; 8 x 1 for
 // one token), one 512-bit accumulator per pair, the reduced dimension in
@@ -36,7 +38,11 @@
 // the block two ahead. Rows and tokens past the end repeat the last valid
 // one (results dropped); the reduced dimension's tail is a masked
 // (zero-filled) load. The sums leave the registers through a
-// transpose-and-add tree, four accumulators to one xmm.
+// transpose-and-add tree, four accumulators to one xmm. The dot-product
+// tiles run T = 1-2 (bf16, fp16), 1-7 (fp32) and 17-32; 3 (fp32: 8) to 16
+// tokens take the broadcast form instead (below its own comment): the
+// tiles re-read each weight line from L1 once per token tile and were
+// compute-bound at T16 with the memory time added on top (PERF_NOTES.md).
 #include "ffn_small_tokens.h"
 
 #include <ATen/Parallel.h>
@@ -378,7 +384,9 @@ RowsSet avx512_rows() {
 }
 
 // ---------------------------------------------------------------------------
-// The broadcast form (bf16 with vdpbf16ps, kBcastMinTokens <= T <= 16). The
+// The broadcast form (bcast_min_tokens <= T <= 16; written for bf16 and
+// vdpbf16ps, below; fp32 and fp16 weights the same with one fp32 element per
+// lane in place of a pair and vfmadd231ps). The
 // 16 lanes of a vector are 16 / G tokens x G consecutive pairs of the
 // reduced dimension (G = 1 for 9-16 tokens, 2 for 5-8, 4 for up to 4). The
 // token side is packed once per call: apack[j][t G + q] holds token t's
@@ -398,65 +406,158 @@ RowsSet avx512_rows() {
 constexpr int kBcastRows = 16;  // weight rows (accumulators) per block
 
 struct BcastRows {
-  const uint32_t* a;  // packed [steps][16], steps = ceil(k / (2 G))
-  const uint16_t* w;  // rows ldw apart
+  const uint32_t* a;  // packed [steps][16], steps = ceil(k / (G kE))
+  const void* w;      // rows ldw apart (elements)
   int64_t ldw, r0, r1, k;
   float* c;  // c[t * ldc + (r - r0)], t < tokens
   int64_t ldc, tokens;
   int64_t pf_end;  // rows of w that exist (the next block's prefetch stops there)
 };
 
-// acc += vdpbf16ps(x, {1to16} broadcast of the 32 bits at p), the broadcast
-// as the instruction's memory operand: gcc's _mm512_set1_epi32 of a load
-// stays a separate vpbroadcastd.
-PFA_AVX512_BF16 static inline __m512 dp_bcast32(__m512 acc, __m512bh x, const void* p) {
-  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*reinterpret_cast<const int32_t*>(p)));
-  return acc;
-}
-
-// One step: acc += vdpbf16ps(x, the 4 G bytes at p broadcast to 16 lanes).
-template <int G>
-PFA_AVX512_BF16 static inline __m512 dp_step(__m512 acc, __m512bh x, const int32_t* p) {
-  if (G == 1) return dp_bcast32(acc, x, p);
-  __m512i w;
-  if (G == 2) {
-    int64_t v;
-    std::memcpy(&v, p, 8);
-    w = _mm512_set1_epi64(v);
-  } else {
-    w = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+// What the broadcast form does per element type. A lane is 4 bytes of the
+// token side: a bf16 pair (kE = 2 elements, vdpbf16ps) or one fp32 element
+// (kE = 1, vfmadd231ps; fp16 weights are widened to fp32 when their line is
+// copied into the row buffer). A step is G lanes of every token; a row
+// buffer line is 16 lanes, 16 kE elements of the row.
+//   madd_buf<G>(acc, x, p): acc += x * (the 4 G bytes at p, broadcast)
+//   madd(acc, x, w):        acc += x * w (w already broadcast)
+//   copy_line(src, dst):    16 lanes of a row into the row buffer
+//   group<G>(row, e, k):    elements [e, min(e + G kE, k)) of a row as G
+//                           lanes, zero past k, broadcast to 16 lanes
+struct BcastBf16 {
+  using W = uint16_t;
+  static constexpr int kE = 2;
+  // The {1to16} broadcast as vdpbf16ps's memory operand: gcc keeps
+  // _mm512_set1_epi32 of a load a separate vpbroadcastd.
+  PFA_AVX512_BF16 static inline __m512 madd_mem32(__m512 acc, __m512i x, const int32_t* p) {
+    asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*p));
+    return acc;
   }
-  return _mm512_dpbf16_ps(acc, x, (__m512bh)w);
+  PFA_AVX512_BF16 static inline __m512 madd(__m512 acc, __m512i x, __m512i w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+  }
+  PFA_AVX512_BF16 static inline void copy_line(const W* src, int32_t* dst) {
+    _mm512_store_si512(dst, _mm512_loadu_si512(src));
+  }
+  PFA_AVX512_BF16 static inline __m128i load_elems(const W* p, int64_t n) {
+    return _mm_maskz_loadu_epi16(__mmask8((1u << n) - 1u), p);
+  }
+};
+
+struct BcastF32 {
+  using W = float;
+  static constexpr int kE = 1;
+  PFA_AVX512 static inline __m512 madd_mem32(__m512 acc, __m512i x, const int32_t* p) {
+    const __m512 xf = _mm512_castsi512_ps(x);
+    asm("vfmadd231ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(xf), "m"(*p));
+    return acc;
+  }
+  PFA_AVX512 static inline __m512 madd(__m512 acc, __m512i x, __m512i w) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
+  }
+  PFA_AVX512 static inline void copy_line(const W* src, int32_t* dst) {
+    _mm512_store_si512(dst, _mm512_loadu_si512(src));
+  }
+  PFA_AVX512 static inline __m128i load_elems(const W* p, int64_t n) {
+    return _mm_castps_si128(_mm_maskz_loadu_ps(__mmask8((1u << n) - 1u), p));
+  }
+};
+
+struct BcastF16 {
+  using W = uint16_t;
+  static constexpr int kE = 1;
+  PFA_AVX512 static inline __m512 madd_mem32(__m512 acc, __m512i x, const int32_t* p) {
+    return BcastF32::madd_mem32(acc, x, p);
+  }
+  PFA_AVX512 static inline __m512 madd(__m512 acc, __m512i x, __m512i w) { return BcastF32::madd(acc, x, w); }
+  PFA_AVX512 static inline void copy_line(const W* src, int32_t* dst) {
+    _mm512_store_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))));
+  }
+  PFA_AVX512 static inline __m128i load_elems(const W* p, int64_t n) {  // n <= 4
+    return _mm_castps_si128(_mm_cvtph_ps(_mm_maskz_loadu_epi16(__mmask8((1u << n) - 1u), p)));
+  }
+};
+
+// The raw AVX-512 steps of the broadcast form's loop, as attribute-bearing
+// inline functions (the loop itself is a neutral template that `flatten`
+// inlines into each target's function, like the dot-product tiles').
+struct Bc {
+  PFA_AVX512 static inline __m512 zero() { return _mm512_setzero_ps(); }
+  PFA_AVX512 static inline __m512i load(const uint32_t* p) { return _mm512_load_si512(p); }
+  PFA_AVX512 static inline void store(float* p, __m512 v) { _mm512_store_ps(p, v); }
+  PFA_AVX512 static inline void prefetch_l2(const char* p) { _mm_prefetch(p, _MM_HINT_T1); }
+  // The 4 G bytes at p (G = 2, 4) broadcast to 16 lanes.
+  template <int G>
+  PFA_AVX512 static inline __m512i bcast_buf(const int32_t* p) {
+    if (G == 2) {
+      int64_t v;
+      std::memcpy(&v, p, 8);
+      return _mm512_set1_epi64(v);
+    }
+    return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  // v's first G lanes broadcast to 16.
+  template <int G>
+  PFA_AVX512 static inline __m512i bcast_lanes(__m128i v) {
+    if (G == 1) return _mm512_broadcastd_epi32(v);
+    if (G == 2) return _mm512_broadcastq_epi64(v);
+    return _mm512_broadcast_i32x4(v);
+  }
+  // Out through tmp [16 rows][16 lanes]: token t's value of row rr is the
+  // sum of tmp[rr][t G .. t G + G), (v0 + v1) + (v2 + v3) for G = 4,
+  // gathered 16 rows at a time (a scalar loop here took ~10% of the call at
+  // K = 1024) into c[t * ldc + rr], rr < nr.
+  template <int G>
+  PFA_AVX512 static inline void out_tokens(const float* tmp, int64_t tokens, int64_t nr, float* c, int64_t ldc) {
+    const __m512i rows16 = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
+    const __mmask16 keep = __mmask16((uint32_t(1) << nr) - 1u);
+    for (int64_t t = 0; t < tokens; ++t) {
+      __m512 lane[G];
+      #pragma GCC unroll 4
+      for (int q = 0; q < G; ++q)
+        lane[q] = _mm512_i32gather_ps(_mm512_add_epi32(rows16, _mm512_set1_epi32(int(t * G + q))), tmp, 4);
+      __m512 sum = lane[0];
+      if (G == 2) sum = _mm512_add_ps(lane[0], lane[1]);
+      if (G == 4) sum = _mm512_add_ps(_mm512_add_ps(lane[0], lane[1]), _mm512_add_ps(lane[2], lane[3]));
+      _mm512_mask_storeu_ps(c + t * ldc, keep, sum);
+    }
+  }
+};
+
+template <class Ops, int G>
+PFA_INLINE __m512 madd_buf(__m512 acc, __m512i x, const int32_t* p) {
+  if (G == 1) return Ops::madd_mem32(acc, x, p);
+  return Ops::madd(acc, x, Bc::bcast_buf<G>(p));
 }
 
-// The 4 G-byte group of elements [e, min(e + 2 G, k)) of a row, zero past k,
-// broadcast to 16 lanes (the reduced dimension's tail).
-template <int G>
-PFA_AVX512_BF16 static inline __m512bh tail_bcast(const uint16_t* row, int64_t e, int64_t k) {
-  const __m128i v = _mm_maskz_loadu_epi16(__mmask8((1u << (k - e)) - 1u), row + e);
-  if (G == 1) return (__m512bh)_mm512_broadcastd_epi32(v);
-  if (G == 2) return (__m512bh)_mm512_broadcastq_epi64(v);
-  return (__m512bh)_mm512_broadcast_i32x4(v);
+template <class Ops, int G>
+PFA_INLINE __m512i group(const typename Ops::W* row, int64_t e, int64_t k) {
+  return Bc::bcast_lanes<G>(Ops::load_elems(row + e, std::min<int64_t>(G * Ops::kE, k - e)));
 }
 
-template <int R, int G>
-PFA_AVX512_BF16 void bcast_rows_bf16(const BcastRows& d) {
-  constexpr int kSteps = 16 / G;  // steps per 64-byte line of a row
-  const int64_t steps = d.k / (2 * G);  // full steps; the rest of k is the tail
+template <class Ops, int R, int G>
+PFA_INLINE void bcast_rows_body(const BcastRows& d) {
+  using W = typename Ops::W;
+  constexpr int kE = Ops::kE;
+  constexpr int kSteps = 16 / G;  // steps per row buffer line
+  const int64_t steps = d.k / (G * kE);  // full steps; the rest of k is the tail
+  const W* wbase = static_cast<const W*>(d.w);
   alignas(64) float tmp[R][16];
   for (int64_t r = d.r0; r < d.r1; r += R) {
     const int64_t nr = std::min<int64_t>(R, d.r1 - r);
-    const uint16_t* b[R];
+    const W* b[R];
     #pragma GCC unroll 32
-    for (int rr = 0; rr < R; ++rr) b[rr] = d.w + (r + std::min<int64_t>(rr, nr - 1)) * d.ldw;
+    for (int rr = 0; rr < R; ++rr) b[rr] = wbase + (r + std::min<int64_t>(rr, nr - 1)) * d.ldw;
     // The next block's rows, one line per row per line of this block's (to
     // L2; none: T16 1.29 ms instead of 0.97, to L1: the same).
     const int64_t pf_rows = std::max<int64_t>(0, std::min<int64_t>(R, d.pf_end - (r + R)));
-    const char* pf = reinterpret_cast<const char*>(d.w + (r + R) * d.ldw);
-    const int64_t pf_ld = d.ldw * 2;
+    const char* pf = reinterpret_cast<const char*>(wbase + (r + R) * d.ldw);
+    const int64_t pf_ld = d.ldw * int64_t(sizeof(W));
+    constexpr int64_t kLineBytes = 16 * kE * int64_t(sizeof(W));  // of the row per buffer line
     __m512 acc[R];
     #pragma GCC unroll 32
-    for (int rr = 0; rr < R; ++rr) acc[rr] = _mm512_setzero_ps();
+    for (int rr = 0; rr < R; ++rr) acc[rr] = Bc::zero();
     // The rows' lines are copied into rowbuf first, one vector each
     // (double-buffered, a line ahead): rows ldw apart are often a multiple
     // of 2 KiB apart (D1024 bf16), so the broadcasts straight from the rows
@@ -464,60 +565,52 @@ PFA_AVX512_BF16 void bcast_rows_bf16(const BcastRows& d) {
     // rows: 1.8 G multiply-adds/s with the rows 2 KiB apart, 5.7 with 2112
     // B apart, 7.3 from registers); rowbuf's rows are 64 bytes apart.
     alignas(64) int32_t rowbuf[2][R][16];
-    const auto copy_line = [&](int buf, int64_t j0) PFA_AVX512_BF16 {
-      #pragma GCC unroll 32
-      for (int rr = 0; rr < R; ++rr)
-        _mm512_store_si512(rowbuf[buf][rr], _mm512_loadu_si512(b[rr] + 2 * G * j0));
-    };
     int64_t j = 0;
     int cur = 0;
-    if (kSteps <= steps) copy_line(0, 0);
+    if (kSteps <= steps) {
+      #pragma GCC unroll 32
+      for (int rr = 0; rr < R; ++rr) Ops::copy_line(b[rr], rowbuf[0][rr]);
+    }
     for (; j + kSteps <= steps; j += kSteps, cur ^= 1) {
-      if (j + 2 * kSteps <= steps) copy_line(cur ^ 1, j + kSteps);
-      for (int64_t rr = 0; rr < pf_rows; ++rr) _mm_prefetch(pf + rr * pf_ld + j * 4 * G, _MM_HINT_T1);
+      if (j + 2 * kSteps <= steps) {
+        #pragma GCC unroll 32
+        for (int rr = 0; rr < R; ++rr) Ops::copy_line(b[rr] + (j + kSteps) * G * kE, rowbuf[cur ^ 1][rr]);
+      }
+      for (int64_t rr = 0; rr < pf_rows; ++rr)
+        for (int64_t l = 0; l < kLineBytes; l += 64) Bc::prefetch_l2(pf + rr * pf_ld + j / kSteps * kLineBytes + l);
       const int32_t* rb = rowbuf[cur][0];  // one base register, constant displacements
       #pragma GCC unroll 16
       for (int s = 0; s < kSteps; ++s) {
-        const __m512bh xv = (__m512bh)_mm512_load_si512(d.a + (j + s) * 16);
+        const __m512i xv = Bc::load(d.a + (j + s) * 16);
         #pragma GCC unroll 32
-        for (int rr = 0; rr < R; ++rr) acc[rr] = dp_step<G>(acc[rr], xv, rb + rr * 16 + s * G);
+        for (int rr = 0; rr < R; ++rr) acc[rr] = madd_buf<Ops, G>(acc[rr], xv, rb + rr * 16 + s * G);
       }
     }
-    for (; j < steps; ++j) {
-      const __m512bh xv = (__m512bh)_mm512_load_si512(d.a + j * 16);
+    // The last full steps (fewer than a line) and the tail, zero-filled past
+    // k (the token side is zero there too).
+    for (; j * G * kE < d.k; ++j) {
+      const __m512i xv = Bc::load(d.a + j * 16);
       #pragma GCC unroll 32
-      for (int rr = 0; rr < R; ++rr)
-        acc[rr] = dp_step<G>(acc[rr], xv, reinterpret_cast<const int32_t*>(b[rr] + 2 * G * j));
-    }
-    if (2 * G * steps < d.k) {  // the tail, zero-filled (x is zero there too)
-      const __m512bh xv = (__m512bh)_mm512_load_si512(d.a + steps * 16);
-      #pragma GCC unroll 32
-      for (int rr = 0; rr < R; ++rr)
-        acc[rr] = _mm512_dpbf16_ps(acc[rr], xv, tail_bcast<G>(b[rr], 2 * G * steps, d.k));
+      for (int rr = 0; rr < R; ++rr) acc[rr] = Ops::madd(acc[rr], xv, group<Ops, G>(b[rr], j * G * kE, d.k));
     }
     #pragma GCC unroll 32
-    for (int rr = 0; rr < R; ++rr) _mm512_store_ps(tmp[rr], acc[rr]);
-    // Out through tmp: token t's value of row rr is the sum of tmp[rr][t G
-    // .. t G + G), (v0 + v1) + (v2 + v3) for G = 4; gathered 16 rows at a
-    // time (a scalar loop here took ~10% of the call at K = 1024).
-    static_assert(R == 16, "the gathers below take 16 rows");
-    const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(16));
-    const __mmask16 keep = __mmask16((uint32_t(1) << nr) - 1u);
-    for (int64_t t = 0; t < d.tokens; ++t) {
-      const auto lane = [&](int q) PFA_AVX512_BF16 {
-        return _mm512_i32gather_ps(_mm512_add_epi32(rows16, _mm512_set1_epi32(int(t * G + q))), &tmp[0][0], 4);
-      };
-      __m512 sum = lane(0);
-      if (G == 2) sum = _mm512_add_ps(lane(0), lane(1));
-      if (G == 4) sum = _mm512_add_ps(_mm512_add_ps(lane(0), lane(1)), _mm512_add_ps(lane(2), lane(3)));
-      _mm512_mask_storeu_ps(d.c + t * d.ldc + (r - d.r0), keep, sum);
-    }
+    for (int rr = 0; rr < R; ++rr) Bc::store(tmp[rr], acc[rr]);
+    static_assert(R == 16, "out_tokens gathers 16 rows");
+    Bc::out_tokens<G>(&tmp[0][0], d.tokens, nr, d.c + (r - d.r0), d.ldc);
   }
 }
 
+template <class Ops, int R, int G>
+PFA_AVX512 __attribute__((flatten)) void bcast_rows_avx512(const BcastRows& d) {
+  bcast_rows_body<Ops, R, G>(d);
+}
+template <class Ops, int R, int G>
+PFA_AVX512_BF16 __attribute__((flatten)) void bcast_rows_avx512_bf16(const BcastRows& d) {
+  bcast_rows_body<Ops, R, G>(d);
+}
+
 // h for the broadcast form: the task's [T][n] fp32 values (features f0 ..
-// f0 + n, f0 a multiple of 2 G) as bf16 pairs in pack_pairs' layout (pair p
+// f0 + n, f0 a multiple of 2 G) as bf16 pairs in pack_tokens' layout (pair p
 // of token t at hp[(p / G) * 16 + t G + p % G]; tokens T .. 16 / G zero).
 // Rounded to nearest even by vcvtne2ps2bf16, as the FFN step stores bf16.
 template <int G>
@@ -641,16 +734,20 @@ void dot_rows(const RowsSet& rs, const void* a, int64_t lda, int64_t tokens, con
   (tokens == 1 ? rs.one : rs.many)(d);
 }
 
-// The broadcast form's range of tokens: bf16 with the BF16 dot products;
-// above 16 the tokens do not fit one vector. Below kBcastMinTokens the
-// dot-product tiles: one thread, gated D1024 F2816, dot vs broadcast form
-// (PERF_NOTES.md): T1 0.59 vs 0.76 ms, T2 0.63 / 0.78 vs 0.66 / 0.67 (two
-// runs), T3 1.00 vs 0.69, T4 0.93-0.99 vs 0.72-0.76.
-constexpr int64_t kBcastMinTokens = 3;
+// The broadcast form's range of tokens: bf16 with the BF16 dot products,
+// fp32 and fp16 with AVX-512; above 16 the tokens do not fit one vector.
+// Below the minimum the dot-product tiles are as fast or faster (one
+// thread, gated D1024 F2816, dot vs broadcast form, PERF_NOTES.md): bf16 T1
+// 0.59 vs 0.76 ms, T2 0.63 / 0.78 vs 0.66 / 0.67 (two runs), T3 1.00 vs
+// 0.69; fp32 T4 1.29 vs 1.53, T8 1.73 vs 1.69, T16 2.56 vs 2.27; fp16 T2
+// 0.92 vs 1.07, T3 1.06 vs 1.01, T16 2.06 vs 1.95.
+int64_t bcast_min_tokens(DType dt) { return dt == DType::kFloat32 ? 8 : 3; }
 
 bool use_bcast(DType dt, int64_t tokens) {
 #if PFA_X86
-  return dt == DType::kBFloat16 && isa() == Isa::kAvx512Bf16 && tokens >= kBcastMinTokens && tokens <= 16;
+  if (tokens > 16 || tokens < bcast_min_tokens(dt)) return false;
+  if (dt == DType::kBFloat16) return isa() == Isa::kAvx512Bf16;
+  return isa() == Isa::kAvx512 || isa() == Isa::kAvx512Bf16;
 #else
   (void)dt;
   (void)tokens;
@@ -658,56 +755,89 @@ bool use_bcast(DType dt, int64_t tokens) {
 #endif
 }
 
-// The broadcast form's pairs per token lane group for T tokens: 16 / G >= T.
+// The broadcast form's lanes per token group for T tokens: 16 / G >= T.
 int64_t bcast_group(int64_t tokens) { return tokens > 8 ? 1 : tokens > 4 ? 2 : 4; }
 
-// 32-bit lanes of the packed [ceil(k / (2 G))][16] form.
-int64_t packed_lanes(int64_t k, int64_t g) { return (k + 2 * g - 1) / (2 * g) * 16; }
+// Elements per 32-bit lane: bf16 pairs, else one fp32 value.
+int64_t lane_elems(DType dt) { return dt == DType::kBFloat16 ? 2 : 1; }
 
-// dst[(p / G) * 16 + t G + p % G] = src[t][2p] | src[t][2p + 1] << 16 for
-// t < tokens and pairs p, zero for other tokens and past k (src rows ld apart).
-void pack_pairs(const uint16_t* src, int64_t ld, int64_t tokens, int64_t k, int64_t g, uint32_t* dst) {
-  std::memset(dst, 0, size_t(packed_lanes(k, g)) * 4);
+// 32-bit lanes of the packed [ceil(k / (G e))][16] form, e = lane_elems.
+int64_t packed_lanes(int64_t k, int64_t g, int64_t e) { return (k + g * e - 1) / (g * e) * 16; }
+
+// The token side of the broadcast form: lane L = i / e (i the element, e =
+// lane_elems) of token t at dst[(L / G) * 16 + t G + L % G]; bf16 elements
+// as pairs (element 2 L in the low half), fp32 and fp16 as fp32. Zero for
+// tokens >= tokens and past k (src rows ld apart).
+void pack_tokens(DType dt, const void* src, int64_t ld, int64_t tokens, int64_t k, int64_t g, uint32_t* dst) {
+  const int64_t e = lane_elems(dt);
+  std::memset(dst, 0, size_t(packed_lanes(k, g, e)) * 4);
   for (int64_t t = 0; t < tokens; ++t) {
-    const uint16_t* row = src + t * ld;
-    for (int64_t pr = 0; 2 * pr < k; ++pr) {
-      const uint32_t hi = 2 * pr + 1 < k ? row[2 * pr + 1] : 0u;
-      dst[pr / g * 16 + t * g + pr % g] = row[2 * pr] | hi << 16;
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t l = i / e;
+      uint32_t* lane = dst + l / g * 16 + t * g + l % g;
+      if (dt == DType::kBFloat16) {
+        *lane |= uint32_t(static_cast<const uint16_t*>(src)[t * ld + i]) << (16 * (i % 2));
+      } else {
+        const float v = load_f32(dt, src, t * ld + i);
+        std::memcpy(lane, &v, 4);
+      }
     }
   }
 }
 
 // c[t * ldc + (r - r0)] = sum_i a[t][i] w[r][i] for t < tokens, r in [r0, r1),
-// a packed by pack_pairs with bcast_group(tokens).
-void bcast_rows(const void* a, int64_t tokens, const void* w, int64_t ldw, int64_t rows, int64_t r0,
+// a packed by pack_tokens with bcast_group(tokens).
+void bcast_rows(DType dt, const void* a, int64_t tokens, const void* w, int64_t ldw, int64_t rows, int64_t r0,
                 int64_t r1, int64_t k, float* c, int64_t ldc) {
 #if PFA_X86
-  const BcastRows d{static_cast<const uint32_t*>(a), static_cast<const uint16_t*>(w), ldw, r0, r1, k, c, ldc,
-                    tokens, rows};
-  switch (bcast_group(tokens)) {
-    case 1:
-      bcast_rows_bf16<kBcastRows, 1>(d);
-      return;
-    case 2:
-      bcast_rows_bf16<kBcastRows, 2>(d);
-      return;
-    default:
-      bcast_rows_bf16<kBcastRows, 4>(d);
+  const BcastRows d{static_cast<const uint32_t*>(a), w, ldw, r0, r1, k, c, ldc, tokens, rows};
+  const int64_t g = bcast_group(tokens);
+  if (dt == DType::kBFloat16) {
+    if (g == 1) bcast_rows_avx512_bf16<BcastBf16, kBcastRows, 1>(d);
+    if (g == 2) bcast_rows_avx512_bf16<BcastBf16, kBcastRows, 2>(d);
+    if (g == 4) bcast_rows_avx512_bf16<BcastBf16, kBcastRows, 4>(d);
+  } else if (dt == DType::kFloat32) {
+    if (g == 1) bcast_rows_avx512<BcastF32, kBcastRows, 1>(d);
+    if (g == 2) bcast_rows_avx512<BcastF32, kBcastRows, 2>(d);
+    if (g == 4) bcast_rows_avx512<BcastF32, kBcastRows, 4>(d);
+  } else {
+    if (g == 1) bcast_rows_avx512<BcastF16, kBcastRows, 1>(d);
+    if (g == 2) bcast_rows_avx512<BcastF16, kBcastRows, 2>(d);
+    if (g == 4) bcast_rows_avx512<BcastF16, kBcastRows, 4>(d);
   }
 #else
-  (void)a, (void)tokens, (void)w, (void)ldw, (void)rows, (void)r0, (void)r1, (void)k, (void)c, (void)ldc;
+  (void)dt, (void)a, (void)tokens, (void)w, (void)ldw, (void)rows, (void)r0, (void)r1, (void)k, (void)c,
+      (void)ldc;
 #endif
 }
 
-// pack_h_bf16 for G = bg.
-void pack_h(const float* g, int64_t tokens, int64_t n, int64_t f0, int64_t bg, uint32_t* hp) {
+// A layer-1 task's h (g: [T][n] fp32, features f0 .. f0 + n, f0 a multiple
+// of G e) into the packed form of pack_tokens, and when the task is the last
+// (f0 + n = d_ff) the lanes past d_ff up to a whole step zeroed.
+void pack_h(DType dt, const float* g, int64_t tokens, int64_t n, int64_t f0, int64_t d_ff, int64_t bg,
+            uint32_t* hp) {
+  if (dt == DType::kBFloat16) {
 #if PFA_X86
-  if (bg == 1) pack_h_bf16<1>(g, tokens, n, f0, hp);
-  if (bg == 2) pack_h_bf16<2>(g, tokens, n, f0, hp);
-  if (bg == 4) pack_h_bf16<4>(g, tokens, n, f0, hp);
-#else
-  (void)g, (void)tokens, (void)n, (void)f0, (void)bg, (void)hp;
+    if (bg == 1) pack_h_bf16<1>(g, tokens, n, f0, hp);
+    if (bg == 2) pack_h_bf16<2>(g, tokens, n, f0, hp);
+    if (bg == 4) pack_h_bf16<4>(g, tokens, n, f0, hp);
 #endif
+  } else {
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t l = f0 + c;
+      uint32_t* lane = hp + l / bg * 16 + l % bg;
+      for (int64_t t = 0; t < 16 / bg; ++t) {
+        uint32_t v = 0;
+        if (t < tokens) std::memcpy(&v, g + t * n + c, 4);
+        lane[t * bg] = v;
+      }
+    }
+  }
+  if (f0 + n == d_ff) {
+    const int64_t e = lane_elems(dt);
+    for (int64_t l = (d_ff + e - 1) / e; l % bg != 0; ++l)
+      for (int64_t t = 0; t < 16 / bg; ++t) hp[l / bg * 16 + t * bg + l % bg] = 0u;
+  }
 }
 
 // The calling thread's buffer for one call's h, the fp32 copy of x (fp16)
@@ -754,13 +884,13 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
   // line per row spreads them over 16.
   const auto ld_pad = [&](int64_t n) { return (n + 31) / 32 * 32 + 64 / a_size; };
   const int64_t ldx = ld_pad(D), ldh = ld_pad(F);
-  // The broadcast form (bf16, kBcastMinTokens..16 tokens) takes x and h
-  // packed pair-major instead: [ceil(n / 2)][16] 32-bit lanes.
+  // The broadcast form (use_bcast) takes x and h packed instead
+  // (pack_tokens): [steps][16] 32-bit lanes.
   const bool bcast = use_bcast(dt, T);
   const auto round16 = [](int64_t n) { return (n + 15) / 16 * 16; };  // whole 64-byte lines
-  const int64_t bg = bcast_group(T);
-  const int64_t h_floats = round16(bcast ? packed_lanes(F, bg) : (T * ldh * a_size + 3) / 4);
-  const int64_t x_floats = round16(bcast ? packed_lanes(D, bg) : (T * ldx * a_size + 3) / 4);
+  const int64_t bg = bcast_group(T), be = lane_elems(dt);
+  const int64_t h_floats = round16(bcast ? packed_lanes(F, bg, be) : (T * ldh * a_size + 3) / 4);
+  const int64_t x_floats = round16(bcast ? packed_lanes(D, bg, be) : (T * ldx * a_size + 3) / 4);
   float* scratch = call_scratch(h_floats + x_floats + 2 * F + O + 16);
   scratch += (16 - (reinterpret_cast<uintptr_t>(scratch) / 4) % 16) % 16;  // 64-byte aligned
   void* h = scratch;
@@ -775,7 +905,7 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
   for (int64_t o = 0; o < O; ++o) b2[o] = p.b2 ? load_f32(dt, p.b2, o) : 0.0f;
   // Token-side operands: bf16 stays bf16 (vdpbf16ps pairs); fp16 tokens and
   // h are fp32 (the fp16 weights are widened per load).
-  if (bcast) pack_pairs(static_cast<const uint16_t*>(p.x), p.x_row_stride, T, D, bg, static_cast<uint32_t*>(xa));
+  if (bcast) pack_tokens(dt, p.x, p.x_row_stride, T, D, bg, static_cast<uint32_t*>(xa));
   for (int64_t t = 0; t < T && !bcast; ++t) {
     if (dt == DType::kFloat16) {
       float* row = static_cast<float*>(xa) + t * ldx;
@@ -796,8 +926,8 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t f0 = task * kFeatBlock, f1 = std::min(F, f0 + kFeatBlock), n = f1 - f0;
         if (bcast) {
-          bcast_rows(xa, T, p.w1, D, F, f0, f1, D, g, n);
-          if (p.gated) bcast_rows(xa, T, p.w3, D, F, f0, f1, D, u, n);
+          bcast_rows(dt, xa, T, p.w1, D, F, f0, f1, D, g, n);
+          if (p.gated) bcast_rows(dt, xa, T, p.w3, D, F, f0, f1, D, u, n);
         } else {
           dot_rows(rs, xa, lda, T, p.w1, D, F, f0, f1, D, g, n, pf);
           if (p.gated) dot_rows(rs, xa, lda, T, p.w3, D, F, f0, f1, D, u, n, pf);
@@ -811,14 +941,7 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
         }
         if (p.act_in != nullptr && p.act_in_bias) save_pre_activations(p, g, u, f0, n);
         ffn_act_fp32(p.act, g, p.gated ? u : nullptr, T * n);
-        if (bcast) {  // h packed as pack_pairs packs x (f0 is a multiple of 2 G)
-          uint32_t* hp = static_cast<uint32_t*>(h);
-          pack_h(g, T, n, f0, bg, hp);
-          if (f1 == F) {  // the last step's pairs past F (ceil(F / 2) .. a multiple of G): zero
-            for (int64_t pr = (F + 1) / 2; pr % bg != 0; ++pr)
-              for (int64_t t = 0; t < 16 / bg; ++t) hp[pr / bg * 16 + t * bg + pr % bg] = 0u;
-          }
-        }
+        if (bcast) pack_h(dt, g, T, n, f0, F, bg, static_cast<uint32_t*>(h));
         for (int64_t t = 0; t < T && !bcast; ++t) {
           if (a_bf16) {
             uint16_t* hr = static_cast<uint16_t*>(h) + t * ldh + f0;
@@ -838,7 +961,7 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t o0 = task * kOutBlock, o1 = std::min(O, o0 + kOutBlock), n = o1 - o0;
       if (F > 0 && bcast) {
-        bcast_rows(h, T, p.w2, F, O, o0, o1, F, y, n);
+        bcast_rows(dt, h, T, p.w2, F, O, o0, o1, F, y, n);
       } else if (F > 0) {
         dot_rows(rs, h, ldh, T, p.w2, F, O, o0, o1, F, y, n, pf);
       } else {
