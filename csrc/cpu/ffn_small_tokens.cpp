@@ -485,7 +485,6 @@ struct Bc {
   PFA_AVX512 static inline __m512 zero() { return _mm512_setzero_ps(); }
   PFA_AVX512 static inline __m512i load(const uint32_t* p) { return _mm512_load_si512(p); }
   PFA_AVX512 static inline void store(float* p, __m512 v) { _mm512_store_ps(p, v); }
-  PFA_AVX512 static inline void prefetch_l2(const char* p) { _mm_prefetch(p, _MM_HINT_T1); }
   // The 4 G bytes at p (G = 2, 4) broadcast to 16 lanes.
   template <int G>
   PFA_AVX512 static inline __m512i bcast_buf(const int32_t* p) {
@@ -576,8 +575,12 @@ PFA_INLINE void bcast_rows_body(const BcastRows& d) {
         #pragma GCC unroll 32
         for (int rr = 0; rr < R; ++rr) Ops::copy_line(b[rr] + (j + kSteps) * G * kE, rowbuf[cur ^ 1][rr]);
       }
+      // __builtin_prefetch (locality 2: prefetcht1) right here: gcc 12 drops
+      // a prefetch that reaches this neutral loop through an inlined
+      // target-attributed function (_mm_prefetch in Bc, as in Avx512::prefetch
+      // of the dot tiles: the object file had no prefetch instruction).
       for (int64_t rr = 0; rr < pf_rows; ++rr)
-        for (int64_t l = 0; l < kLineBytes; l += 64) Bc::prefetch_l2(pf + rr * pf_ld + j / kSteps * kLineBytes + l);
+        for (int64_t l = 0; l < kLineBytes; l += 64) __builtin_prefetch(pf + rr * pf_ld + j / kSteps * kLineBytes + l, 0, 2);
       const int32_t* rb = rowbuf[cur][0];  // one base register, constant displacements
       #pragma GCC unroll 16
       for (int s = 0; s < kSteps; ++s) {
