@@ -740,11 +740,11 @@ void dot_rows(const RowsSet& rs, const void* a, int64_t lda, int64_t tokens, con
 // The broadcast form's range of tokens: bf16 with the BF16 dot products,
 // fp32 and fp16 with AVX-512; above 16 the tokens do not fit one vector.
 // Below the minimum the dot-product tiles are as fast or faster (one
-// thread, gated D1024 F2816, dot vs broadcast form, PERF_NOTES.md): bf16 T1
-// 0.59 vs 0.76 ms, T2 0.63 / 0.78 vs 0.66 / 0.67 (two runs), T3 1.00 vs
-// 0.69; fp32 T4 1.29 vs 1.53, T8 1.73 vs 1.69, T16 2.56 vs 2.27; fp16 T2
-// 0.92 vs 1.07, T3 1.06 vs 1.01, T16 2.06 vs 1.95.
-int64_t bcast_min_tokens(DType dt) { return dt == DType::kFloat32 ? 8 : 3; }
+// thread, gated D1024 F2816, dot vs broadcast form, A/B of builds,
+// PERF_NOTES.md): bf16 T1 0.54 vs 0.59 ms, T2 0.53 vs 0.57, T3 0.62 vs
+// 0.57; fp32 T4 1.30 vs 1.35, T6 1.51 vs 1.35; fp16 T1 0.64 vs 0.63, T2
+// 0.69 vs 0.65.
+int64_t bcast_min_tokens(DType dt) { return dt == DType::kFloat32 ? 5 : dt == DType::kFloat16 ? 2 : 3; }
 
 bool use_bcast(DType dt, int64_t tokens) {
 #if PFA_X86
