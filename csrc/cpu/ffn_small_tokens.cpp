@@ -333,6 +333,12 @@ struct Avx512Tile {
       for (int t = 0; t < TT; ++t) acc[r][t] = Avx512::zero();
     int64_t i = 0;
     for (; i + S <= k; i += S) {
+      // Note: gcc 12 emits no instruction for this prefetch (the object file
+      // has none: a prefetch inlined from a target-attributed function into
+      // this neutral template is dropped). Emitted (__builtin_prefetch here)
+      // it was slower: bf16 T1 0.55 -> 0.61 ms, T2 0.61 -> 0.69, fp32 T1
+      // 0.95 -> 1.21 (one thread, A/B of builds, PERF_NOTES.md), so the
+      // tiles run on the hardware prefetcher alone, as they always have.
       if (pf != nullptr) {
         #pragma GCC unroll 16
         for (int r = 0; r < R; ++r)
