@@ -513,7 +513,8 @@ struct Bc {
   // gathered 16 rows at a time (a scalar loop here took ~10% of the call at
   // K = 1024) into c[t * ldc + rr], rr < nr.
   template <int G>
-  PFA_AVX512 static inline void out_tokens(const float* tmp, int64_t tokens, int64_t nr, float* c, int64_t ldc) {
+  PFA_AVX512 static inline void out_tokens(const float* tmp, int64_t tokens, int64_t nr, float* c,
+                                          int64_t ldc) {
     const __m512i rows16 = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
     const __mmask16 keep = __mmask16((uint32_t(1) << nr) - 1u);
@@ -586,7 +587,8 @@ PFA_INLINE void bcast_rows_body(const BcastRows& d) {
       // target-attributed function (_mm_prefetch in Bc, as in Avx512::prefetch
       // of the dot tiles: the object file had no prefetch instruction).
       for (int64_t rr = 0; rr < pf_rows; ++rr)
-        for (int64_t l = 0; l < kLineBytes; l += 64) __builtin_prefetch(pf + rr * pf_ld + j / kSteps * kLineBytes + l, 0, 2);
+        for (int64_t l = 0; l < kLineBytes; l += 64)
+          __builtin_prefetch(pf + rr * pf_ld + j / kSteps * kLineBytes + l, 0, 2);
       const int32_t* rb = rowbuf[cur][0];  // one base register, constant displacements
       #pragma GCC unroll 16
       for (int s = 0; s < kSteps; ++s) {
