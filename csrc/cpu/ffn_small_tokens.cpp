@@ -492,7 +492,9 @@ struct Bc {
   PFA_AVX512 static inline __m512 zero() { return _mm512_setzero_ps(); }
   PFA_AVX512 static inline __m512i load(const uint32_t* p) { return _mm512_load_si512(p); }
   PFA_AVX512 static inline void store(float* p, __m512 v) { _mm512_store_ps(p, v); }
-  PFA_AVX512 static inline void add_into(float* p, __m512 v) { _mm512_store_ps(p, _mm512_add_ps(_mm512_load_ps(p), v)); }
+  PFA_AVX512 static inline void add_into(float* p, __m512 v) {
+    _mm512_store_ps(p, _mm512_add_ps(_mm512_load_ps(p), v));
+  }
   // The 4 G bytes at p (G = 2, 4) broadcast to 16 lanes.
   template <int G>
   PFA_AVX512 static inline __m512i bcast_buf(const int32_t* p) {
