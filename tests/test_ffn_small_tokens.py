@@ -45,6 +45,12 @@ def test_limit_default_env_and_cap(monkeypatch):
     assert limit(torch.bfloat16) == 32  # the kernel's buffers hold 32 tokens
     with pytest.raises(RuntimeError, match="dtype must be"):
         limit(torch.float64)
+    for bad in ("16x", "-1", "sixteen", " ", "99999999999999999999"):
+        monkeypatch.setenv(ENV, bad)
+        with pytest.raises(ValueError, match="PYFASTATTN_CPU_FFN_SMALL_TOKENS must be a token count"):
+            limit(torch.bfloat16)
+    monkeypatch.setenv(ENV, "")
+    assert limit(torch.bfloat16) == 16  # empty: the default
     assert torch.ops.pyfastattn.ffn_small_tokens_isa() in ("avx512_bf16", "avx512", "avx2", "portable")
 
 

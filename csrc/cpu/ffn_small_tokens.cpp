@@ -46,8 +46,10 @@
 #include "ffn_small_tokens.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -1009,8 +1011,16 @@ int64_t ffn_small_tokens_limit(DType dt) {
   // CPU GEMM), so those run it up to the kernel's maximum.
   const int64_t fallback = dt == DType::kBFloat16 ? 16 : kFfnSmallTokensMax;
   const char* env = std::getenv("PYFASTATTN_CPU_FFN_SMALL_TOKENS");
-  const int64_t v = env != nullptr ? std::atoll(env) : fallback;
-  return std::min<int64_t>(std::max<int64_t>(v, 0), kFfnSmallTokensMax);
+  if (env == nullptr || *env == '\0') return fallback;
+  // A whole non-negative decimal number, or an error: "16x" or "-1" must not
+  // quietly turn the kernel off (atoll read garbage as 0).
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && errno == 0 && v >= 0,
+                    "PYFASTATTN_CPU_FFN_SMALL_TOKENS must be a token count >= 0 (0 turns the kernel off), got '",
+                    env, "'");
+  return std::min<int64_t>(int64_t(v), kFfnSmallTokensMax);
 }
 
 const char* ffn_small_tokens_isa() {
