@@ -31,7 +31,8 @@ def build_micro():
     so = os.path.join(tempfile.gettempdir(), f"kvcache_overlap_micro_{os.getpid()}.so")
     src = os.path.join(HERE, "kvcache_overlap_micro.cpp")
     subprocess.run(
-        ["g++", "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-DKV_MICRO_LIB", "-o", so, src], check=True
+        ["g++", "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-DKV_MICRO_LIB", "-o", so, src],
+        check=True,
     )
     lib = ctypes.CDLL(so)
     lib.kv_micro_step.restype = ctypes.c_double
@@ -68,14 +69,18 @@ def main():
 
     runs = {"kernel": kernel, "probe buf.sum()": probe}
     for vid in ("a", "a-mask", "b-head", "b-head-mask"):
-        runs["micro " + vid] = lambda vid=vid: lib.kv_micro_step(kc.data_ptr(), vc.data_ptr(), ctx, vid.encode())
+        runs["micro " + vid] = lambda vid=vid: lib.kv_micro_step(
+            kc.data_ptr(), vc.data_ptr(), ctx, vid.encode()
+        )
     res = {name: [] for name in runs}
-    for name, f in runs.items():
+    for f in runs.values():
         f()  # warm-up
     for _ in range(rounds):
         for name, f in runs.items():
             res[name].append(statistics.mean(f() for _ in range(3)))
-    print(f"B1 Hq{hq} Hk{hk} D{d} ctx {ctx} bf16, one thread, CPU ms per step, {rounds} rounds, load {os.getloadavg()[0]:.1f}")
+    print(
+        f"B1 Hq{hq} Hk{hk} D{d} ctx {ctx} bf16, one thread, CPU ms per step, {rounds} rounds, load {os.getloadavg()[0]:.1f}"
+    )
     for name, xs in res.items():
         print(f"  {name:20s} {statistics.median(xs):7.2f}")
 

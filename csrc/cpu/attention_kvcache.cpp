@@ -327,7 +327,7 @@ PFA_AVX512 inline __m512 hsum16(const __m512* v) {
 // Each address is formed from the row pointer in a register (one pointer
 // load per row), not read from a list of slice pointers: a load per
 // prefetch, queued behind prefetches that wait for miss buffers, held the
-// prefetches back (v10: -25 % per step).
+// prefetches back (v10: -20 % per step at the target case).
 template <typename T>
 struct PfCursor {
   const T* const* rows;  // row pointers (at the task's first kv head)
