@@ -340,6 +340,18 @@ struct PfCursor {
   const T* const* fark;  // far: first lines of rows fark[i] and farv[i], i < far_rows,
   const T* const* farv;  //      K then V; far_count = 2 far_rows
   int far_count, far_next;
+  // One slice, no far list (the P V pass's cursor has none): the state a
+  // caller keeps in registers over its key loop (v13).
+  PFA_INLINE void step_one_row_slice() {
+    if (next == count) return;
+    const char* s = reinterpret_cast<const char*>(row + h * head_stride);
+    for (int l = 0; l < lines; ++l) _mm_prefetch(s + 64 * l, _MM_HINT_T0);
+    ++next;
+    if (++h == heads) {
+      h = 0;
+      if (++j < nrows) row = rows[j];
+    }
+  }
   PFA_INLINE void step(int k) {
     const int e = std::min(count, next + k);
     for (; next < e; ++next) {
@@ -466,33 +478,43 @@ PFA_AVX512 inline void scores_head_f32(const KvCtx& c, const float* qf, int G, c
 }
 
 // acc[x] = alpha[x] acc[x] + sum_j p[x][j] V_j (V_j = vp[j] + voff) for GS <=
-// 4 rows, 64 columns at a time: each V row converted once per 64 columns,
-// GS x 4 accumulators in registers over the tile. pf (may be null) steps one
-// slice per key.
-template <typename T, int GS>
-PFA_AVX512 inline void pv_quad_regs(int dv, const T* const* vp, int64_t voff, int n, const float* sc, float* acc,
-                                    const float* alpha, PfCursor<T>* pf) {
-  for (int x0 = 0; x0 < dv; x0 += 64) {
-    __mmask16 km[4];
-    for (int v = 0; v < 4; ++v) km[v] = x0 + 16 * v < dv ? mask16(dv - x0 - 16 * v) : __mmask16(0);
-    __m512 o[GS][4];
-    for (int t = 0; t < GS; ++t) {
-      const __m512 a = _mm512_set1_ps(alpha[t]);
-      for (int v = 0; v < 4; ++v) o[t][v] = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(km[v], acc + t * dv + x0 + 16 * v));
-    }
-    for (int j = 0; j < n; ++j) {
-      if (pf && x0 == 0) pf->step(1);
-      const T* vr = vp[j] + voff + x0;
-      __m512 vv[4];
-      for (int v = 0; v < 4; ++v) vv[v] = load16_f32(vr + 16 * v, km[v]);
-      for (int t = 0; t < GS; ++t) {
-        const __m512 pj = _mm512_set1_ps(sc[t * kTileKeys + j]);
-        for (int v = 0; v < 4; ++v) o[t][v] = _mm512_fmadd_ps(pj, vv[v], o[t][v]);
-      }
-    }
-    for (int t = 0; t < GS; ++t)
-      for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(acc + t * dv + x0 + 16 * v, km[v], o[t][v]);
+// 4 rows, columns [x0, x0 + 64): each V row converted once, GS x 4
+// accumulators in registers over the tile. kPf: one prefetch slice per key
+// from a copy of pf held in locals over the key loop (v13: through a pointer
+// the cursor lived in memory, and its registers pushed three accumulators
+// onto the stack, a store-to-load chain per key).
+template <typename T, int GS, bool kPf>
+PFA_AVX512 PFA_INLINE void pv_cols_regs(int dv, int x0, const T* const* vp, int64_t voff, int n, const float* sc,
+                                        float* acc, const float* alpha, PfCursor<T>& pf) {
+  __mmask16 km[4];
+  for (int v = 0; v < 4; ++v) km[v] = x0 + 16 * v < dv ? mask16(dv - x0 - 16 * v) : __mmask16(0);
+  __m512 o[GS][4];
+  for (int t = 0; t < GS; ++t) {
+    const __m512 a = _mm512_set1_ps(alpha[t]);
+    for (int v = 0; v < 4; ++v) o[t][v] = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(km[v], acc + t * dv + x0 + 16 * v));
   }
+  PfCursor<T> cur = pf;
+  for (int j = 0; j < n; ++j) {
+    if constexpr (kPf) cur.step_one_row_slice();
+    const T* vr = vp[j] + voff + x0;
+    __m512 vv[4];
+    for (int v = 0; v < 4; ++v) vv[v] = load16_f32(vr + 16 * v, km[v]);
+    for (int t = 0; t < GS; ++t) {
+      const __m512 pj = _mm512_set1_ps(sc[t * kTileKeys + j]);
+      for (int v = 0; v < 4; ++v) o[t][v] = _mm512_fmadd_ps(pj, vv[v], o[t][v]);
+    }
+  }
+  if constexpr (kPf) pf = cur;
+  for (int t = 0; t < GS; ++t)
+    for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(acc + t * dv + x0 + 16 * v, km[v], o[t][v]);
+}
+
+// All dv columns of GS rows; the first 64 columns step pf when kPf.
+template <typename T, int GS, bool kPf>
+PFA_AVX512 inline void pv_quad_regs(int dv, const T* const* vp, int64_t voff, int n, const float* sc, float* acc,
+                                    const float* alpha, PfCursor<T>& pf) {
+  pv_cols_regs<T, GS, kPf>(dv, 0, vp, voff, n, sc, acc, alpha, pf);
+  for (int x0 = 64; x0 < dv; x0 += 64) pv_cols_regs<T, GS, false>(dv, x0, vp, voff, n, sc, acc, alpha, pf);
 }
 
 template <typename T>
@@ -506,12 +528,21 @@ PFA_AVX512 inline void pv_regs_avx512(const KvCtx& c, const KvScratch& w, const 
       const int r = hl * c.qrows + x;
       const float* s = w.sc + int64_t(r) * kTileKeys;
       float* a = w.acc + int64_t(r) * c.dv;
-      PfCursor<T>* pp = x == 0 ? &pf : nullptr;
-      switch (std::min(4, c.qrows - x)) {
-        case 1: pv_quad_regs<T, 1>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
-        case 2: pv_quad_regs<T, 2>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
-        case 3: pv_quad_regs<T, 3>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
-        default: pv_quad_regs<T, 4>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
+      const int gs = std::min(4, c.qrows - x);
+      if (x == 0) {
+        switch (gs) {
+          case 1: pv_quad_regs<T, 1, true>(c.dv, vp, voff, n, s, a, w.alpha + r, pf); break;
+          case 2: pv_quad_regs<T, 2, true>(c.dv, vp, voff, n, s, a, w.alpha + r, pf); break;
+          case 3: pv_quad_regs<T, 3, true>(c.dv, vp, voff, n, s, a, w.alpha + r, pf); break;
+          default: pv_quad_regs<T, 4, true>(c.dv, vp, voff, n, s, a, w.alpha + r, pf); break;
+        }
+      } else {
+        switch (gs) {
+          case 1: pv_quad_regs<T, 1, false>(c.dv, vp, voff, n, s, a, w.alpha + r, pf); break;
+          case 2: pv_quad_regs<T, 2, false>(c.dv, vp, voff, n, s, a, w.alpha + r, pf); break;
+          case 3: pv_quad_regs<T, 3, false>(c.dv, vp, voff, n, s, a, w.alpha + r, pf); break;
+          default: pv_quad_regs<T, 4, false>(c.dv, vp, voff, n, s, a, w.alpha + r, pf); break;
+        }
       }
     }
   }
