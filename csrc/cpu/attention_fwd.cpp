@@ -165,6 +165,12 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     // S^T = K Q^T; then scores and their column max.
     TL::a_rows(kbase + int64_t(j0) * p.k_row_stride, p.k_row_stride, n, c.d, w.ka);
     GemmArgs qk{n, rm, kd, w.ka, kd, false, w.qt + r0, ldq, w.s + r0, ldq, false};
+    // While S^T is computed, this tile's V rows come in; while P V is, the
+    // next tile's K rows (PrefetchRows; without it the copies above and
+    // below waited on L3: PERF_NOTES "issue 21, session 4").
+    const T* vrows = vbase + int64_t(j0) * p.v_row_stride;
+    PrefetchRows pf_v(vrows, p.v_row_stride * int64_t(sizeof(T)), n, int64_t(c.dv) * sizeof(T));
+    qk.prefetch = &pf_v;
     if (fused) {
       qk.alpha = c.score_scale;
       qk.col_max = w.tmax + r0;
@@ -201,11 +207,18 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     }
     for (int i = r0; i < r0 + rm; ++i) w.lrun[i] = w.lrun[i] * w.alpha[i] + w.tsum[i];
     // O = alpha O + P V
-    TL::b_rows(vbase + int64_t(j0) * p.v_row_stride, p.v_row_stride, n, c.dv, w.vb);
+    TL::b_rows(vrows, p.v_row_stride, n, c.dv, w.vb);
     const int64_t pk = TL::kPairs ? (n + 1) / 2 : n;  // K axis: keys, or key pairs
     const float* pa = TL::kPairs ? w.ppair : w.s;
     GemmArgs pv{rm, c.dv, pk, pa + r0, ldq, true, w.vb, c.dv, w.oacc + int64_t(r0) * c.dv, c.dv, true};
     pv.row_scale = w.alpha + r0;
+    PrefetchRows pf_k;
+    if (j0 + n < key_end) {
+      const int nn = next_key_tile(rr, c.blk.k, j0 + n, key_end);
+      pf_k = PrefetchRows(kbase + int64_t(j0 + n) * p.k_row_stride, p.k_row_stride * int64_t(sizeof(T)), nn,
+                          int64_t(c.d) * sizeof(T));
+      pv.prefetch = &pf_k;
+    }
     gemm<Isa, CT>(pv);
   }
 
