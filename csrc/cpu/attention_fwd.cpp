@@ -9,6 +9,12 @@
 // row, and holds one key tile of scores at a time (S^T, see attention_tile.h). A block of one row takes the
 // decode path on AVX-512 (attention_decode.h).
 //
+// K and V reach the products in their operand layouts (Tiles): packed once
+// per call by a pass before the query blocks (kv_pack_at) when the blocks
+// read each key three times or more, else copied per key tile. Either way
+// each tile's V rows and the next tile's K rows are prefetched while the
+// products before them run (PrefetchRows).
+//
 // On one Zen 5 core (B1 H8 S1024 D64, GFLOP/s from CPU time): 212 fp32 / 375
 // bf16 against 93 / 90 for PyTorch's flash SDPA.
 #include <algorithm>
