@@ -17,9 +17,13 @@
 //
 // On one Zen 5 core (B1 H8 S1024 D64, GFLOP/s from CPU time): 212 fp32 / 375
 // bf16 against 93 / 90 for PyTorch's flash SDPA.
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "attention_cpu.h"
@@ -327,6 +331,20 @@ float* kv_pack_buffer(int64_t floats, std::unique_ptr<float[]>& temp) {
   return kept.get();
 }
 
+// PYFASTATTN_CPU_KV_PACK=off (read once) copies K and V per key tile
+// always, as before the pack, for A/B runs of one build; "on" (the default)
+// packs by the rule in attention_fwd.
+bool kv_pack_allowed() {
+  static const bool on = [] {
+    const char* env = std::getenv("PYFASTATTN_CPU_KV_PACK");
+    const std::string v = env ? env : "";
+    TORCH_CHECK_VALUE(v.empty() || v == "on" || v == "off",
+                      "PYFASTATTN_CPU_KV_PACK must be 'on' (the default) or 'off', got '", v, "'");
+    return v != "off";
+  }();
+  return on;
+}
+
 }  // namespace
 
 void attention_fwd(const AttentionFwdParams& p) {
@@ -358,7 +376,8 @@ void attention_fwd(const AttentionFwdParams& p) {
   const int64_t kp = 2 * int64_t(pairs ? (c.d + 1) / 2 : c.d), vp = pairs ? c.dv : 2 * int64_t(c.dv);
   const int64_t pack_floats = first[size_t(p.batch)] * p.num_heads_k * (kp + vp);
   std::unique_ptr<float[]> temp;
-  if (reads >= kMinReads * keys && pack_floats > 0 && pack_floats * int64_t(sizeof(float)) <= kMaxPackBytes) {
+  if (kv_pack_allowed() && reads >= kMinReads * keys && pack_floats > 0 &&
+      pack_floats * int64_t(sizeof(float)) <= kMaxPackBytes) {
     c.kv_pack = kv_pack_buffer(pack_floats, temp);
     c.kv_first = first.data();
     std::vector<Task> pack_tasks;
