@@ -154,7 +154,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
     ap.add_argument("--dtype", default="bfloat16,float32", help="dtypes (default bfloat16,float32)")
-    ap.add_argument("--tokens", default="1,4,16", help="token counts (default 1,4,16)")
+    ap.add_argument("--tokens", default="1,4,8,16", help="token counts (default 1,4,8,16)")
     ap.add_argument("--forms", default="gated,plain", help="gated and/or plain (default both)")
     ap.add_argument("--dmodel", type=int, default=1024, help="d_model (default 1024)")
     ap.add_argument("--big", action="store_true", help="D4096 F11008 gated, bf16 and fp32 (once)")

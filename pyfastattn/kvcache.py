@@ -7,9 +7,12 @@ new ones, with causal masking and windows aligned bottom-right. The cache is
 contiguous (one row per sequence, optionally chosen by ``cache_batch_idx`` and
 left-padded by ``cache_leftpad``) or paged (``block_table``).
 
-The CPU kernel (``torch.ops.pyfastattn.attention_kvcache_fwd``) reads the
-cache where it lies, block by block, and splits long caches into chunks that
-run in parallel and merge by their LSE. The CUDA kernels (the same op; fp16 /
+The CPU op (``torch.ops.pyfastattn.attention_kvcache_fwd``) reads the cache
+where it lies, block by block. Decode-sized calls (up to 64 query rows per kv
+head) run the KV-cache kernel, which splits long caches into chunks that run
+in parallel and merge by their LSE; prefill and long chunks run the tiled
+forward of ``attention``, which reads the same rows through the block table,
+batch index and left padding. The CUDA kernels (the same op; fp16 /
 bf16) do the same on the GPU, but have not run on hardware yet: backend
 ``auto`` takes them only on the capabilities in
 ``KVCACHE_CUDA_VERIFIED_CAPABILITIES`` (none yet), backend ``kernel`` always.
@@ -305,12 +308,7 @@ def attention_with_kvcache(
         reason = kvcache_unsupported_reason(q, k_cache, v_cache, rotary_cos, mode)
         if reason is not None and mode == "kernel":
             raise RuntimeError(f"pyfastattn backend 'kernel' cannot run this call: {reason}")
-    if reason is None and _tiled_prefill(q, hk, block_table):
-        out, lse = _prefill_into_cache(
-            q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, rotary_cos, rotary_sin,
-            rotary_interleaved, scale, float(softcap), wl, wr, alibi_slopes,
-        )  # fmt: skip
-    elif reason is None:
+    if reason is None:
         out, lse = torch.ops.pyfastattn.attention_kvcache_fwd(
             _rows_ok(q), k_cache, v_cache, _rows_ok(k), _rows_ok(v),
             cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos, rotary_sin,
@@ -324,75 +322,6 @@ def attention_with_kvcache(
             rotary_sin, rotary_interleaved, scale, float(softcap), wl, wr, capacity, return_lse, alibi_slopes,
         )  # fmt: skip
     return (out, lse) if return_lse else out
-
-
-# Query rows per kv head above which a contiguous cache (with or without a
-# batch index or left padding) is attended by the tiled kernel: measured
-# (B2 Hq32 Hk8 D128 bf16, 2048 keys, one thread, CPU ms; PERF_NOTES.md) the
-# KV-cache kernel's dot-product rows cost 11.8 / 55 / 230 ms at 64 / 256 /
-# 1024 rows per kv head where the tiled kernel takes 5.9-6.9 / 14 / 46.
-# A paged cache stays on the KV-cache kernel (the tiled kernel has no block
-# table, and a gather would copy the cache).
-_TILED_MIN_ROWS = 64
-
-
-def _tiled_prefill(q, hk, block_table) -> bool:
-    rows = q.shape[1] * (q.shape[2] // hk)
-    return rows > _TILED_MIN_ROWS and block_table is None
-
-
-def _prefill_into_cache(
-    q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, rotary_cos, rotary_sin,
-    rotary_interleaved, scale, softcap, wl, wr, alibi_slopes,
-):  # fmt: skip
-    """Many query rows over a contiguous cache: the op appends (and rotates k;
-    its checks guard every index) with no query rows, then the tiled kernel
-    attends over views of the cache with per-sequence key lengths: one call
-    for the plain cache, one per sequence with a batch index or left padding
-    (each sequence's keys are then a view of its own cache row). No copy of
-    the cache."""
-    b, sq = q.shape[:2]
-    s_new = 0 if k is None else k.shape[1]
-    q_none = _rows_ok(q[:, :0])
-    torch.ops.pyfastattn.attention_kvcache_fwd(
-        q_none, k_cache, v_cache, _rows_ok(k), _rows_ok(v), cache_seqlens, cache_batch_idx, cache_leftpad, None,
-        rotary_cos, rotary_sin,
-        bool(rotary_interleaved), scale, softcap, wl, wr, 0,
-    )  # fmt: skip
-    if rotary_cos is not None:
-        pos = reference.kvcache_query_positions(cache_seqlens, sq, wl >= 0 or wr >= 0)
-        if int(pos.max()) >= rotary_cos.shape[0]:
-            raise InvalidArgumentError(
-                f"rotary_cos.shape[0] (seqlen_ro) must be at least {int(pos.max()) + 1} "
-                f"(the last position rotated + 1), got {rotary_cos.shape[0]}"
-            )
-        q = reference.apply_rotary(q, rotary_cos, rotary_sin, pos, rotary_interleaved)
-    common = dict(
-        scale=scale, softcap=softcap, window_left=wl, window_right=wr, bottom_right=True, return_lse=True
-    )
-    if cache_batch_idx is None and cache_leftpad is None:
-        len_k = (cache_seqlens + s_new).to(torch.int32)
-        width = max(int(len_k.max()), 1)
-        return canonical_attention(
-            q, k_cache[:, :width], v_cache[:, :width], seqused_k=len_k, alibi_slopes=alibi_slopes, **common
-        )
-    rows = range(b) if cache_batch_idx is None else cache_batch_idx.tolist()
-    starts = [0] * b if cache_leftpad is None else cache_leftpad.tolist()
-    outs, lses = [], []
-    for i, (r, t0, sl) in enumerate(zip(rows, starts, cache_seqlens.tolist())):
-        n = sl + s_new - t0
-        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[i : i + 1]
-        if n == 0:  # no key: out 0, lse -inf (as the kernels give it)
-            outs.append(q.new_zeros(1, sq, q.shape[2], v_cache.shape[3]))
-            lses.append(torch.full((1, q.shape[2], sq), float("-inf"), device=q.device))
-            continue
-        o, lse = canonical_attention(
-            q[i : i + 1], k_cache[r : r + 1, t0 : t0 + n], v_cache[r : r + 1, t0 : t0 + n], alibi_slopes=slopes,
-            **common,
-        )  # fmt: skip
-        outs.append(o)
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
 
 
 def _attention_with_kvcache_torch(

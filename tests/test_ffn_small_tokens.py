@@ -45,6 +45,12 @@ def test_limit_default_env_and_cap(monkeypatch):
     assert limit(torch.bfloat16) == 32  # the kernel's buffers hold 32 tokens
     with pytest.raises(RuntimeError, match="dtype must be"):
         limit(torch.float64)
+    for bad in ("16x", "-1", "sixteen", " ", "99999999999999999999"):
+        monkeypatch.setenv(ENV, bad)
+        with pytest.raises(ValueError, match="PYFASTATTN_CPU_FFN_SMALL_TOKENS must be a token count"):
+            limit(torch.bfloat16)
+    monkeypatch.setenv(ENV, "")
+    assert limit(torch.bfloat16) == 16  # empty: the default
     assert torch.ops.pyfastattn.ffn_small_tokens_isa() in ("avx512_bf16", "avx512", "avx2", "portable")
 
 
@@ -55,11 +61,22 @@ def test_matches_reference(activation, gated, dtype, poison, monkeypatch):
     """T 1, 3, 16 and (with the limit raised) 17, 31; d_model, d_ff and d_out
     that are not multiples of the vector widths (16 fp32 / 32 bf16 lanes) nor
     of the tiles (4 or 8 rows, 4 tokens); with and without biases; outputs
-    NaN-poisoned."""
+    NaN-poisoned. bf16 at 3-16 tokens takes the broadcast form: T 4, 5, 7,
+    8, 9, 13, 15 cover its three lane groupings (G = 4, 2, 1 pairs per
+    token), reduced-dimension tails of every length below 2 G (d_model and
+    d_ff odd or not multiples of 4 / 8), row blocks of 16 cut short, and h's
+    last step padded past d_ff."""
     monkeypatch.setenv(ENV, "32")
     for tokens, d_model, d_ff, d_out, bias in [
         (1, 97, 260, 45, True),
         (3, 33, 203, 97, False),
+        (4, 61, 130, 37, True),
+        (5, 45, 131, 29, False),
+        (7, 62, 66, 50, True),
+        (8, 64, 96, 16, False),
+        (9, 99, 77, 35, True),
+        (13, 33, 203, 97, False),
+        (15, 130, 47, 31, True),
         (16, 97, 203, 45, True),
         (17, 161, 70, 33, False),
         (31, 40, 129, 41, True),
@@ -105,7 +122,7 @@ def test_bit_identical_across_thread_counts(dtype):
     old = torch.get_num_threads()
     try:
         outs = {}
-        for tokens in (1, 5, 16):
+        for tokens in (1, 4, 5, 9, 16):
             x = torch.randn(tokens, 300).to(dtype)
             for n in (1, 2, 3):
                 torch.set_num_threads(n)
@@ -114,6 +131,46 @@ def test_bit_identical_across_thread_counts(dtype):
             assert torch.equal(outs[tokens, 1], outs[tokens, 3])
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [2, 4, 8, 16])
+def test_reads_nothing_past_the_weights(tokens, dtype):
+    """Each weight matrix is the start of a larger buffer whose elements past
+    its end are NaN: a read past a row's last element (the reduced
+    dimension's tail in the broadcast form, fewer than one step's G pairs /
+    G elements) would turn the last rows' outputs NaN (0 x NaN)."""
+    torch.manual_seed(0)
+    d_model, d_ff, d_out = 77, 83, 45  # odd: every matrix's last row ends mid-pair
+
+    def padded(rows, cols):
+        buf = torch.full((rows * cols + 64,), float("nan"), dtype=dtype)
+        w = buf[: rows * cols].view(rows, cols)
+        w.copy_(torch.randn(rows, cols) / cols**0.5)
+        return w
+
+    params = [padded(d_ff, d_model), None, padded(d_out, d_ff), None, padded(d_ff, d_model), None]
+    x = torch.randn(tokens, d_model).to(dtype)
+    y = forward(x, params, "silu")
+    assert torch.isfinite(y).all()
+    assert_tolerance("y", y, reference_forward(x, params, "silu"), run_plain_torch(x, params, "silu"), dtype)
+
+
+def test_fp32_accuracy_with_a_long_reduced_dimension():
+    """fp32 at d_model 8192 (T 5 and 16, the broadcast form): within 3x plain
+    torch's error without the rule's relative floor. One fp32 chain of 8192
+    additions per lane (the form before its sums were flushed every 8 lines)
+    was 2.3x and 4.6x torch's error here, 8x at D4096 F11008, and still
+    passed the usual rule."""
+    torch.manual_seed(0)
+    d_model, d_ff = 8192, 96
+    params = make_params(d_model, d_ff, gated=True, bias=False, dtype=torch.float32, d_out=64)
+    for tokens in (5, 16):
+        x = torch.randn(tokens, d_model)
+        ref = reference_forward(x, params, "silu")
+        err = (forward(x, params, "silu").double() - ref).abs().max().item()
+        base = (run_plain_torch(x, params, "silu").double() - ref).abs().max().item()
+        assert err <= 3 * base, (tokens, err, base)
 
 
 def test_decode_shapes_and_strided_x():

@@ -276,8 +276,7 @@ def test_alibi_split_kv(num_splits, block):
 
 @pytest.mark.parametrize("leftpad", [False, True])
 def test_alibi_prefill_into_cache(leftpad):
-    # Many query rows: the tiled kernel attends (one call, or one per
-    # sequence with left padding), with the same bias.
+    # Many query rows: the tiled kernel attends over the cache, with the same bias.
     q, kc, vc, k, v, args = make_case(
         b=2, sq=40, s_new=40, hq=4, hk=2, cap=120, dtype=torch.bfloat16, leftpad=leftpad
     )
@@ -444,54 +443,66 @@ def test_opcheck():
     )
 
 
-@pytest.fixture
-def tiled_calls(monkeypatch):
-    """Counts the calls of the tiled kernel's entry made by attention_with_kvcache."""
-    from pyfastattn import kvcache
-
-    calls = []
-    real = kvcache.canonical_attention
-
-    def counting(*a, **kw):
-        calls.append(a[1].shape)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(kvcache, "canonical_attention", counting)
-    return calls
+def tiled_kernel_bits(q, kc, vc, len_k, args, causal):
+    """(out, lse) of the tiled kernel (torch.ops.pyfastattn.attention_fwd) on
+    the keys gathered from the cache (after the op's append), padded to the
+    cache's capacity so that its key tiles are the op's."""
+    kk, vv = reference.kvcache_gather(
+        kc, vc, len_k.long(), cache_batch_idx=args.get("cache_batch_idx"),
+        cache_leftpad=args.get("cache_leftpad"), block_table=args.get("block_table"),
+    )  # fmt: skip
+    cap = args["capacity"]
+    kp = kk.new_zeros(kk.shape[0], cap, *kk.shape[2:])
+    vp = vv.new_zeros(vv.shape[0], cap, *vv.shape[2:])
+    kp[:, : kk.shape[1]] = kk
+    vp[:, : vv.shape[1]] = vv
+    d = q.shape[-1]
+    return torch.ops.pyfastattn.attention_fwd(
+        q, kp, vp, None, None, None, len_k.to(torch.int32), q.shape[1], cap, 1.0 / math.sqrt(d), 0.0, -1,
+        0 if causal else -1, True,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("rotary", [None, "interleaved"])
-@pytest.mark.parametrize("layout", ["plain", "batch_idx", "leftpad", "batch_idx_leftpad", "paged16"])
-def test_prefill_into_cache_takes_the_tiled_kernel(dtype, rotary, layout, tiled_calls):
-    # 40 query rows x 2 heads per kv head > 64: the append runs in the op, the
-    # attention on the tiled kernel over views of the cache (one call, or one
-    # per sequence with a batch index or left padding); a paged cache stays on
-    # the KV-cache kernel.
-    b = 3
-    mk = dict(
-        batch_idx="batch_idx" in layout,
-        leftpad="leftpad" in layout,
-        block=16 if layout == "paged16" else None,
-    )
+@pytest.mark.parametrize(
+    "layout", ["plain", "batch_idx", "leftpad", "batch_idx_leftpad", "paged16", "paged16_leftpad", "paged24"]
+)
+@pytest.mark.parametrize("sq, routed", [(20, True), (16, False)], ids=["80rows", "64rows"])
+def test_many_query_rows_take_the_tiled_kernel(dtype, layout, sq, routed):
+    # Query rows per kv head (sq x 4) above 64: the op appends, then the tiled
+    # forward reads the cache in place (block table, batch index, left
+    # padding: csrc/cpu/attention_fwd.cpp), the same bits as the tiled kernel
+    # on the gathered keys; at 64 rows the KV-cache kernel runs (other bits).
+    # Both match the reference.
+    block = 24 if layout == "paged24" else 16 if "paged" in layout else None
+    cap = 300
     q, kc, vc, k, v, args = make_case(
-        b=b, sq=40, s_new=40, hq=4, hk=2, cap=120, dtype=dtype, rotary=rotary, **mk
-    )
-    check("prefill", q, kc, vc, k, v, args, causal=True)
-    want = 0 if layout == "paged16" else (1 if layout == "plain" else b)
-    assert len(tiled_calls) == want, tiled_calls
-    check("prefill_window", q, kc, vc, k, v, args, window=(30, 0))
+        b=3, sq=sq, s_new=sq, hq=8, hk=2, cap=cap, dtype=dtype, batch_idx="batch_idx" in layout,
+        leftpad="leftpad" in layout, block=block, full=True,
+    )  # fmt: skip
+    for causal in (True, False):
+        check(f"prefill {layout} causal={causal}", q, kc, vc, k, v, args, causal=causal)
+        kc2, vc2 = kc.clone(), vc.clone()
+        out, lse = run(q, kc2, vc2, k, v, args, causal=causal)
+        lp = args.get("cache_leftpad")
+        len_k = args["cache_seqlens"] + sq - (0 if lp is None else lp)
+        t_out, t_lse = tiled_kernel_bits(q, kc2, vc2, len_k, dict(args, capacity=cap), causal)
+        same = torch.equal(out, t_out) and torch.equal(lse, t_lse)
+        assert same == routed, (layout, sq, causal, (out.float() - t_out.float()).abs().max().item())
 
 
-def test_prefill_tiled_per_sequence_without_keys(tiled_calls):
-    # Left padding that leaves a sequence no key: out 0, lse -inf, on the
-    # per-sequence tiled route.
-    q, kc, vc, _, _, args = make_case(b=3, sq=40, s_new=0, hq=4, hk=2, cap=50, leftpad=True)
-    args["cache_seqlens"] = torch.tensor([7, 0, 30], dtype=torch.int32)
-    args["cache_leftpad"] = torch.tensor([7, 0, 4], dtype=torch.int32)
-    out, lse = check("prefill_empty", q, kc, vc, None, None, args, causal=True)
-    assert (lse[:2] == -math.inf).all() and (out[:2] == 0).all()
-    assert len(tiled_calls) == 1, tiled_calls  # only the sequence with keys
+def test_prefill_rows_without_keys():
+    # Left padding that leaves a sequence no key, and a sequence with an empty
+    # cache: out 0, lse -inf, on the tiled route (80 query rows per kv head).
+    for block in (None, 16):
+        q, kc, vc, _, _, args = make_case(b=3, sq=40, s_new=0, hq=4, hk=2, cap=50, leftpad=block is None,
+                                          block=block)  # fmt: skip
+        args["cache_seqlens"] = torch.tensor([7, 0, 30], dtype=torch.int32)
+        if block is None:
+            args["cache_leftpad"] = torch.tensor([7, 0, 4], dtype=torch.int32)
+        out, lse = check("prefill_empty", q, kc, vc, None, None, args, causal=True)
+        empty = [0, 1] if block is None else [1]
+        assert (lse[empty] == -math.inf).all() and (out[empty] == 0).all()
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
@@ -502,7 +513,7 @@ def test_instruction_set_fallbacks(isa):
 
     env = dict(os.environ, PYFASTATTN_CPU_ISA=isa)
     sel = (
-        "matches_reference and (decode or paged16 or softcap or window or rotary_half or dv_ne_d) "
+        "matches_reference and (decode or paged16 or paged_many_rows or softcap or window or rotary_half or dv_ne_d) "
         "or alibi_matches_reference and (decode_gqa or paged16_gqa or leftpad)"
     )
     r = subprocess.run(

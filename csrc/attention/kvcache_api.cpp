@@ -17,6 +17,7 @@
 
 #include "kvcache_api.h"
 
+#include "../cpu/attention_cpu.h"
 #include "../cpu/attention_kvcache.h"
 #include "api.h"
 
@@ -302,7 +303,10 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_fwd_cpu(
                                        block_table, rotary_cos, rotary_sin, rotary_interleaved, scale, softcap,
                                        window_left, window_right, num_splits, alibi_slopes);
   if (c.append) cpu::kvcache_append(c.p, c.a);
-  cpu::attention_kvcache_fwd(c.p);
+  if (cpu::kvcache_suits_tiled_kernel(c.p))
+    cpu::attention_fwd(c.p);  // reads the cache in place: block table, batch index, left padding
+  else
+    cpu::attention_kvcache_fwd(c.p);
   return {c.out, c.lse};
 }
 

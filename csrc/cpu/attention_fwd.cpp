@@ -160,6 +160,23 @@ PFA_INLINE void kv_pack_chunk(const Ctx& c, const Task& t) {
   TL::b_rows(v, p.v_row_stride, n, c.dv, const_cast<float*>(at.v) + int64_t(TL::kPairs ? j0 / 2 : j0) * c.dv);
 }
 
+// Row pointers of keys j0 .. j0 + n - 1 of sequence b in a paged KV cache
+// (base: the cache with the kv head's offset): one block-table lookup per
+// block the tile crosses. Every entry was checked on the host.
+template <typename T>
+PFA_INLINE void paged_rows(const AttentionFwdParams& p, int b, int j0, int n, const T* base, int64_t block_stride,
+                           int64_t row_stride, const T** rows) {
+  const int64_t t0 = int64_t(j0) + (p.cache_leftpad ? p.cache_leftpad[b] : 0);
+  const int32_t* bt = p.block_table + int64_t(b) * p.block_table_batch_stride;
+  int64_t blk = t0 / p.page_block_size, r = t0 % p.page_block_size;
+  for (int j = 0; j < n;) {
+    const T* page = base + int64_t(bt[blk]) * block_stride;
+    for (; j < n && r < p.page_block_size; ++j, ++r) rows[j] = page + r * row_stride;
+    ++blk;
+    r = 0;
+  }
+}
+
 template <class Isa, typename T, typename CT>
 PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
   using TL = Tiles<T, CT>;
@@ -183,10 +200,21 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
 
   const T* q = static_cast<const T*>(p.q) + si.q_row(i0, p.q_batch_stride, p.q_row_stride) +
                int64_t(h) * p.q_head_stride;
-  const T* kbase = static_cast<const T*>(p.k) + si.k_row(0, p.k_batch_stride, p.k_row_stride) +
-                   int64_t(hk) * p.k_head_stride;
-  const T* vbase = static_cast<const T*>(p.v) + si.k_row(0, p.v_batch_stride, p.v_row_stride) +
-                   int64_t(hk) * p.v_head_stride;
+  // K / V rows: a dense or varlen tensor, or a KV cache (attention_with_kvcache's
+  // many-row calls, routed here by csrc/attention/kvcache_api.cpp): its rows in
+  // order from the sequence's first cache position (batch index, left padding),
+  // or a paged cache's blocks, gathered a tile at a time (paged_rows).
+  const bool paged = p.block_table != nullptr;
+  const bool cache_rows = p.cache_batch_idx != nullptr || p.cache_leftpad != nullptr;
+  const T* kbase = static_cast<const T*>(p.k) + int64_t(hk) * p.k_head_stride;
+  const T* vbase = static_cast<const T*>(p.v) + int64_t(hk) * p.v_head_stride;
+  if (!paged) {
+    kbase += cache_rows ? kv_row_offset(p, t.b, 0, p.k_batch_stride, p.k_row_stride)
+                        : si.k_row(0, p.k_batch_stride, p.k_row_stride);
+    vbase += cache_rows ? kv_row_offset(p, t.b, 0, p.v_batch_stride, p.v_row_stride)
+                        : si.k_row(0, p.v_batch_stride, p.v_row_stride);
+  }
+  const T* rows[kMaxKeyTile];  // a paged tile's K, then V, row pointers
 
   const bool packed = c.kv_pack != nullptr;
   const KvPackAt kv = packed ? kv_pack_at<T, CT>(c, t.b, hk) : KvPackAt{nullptr, nullptr};
@@ -198,7 +226,7 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
 #if PFA_X86
   if constexpr (Isa::kAvx512) {
     // One row sees exactly [key_begin, key_end): no window edge in any tile.
-    if (m == 1 && !masked && !c.softcap && !c.dropout && c.d <= 256) {
+    if (m == 1 && !masked && !c.softcap && !c.dropout && !paged && c.d <= 256) {
       if (key_begin < key_end)
         decode_row<T, TL::kPairs>(c, q, kbase, vbase, key_begin, key_end, w.s, w.oacc, w.mrun[0], w.lrun[0]);
       decoded = true;
@@ -220,20 +248,32 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     const bool fused = !masked && !c.softcap && tile_inside(rr, j0, n);
     for (int i = r0; i < r1; ++i) w.tmax[i] = -kInf;
     // S^T = K Q^T; then scores and their column max. K and V: from the
-    // call's pack, or copied per tile. The pack's VNNI pairs start at even
-    // keys and hold two keys of the tile, but for the sequence's last key.
+    // call's pack, or copied per tile (from a tensor's rows or a paged
+    // cache's). The pack's VNNI pairs start at even keys and hold two keys
+    // of the tile, but for the sequence's last key.
     const float* ka = packed ? kv.k + int64_t(j0) * kd : w.ka;
-    if (!packed) TL::a_rows(kbase + int64_t(j0) * p.k_row_stride, p.k_row_stride, n, c.d, w.ka);
+    if (!packed) {
+      if (paged) {
+        paged_rows(p, t.b, j0, n, kbase, p.k_batch_stride, p.k_row_stride, rows);
+        TL::a_rows(rows, n, c.d, w.ka);
+      } else {
+        TL::a_rows(kbase + int64_t(j0) * p.k_row_stride, p.k_row_stride, n, c.d, w.ka);
+      }
+    }
     const bool v_packed = packed && (!TL::kPairs || (j0 % 2 == 0 && (n % 2 == 0 || j0 + n == si.len_k)));
     const float* vb = v_packed ? kv.v + int64_t(TL::kPairs ? j0 / 2 : j0) * c.dv : w.vb;
     GemmArgs qk{n, rm, kd, ka, kd, false, w.qt + r0, ldq, w.s + r0, ldq, false};
     // While S^T is computed, this tile's V rows come in; while P V is, the
     // next tile's K rows (PrefetchRows; without it the copies of the rows
-    // waited on L3: PERF_NOTES "issue 21, session 4").
+    // waited on L3: PERF_NOTES "issue 21, session 4"). Not yet for a paged
+    // cache's rows, gathered after the product.
     const T* vrows = vbase + int64_t(j0) * p.v_row_stride;
-    PrefetchRows pf_v = v_packed ? PrefetchRows(vb, row_v, TL::kPairs ? (n + 1) / 2 : n, row_v)
-                                 : PrefetchRows(vrows, p.v_row_stride * int64_t(sizeof(T)), n,
-                                                int64_t(c.dv) * sizeof(T));
+    PrefetchRows pf_v;
+    if (v_packed) {
+      pf_v = PrefetchRows(vb, row_v, TL::kPairs ? (n + 1) / 2 : n, row_v);
+    } else if (!paged) {
+      pf_v = PrefetchRows(vrows, p.v_row_stride * int64_t(sizeof(T)), n, int64_t(c.dv) * sizeof(T));
+    }
     qk.prefetch = &pf_v;
     if (fused) {
       qk.alpha = c.score_scale;
@@ -271,13 +311,20 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     }
     for (int i = r0; i < r0 + rm; ++i) w.lrun[i] = w.lrun[i] * w.alpha[i] + w.tsum[i];
     // O = alpha O + P V
-    if (!v_packed) TL::b_rows(vrows, p.v_row_stride, n, c.dv, w.vb);
+    if (!v_packed) {
+      if (paged) {
+        paged_rows(p, t.b, j0, n, vbase, p.v_batch_stride, p.v_row_stride, rows);
+        TL::b_rows(rows, n, c.dv, w.vb);
+      } else {
+        TL::b_rows(vrows, p.v_row_stride, n, c.dv, w.vb);
+      }
+    }
     const int64_t pk = TL::kPairs ? (n + 1) / 2 : n;  // K axis: keys, or key pairs
     const float* pa = TL::kPairs ? w.ppair : w.s;
     GemmArgs pv{rm, c.dv, pk, pa + r0, ldq, true, vb, c.dv, w.oacc + int64_t(r0) * c.dv, c.dv, true};
     pv.row_scale = w.alpha + r0;
     PrefetchRows pf_k;
-    if (j0 + n < key_end) {
+    if (j0 + n < key_end && (packed || !paged)) {
       const int nn = next_key_tile(rr, c.blk.k, j0 + n, key_end);
       pf_k = packed ? PrefetchRows(kv.k + int64_t(j0 + n) * kd, row_k, nn, row_k)
                     : PrefetchRows(kbase + int64_t(j0 + n) * p.k_row_stride, p.k_row_stride * int64_t(sizeof(T)),
@@ -360,6 +407,10 @@ void attention_fwd(const AttentionFwdParams& p) {
   // per-tile path once per read) and the pack fits kMaxPackBytes. Blocks of
   // one row (the decode path reads K and V in place) are not counted.
   constexpr int64_t kMinReads = 3, kMaxPackBytes = int64_t(256) << 20;
+  // Not for a KV cache's rows (attention_with_kvcache's many-row calls: paged,
+  // or rows from a batch index / left padding), which kv_pack_chunk does not
+  // read: they are copied per tile.
+  const bool cache = p.block_table != nullptr || p.cache_batch_idx != nullptr || p.cache_leftpad != nullptr;
   const bool pairs = cpu_path(p.dtype) == CpuPath::kAvx512Bf16;
   std::vector<int64_t> first(size_t(p.batch) + 1, 0);
   int64_t keys = 0, reads = 0;
@@ -376,7 +427,7 @@ void attention_fwd(const AttentionFwdParams& p) {
   const int64_t kp = 2 * int64_t(pairs ? (c.d + 1) / 2 : c.d), vp = pairs ? c.dv : 2 * int64_t(c.dv);
   const int64_t pack_floats = first[size_t(p.batch)] * p.num_heads_k * (kp + vp);
   std::unique_ptr<float[]> temp;
-  if (kv_pack_allowed() && reads >= kMinReads * keys && pack_floats > 0 &&
+  if (kv_pack_allowed() && !cache && reads >= kMinReads * keys && pack_floats > 0 &&
       pack_floats * int64_t(sizeof(float)) <= kMaxPackBytes) {
     c.kv_pack = kv_pack_buffer(pack_floats, temp);
     c.kv_first = first.data();

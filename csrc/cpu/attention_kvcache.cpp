@@ -194,8 +194,6 @@ struct KvScratch {
   const void** qp;   // [rows] query row pointers
   const void** kp;   // [2][kTileKeys] key row pointers (at the task's first kv
   const void** vp;   // head) of this tile and the next; value rows likewise
-  const void** pfl;  // [kTileKeys x heads] row slices a pass prefetches (PfCursor)
-  const void** pff;  // [2 x kTileKeys] first lines of the next tile's K / V rows (PfCursor::far)
 };
 
 PFA_INLINE int row_head(const KvCtx& c, int hg, int r) {
@@ -326,40 +324,54 @@ PFA_AVX512 inline __m512 hsum16(const __m512* v) {
 // lines are asked for, instead of in the middle of the stream (PERF_NOTES.md,
 // v8: paged 16 from 1.27x to ~1.1x contiguous; a demand load in its place
 // was slower).
+// Each address is formed from the row pointer in a register (one pointer
+// load per row), not read from a list of slice pointers: a load per
+// prefetch, queued behind prefetches that wait for miss buffers, held the
+// prefetches back (v10: -20 % per step at the target case).
+template <typename T>
 struct PfCursor {
-  const char* const* slices;
-  int count, next, lines;  // lines (64 B) per slice
-  const char* const* far;
+  const T* const* rows;  // row pointers (at the task's first kv head)
+  int nrows, heads;
+  int64_t head_stride;   // elements between kv heads of a row
+  int lines;             // 64-byte lines per slice
+  int count, next;       // slices (nrows x heads), slices issued
+  int j, h;              // the next slice: row j, kv head h
+  const T* row;          // rows[j]
+  const T* const* fark;  // far: first lines of rows fark[i] and farv[i], i < far_rows,
+  const T* const* farv;  //      K then V; far_count = 2 far_rows
   int far_count, far_next;
   PFA_INLINE void step(int k) {
     const int e = std::min(count, next + k);
-    for (; next < e; ++next)
-      for (int l = 0; l < lines; ++l) _mm_prefetch(slices[next] + 64 * l, _MM_HINT_T0);
+    for (; next < e; ++next) {
+      const char* s = reinterpret_cast<const char*>(row + h * head_stride);
+      for (int l = 0; l < lines; ++l) _mm_prefetch(s + 64 * l, _MM_HINT_T0);
+      if (++h == heads) {
+        h = 0;
+        if (++j < nrows) row = rows[j];
+      }
+    }
+    if (far_next == far_count) return;
     const int fe = count > 0 ? int(int64_t(far_count) * next / count) : far_count;
-    for (; far_next < fe; ++far_next) _mm_prefetch(far[far_next], _MM_HINT_T0);
+    for (; far_next < fe; ++far_next) {
+      const T* r = (far_next & 1) ? farv[far_next >> 1] : fark[far_next >> 1];
+      _mm_prefetch(reinterpret_cast<const char*>(r), _MM_HINT_T0);
+    }
   }
 };
 
-// The slices of keys [0, n) of rows rp (kv heads of the task) into the list.
+// The slices of keys [0, n) of rows rp (kv heads of the task).
 template <typename T>
-PFA_INLINE PfCursor pf_cursor(const KvScratch& w, const T* const* rp, int n, int heads, int64_t head_stride,
-                              int elems) {
-  const char** list = reinterpret_cast<const char**>(w.pfl);
-  for (int j = 0; j < n; ++j)
-    for (int hl = 0; hl < heads; ++hl) list[j * heads + hl] = reinterpret_cast<const char*>(rp[j] + hl * head_stride);
-  return PfCursor{list, n * heads, 0, int((elems * sizeof(T) + 63) / 64), nullptr, 0, 0};
+PFA_INLINE PfCursor<T> pf_cursor(const T* const* rp, int n, int heads, int64_t head_stride, int elems) {
+  return PfCursor<T>{rp,      n,       heads, head_stride, int((elems * sizeof(T) + 63) / 64), n * heads, 0, 0, 0,
+                     n > 0 ? rp[0] : nullptr, nullptr, nullptr, 0, 0};
 }
 
 // Adds the far list to pf: the first line of K row j and V row j of the next
 // tile's keys, j < nn, in that order.
 template <typename T>
-PFA_INLINE void pf_far(PfCursor& pf, const KvScratch& w, const T* const* kn, const T* const* vn, int nn) {
-  const char** list = reinterpret_cast<const char**>(w.pff);
-  for (int j = 0; j < nn; ++j) {
-    list[2 * j] = reinterpret_cast<const char*>(kn[j]);
-    list[2 * j + 1] = reinterpret_cast<const char*>(vn[j]);
-  }
-  pf.far = list;
+PFA_INLINE void pf_far(PfCursor<T>& pf, const T* const* kn, const T* const* vn, int nn) {
+  pf.fark = kn;
+  pf.farv = vn;
   pf.far_count = 2 * nn;
 }
 
@@ -384,7 +396,7 @@ PFA_AVX512_BF16 PFA_INLINE __m512i load_bf16x32(const c10::BFloat16* x, int v, c
 template <int NV>
 PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16* const* qp, int G,
                                              const c10::BFloat16* const* kp, int64_t koff, int n, float* sc,
-                                             PfCursor& pf) {
+                                             PfCursor<c10::BFloat16>& pf) {
   using T = c10::BFloat16;
   const int d = c.d, nv = NV > 0 ? NV : (d + 31) / 32;
   __mmask32 km[8];
@@ -431,7 +443,7 @@ PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16
 // converted once for the G rows.
 template <typename T>
 PFA_AVX512 inline void scores_head_f32(const KvCtx& c, const float* qf, int G, const T* const* kp, int64_t koff,
-                                       int n, float* sc, PfCursor& pf) {
+                                       int n, float* sc, PfCursor<T>& pf) {
   const int d = c.d, nv = (d + 15) / 16;
   for (int j = 0; j < n; ++j) {
     pf.step(1);
@@ -459,7 +471,7 @@ PFA_AVX512 inline void scores_head_f32(const KvCtx& c, const float* qf, int G, c
 // slice per key.
 template <typename T, int GS>
 PFA_AVX512 inline void pv_quad_regs(int dv, const T* const* vp, int64_t voff, int n, const float* sc, float* acc,
-                                    const float* alpha, PfCursor* pf) {
+                                    const float* alpha, PfCursor<T>* pf) {
   for (int x0 = 0; x0 < dv; x0 += 64) {
     __mmask16 km[4];
     for (int v = 0; v < 4; ++v) km[v] = x0 + 16 * v < dv ? mask16(dv - x0 - 16 * v) : __mmask16(0);
@@ -487,14 +499,14 @@ template <typename T>
 PFA_AVX512 inline void pv_regs_avx512(const KvCtx& c, const KvScratch& w, const T* const* vp, int n,
                                       const T* const* kn, int nn) {
   const AttentionFwdParams& p = *c.p;
-  PfCursor pf = pf_cursor(w, kn, nn, c.heads, p.k_head_stride, c.d);
+  PfCursor<T> pf = pf_cursor(kn, nn, c.heads, p.k_head_stride, c.d);
   for (int hl = 0; hl < c.heads; ++hl) {
     const int64_t voff = int64_t(hl) * p.v_head_stride;
     for (int x = 0; x < c.qrows; x += 4) {
       const int r = hl * c.qrows + x;
       const float* s = w.sc + int64_t(r) * kTileKeys;
       float* a = w.acc + int64_t(r) * c.dv;
-      PfCursor* pp = x == 0 ? &pf : nullptr;
+      PfCursor<T>* pp = x == 0 ? &pf : nullptr;
       switch (std::min(4, c.qrows - x)) {
         case 1: pv_quad_regs<T, 1>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
         case 2: pv_quad_regs<T, 2>(c.dv, vp, voff, n, s, a, w.alpha + r, pp); break;
@@ -513,8 +525,8 @@ struct StepsAvx512 {
   static PFA_AVX512 inline void scores(const KvCtx& c, const KvScratch& w, const T* const* kp, const T* const* vp,
                                        int n, const T* const* kn, const T* const* vn, int nn) {
     const AttentionFwdParams& p = *c.p;
-    PfCursor pf = pf_cursor(w, vp, n, c.heads, p.v_head_stride, c.dv);
-    pf_far(pf, w, kn, vn, nn);
+    PfCursor<T> pf = pf_cursor(vp, n, c.heads, p.v_head_stride, c.dv);
+    pf_far(pf, kn, vn, nn);
     for (int hl = 0; hl < c.heads; ++hl)
       scores_head_f32<T>(c, w.qf + int64_t(hl) * c.qrows * c.d, c.qrows, kp, int64_t(hl) * p.k_head_stride, n,
                          w.sc + int64_t(hl) * c.qrows * kTileKeys, pf);
@@ -537,8 +549,8 @@ struct StepsAvx512Bf16 {
                                             const T* const* vp, int n, const T* const* kn, const T* const* vn,
                                             int nn) {
     const AttentionFwdParams& p = *c.p;
-    PfCursor pf = pf_cursor(w, vp, n, c.heads, p.v_head_stride, c.dv);
-    pf_far(pf, w, kn, vn, nn);
+    PfCursor<T> pf = pf_cursor(vp, n, c.heads, p.v_head_stride, c.dv);
+    pf_far(pf, kn, vn, nn);
     const T* const* qp = reinterpret_cast<const T* const*>(w.qp);
     for (int hl = 0; hl < c.heads; ++hl) {
       const T* const* q = qp + hl * c.qrows;
@@ -798,7 +810,7 @@ void run_kvcache(KvCtx& c) {
   const int64_t rows = c.rows;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> buf(size_t(rows * (kTileKeys + c.d + 3 + c.dv)));
-    std::vector<const void*> ptrs(size_t(rows + 6 * kTileKeys + kTileKeys * c.heads));
+    std::vector<const void*> ptrs(size_t(rows + 4 * kTileKeys));
     KvScratch w;
     w.sc = buf.data();
     w.qf = w.sc + rows * kTileKeys;
@@ -809,8 +821,6 @@ void run_kvcache(KvCtx& c) {
     w.qp = ptrs.data();
     w.kp = w.qp + rows;
     w.vp = w.kp + 2 * kTileKeys;
-    w.pfl = w.vp + 2 * kTileKeys;
-    w.pff = w.pfl + kTileKeys * c.heads;
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
          i = next.fetch_add(1, std::memory_order_relaxed))
       fn(c, w, tasks[size_t(order[size_t(i)])]);
@@ -828,6 +838,17 @@ void run_kvcache(KvCtx& c) {
 }
 
 }  // namespace
+
+// Query rows per kv head above which the tiled forward takes the call.
+// Measured (B2 Hq32 Hk8 D128 bf16, 2048 keys, causal, one thread, CPU ms,
+// PERF_NOTES.md "Many query rows over a paged ... cache"): this kernel's
+// dot-product rows cost 11.8 / 55 / 230 ms at 64 / 256 / 1024 rows per kv head
+// where the tiled kernel takes 5.9 / 14 / 46.
+constexpr int64_t kTiledMinRows = 64;
+
+bool kvcache_suits_tiled_kernel(const AttentionFwdParams& p) {
+  return int64_t(p.seqlen_q) * (p.num_heads / p.num_heads_k) > kTiledMinRows;
+}
 
 int64_t kvcache_chunk_keys(const AttentionFwdParams& p) {
   int64_t max_len = 0;

@@ -49,6 +49,11 @@ void kvcache_append(const AttentionFwdParams& p, const KvAppendParams& a);
 // cores, then merges the chunks by their LSE.
 void attention_kvcache_fwd(const AttentionFwdParams& p);
 
+// Whether a call has enough query rows per kv head (seqlen_q x group) for the
+// tiled forward (attention_fwd), which reads the same cache in place (paged,
+// batch-indexed, left-padded): prefill and long chunks. Shape only.
+bool kvcache_suits_tiled_kernel(const AttentionFwdParams& p);
+
 // The chunk length (keys) attention_kvcache_fwd uses for this call; for tests
 // and the benchmark's report. Depends on the shape only (never the thread
 // count), so results are the same bits for any number of threads.

@@ -129,7 +129,7 @@ Blocks choose_blocks(const AttentionFwdParams& p, bool backward) {
   const int d = std::max(p.head_dim, p.head_dim_v);
   Blocks b;
   b.q = (backward ? d <= 64 : d <= 128) ? 128 : 64;
-  b.k = 256;
+  b.k = kMaxKeyTile;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int64_t rows =
       (varlen ? int64_t(p.cu_seqlens_q[p.batch]) : int64_t(p.batch) * p.seqlen_q) * p.num_heads;

@@ -29,8 +29,9 @@ PFA_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; 
 // Query rows per task and keys per tile (see choose_blocks for the numbers).
 struct Blocks {
   int q;  // rows of a query block, a multiple of kLanes
-  int k;  // keys of a key tile, even (bf16 pairs)
+  int k;  // keys of a key tile, even (bf16 pairs), at most kMaxKeyTile
 };
+constexpr int kMaxKeyTile = 256;
 
 // ---------------------------------------------------------------------------
 // Shared context of one call.

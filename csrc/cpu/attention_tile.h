@@ -61,24 +61,39 @@ class LaneWindow {
 //                  across two rows ("B" operand), zero-padded to full pairs.
 // ---------------------------------------------------------------------------
 
+// Where row r of a tile is: a strided tensor (StridedRows), or a list of row
+// pointers (RowList: a paged KV cache's rows, gathered through its block
+// table by paged_rows, attention_fwd.cpp).
 template <typename T>
-PFA_INLINE void load_rows_f32(const T* src, int64_t stride, int rows, int cols, float* dst, int64_t ld) {
+struct StridedRows {
+  const T* s;
+  int64_t st;
+  PFA_INLINE const T* operator()(int r) const { return s + r * st; }
+};
+template <typename T>
+struct RowList {
+  const T* const* p;
+  PFA_INLINE const T* operator()(int r) const { return p[r]; }
+};
+
+template <typename T, class Rows>
+PFA_INLINE void load_rows_f32(const Rows& src, int rows, int cols, float* dst, int64_t ld) {
   for (int r = 0; r < rows; ++r) {
-    const T* PFA_RESTRICT s = src + r * stride;
+    const T* PFA_RESTRICT s = src(r);
     float* PFA_RESTRICT o = dst + r * ld;
     for (int c = 0; c < cols; ++c) o[c] = to_f32(s[c]);
   }
 }
 
-template <typename T>
-PFA_INLINE void load_rows_pairs(const T* src, int64_t stride, int rows, int cols, uint32_t* dst, int64_t ld) {
+template <typename T, class Rows>
+PFA_INLINE void load_rows_pairs(const Rows& src, int rows, int cols, uint32_t* dst, int64_t ld) {
   const int c2 = cols / 2;
   if (cols % 2 == 0) {  // a row of pairs is the row's bits (little-endian: low half first)
-    for (int r = 0; r < rows; ++r) std::memcpy(dst + r * ld, src + r * stride, size_t(cols) * sizeof(T));
+    for (int r = 0; r < rows; ++r) std::memcpy(dst + r * ld, src(r), size_t(cols) * sizeof(T));
     return;
   }
   for (int r = 0; r < rows; ++r) {
-    const T* PFA_RESTRICT s = src + r * stride;
+    const T* PFA_RESTRICT s = src(r);
     uint32_t* PFA_RESTRICT o = dst + r * ld;
     for (int c = 0; c < c2; ++c)
       o[c] = uint32_t(raw_bits(s[2 * c])) | (uint32_t(raw_bits(s[2 * c + 1])) << 16);
@@ -87,16 +102,16 @@ PFA_INLINE void load_rows_pairs(const T* src, int64_t stride, int rows, int cols
 }
 
 // B operand in VNNI form from `rows` source rows (the K axis) of `cols` values.
-template <typename T>
-PFA_INLINE void load_vnni(const T* src, int64_t stride, int rows, int cols, uint32_t* dst, int64_t ld) {
+template <typename T, class Rows>
+PFA_INLINE void load_vnni(const Rows& src, int rows, int cols, uint32_t* dst, int64_t ld) {
   for (int r2 = 0; r2 < rows / 2; ++r2) {
-    const T* PFA_RESTRICT s0 = src + (2 * r2) * stride;
-    const T* PFA_RESTRICT s1 = s0 + stride;
+    const T* PFA_RESTRICT s0 = src(2 * r2);
+    const T* PFA_RESTRICT s1 = src(2 * r2 + 1);
     uint32_t* PFA_RESTRICT o = dst + r2 * ld;
     for (int c = 0; c < cols; ++c) o[c] = uint32_t(raw_bits(s0[c])) | (uint32_t(raw_bits(s1[c])) << 16);
   }
   if (rows & 1) {
-    const T* PFA_RESTRICT s0 = src + (rows - 1) * stride;
+    const T* PFA_RESTRICT s0 = src(rows - 1);
     uint32_t* PFA_RESTRICT o = dst + (rows / 2) * ld;
     for (int c = 0; c < cols; ++c) o[c] = raw_bits(s0[c]);
   }
@@ -131,13 +146,19 @@ template <typename T>
 struct Tiles<T, float> {
   static constexpr bool kPairs = false;
   static int kdim(int d) { return d; }  // K-axis length of a product over a head dim
-  // A operand rows (keys / values), ld = cols.
+  // A operand rows (keys / values), ld = cols; rows strided or listed.
   static void a_rows(const T* s, int64_t st, int rows, int cols, float* dst) {
-    load_rows_f32(s, st, rows, cols, dst, cols);
+    load_rows_f32<T>(StridedRows<T>{s, st}, rows, cols, dst, cols);
+  }
+  static void a_rows(const T* const* s, int rows, int cols, float* dst) {
+    load_rows_f32<T>(RowList<T>{s}, rows, cols, dst, cols);
   }
   // B operand rows (K axis = rows), ld = cols.
   static void b_rows(const T* s, int64_t st, int rows, int cols, float* dst) {
-    load_rows_f32(s, st, rows, cols, dst, cols);
+    load_rows_f32<T>(StridedRows<T>{s, st}, rows, cols, dst, cols);
+  }
+  static void b_rows(const T* const* s, int rows, int cols, float* dst) {
+    load_rows_f32<T>(RowList<T>{s}, rows, cols, dst, cols);
   }
   // B operand transposed (K axis = cols), ld given.
   static void b_t(const T* s, int64_t st, int rows, int cols, float* dst, int64_t ld) {
@@ -150,10 +171,16 @@ struct Tiles<T, uint32_t> {
   static constexpr bool kPairs = true;
   static int kdim(int d) { return (d + 1) / 2; }
   static void a_rows(const T* s, int64_t st, int rows, int cols, float* dst) {
-    load_rows_pairs(s, st, rows, cols, reinterpret_cast<uint32_t*>(dst), (cols + 1) / 2);
+    load_rows_pairs<T>(StridedRows<T>{s, st}, rows, cols, reinterpret_cast<uint32_t*>(dst), (cols + 1) / 2);
+  }
+  static void a_rows(const T* const* s, int rows, int cols, float* dst) {
+    load_rows_pairs<T>(RowList<T>{s}, rows, cols, reinterpret_cast<uint32_t*>(dst), (cols + 1) / 2);
   }
   static void b_rows(const T* s, int64_t st, int rows, int cols, float* dst) {
-    load_vnni(s, st, rows, cols, reinterpret_cast<uint32_t*>(dst), cols);
+    load_vnni<T>(StridedRows<T>{s, st}, rows, cols, reinterpret_cast<uint32_t*>(dst), cols);
+  }
+  static void b_rows(const T* const* s, int rows, int cols, float* dst) {
+    load_vnni<T>(RowList<T>{s}, rows, cols, reinterpret_cast<uint32_t*>(dst), cols);
   }
   static void b_t(const T* s, int64_t st, int rows, int cols, float* dst, int64_t ld) {
     load_t_pairs(s, st, rows, cols, reinterpret_cast<uint32_t*>(dst), ld);

@@ -15,16 +15,18 @@
 //            task's pre-activations [T, kFeatBlock] stay in a stack array,
 //            get the bias and the activation (and the gate product) there
 //            (ffn_act_fp32, the FFN step's vectorised code) and are written
-//            once into h [T, d_ff], a per-call buffer held by the calling
-//            thread (bf16 for bf16 inputs, else fp32; 90 KB at T16 F2816
-//            bf16: it stays in L2 for layer 2).
+//            once into h [T, d_ff] (packed for the broadcast form), a
+//            per-call buffer held by the calling thread (bf16 for bf16
+//            inputs, else fp32; 90 KB at T16 F2816 bf16: it stays in L2
+//            for layer 2).
 //   layer 2: tasks of kOutBlock rows of W2, the same dot products against
 //            h's rows, + b2, rounded once into y.
 // at::parallel_for hands each thread one contiguous range of tasks, so the
 // two cores stream disjoint, contiguous stretches of every weight matrix.
 // Every output element is one dot product computed by one thread in one
-// fixed order (lanes over the reduced dimension, then a fixed tree): the
-// result does not depend on the thread count.
+// fixed order (lanes over the reduced dimension, then a fixed tree; in the
+// broadcast form each lane's steps in order): the result does not depend
+// on the thread count.
 //
 // The dot-product tile (AVX-512). R weight rows x TT tokens (8 x 2; 8 x 1 for
 // one token), one 512-bit accumulator per pair, the reduced dimension in
@@ -36,12 +38,19 @@
 // the block two ahead. Rows and tokens past the end repeat the last valid
 // one (results dropped); the reduced dimension's tail is a masked
 // (zero-filled) load. The sums leave the registers through a
-// transpose-and-add tree, four accumulators to one xmm.
+// transpose-and-add tree, four accumulators to one xmm. The dot-product
+// tiles run T = 1-2 (bf16, fp16), 1-7 (fp32) and 17-32; 3 (fp32: 8) to 16
+// tokens take the broadcast form instead (below its own comment): the
+// tiles re-read each weight line from L1 once per token tile and were
+// compute-bound at T16 with the memory time added on top (PERF_NOTES.md).
 #include "ffn_small_tokens.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -326,6 +335,12 @@ struct Avx512Tile {
       for (int t = 0; t < TT; ++t) acc[r][t] = Avx512::zero();
     int64_t i = 0;
     for (; i + S <= k; i += S) {
+      // Note: gcc 12 emits no instruction for this prefetch (the object file
+      // has none: a prefetch inlined from a target-attributed function into
+      // this neutral template is dropped). Emitted (__builtin_prefetch here)
+      // it was slower: bf16 T1 0.55 -> 0.61 ms, T2 0.61 -> 0.69, fp32 T1
+      // 0.95 -> 1.21 (one thread, A/B of builds, PERF_NOTES.md), so the
+      // tiles run on the hardware prefetcher alone, as they always have.
       if (pf != nullptr) {
         #pragma GCC unroll 16
         for (int r = 0; r < R; ++r)
@@ -374,6 +389,280 @@ template <class Ops>
 RowsSet avx512_rows() {
   using T = Avx512Tile<Ops>;
   return {&rows_avx512<T, kWideRows, kWideTokens>, &rows_avx512<T, kOneRows, 1>};
+}
+
+// ---------------------------------------------------------------------------
+// The broadcast form (bcast_min_tokens <= T <= 16; written for bf16 and
+// vdpbf16ps, below; fp32 and fp16 weights the same with one fp32 element per
+// lane in place of a pair and vfmadd231ps). The
+// 16 lanes of a vector are 16 / G tokens x G consecutive pairs of the
+// reduced dimension (G = 1 for 9-16 tokens, 2 for 5-8, 4 for up to 4). The
+// token side is packed once per call: apack[j][t G + q] holds token t's
+// pair j G + q (elements 2 (j G + q), +1; tokens past T and elements past k
+// are zero), so one vector holds every token's step j (2 G elements). A
+// weight row's step j, 4 G bytes, broadcast to all 16 / G token groups
+// (G = 1: the {1to16} memory operand of vdpbf16ps; 2: vpbroadcastq; 4:
+// vbroadcasti32x4), then
+//   acc[r] += vdpbf16ps(apack[j], broadcast of W[r, 2 G j .. 2 G j + 2 G))
+// gives each of R rows one step for every token: per step one token load
+// serves R multiply-adds, each weight element is read once (every row in
+// address order), and there are no horizontal sums over the reduced
+// dimension: lane t G + q sums token t's pairs q, G + q, 2 G + q, ... in
+// order, and the G lanes of a token are added at the end in a fixed order.
+// ---------------------------------------------------------------------------
+
+constexpr int kBcastRows = 16;  // weight rows (accumulators) per block
+constexpr int64_t kFlushLines = 8;  // row-buffer lines summed in registers before tmp
+
+struct BcastRows {
+  const uint32_t* a;  // packed [steps][16], steps = ceil(k / (G kE))
+  const void* w;      // rows ldw apart (elements)
+  int64_t ldw, r0, r1, k;
+  float* c;  // c[t * ldc + (r - r0)], t < tokens
+  int64_t ldc, tokens;
+  int64_t pf_end;  // rows of w that exist (the next block's prefetch stops there)
+};
+
+// What the broadcast form does per element type. A lane is 4 bytes of the
+// token side: a bf16 pair (kE = 2 elements, vdpbf16ps) or one fp32 element
+// (kE = 1, vfmadd231ps; fp16 weights are widened to fp32 when their line is
+// copied into the row buffer). A step is G lanes of every token; a row
+// buffer line is 16 lanes, 16 kE elements of the row.
+//   madd_buf<G>(acc, x, p): acc += x * (the 4 G bytes at p, broadcast)
+//   madd(acc, x, w):        acc += x * w (w already broadcast)
+//   copy_line(src, dst):    16 lanes of a row into the row buffer
+//   group<G>(row, e, k):    elements [e, min(e + G kE, k)) of a row as G
+//                           lanes, zero past k, broadcast to 16 lanes
+struct BcastBf16 {
+  using W = uint16_t;
+  static constexpr int kE = 2;
+  // The {1to16} broadcast as vdpbf16ps's memory operand: gcc keeps
+  // _mm512_set1_epi32 of a load a separate vpbroadcastd.
+  PFA_AVX512_BF16 static inline __m512 madd_mem32(__m512 acc, __m512i x, const int32_t* p) {
+    asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*p));
+    return acc;
+  }
+  PFA_AVX512_BF16 static inline __m512 madd(__m512 acc, __m512i x, __m512i w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+  }
+  PFA_AVX512_BF16 static inline void copy_line(const W* src, int32_t* dst) {
+    _mm512_store_si512(dst, _mm512_loadu_si512(src));
+  }
+  PFA_AVX512_BF16 static inline __m128i load_elems(const W* p, int64_t n) {
+    return _mm_maskz_loadu_epi16(__mmask8((1u << n) - 1u), p);
+  }
+};
+
+struct BcastF32 {
+  using W = float;
+  static constexpr int kE = 1;
+  PFA_AVX512 static inline __m512 madd_mem32(__m512 acc, __m512i x, const int32_t* p) {
+    const __m512 xf = _mm512_castsi512_ps(x);
+    asm("vfmadd231ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(xf), "m"(*p));
+    return acc;
+  }
+  PFA_AVX512 static inline __m512 madd(__m512 acc, __m512i x, __m512i w) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
+  }
+  PFA_AVX512 static inline void copy_line(const W* src, int32_t* dst) {
+    _mm512_store_si512(dst, _mm512_loadu_si512(src));
+  }
+  PFA_AVX512 static inline __m128i load_elems(const W* p, int64_t n) {
+    return _mm_castps_si128(_mm_maskz_loadu_ps(__mmask8((1u << n) - 1u), p));
+  }
+};
+
+struct BcastF16 {
+  using W = uint16_t;
+  static constexpr int kE = 1;
+  PFA_AVX512 static inline __m512 madd_mem32(__m512 acc, __m512i x, const int32_t* p) {
+    return BcastF32::madd_mem32(acc, x, p);
+  }
+  PFA_AVX512 static inline __m512 madd(__m512 acc, __m512i x, __m512i w) { return BcastF32::madd(acc, x, w); }
+  PFA_AVX512 static inline void copy_line(const W* src, int32_t* dst) {
+    _mm512_store_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))));
+  }
+  PFA_AVX512 static inline __m128i load_elems(const W* p, int64_t n) {  // n <= 4
+    return _mm_castps_si128(_mm_cvtph_ps(_mm_maskz_loadu_epi16(__mmask8((1u << n) - 1u), p)));
+  }
+};
+
+// The raw AVX-512 steps of the broadcast form's loop, as attribute-bearing
+// inline functions (the loop itself is a neutral template that `flatten`
+// inlines into each target's function, like the dot-product tiles').
+struct Bc {
+  PFA_AVX512 static inline __m512 zero() { return _mm512_setzero_ps(); }
+  PFA_AVX512 static inline __m512i load(const uint32_t* p) { return _mm512_load_si512(p); }
+  PFA_AVX512 static inline void store(float* p, __m512 v) { _mm512_store_ps(p, v); }
+  PFA_AVX512 static inline void add_into(float* p, __m512 v) {
+    _mm512_store_ps(p, _mm512_add_ps(_mm512_load_ps(p), v));
+  }
+  // The 4 G bytes at p (G = 2, 4) broadcast to 16 lanes.
+  template <int G>
+  PFA_AVX512 static inline __m512i bcast_buf(const int32_t* p) {
+    if (G == 2) {
+      int64_t v;
+      std::memcpy(&v, p, 8);
+      return _mm512_set1_epi64(v);
+    }
+    return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  // v's first G lanes broadcast to 16.
+  template <int G>
+  PFA_AVX512 static inline __m512i bcast_lanes(__m128i v) {
+    if (G == 1) return _mm512_broadcastd_epi32(v);
+    if (G == 2) return _mm512_broadcastq_epi64(v);
+    return _mm512_broadcast_i32x4(v);
+  }
+  // Out through tmp [16 rows][16 lanes]: token t's value of row rr is the
+  // sum of tmp[rr][t G .. t G + G), (v0 + v1) + (v2 + v3) for G = 4,
+  // gathered 16 rows at a time (a scalar loop here took ~10% of the call at
+  // K = 1024) into c[t * ldc + rr], rr < nr.
+  template <int G>
+  PFA_AVX512 static inline void out_tokens(const float* tmp, int64_t tokens, int64_t nr, float* c,
+                                          int64_t ldc) {
+    const __m512i rows16 = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
+    const __mmask16 keep = __mmask16((uint32_t(1) << nr) - 1u);
+    for (int64_t t = 0; t < tokens; ++t) {
+      __m512 lane[G];
+      #pragma GCC unroll 4
+      for (int q = 0; q < G; ++q)
+        lane[q] = _mm512_i32gather_ps(_mm512_add_epi32(rows16, _mm512_set1_epi32(int(t * G + q))), tmp, 4);
+      __m512 sum = lane[0];
+      if (G == 2) sum = _mm512_add_ps(lane[0], lane[1]);
+      if (G == 4) sum = _mm512_add_ps(_mm512_add_ps(lane[0], lane[1]), _mm512_add_ps(lane[2], lane[3]));
+      _mm512_mask_storeu_ps(c + t * ldc, keep, sum);
+    }
+  }
+};
+
+template <class Ops, int G>
+PFA_INLINE __m512 madd_buf(__m512 acc, __m512i x, const int32_t* p) {
+  if (G == 1) return Ops::madd_mem32(acc, x, p);
+  return Ops::madd(acc, x, Bc::bcast_buf<G>(p));
+}
+
+template <class Ops, int G>
+PFA_INLINE __m512i group(const typename Ops::W* row, int64_t e, int64_t k) {
+  return Bc::bcast_lanes<G>(Ops::load_elems(row + e, std::min<int64_t>(G * Ops::kE, k - e)));
+}
+
+template <class Ops, int R, int G>
+PFA_INLINE void bcast_rows_body(const BcastRows& d) {
+  using W = typename Ops::W;
+  constexpr int kE = Ops::kE;
+  constexpr int kSteps = 16 / G;  // steps per row buffer line
+  const int64_t steps = d.k / (G * kE);  // full steps; the rest of k is the tail
+  const W* wbase = static_cast<const W*>(d.w);
+  alignas(64) float tmp[R][16];
+  for (int64_t r = d.r0; r < d.r1; r += R) {
+    const int64_t nr = std::min<int64_t>(R, d.r1 - r);
+    const W* b[R];
+    #pragma GCC unroll 32
+    for (int rr = 0; rr < R; ++rr) b[rr] = wbase + (r + std::min<int64_t>(rr, nr - 1)) * d.ldw;
+    // The next block's rows, one line per row per line of this block's (to
+    // L2; none: T16 1.29 ms instead of 0.97, to L1: the same).
+    const int64_t pf_rows = std::max<int64_t>(0, std::min<int64_t>(R, d.pf_end - (r + R)));
+    const char* pf = reinterpret_cast<const char*>(wbase + (r + R) * d.ldw);
+    const int64_t pf_ld = d.ldw * int64_t(sizeof(W));
+    constexpr int64_t kLineBytes = 16 * kE * int64_t(sizeof(W));  // of the row per buffer line
+    // Each lane sums kFlushLines lines' steps in acc, then adds that into
+    // tmp (and acc restarts at 0): a chain of K / (G kE) additions in one
+    // fp32 register cost fp32 accuracy (D4096 F11008 T16: max error 1.2e-5
+    // against torch's 1.5e-6 and the dot tiles' 2.0e-6).
+    __m512 acc[R];
+    #pragma GCC unroll 32
+    for (int rr = 0; rr < R; ++rr) {
+      acc[rr] = Bc::zero();
+      Bc::store(tmp[rr], acc[rr]);
+    }
+    // The rows' lines are copied into rowbuf first, one vector each
+    // (double-buffered, a line ahead): rows ldw apart are often a multiple
+    // of 2 KiB apart (D1024 bf16), so the broadcasts straight from the rows
+    // would all hit the same two L1 sets and conflict (a scratch test at 16
+    // rows: 1.8 G multiply-adds/s with the rows 2 KiB apart, 5.7 with 2112
+    // B apart, 7.3 from registers); rowbuf's rows are 64 bytes apart.
+    alignas(64) int32_t rowbuf[2][R][16];
+    int64_t j = 0;
+    int cur = 0;
+    if (kSteps <= steps) {
+      #pragma GCC unroll 32
+      for (int rr = 0; rr < R; ++rr) Ops::copy_line(b[rr], rowbuf[0][rr]);
+    }
+    for (; j + kSteps <= steps; j += kSteps, cur ^= 1) {
+      if (j + 2 * kSteps <= steps) {
+        #pragma GCC unroll 32
+        for (int rr = 0; rr < R; ++rr) Ops::copy_line(b[rr] + (j + kSteps) * G * kE, rowbuf[cur ^ 1][rr]);
+      }
+      // __builtin_prefetch (locality 2: prefetcht1) right here: gcc 12 drops
+      // a prefetch that reaches this neutral loop through an inlined
+      // target-attributed function (_mm_prefetch in Bc, as in Avx512::prefetch
+      // of the dot tiles: the object file had no prefetch instruction).
+      for (int64_t rr = 0; rr < pf_rows; ++rr)
+        for (int64_t l = 0; l < kLineBytes; l += 64)
+          __builtin_prefetch(pf + rr * pf_ld + j / kSteps * kLineBytes + l, 0, 2);
+      const int32_t* rb = rowbuf[cur][0];  // one base register, constant displacements
+      #pragma GCC unroll 16
+      for (int s = 0; s < kSteps; ++s) {
+        const __m512i xv = Bc::load(d.a + (j + s) * 16);
+        #pragma GCC unroll 32
+        for (int rr = 0; rr < R; ++rr) acc[rr] = madd_buf<Ops, G>(acc[rr], xv, rb + rr * 16 + s * G);
+      }
+      if ((j / kSteps) % kFlushLines == kFlushLines - 1) {
+        #pragma GCC unroll 32
+        for (int rr = 0; rr < R; ++rr) {
+          Bc::add_into(tmp[rr], acc[rr]);
+          acc[rr] = Bc::zero();
+        }
+      }
+    }
+    // The last full steps (fewer than a line) and the tail, zero-filled past
+    // k (the token side is zero there too).
+    for (; j * G * kE < d.k; ++j) {
+      const __m512i xv = Bc::load(d.a + j * 16);
+      #pragma GCC unroll 32
+      for (int rr = 0; rr < R; ++rr) acc[rr] = Ops::madd(acc[rr], xv, group<Ops, G>(b[rr], j * G * kE, d.k));
+    }
+    #pragma GCC unroll 32
+    for (int rr = 0; rr < R; ++rr) Bc::add_into(tmp[rr], acc[rr]);
+    static_assert(R == 16, "out_tokens gathers 16 rows");
+    Bc::out_tokens<G>(&tmp[0][0], d.tokens, nr, d.c + (r - d.r0), d.ldc);
+  }
+}
+
+template <class Ops, int R, int G>
+PFA_AVX512 __attribute__((flatten)) void bcast_rows_avx512(const BcastRows& d) {
+  bcast_rows_body<Ops, R, G>(d);
+}
+template <class Ops, int R, int G>
+PFA_AVX512_BF16 __attribute__((flatten)) void bcast_rows_avx512_bf16(const BcastRows& d) {
+  bcast_rows_body<Ops, R, G>(d);
+}
+
+// h for the broadcast form: the task's [T][n] fp32 values (features f0 ..
+// f0 + n, f0 a multiple of 2 G) as bf16 pairs in pack_tokens' layout (pair p
+// of token t at hp[(p / G) * 16 + t G + p % G]; tokens T .. 16 / G zero).
+// Rounded to nearest even by vcvtne2ps2bf16, as the FFN step stores bf16.
+template <int G>
+PFA_AVX512_BF16 void pack_h_bf16(const float* g, int64_t tokens, int64_t n, int64_t f0, uint32_t* hp) {
+  alignas(64) uint32_t pairs[16][32];  // [token][pair of the task], n <= 64
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t c = 0; c < n; c += 32) {
+      const int64_t left = std::min<int64_t>(32, n - c);
+      const __mmask16 m_lo = __mmask16((1u << std::min<int64_t>(16, left)) - 1u);
+      const __mmask16 m_hi = left > 16 ? __mmask16((1u << (left - 16)) - 1u) : __mmask16(0);
+      const __m512 lo = _mm512_maskz_loadu_ps(m_lo, g + t * n + c);
+      const __m512 hi = _mm512_maskz_loadu_ps(m_hi, g + t * n + c + 16);
+      _mm512_store_si512(pairs[t] + c / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+  const int64_t task_pairs = (n + 1) / 2;
+  for (int64_t c2 = 0; c2 < task_pairs; ++c2) {
+    const int64_t pr = f0 / 2 + c2;
+    uint32_t* lane = hp + pr / G * 16 + pr % G;
+    for (int64_t t = 0; t < 16 / G; ++t) lane[t * G] = t < tokens ? pairs[t][c2] : 0u;
+  }
 }
 
 #endif  // PFA_X86
@@ -476,6 +765,112 @@ void dot_rows(const RowsSet& rs, const void* a, int64_t lda, int64_t tokens, con
   (tokens == 1 ? rs.one : rs.many)(d);
 }
 
+// The broadcast form's range of tokens: bf16 with the BF16 dot products,
+// fp32 and fp16 with AVX-512; above 16 the tokens do not fit one vector.
+// Below the minimum the dot-product tiles are as fast or faster (one
+// thread, gated D1024 F2816, dot vs broadcast form, A/B of builds,
+// PERF_NOTES.md): bf16 T1 0.54 vs 0.59 ms, T2 0.53 vs 0.57, T3 0.62 vs
+// 0.57; fp32 T4 1.30 vs 1.35, T6 1.51 vs 1.35; fp16 T1 0.64 vs 0.63, T2
+// 0.69 vs 0.65.
+int64_t bcast_min_tokens(DType dt) { return dt == DType::kFloat32 ? 5 : dt == DType::kFloat16 ? 2 : 3; }
+
+bool use_bcast(DType dt, int64_t tokens) {
+#if PFA_X86
+  if (tokens > 16 || tokens < bcast_min_tokens(dt)) return false;
+  if (dt == DType::kBFloat16) return isa() == Isa::kAvx512Bf16;
+  return isa() == Isa::kAvx512 || isa() == Isa::kAvx512Bf16;
+#else
+  (void)dt;
+  (void)tokens;
+  return false;
+#endif
+}
+
+// The broadcast form's lanes per token group for T tokens: 16 / G >= T.
+int64_t bcast_group(int64_t tokens) { return tokens > 8 ? 1 : tokens > 4 ? 2 : 4; }
+
+// Elements per 32-bit lane: bf16 pairs, else one fp32 value.
+int64_t lane_elems(DType dt) { return dt == DType::kBFloat16 ? 2 : 1; }
+
+// 32-bit lanes of the packed [ceil(k / (G e))][16] form, e = lane_elems.
+int64_t packed_lanes(int64_t k, int64_t g, int64_t e) { return (k + g * e - 1) / (g * e) * 16; }
+
+// The token side of the broadcast form: lane L = i / e (i the element, e =
+// lane_elems) of token t at dst[(L / G) * 16 + t G + L % G]; bf16 elements
+// as pairs (element 2 L in the low half), fp32 and fp16 as fp32. Zero for
+// tokens >= tokens and past k (src rows ld apart).
+void pack_tokens(DType dt, const void* src, int64_t ld, int64_t tokens, int64_t k, int64_t g, uint32_t* dst) {
+  const int64_t e = lane_elems(dt);
+  std::memset(dst, 0, size_t(packed_lanes(k, g, e)) * 4);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t l = i / e;
+      uint32_t* lane = dst + l / g * 16 + t * g + l % g;
+      if (dt == DType::kBFloat16) {
+        *lane |= uint32_t(static_cast<const uint16_t*>(src)[t * ld + i]) << (16 * (i % 2));
+      } else {
+        const float v = load_f32(dt, src, t * ld + i);
+        std::memcpy(lane, &v, 4);
+      }
+    }
+  }
+}
+
+// c[t * ldc + (r - r0)] = sum_i a[t][i] w[r][i] for t < tokens, r in [r0, r1),
+// a packed by pack_tokens with bcast_group(tokens).
+void bcast_rows(DType dt, const void* a, int64_t tokens, const void* w, int64_t ldw, int64_t rows, int64_t r0,
+                int64_t r1, int64_t k, float* c, int64_t ldc) {
+#if PFA_X86
+  const BcastRows d{static_cast<const uint32_t*>(a), w, ldw, r0, r1, k, c, ldc, tokens, rows};
+  const int64_t g = bcast_group(tokens);
+  if (dt == DType::kBFloat16) {
+    if (g == 1) bcast_rows_avx512_bf16<BcastBf16, kBcastRows, 1>(d);
+    if (g == 2) bcast_rows_avx512_bf16<BcastBf16, kBcastRows, 2>(d);
+    if (g == 4) bcast_rows_avx512_bf16<BcastBf16, kBcastRows, 4>(d);
+  } else if (dt == DType::kFloat32) {
+    if (g == 1) bcast_rows_avx512<BcastF32, kBcastRows, 1>(d);
+    if (g == 2) bcast_rows_avx512<BcastF32, kBcastRows, 2>(d);
+    if (g == 4) bcast_rows_avx512<BcastF32, kBcastRows, 4>(d);
+  } else {
+    if (g == 1) bcast_rows_avx512<BcastF16, kBcastRows, 1>(d);
+    if (g == 2) bcast_rows_avx512<BcastF16, kBcastRows, 2>(d);
+    if (g == 4) bcast_rows_avx512<BcastF16, kBcastRows, 4>(d);
+  }
+#else
+  (void)dt, (void)a, (void)tokens, (void)w, (void)ldw, (void)rows, (void)r0, (void)r1, (void)k, (void)c,
+      (void)ldc;
+#endif
+}
+
+// A layer-1 task's h (g: [T][n] fp32, features f0 .. f0 + n, f0 a multiple
+// of G e) into the packed form of pack_tokens, and when the task is the last
+// (f0 + n = d_ff) the lanes past d_ff up to a whole step zeroed.
+void pack_h(DType dt, const float* g, int64_t tokens, int64_t n, int64_t f0, int64_t d_ff, int64_t bg,
+            uint32_t* hp) {
+  if (dt == DType::kBFloat16) {
+#if PFA_X86
+    if (bg == 1) pack_h_bf16<1>(g, tokens, n, f0, hp);
+    if (bg == 2) pack_h_bf16<2>(g, tokens, n, f0, hp);
+    if (bg == 4) pack_h_bf16<4>(g, tokens, n, f0, hp);
+#endif
+  } else {
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t l = f0 + c;
+      uint32_t* lane = hp + l / bg * 16 + l % bg;
+      for (int64_t t = 0; t < 16 / bg; ++t) {
+        uint32_t v = 0;
+        if (t < tokens) std::memcpy(&v, g + t * n + c, 4);
+        lane[t * bg] = v;
+      }
+    }
+  }
+  if (f0 + n == d_ff) {
+    const int64_t e = lane_elems(dt);
+    for (int64_t l = (d_ff + e - 1) / e; l % bg != 0; ++l)
+      for (int64_t t = 0; t < 16 / bg; ++t) hp[l / bg * 16 + t * bg + l % bg] = 0u;
+  }
+}
+
 // The calling thread's buffer for one call's h, the fp32 copy of x (fp16)
 // and the fp32 biases: held between calls (at most ~1.5 MB at T32 F11008
 // fp32), so no call page-faults in fresh memory.
@@ -520,9 +915,15 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
   // line per row spreads them over 16.
   const auto ld_pad = [&](int64_t n) { return (n + 31) / 32 * 32 + 64 / a_size; };
   const int64_t ldx = ld_pad(D), ldh = ld_pad(F);
-  const int64_t h_floats = (T * ldh * a_size + 3) / 4;
-  const int64_t x_floats = (T * ldx * a_size + 3) / 4;
-  float* scratch = call_scratch(h_floats + x_floats + 2 * F + O);
+  // The broadcast form (use_bcast) takes x and h packed instead
+  // (pack_tokens): [steps][16] 32-bit lanes.
+  const bool bcast = use_bcast(dt, T);
+  const auto round16 = [](int64_t n) { return (n + 15) / 16 * 16; };  // whole 64-byte lines
+  const int64_t bg = bcast_group(T), be = lane_elems(dt);
+  const int64_t h_floats = round16(bcast ? packed_lanes(F, bg, be) : (T * ldh * a_size + 3) / 4);
+  const int64_t x_floats = round16(bcast ? packed_lanes(D, bg, be) : (T * ldx * a_size + 3) / 4);
+  float* scratch = call_scratch(h_floats + x_floats + 2 * F + O + 16);
+  scratch += (16 - (reinterpret_cast<uintptr_t>(scratch) / 4) % 16) % 16;  // 64-byte aligned
   void* h = scratch;
   void* xa = scratch + h_floats;
   float* b1 = scratch + h_floats + x_floats;
@@ -535,7 +936,8 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
   for (int64_t o = 0; o < O; ++o) b2[o] = p.b2 ? load_f32(dt, p.b2, o) : 0.0f;
   // Token-side operands: bf16 stays bf16 (vdpbf16ps pairs); fp16 tokens and
   // h are fp32 (the fp16 weights are widened per load).
-  for (int64_t t = 0; t < T; ++t) {
+  if (bcast) pack_tokens(dt, p.x, p.x_row_stride, T, D, bg, static_cast<uint32_t*>(xa));
+  for (int64_t t = 0; t < T && !bcast; ++t) {
     if (dt == DType::kFloat16) {
       float* row = static_cast<float*>(xa) + t * ldx;
       for (int64_t d = 0; d < D; ++d) row[d] = load_f32(dt, p.x, t * p.x_row_stride + d);
@@ -554,8 +956,13 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
       alignas(64) float u[kFfnSmallTokensMax * kFeatBlock];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t f0 = task * kFeatBlock, f1 = std::min(F, f0 + kFeatBlock), n = f1 - f0;
-        dot_rows(rs, xa, lda, T, p.w1, D, F, f0, f1, D, g, n, pf);
-        if (p.gated) dot_rows(rs, xa, lda, T, p.w3, D, F, f0, f1, D, u, n, pf);
+        if (bcast) {
+          bcast_rows(dt, xa, T, p.w1, D, F, f0, f1, D, g, n);
+          if (p.gated) bcast_rows(dt, xa, T, p.w3, D, F, f0, f1, D, u, n);
+        } else {
+          dot_rows(rs, xa, lda, T, p.w1, D, F, f0, f1, D, g, n, pf);
+          if (p.gated) dot_rows(rs, xa, lda, T, p.w3, D, F, f0, f1, D, u, n, pf);
+        }
         if (p.act_in != nullptr && !p.act_in_bias) save_pre_activations(p, g, u, f0, n);
         for (int64_t t = 0; t < T; ++t) {
           for (int64_t c = 0; c < n; ++c) {
@@ -565,7 +972,8 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
         }
         if (p.act_in != nullptr && p.act_in_bias) save_pre_activations(p, g, u, f0, n);
         ffn_act_fp32(p.act, g, p.gated ? u : nullptr, T * n);
-        for (int64_t t = 0; t < T; ++t) {
+        if (bcast) pack_h(dt, g, T, n, f0, F, bg, static_cast<uint32_t*>(h));
+        for (int64_t t = 0; t < T && !bcast; ++t) {
           if (a_bf16) {
             uint16_t* hr = static_cast<uint16_t*>(h) + t * ldh + f0;
             for (int64_t c = 0; c < n; ++c) hr[c] = f32_to_bf16_bits(g[t * n + c]);
@@ -583,7 +991,9 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
     alignas(64) float y[kFfnSmallTokensMax * kOutBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t o0 = task * kOutBlock, o1 = std::min(O, o0 + kOutBlock), n = o1 - o0;
-      if (F > 0) {
+      if (F > 0 && bcast) {
+        bcast_rows(dt, h, T, p.w2, F, O, o0, o1, F, y, n);
+      } else if (F > 0) {
         dot_rows(rs, h, ldh, T, p.w2, F, O, o0, o1, F, y, n, pf);
       } else {
         std::fill(y, y + T * n, 0.0f);
@@ -601,8 +1011,16 @@ int64_t ffn_small_tokens_limit(DType dt) {
   // CPU GEMM), so those run it up to the kernel's maximum.
   const int64_t fallback = dt == DType::kBFloat16 ? 16 : kFfnSmallTokensMax;
   const char* env = std::getenv("PYFASTATTN_CPU_FFN_SMALL_TOKENS");
-  const int64_t v = env != nullptr ? std::atoll(env) : fallback;
-  return std::min<int64_t>(std::max<int64_t>(v, 0), kFfnSmallTokensMax);
+  if (env == nullptr || *env == '\0') return fallback;
+  // A whole non-negative decimal number, or an error: "16x" or "-1" must not
+  // quietly turn the kernel off (atoll read garbage as 0).
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && errno == 0 && v >= 0,
+                    "PYFASTATTN_CPU_FFN_SMALL_TOKENS must be a token count >= 0 (0 turns the kernel off), got '",
+                    env, "'");
+  return std::min<int64_t>(int64_t(v), kFfnSmallTokensMax);
 }
 
 const char* ffn_small_tokens_isa() {
