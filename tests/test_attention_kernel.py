@@ -320,6 +320,58 @@ def test_cpu_kernel_fallback_paths(isa):
     assert " passed" in r.stdout and "failed" not in r.stdout
 
 
+_KV_PACK_CHILD = r"""
+import sys, torch
+torch.manual_seed(0)
+res = []
+# (b, sq, sk, hq, hk, d, window_left, window_right, bottom_right, seqused_k): every
+# case reads each key >= 3 times (GQA or many query blocks), so the forward
+# packs K and V unless PYFASTATTN_CPU_KV_PACK=off.
+cases = [
+    (2, 517, 517, 4, 2, 72, -1, 0, False, None),     # causal, odd keys, bf16 pairs end mid-pair
+    (1, 300, 645, 8, 2, 64, 37, 0, True, None),      # sliding window: tiles start at odd keys
+    (2, 400, 401, 8, 2, 40, -1, -1, False, [401, 333]),  # seqused_k: an odd key count per sequence
+    (1, 700, 700, 2, 2, 128, -1, 0, True, None),
+    (1, 384, 384, 8, 1, 17, 100, 3, False, None),    # odd head dim, two-sided window
+]
+for b, sq, sk, hq, hk, d, wl, wr, br, used in cases:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        q = torch.randn(b, sq, hq, d).to(dtype)
+        k = torch.randn(b, sk, hk, d).to(dtype)
+        v = torch.randn(b, sk, hk, d).to(dtype)
+        u = None if used is None else torch.tensor(used, dtype=torch.int32)
+        out, lse = torch.ops.pyfastattn.attention_fwd(q, k, v, None, None, None, u, sq, sk, d ** -0.5, 0.0, wl, wr, br)
+        res.append((out, lse))
+torch.save(res, sys.argv[1])
+"""
+
+
+def test_cpu_forward_kv_pack_matches_per_tile_copies(tmp_path):
+    """The forward's K/V pack (csrc/cpu/attention_fwd.cpp, kv_pack_at) holds
+    exactly what the per-tile copies hold: the same bits with
+    PYFASTATTN_CPU_KV_PACK=off (read once per process, hence subprocesses),
+    at causal and window edges, odd key counts (VNNI pairs of bf16) and odd
+    head dims."""
+    import os
+    import subprocess
+    import sys
+
+    outs = {}
+    for mode in ("on", "off"):
+        path = tmp_path / f"{mode}.pt"
+        env = {**os.environ, "PYFASTATTN_CPU_KV_PACK": mode}
+        r = subprocess.run(
+            [sys.executable, "-c", "import pyfastattn\n" + _KV_PACK_CHILD, str(path)],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[mode] = torch.load(path)
+    assert len(outs["on"]) == len(outs["off"]) == 15
+    for i, ((o1, l1), (o2, l2)) in enumerate(zip(outs["on"], outs["off"])):
+        assert not torch.isnan(o1).any(), f"case {i}: NaN in the output"
+        assert torch.equal(o1, o2) and torch.equal(l1, l2), f"case {i}: packed and per-tile results differ"
+
+
 @pytest.mark.parametrize(
     "shape, routed",
     [

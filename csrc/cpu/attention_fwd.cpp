@@ -9,10 +9,22 @@
 // row, and holds one key tile of scores at a time (S^T, see attention_tile.h). A block of one row takes the
 // decode path on AVX-512 (attention_decode.h).
 //
+// K and V reach the products in their operand layouts (Tiles): packed once
+// per call by a pass before the query blocks (kv_pack_at) when the blocks
+// read each key three times or more (and K and V are tensors, not a KV
+// cache's rows), else copied per key tile. Either way
+// each tile's V rows and the next tile's K rows are prefetched while the
+// products before them run (PrefetchRows).
+//
 // On one Zen 5 core (B1 H8 S1024 D64, GFLOP/s from CPU time): 212 fp32 / 375
 // bf16 against 93 / 90 for PyTorch's flash SDPA.
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "attention_cpu.h"
@@ -84,15 +96,17 @@ PFA_INLINE void exp_tile(float* s, int64_t ld, int n, int mp, const float* use, 
     const V u = Vec::load(use + c0);
     V sum = Vec::zero();
     if constexpr (kPairs) {
+      // P is rounded to bf16 for P V: exp2_bf16 (its error is 1/19 of that
+      // rounding's), also for the sums, so that they add what P V multiplies.
       int j = 0;
       for (; j + 1 < n; j += 2) {
-        const V e0 = Vec::exp2(Vec::sub(Vec::load(s + j * ld + c0), u));
-        const V e1 = Vec::exp2(Vec::sub(Vec::load(s + (j + 1) * ld + c0), u));
+        const V e0 = Vec::exp2_bf16(Vec::sub(Vec::load(s + j * ld + c0), u));
+        const V e1 = Vec::exp2_bf16(Vec::sub(Vec::load(s + (j + 1) * ld + c0), u));
         sum = Vec::add(sum, Vec::add(e0, e1));
         Vec::store_pairs(pairs + (j / 2) * ld + c0, kept(e0, j * ld + c0), kept(e1, (j + 1) * ld + c0));
       }
       if (j < n) {
-        const V e0 = Vec::exp2(Vec::sub(Vec::load(s + j * ld + c0), u));
+        const V e0 = Vec::exp2_bf16(Vec::sub(Vec::load(s + j * ld + c0), u));
         sum = Vec::add(sum, e0);
         Vec::store_pairs(pairs + (j / 2) * ld + c0, kept(e0, j * ld + c0), Vec::zero());
       }
@@ -106,6 +120,45 @@ PFA_INLINE void exp_tile(float* s, int64_t ld, int n, int mp, const float* use, 
     }
     Vec::store(tsum + c0, sum);
   }
+}
+
+// The call's K/V pack (Ctx::kv_pack): per (sequence b, kv head hk), in kv
+// head order within a sequence, the keys of b (padded to a whole pair) as
+// Tiles::a_rows writes K ([keys][kdim(d)]), then as Tiles::b_rows writes V
+// ([keys][dv] fp32, or [keys / 2][dv] VNNI pairs). Packed once per call, so
+// that the query blocks read contiguous operands instead of copying them
+// per key tile: the copies waited on L3 and were re-done by every query
+// block of a head (PERF_NOTES "issue 21, session 4").
+struct KvPackAt {
+  const float* k;
+  const float* v;
+};
+
+template <typename T, typename CT>
+PFA_INLINE KvPackAt kv_pack_at(const Ctx& c, int b, int hk) {
+  using TL = Tiles<T, CT>;
+  const int64_t pairs = c.kv_first[b + 1] - c.kv_first[b];
+  const int64_t kp = 2 * int64_t(TL::kdim(c.d)), vp = TL::kPairs ? c.dv : 2 * int64_t(c.dv);  // floats per pair
+  const float* blk = c.kv_pack + (c.kv_first[b] * c.p->num_heads_k + int64_t(hk) * pairs) * (kp + vp);
+  return KvPackAt{blk, blk + pairs * kp};
+}
+
+// Keys per task of the packing pass.
+constexpr int kPackKeys = 512;
+
+template <typename T, typename CT>
+PFA_INLINE void kv_pack_chunk(const Ctx& c, const Task& t) {
+  using TL = Tiles<T, CT>;
+  const AttentionFwdParams& p = *c.p;
+  const SeqInfo si(p, t.b);
+  const int j0 = t.i0, n = std::min(kPackKeys, si.len_k - j0);
+  const KvPackAt at = kv_pack_at<T, CT>(c, t.b, t.h);
+  const T* k = static_cast<const T*>(p.k) + si.k_row(j0, p.k_batch_stride, p.k_row_stride) +
+               int64_t(t.h) * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + si.k_row(j0, p.v_batch_stride, p.v_row_stride) +
+               int64_t(t.h) * p.v_head_stride;
+  TL::a_rows(k, p.k_row_stride, n, c.d, const_cast<float*>(at.k) + int64_t(j0) * TL::kdim(c.d));
+  TL::b_rows(v, p.v_row_stride, n, c.dv, const_cast<float*>(at.v) + int64_t(TL::kPairs ? j0 / 2 : j0) * c.dv);
 }
 
 // Row pointers of keys j0 .. j0 + n - 1 of sequence b in a paged KV cache
@@ -164,6 +217,11 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
   }
   const T* rows[kMaxKeyTile];  // a paged tile's K, then V, row pointers
 
+  const bool packed = c.kv_pack != nullptr;
+  const KvPackAt kv = packed ? kv_pack_at<T, CT>(c, t.b, hk) : KvPackAt{nullptr, nullptr};
+  const int64_t row_k = int64_t(kd) * sizeof(float);  // bytes of a key row in the A layout (fp32 or pairs)
+  const int64_t row_v = int64_t(c.dv) * sizeof(float);  // of a B-layout row (a key, or a pair of keys)
+
   const int key_begin = rr.first(), key_end = rr.last();
   bool decoded = false;
 #if PFA_X86
@@ -190,14 +248,34 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     if (rm <= 0) continue;
     const bool fused = !masked && !c.softcap && tile_inside(rr, j0, n);
     for (int i = r0; i < r1; ++i) w.tmax[i] = -kInf;
-    // S^T = K Q^T; then scores and their column max.
-    if (paged) {
-      paged_rows(p, t.b, j0, n, kbase, p.k_batch_stride, p.k_row_stride, rows);
-      TL::a_rows(rows, n, c.d, w.ka);
-    } else {
-      TL::a_rows(kbase + int64_t(j0) * p.k_row_stride, p.k_row_stride, n, c.d, w.ka);
+    // S^T = K Q^T; then scores and their column max. K and V: from the
+    // call's pack, or copied per tile (from a tensor's rows or a paged
+    // cache's). The pack's VNNI pairs start at even keys and hold two keys
+    // of the tile, but for the sequence's last key.
+    const float* ka = packed ? kv.k + int64_t(j0) * kd : w.ka;
+    if (!packed) {
+      if (paged) {
+        paged_rows(p, t.b, j0, n, kbase, p.k_batch_stride, p.k_row_stride, rows);
+        TL::a_rows(rows, n, c.d, w.ka);
+      } else {
+        TL::a_rows(kbase + int64_t(j0) * p.k_row_stride, p.k_row_stride, n, c.d, w.ka);
+      }
     }
-    GemmArgs qk{n, rm, kd, w.ka, kd, false, w.qt + r0, ldq, w.s + r0, ldq, false};
+    const bool v_packed = packed && (!TL::kPairs || (j0 % 2 == 0 && (n % 2 == 0 || j0 + n == si.len_k)));
+    const float* vb = v_packed ? kv.v + int64_t(TL::kPairs ? j0 / 2 : j0) * c.dv : w.vb;
+    GemmArgs qk{n, rm, kd, ka, kd, false, w.qt + r0, ldq, w.s + r0, ldq, false};
+    // While S^T is computed, this tile's V rows come in; while P V is, the
+    // next tile's K rows (PrefetchRows; without it the copies of the rows
+    // waited on L3: PERF_NOTES "issue 21, session 4"). Not yet for a paged
+    // cache's rows, gathered after the product.
+    const T* vrows = vbase + int64_t(j0) * p.v_row_stride;
+    PrefetchRows pf_v;
+    if (v_packed) {
+      pf_v = PrefetchRows(vb, row_v, TL::kPairs ? (n + 1) / 2 : n, row_v);
+    } else if (!paged) {
+      pf_v = PrefetchRows(vrows, p.v_row_stride * int64_t(sizeof(T)), n, int64_t(c.dv) * sizeof(T));
+    }
+    qk.prefetch = &pf_v;
     if (fused) {
       qk.alpha = c.score_scale;
       qk.col_max = w.tmax + r0;
@@ -234,16 +312,26 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     }
     for (int i = r0; i < r0 + rm; ++i) w.lrun[i] = w.lrun[i] * w.alpha[i] + w.tsum[i];
     // O = alpha O + P V
-    if (paged) {
-      paged_rows(p, t.b, j0, n, vbase, p.v_batch_stride, p.v_row_stride, rows);
-      TL::b_rows(rows, n, c.dv, w.vb);
-    } else {
-      TL::b_rows(vbase + int64_t(j0) * p.v_row_stride, p.v_row_stride, n, c.dv, w.vb);
+    if (!v_packed) {
+      if (paged) {
+        paged_rows(p, t.b, j0, n, vbase, p.v_batch_stride, p.v_row_stride, rows);
+        TL::b_rows(rows, n, c.dv, w.vb);
+      } else {
+        TL::b_rows(vrows, p.v_row_stride, n, c.dv, w.vb);
+      }
     }
     const int64_t pk = TL::kPairs ? (n + 1) / 2 : n;  // K axis: keys, or key pairs
     const float* pa = TL::kPairs ? w.ppair : w.s;
-    GemmArgs pv{rm, c.dv, pk, pa + r0, ldq, true, w.vb, c.dv, w.oacc + int64_t(r0) * c.dv, c.dv, true};
+    GemmArgs pv{rm, c.dv, pk, pa + r0, ldq, true, vb, c.dv, w.oacc + int64_t(r0) * c.dv, c.dv, true};
     pv.row_scale = w.alpha + r0;
+    PrefetchRows pf_k;
+    if (j0 + n < key_end && (packed || !paged)) {
+      const int nn = next_key_tile(rr, c.blk.k, j0 + n, key_end);
+      pf_k = packed ? PrefetchRows(kv.k + int64_t(j0 + n) * kd, row_k, nn, row_k)
+                    : PrefetchRows(kbase + int64_t(j0 + n) * p.k_row_stride, p.k_row_stride * int64_t(sizeof(T)),
+                                   nn, int64_t(c.d) * sizeof(T));
+      pv.prefetch = &pf_k;
+    }
     gemm<Isa, CT>(pv);
   }
 
@@ -262,23 +350,104 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
 
 struct FwdBody {
   template <class Isa, typename T, typename CT>
-  static PFA_INLINE void run(Kind, const Ctx& c, float* scratch, const Task& t) {
+  static PFA_INLINE void run(Kind kind, const Ctx& c, float* scratch, const Task& t) {
+    if (kind == Kind::kFwdPack) {
+      kv_pack_chunk<T, CT>(c, t);
+      return;
+    }
     Carver cv(scratch);
     fwd_block<Isa, T, CT>(c, carve_fwd(cv, c), t);
   }
 };
 
+// The K/V pack's buffer, kept per calling thread between calls up to
+// kKeepBytes (else `temp`, freed by the caller): a fresh multi-MiB buffer is
+// page-faulted in on every call once glibc hands it back (as the one-pass
+// backward's bwd_buffer).
+float* kv_pack_buffer(int64_t floats, std::unique_ptr<float[]>& temp) {
+  constexpr int64_t kKeepBytes = int64_t(64) << 20;
+  thread_local std::unique_ptr<float[]> kept;
+  thread_local int64_t kept_floats = 0;
+  if (floats * int64_t(sizeof(float)) > kKeepBytes) {
+    temp.reset(new float[size_t(floats)]);
+    return temp.get();
+  }
+  if (floats > kept_floats) {
+    kept.reset(new float[size_t(floats)]);
+    kept_floats = floats;
+  }
+  return kept.get();
+}
+
+// PYFASTATTN_CPU_KV_PACK=off (read once) copies K and V per key tile
+// always, as before the pack, for A/B runs of one build; "on" (the default)
+// packs by the rule in attention_fwd.
+bool kv_pack_allowed() {
+  static const bool on = [] {
+    const char* env = std::getenv("PYFASTATTN_CPU_KV_PACK");
+    const std::string v = env ? env : "";
+    TORCH_CHECK_VALUE(v.empty() || v == "on" || v == "off",
+                      "PYFASTATTN_CPU_KV_PACK must be 'on' (the default) or 'off', got '", v, "'");
+    return v != "off";
+  }();
+  return on;
+}
+
 }  // namespace
 
 void attention_fwd(const AttentionFwdParams& p) {
   if (p.batch <= 0 || p.num_heads <= 0) return;
-  const Ctx c = make_ctx(p, false);
+  Ctx c = make_ctx(p, false);
   std::vector<Task> tasks;
   std::vector<int64_t> cost;
   query_tasks(c, tasks, cost);
+  const BlockFn fn = block_fn<FwdBody>(p.dtype);
+
+  // Pack K and V once (kv_pack_at) when the query blocks read each key at
+  // least kMinReads times on average (the pass copies each key once, the
+  // per-tile path once per read) and the pack fits kMaxPackBytes. Blocks of
+  // one row (the decode path reads K and V in place) are not counted.
+  constexpr int64_t kMinReads = 3, kMaxPackBytes = int64_t(256) << 20;
+  // Not for a KV cache's rows (attention_with_kvcache's many-row calls: paged,
+  // or rows from a batch index / left padding), which kv_pack_chunk does not
+  // read: they are copied per tile.
+  const bool cache = p.block_table != nullptr || p.cache_batch_idx != nullptr || p.cache_leftpad != nullptr;
+  const bool pairs = cpu_path(p.dtype) == CpuPath::kAvx512Bf16;
+  std::vector<int64_t> first(size_t(p.batch) + 1, 0);
+  int64_t keys = 0, reads = 0;
+  for (int b = 0; b < p.batch; ++b) {
+    const SeqInfo si(p, b);
+    first[size_t(b) + 1] = first[size_t(b)] + (std::max(si.len_k, 0) + 1) / 2;
+    keys += int64_t(std::max(si.len_k, 0)) * p.num_heads_k;
+  }
+  for (const Task& t : tasks) {
+    const SeqInfo si(p, t.b);
+    const int m = std::min(c.blk.q, si.len_q - t.i0);
+    if (m > 1) reads += std::max(0, si.key_hi(p, t.i0 + m - 1) - si.key_lo(p, t.i0));
+  }
+  const int64_t kp = 2 * int64_t(pairs ? (c.d + 1) / 2 : c.d), vp = pairs ? c.dv : 2 * int64_t(c.dv);
+  const int64_t pack_floats = first[size_t(p.batch)] * p.num_heads_k * (kp + vp);
+  std::unique_ptr<float[]> temp;
+  if (kv_pack_allowed() && !cache && reads >= kMinReads * keys && pack_floats > 0 &&
+      pack_floats * int64_t(sizeof(float)) <= kMaxPackBytes) {
+    c.kv_pack = kv_pack_buffer(pack_floats, temp);
+    c.kv_first = first.data();
+    std::vector<Task> pack_tasks;
+    std::vector<int64_t> pack_cost;
+    for (int b = 0; b < p.batch; ++b) {
+      const SeqInfo si(p, b);
+      for (int hk = 0; hk < p.num_heads_k; ++hk) {
+        for (int j0 = 0; j0 < si.len_k; j0 += kPackKeys) {
+          pack_tasks.push_back(Task{b, hk, j0});
+          pack_cost.push_back(std::min(kPackKeys, si.len_k - j0));
+        }
+      }
+    }
+    run_tasks(c, fn, Kind::kFwdPack, 0, pack_tasks, pack_cost);
+  }
   Carver size(nullptr);
   carve_fwd(size, c);
-  run_tasks(c, block_fn<FwdBody>(p.dtype), Kind::kFwd, size.used(), tasks, cost);
+  run_tasks(c, fn, Kind::kFwd, size.used(), tasks, cost);
 }
 
 }  // namespace cpu

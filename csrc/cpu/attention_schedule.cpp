@@ -156,6 +156,8 @@ Ctx make_ctx(const AttentionFwdParams& p, bool backward) {
   c.score_scale = c.softcap ? p.scale / p.softcap : p.scale * kLog2e;
   c.cap_log2 = c.softcap ? p.softcap * kLog2e : 0.0f;
   c.dsum = nullptr;
+  c.kv_pack = nullptr;
+  c.kv_first = nullptr;
   c.dropout = p.dropout_p > 0.0f;
   c.alibi = p.alibi_slopes != nullptr;
   c.dropout_rescale = c.dropout ? p.dropout_rescale : 1.0f;

@@ -62,6 +62,13 @@ struct Ctx {
   float* qo_pack;
   int64_t pack_floats;  // per query block
   const int64_t* pack_first;
+  // Forward: K and V of every (sequence, kv head) in the products' operand
+  // layouts (Tiles::a_rows / b_rows), packed once per call by a pass before
+  // the query blocks instead of once per key tile of every query block
+  // (KvPack, attention_fwd.cpp); nullptr: per tile. kv_first[b]: sequence
+  // b's first key pair in the pack.
+  float* kv_pack;
+  const int64_t* kv_first;
   // Dropout and ALiBi (issue 17; attention_dropout.h, score_tile).
   bool dropout;           // p.dropout_p > 0
   bool alibi;             // p.alibi_slopes != nullptr: every tile goes through score_tile
@@ -76,7 +83,7 @@ struct Task {
 };
 
 // What a task computes; BlockFn runs one task of a kind.
-enum class Kind { kFwd, kBwdDq, kBwdDkDv, kBwdPrep, kBwdFused, kBwdReduce };
+enum class Kind { kFwdPack, kFwd, kBwdDq, kBwdDkDv, kBwdPrep, kBwdFused, kBwdReduce };
 
 // Per-thread scratch: one 64-byte aligned block per worker (run_tasks; zeroed
 // once, so stale lanes past a tile's edge stay finite), carved into tiles.

@@ -201,19 +201,35 @@ PFA_INLINE void pack_t(const T* src, int64_t stride, int rows, int cols, float* 
     return;
   }
   const int kc = TL::kdim(cols);
+  // A 16 x 16 block's row: 64 bytes, copied as one vector when whole (a
+  // memcpy of variable size, or a scalar loop, was 14% of the forward's task
+  // body outside the products: PERF_NOTES "issue 21, session 4").
+  constexpr bool kRaw = TL::kPairs || std::is_same<T, float>::value;  // the row's bits are the block's
+  const int64_t row_bytes = int64_t(cols) * sizeof(T);
   alignas(64) float in[kLanes][kLanes];
   for (int r0 = 0; r0 < rows; r0 += kLanes) {
     const int nr = std::min(kLanes, rows - r0);
+    // The next 16 rows come in while these are transposed (they are read
+    // once, from L3 or memory).
+    for (int a = r0 + kLanes; a < std::min(rows, r0 + 2 * kLanes); ++a) {
+      const char* row = reinterpret_cast<const char*>(src + int64_t(a) * stride);
+      for (int64_t x = 0; x < row_bytes; x += 64) __builtin_prefetch(row + x, 0, 3);
+    }
     for (int c0 = 0; c0 < kc; c0 += kLanes) {
       const int nc = std::min(kLanes, kc - c0);
       for (int a = 0; a < kLanes; ++a) {
         int b = 0;
         if (a < nr) {
           const T* row = src + int64_t(r0 + a) * stride;
-          if constexpr (TL::kPairs) {
-            std::memcpy(in[a], row + 2 * c0, size_t(nc) * 2 * sizeof(T));
+          const T* at = row + (TL::kPairs ? 2 : 1) * c0;
+          if constexpr (kRaw) {
+            if (nc == kLanes) {
+              std::memcpy(in[a], at, sizeof in[a]);
+            } else {
+              std::memcpy(in[a], at, size_t(nc) * sizeof(float));
+            }
           } else {
-            for (int x = 0; x < nc; ++x) in[a][x] = to_f32(row[c0 + x]);
+            for (int x = 0; x < nc; ++x) in[a][x] = to_f32(at[x]);
           }
           b = nc;
         }

@@ -29,6 +29,37 @@ namespace cpu {
 // each column, the pair (B[2 k2][c], B[2 k2 + 1][c])).
 // ---------------------------------------------------------------------------
 
+// Cache lines a product prefetches while it runs (gemm_tiled, gemm_portable):
+// `rows` rows of `bytes` bytes, `stride` bytes apart from `base`, a few
+// lines after each micro-kernel call, so that the operands of the tile's next
+// step (V rows, the next tile's K rows) arrive from L3 while this product
+// computes instead of stalling the copy that reads them (PERF_NOTES
+// "issue 21, session 4"). A hint only: no result depends on it.
+struct PrefetchRows {
+  const char* base = nullptr;
+  int64_t stride = 0;
+  int rows = 0;
+  int lines = 0;  // per row, from the first row's alignment
+  int row = 0, line = 0;
+  PrefetchRows() = default;
+  PrefetchRows(const void* p, int64_t stride_bytes, int nrows, int64_t bytes)
+      : base(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63))),
+        stride(stride_bytes),
+        rows(nrows),
+        lines(int(((reinterpret_cast<uintptr_t>(p) & 63) + bytes + 63) / 64)) {}
+  int64_t total() const { return int64_t(rows) * lines; }
+  // The next `count` lines, row by row.
+  PFA_INLINE void issue(int64_t count) {
+    for (; count > 0 && row < rows; --count) {
+      __builtin_prefetch(base + row * stride + 64 * line, 0, 3);
+      if (++line == lines) {
+        line = 0;
+        ++row;
+      }
+    }
+  }
+};
+
 struct GemmArgs {
   int64_t m, n, k;  // k counts uint32 pairs in the bf16 variant
   const void* a;
@@ -42,7 +73,13 @@ struct GemmArgs {
   float alpha = 1.0f;                // without accumulate: C = alpha A B
   const float* row_scale = nullptr;  // with accumulate: C = row_scale[r] C + A B
   float* col_max = nullptr;          // col_max[c] = max(col_max[c], max_r C[r][c])
+  PrefetchRows* prefetch = nullptr;  // lines to prefetch, spread over the product's micro-kernel calls
 };
+
+// Lines per micro-kernel call (of `calls`) that spread g.prefetch over a product.
+PFA_INLINE int64_t prefetch_per_call(const GemmArgs& g, int64_t calls) {
+  return g.prefetch ? (g.prefetch->total() + calls - 1) / std::max<int64_t>(calls, 1) : 0;
+}
 
 // What a micro-kernel does around its K loop (pointers already offset to
 // the block).
@@ -294,6 +331,7 @@ void gemm_tiled(const GemmArgs& g) {
   const E* a = static_cast<const E*>(g.a);
   const E* b = static_cast<const E*>(g.b);
   const bool scale = !g.accumulate && g.alpha != 1.0f;
+  const int64_t pf = prefetch_per_call(g, (g.n + kPanel - 1) / kPanel * ((g.m + F::kMr - 1) / F::kMr));
   for (int64_t n0 = 0; n0 < g.n; n0 += kPanel) {
     const int cols = int(std::min<int64_t>(kPanel, g.n - n0));
     const int nv = (cols + F::kWidth - 1) / F::kWidth;
@@ -305,6 +343,7 @@ void gemm_tiled(const GemmArgs& g) {
       const Epilogue e{g.accumulate, scale, g.alpha, g.row_scale ? g.row_scale + m0 : nullptr,
                        g.col_max ? g.col_max + n0 : nullptr};
       fn(g.k, ablk, g.lda, b + n0, g.ldb, g.c + m0 * g.ldc + n0, g.ldc, last, e);
+      if (pf) g.prefetch->issue(pf);
     }
   }
 }
@@ -329,6 +368,7 @@ PFA_INLINE void gemm_portable(const GemmArgs& g) {
   constexpr int kR = 6;
   const float* a = static_cast<const float*>(g.a);
   const float* b = static_cast<const float*>(g.b);
+  const int64_t pf = prefetch_per_call(g, (g.n + kLanes - 1) / kLanes * ((g.m + kR - 1) / kR));
   for (int64_t n0 = 0; n0 < g.n; n0 += kLanes) {
     const int nc = int(std::min<int64_t>(kLanes, g.n - n0));
     for (int64_t m0 = 0; m0 < g.m; m0 += kR) {
@@ -358,6 +398,7 @@ PFA_INLINE void gemm_portable(const GemmArgs& g) {
           if (g.col_max) g.col_max[n0 + v] = std::max(g.col_max[n0 + v], x);
         }
       }
+      if (pf) g.prefetch->issue(pf);
     }
   }
 }
