@@ -253,25 +253,7 @@ struct FusedBody {
   }
 };
 
-// Buffer for dq_part and qo_pack of the one-pass backward, kept per calling
-// thread between calls up to kKeepBytes (else `temp`, freed by the caller):
-// fresh multi-MiB buffers are page-faulted in on every call once glibc hands
-// them back to the system (B1 H8 S1024 bf16, 2 threads: ~2000 faults per
-// call, 10 ms instead of 7.6).
-float* bwd_buffer(int64_t floats, std::unique_ptr<float[]>& temp) {
-  constexpr int64_t kKeepBytes = int64_t(64) << 20;
-  thread_local std::unique_ptr<float[]> kept;
-  thread_local int64_t kept_floats = 0;
-  if (floats * int64_t(sizeof(float)) > kKeepBytes) {
-    temp.reset(new float[size_t(floats)]);
-    return temp.get();
-  }
-  if (floats > kept_floats) {
-    kept.reset(new float[size_t(floats)]);
-    kept_floats = floats;
-  }
-  return kept.get();
-}
+struct BwdBuffer;  // kept_buffer tag: dq_part and qo_pack of the one-pass backward
 
 }  // namespace
 
@@ -323,7 +305,7 @@ void fused_bwd(Ctx& c, int64_t rows, const std::vector<Task>& qtasks, const std:
   int64_t pack_total = first[size_t(p.batch)] * p.num_heads * c.pack_floats;
   if (pack_total * int64_t(sizeof(float)) > kMaxPackBytes) pack_total = 0;
   std::unique_ptr<float[]> temp;
-  c.dq_part = bwd_buffer(part_floats + pack_total, temp);
+  c.dq_part = kept_buffer<BwdBuffer>(part_floats + pack_total, temp);
   c.qo_pack = pack_total > 0 ? c.dq_part + part_floats : nullptr;
   c.pack_first = first.data();
   const BlockFn fn = block_fn<FusedBody>(p.dtype);

@@ -360,24 +360,7 @@ struct FwdBody {
   }
 };
 
-// The K/V pack's buffer, kept per calling thread between calls up to
-// kKeepBytes (else `temp`, freed by the caller): a fresh multi-MiB buffer is
-// page-faulted in on every call once glibc hands it back (as the one-pass
-// backward's bwd_buffer).
-float* kv_pack_buffer(int64_t floats, std::unique_ptr<float[]>& temp) {
-  constexpr int64_t kKeepBytes = int64_t(64) << 20;
-  thread_local std::unique_ptr<float[]> kept;
-  thread_local int64_t kept_floats = 0;
-  if (floats * int64_t(sizeof(float)) > kKeepBytes) {
-    temp.reset(new float[size_t(floats)]);
-    return temp.get();
-  }
-  if (floats > kept_floats) {
-    kept.reset(new float[size_t(floats)]);
-    kept_floats = floats;
-  }
-  return kept.get();
-}
+struct KvPackBuffer;  // kept_buffer tag
 
 // PYFASTATTN_CPU_KV_PACK=off (read once) copies K and V per key tile
 // always, as before the pack, for A/B runs of one build; "on" (the default)
@@ -430,7 +413,7 @@ void attention_fwd(const AttentionFwdParams& p) {
   std::unique_ptr<float[]> temp;
   if (kv_pack_allowed() && !cache && reads >= kMinReads * keys && pack_floats > 0 &&
       pack_floats * int64_t(sizeof(float)) <= kMaxPackBytes) {
-    c.kv_pack = kv_pack_buffer(pack_floats, temp);
+    c.kv_pack = kept_buffer<KvPackBuffer>(pack_floats, temp);
     c.kv_first = first.data();
     std::vector<Task> pack_tasks;
     std::vector<int64_t> pack_cost;
