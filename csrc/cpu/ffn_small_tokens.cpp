@@ -537,6 +537,61 @@ struct Bc {
   }
 };
 
+// G = 1 out of the registers: row rr's value for token t is lane t of
+// acc[rr] + tmp[rr] (the sum add_into would store), so a 16 x 16 transpose
+// (unpack ps, unpack pd, two rounds of 128-bit lane shuffles: 64 shuffles)
+// gives token t's 16 rows as one vector, stored masked into c[t * ldc + rr],
+// rr < nr. The same values as out_tokens<1> without its 16 stores and 16
+// gathers, which waited for the stores (PERF_NOTES.md).
+struct BcT {
+  PFA_AVX512 static inline __m512 add(__m512 a, const float* p) { return _mm512_add_ps(a, _mm512_load_ps(p)); }
+  PFA_AVX512 static inline __m512 lo_ps(__m512 a, __m512 b) { return _mm512_unpacklo_ps(a, b); }
+  PFA_AVX512 static inline __m512 hi_ps(__m512 a, __m512 b) { return _mm512_unpackhi_ps(a, b); }
+  PFA_AVX512 static inline __m512 lo_pd(__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  }
+  PFA_AVX512 static inline __m512 hi_pd(__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  }
+  PFA_AVX512 static inline __m512 even128(__m512 a, __m512 b) { return _mm512_shuffle_f32x4(a, b, 0x88); }
+  PFA_AVX512 static inline __m512 odd128(__m512 a, __m512 b) { return _mm512_shuffle_f32x4(a, b, 0xDD); }
+  PFA_AVX512 static inline void store(float* p, __mmask16 keep, __m512 v) { _mm512_mask_storeu_ps(p, keep, v); }
+};
+
+template <int R>
+PFA_INLINE void out_tokens_transposed(const __m512* acc, const float (*tmp)[16], int64_t tokens, int64_t nr,
+                                      float* c, int64_t ldc) {
+  static_assert(R == 16, "a 16 x 16 transpose");
+  __m512 r[16], t[16], u[16], o[16];
+  #pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = BcT::add(acc[i], tmp[i]);
+  #pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // t[2i]: r0 r1 interleaved, columns 4L, 4L+1; t[2i+1]: 4L+2, 4L+3
+    t[2 * i] = BcT::lo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = BcT::hi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // u[4i + k]: rows 4i .. 4i+3 of column 4L + k in 128-bit lane L
+    u[4 * i + 0] = BcT::lo_pd(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = BcT::hi_pd(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = BcT::lo_pd(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = BcT::hi_pd(t[4 * i + 1], t[4 * i + 3]);
+  }
+  #pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    const __m512 v0 = BcT::even128(u[k], u[4 + k]), w0 = BcT::odd128(u[k], u[4 + k]);
+    const __m512 v1 = BcT::even128(u[8 + k], u[12 + k]), w1 = BcT::odd128(u[8 + k], u[12 + k]);
+    o[k] = BcT::even128(v0, v1);
+    o[8 + k] = BcT::odd128(v0, v1);
+    o[4 + k] = BcT::even128(w0, w1);
+    o[12 + k] = BcT::odd128(w0, w1);
+  }
+  const __mmask16 keep = __mmask16((uint32_t(1) << nr) - 1u);
+  #pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i)
+    if (i < tokens) BcT::store(c + i * ldc, keep, o[i]);
+}
+
 template <class Ops, int G>
 PFA_INLINE __m512 madd_buf(__m512 acc, __m512i x, const int32_t* p) {
   if (G == 1) return Ops::madd_mem32(acc, x, p);
@@ -586,25 +641,38 @@ PFA_INLINE void bcast_rows_body(const BcastRows& d) {
     alignas(64) int32_t rowbuf[2][R][16];
     int64_t j = 0;
     int cur = 0;
-    if (kSteps <= steps) {
-      #pragma GCC unroll 32
-      for (int rr = 0; rr < R; ++rr) Ops::copy_line(b[rr], rowbuf[0][rr]);
-    }
-    for (; j + kSteps <= steps; j += kSteps, cur ^= 1) {
-      if (j + 2 * kSteps <= steps) {
+    // A full block's rows are one base and one stride (row rr at wrow + rr
+    // ldb: a few registers, where the 16 clamped pointers b[] spilled to
+    // xmm registers and cost a vmovq per row per line); an edge block uses
+    // b[] (its rows past nr repeat the last one).
+    const bool full = nr == R;
+    const char* wrow = reinterpret_cast<const char*>(b[0]);
+    const int64_t ldb = d.ldw * int64_t(sizeof(W));
+    const auto copy_lines = [&](int64_t e, int32_t(*dst)[16]) {
+      if (full) {
+        const char* q = wrow + e * int64_t(sizeof(W));
         #pragma GCC unroll 32
-        for (int rr = 0; rr < R; ++rr) Ops::copy_line(b[rr] + (j + kSteps) * G * kE, rowbuf[cur ^ 1][rr]);
+        for (int rr = 0; rr < R; ++rr) Ops::copy_line(reinterpret_cast<const W*>(q + rr * ldb), dst[rr]);
+      } else {
+        #pragma GCC unroll 32
+        for (int rr = 0; rr < R; ++rr) Ops::copy_line(b[rr] + e, dst[rr]);
       }
-      // __builtin_prefetch (locality 2: prefetcht1) right here: gcc 12 drops
+    };
+    if (kSteps <= steps) copy_lines(0, rowbuf[0]);
+    for (; j + kSteps <= steps; j += kSteps, cur ^= 1) {
+      if (j + 2 * kSteps <= steps) copy_lines((j + kSteps) * G * kE, rowbuf[cur ^ 1]);
+      // __builtin_prefetch (locality 2: prefetcht1) in the loop below: gcc 12 drops
       // a prefetch that reaches this neutral loop through an inlined
       // target-attributed function (_mm_prefetch in Bc, as in Avx512::prefetch
       // of the dot tiles: the object file had no prefetch instruction).
-      for (int64_t rr = 0; rr < pf_rows; ++rr)
-        for (int64_t l = 0; l < kLineBytes; l += 64)
-          __builtin_prefetch(pf + rr * pf_ld + j / kSteps * kLineBytes + l, 0, 2);
       const int32_t* rb = rowbuf[cur][0];  // one base register, constant displacements
       #pragma GCC unroll 16
       for (int s = 0; s < kSteps; ++s) {
+        // The next block's line of rows s, s + kSteps, ..., spread over the
+        // steps instead of bunched at the line's start.
+        #pragma GCC unroll 16
+        for (int rr = s; rr < R; rr += kSteps)
+          if (rr < pf_rows) __builtin_prefetch(pf + rr * pf_ld + j / kSteps * kLineBytes, 0, 2);
         const __m512i xv = Bc::load(d.a + (j + s) * 16);
         #pragma GCC unroll 32
         for (int rr = 0; rr < R; ++rr) acc[rr] = madd_buf<Ops, G>(acc[rr], xv, rb + rr * 16 + s * G);
@@ -624,10 +692,14 @@ PFA_INLINE void bcast_rows_body(const BcastRows& d) {
       #pragma GCC unroll 32
       for (int rr = 0; rr < R; ++rr) acc[rr] = Ops::madd(acc[rr], xv, group<Ops, G>(b[rr], j * G * kE, d.k));
     }
-    #pragma GCC unroll 32
-    for (int rr = 0; rr < R; ++rr) Bc::add_into(tmp[rr], acc[rr]);
     static_assert(R == 16, "out_tokens gathers 16 rows");
-    Bc::out_tokens<G>(&tmp[0][0], d.tokens, nr, d.c + (r - d.r0), d.ldc);
+    if (G == 1) {
+      out_tokens_transposed<R>(acc, tmp, d.tokens, nr, d.c + (r - d.r0), d.ldc);
+    } else {
+      #pragma GCC unroll 32
+      for (int rr = 0; rr < R; ++rr) Bc::add_into(tmp[rr], acc[rr]);
+      Bc::out_tokens<G>(&tmp[0][0], d.tokens, nr, d.c + (r - d.r0), d.ldc);
+    }
   }
 }
 
