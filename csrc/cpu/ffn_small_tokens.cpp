@@ -558,13 +558,9 @@ struct BcT {
   PFA_AVX512 static inline void store(float* p, __mmask16 keep, __m512 v) { _mm512_mask_storeu_ps(p, keep, v); }
 };
 
-template <int R>
-PFA_INLINE void out_tokens_transposed(const __m512* acc, const float (*tmp)[16], int64_t tokens, int64_t nr,
-                                      float* c, int64_t ldc) {
-  static_assert(R == 16, "a 16 x 16 transpose");
-  __m512 r[16], t[16], u[16], o[16];
-  #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) r[i] = BcT::add(acc[i], tmp[i]);
+// o[c] lane i = r[i] lane c (32-bit lanes; shuffles only, bits unchanged).
+PFA_INLINE void transpose16(const __m512* r, __m512* o) {
+  __m512 t[16], u[16];
   #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) {  // t[2i]: r0 r1 interleaved, columns 4L, 4L+1; t[2i+1]: 4L+2, 4L+3
     t[2 * i] = BcT::lo_ps(r[2 * i], r[2 * i + 1]);
@@ -586,6 +582,16 @@ PFA_INLINE void out_tokens_transposed(const __m512* acc, const float (*tmp)[16],
     o[4 + k] = BcT::even128(w0, w1);
     o[12 + k] = BcT::odd128(w0, w1);
   }
+}
+
+template <int R>
+PFA_INLINE void out_tokens_transposed(const __m512* acc, const float (*tmp)[16], int64_t tokens, int64_t nr,
+                                      float* c, int64_t ldc) {
+  static_assert(R == 16, "a 16 x 16 transpose");
+  __m512 r[16], o[16];
+  #pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = BcT::add(acc[i], tmp[i]);
+  transpose16(r, o);
   const __mmask16 keep = __mmask16((uint32_t(1) << nr) - 1u);
   #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i)
@@ -737,6 +743,28 @@ PFA_AVX512_BF16 void pack_h_bf16(const float* g, int64_t tokens, int64_t n, int6
   }
 }
 
+// x for the broadcast form, bf16 and G = 1 (9-16 tokens): pack_tokens'
+// layout is then x viewed as [T][k / 2] pairs, transposed: per 16 pairs,
+// the tokens' 64-byte slices (masked 16-bit loads: an odd k's last pair gets
+// a zero high half; tokens >= T zero) through transpose16. The scalar loop
+// was ~3% of a T16 call (PERF_NOTES.md).
+PFA_AVX512_BF16 __attribute__((flatten)) void pack_x_bf16_g1(const uint16_t* src, int64_t ld, int64_t tokens,
+                                                             int64_t k, uint32_t* dst) {
+  const int64_t pairs = (k + 1) / 2;
+  for (int64_t b = 0; b * 16 < pairs; ++b) {
+    const int64_t e0 = b * 32, n = std::min<int64_t>(32, k - e0);
+    const __mmask32 m = n == 32 ? ~__mmask32(0) : __mmask32((uint32_t(1) << n) - 1u);
+    __m512 r[16], o[16];
+    #pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t)
+      r[t] = t < tokens ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, src + t * ld + e0)) : _mm512_setzero_ps();
+    transpose16(r, o);
+    #pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i)
+      if (b * 16 + i < pairs) _mm512_store_ps(reinterpret_cast<float*>(dst + (b * 16 + i) * 16), o[i]);
+  }
+}
+
 #endif  // PFA_X86
 
 // ---------------------------------------------------------------------------
@@ -872,6 +900,12 @@ int64_t packed_lanes(int64_t k, int64_t g, int64_t e) { return (k + g * e - 1) /
 // as pairs (element 2 L in the low half), fp32 and fp16 as fp32. Zero for
 // tokens >= tokens and past k (src rows ld apart).
 void pack_tokens(DType dt, const void* src, int64_t ld, int64_t tokens, int64_t k, int64_t g, uint32_t* dst) {
+#if PFA_X86
+  if (dt == DType::kBFloat16 && g == 1 && isa() == Isa::kAvx512Bf16) {
+    pack_x_bf16_g1(static_cast<const uint16_t*>(src), ld, tokens, k, dst);
+    return;
+  }
+#endif
   const int64_t e = lane_elems(dt);
   std::memset(dst, 0, size_t(packed_lanes(k, g, e)) * 4);
   for (int64_t t = 0; t < tokens; ++t) {
