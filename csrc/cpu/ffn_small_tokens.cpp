@@ -627,6 +627,11 @@ PFA_INLINE void bcast_rows_body(const BcastRows& d) {
     const int64_t pf_rows = std::max<int64_t>(0, std::min<int64_t>(R, d.pf_end - (r + R)));
     const char* pf = reinterpret_cast<const char*>(wbase + (r + R) * d.ldw);
     const int64_t pf_ld = d.ldw * int64_t(sizeof(W));
+    // Branch-free in the loop: one base and one stride; when the next block
+    // is short (the last two blocks of a range) the one row that surely
+    // exists (its first, else this block's first) is asked for R times.
+    const char* pfb = pf_rows > 0 ? pf : reinterpret_cast<const char*>(b[0]);
+    const int64_t pfs = pf_rows == R ? pf_ld : 0;
     constexpr int64_t kLineBytes = 16 * kE * int64_t(sizeof(W));  // of the row per buffer line
     // Each lane sums kFlushLines lines' steps in acc, then adds that into
     // tmp (and acc restarts at 0): a chain of K / (G kE) additions in one
@@ -676,9 +681,17 @@ PFA_INLINE void bcast_rows_body(const BcastRows& d) {
       for (int s = 0; s < kSteps; ++s) {
         // The next block's line of rows s, s + kSteps, ..., spread over the
         // steps instead of bunched at the line's start.
+        // G = 1 (T 9-16, compute-bound) branch-free; G = 2, 4 with the test
+        // per row, which measured faster there (T4 0.54 vs 0.63 ms,
+        // PERF_NOTES.md).
         #pragma GCC unroll 16
-        for (int rr = s; rr < R; rr += kSteps)
-          if (rr < pf_rows) __builtin_prefetch(pf + rr * pf_ld + j / kSteps * kLineBytes, 0, 2);
+        for (int rr = s; rr < R; rr += kSteps) {
+          if (G == 1) {
+            __builtin_prefetch(pfb + rr * pfs + j / kSteps * kLineBytes, 0, 2);
+          } else if (rr < pf_rows) {
+            __builtin_prefetch(pf + rr * pf_ld + j / kSteps * kLineBytes, 0, 2);
+          }
+        }
         const __m512i xv = Bc::load(d.a + (j + s) * 16);
         #pragma GCC unroll 32
         for (int rr = 0; rr < R; ++rr) acc[rr] = madd_buf<Ops, G>(acc[rr], xv, rb + rr * 16 + s * G);
