@@ -289,3 +289,26 @@ def test_other_instruction_sets(isa):
         "portable": ("portable",),
     }
     assert lines[0] in expected[isa]  # never wider than asked
+
+
+@pytest.mark.parametrize("tokens", [9, 16])
+def test_bf16_row_strided_x_broadcast_pack(tokens):
+    """bf16 at 9-16 tokens packs x with vector loads per token row (the
+    broadcast form's G = 1): rows further apart than d_model (a column slice
+    of a wider tensor), an odd d_model (the last pair's high half zero), and
+    NaN in the columns past d_model, which must never be read."""
+    torch.manual_seed(tokens)
+    d_model = 67
+    params = make_params(d_model, 90, gated=True, bias=True, dtype=torch.bfloat16, d_out=33)
+    wide = torch.full((tokens, d_model + 29), float("nan"), dtype=torch.bfloat16)
+    wide[:, :d_model] = torch.randn(tokens, d_model).to(torch.bfloat16)
+    x = wide[:, :d_model]
+    assert x.stride(0) == d_model + 29
+    y = forward(x, params, "silu")
+    assert_tolerance(
+        "y row-strided bf16",
+        y,
+        reference_forward(x, params, "silu"),
+        run_plain_torch(x, params, "silu"),
+        torch.bfloat16,
+    )

@@ -537,6 +537,67 @@ struct Bc {
   }
 };
 
+// G = 1 out of the registers: row rr's value for token t is lane t of
+// acc[rr] + tmp[rr] (the sum add_into would store), so a 16 x 16 transpose
+// (unpack ps, unpack pd, two rounds of 128-bit lane shuffles: 64 shuffles)
+// gives token t's 16 rows as one vector, stored masked into c[t * ldc + rr],
+// rr < nr. The same values as out_tokens<1> without its 16 stores and 16
+// gathers, which waited for the stores (PERF_NOTES.md).
+struct BcT {
+  PFA_AVX512 static inline __m512 add(__m512 a, const float* p) { return _mm512_add_ps(a, _mm512_load_ps(p)); }
+  PFA_AVX512 static inline __m512 lo_ps(__m512 a, __m512 b) { return _mm512_unpacklo_ps(a, b); }
+  PFA_AVX512 static inline __m512 hi_ps(__m512 a, __m512 b) { return _mm512_unpackhi_ps(a, b); }
+  PFA_AVX512 static inline __m512 lo_pd(__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  }
+  PFA_AVX512 static inline __m512 hi_pd(__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  }
+  PFA_AVX512 static inline __m512 even128(__m512 a, __m512 b) { return _mm512_shuffle_f32x4(a, b, 0x88); }
+  PFA_AVX512 static inline __m512 odd128(__m512 a, __m512 b) { return _mm512_shuffle_f32x4(a, b, 0xDD); }
+  PFA_AVX512 static inline void store(float* p, __mmask16 keep, __m512 v) { _mm512_mask_storeu_ps(p, keep, v); }
+};
+
+// o[c] lane i = r[i] lane c (32-bit lanes; shuffles only, bits unchanged).
+PFA_INLINE void transpose16(const __m512* r, __m512* o) {
+  __m512 t[16], u[16];
+  #pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // t[2i]: r0 r1 interleaved, columns 4L, 4L+1; t[2i+1]: 4L+2, 4L+3
+    t[2 * i] = BcT::lo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = BcT::hi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // u[4i + k]: rows 4i .. 4i+3 of column 4L + k in 128-bit lane L
+    u[4 * i + 0] = BcT::lo_pd(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = BcT::hi_pd(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = BcT::lo_pd(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = BcT::hi_pd(t[4 * i + 1], t[4 * i + 3]);
+  }
+  #pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    const __m512 v0 = BcT::even128(u[k], u[4 + k]), w0 = BcT::odd128(u[k], u[4 + k]);
+    const __m512 v1 = BcT::even128(u[8 + k], u[12 + k]), w1 = BcT::odd128(u[8 + k], u[12 + k]);
+    o[k] = BcT::even128(v0, v1);
+    o[8 + k] = BcT::odd128(v0, v1);
+    o[4 + k] = BcT::even128(w0, w1);
+    o[12 + k] = BcT::odd128(w0, w1);
+  }
+}
+
+template <int R>
+PFA_INLINE void out_tokens_transposed(const __m512* acc, const float (*tmp)[16], int64_t tokens, int64_t nr,
+                                      float* c, int64_t ldc) {
+  static_assert(R == 16, "a 16 x 16 transpose");
+  __m512 r[16], o[16];
+  #pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = BcT::add(acc[i], tmp[i]);
+  transpose16(r, o);
+  const __mmask16 keep = __mmask16((uint32_t(1) << nr) - 1u);
+  #pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i)
+    if (i < tokens) BcT::store(c + i * ldc, keep, o[i]);
+}
+
 template <class Ops, int G>
 PFA_INLINE __m512 madd_buf(__m512 acc, __m512i x, const int32_t* p) {
   if (G == 1) return Ops::madd_mem32(acc, x, p);
@@ -566,6 +627,11 @@ PFA_INLINE void bcast_rows_body(const BcastRows& d) {
     const int64_t pf_rows = std::max<int64_t>(0, std::min<int64_t>(R, d.pf_end - (r + R)));
     const char* pf = reinterpret_cast<const char*>(wbase + (r + R) * d.ldw);
     const int64_t pf_ld = d.ldw * int64_t(sizeof(W));
+    // Branch-free in the loop: one base and one stride; when the next block
+    // is short (the last two blocks of a range) the one row that surely
+    // exists (its first, else this block's first) is asked for R times.
+    const char* pfb = pf_rows > 0 ? pf : reinterpret_cast<const char*>(b[0]);
+    const int64_t pfs = pf_rows == R ? pf_ld : 0;
     constexpr int64_t kLineBytes = 16 * kE * int64_t(sizeof(W));  // of the row per buffer line
     // Each lane sums kFlushLines lines' steps in acc, then adds that into
     // tmp (and acc restarts at 0): a chain of K / (G kE) additions in one
@@ -586,25 +652,46 @@ PFA_INLINE void bcast_rows_body(const BcastRows& d) {
     alignas(64) int32_t rowbuf[2][R][16];
     int64_t j = 0;
     int cur = 0;
-    if (kSteps <= steps) {
-      #pragma GCC unroll 32
-      for (int rr = 0; rr < R; ++rr) Ops::copy_line(b[rr], rowbuf[0][rr]);
-    }
-    for (; j + kSteps <= steps; j += kSteps, cur ^= 1) {
-      if (j + 2 * kSteps <= steps) {
+    // A full block's rows are one base and one stride (row rr at wrow + rr
+    // ldb: a few registers, where the 16 clamped pointers b[] spilled to
+    // xmm registers and cost a vmovq per row per line); an edge block uses
+    // b[] (its rows past nr repeat the last one).
+    const bool full = nr == R;
+    const char* wrow = reinterpret_cast<const char*>(b[0]);
+    const int64_t ldb = d.ldw * int64_t(sizeof(W));
+    const auto copy_lines = [&](int64_t e, int32_t(*dst)[16]) {
+      if (full) {
+        const char* q = wrow + e * int64_t(sizeof(W));
         #pragma GCC unroll 32
-        for (int rr = 0; rr < R; ++rr) Ops::copy_line(b[rr] + (j + kSteps) * G * kE, rowbuf[cur ^ 1][rr]);
+        for (int rr = 0; rr < R; ++rr) Ops::copy_line(reinterpret_cast<const W*>(q + rr * ldb), dst[rr]);
+      } else {
+        #pragma GCC unroll 32
+        for (int rr = 0; rr < R; ++rr) Ops::copy_line(b[rr] + e, dst[rr]);
       }
-      // __builtin_prefetch (locality 2: prefetcht1) right here: gcc 12 drops
+    };
+    if (kSteps <= steps) copy_lines(0, rowbuf[0]);
+    for (; j + kSteps <= steps; j += kSteps, cur ^= 1) {
+      if (j + 2 * kSteps <= steps) copy_lines((j + kSteps) * G * kE, rowbuf[cur ^ 1]);
+      // __builtin_prefetch (locality 2: prefetcht1) in the loop below: gcc 12 drops
       // a prefetch that reaches this neutral loop through an inlined
       // target-attributed function (_mm_prefetch in Bc, as in Avx512::prefetch
       // of the dot tiles: the object file had no prefetch instruction).
-      for (int64_t rr = 0; rr < pf_rows; ++rr)
-        for (int64_t l = 0; l < kLineBytes; l += 64)
-          __builtin_prefetch(pf + rr * pf_ld + j / kSteps * kLineBytes + l, 0, 2);
       const int32_t* rb = rowbuf[cur][0];  // one base register, constant displacements
       #pragma GCC unroll 16
       for (int s = 0; s < kSteps; ++s) {
+        // The next block's line of rows s, s + kSteps, ..., spread over the
+        // steps instead of bunched at the line's start.
+        // G = 1 (T 9-16, compute-bound) branch-free; G = 2, 4 with the test
+        // per row, which measured faster there (T4 0.54 vs 0.63 ms,
+        // PERF_NOTES.md).
+        #pragma GCC unroll 16
+        for (int rr = s; rr < R; rr += kSteps) {
+          if (G == 1) {
+            __builtin_prefetch(pfb + rr * pfs + j / kSteps * kLineBytes, 0, 2);
+          } else if (rr < pf_rows) {
+            __builtin_prefetch(pf + rr * pf_ld + j / kSteps * kLineBytes, 0, 2);
+          }
+        }
         const __m512i xv = Bc::load(d.a + (j + s) * 16);
         #pragma GCC unroll 32
         for (int rr = 0; rr < R; ++rr) acc[rr] = madd_buf<Ops, G>(acc[rr], xv, rb + rr * 16 + s * G);
@@ -624,10 +711,14 @@ PFA_INLINE void bcast_rows_body(const BcastRows& d) {
       #pragma GCC unroll 32
       for (int rr = 0; rr < R; ++rr) acc[rr] = Ops::madd(acc[rr], xv, group<Ops, G>(b[rr], j * G * kE, d.k));
     }
-    #pragma GCC unroll 32
-    for (int rr = 0; rr < R; ++rr) Bc::add_into(tmp[rr], acc[rr]);
     static_assert(R == 16, "out_tokens gathers 16 rows");
-    Bc::out_tokens<G>(&tmp[0][0], d.tokens, nr, d.c + (r - d.r0), d.ldc);
+    if (G == 1) {
+      out_tokens_transposed<R>(acc, tmp, d.tokens, nr, d.c + (r - d.r0), d.ldc);
+    } else {
+      #pragma GCC unroll 32
+      for (int rr = 0; rr < R; ++rr) Bc::add_into(tmp[rr], acc[rr]);
+      Bc::out_tokens<G>(&tmp[0][0], d.tokens, nr, d.c + (r - d.r0), d.ldc);
+    }
   }
 }
 
@@ -662,6 +753,28 @@ PFA_AVX512_BF16 void pack_h_bf16(const float* g, int64_t tokens, int64_t n, int6
     const int64_t pr = f0 / 2 + c2;
     uint32_t* lane = hp + pr / G * 16 + pr % G;
     for (int64_t t = 0; t < 16 / G; ++t) lane[t * G] = t < tokens ? pairs[t][c2] : 0u;
+  }
+}
+
+// x for the broadcast form, bf16 and G = 1 (9-16 tokens): pack_tokens'
+// layout is then x viewed as [T][k / 2] pairs, transposed: per 16 pairs,
+// the tokens' 64-byte slices (masked 16-bit loads: an odd k's last pair gets
+// a zero high half; tokens >= T zero) through transpose16. The scalar loop
+// was ~3% of a T16 call (PERF_NOTES.md).
+PFA_AVX512_BF16 __attribute__((flatten)) void pack_x_bf16_g1(const uint16_t* src, int64_t ld, int64_t tokens,
+                                                             int64_t k, uint32_t* dst) {
+  const int64_t pairs = (k + 1) / 2;
+  for (int64_t b = 0; b * 16 < pairs; ++b) {
+    const int64_t e0 = b * 32, n = std::min<int64_t>(32, k - e0);
+    const __mmask32 m = n == 32 ? ~__mmask32(0) : __mmask32((uint32_t(1) << n) - 1u);
+    __m512 r[16], o[16];
+    #pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t)
+      r[t] = t < tokens ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, src + t * ld + e0)) : _mm512_setzero_ps();
+    transpose16(r, o);
+    #pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i)
+      if (b * 16 + i < pairs) _mm512_store_ps(reinterpret_cast<float*>(dst + (b * 16 + i) * 16), o[i]);
   }
 }
 
@@ -800,6 +913,12 @@ int64_t packed_lanes(int64_t k, int64_t g, int64_t e) { return (k + g * e - 1) /
 // as pairs (element 2 L in the low half), fp32 and fp16 as fp32. Zero for
 // tokens >= tokens and past k (src rows ld apart).
 void pack_tokens(DType dt, const void* src, int64_t ld, int64_t tokens, int64_t k, int64_t g, uint32_t* dst) {
+#if PFA_X86
+  if (dt == DType::kBFloat16 && g == 1 && isa() == Isa::kAvx512Bf16) {
+    pack_x_bf16_g1(static_cast<const uint16_t*>(src), ld, tokens, k, dst);
+    return;
+  }
+#endif
   const int64_t e = lane_elems(dt);
   std::memset(dst, 0, size_t(packed_lanes(k, g, e)) * 4);
   for (int64_t t = 0; t < tokens; ++t) {
