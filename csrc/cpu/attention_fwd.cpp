@@ -96,17 +96,15 @@ PFA_INLINE void exp_tile(float* s, int64_t ld, int n, int mp, const float* use, 
     const V u = Vec::load(use + c0);
     V sum = Vec::zero();
     if constexpr (kPairs) {
-      // P is rounded to bf16 for P V: exp2_bf16 (its error is 1/19 of that
-      // rounding's), also for the sums, so that they add what P V multiplies.
       int j = 0;
       for (; j + 1 < n; j += 2) {
-        const V e0 = Vec::exp2_bf16(Vec::sub(Vec::load(s + j * ld + c0), u));
-        const V e1 = Vec::exp2_bf16(Vec::sub(Vec::load(s + (j + 1) * ld + c0), u));
+        const V e0 = Vec::exp2(Vec::sub(Vec::load(s + j * ld + c0), u));
+        const V e1 = Vec::exp2(Vec::sub(Vec::load(s + (j + 1) * ld + c0), u));
         sum = Vec::add(sum, Vec::add(e0, e1));
         Vec::store_pairs(pairs + (j / 2) * ld + c0, kept(e0, j * ld + c0), kept(e1, (j + 1) * ld + c0));
       }
       if (j < n) {
-        const V e0 = Vec::exp2_bf16(Vec::sub(Vec::load(s + j * ld + c0), u));
+        const V e0 = Vec::exp2(Vec::sub(Vec::load(s + j * ld + c0), u));
         sum = Vec::add(sum, e0);
         Vec::store_pairs(pairs + (j / 2) * ld + c0, kept(e0, j * ld + c0), Vec::zero());
       }
