@@ -266,12 +266,12 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     // next tile's K rows (PrefetchRows; without it the copies of the rows
     // waited on L3: PERF_NOTES "issue 21, session 4"). Not yet for a paged
     // cache's rows, gathered after the product.
-    const T* vrows = vbase + int64_t(j0) * p.v_row_stride;
     PrefetchRows pf_v;
     if (v_packed) {
       pf_v = PrefetchRows(vb, row_v, TL::kPairs ? (n + 1) / 2 : n, row_v);
     } else if (!paged) {
-      pf_v = PrefetchRows(vrows, p.v_row_stride * int64_t(sizeof(T)), n, int64_t(c.dv) * sizeof(T));
+      pf_v = PrefetchRows(vbase + int64_t(j0) * p.v_row_stride, p.v_row_stride * int64_t(sizeof(T)), n,
+                          int64_t(c.dv) * sizeof(T));
     }
     qk.prefetch = &pf_v;
     if (fused) {
@@ -315,7 +315,7 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
         paged_rows(p, t.b, j0, n, vbase, p.v_batch_stride, p.v_row_stride, rows);
         TL::b_rows(rows, n, c.dv, w.vb);
       } else {
-        TL::b_rows(vrows, p.v_row_stride, n, c.dv, w.vb);
+        TL::b_rows(vbase + int64_t(j0) * p.v_row_stride, p.v_row_stride, n, c.dv, w.vb);
       }
     }
     const int64_t pk = TL::kPairs ? (n + 1) / 2 : n;  // K axis: keys, or key pairs
