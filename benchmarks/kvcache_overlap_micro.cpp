@@ -76,6 +76,12 @@ struct Cursor {
   int64_t next = 0, count = 0;               // lines per stream
   Kind kind = kNone;
   int64_t stride = 1;  // lines between the lines walked
+  bool head_major = false;  // walk a tile's lines head slice by head slice (the demand order), not in address order
+  inline int64_t off(int64_t i) const {
+    if (!head_major) return 64 * stride * i;
+    const int64_t lines_per_slice = D * 2 / 64, head = i / (TK * lines_per_slice), rem = i % (TK * lines_per_slice);
+    return (rem / lines_per_slice) * ROW_BYTES + head * D * 2 + 64 * (rem % lines_per_slice);
+  }
   inline void one(const char* p) {
     switch (kind) {
       case kT0: _mm_prefetch(p, _MM_HINT_T0); break;
@@ -89,8 +95,8 @@ struct Cursor {
   inline void step(int64_t k) {  // k lines of each stream
     const int64_t e = std::min(count, next + k);
     for (; next < e; ++next) {
-      if (base[0]) one(base[0] + 64 * stride * next);
-      if (base[1]) one(base[1] + 64 * stride * next);
+      if (base[0]) one(base[0] + off(next));
+      if (base[1]) one(base[1] + off(next));
     }
   }
 };
@@ -106,6 +112,8 @@ struct Variant {
   int stride = 1;         // touch every stride-th line only (train the L2 streamer, let it fetch the rest)
   int far = 0;            // v8's primes: the first line of every far-th K and V row of the next tile, over the scores pass
   bool masked = false;    // P V loads V through a mask (as the kernel's pv_quad_regs)
+  int rowstride = 1;      // the row prefetches ask for every rowstride-th line only
+  bool rowhm = false;     // the row prefetches walk the tile head slice by head slice (as the demand)
 };
 
 struct Work {
@@ -261,11 +269,15 @@ static void run_range(Work& w, const bf* K, const bf* V, int64_t k0, int64_t k1,
     Cursor pv_rows, pk_rows;
     if (v.rowpf != kNone) {
       pv_rows.base[0] = (const char*)(V + j0 * ROW_ELEMS);
-      pv_rows.count = TILE_LINES;
+      pv_rows.count = TILE_LINES / v.rowstride;
+      pv_rows.stride = v.rowstride;
+      pv_rows.head_major = v.rowhm;
       pv_rows.kind = v.rowpf;
       if (has_next) {
         pk_rows.base[0] = (const char*)(K + jn * ROW_ELEMS);
-        pk_rows.count = TILE_LINES;
+        pk_rows.count = TILE_LINES / v.rowstride;
+        pk_rows.stride = v.rowstride;
+        pk_rows.head_major = v.rowhm;
         pk_rows.kind = v.rowpf;
       }
     }
@@ -402,6 +414,33 @@ int main(int argc, char** argv) {
       snprintf(nm, sizeof nm, "head-major, T%d-touch t+1, every %d lines", k == kT0 ? 0 : k == kT1 ? 1 : 2, st);
       add(id, nm, false, kNone, k, 1)->stride = st;
     }
+  // Address-order demand with sparse touches of tile t+1: one line per `st`
+  // (32 = the first line of each 2 KB row, 64 = of each 4 KB page), so that
+  // the hardware streamers fetch the rest of each page.
+  for (int st : {8, 16, 32, 64})
+    for (Kind k : {kT0, kT2}) {
+      char id[32], nm[64];
+      snprintf(id, sizeof id, "f-t%d-%d", k == kT0 ? 0 : 2, st);
+      snprintf(nm, sizeof nm, "key-major, T%d-touch t+1, every %d lines", k == kT0 ? 0 : 2, st);
+      add(id, nm, true, kNone, k, 1)->stride = st;
+    }
+  for (int st : {2, 4}) {
+    char id[32], nm[64];
+    snprintf(id, sizeof id, "a-s%d", st);
+    snprintf(nm, sizeof nm, "  a, row prefetches of every %d-th line", st);
+    add(id, nm, false, kT0)->far = 1;
+    vs.back().rowstride = st;
+  }
+  for (Kind k : {kT1, kT2, kNTA}) {
+    char id[32], nm[64];
+    const char* h = k == kT1 ? "t1" : k == kT2 ? "t2" : "nta";
+    snprintf(id, sizeof id, "a-%s", h);
+    snprintf(nm, sizeof nm, "  a, row prefetches with hint %s", h);
+    add(id, nm, false, k)->far = 1;
+  }
+  add("a-hm", "  a, row prefetches in head-slice order", false, kT0)->far = 1;
+  vs.back().rowhm = true;
+  add("a-hm-nofar", "  a-hm without the next tile's primes", false, kT0)->rowhm = true;
   std::vector<std::string> only;
   if (argc > 3)
     for (char* t = strtok(argv[3], ","); t; t = strtok(nullptr, ",")) only.push_back(t);
