@@ -39,7 +39,11 @@ PFA_INLINE void bwd_dq_block(const Ctx& c, const BwdScratch& w, const Task& t) {
   const T* vbase = static_cast<const T*>(p.v) + si.k_row(0, p.v_batch_stride, p.v_row_stride) +
                    int64_t(hk) * p.v_head_stride;
 
-  fill_dsum<T, TL::kPairs>(c, si, h, i0, m, o, dout);
+  if constexpr (TL::kPairs) {
+    fill_dsum_lanes<typename Isa::Vec>(c, si, h, i0, m, o, dout);
+  } else {
+    fill_dsum<T>(c, si, h, i0, m, o, dout);
+  }
 
   RowRanges rr{w.lo, w.hi, m};
   fill_ranges(p, si, i0, rr);

@@ -18,6 +18,7 @@
 // bf16 against 89 / 151 for PyTorch's flash SDPA.
 #pragma once
 
+#include <cstring>
 #include <vector>
 
 #include "attention_dropout.h"
@@ -243,33 +244,45 @@ PFA_INLINE bool load_row_stats(const Ctx& c, const BwdScratch& w, const SeqInfo&
 }
 
 // D = rowsum(dO * O) for rows i0 .. i0 + m - 1 of (sequence, head h). With
-// fp32 products (kLaneSums false) each row is summed in order x = 0, 1, ...,
-// the K order of the dP product, so that dP - D is exactly 0 where P is
-// one-hot; bf16 dot products (vdpbf16ps) add pairs in their own order anyway.
-template <typename T, bool kLaneSums = false>
+// fp32 products each row is summed in order x = 0, 1, ..., the K order of the
+// dP product, so that dP - D is exactly 0 where P is one-hot.
+template <typename T>
 PFA_INLINE void fill_dsum(const Ctx& c, const SeqInfo& si, int h, int i0, int m, const T* o, const T* dout) {
   const AttentionBwdParams& p = *c.pb;
   for (int i = 0; i < m; ++i) {
     const T* PFA_RESTRICT orow = o + int64_t(i) * p.o_row_stride;
     const T* PFA_RESTRICT grow = dout + int64_t(i) * p.do_row_stride;
     float acc = 0.0f;
-    if constexpr (kLaneSums) {
-      // kLanes partial sums (one vector), added pairwise at the end: a serial
-      // float sum does not vectorise and is bound by the adds' latency.
-      float lane[kLanes] = {};
-      int x = 0;
-      for (; x + kLanes <= c.dv; x += kLanes) {
-        for (int l = 0; l < kLanes; ++l) lane[l] += to_f32(orow[x + l]) * to_f32(grow[x + l]);
-      }
-      for (; x < c.dv; ++x) lane[x - (x / kLanes) * kLanes] += to_f32(orow[x]) * to_f32(grow[x]);
-      for (int half = kLanes / 2; half > 0; half /= 2) {
-        for (int l = 0; l < half; ++l) lane[l] += lane[l + half];
-      }
-      acc = lane[0];
-    } else {
-      for (int x = 0; x < c.dv; ++x) acc += to_f32(orow[x]) * to_f32(grow[x]);
-    }
+    for (int x = 0; x < c.dv; ++x) acc += to_f32(orow[x]) * to_f32(grow[x]);
     c.dsum[dsum_index(c, si, h, i0 + i)] = acc;
+  }
+}
+
+// The same for bf16 rows on the dot-product path (vdpbf16ps adds pairs in its
+// own order anyway): kLanes partial sums, lane l of x = l, l + 16, ..., added
+// by halves at the end. Written with Vec: the compiler's vectorisation of the
+// scalar form came and went with the code around it, and as scalar code (a
+// lane array on the stack) it was a third of the task code outside the
+// products of the bf16 S256 backward (PERF_NOTES "bf16 backward, session 5").
+template <class Vec>
+PFA_INLINE void fill_dsum_lanes(const Ctx& c, const SeqInfo& si, int h, int i0, int m, const c10::BFloat16* o,
+                                const c10::BFloat16* dout) {
+  using V = typename Vec::V;
+  const AttentionBwdParams& p = *c.pb;
+  const int dv = c.dv, full = dv / kLanes * kLanes;
+  alignas(64) uint16_t tail_o[kLanes] = {}, tail_g[kLanes] = {};
+  for (int i = 0; i < m; ++i) {
+    const uint16_t* orow = reinterpret_cast<const uint16_t*>(o + int64_t(i) * p.o_row_stride);
+    const uint16_t* grow = reinterpret_cast<const uint16_t*>(dout + int64_t(i) * p.do_row_stride);
+    V acc = Vec::zero();
+    for (int x = 0; x < full; x += kLanes)
+      acc = Vec::add(acc, Vec::mul(Vec::load_bf16(orow + x), Vec::load_bf16(grow + x)));
+    if (full < dv) {
+      std::memcpy(tail_o, orow + full, size_t(dv - full) * sizeof(uint16_t));
+      std::memcpy(tail_g, grow + full, size_t(dv - full) * sizeof(uint16_t));
+      acc = Vec::add(acc, Vec::mul(Vec::load_bf16(tail_o), Vec::load_bf16(tail_g)));
+    }
+    c.dsum[dsum_index(c, si, h, i0 + i)] = Vec::sum_halves(acc);
   }
 }
 

@@ -201,8 +201,10 @@ PFA_INLINE void bwd_prep_block(const Ctx& c, const Task& t) {
                int64_t(t.h) * p.o_head_stride;
   const T* dout = static_cast<const T*>(p.dout) + si.q_row(t.i0, p.do_batch_stride, p.do_row_stride) +
                   int64_t(t.h) * p.do_head_stride;
-  fill_dsum<T, TL::kPairs>(c, si, t.h, t.i0, m, o, dout);
-  if constexpr (TL::kPairs) {
+  if constexpr (!TL::kPairs) {
+    fill_dsum<T>(c, si, t.h, t.i0, m, o, dout);
+  } else {
+    fill_dsum_lanes<Vec>(c, si, t.h, t.i0, m, o, dout);
     if (!c.qo_pack) return;
     const T* q = static_cast<const T*>(p.q) + si.q_row(t.i0, p.q_batch_stride, p.q_row_stride) +
                  int64_t(t.h) * p.q_head_stride;

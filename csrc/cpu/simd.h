@@ -288,6 +288,19 @@ struct VecPortable {
   static void store_bf16(uint16_t* p, const V& a) {
     for (int v = 0; v < kLanes; ++v) p[v] = f32_to_bf16_bits(a.x[v]);
   }
+  // 16 bf16 values (raw bits) widened to fp32, exactly.
+  static V load_bf16(const uint16_t* p) {
+    V r;
+    for (int v = 0; v < kLanes; ++v) r.x[v] = bf16_bits_to_f32(p[v]);
+    return r;
+  }
+  // The lanes' sum by halves: lane l += lane l + 8 (l < 8), then + 4, + 2, + 1.
+  static float sum_halves(V a) {
+    for (int half = kLanes / 2; half > 0; half /= 2) {
+      for (int v = 0; v < half; ++v) a.x[v] += a.x[v + half];
+    }
+    return a.x[0];
+  }
   // 16 attn_mask entries as log2-unit additive bias.
   template <typename M>
   static void mask_bias16(const M* row, float* out) {
@@ -337,6 +350,17 @@ struct VecAvx512 {
   }
   PFA_AVX512_BF16 static inline void store_bf16(uint16_t* p, V a) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(a));
+  }
+  PFA_AVX512 static inline V load_bf16(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  // VecPortable::sum_halves's order, in registers.
+  PFA_AVX512 static inline float sum_halves(V a) {
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
   }
   template <typename M>
   PFA_AVX512 static inline void mask_bias16(const M* row, float* out) {
