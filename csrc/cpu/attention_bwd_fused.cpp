@@ -185,7 +185,7 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
         }
       }
     }
-    store_dkdv<T>(c, w, si, hk, j0, owned, n);
+    store_dkdv<Isa, T, CT>(c, w, si, hk, j0, owned, n);
   }
 }
 
@@ -218,7 +218,7 @@ PFA_INLINE void bwd_prep_block(const Ctx& c, const Task& t) {
 
 // One-pass backward, after it: dQ = scale * (sum of the chunks' partials in
 // chunk order) for one query block.
-template <typename T>
+template <class Vec, typename T, bool kVec>
 PFA_INLINE void bwd_reduce_block(const Ctx& c, float* acc_row, const Task& t) {
   const AttentionBwdParams& p = *c.pb;
   const SeqInfo si(p, t.b);
@@ -236,8 +236,7 @@ PFA_INLINE void bwd_reduce_block(const Ctx& c, float* acc_row, const Task& t) {
       const float* PFA_RESTRICT src = c.dq_part + at * c.d;
       for (int x = 0; x < c.d; ++x) acc[x] += src[x];
     }
-    T* PFA_RESTRICT out = dq + int64_t(i) * p.dq_row_stride;
-    for (int x = 0; x < c.d; ++x) out[x] = from_f32<T>(acc[x] * scale);
+    store_scaled_row<Vec, T, kVec>(acc, scale, c.d, dq + int64_t(i) * p.dq_row_stride);
   }
 }
 
@@ -250,7 +249,7 @@ struct FusedBody {
       Carver cv(scratch);
       bwd_fused_block<Isa, T, CT>(c, carve_bwd(cv, c), t);
     } else {
-      bwd_reduce_block<T>(c, scratch, t);
+      bwd_reduce_block<typename Isa::Vec, T, Tiles<T, CT>::kPairs>(c, scratch, t);
     }
   }
 };
