@@ -39,7 +39,11 @@ PFA_INLINE void bwd_dq_block(const Ctx& c, const BwdScratch& w, const Task& t) {
   const T* vbase = static_cast<const T*>(p.v) + si.k_row(0, p.v_batch_stride, p.v_row_stride) +
                    int64_t(hk) * p.v_head_stride;
 
-  fill_dsum<T, TL::kPairs>(c, si, h, i0, m, o, dout);
+  if constexpr (TL::kPairs) {
+    fill_dsum_lanes<typename Isa::Vec>(c, si, h, i0, m, o, dout);
+  } else {
+    fill_dsum<T>(c, si, h, i0, m, o, dout);
+  }
 
   RowRanges rr{w.lo, w.hi, m};
   fill_ranges(p, si, i0, rr);
@@ -70,11 +74,9 @@ PFA_INLINE void bwd_dq_block(const Ctx& c, const BwdScratch& w, const Task& t) {
   T* dq = static_cast<T*>(p.dq) + si.q_row(i0, p.dq_batch_stride, p.dq_row_stride) +
           int64_t(h) * p.dq_head_stride;
   const float scale = c.p->scale;
-  for (int i = 0; i < m; ++i) {
-    const float* PFA_RESTRICT acc = w.acc1 + int64_t(i) * c.d;
-    T* PFA_RESTRICT row = dq + int64_t(i) * p.dq_row_stride;
-    for (int x = 0; x < c.d; ++x) row[x] = from_f32<T>(acc[x] * scale);
-  }
+  for (int i = 0; i < m; ++i)
+    store_scaled_row<typename Isa::Vec, T, TL::kPairs>(w.acc1 + int64_t(i) * c.d, scale, c.d,
+                                                       dq + int64_t(i) * p.dq_row_stride);
 }
 
 // Pass 2: dK and dV of one key block, summed over the query heads of the
@@ -129,7 +131,7 @@ PFA_INLINE void bwd_dkdv_block(const Ctx& c, const BwdScratch& w, const Task& t)
     }
   }
 
-  store_dkdv<T>(c, w, si, hk, j0, owned, n);
+  store_dkdv<Isa, T, CT>(c, w, si, hk, j0, owned, n);
 }
 
 struct TwoPassBody {

@@ -18,6 +18,7 @@
 // bf16 against 89 / 151 for PyTorch's flash SDPA.
 #pragma once
 
+#include <cstring>
 #include <vector>
 
 #include "attention_dropout.h"
@@ -122,22 +123,38 @@ PFA_INLINE void grad_tile(float* s, float* dp, const float* dtanh, int64_t ld, i
     if constexpr (kDrop) return Vec::keep(e, keep + at);
     return e;
   };
-  for (int c0 = 0; c0 < mp; c0 += kLanes) {
-    const V l = Vec::load(lse2 + c0);
-    const V dd = Vec::load(dsum + c0);
-    if constexpr (kOut == BwdOut::kAllBf16) {
-      uint16_t* dsrows = reinterpret_cast<uint16_t*>(dsout);
-      for (int j = 0; j < n; j += 2) {
+  // P = exp2(S - lse2): degree 3 where P and dS are rounded to bf16 next
+  // (every output but kInPlace's fp32 P^T and dS^T); PERF_NOTES "bf16
+  // backward, session 5".
+  auto expd = [&](V x) {
+    if constexpr (kOut == BwdOut::kInPlace) {
+      return Vec::exp2(x);
+    } else {
+      return Vec::exp2_bf16(x);
+    }
+  };
+  if constexpr (kOut == BwdOut::kAllBf16) {
+    // Row pairs outer, lanes inner: the tile in address order, so that each
+    // line of the bf16 rows (pout, dsout) is written whole while in L1 (lanes
+    // outer wrote half a line per pass down 2 x n rows, ~56 KiB at 256 keys,
+    // more than L1: every line was fetched twice). PERF_NOTES "bf16 backward,
+    // session 5".
+    uint16_t* dsrows = reinterpret_cast<uint16_t*>(dsout);
+    for (int j = 0; j < n; j += 2) {
+      const bool two = j + 1 < n;
+      for (int c0 = 0; c0 < mp; c0 += kLanes) {
+        const V l = Vec::load(lse2 + c0);
+        const V dd = Vec::load(dsum + c0);
         const int64_t at0 = j * ld + c0;
-        const V e0 = Vec::exp2(Vec::sub(Vec::load(s + at0), l));
+        const V e0 = expd(Vec::sub(Vec::load(s + at0), l));
         V g0 = Vec::mul(e0, Vec::sub(dpz(at0), dd));
         if constexpr (kSoftcap) g0 = Vec::mul(g0, Vec::load(dtanh + at0));
         Vec::store_bf16(pout + at0, kept(e0, at0));
         Vec::store_bf16(dsrows + at0, g0);
         V g1 = Vec::zero();
-        if (j + 1 < n) {
-          const int64_t at = (j + 1) * ld + c0;
-          const V e1 = Vec::exp2(Vec::sub(Vec::load(s + at), l));
+        if (two) {
+          const int64_t at = at0 + ld;
+          const V e1 = expd(Vec::sub(Vec::load(s + at), l));
           g1 = Vec::mul(e1, Vec::sub(dpz(at), dd));
           if constexpr (kSoftcap) g1 = Vec::mul(g1, Vec::load(dtanh + at));
           Vec::store_bf16(pout + at, kept(e1, at));
@@ -145,16 +162,22 @@ PFA_INLINE void grad_tile(float* s, float* dp, const float* dtanh, int64_t ld, i
         }
         Vec::store_pairs(dspair + (j / 2) * ld + c0, g0, g1);
       }
-    } else if constexpr (kOut == BwdOut::kDsPairs) {
+    }
+    return;
+  }
+  for (int c0 = 0; c0 < mp; c0 += kLanes) {
+    const V l = Vec::load(lse2 + c0);
+    const V dd = Vec::load(dsum + c0);
+    if constexpr (kOut == BwdOut::kDsPairs) {
       for (int j = 0; j < n; j += 2) {
         const int64_t at0 = j * ld + c0;
-        V e = Vec::exp2(Vec::sub(Vec::load(s + at0), l));
+        V e = expd(Vec::sub(Vec::load(s + at0), l));
         V g0 = Vec::mul(e, Vec::sub(dpz(at0), dd));
         if constexpr (kSoftcap) g0 = Vec::mul(g0, Vec::load(dtanh + at0));
         V g1 = Vec::zero();
         if (j + 1 < n) {
           const int64_t at = (j + 1) * ld + c0;
-          e = Vec::exp2(Vec::sub(Vec::load(s + at), l));
+          e = expd(Vec::sub(Vec::load(s + at), l));
           g1 = Vec::mul(e, Vec::sub(dpz(at), dd));
           if constexpr (kSoftcap) g1 = Vec::mul(g1, Vec::load(dtanh + at));
         }
@@ -163,7 +186,7 @@ PFA_INLINE void grad_tile(float* s, float* dp, const float* dtanh, int64_t ld, i
     } else {
       for (int j = 0; j < n; ++j) {
         const int64_t at = j * ld + c0;
-        const V e = Vec::exp2(Vec::sub(Vec::load(s + at), l));
+        const V e = expd(Vec::sub(Vec::load(s + at), l));
         V g = Vec::mul(e, Vec::sub(dpz(at), dd));
         if constexpr (kSoftcap) g = Vec::mul(g, Vec::load(dtanh + at));
         if constexpr (kOut == BwdOut::kInPlace) {
@@ -243,33 +266,45 @@ PFA_INLINE bool load_row_stats(const Ctx& c, const BwdScratch& w, const SeqInfo&
 }
 
 // D = rowsum(dO * O) for rows i0 .. i0 + m - 1 of (sequence, head h). With
-// fp32 products (kLaneSums false) each row is summed in order x = 0, 1, ...,
-// the K order of the dP product, so that dP - D is exactly 0 where P is
-// one-hot; bf16 dot products (vdpbf16ps) add pairs in their own order anyway.
-template <typename T, bool kLaneSums = false>
+// fp32 products each row is summed in order x = 0, 1, ..., the K order of the
+// dP product, so that dP - D is exactly 0 where P is one-hot.
+template <typename T>
 PFA_INLINE void fill_dsum(const Ctx& c, const SeqInfo& si, int h, int i0, int m, const T* o, const T* dout) {
   const AttentionBwdParams& p = *c.pb;
   for (int i = 0; i < m; ++i) {
     const T* PFA_RESTRICT orow = o + int64_t(i) * p.o_row_stride;
     const T* PFA_RESTRICT grow = dout + int64_t(i) * p.do_row_stride;
     float acc = 0.0f;
-    if constexpr (kLaneSums) {
-      // kLanes partial sums (one vector), added pairwise at the end: a serial
-      // float sum does not vectorise and is bound by the adds' latency.
-      float lane[kLanes] = {};
-      int x = 0;
-      for (; x + kLanes <= c.dv; x += kLanes) {
-        for (int l = 0; l < kLanes; ++l) lane[l] += to_f32(orow[x + l]) * to_f32(grow[x + l]);
-      }
-      for (; x < c.dv; ++x) lane[x - (x / kLanes) * kLanes] += to_f32(orow[x]) * to_f32(grow[x]);
-      for (int half = kLanes / 2; half > 0; half /= 2) {
-        for (int l = 0; l < half; ++l) lane[l] += lane[l + half];
-      }
-      acc = lane[0];
-    } else {
-      for (int x = 0; x < c.dv; ++x) acc += to_f32(orow[x]) * to_f32(grow[x]);
-    }
+    for (int x = 0; x < c.dv; ++x) acc += to_f32(orow[x]) * to_f32(grow[x]);
     c.dsum[dsum_index(c, si, h, i0 + i)] = acc;
+  }
+}
+
+// The same for bf16 rows on the dot-product path (vdpbf16ps adds pairs in its
+// own order anyway): kLanes partial sums, lane l of x = l, l + 16, ..., added
+// by halves at the end. Written with Vec: the compiler's vectorisation of the
+// scalar form came and went with the code around it, and as scalar code (a
+// lane array on the stack) it was a third of the task code outside the
+// products of the bf16 S256 backward (PERF_NOTES "bf16 backward, session 5").
+template <class Vec>
+PFA_INLINE void fill_dsum_lanes(const Ctx& c, const SeqInfo& si, int h, int i0, int m, const c10::BFloat16* o,
+                                const c10::BFloat16* dout) {
+  using V = typename Vec::V;
+  const AttentionBwdParams& p = *c.pb;
+  const int dv = c.dv, full = dv / kLanes * kLanes;
+  alignas(64) uint16_t tail_o[kLanes] = {}, tail_g[kLanes] = {};
+  for (int i = 0; i < m; ++i) {
+    const uint16_t* orow = reinterpret_cast<const uint16_t*>(o + int64_t(i) * p.o_row_stride);
+    const uint16_t* grow = reinterpret_cast<const uint16_t*>(dout + int64_t(i) * p.do_row_stride);
+    V acc = Vec::zero();
+    for (int x = 0; x < full; x += kLanes)
+      acc = Vec::add(acc, Vec::mul(Vec::load_bf16(orow + x), Vec::load_bf16(grow + x)));
+    if (full < dv) {
+      std::memcpy(tail_o, orow + full, size_t(dv - full) * sizeof(uint16_t));
+      std::memcpy(tail_g, grow + full, size_t(dv - full) * sizeof(uint16_t));
+      acc = Vec::add(acc, Vec::mul(Vec::load_bf16(tail_o), Vec::load_bf16(tail_g)));
+    }
+    c.dsum[dsum_index(c, si, h, i0 + i)] = Vec::sum_halves(acc);
   }
 }
 
@@ -306,11 +341,29 @@ PFA_INLINE int owned_keys(const AttentionFwdParams& p, const SeqInfo& si) {
   return si.varlen ? p.cu_seqlens_k[si.bi + 1] - p.cu_seqlens_k[si.bi] : p.seqlen_k;
 }
 
+// out[x] = src[x] * scale as T for x < cols. kVec (bf16 on the dot-product
+// path): 16 at a time by Vec::store_bf16 (vcvtneps2bf16: round to nearest
+// even, as from_f32, but denormals flushed to zero); the scalar from_f32 with
+// its NaN select was ~14% of the task code outside the products of the bf16
+// S256 backward (PERF_NOTES "bf16 backward, session 5").
+template <class Vec, typename T, bool kVec>
+PFA_INLINE void store_scaled_row(const float* PFA_RESTRICT src, float scale, int cols, T* PFA_RESTRICT out) {
+  int x = 0;
+  if constexpr (kVec) {
+    const typename Vec::V s = Vec::set1(scale);
+    uint16_t* o = reinterpret_cast<uint16_t*>(out);
+    for (; x + kLanes <= cols; x += kLanes) Vec::store_bf16(o + x, Vec::mul(Vec::load(src + x), s));
+  }
+  for (; x < cols; ++x) out[x] = from_f32<T>(src[x] * scale);
+}
+
 // dK = scale * acc1 and dV = acc2 for key rows j0 .. j0 + owned - 1 of kv
 // head hk; rows from n on (past len_k) get zeros.
-template <typename T>
+template <class Isa, typename T, typename CT>
 PFA_INLINE void store_dkdv(const Ctx& c, const BwdScratch& w, const SeqInfo& si, int hk, int j0, int owned,
                            int n) {
+  constexpr bool kVec = Tiles<T, CT>::kPairs;
+  using Vec = typename Isa::Vec;
   const AttentionBwdParams& p = *c.pb;
   T* dk = static_cast<T*>(p.dk) + si.k_row(j0, p.dk_batch_stride, p.dk_row_stride) +
           int64_t(hk) * p.dk_head_stride;
@@ -321,10 +374,8 @@ PFA_INLINE void store_dkdv(const Ctx& c, const BwdScratch& w, const SeqInfo& si,
     T* PFA_RESTRICT krow = dk + int64_t(j) * p.dk_row_stride;
     T* PFA_RESTRICT vrow = dv + int64_t(j) * p.dv_row_stride;
     if (j < n) {
-      const float* PFA_RESTRICT ak = w.acc1 + int64_t(j) * c.d;
-      const float* PFA_RESTRICT av = w.acc2 + int64_t(j) * c.dv;
-      for (int x = 0; x < c.d; ++x) krow[x] = from_f32<T>(ak[x] * scale);
-      for (int x = 0; x < c.dv; ++x) vrow[x] = from_f32<T>(av[x] * vscale);
+      store_scaled_row<Vec, T, kVec>(w.acc1 + int64_t(j) * c.d, scale, c.d, krow);
+      store_scaled_row<Vec, T, kVec>(w.acc2 + int64_t(j) * c.dv, vscale, c.dv, vrow);
     } else {
       for (int x = 0; x < c.d; ++x) krow[x] = from_f32<T>(0.0f);
       for (int x = 0; x < c.dv; ++x) vrow[x] = from_f32<T>(0.0f);

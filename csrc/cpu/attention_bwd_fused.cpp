@@ -185,7 +185,7 @@ PFA_INLINE void bwd_fused_block(const Ctx& c, const BwdScratch& w, const Task& t
         }
       }
     }
-    store_dkdv<T>(c, w, si, hk, j0, owned, n);
+    store_dkdv<Isa, T, CT>(c, w, si, hk, j0, owned, n);
   }
 }
 
@@ -201,8 +201,10 @@ PFA_INLINE void bwd_prep_block(const Ctx& c, const Task& t) {
                int64_t(t.h) * p.o_head_stride;
   const T* dout = static_cast<const T*>(p.dout) + si.q_row(t.i0, p.do_batch_stride, p.do_row_stride) +
                   int64_t(t.h) * p.do_head_stride;
-  fill_dsum<T, TL::kPairs>(c, si, t.h, t.i0, m, o, dout);
-  if constexpr (TL::kPairs) {
+  if constexpr (!TL::kPairs) {
+    fill_dsum<T>(c, si, t.h, t.i0, m, o, dout);
+  } else {
+    fill_dsum_lanes<Vec>(c, si, t.h, t.i0, m, o, dout);
     if (!c.qo_pack) return;
     const T* q = static_cast<const T*>(p.q) + si.q_row(t.i0, p.q_batch_stride, p.q_row_stride) +
                  int64_t(t.h) * p.q_head_stride;
@@ -216,7 +218,7 @@ PFA_INLINE void bwd_prep_block(const Ctx& c, const Task& t) {
 
 // One-pass backward, after it: dQ = scale * (sum of the chunks' partials in
 // chunk order) for one query block.
-template <typename T>
+template <class Vec, typename T, bool kVec>
 PFA_INLINE void bwd_reduce_block(const Ctx& c, float* acc_row, const Task& t) {
   const AttentionBwdParams& p = *c.pb;
   const SeqInfo si(p, t.b);
@@ -234,8 +236,7 @@ PFA_INLINE void bwd_reduce_block(const Ctx& c, float* acc_row, const Task& t) {
       const float* PFA_RESTRICT src = c.dq_part + at * c.d;
       for (int x = 0; x < c.d; ++x) acc[x] += src[x];
     }
-    T* PFA_RESTRICT out = dq + int64_t(i) * p.dq_row_stride;
-    for (int x = 0; x < c.d; ++x) out[x] = from_f32<T>(acc[x] * scale);
+    store_scaled_row<Vec, T, kVec>(acc, scale, c.d, dq + int64_t(i) * p.dq_row_stride);
   }
 }
 
@@ -248,7 +249,7 @@ struct FusedBody {
       Carver cv(scratch);
       bwd_fused_block<Isa, T, CT>(c, carve_bwd(cv, c), t);
     } else {
-      bwd_reduce_block<T>(c, scratch, t);
+      bwd_reduce_block<typename Isa::Vec, T, Tiles<T, CT>::kPairs>(c, scratch, t);
     }
   }
 };

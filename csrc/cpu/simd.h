@@ -117,6 +117,17 @@ constexpr float kExp2Poly[kExp2Degree + 1] = {  // ln(2)^k / k!, k = 6 .. 0
     6.9314718055994531e-1f,
     1.0f};
 
+// 2^f for a value rounded to bf16 next (the AVX512-BF16 backward's P and dS,
+// grad_tile): degree 3 with p(0) = 1, fitted for the least maximum relative
+// error on [-0.5, 0.5]: 1.01e-4, against 2^-9 = 1.95e-3 for the bf16 rounding,
+// so the rounded value is the same or one bf16 ulp off; three FMAs fewer per
+// exponential than kExp2Poly. (The forward tried it for its P in 0df1d71 and
+// reverted it: its lse, which is not rounded, lost accuracy; the backward
+// computes no lse.)
+constexpr int kExp2Bf16Degree = 3;
+constexpr float kExp2Bf16Poly[kExp2Bf16Degree + 1] = {5.500872061e-02f, 2.422104627e-01f, 6.932829022e-01f,
+                                                       1.0f};
+
 // Scalar form, for x <= 127: exactly 0 below -126 (so -inf, a masked score,
 // gives 0). n by the 1.5 * 2^23 rounding trick, 2^n by building the exponent.
 PFA_INLINE float exp2_approx(float x) {
@@ -288,6 +299,19 @@ struct VecPortable {
   static void store_bf16(uint16_t* p, const V& a) {
     for (int v = 0; v < kLanes; ++v) p[v] = f32_to_bf16_bits(a.x[v]);
   }
+  // 16 bf16 values (raw bits) widened to fp32, exactly.
+  static V load_bf16(const uint16_t* p) {
+    V r;
+    for (int v = 0; v < kLanes; ++v) r.x[v] = bf16_bits_to_f32(p[v]);
+    return r;
+  }
+  // The lanes' sum by halves: lane l += lane l + 8 (l < 8), then + 4, + 2, + 1.
+  static float sum_halves(V a) {
+    for (int half = kLanes / 2; half > 0; half /= 2) {
+      for (int v = 0; v < half; ++v) a.x[v] += a.x[v + half];
+    }
+    return a.x[0];
+  }
   // 16 attn_mask entries as log2-unit additive bias.
   template <typename M>
   static void mask_bias16(const M* row, float* out) {
@@ -327,6 +351,16 @@ struct VecAvx512 {
     for (int i = 1; i < kExp2Degree + 1; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
     return _mm512_scalef_ps(p, n);
   }
+  // exp2 with kExp2Bf16Poly: for values rounded to bf16 next.
+  PFA_AVX512 static inline V exp2_bf16(V x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
+    const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm512_sub_ps(x, n);
+    V p = _mm512_set1_ps(kExp2Bf16Poly[0]);
+#pragma GCC unroll 4
+    for (int i = 1; i < kExp2Bf16Degree + 1; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Bf16Poly[i]));
+    return _mm512_scalef_ps(p, n);
+  }
   // Pairs (lo[i], hi[i]) as bf16, round to nearest even: one conversion of
   // both vectors and one word shuffle.
   PFA_AVX512_BF16 static inline void store_pairs(uint32_t* p, V lo, V hi) {
@@ -337,6 +371,17 @@ struct VecAvx512 {
   }
   PFA_AVX512_BF16 static inline void store_bf16(uint16_t* p, V a) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(a));
+  }
+  PFA_AVX512 static inline V load_bf16(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  // VecPortable::sum_halves's order, in registers.
+  PFA_AVX512 static inline float sum_halves(V a) {
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
   }
   template <typename M>
   PFA_AVX512 static inline void mask_bias16(const M* row, float* out) {
