@@ -3,11 +3,12 @@
 At decode and small-training sizes the time per call is mostly fixed cost
 (argument checks, routing, the dispatcher, autograd bookkeeping), not the
 kernel. This times, in one process and interleaved round by round (A B A B
-...), per-call wall time of:
+...), the per-call time of:
 
 * ``pyfastattn.attention`` and ``torch.nn.functional.scaled_dot_product_attention``
-  on the same tensors (SDPA gets the (B, H, S, D) transposed views of the same
-  memory), with the raw op ``torch.ops.pyfastattn.attention_fwd`` beside them;
+  (SDPA and pyfastattn's drop-in ``pyfastattn.scaled_dot_product_attention``
+  on contiguous (B, H, S, D) tensors, ``attention`` on (B, S, H, D) ones of
+  the same values), with the raw op ``torch.ops.pyfastattn.attention_fwd``;
   in ``no_grad`` and in grad mode with inputs that do not require grad;
   decode (Sq 1) MHA and GQA, and S64 forward and forward + backward;
 * ``pyfastattn.attention_with_kvcache`` (one token appended to a 128-slot
@@ -65,11 +66,14 @@ def attention_cases(dtype: torch.dtype):
         q = torch.randn(b, sq, hq, d, dtype=dtype)
         k = torch.randn(b, sk, hk, d, dtype=dtype)
         v = torch.randn(b, sk, hk, d, dtype=dtype)
-        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         gqa = hq != hk
         scale = d**-0.5
         fns = {
             "pyfastattn": lambda q=q, k=k, v=v: pyfastattn.attention(q, k, v),
+            "pyfastattn sdpa drop-in": lambda qt=qt, kt=kt, vt=vt, gqa=gqa: (
+                pyfastattn.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
+            ),
             "sdpa": lambda qt=qt, kt=kt, vt=vt, gqa=gqa: F.scaled_dot_product_attention(
                 qt, kt, vt, enable_gqa=gqa
             ),
@@ -79,23 +83,27 @@ def attention_cases(dtype: torch.dtype):
         }
         for mode in ("no_grad", "grad"):
             cases.append((f"{label} {mode}", mode, fns))
-    # forward + backward at S64, causal (a training step's attention)
+    # forward + backward at S64 (a training step's attention)
     b, s, h, d = 1, 64, 8, 64
     q, k, v = (torch.randn(b, s, h, d, dtype=dtype, requires_grad=True) for _ in range(3))
-    g = torch.randn(b, s, h, d, dtype=dtype)
-    gt = g.transpose(1, 2)
+    qt, kt, vt = (torch.randn(b, h, s, d, dtype=dtype, requires_grad=True) for _ in range(3))
+    g, gt = torch.randn(b, s, h, d, dtype=dtype), torch.randn(b, h, s, d, dtype=dtype)
+    for causal in (False, True):
 
-    def ours():
-        out = pyfastattn.attention(q, k, v, causal=True)
-        torch.autograd.grad(out, (q, k, v), g)
+        def ours(causal=causal):
+            torch.autograd.grad(pyfastattn.attention(q, k, v, causal=causal), (q, k, v), g)
 
-    def sdpa():
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
-        torch.autograd.grad(out, (q, k, v), gt)
+        def dropin(causal=causal):
+            out = pyfastattn.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            torch.autograd.grad(out, (qt, kt, vt), gt)
 
-    cases.append(("fwd+bwd causal B1 H8 S64 D64", "grad", {"pyfastattn": ours, "sdpa": sdpa}))
+        def sdpa(causal=causal):
+            torch.autograd.grad(
+                F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal), (qt, kt, vt), gt
+            )
+
+        name = f"fwd+bwd{' causal' if causal else ''} B1 H8 S64 D64"
+        cases.append((name, "grad", {"pyfastattn": ours, "pyfastattn sdpa drop-in": dropin, "sdpa": sdpa}))
     return cases
 
 

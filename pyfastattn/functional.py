@@ -40,6 +40,7 @@ _CUDA_MAX_HEAD_DIM = 256
 # path below runs as before. Not while torch.compile traces (dynamo traces
 # the Python path and the op), nor under backend "reference".
 _attention_fast = getattr(_ops._C, "attention_fast", None)
+_sdpa_fast = getattr(_ops._C, "sdpa_fast", None)
 
 # Devices (by CUDA capability) on which the CUDA forward kernel passed
 # scripts/gpu_check.sh. Until a device is listed, backend "auto" runs torch's
@@ -605,6 +606,15 @@ def scaled_dot_product_attention(
     ``__torch_function__`` get it called, as torch's own function does; nested
     tensors are handed to torch's implementation.
     """
+    if (
+        attn_mask is None
+        and _sdpa_fast is not None
+        and _backend._state["backend"] != "reference"
+        and not _is_compiling()
+    ):
+        out = _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     alignment = _causal_bias_alignment(attn_mask)
     if alignment is not None:
         if is_causal:

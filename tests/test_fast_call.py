@@ -336,3 +336,76 @@ def test_kvcache_memory_checks_of_the_op_still_raise():
     with pytest.raises(ValueError, match=r"cache_seqlens\[2\] \+ seqlen_new = 40 \+ 1 = 41 exceeds"):
         pyfastattn.attention_with_kvcache(q, kc, vc, k, v, **kw)
     assert _ops.has_kernel("attention_kvcache_fwd", "cpu")
+
+
+# ---------------------------------------------------------------------------
+# scaled_dot_product_attention (the drop-in)
+# ---------------------------------------------------------------------------
+
+sdpa_fast = functional._sdpa_fast
+
+
+def bhsd(b=2, hq=4, hk=4, lq=5, sk=9, e=16, dtype=torch.float32, **kw):
+    g = torch.Generator().manual_seed(1)
+    return tuple(
+        torch.randn(b, h, s, e, generator=g, dtype=dtype, **kw) for h, s in ((hq, lq), (hk, sk), (hk, sk))
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape, kw",
+    [
+        ((2, 4, 4, 5, 9, 16), {}),
+        ((2, 4, 4, 9, 9, 16), dict(is_causal=True)),
+        ((1, 8, 2, 1, 33, 64), dict(enable_gqa=True, scale=0.2)),
+        ((3, 3, 3, 17, 6, 40), dict(is_causal=True, scale=1)),
+    ],
+)
+def test_sdpa_fast_path_taken_and_identical(monkeypatch, dtype, shape, kw):
+    q, k, v = bhsd(*shape, dtype=dtype)
+    assert (
+        sdpa_fast(q, k, v, 0.0, kw.get("is_causal", False), kw.get("scale"), kw.get("enable_gqa", False))
+        is not None
+    )
+    got = pyfastattn.scaled_dot_product_attention(q, k, v, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(functional, "_sdpa_fast", None)
+        want = pyfastattn.scaled_dot_product_attention(q, k, v, **kw)
+    assert got.shape == want.shape and got.stride() == want.stride() and torch.equal(got, want)
+
+
+def test_sdpa_fast_path_gradients(monkeypatch):
+    q, k, v = bhsd(requires_grad=True)
+    g = torch.randn(2, 4, 5, 16)
+    got = torch.autograd.grad(pyfastattn.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), g)
+    with monkeypatch.context() as m:
+        m.setattr(functional, "_sdpa_fast", None)
+        out = pyfastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for a, b in zip(got, torch.autograd.grad(out, (q, k, v), g)):
+        assert torch.equal(a, b)
+
+
+def test_sdpa_other_cases_take_the_python_path():
+    q, k, v = bhsd()
+    assert sdpa_fast(q, k, v, 0.1, False, None, False) is None  # dropout
+    assert (
+        sdpa_fast(*bhsd(hk=1), 0.0, False, None, False) is None
+    )  # one key head broadcast without enable_gqa
+    assert sdpa_fast(q, k[:1], v[:1], 0.0, False, None, False) is None  # broadcast batch
+    assert sdpa_fast(q[0], k[0], v[0], 0.0, False, None, False) is None  # 3-D
+    assert sdpa_fast(q.double(), k.double(), v.double(), 0.0, False, None, False) is None
+    for bad, match in (
+        (dict(scale=float("inf")), "scale must be a finite number"),
+        (dict(dropout_p=2.0), r"dropout_p must be in \[0, 1\], got 2.0"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=match):
+            pyfastattn.scaled_dot_product_attention(q, k, v, **bad)
+    with pytest.raises(
+        InvalidArgumentError, match=r"key.shape\[-1\] must equal query.shape\[-1\] \(16\), got 8"
+    ):
+        pyfastattn.scaled_dot_product_attention(q, bhsd(e=8)[1], v)
+    with pytest.raises(
+        InvalidArgumentError, match=r"query heads \(4\) must be a multiple of key heads \(3\)"
+    ):
+        pyfastattn.scaled_dot_product_attention(q, *bhsd(hk=3)[1:], enable_gqa=True)

@@ -121,16 +121,21 @@ bool window_pair(PyObject* o, int64_t& left, int64_t& right) {
   return true;
 }
 
-// softcap (finite, >= 0) and softmax_scale (None or finite) as the Python
-// path accepts them; the default scale is 1/sqrt(d).
-bool softcap_scale(PyObject* softcap_o, PyObject* scale_o, int64_t d, double& softcap, double& scale) {
-  if (!exact_number(softcap_o, softcap) || !(softcap >= 0.0 && std::isfinite(softcap))) return false;
+// softmax_scale / scale: None (1/sqrt(d)) or a finite number, as the Python
+// path accepts it.
+bool scale_arg(PyObject* scale_o, int64_t d, double& scale) {
   if (scale_o == Py_None) {
     if (d <= 0) return false;
     scale = 1.0 / std::sqrt(static_cast<double>(d));
     return true;
   }
   return exact_number(scale_o, scale) && std::isfinite(scale);
+}
+
+// softcap (finite, >= 0) and softmax_scale, as _check_window_softcap_scale.
+bool softcap_scale(PyObject* softcap_o, PyObject* scale_o, int64_t d, double& softcap, double& scale) {
+  if (!exact_number(softcap_o, softcap) || !(softcap >= 0.0 && std::isfinite(softcap))) return false;
+  return scale_arg(scale_o, d, scale);
 }
 
 // Releases the GIL for the op (as torch.ops and torch's own functions do);
@@ -165,6 +170,27 @@ PyObject* wrap_result(std::tuple<at::Tensor, at::Tensor>&& r, bool return_lse) {
   Py_DECREF(out);
   Py_DECREF(lse);
   return pair;
+}
+
+// torch.ops.pyfastattn.attention_fwd(q, k, v, ...) for the dense call
+// without mask, key lengths, dropout or ALiBi, through the dispatcher.
+std::tuple<at::Tensor, at::Tensor> call_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, int64_t sq, int64_t sk,
+                                                      double scale, double softcap, int64_t wl, int64_t wr,
+                                                      bool bottom_right) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pyfastattn::attention_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+              const OptTensor&, const OptTensor&, int64_t, int64_t, double, double, int64_t, int64_t, bool,
+              double, const OptTensor&, const OptTensor&)>();
+  const bool below = below_autograd_ok({&q, &k, &v});
+  ReleaseGil nogil;
+  std::optional<at::AutoDispatchBelowADInplaceOrView> guard;
+  if (below) guard.emplace();
+  return op.call(q, k, v, std::nullopt, std::nullopt, std::nullopt, std::nullopt, sq, sk, scale, softcap, wl, wr,
+                 bottom_right, 0.0, std::nullopt, std::nullopt);
 }
 
 // attention_fast(q, k, v, causal, window_size, softcap, softmax_scale,
@@ -203,23 +229,49 @@ PyObject* attention_fast(PyObject* /*self*/, PyObject* const* args, Py_ssize_t n
   if (wl < 0) wl = -1;
   if (wr < 0) wr = -1;
 
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pyfastattn::attention_fwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-              const OptTensor&, const OptTensor&, int64_t, int64_t, double, double, int64_t, int64_t, bool,
-              double, const OptTensor&, const OptTensor&)>();
-  const bool below = below_autograd_ok({&q, &k, &v});
-  std::tuple<at::Tensor, at::Tensor> r;
-  {
-    ReleaseGil nogil;
-    std::optional<at::AutoDispatchBelowADInplaceOrView> guard;
-    if (below) guard.emplace();
-    r = op.call(q, k, v, std::nullopt, std::nullopt, std::nullopt, std::nullopt, sq, sk, scale, softcap, wl, wr,
-                /*bottom_right=*/true, 0.0, std::nullopt, std::nullopt);
+  return wrap_result(call_attention_fwd(q, k, v, sq, sk, scale, softcap, wl, wr, /*bottom_right=*/true), return_lse);
+  END_HANDLE_TH_ERRORS
+}
+
+// sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa)
+//     -> out | None
+// pyfastattn.scaled_dot_product_attention with attn_mask None (Python checks
+// that, the backend and torch.compile) on 4-D (B, H, L, E) tensors with equal
+// batch sizes: the (B, L, H, E) views of the Python path, top-left causal.
+PyObject* sdpa_fast(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 7) {
+    PyErr_SetString(PyExc_TypeError, "sdpa_fast takes 7 arguments");
+    return nullptr;
   }
-  return wrap_result(std::move(r), return_lse);
+  const at::Tensor* qp = plain_cpu(args[0]);
+  const at::Tensor* kp = plain_cpu(args[1]);
+  const at::Tensor* vp = plain_cpu(args[2]);
+  if (!qp || !kp || !vp || at::impl::torch_function_mode_enabled()) Py_RETURN_NONE;
+  const at::Tensor &query = *qp, &key = *kp, &value = *vp;
+  if (query.dim() != 4 || key.dim() != 4 || value.dim() != 4) Py_RETURN_NONE;
+  const at::ScalarType dt = query.scalar_type();
+  if (!kernel_dtype_cpu(dt) || key.scalar_type() != dt || value.scalar_type() != dt) Py_RETURN_NONE;
+  const int64_t b = query.size(0), hq = query.size(1), lq = query.size(2), e = query.size(3);
+  const int64_t hk = key.size(1), sk = key.size(2);
+  if (key.size(0) != b || value.size(0) != b) Py_RETURN_NONE;  // broadcast batches: the Python path
+  if (key.size(3) != e || value.size(2) != sk || value.size(1) != hk) Py_RETURN_NONE;
+  if (query.numel() == 0 || key.numel() == 0 || value.numel() == 0) Py_RETURN_NONE;
+  if (query.stride(3) != 1 || key.stride(3) != 1 || value.stride(3) != 1) Py_RETURN_NONE;
+  bool causal = false, gqa = false;
+  double dropout_p = 0.0, scale = 0.0;
+  if (!exact_number(args[3], dropout_p) || dropout_p != 0.0 || !truth(args[4], causal) || !truth(args[6], gqa))
+    Py_RETURN_NONE;
+  // Heads: equal, or a multiple with enable_gqa (one key head without it is
+  // broadcast by the Python path).
+  if (hk <= 0 || (gqa ? hq % hk != 0 : hk != hq)) Py_RETURN_NONE;
+  if (!scale_arg(args[5], e, scale)) Py_RETURN_NONE;
+  auto r = call_attention_fwd(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lq, sk, scale,
+                              0.0, -1, causal ? 0 : -1, /*bottom_right=*/false);
+  // As the Python path: back to (B, H, L, Ev) by a transpose and a reshape
+  // (which gives the strides of size-1 dims the same values as there).
+  const at::Tensor& out = std::get<0>(r);
+  return THPVariable_Wrap(out.transpose(1, 2).reshape({b, hq, lq, out.size(3)}));
   END_HANDLE_TH_ERRORS
 }
 
@@ -347,6 +399,8 @@ PyObject* attention_kvcache_fast(PyObject* /*self*/, PyObject* const* args, Py_s
 PyMethodDef methods[] = {
     {"attention_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention_fast)), METH_FASTCALL,
      "The small-call fast path of pyfastattn.attention (None: take the Python path)."},
+    {"sdpa_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&sdpa_fast)), METH_FASTCALL,
+     "The small-call fast path of pyfastattn.scaled_dot_product_attention (None: take the Python path)."},
     {"attention_kvcache_fast",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention_kvcache_fast)), METH_FASTCALL,
      "The small-call fast path of pyfastattn.attention_with_kvcache (None: take the Python path)."},
