@@ -409,3 +409,29 @@ def test_sdpa_other_cases_take_the_python_path():
         InvalidArgumentError, match=r"query heads \(4\) must be a multiple of key heads \(3\)"
     ):
         pyfastattn.scaled_dot_product_attention(q, *bhsd(hk=3)[1:], enable_gqa=True)
+
+
+def test_call_overhead_benchmark_runs():
+    """benchmarks/call_overhead.py in smoke form: every case prints its times and ratios."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "benchmarks", "call_overhead.py"),
+            "--rounds",
+            "1",
+            "--calls",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    for case in ("decode MHA B1 H8 Sq1 Sk128 D64 no_grad", "fwd+bwd causal B1 H8 S64 D64", "kvcache decode"):
+        assert case in out, out
+    assert out.count("pyfastattn/sdpa") >= 10, out
