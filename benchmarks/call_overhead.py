@@ -23,19 +23,40 @@ baseline (< 1: pyfastattn is faster), with ``uptime`` before and after.
 
     python benchmarks/call_overhead.py                # one thread (default)
     python benchmarks/call_overhead.py --threads 2 --rounds 9 --calls 2000
+    python benchmarks/call_overhead.py --tree /tmp/before   # pyfastattn from another tree
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
+import sys
 import time
 
-import torch
-import torch.nn.functional as F
 
-import pyfastattn
+def _import_from_tree() -> None:
+    """``--tree DIR``: import pyfastattn from DIR (a tree with its built
+    ``_C*.so``, e.g. ``git archive <commit> pyfastattn | tar -x -C DIR`` plus
+    the saved ``.so``) instead of the installed one, for before/after runs of
+    two builds alternated process by process. An editable install's import
+    hook would take precedence over ``sys.path``, so it is removed here."""
+    if "--tree" not in sys.argv:
+        return
+    i = sys.argv.index("--tree")
+    tree = sys.argv[i + 1]
+    del sys.argv[i : i + 2]
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
+    sys.path.insert(0, tree)
+
+
+_import_from_tree()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import pyfastattn  # noqa: E402
 
 
 def uptime() -> str:
@@ -156,6 +177,7 @@ def main() -> None:
     print(
         f"# torch {torch.__version__}, {args.threads} thread(s), {args.dtype}, {args.rounds} rounds x {args.calls} calls, {clock_name}"
     )
+    print(f"# pyfastattn from {os.path.dirname(pyfastattn.__file__)}")
     print(f"# uptime: {uptime()}")
     cases = attention_cases(dtype) + kvcache_cases(dtype)
     for name, mode, fns in cases:
