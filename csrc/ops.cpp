@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "attention/api.h"
+#include "attention/fast_call.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/attention_kvcache.h"
 #include "cpu/peak_probe.h"
@@ -225,6 +226,8 @@ static PyModuleDef pyfastattn_module = {PyModuleDef_HEAD_INIT, "_C",
                                         "pyfastattn compiled kernels", -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
+  // The small-call fast paths (attention/fast_call.cpp).
+  pyfastattn_module.m_methods = pyfastattn::fast_call_methods();
   PyObject* m = PyModule_Create(&pyfastattn_module);
   if (m == nullptr) return nullptr;
 #ifdef PYFASTATTN_WITH_CUDA

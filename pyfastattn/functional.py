@@ -33,6 +33,15 @@ _KERNEL_DTYPES = {
 }
 _CUDA_MAX_HEAD_DIM = 256
 
+# The small-call fast path (csrc/attention/fast_call.cpp): one C++ pass that
+# makes this module's checks for plain dense CPU tensors and calls the op with
+# unboxed arguments, below the Autograd key when nothing needs a gradient. It
+# returns None for anything else (and for anything invalid), and the Python
+# path below runs as before. Not while torch.compile traces (dynamo traces
+# the Python path and the op), nor under backend "reference".
+_attention_fast = getattr(_ops._C, "attention_fast", None)
+_sdpa_fast = getattr(_ops._C, "sdpa_fast", None)
+
 # Devices (by CUDA capability) on which the CUDA forward kernel passed
 # scripts/gpu_check.sh. Until a device is listed, backend "auto" runs torch's
 # own scaled_dot_product_attention there (or the reference for what SDPA
@@ -597,6 +606,15 @@ def scaled_dot_product_attention(
     ``__torch_function__`` get it called, as torch's own function does; nested
     tensors are handed to torch's implementation.
     """
+    if (
+        attn_mask is None
+        and _sdpa_fast is not None
+        and _backend._state["backend"] != "reference"
+        and not _is_compiling()
+    ):
+        out = _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     alignment = _causal_bias_alignment(attn_mask)
     if alignment is not None:
         if is_causal:
@@ -847,6 +865,19 @@ def attention(
     ``-slope * |i + Sk - Sq - j|`` to the score of query i and key j
     (FlashAttention's ALiBi, whatever the causal alignment).
     """
+    if (
+        cu_seqlens_q is None
+        and cu_seqlens_k is None
+        and seqused_k is None
+        and alibi_slopes is None
+        and not return_dropout_mask
+        and _attention_fast is not None
+        and _backend._state["backend"] != "reference"
+        and not _is_compiling()
+    ):
+        out = _attention_fast(q, k, v, causal, window_size, softcap, softmax_scale, return_lse, dropout_p)
+        if out is not None:
+            return out
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(t, name)
     _check_dtype(q, "q")

@@ -50,6 +50,11 @@ _KERNEL_DTYPES = {
 # PyTorch path on CUDA until a capability is listed; "kernel" runs them.
 KVCACHE_CUDA_VERIFIED_CAPABILITIES: tuple[tuple[int, int], ...] = ()
 
+# The small-call fast path (csrc/attention/fast_call.cpp): this function's
+# checks for plain CPU tensors without ALiBi in one C++ pass, then the op with
+# unboxed arguments; None for anything else, and the Python path runs as before.
+_kvcache_fast = getattr(_ops._C, "attention_kvcache_fast", None)
+
 
 def _aligned16(t: torch.Tensor | None) -> bool:
     """16-byte aligned with every stride but the last a multiple of 16 bytes:
@@ -187,6 +192,18 @@ def attention_with_kvcache(
     log-sum-exp (B, Hq, Sq) (-inf for a row that sees no key). Not
     differentiable (inference only).
     """
+    if (
+        _kvcache_fast is not None
+        and _backend._state["backend"] != "reference"
+        and not torch.compiler.is_compiling()
+    ):
+        res = _kvcache_fast(
+            q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
+            rotary_sin, rotary_interleaved, causal, window_size, softcap, softmax_scale, alibi_slopes, return_lse,
+            num_splits,
+        )  # fmt: skip
+        if res is not None:
+            return res
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

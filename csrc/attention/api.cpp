@@ -183,11 +183,17 @@ at::Tensor empty_dense_like_layout(const at::Tensor& q, at::IntArrayRef sizes) {
   std::array<int64_t, 3> order = {0, 1, 2};
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return q.stride(a) > q.stride(b); });
-  const at::Tensor buf =
-      at::empty({sizes[order[0]], sizes[order[1]], sizes[order[2]], sizes[3]}, q.options());
-  std::array<int64_t, 4> inverse = {0, 0, 0, 3};
-  for (int64_t i = 0; i < 3; ++i) inverse[order[i]] = i;
-  return buf.permute(inverse);
+  // The strides of a contiguous buffer of the sizes in that order, permuted
+  // back; one empty_strided instead of empty + permute (one dispatch and one
+  // tensor less per call: ~0.3 us of a decode call, PERF_NOTES "The fixed
+  // cost of a call").
+  std::array<int64_t, 4> strides = {0, 0, 0, 1};
+  int64_t step = sizes[3];
+  for (int64_t i = 2; i >= 0; --i) {
+    strides[order[i]] = step;
+    step *= sizes[order[i]];
+  }
+  return at::empty_strided(sizes, strides, q.options());
 }
 }  // namespace
 
