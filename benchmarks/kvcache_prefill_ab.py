@@ -63,8 +63,9 @@ def main() -> None:
     for _ in range(rounds):
         for case in cases:
             for build in builds:
-                out = subprocess.run([sys.executable, "-c", CHILD, build, *map(str, case)],
-                                     capture_output=True, text=True)
+                out = subprocess.run(
+                    [sys.executable, "-c", CHILD, build, *map(str, case)], capture_output=True, text=True
+                )
                 if out.returncode:
                     sys.exit(f"{build} {case}: {out.stderr[-2000:]}")
                 res.setdefault((case, build), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
