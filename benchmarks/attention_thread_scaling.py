@@ -97,7 +97,13 @@ def main() -> None:
                         f"{name:34s} | {ms:7.3f} {flops / (ms * 1e-3) / peaks[dt_name]:6.1%} | "
                         f"{statistics.median(t1):7.3f} | {statistics.median(ratio):.2f} ({q20:.2f}-{q80:.2f})"
                     )
-    print(f"1-minute load before {load0:.2f}, after {os.getloadavg()[0]:.2f}")
+    load1 = os.getloadavg()[0]
+    print(f"1-minute load before {load0:.2f}, after {load1:.2f}")
+    if max(load0, load1) > n - 0.5:
+        print(
+            f"WARNING: a load above {n - 0.5:.1f} means other work shared the {n} cores: the {n}-thread "
+            "times (and the peak they are divided by) are not valid; run again on a quiet machine"
+        )
 
 
 if __name__ == "__main__":
