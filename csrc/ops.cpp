@@ -15,6 +15,7 @@
 #include "attention/fast_call.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/attention_kvcache.h"
+#include "env_switch.h"
 #include "cpu/peak_probe.h"
 
 namespace pyfastattn {
@@ -39,13 +40,7 @@ namespace {
 // PYFASTATTN_CPU_FEW_ROWS=tiled (read once) keeps every dense forward on the
 // tiled kernel, for A/B measurements (benchmarks/few_rows_route_ab.py).
 bool few_rows_route_enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("PYFASTATTN_CPU_FEW_ROWS");
-    const std::string v = env ? env : "";
-    TORCH_CHECK_VALUE(v.empty() || v == "kvcache" || v == "tiled",
-                      "PYFASTATTN_CPU_FEW_ROWS must be 'kvcache' (the default) or 'tiled', got '", v, "'");
-    return v != "tiled";
-  }();
+  static const bool on = !env_switch_is("PYFASTATTN_CPU_FEW_ROWS", "kvcache", "tiled");
   return on;
 }
 

@@ -3,6 +3,7 @@ values; never a crash, a hang, or a read outside a tensor."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -207,3 +208,44 @@ def test_hostile_metadata_in_subprocess(name):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"crashed with {r.returncode}: {r.stderr[-2000:]}"
     assert "ERROR:" in r.stdout and expected in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+# The CPU kernel's A/B switches (read once per process, hence subprocesses):
+# a value that is neither of the two is a ValueError naming the variable and
+# both accepted values, never a silent default.
+@pytest.mark.parametrize(
+    ("var", "good", "shape_q", "shape_k"),
+    [
+        # Sq1, 4 query rows per kv head over 600 keys: a call the few-rows route takes.
+        ("PYFASTATTN_CPU_FEW_ROWS", ("kvcache", "tiled"), (1, 1, 8, 64), (1, 600, 2, 64)),
+        # S512: the forward packs K and V once per call.
+        ("PYFASTATTN_CPU_KV_PACK", ("on", "off"), (1, 512, 8, 64), (1, 512, 8, 64)),
+    ],
+)
+def test_cpu_env_switch_rejects_unknown_values(var, good, shape_q, shape_k):
+    code = textwrap.dedent(
+        f"""
+        import torch, pyfastattn
+        q = torch.randn{shape_q}; k = torch.randn{shape_k}
+        try:
+            with pyfastattn.backend("kernel"):
+                pyfastattn.attention(q, k, k)
+        except ValueError as e:
+            print("ValueError:", e)
+        else:
+            print("no error")
+        """
+    )
+    for value, expect in (("bogus", "ValueError"), (good[0], "no error"), (good[1], "no error")):
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, var: value},
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = r.stdout.strip().splitlines()[-1]
+        assert out.startswith(expect), out
+        if expect == "ValueError":
+            assert f"{var} must be '{good[0]}' (the default) or '{good[1]}', got 'bogus'" in out, out

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "../env_switch.h"
 #include "attention_cpu.h"
 #include "attention_decode.h"
 #include "attention_dropout.h"
@@ -364,13 +365,7 @@ struct KvPackBuffer;  // kept_buffer tag
 // always, as before the pack, for A/B runs of one build; "on" (the default)
 // packs by the rule in attention_fwd.
 bool kv_pack_allowed() {
-  static const bool on = [] {
-    const char* env = std::getenv("PYFASTATTN_CPU_KV_PACK");
-    const std::string v = env ? env : "";
-    TORCH_CHECK_VALUE(v.empty() || v == "on" || v == "off",
-                      "PYFASTATTN_CPU_KV_PACK must be 'on' (the default) or 'off', got '", v, "'");
-    return v != "off";
-  }();
+  static const bool on = !env_switch_is("PYFASTATTN_CPU_KV_PACK", "on", "off");
   return on;
 }
 
