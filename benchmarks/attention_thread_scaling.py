@@ -48,9 +48,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="the N of 1 -> N (default 2)")
     ap.add_argument("--rounds", type=int, default=7, help="N / 1 thread pairs per case (default 7)")
     ap.add_argument("--reps", type=int, default=9, help="timed calls per thread count and round (default 9)")
-    ap.add_argument("--seqlens", default="1024,2048")
-    ap.add_argument("--headdims", default="64,128")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument(
+        "--seqlens", default="1024,2048", help="sequence lengths, comma-separated (default 1024,2048)"
+    )
+    ap.add_argument("--headdims", default="64,128", help="head dims, comma-separated (default 64,128)")
+    ap.add_argument(
+        "--dtypes",
+        default="float32,bfloat16",
+        help="torch dtype names, comma-separated (default float32,bfloat16)",
+    )
     args = ap.parse_args()
 
     n = args.threads
@@ -60,7 +66,7 @@ def main() -> None:
         f"1-minute load {load0:.2f}; {n}-thread peak: "
         + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
     )
-    print(f"{'case (B1 H8)':34s} | {n}T ms  of peak | 1T ms | 1->{n} (p20-p80 of rounds)")
+    lines = []  # printed at the end, against the better of the two peak probes
     for dt_name in args.dtypes.split(","):
         dtype = getattr(torch, dt_name)
         for s in (int(x) for x in args.seqlens.split(",")):
@@ -93,10 +99,24 @@ def main() -> None:
                     cuts = statistics.quantiles(ratio, n=5)  # p20, p40, p60, p80
                     q20, q80 = cuts[0], cuts[3]
                     name = f"fwd S{s} D{d} {dt_name}{' causal' if causal else ''}"
-                    print(
-                        f"{name:34s} | {ms:7.3f} {flops / (ms * 1e-3) / peaks[dt_name]:6.1%} | "
-                        f"{statistics.median(t1):7.3f} | {statistics.median(ratio):.2f} ({q20:.2f}-{q80:.2f})"
+                    lines.append(
+                        (name, dt_name, ms, flops, statistics.median(t1), statistics.median(ratio), q20, q80)
                     )
+                    print(f"{name:34s} | {ms:7.3f} | {lines[-1][4]:7.3f} | {lines[-1][5]:.2f}", flush=True)
+    # The peak again: a probe taken while the hypervisor lent a thread's core
+    # elsewhere reads low (half, once, at load 1.2). The better of the two.
+    for dt in peaks:
+        peaks[dt] = max(peaks[dt], bc.cpu_peak(getattr(torch, dt), n, quick=True)[0] * 1e12)
+    print(
+        f"\n{n}-thread peak, the better of a probe before and one after: "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+    )
+    print(f"{'case (B1 H8)':34s} | {n}T ms  of peak | 1T ms | 1->{n} (p20-p80 of rounds)")
+    for name, dt_name, ms, flops, t1ms, ratio_med, q20, q80 in lines:
+        print(
+            f"{name:34s} | {ms:7.3f} {flops / (ms * 1e-3) / peaks[dt_name]:6.1%} | "
+            f"{t1ms:7.3f} | {ratio_med:.2f} ({q20:.2f}-{q80:.2f})"
+        )
     load1 = os.getloadavg()[0]
     print(f"1-minute load before {load0:.2f}, after {load1:.2f}")
     if max(load0, load1) > n - 0.5:

@@ -418,7 +418,10 @@ def test_default_grids_have_four_points_per_curve(device):
         assert all(len(x) >= 3 if not quick else len(x) >= 4 for x in curves.values()), curves
 
 
-@pytest.mark.parametrize("script", ["run.py", "ffn_bench.py", "ffn_decode_bench.py", "attention_peak_ab.py"])
+@pytest.mark.parametrize(
+    "script",
+    ["run.py", "ffn_bench.py", "ffn_decode_bench.py", "attention_peak_ab.py", "attention_thread_scaling.py"],
+)
 def test_every_flag_has_a_description(script):
     r = subprocess.run([sys.executable, os.path.join(BENCH, script), "--help"], capture_output=True,
                        text=True, timeout=120)  # fmt: skip
@@ -429,3 +432,23 @@ def test_every_flag_has_a_description(script):
     for entry in entries:
         flag, *rest = entry.strip().split("  ", 1)
         assert rest and rest[0].strip(), f"{script}: {flag} has no description"
+
+
+def test_thread_scaling_reports_every_case_against_the_better_peak():
+    """attention_thread_scaling.py in a tiny form: the peak line says it is the
+    better of two probes, and every case has its share of that peak and its
+    1 -> 2 ratio."""
+    r = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "attention_thread_scaling.py"), "--rounds", "2", "--reps", "1",
+         "--seqlens", "64", "--headdims", "32", "--dtypes", "float32"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "2-thread peak, the better of a probe before and one after: float32" in out, out
+    table = out[out.index("| 2T ms  of peak |") :].splitlines()[1:]
+    rows = [line for line in table if line.startswith("fwd S64 D32 float32")]
+    assert len(rows) == 2, out  # causal and not
+    for line in rows:
+        share = line.split("|")[1].split()[1]
+        assert share.endswith("%") and float(share[:-1]) > 0, line
