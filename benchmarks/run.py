@@ -631,34 +631,42 @@ def main(argv=None) -> int:
     # vector units and the read bandwidth, probed in this run (issue 21);
     # torch.matmul's rate is one more baseline (--full). CUDA: torch.matmul's
     # best rate and the device-copy bandwidth.
-    ceilings, roof_lines = {}, []
-    for dt in dtypes:
-        if device == "cpu":
-            prog.step(f"peak probe {dt}")
-            ceilings[dt], isa = bc.cpu_peak(dt, threads, quick, smoke=smoke)
-            line = f"{str(dt)[6:]} {ceilings[dt]:.3f} TFLOP/s ({isa})"
-            if not quick and not smoke:
-                mm = bc.matmul_ceiling(device, dt, threads, quick)
-                line += f", torch.matmul reaches {mm:.3f} ({mm / ceilings[dt]:.0%} of it)"
-            roof_lines.append(line)
-        else:
-            prog.step(f"matmul ceiling {dt}")
-            ceilings[dt] = bc.matmul_ceiling(device, dt, threads, quick, smoke=smoke)
-            roof_lines.append(f"{str(dt)[6:]} {ceilings[dt]:.3f} TFLOP/s")
-    if device == "cpu":
-        prog.step("read bandwidth")
-        copy_gbps = bc.cpu_read_bandwidth(threads, quick, smoke=smoke)
-        roof_desc = (
-            "peak (csrc/cpu/peak_probe.cpp: independent multiply-adds in registers on every thread, "
-            "the best of the samples, this run): " + "; ".join(roof_lines),
+    ceilings, isas, matmuls = {}, {}, {}
+
+    def cpu_roof_desc(probes: str) -> tuple[str, str]:
+        """The header's two CPU roof lines, from the probes taken so far."""
+        lines = []
+        for dt in dtypes:
+            line = f"{str(dt)[6:]} {ceilings[dt]:.3f} TFLOP/s ({isas[dt]})"
+            if dt in matmuls:
+                line += f", torch.matmul reaches {matmuls[dt]:.3f} ({matmuls[dt] / ceilings[dt]:.0%} of it)"
+            lines.append(line)
+        return (
+            f"peak (csrc/cpu/peak_probe.cpp: independent multiply-adds in registers on every thread, {probes}): "
+            + "; ".join(lines),
             f"read bandwidth (every thread sums its slice of a {'16 MiB' if smoke else '256 MiB' if quick else '1 GiB'} "
             f"buffer once, the best of the samples, this run): {copy_gbps:.1f} GB/s",
         )
+
+    for dt in dtypes:
+        if device == "cpu":
+            prog.step(f"peak probe {dt}")
+            ceilings[dt], isas[dt] = bc.cpu_peak(dt, threads, quick, smoke=smoke)
+            if not quick and not smoke:
+                matmuls[dt] = bc.matmul_ceiling(device, dt, threads, quick)
+        else:
+            prog.step(f"matmul ceiling {dt}")
+            ceilings[dt] = bc.matmul_ceiling(device, dt, threads, quick, smoke=smoke)
+    if device == "cpu":
+        prog.step("read bandwidth")
+        copy_gbps = bc.cpu_read_bandwidth(threads, quick, smoke=smoke)
+        roof_desc = cpu_roof_desc("the best of the samples, this run")
     else:
         prog.step("device-copy bandwidth")
         copy_gbps = bc.copy_bandwidth(device, threads, quick, smoke=smoke)
         roof_desc = (
-            "matmul ceiling (torch.matmul, best square size, this run): " + ", ".join(roof_lines),
+            "matmul ceiling (torch.matmul, best square size, this run): "
+            + ", ".join(f"{str(dt)[6:]} {ceilings[dt]:.3f} TFLOP/s" for dt in dtypes),
             f"device-copy bandwidth (dst.copy_(src), read + write, this run): {copy_gbps:.1f} GB/s",
         )
     cpu_timing = CPU_TIMING[mode]
@@ -775,19 +783,13 @@ def main(argv=None) -> int:
         # a thread's core elsewhere reads low (half, once, at load 1.2), which
         # would inflate every share. The roof is the best of both probes, and
         # every row's share is recomputed against it.
-        roof_lines = []
         for dt in dtypes:
-            again, isa = bc.cpu_peak(dt, threads, quick, smoke=smoke)
-            ceilings[dt] = max(ceilings[dt], again)
-            roof_lines.append(f"{str(dt)[6:]} {ceilings[dt]:.3f} TFLOP/s ({isa})")
+            ceilings[dt] = max(ceilings[dt], bc.cpu_peak(dt, threads, quick, smoke=smoke)[0])
         for r in rows:
             if "frac_ceiling" in r and r.get("dtype"):
                 bc.add_roofline(r, ceilings[getattr(torch, r["dtype"])], copy_gbps)
-        roof_desc = (
-            "peak (csrc/cpu/peak_probe.cpp: independent multiply-adds in registers on every thread, "
-            "the best of the samples of a probe at the start and one at the end of this run): "
-            + "; ".join(roof_lines),
-            roof_desc[1],
+        roof_desc = cpu_roof_desc(
+            "the best of the samples of a probe at the start and one at the end of this run"
         )
     prog.step("summary and plots")
     summary = bc.summarize(rows)
