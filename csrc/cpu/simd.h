@@ -342,25 +342,20 @@ struct VecAvx512 {
   // to -150, where p * 2^-150 (p = 1) rounds to exactly 0, so -inf gives 0.
   // x is the *second* operand: vmaxps returns it when it is NaN, so a NaN
   // score stays NaN (as in the reference) instead of becoming probability 0.
-  PFA_AVX512 static inline V exp2(V x) {
+  // Degree kDeg polynomial `poly` (highest power first) on the fraction.
+  template <int kDeg>
+  PFA_AVX512 static inline V exp2_poly(V x, const float (&poly)[kDeg + 1]) {
     x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
     const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V f = _mm512_sub_ps(x, n);
-    V p = _mm512_set1_ps(kExp2Poly[0]);
+    V p = _mm512_set1_ps(poly[0]);
 #pragma GCC unroll 8
-    for (int i = 1; i < kExp2Degree + 1; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
+    for (int i = 1; i < kDeg + 1; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(poly[i]));
     return _mm512_scalef_ps(p, n);
   }
+  PFA_AVX512 static inline V exp2(V x) { return exp2_poly<kExp2Degree>(x, kExp2Poly); }
   // exp2 with kExp2Bf16Poly: for values rounded to bf16 next.
-  PFA_AVX512 static inline V exp2_bf16(V x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
-    const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V f = _mm512_sub_ps(x, n);
-    V p = _mm512_set1_ps(kExp2Bf16Poly[0]);
-#pragma GCC unroll 4
-    for (int i = 1; i < kExp2Bf16Degree + 1; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Bf16Poly[i]));
-    return _mm512_scalef_ps(p, n);
-  }
+  PFA_AVX512 static inline V exp2_bf16(V x) { return exp2_poly<kExp2Bf16Degree>(x, kExp2Bf16Poly); }
   // Pairs (lo[i], hi[i]) as bf16, round to nearest even: one conversion of
   // both vectors and one word shuffle.
   PFA_AVX512_BF16 static inline void store_pairs(uint32_t* p, V lo, V hi) {
