@@ -65,6 +65,19 @@ bool kernel_dtype_cpu(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+// The first three arguments, when each is a plain dense CPU tensor (see
+// plain_cpu), 4-D, of one kernel dtype, and no __torch_function__ mode is
+// active; false otherwise (the caller returns None).
+bool plain_cpu_triple(PyObject* const* args, const at::Tensor*& a, const at::Tensor*& b, const at::Tensor*& c) {
+  a = plain_cpu(args[0]);
+  b = plain_cpu(args[1]);
+  c = plain_cpu(args[2]);
+  if (!a || !b || !c || at::impl::torch_function_mode_enabled()) return false;
+  if (a->dim() != 4 || b->dim() != 4 || c->dim() != 4) return false;
+  const at::ScalarType dt = a->scalar_type();
+  return kernel_dtype_cpu(dt) && b->scalar_type() == dt && c->scalar_type() == dt;
+}
+
 // A Python int (exact type, so not a bool) that fits int64; false otherwise.
 bool exact_int(PyObject* o, int64_t& out) {
   if (!PyLong_CheckExact(o)) return false;
@@ -204,14 +217,9 @@ PyObject* attention_fast(PyObject* /*self*/, PyObject* const* args, Py_ssize_t n
     PyErr_SetString(PyExc_TypeError, "attention_fast takes 9 arguments");
     return nullptr;
   }
-  const at::Tensor* qp = plain_cpu(args[0]);
-  const at::Tensor* kp = plain_cpu(args[1]);
-  const at::Tensor* vp = plain_cpu(args[2]);
-  if (!qp || !kp || !vp || at::impl::torch_function_mode_enabled()) Py_RETURN_NONE;
+  const at::Tensor *qp, *kp, *vp;
+  if (!plain_cpu_triple(args, qp, kp, vp)) Py_RETURN_NONE;
   const at::Tensor &q = *qp, &k = *kp, &v = *vp;
-  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) Py_RETURN_NONE;
-  const at::ScalarType dt = q.scalar_type();
-  if (!kernel_dtype_cpu(dt) || k.scalar_type() != dt || v.scalar_type() != dt) Py_RETURN_NONE;
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), d = q.size(3);
   const int64_t sk = k.size(1), hk = k.size(2);
   if (k.size(3) != d || v.size(2) != hk || hk <= 0 || hq % hk != 0) Py_RETURN_NONE;
@@ -244,14 +252,9 @@ PyObject* sdpa_fast(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs)
     PyErr_SetString(PyExc_TypeError, "sdpa_fast takes 7 arguments");
     return nullptr;
   }
-  const at::Tensor* qp = plain_cpu(args[0]);
-  const at::Tensor* kp = plain_cpu(args[1]);
-  const at::Tensor* vp = plain_cpu(args[2]);
-  if (!qp || !kp || !vp || at::impl::torch_function_mode_enabled()) Py_RETURN_NONE;
+  const at::Tensor *qp, *kp, *vp;
+  if (!plain_cpu_triple(args, qp, kp, vp)) Py_RETURN_NONE;
   const at::Tensor &query = *qp, &key = *kp, &value = *vp;
-  if (query.dim() != 4 || key.dim() != 4 || value.dim() != 4) Py_RETURN_NONE;
-  const at::ScalarType dt = query.scalar_type();
-  if (!kernel_dtype_cpu(dt) || key.scalar_type() != dt || value.scalar_type() != dt) Py_RETURN_NONE;
   const int64_t b = query.size(0), hq = query.size(1), lq = query.size(2), e = query.size(3);
   const int64_t hk = key.size(1), sk = key.size(2);
   if (key.size(0) != b || value.size(0) != b) Py_RETURN_NONE;  // broadcast batches: the Python path
@@ -296,15 +299,11 @@ PyObject* attention_kvcache_fast(PyObject* /*self*/, PyObject* const* args, Py_s
     PyErr_SetString(PyExc_TypeError, "attention_kvcache_fast takes 19 arguments");
     return nullptr;
   }
-  const at::Tensor* qp = plain_cpu(args[0]);
-  const at::Tensor* kcp = plain_cpu(args[1]);
-  const at::Tensor* vcp = plain_cpu(args[2]);
-  if (!qp || !kcp || !vcp || at::impl::torch_function_mode_enabled()) Py_RETURN_NONE;
   if (args[16] != Py_None) Py_RETURN_NONE;  // alibi_slopes: the Python path
+  const at::Tensor *qp, *kcp, *vcp;
+  if (!plain_cpu_triple(args, qp, kcp, vcp)) Py_RETURN_NONE;
   const at::Tensor &q = *qp, &k_cache = *kcp, &v_cache = *vcp;
-  if (q.dim() != 4 || k_cache.dim() != 4 || v_cache.dim() != 4) Py_RETURN_NONE;
   const at::ScalarType dt = q.scalar_type();
-  if (!kernel_dtype_cpu(dt) || k_cache.scalar_type() != dt || v_cache.scalar_type() != dt) Py_RETURN_NONE;
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), d = q.size(3);
   const int64_t hk = k_cache.size(2);
   if (k_cache.size(3) != d || v_cache.size(0) != k_cache.size(0) || v_cache.size(1) != k_cache.size(1) ||
