@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import pyfastattn
 from pyfastattn import _ops, functional, kvcache, reference
 from pyfastattn.functional import InvalidArgumentError
+from pyfastattn.testing import tolerance_failure
 
 pytestmark = pytest.mark.skipif(
     functional._attention_fast is None, reason="the compiled extension (with its fast paths) is not built"
@@ -373,6 +374,33 @@ def test_sdpa_fast_path_taken_and_identical(monkeypatch, dtype, shape, kw):
         m.setattr(functional, "_sdpa_fast", None)
         want = pyfastattn.scaled_dot_product_attention(q, k, v, **kw)
     assert got.shape == want.shape and got.stride() == want.stride() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape, kw",
+    [
+        ((2, 4, 4, 5, 9, 16), {}),
+        ((2, 4, 4, 9, 9, 16), dict(is_causal=True)),
+        ((1, 8, 2, 1, 33, 64), dict(enable_gqa=True, scale=0.2)),
+        ((3, 3, 3, 17, 6, 40), dict(is_causal=True, scale=1)),  # Lq > Sk: torch's top-left causal
+    ],
+)
+def test_sdpa_fast_path_matches_torch(dtype, shape, kw):
+    """The drop-in on its fast path against torch's own SDPA on the same
+    inputs: the values within the project's rule (truth: torch in float64,
+    baseline: torch in the same dtype), and torch's shape and strides."""
+    q, k, v = bhsd(*shape, dtype=dtype)
+    assert (
+        sdpa_fast(q, k, v, 0.0, kw.get("is_causal", False), kw.get("scale"), kw.get("enable_gqa", False))
+        is not None
+    )
+    got = pyfastattn.scaled_dot_product_attention(q, k, v, **kw)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+    truth = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
+    assert got.shape == theirs.shape and got.stride() == theirs.stride() and got.dtype == theirs.dtype
+    failure = tolerance_failure("sdpa fast path", got, truth, theirs, dtype)
+    assert failure is None, failure
 
 
 def test_sdpa_fast_path_gradients(monkeypatch):
