@@ -104,18 +104,16 @@ PFA_INLINE uint32_t f32_to_bits(float f) {
   return u;
 }
 
-// 2^x = 2^n 2^f with n = round(x), f in [-0.5, 0.5], and 2^f by its degree-6
-// Taylor polynomial in f ln2 (|f ln2| <= 0.347): truncation error
-// 0.347^7 / 7! = 1.2e-7 relative, about 2 ulp.
-constexpr int kExp2Degree = 6;
-constexpr float kExp2Poly[kExp2Degree + 1] = {  // ln(2)^k / k!, k = 6 .. 0
-    1.5403530393381608e-4f,
-    1.3333558146428443e-3f,
-    9.6181291076284772e-3f,
-    5.5504108664821580e-2f,
-    2.4022650695910071e-1f,
-    6.9314718055994531e-1f,
-    1.0f};
+// 2^x = 2^n 2^f with n = round(x), f in [-0.5, 0.5], and 2^f by a degree-5
+// polynomial with p(0) = 1, fitted for the least maximum relative error on
+// [-0.5, 0.5] (Lawson's iteration on 20k points): 1.1e-7 in exact arithmetic,
+// 1.7e-7 evaluated by fp32 FMAs (Horner), where the degree-6 Taylor
+// polynomial it replaced (ln(2)^k / k!) had 1.6e-7 / 2.2e-7: one FMA fewer
+// per exponential and slightly more accurate (PERF_NOTES.md, "Session 6: the
+// fp32 exponential").
+constexpr int kExp2Degree = 5;
+constexpr float kExp2Poly[kExp2Degree + 1] = {  // f^5 .. f^0
+    1.326469821e-03f, 9.671509266e-03f, 5.550733954e-02f, 2.402224243e-01f, 6.931470037e-01f, 1.0f};
 
 // 2^f for a value rounded to bf16 next (the AVX512-BF16 backward's P and dS,
 // grad_tile): degree 3 with p(0) = 1, fitted for the least maximum relative
