@@ -106,11 +106,11 @@ PFA_INLINE uint32_t f32_to_bits(float f) {
 
 // 2^x = 2^n 2^f with n = round(x), f in [-0.5, 0.5], and 2^f by a degree-5
 // polynomial with p(0) = 1, fitted for the least maximum relative error on
-// [-0.5, 0.5] (Lawson's iteration on 20k points): 1.1e-7 in exact arithmetic,
-// 1.7e-7 evaluated by fp32 FMAs (Horner), where the degree-6 Taylor
-// polynomial it replaced (ln(2)^k / k!) had 1.6e-7 / 2.2e-7: one FMA fewer
-// per exponential and slightly more accurate (PERF_NOTES.md, "Session 6: the
-// fp32 exponential").
+// [-0.5, 0.5] by scripts/fit_exp2_poly.py (tests/test_exp2_poly.py checks
+// it): 1.1e-7 in exact arithmetic, 1.7e-7 evaluated by fp32 FMAs (Horner),
+// where the degree-6 Taylor polynomial it replaced (ln(2)^k / k!) had
+// 1.6e-7 / 2.2e-7: one FMA fewer per exponential and slightly more accurate
+// (PERF_NOTES.md, "Session 6: the fp32 exponential").
 constexpr int kExp2Degree = 5;
 constexpr float kExp2Poly[kExp2Degree + 1] = {  // f^5 .. f^0
     1.326469821e-03f, 9.671509266e-03f, 5.550733954e-02f, 2.402224243e-01f, 6.931470037e-01f, 1.0f};
