@@ -57,8 +57,10 @@ CASES = {
     # with vector tails (d 40 = 32 + 8, dv 72 = 64 + 8).
     "decode_multi_tile": (2, 1, 700, 4, 2, 40, 72, {}),
     # One query row per kv head (MHA decode) stays on the decode path below
-    # 16 MiB of K and V (csrc/ops.cpp, dense_forward_suits_kvcache_kernel).
+    # 16 MiB of K and V (csrc/ops.cpp, dense_forward_suits_kvcache_kernel),
+    # and with a mask at any size.
     "decode_mha_multi_tile": (2, 1, 700, 3, 3, 40, 72, {}),
+    "decode_mha_multi_tile_mask": (2, 1, 700, 3, 3, 40, 72, dict(mask="additive")),
     # Few query rows per kv head: the forward runs on the KV-cache kernel
     # (split-KV chunks of >= 512 keys merged by their LSE), the backward on
     # the tiled one. Top-left causal with sq < sk, windows, softcap, empty
@@ -309,6 +311,7 @@ def test_cpu_kernel_fallback_paths(isa):
     cases = (
         "basic or softcap_gqa_d111 or bool_mask_broadcast or causal_bottom_right_sq_gt_sk or dv_ne_d or seqused_k"
         " or two_pass_cpu_bwd or decode_multi_tile or decode_mha_multi_tile or few_rows_gqa_softcap_causal_tl"
+        " or decode_mha_multi_tile_mask"
     )
     env = {**os.environ, "PYFASTATTN_CPU_ISA": isa}
     r = subprocess.run(
@@ -385,8 +388,10 @@ def test_cpu_few_query_rows_take_the_kvcache_kernel(shape, routed):
     """Which dense forwards run on the KV-cache kernel (csrc/ops.cpp,
     dense_forward_suits_kvcache_kernel): the same bits as
     attention_kvcache_fwd on the same tensors when routed, and not when the
-    tiled / decode path runs. Both must match the reference
-    (test_cpu_kernel_matches_reference's few_rows_* cases)."""
+    tiled / decode path runs (in fp32: in bf16 the two paths often round to
+    the same bits, so a bf16 case could not tell them apart). Both must match
+    the reference (test_cpu_kernel_matches_reference's few_rows_* and
+    decode_mha_* cases)."""
     b, sq, sk, hq, hk, d = shape
     q, k, v = make_qkv(b, sq, sk, hq, hk, d, dtype=torch.float32)
     scale = default_scale(d)
