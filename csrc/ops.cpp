@@ -33,10 +33,24 @@ namespace {
 // 0.25-0.7x the time with 2-32 query rows per kv head and Sq <= 8, 1.2-2x
 // *slower* at Sq 16 (the tiled kernel's lanes are full there), and for one
 // row per kv head (MHA decode) a win only once K and V no longer fit in the
-// caches (0.5-0.75x from 16 MiB read, up to 1.5x slower below). It has no
-// mask, dropout or varlen path; it takes softcap, ALiBi, windows and both
-// causal alignments. Shape-only rule, so results do not depend on the
-// thread count (its chunking is shape-only too).
+// caches (0.5-0.75x from 16 MiB read, up to 1.5x slower below) -- measured
+// with (B, S, H, D) K / V called again and again, i.e. read from L2 / L3.
+// Session 6 (benchmarks/decode_route_cold_hot.py; PERF_NOTES.md "Session 6:
+// MHA decode read from memory") measured the layouts and the way a decode
+// step reads each layer's K / V (once, from memory): (1) when each head's
+// rows are contiguous ((B, H, S, D) tensors passed as views, as the SDPA
+// drop-in and Hugging Face's caches do) the KV-cache kernel's walk across
+// every head of a key is 0.45-0.75x the speed of the decode path's per-head
+// streams for MHA, so MHA decode routes only when the heads of a key are
+// interleaved in its row; (2) there, bf16 MHA decode is 1.3-1.9x faster on
+// the KV-cache kernel at every size read from memory (0.8-0.9x when the same
+// K / V are called in a loop), so bf16 routes at any size; fp32 / fp16 gain
+// only from ~1k keys and keep the 16 MiB rule. GQA (2-32 rows) routes in
+// both layouts (1.15-4x). The KV-cache kernel has no mask, dropout or varlen
+// path; it takes softcap, ALiBi, windows and both causal alignments. The rule
+// reads shapes, dtype and strides only, so results do not depend on the
+// thread count (the kernel's chunking is shape-only too); the same values in
+// the two layouts may take different routes and differ by rounding.
 // PYFASTATTN_CPU_FEW_ROWS=tiled (read once) keeps every dense forward on the
 // tiled kernel, for A/B measurements (benchmarks/few_rows_route_ab.py).
 bool few_rows_route_enabled() {
@@ -52,6 +66,8 @@ bool dense_forward_suits_kvcache_kernel(const AttentionFwdParams& p) {
   const int64_t rows = int64_t(p.seqlen_q) * group;  // query rows per kv head
   if (p.seqlen_q <= 8 && rows >= 2 && rows <= 32) return true;
   if (rows != 1) return false;
+  if (p.num_heads_k > 1 && p.k_head_stride >= p.k_row_stride) return false;  // each head's rows contiguous
+  if (p.dtype == DType::kBFloat16) return true;
   const int64_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
   const int64_t kv_bytes =
       int64_t(p.batch) * p.seqlen_k * p.num_heads_k * (int64_t(p.head_dim) + p.head_dim_v) * elem;

@@ -376,15 +376,20 @@ def test_cpu_forward_kv_pack_matches_per_tile_copies(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "shape, routed",
+    "shape, bhsd, routed",
     [
-        ((2, 1, 300, 8, 2, 64), True),
-        ((1, 6, 700, 4, 1, 40), True),
-        ((2, 16, 300, 4, 4, 64), False),
-        ((1, 1, 300, 4, 4, 64), False),
+        ((2, 1, 300, 8, 2, 64), False, True),
+        ((2, 1, 300, 8, 2, 64), True, True),  # GQA: either layout
+        ((1, 6, 700, 4, 1, 40), False, True),
+        ((2, 16, 300, 4, 4, 64), False, False),
+        ((1, 1, 300, 4, 4, 64), False, False),
+        # MHA decode over 16 MiB: (B, S, H, D) yes, each head's rows contiguous
+        # ((B, H, S, D) storage, as the SDPA drop-in passes it) no.
+        ((1, 1, 16400, 4, 4, 64), False, True),
+        ((1, 1, 16400, 4, 4, 64), True, False),
     ],
 )
-def test_cpu_few_query_rows_take_the_kvcache_kernel(shape, routed):
+def test_cpu_few_query_rows_take_the_kvcache_kernel(shape, bhsd, routed):
     """Which dense forwards run on the KV-cache kernel (csrc/ops.cpp,
     dense_forward_suits_kvcache_kernel): the same bits as
     attention_kvcache_fwd on the same tensors when routed, and not when the
@@ -394,6 +399,8 @@ def test_cpu_few_query_rows_take_the_kvcache_kernel(shape, routed):
     decode_mha_* cases)."""
     b, sq, sk, hq, hk, d = shape
     q, k, v = make_qkv(b, sq, sk, hq, hk, d, dtype=torch.float32)
+    if bhsd:
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     scale = default_scale(d)
     out, lse = torch.ops.pyfastattn.attention_fwd(
         q, k, v, None, None, None, None, sq, sk, scale, 0.0, -1, 0, True

@@ -237,6 +237,39 @@ def test_deterministic_across_threads():
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize(
+    "mk",
+    [
+        dict(b=1, hq=8, hk=8, cap=300),  # MHA decode, one chunk: kv heads split over the threads
+        dict(b=1, hq=32, hk=8, cap=700, d=40, dv=72),  # GQA decode, two chunks
+        dict(b=2, hq=12, hk=12, cap=200, block=16),  # paged, 12 kv heads: groups of 6, 4, 3, 2, 1
+        dict(b=1, sq=3, s_new=3, hq=16, hk=4, cap=90),  # a few rows per kv head
+    ],
+    ids=["mha_one_chunk", "gqa_two_chunks", "paged_12_heads", "three_rows"],
+)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+def test_deterministic_across_threads_with_few_tasks(mk, dtype):
+    """With fewer (sequence, chunk) tasks than threads the kernel splits each
+    task's kv heads into smaller groups (attention_kvcache.cpp,
+    heads_for_threads): the same bits for 1, 2, 3 and 5 threads, and the
+    reference's values."""
+    q, kc, vc, k, v, args = make_case(dtype=dtype, full=True, **mk)
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            out, lse = run(q, kc.clone(), vc.clone(), k, v, args)
+            outs.append((out, lse))
+    finally:
+        torch.set_num_threads(old)
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+    check("few_tasks", q, kc, vc, k, v, args)
+
+
 ALIBI_CASES = [
     # name, make_case kwargs, check kwargs, slopes per batch row
     ("decode_gqa", dict(hq=8, hk=2), dict(), False),

@@ -804,6 +804,27 @@ KvTaskFn task_fn_for(const KvCtx& c) {
   return &task_portable<T>;
 }
 
+// Kv heads per task for this call: heads_per_task's (whole cache rows, PERF_NOTES.md
+// v5) unless that leaves fewer tasks than threads -- a short cache (one chunk of
+// <= 512 keys is one task per sequence: MHA or GQA decode at B1 over a few
+// hundred keys) or few sequences and chunks -- then the largest divisor of it
+// that gives every thread a task (at least 1 head). Only the grouping of kv heads
+// into tasks changes: every row's steps, the chunks (kvcache_chunk_keys, from the
+// shape alone) and their merge order stay the same, so the results are the same
+// bits for any thread count (tests/test_kvcache.py, deterministic across threads).
+int heads_for_threads(const KvCtx& c, int threads) {
+  const AttentionFwdParams& p = *c.p;
+  int64_t chunks = 0;
+  for (int b = 0; b < p.batch; ++b) chunks += chunks_of(c, SeqInfo(p, b).len_k);
+  int h = c.heads;
+  while (h > 1 && chunks * (p.num_heads_k / h) < threads) {
+    int next = h - 1;
+    while (c.heads % next != 0) --next;  // divisors of heads_per_task's count divide hk too
+    h = next;
+  }
+  return h;
+}
+
 template <typename T>
 void run_kvcache(KvCtx& c) {
   const AttentionFwdParams& p = *c.p;
@@ -921,6 +942,8 @@ void attention_kvcache_fwd(const AttentionFwdParams& p) {
   int64_t max_len = 1;
   for (int b = 0; b < p.batch; ++b) max_len = std::max<int64_t>(max_len, SeqInfo(p, b).len_k);
   c.max_chunks = int((max_len + c.chunk - 1) / c.chunk);
+  c.heads = heads_for_threads(c, at::get_num_threads());
+  c.rows = c.heads * c.qrows;
   switch (p.dtype) {
     case DType::kFloat16: run_kvcache<c10::Half>(c); break;
     case DType::kBFloat16: run_kvcache<c10::BFloat16>(c); break;
