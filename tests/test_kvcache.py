@@ -270,6 +270,34 @@ def test_deterministic_across_threads_with_few_tasks(mk, dtype):
     check("few_tasks", q, kc, vc, k, v, args)
 
 
+@pytest.mark.parametrize(
+    "mk",
+    [
+        dict(b=2, hq=8, hk=8, cap=300),  # MHA decode
+        dict(b=2, hq=8, hk=2, cap=700, d=40, dv=72),  # GQA, two chunks, odd head dims
+        dict(b=3, sq=2, s_new=2, hq=6, hk=3, cap=90, batch_idx=True, rotary="interleaved"),
+        dict(b=2, hq=4, hk=4, cap=120, leftpad=True),
+    ],
+    ids=["mha", "gqa_chunks", "batch_idx_rotary", "leftpad"],
+)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+def test_head_contiguous_cache(mk, dtype):
+    """A cache whose kv heads each hold contiguous rows (a (B, H, S, D)
+    buffer seen as (B, S, H, D), as Hugging Face's StaticCache hands it over)
+    takes one kv head per task (attention_kvcache.cpp, heads_per_task): the
+    reference's values, the append written in place, and the same values as
+    the (B, S, H, D) cache up to rounding."""
+    q, kc, vc, k, v, args = make_case(dtype=dtype, **mk)
+    kh = kc.transpose(1, 2).contiguous().transpose(1, 2)
+    vh = vc.transpose(1, 2).contiguous().transpose(1, 2)
+    assert kh.stride(2) > kh.stride(1) and torch.equal(kh, kc)
+    out_h, lse_h = check("head_contiguous", q, kh, vh, k, v, args)
+    out_s, lse_s = check("row_interleaved", q, kc, vc, k, v, args)
+    torch.testing.assert_close(lse_h, lse_s, atol=1e-5, rtol=1e-5)
+
+
 ALIBI_CASES = [
     # name, make_case kwargs, check kwargs, slopes per batch row
     ("decode_gqa", dict(hq=8, hk=2), dict(), False),

@@ -152,7 +152,13 @@ constexpr int kMaxTaskRows = 32;
 // rows) a task reads whole cache rows, so its loads walk the cache in address
 // order; one kv head per task read 256 bytes of every 2 KB row (PERF_NOTES.md,
 // v5 and v6).
+// When each kv head's rows are contiguous instead (a (B, H, S, D) buffer seen
+// as (B, S, H, D), as Hugging Face's StaticCache hands it over), a task
+// takes one kv head, whose rows are then one address-order stream: walking
+// every head of a key there touches one page per head per key (PERF_NOTES.md,
+// "Session 6: MHA decode read from memory").
 int heads_per_task(const AttentionFwdParams& p) {
+  if (p.num_heads_k > 1 && p.k_head_stride >= p.k_row_stride && p.block_table == nullptr) return 1;
   const int64_t qrows = int64_t(p.seqlen_q) * (p.num_heads / p.num_heads_k);
   int best = 1;
   for (int h = 1; h <= p.num_heads_k; ++h)
