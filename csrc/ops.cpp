@@ -43,7 +43,7 @@ namespace {
 // every head of a key is 0.45-0.75x the speed of the decode path's per-head
 // streams for MHA, so MHA decode routes only when the heads of a key are
 // interleaved in its row; (2) there, bf16 MHA decode is 1.3-1.9x faster on
-// the KV-cache kernel at every size read from memory (0.8-0.9x when the same
+// the KV-cache kernel at every size read from memory (0.65-0.9x when the same
 // K / V are called in a loop), so bf16 routes at any size; fp32 / fp16 gain
 // only from ~1k keys and keep the 16 MiB rule. GQA (2-32 rows) routes in
 // both layouts (1.15-4x). The KV-cache kernel has no mask, dropout or varlen
