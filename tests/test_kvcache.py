@@ -287,14 +287,14 @@ def test_head_contiguous_cache(mk, dtype):
     """A cache whose kv heads each hold contiguous rows (a (B, H, S, D)
     buffer seen as (B, S, H, D), as Hugging Face's StaticCache hands it over)
     takes one kv head per task (attention_kvcache.cpp, heads_per_task): the
-    reference's values, the append written in place, and the same values as
-    the (B, S, H, D) cache up to rounding."""
+    reference's values (outputs by the 2x rule, lse within 2e-4), the append
+    written in place, and the lse of the (B, S, H, D) cache within 1e-5."""
     q, kc, vc, k, v, args = make_case(dtype=dtype, **mk)
     kh = kc.transpose(1, 2).contiguous().transpose(1, 2)
     vh = vc.transpose(1, 2).contiguous().transpose(1, 2)
     assert kh.stride(2) > kh.stride(1) and torch.equal(kh, kc)
-    out_h, lse_h = check("head_contiguous", q, kh, vh, k, v, args)
-    out_s, lse_s = check("row_interleaved", q, kc, vc, k, v, args)
+    _, lse_h = check("head_contiguous", q, kh, vh, k, v, args)
+    _, lse_s = check("row_interleaved", q, kc, vc, k, v, args)
     torch.testing.assert_close(lse_h, lse_s, atol=1e-5, rtol=1e-5)
 
 
