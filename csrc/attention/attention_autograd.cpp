@@ -13,12 +13,13 @@
 // torch.are_deterministic_algorithms_enabled(), dout made last-dim contiguous),
 // lse not differentiable. Other devices keep the Python autograd, which also
 // handles the CUDA backward's declined cases (a reference fallback).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+
+#include "op_handles.h"
 
 namespace pyfastattn {
 namespace {
@@ -26,27 +27,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
-
-using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                  const OptTensor&, const OptTensor&, const OptTensor&,
-                                                  const OptTensor&, int64_t, int64_t, double, double, int64_t,
-                                                  int64_t, bool, double, const OptTensor&, const OptTensor&);
-using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, int64_t, int64_t,
-    double, double, int64_t, int64_t, bool, bool, double, const OptTensor&, const OptTensor&);
-
-const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("pyfastattn::attention_fwd", "").typed<FwdSig>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("pyfastattn::attention_bwd", "").typed<BwdSig>();
-  return op;
-}
 
 OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 at::Tensor def(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
@@ -61,7 +41,7 @@ struct AttentionFwdFunction : public torch::autograd::Function<AttentionFwdFunct
                                int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
                                const OptTensor& dropout_rng, const OptTensor& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = fwd_op().call(q, k, v, attn_mask, cu_q, cu_k, used, max_q, max_k, scale, softcap,
+    auto [out, lse] = attention_fwd_op().call(q, k, v, attn_mask, cu_q, cu_k, used, max_q, max_k, scale, softcap,
                                     window_left, window_right, bottom_right, dropout_p, dropout_rng, alibi_slopes);
     ctx->save_for_backward({q, k, v, out, lse, def(attn_mask), def(cu_q), def(cu_k), def(used), def(dropout_rng),
                             def(alibi_slopes)});
@@ -84,7 +64,7 @@ struct AttentionFwdFunction : public torch::autograd::Function<AttentionFwdFunct
     if (!dout.defined()) return grads;
     if (dout.stride(-1) != 1) dout = dout.contiguous();
     const auto& d = ctx->saved_data;
-    auto [dq, dk, dv] = bwd_op().call(
+    auto [dq, dk, dv] = attention_bwd_op().call(
         dout, s[kQ], s[kK], s[kV], s[kOut], s[kLse], opt(s[kMask]), opt(s[kCuQ]), opt(s[kCuK]), opt(s[kUsed]),
         d.at("max_q").toInt(), d.at("max_k").toInt(), d.at("scale").toDouble(), d.at("softcap").toDouble(),
         d.at("window_left").toInt(), d.at("window_right").toInt(), d.at("bottom_right").toBool(),

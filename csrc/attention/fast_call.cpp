@@ -26,6 +26,7 @@
 // call goes below the Autograd key, as the torch.library autograd kernel
 // itself does then (torch/_library/autograd.py, forward_no_grad).
 #include "fast_call.h"
+#include "op_handles.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -191,13 +192,7 @@ std::tuple<at::Tensor, at::Tensor> call_attention_fwd(const at::Tensor& q, const
                                                       const at::Tensor& v, int64_t sq, int64_t sk,
                                                       double scale, double softcap, int64_t wl, int64_t wr,
                                                       bool bottom_right) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pyfastattn::attention_fwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-              const OptTensor&, const OptTensor&, int64_t, int64_t, double, double, int64_t, int64_t, bool,
-              double, const OptTensor&, const OptTensor&)>();
+  const auto& op = attention_fwd_op();
   const bool below = below_autograd_ok({&q, &k, &v});
   ReleaseGil nogil;
   std::optional<at::AutoDispatchBelowADInplaceOrView> guard;
