@@ -353,22 +353,26 @@ def bhsd(b=2, hq=4, hk=4, lq=5, sk=9, e=16, dtype=torch.float32, **kw):
     )
 
 
+# (b, hq, hk, lq, sk, e), keyword arguments of the drop-in
+SDPA_CASES = [
+    ((2, 4, 4, 5, 9, 16), {}),
+    ((2, 4, 4, 9, 9, 16), dict(is_causal=True)),
+    ((1, 8, 2, 1, 33, 64), dict(enable_gqa=True, scale=0.2)),
+    ((1, 4, 4, 1, 40, 32), {}),  # MHA decode: (B, H, S, D) views stay on the decode path (csrc/ops.cpp)
+    ((3, 3, 3, 17, 6, 40), dict(is_causal=True, scale=1)),  # Lq > Sk: torch's top-left causal
+]
+
+
+def assert_sdpa_fast_taken(q, k, v, kw):
+    taken = sdpa_fast(q, k, v, 0.0, kw.get("is_causal", False), kw.get("scale"), kw.get("enable_gqa", False))
+    assert taken is not None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "shape, kw",
-    [
-        ((2, 4, 4, 5, 9, 16), {}),
-        ((2, 4, 4, 9, 9, 16), dict(is_causal=True)),
-        ((1, 8, 2, 1, 33, 64), dict(enable_gqa=True, scale=0.2)),
-        ((3, 3, 3, 17, 6, 40), dict(is_causal=True, scale=1)),
-    ],
-)
+@pytest.mark.parametrize("shape, kw", SDPA_CASES)
 def test_sdpa_fast_path_taken_and_identical(monkeypatch, dtype, shape, kw):
     q, k, v = bhsd(*shape, dtype=dtype)
-    assert (
-        sdpa_fast(q, k, v, 0.0, kw.get("is_causal", False), kw.get("scale"), kw.get("enable_gqa", False))
-        is not None
-    )
+    assert_sdpa_fast_taken(q, k, v, kw)
     got = pyfastattn.scaled_dot_product_attention(q, k, v, **kw)
     with monkeypatch.context() as m:
         m.setattr(functional, "_sdpa_fast", None)
@@ -377,24 +381,13 @@ def test_sdpa_fast_path_taken_and_identical(monkeypatch, dtype, shape, kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "shape, kw",
-    [
-        ((2, 4, 4, 5, 9, 16), {}),
-        ((2, 4, 4, 9, 9, 16), dict(is_causal=True)),
-        ((1, 8, 2, 1, 33, 64), dict(enable_gqa=True, scale=0.2)),
-        ((3, 3, 3, 17, 6, 40), dict(is_causal=True, scale=1)),  # Lq > Sk: torch's top-left causal
-    ],
-)
+@pytest.mark.parametrize("shape, kw", SDPA_CASES)
 def test_sdpa_fast_path_matches_torch(dtype, shape, kw):
     """The drop-in on its fast path against torch's own SDPA on the same
     inputs: the values within the project's rule (truth: torch in float64,
     baseline: torch in the same dtype), and torch's shape and strides."""
     q, k, v = bhsd(*shape, dtype=dtype)
-    assert (
-        sdpa_fast(q, k, v, 0.0, kw.get("is_causal", False), kw.get("scale"), kw.get("enable_gqa", False))
-        is not None
-    )
+    assert_sdpa_fast_taken(q, k, v, kw)
     got = pyfastattn.scaled_dot_product_attention(q, k, v, **kw)
     theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
     truth = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
