@@ -4,8 +4,8 @@
 // (torch.library.register_autograd, the Autograd alias key). On CPU a call
 // with inputs that require grad paid ~85 us of Python per forward and ~55 us
 // per backward for it (B1 H8 S16 D64 fp32, one thread: forward 96 us in grad
-// mode against 10 us under no_grad; PERF_NOTES.md "Session 6: the autograd of
-// the attention op in C++"), more than the kernels themselves at small sizes.
+// mode against 10 us under no_grad; PERF_NOTES.md "The fixed cost of a call",
+// v3), more than the kernels themselves at small sizes.
 // This kernel, registered for AutogradCPU, takes precedence over the alias
 // there and does the same: the forward below the autograd keys, saving q, k, v,
 // out, lse and every optional input; the backward calls
@@ -41,8 +41,9 @@ struct AttentionFwdFunction : public torch::autograd::Function<AttentionFwdFunct
                                int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
                                const OptTensor& dropout_rng, const OptTensor& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = attention_fwd_op().call(q, k, v, attn_mask, cu_q, cu_k, used, max_q, max_k, scale, softcap,
-                                    window_left, window_right, bottom_right, dropout_p, dropout_rng, alibi_slopes);
+    auto [out, lse] = attention_fwd_op().call(q, k, v, attn_mask, cu_q, cu_k, used, max_q, max_k, scale,
+                                              softcap, window_left, window_right, bottom_right, dropout_p,
+                                              dropout_rng, alibi_slopes);
     ctx->save_for_backward({q, k, v, out, lse, def(attn_mask), def(cu_q), def(cu_k), def(used), def(dropout_rng),
                             def(alibi_slopes)});
     ctx->saved_data["max_q"] = max_q;
