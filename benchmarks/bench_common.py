@@ -156,6 +156,21 @@ def spread(times: list[float]) -> float:
     return (pct(times, 80) - pct(times, 20)) / statistics.median(times)
 
 
+def median_pass_us(fns, timer, reps: int = 7) -> float:
+    """Microseconds per call: the median over ``reps`` passes of one call of
+    each of ``fns`` in turn. The cold/hot decode benchmarks pass one call per
+    "layer" (distinct K/V, read from memory as a decode step reads them) or
+    one layer's call repeated (read from cache). ``timer``: time.thread_time
+    on one thread (CPU time), time.perf_counter on more."""
+    res = []
+    for _ in range(reps):
+        a = timer()
+        for f in fns:
+            f()
+        res.append((timer() - a) / len(fns) * 1e6)
+    return statistics.median(res)
+
+
 def time_cpu(
     fn,
     threads: int,

@@ -22,22 +22,20 @@ import os
 import subprocess
 import sys
 
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
 CHILD = r"""
-import sys, time, statistics
-tree, threads = sys.argv[1], int(sys.argv[2])
+import sys, time
+tree, threads, bench_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 sys.path.insert(0, tree)
 import torch, pyfastattn
 assert pyfastattn.__file__.startswith(tree), pyfastattn.__file__
+sys.path.append(bench_dir)
+from bench_common import median_pass_us
 torch.set_num_threads(threads)
 timer = time.thread_time if threads == 1 else time.perf_counter
-def med(fns, reps=9):
-    r = []
-    for _ in range(reps):
-        a = timer()
-        for f in fns:
-            f()
-        r.append((timer() - a) / len(fns) * 1e6)
-    return statistics.median(r)
+def med(fns):
+    return median_pass_us(fns, timer, reps=9)
 CASES = [  # api, layout, b, hq, hk, d, sk, dtype
     ("kvcache", "bshd", 1, 32, 8, 128, 256, torch.bfloat16),
     ("kvcache", "bshd", 1, 32, 8, 128, 512, torch.bfloat16),
@@ -77,7 +75,7 @@ def main() -> None:
         for tree in args.trees:
             tree = os.path.abspath(tree)
             print(f"== round {r + 1} {tree} load {os.getloadavg()[0]:.2f}", flush=True)
-            subprocess.run([sys.executable, "-c", CHILD, tree, str(args.threads)], check=True)
+            subprocess.run([sys.executable, "-c", CHILD, tree, str(args.threads), BENCH_DIR], check=True)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ their FFN weights) have passed through the caches; a benchmark that calls the
 same attention again and again reads them from L2 / L3 instead. This script
 times both routes of a dense Sq = 1 forward -- the tiled kernel's decode path
 (``pyfastattn.attention`` with ``PYFASTATTN_CPU_FEW_ROWS=tiled``, which the
-script sets; the tiled kernel's decode tasks hold one query head) and the KV-cache kernel (``pyfastattn.attention_with_kvcache``
-over the same tensors) -- in three ways:
+script sets; the tiled kernel's decode tasks hold one query head) and the
+KV-cache kernel (``pyfastattn.attention_with_kvcache`` over the same tensors) -- in three ways:
 
 * cold: one call per "layer", rotating ~96 MiB of layers (K / V from memory);
 * warm: rotating ~16 MiB of layers (K / V from L3 on a 32 MiB-L3 machine);
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 import time
 
 os.environ["PYFASTATTN_CPU_FEW_ROWS"] = "tiled"  # read once, at the first routed call
@@ -34,15 +34,8 @@ import torch  # noqa: E402
 
 import pyfastattn  # noqa: E402
 
-
-def _median_us(fns, timer, reps: int = 7) -> float:
-    res = []
-    for _ in range(reps):
-        a = timer()
-        for f in fns:
-            f()
-        res.append((timer() - a) / len(fns) * 1e6)
-    return statistics.median(res)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import median_pass_us  # noqa: E402
 
 
 def _make(layout: str, b: int, s: int, h: int, d: int, dt: torch.dtype) -> torch.Tensor:
@@ -90,9 +83,9 @@ def main() -> None:
                     ):
                         calls = [lambda op=op, q=q, k=k, v=v: op(q, k, v) for q, k, v in zip(qs, ks, vs)]
                         res[route] = (
-                            _median_us(calls, timer),
-                            _median_us(calls[:warm] * (layers // warm), timer),
-                            _median_us(calls[:1] * layers, timer),
+                            median_pass_us(calls, timer),
+                            median_pass_us(calls[:warm] * (layers // warm), timer),
+                            median_pass_us(calls[:1] * layers, timer),
                         )
                 t, k = res["tiled"], res["kvcache"]
                 cols = "  ".join(
