@@ -39,6 +39,7 @@
 
 #include "../cpu/ffn_cpu.h"
 #include "../cpu/ffn_small_tokens.h"
+#include "../cpu/matmul_fp32.h"
 #include "../torch_dtype.h"
 #include "ffn_ops.h"
 #include "params.h"
@@ -145,6 +146,86 @@ class Scratch {
   at::Tensor base_;
 };
 
+// The FFN's GEMMs. fp32 CPU tensors take cpu::matmul_fp32 (the attention's
+// AVX-512 micro-kernels) where cpu::matmul_fp32_preferred(): on AMD, MKL's
+// sgemm runs its AVX2 code at ~40 % of the FMA peak (PERF_NOTES "The fp32
+// FFN's GEMMs on AMD"). Everything else is ATen's.
+bool own_gemm(const at::Tensor& a) {
+  return a.device().is_cpu() && a.scalar_type() == at::kFloat && cpu::matmul_fp32_preferred();
+}
+
+// A 2-D operand as (pointer, row stride, column stride) with a unit stride
+// along one axis; `keep` holds a contiguous copy where it has none.
+const float* operand(const at::Tensor& t, at::Tensor& keep, int64_t& rs, int64_t& cs) {
+  const int64_t r = t.size(0), c = t.size(1);
+  if (t.stride(1) == 1 || c == 1) {
+    rs = r == 1 ? std::max<int64_t>(c, 1) : t.stride(0);
+    cs = 1;
+    return t.data_ptr<float>();
+  }
+  if (t.stride(0) == 1 || r == 1) {
+    rs = 1;
+    cs = t.stride(1);
+    return t.data_ptr<float>();
+  }
+  keep = t.contiguous();
+  rs = c;
+  cs = 1;
+  return keep.data_ptr<float>();
+}
+
+// out (=|+=) a b, out [a.size(0), b.size(1)] with unit column stride.
+void own_gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  TORCH_CHECK(out.dim() == 2 && (out.stride(1) == 1 || out.size(1) <= 1) && out.size(0) == a.size(0) &&
+                  out.size(1) == b.size(1) && a.size(1) == b.size(0),
+              "ffn: GEMM operands of mismatched shapes");
+  at::Tensor ka, kb;
+  cpu::MatmulF32Params p;
+  p.m = a.size(0);
+  p.n = b.size(1);
+  p.k = a.size(1);
+  p.a = operand(a, ka, p.a_rs, p.a_cs);
+  p.b = operand(b, kb, p.b_rs, p.b_cs);
+  p.c = out.data_ptr<float>();
+  p.ldc = out.size(0) == 1 ? std::max<int64_t>(p.n, 1) : out.stride(0);
+  p.accumulate = accumulate;
+  cpu::matmul_fp32(p);
+}
+
+// out = a b, into a given buffer.
+void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (own_gemm(a) && out.stride(1) == 1) {
+    own_gemm_into(out, a, b, false);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+// a b, a new tensor.
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
+  if (!own_gemm(a)) return at::mm(a, b);
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  own_gemm_into(out, a, b, false);
+  return out;
+}
+
+// c += a b.
+void gemm_acc(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+  if (own_gemm(a) && c.stride(1) == 1) {
+    own_gemm_into(c, a, b, true);
+  } else {
+    c.addmm_(a, b);
+  }
+}
+
+// bias + a b (bias [b.size(1)], broadcast over rows), a new tensor.
+at::Tensor gemm_bias(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+  if (!own_gemm(a)) return at::addmm(bias, a, b);
+  at::Tensor out = bias.unsqueeze(0).expand({a.size(0), b.size(1)}).contiguous();
+  own_gemm_into(out, a, b, true);
+  return out;
+}
+
 // Where the first layer's biases are added. fp32: in the fused step, so
 // the GEMMs are plain products. bf16/fp16: inside the GEMM (at::addmm, which
 // accumulates bias + product in fp32 and rounds once), because adding the
@@ -163,13 +244,13 @@ void first_gemms(const at::Tensor& x, const at::Tensor& w1, const std::optional<
   if (fold && b1) {
     at::addmm_out(gate, *b1, x, w1.t());
   } else {
-    at::mm_out(gate, x, w1.t());
+    gemm_out(gate, x, w1.t());
   }
   if (!w3) return;
   if (fold && b3) {
     at::addmm_out(up, *b3, x, w3->t());
   } else {
-    at::mm_out(up, x, w3->t());
+    gemm_out(up, x, w3->t());
   }
 }
 
@@ -236,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_impl(
   first_gemms(x, w1, b1, w3, b3, gate, up);
   step(fwd_step_params(s, act, x, gate, up, b1, b3, h));
   gate = up = at::Tensor();
-  at::Tensor out = b2 ? at::addmm(*b2, h, w2.t()) : at::mm(h, w2.t());
+  at::Tensor out = b2 ? gemm_bias(*b2, h, w2.t()) : gemm(h, w2.t());
   return {out, save_for_backward ? act_in : at::empty({0}, opts)};
 }
 
@@ -294,7 +375,7 @@ GradTuple ffn_bwd_impl(ActFwdStep fwd_step, ActBwdStep bwd_step, const at::Tenso
   if (want_pre_grads) {
     // dH = dY W2, then one pass: dgate [, dup], the bias sums, and h.
     at::Tensor dh = new_buffer();
-    at::mm_out(dh, dy, w2);
+    gemm_out(dh, dy, w2);
     if (s.gated) {
       dgate = recompute ? gate : new_buffer();
       dup = recompute ? up : new_buffer();
@@ -341,15 +422,15 @@ GradTuple ffn_bwd_impl(ActFwdStep fwd_step, ActBwdStep bwd_step, const at::Tenso
   GradTuple g{at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts),
               at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts),
               at::empty({0}, opts)};
-  if (mask[kDw2]) std::get<kDw2>(g) = at::mm(dy.t(), h);
+  if (mask[kDw2]) std::get<kDw2>(g) = gemm(dy.t(), h);
   h = at::Tensor();
   if (mask[kDb2]) std::get<kDb2>(g) = at::sum(dy, {0});
   at::Tensor dx;
-  if (mask[kDw1]) std::get<kDw1>(g) = at::mm(dgate.t(), x);
-  if (mask[kDx]) dx = at::mm(dgate, w1);
+  if (mask[kDw1]) std::get<kDw1>(g) = gemm(dgate.t(), x);
+  if (mask[kDx]) dx = gemm(dgate, w1);
   dgate = at::Tensor();
-  if (mask[kDw3]) std::get<kDw3>(g) = at::mm(dup.t(), x);
-  if (mask[kDx] && s.gated) dx.addmm_(dup, *w3);
+  if (mask[kDw3]) std::get<kDw3>(g) = gemm(dup.t(), x);
+  if (mask[kDx] && s.gated) gemm_acc(dx, dup, *w3);
   dup = at::Tensor();
   if (mask[kDx]) std::get<kDx>(g) = dx;
   if (mask[kDb1]) std::get<kDb1>(g) = db1_f32.to(x.scalar_type());
@@ -430,6 +511,35 @@ GradTuple ffn_bwd_cpu(const at::Tensor& dout, const at::Tensor& x, const at::Ten
 
 }  // namespace
 
+// torch.ops.pyfastattn.cpu_matmul_fp32: a @ b, + c where c is given and
+// accumulate (else the product is written over a copy of c: NaN-poisoned
+// outputs in the tests), on the FFN's own fp32 CPU GEMM whatever
+// PYFASTATTN_CPU_FFN_GEMM / PYFASTATTN_FFN_ISA say; for its tests and
+// benchmarks (tests/test_matmul_fp32.py).
+at::Tensor cpu_matmul_fp32(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& c,
+                           bool accumulate) {
+  TORCH_CHECK_VALUE(cpu::matmul_fp32_supported(), "cpu_matmul_fp32: needs an AVX-512 CPU");
+  for (const at::Tensor* t : {&a, &b}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2,
+                      "cpu_matmul_fp32: a and b must be 2-D float32 CPU tensors, got ", t->sizes(), " ",
+                      t->scalar_type(), " on ", t->device());
+  }
+  TORCH_CHECK_VALUE(a.size(1) == b.size(0), "cpu_matmul_fp32: a.size(1) must equal b.size(0), got ", a.sizes(),
+                    " and ", b.sizes());
+  at::Tensor out;
+  if (c) {
+    TORCH_CHECK_VALUE(c->device().is_cpu() && c->scalar_type() == at::kFloat &&
+                          c->sizes() == at::IntArrayRef({a.size(0), b.size(1)}),
+                      "cpu_matmul_fp32: c must be a float32 CPU tensor of shape [", a.size(0), ", ", b.size(1),
+                      "], got ", c->sizes(), " ", c->scalar_type());
+    out = c->contiguous().clone();
+  } else {
+    out = at::empty({a.size(0), b.size(1)}, a.options());
+  }
+  own_gemm_into(out, a, b, c.has_value() && accumulate);
+  return out;
+}
+
 // Fragments: the library itself is defined (TORCH_LIBRARY) in csrc/ops.cpp.
 TORCH_LIBRARY_FRAGMENT(pyfastattn, m) {
   // y = W2 act(W1 x + b1) + b2, or with w3: y = W2 (act(W1 x + b1) * (W3 x + b3)) + b2.
@@ -452,6 +562,12 @@ TORCH_LIBRARY_FRAGMENT(pyfastattn, m) {
   // avx2 or portable; and the most tokens the CPU ffn_fwd routes to it.
   m.def("ffn_small_tokens_isa() -> str",
         [] { return std::string(cpu::ffn_small_tokens_isa()); });
+  // a @ b (+ c) on the FFN's own fp32 CPU GEMM (cpu/matmul_fp32.h), for tests
+  // and benchmarks; and whether the FFN's fp32 GEMMs take it here.
+  m.def("cpu_matmul_fp32(Tensor a, Tensor b, Tensor? c=None, bool accumulate=True) -> Tensor", &cpu_matmul_fp32);
+  m.def("ffn_cpu_gemm_fp32() -> str", [] {
+    return std::string(cpu::matmul_fp32_preferred() ? "own" : "aten");
+  });
   m.def("ffn_small_tokens_limit(ScalarType dtype) -> int", [](c10::ScalarType dt) {
     TORCH_CHECK(kernel_dtype(dt), "ffn_small_tokens_limit: dtype must be ", kKernelDTypes, ", got ", dt);
     return cpu::ffn_small_tokens_limit(to_dtype(dt));
