@@ -17,6 +17,8 @@ Public API:
   (``auto`` / ``kernel`` / ``reference``, also ``PYFASTATTN_BACKEND``).
 * :func:`feed_forward`, :func:`gated_feed_forward` - the fused FFN (plain and
   SwiGLU/GeGLU), with ``pyfastattn.nn.FeedForward`` as the module.
+* :func:`linear` - ``F.linear`` on pyfastattn's fp32 CPU GEMM where it is the
+  faster one (AMD with AVX-512), used by the modules' projections.
 * :mod:`pyfastattn.nn` - drop-in ``torch.nn`` attention, Transformer and FFN modules.
 * :func:`patch` - convert a model's ``torch.nn`` attention/Transformer modules in place.
 * :mod:`pyfastattn.reference` - the pure-PyTorch truth.
@@ -24,6 +26,7 @@ Public API:
 
 from . import ffn, nn, reference
 from ._backend import BACKENDS, backend, get_backend, set_backend
+from ._linear import linear
 from .ffn import feed_forward, ffn_unsupported_reason, gated_feed_forward
 from .functional import (
     InvalidArgumentError,
@@ -51,6 +54,7 @@ __all__ = [
     "gated_feed_forward",
     "get_backend",
     "kernel_unsupported_reason",
+    "linear",
     "nn",
     "patch",
     "reference",

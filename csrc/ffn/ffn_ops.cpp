@@ -532,7 +532,7 @@ at::Tensor cpu_matmul_fp32(const at::Tensor& a, const at::Tensor& b, const std::
                           c->sizes() == at::IntArrayRef({a.size(0), b.size(1)}),
                       "cpu_matmul_fp32: c must be a float32 CPU tensor of shape [", a.size(0), ", ", b.size(1),
                       "], got ", c->sizes(), " ", c->scalar_type());
-    out = c->contiguous().clone();
+    out = c->is_contiguous() ? c->clone() : c->contiguous();  // a copy either way
   } else {
     out = at::empty({a.size(0), b.size(1)}, a.options());
   }

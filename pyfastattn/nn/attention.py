@@ -2,8 +2,10 @@
 
 :class:`MultiheadAttention` subclasses ``torch.nn.MultiheadAttention`` and keeps
 its constructor, parameters, initialisation and ``state_dict`` untouched; only
-``forward`` changes. The projections are the same ``F.linear`` calls as in
-torch, and the attention itself goes through the pyfastattn canonical form
+``forward`` changes. The projections are the products of torch's
+``F.linear`` calls, through :func:`pyfastattn.linear` (``F.linear`` itself,
+except fp32 on CPUs where pyfastattn's own GEMM is the faster one: AMD with
+AVX-512), and the attention itself goes through the pyfastattn canonical form
 (``(B, S, H, D)`` views plus a mask description) and the backend rule
 (``pyfastattn.set_backend``): the fused kernel where it can run, the reference
 otherwise.
@@ -50,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as _functional
+from .._linear import linear
 
 __all__ = ["MultiheadAttention"]
 
@@ -458,7 +461,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = out.reshape(n, lq, e)
         else:
             out = out.transpose(0, 1).reshape(lq, n, e)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = linear(out, self.out_proj.weight, self.out_proj.bias)
         return out, weights
 
     def _project(
@@ -470,18 +473,18 @@ class MultiheadAttention(nn.MultiheadAttention):
         b = self.in_proj_bias
         if not self._qkv_same_embed_dim:
             bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
-            q = F.linear(query, self.q_proj_weight, bq)
-            k = F.linear(key, self.k_proj_weight, bk)
-            v = F.linear(value, self.v_proj_weight, bv)
+            q = linear(query, self.q_proj_weight, bq)
+            k = linear(key, self.k_proj_weight, bk)
+            v = linear(value, self.v_proj_weight, bv)
         elif self_attention:
-            q, k, v = F.linear(query, self.in_proj_weight, b).unflatten(-1, (3, e)).unbind(-2)
+            q, k, v = linear(query, self.in_proj_weight, b).unflatten(-1, (3, e)).unbind(-2)
         elif shared_kv:
             wq, wkv = self.in_proj_weight.split([e, 2 * e])
             bq, bkv = (None, None) if b is None else b.split([e, 2 * e])
-            q = F.linear(query, wq, bq)
-            k, v = F.linear(key, wkv, bkv).unflatten(-1, (2, e)).unbind(-2)
+            q = linear(query, wq, bq)
+            k, v = linear(key, wkv, bkv).unflatten(-1, (2, e)).unbind(-2)
         else:
             wq, wk, wv = self.in_proj_weight.chunk(3)
             bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
-            q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+            q, k, v = linear(query, wq, bq), linear(key, wk, bk), linear(value, wv, bv)
         return q.unflatten(-1, (h, d)), k.unflatten(-1, (h, d)), v.unflatten(-1, (h, d))

@@ -1,0 +1,101 @@
+"""A patched ``nn.TransformerEncoder`` against the unpatched one: inference and
+a training step (forward, ``y.square().mean()``, backward), same inputs, same
+weights, modes interleaved round by round.
+
+    python benchmarks/patched_encoder.py [--threads 1] [--dtype float32] [--rounds 3]
+        [--layers 4] [--dmodel 768] [--heads 12] [--dff 3072] [--batch 8] [--seq 128]
+
+BERT-base-like layers by default (post-norm, gelu, dropout 0, batch first).
+Everything a patched model runs through pyfastattn is included: the attention
+kernel, the FFN op (its fp32 GEMMs on AMD: ``PYFASTATTN_CPU_FFN_GEMM``), the
+projections through ``pyfastattn.linear``. One thread: thread CPU time; more:
+wall clock. Median of ``--reps`` calls per round, milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+import torch
+
+import pyfastattn
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dmodel", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--dff", type=int, default=3072)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    timer = time.thread_time if args.threads == 1 else time.perf_counter
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(
+        args.dmodel, args.heads, args.dff, dropout=0.0, batch_first=True, activation="gelu"
+    )
+    model = torch.nn.TransformerEncoder(layer, args.layers, enable_nested_tensor=False).to(dtype)
+    ours = pyfastattn.patch(copy.deepcopy(model))
+    x = torch.randn(args.batch, args.seq, args.dmodel, dtype=dtype)
+    print(
+        f"# {args.layers} layers d{args.dmodel} h{args.heads} ff{args.dff} B{args.batch} S{args.seq} {args.dtype}, "
+        f"{args.threads} thread(s); FFN fp32 GEMM: {torch.ops.pyfastattn.ffn_cpu_gemm_fp32()}; "
+        f"PYFASTATTN_CPU_FFN_GEMM={os.environ.get('PYFASTATTN_CPU_FFN_GEMM', '')!r}; load {os.getloadavg()[0]:.2f}"
+    )
+
+    def infer(m):
+        def f():
+            with torch.no_grad():
+                m(x)
+
+        return f
+
+    def train(m):
+        def f():
+            m.zero_grad(set_to_none=True)
+            m(x).float().square().mean().backward()
+
+        return f
+
+    with torch.no_grad():
+        y0, y1 = model.eval()(x), ours.eval()(x)
+    print(f"# max |patched - unpatched| (eval): {(y0.float() - y1.float()).abs().max().item():.3g}")
+    model.train()
+    ours.train()
+
+    def median_ms(f) -> float:
+        f()
+        ts = []
+        for _ in range(args.reps):
+            a = timer()
+            f()
+            ts.append((timer() - a) * 1e3)
+        return statistics.median(ts)
+
+    for r in range(args.rounds):
+        model.eval()
+        ours.eval()
+        ie, io = median_ms(infer(model)), median_ms(infer(ours))
+        model.train()
+        ours.train()
+        te, to = median_ms(train(model)), median_ms(train(ours))
+        print(
+            f"round {r + 1}: inference {ie:8.1f} -> {io:8.1f} ms ({ie / io:.2f}x)   "
+            f"training step {te:8.1f} -> {to:8.1f} ms ({te / to:.2f}x)   load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""``pyfastattn.linear``: ``F.linear`` on the FFN's fp32 CPU GEMM where that
+GEMM is the faster one, for the projections of the drop-in attention layers.
+
+On AMD CPUs with AVX-512, PyTorch's MKL sgemm runs its AVX2 code at ~40 % of
+the FMA peak; ``torch.ops.pyfastattn.cpu_matmul_fp32`` (csrc/cpu/matmul_fp32.cpp,
+the attention's AVX-512 micro-kernels) runs at 85-97 % (PERF_NOTES.md, "The
+fp32 FFN's GEMMs on AMD"). :func:`linear` takes it, forward and backward, for
+fp32 CPU tensors large enough that the call's fixed cost does not matter, when
+the extension says it is preferred here (``PYFASTATTN_CPU_FFN_GEMM``, the
+same switch as the FFN's GEMMs); everything else -- other dtypes and devices,
+autocast, ``torch.compile`` tracing, small products, the "reference"
+backend -- is ``F.linear`` itself.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+
+__all__ = ["linear"]
+
+# Multiply-adds below which F.linear is kept: the autograd.Function and the
+# op call cost ~10-20 us, which a 2x faster product repays from ~1M of them.
+_MIN_MACS = 1 << 20
+
+
+@functools.cache
+def _own_gemm() -> bool:
+    """Whether the extension's fp32 CPU GEMM is the preferred one here (read
+    once: the C++ side reads its environment once too)."""
+    try:
+        return torch.ops.pyfastattn.ffn_cpu_gemm_fp32() == "own"
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 takes no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
+def _use_own(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    if weight.device.type != "cpu" or weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        return False  # F.linear raises its own error for a mismatch
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu" or bias.dim() != 1):
+        return False
+    if torch.compiler.is_compiling() or _autocast_cpu() or _backend.get_backend() == "reference":
+        return False
+    if x.numel() // max(x.shape[-1], 1) * weight.shape[0] * weight.shape[1] < _MIN_MACS:
+        return False
+    return _own_gemm()
+
+
+class _LinearFp32(torch.autograd.Function):
+    """y = x W^T + b on cpu_matmul_fp32; the backward's dx = dy W and
+    dW = dy^T x on it too, db = the column sums of dy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        c = None if bias is None else bias.expand(x2.shape[0], weight.shape[0])
+        y = torch.ops.pyfastattn.cpu_matmul_fp32(x2, weight.t(), c)
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x2, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, weight.shape[0])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.pyfastattn.cpu_matmul_fp32(dy2, weight).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dw = torch.ops.pyfastattn.cpu_matmul_fp32(dy2.t(), x2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: ``x`` [..., in], ``weight`` [out, in]
+    (``nn.Linear`` layout), ``bias`` [out] or None. fp32 CPU products of at
+    least ~1M multiply-adds run on pyfastattn's own GEMM where it is preferred
+    (see the module docstring); all else is ``F.linear``."""
+    if _use_own(x, weight, bias):
+        return _LinearFp32.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
