@@ -50,7 +50,7 @@ def main() -> None:
     x = torch.randn(args.batch, args.seq, args.dmodel, dtype=dtype)
     print(
         f"# {args.layers} layers d{args.dmodel} h{args.heads} ff{args.dff} B{args.batch} S{args.seq} {args.dtype}, "
-        f"{args.threads} thread(s); FFN fp32 GEMM: {torch.ops.pyfastattn.ffn_cpu_gemm_fp32()}; "
+        f"{args.threads} thread(s); FFN fp32 GEMM: {torch.ops.pyfastattn.ffn_cpu_gemm(torch.float32)}; "
         f"PYFASTATTN_CPU_FFN_GEMM={os.environ.get('PYFASTATTN_CPU_FFN_GEMM', '')!r}; load {os.getloadavg()[0]:.2f}"
     )
 

@@ -1,13 +1,16 @@
-"""``pyfastattn.linear``: ``F.linear`` on the FFN's fp32 CPU GEMM where that
-GEMM is the faster one, for the projections of the drop-in attention layers.
+"""``pyfastattn.linear``: ``F.linear`` on the FFN's CPU GEMM where that GEMM
+is the faster one, for the projections of the drop-in attention layers.
 
 On AMD CPUs with AVX-512, PyTorch's MKL sgemm runs its AVX2 code at ~40 % of
-the FMA peak; ``torch.ops.pyfastattn.cpu_matmul_fp32`` (csrc/cpu/matmul_fp32.cpp,
-the attention's AVX-512 micro-kernels) runs at 85-97 % (PERF_NOTES.md, "The
-fp32 FFN's GEMMs on AMD"). :func:`linear` takes it, forward and backward, for
-fp32 CPU tensors large enough that the call's fixed cost does not matter, when
-the extension says it is preferred here (``PYFASTATTN_CPU_FFN_GEMM``, the
-same switch as the FFN's GEMMs); everything else -- other dtypes and devices,
+the FMA peak, and ATen's fp16 CPU product at ~10 % on any CPU without native
+fp16 arithmetic; ``torch.ops.pyfastattn.cpu_matmul_fp32``
+(csrc/cpu/matmul_fp32.cpp: fp32 arithmetic on the attention's AVX-512
+micro-kernels, fp32 or fp16 data) runs at 85-97 % (PERF_NOTES.md, "The fp32
+FFN's GEMMs on AMD"). :func:`linear` takes it, forward and backward, for fp32
+and fp16 CPU tensors large enough that the call's fixed cost does not matter,
+when the extension says it is preferred here for the dtype
+(``PYFASTATTN_CPU_FFN_GEMM``, the same switch as the FFN's GEMMs); everything
+else -- bf16 and other dtypes, other devices,
 autocast, ``torch.compile`` tracing, small products, the "reference"
 backend -- is ``F.linear`` itself.
 """
@@ -29,12 +32,12 @@ _MIN_MACS = 1 << 20
 
 
 @functools.cache
-def _own_gemm() -> bool:
-    """Whether the extension's fp32 CPU GEMM is the preferred one here (read
-    once: the C++ side reads its environment once too)."""
+def _own_gemm(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the extension's CPU GEMM is the preferred one here for this
+    dtype (read once: the C++ side reads its environment once too)."""
     try:
-        return torch.ops.pyfastattn.ffn_cpu_gemm_fp32() == "own"
-    except (AttributeError, RuntimeError):
+        return torch.ops.pyfastattn.ffn_cpu_gemm(dtype) == "own"
+    except (AttributeError, RuntimeError, ValueError):
         return False
 
 
@@ -46,21 +49,21 @@ def _autocast_cpu() -> bool:
 
 
 def _use_own(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+    if x.dtype not in (torch.float32, torch.float16) or weight.dtype != x.dtype or x.device.type != "cpu":
         return False
     if weight.device.type != "cpu" or weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         return False  # F.linear raises its own error for a mismatch
-    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu" or bias.dim() != 1):
+    if bias is not None and (bias.dtype != x.dtype or bias.device.type != "cpu" or bias.dim() != 1):
         return False
     if torch.compiler.is_compiling() or _autocast_cpu() or _backend.get_backend() == "reference":
         return False
     if x.numel() // max(x.shape[-1], 1) * weight.shape[0] * weight.shape[1] < _MIN_MACS:
         return False
-    return _own_gemm()
+    return _own_gemm(x.dtype)
 
 
 class _LinearFp32(torch.autograd.Function):
-    """y = x W^T + b on cpu_matmul_fp32; the backward's dx = dy W and
+    """y = x W^T + b on cpu_matmul_fp32 (fp32 arithmetic); the backward's dx = dy W and
     dW = dy^T x on it too, db = the column sums of dy."""
 
     @staticmethod
@@ -90,8 +93,8 @@ class _LinearFp32(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: ``x`` [..., in], ``weight`` [out, in]
-    (``nn.Linear`` layout), ``bias`` [out] or None. fp32 CPU products of at
-    least ~1M multiply-adds run on pyfastattn's own GEMM where it is preferred
+    (``nn.Linear`` layout), ``bias`` [out] or None. fp32 and fp16 CPU products
+    of at least ~1M multiply-adds run on pyfastattn's own GEMM where it is preferred
     (see the module docstring); all else is ``F.linear``."""
     if _use_own(x, weight, bias):
         return _LinearFp32.apply(x, weight, bias)

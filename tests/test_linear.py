@@ -55,6 +55,24 @@ def test_forward_and_gradients_against_float64(shape, n_out, bias):
         assert_tolerance(name, g, gd, gt, torch.float32)
 
 
+@pytest.mark.skipif(not linear_mod._own_gemm(torch.float16), reason="the fp16 CPU GEMM is not preferred here")
+def test_float16_forward_and_gradients():
+    x, w, b = (t.detach().half().requires_grad_() for t in _inputs((333, 129), 257))
+    y = pyfastattn.linear(x, w, b)
+    assert _own_taken(y) and y.dtype == torch.float16
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, w, b], dy)
+    yt = F.linear(x, w, b)
+    grads_t = torch.autograd.grad(yt, [x, w, b], dy)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yd = F.linear(xd, wd, bd)
+    grads_d = torch.autograd.grad(yd, [xd, wd, bd], dy.double())
+    assert_tolerance("y", y, yd, yt, torch.float16)
+    for name, g, gd, gt in zip(("dx", "dw", "db"), grads, grads_d, grads_t):
+        assert g.dtype == torch.float16
+        assert_tolerance(name, g, gd, gt, torch.float16)
+
+
 @needs_own
 def test_only_the_gradients_asked_for():
     x, w, b = _inputs((300, 128), 256)

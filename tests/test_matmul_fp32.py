@@ -50,25 +50,25 @@ SHAPES = [
 ]
 
 
-def _operand(rows: int, cols: int, layout: str, gen: torch.Generator) -> torch.Tensor:
-    """A rows x cols fp32 operand in a given memory layout."""
+def _operand(rows: int, cols: int, layout: str, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    """A rows x cols operand in a given memory layout."""
     if layout == "row":
-        return torch.randn(rows, cols, generator=gen)
+        return torch.randn(rows, cols, generator=gen).to(dtype)
     if layout == "col":  # the transpose of a row-major tensor, as W.t()
-        return torch.randn(cols, rows, generator=gen).t()
+        return torch.randn(cols, rows, generator=gen).to(dtype).t()
     # neither stride 1: every other column of a wider tensor
-    return torch.randn(rows, 2 * cols, generator=gen)[:, ::2]
+    return torch.randn(rows, 2 * cols, generator=gen).to(dtype)[:, ::2]
 
 
 def _check(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None, name: str = "") -> torch.Tensor:
     out = OPS.cpu_matmul_fp32(a, b, c)
     ref = a.double() @ b.double()
-    base = a @ b  # torch's own fp32 product: the error it sets the bar with
+    base = a @ b  # torch's own product in the same dtype: the error it sets the bar with
     if c is not None:
         ref = ref + c.double()
         base = base + c
-    assert out.shape == ref.shape and out.dtype == torch.float32
-    assert_tolerance(name, out, ref, base, torch.float32)
+    assert out.shape == ref.shape and out.dtype == a.dtype
+    assert_tolerance(name, out, ref, base, a.dtype)
     return out
 
 
@@ -82,24 +82,40 @@ def test_against_float64(m, n, k, la, lb):
     _check(a, b, name=f"{m}x{n}x{k} A {la} B {lb}")
 
 
+# fp16 data: converted to fp32 while packed, C summed in fp32 and rounded once.
+F16_SHAPES = [(3, 5, 7), (9, 33, 17), (65, 257, 257), (300, 70, 1000), (1100, 40, 30)]
+
+
 @needs_avx512
+@pytest.mark.parametrize("m,n,k", F16_SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in F16_SHAPES])
+@pytest.mark.parametrize("la", ["row", "col"])
+@pytest.mark.parametrize("lb", ["row", "col"])
+def test_float16_against_float64(m, n, k, la, lb):
+    gen = torch.Generator().manual_seed(m * 1000003 + n * 1009 + k + 1)
+    a, b = _operand(m, k, la, gen, torch.float16), _operand(k, n, lb, gen, torch.float16)
+    _check(a, b, name=f"fp16 {m}x{n}x{k} A {la} B {lb}")
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m,n,k", [(5, 7, 3), (65, 257, 513), (300, 70, 1000)])
-def test_accumulate(m, n, k):
+def test_accumulate(m, n, k, dtype):
     gen = torch.Generator().manual_seed(7)
-    a, b = _operand(m, k, "row", gen), _operand(k, n, "col", gen)
-    _check(a, b, torch.randn(m, n, generator=gen), name="c + a b")
+    a, b = _operand(m, k, "row", gen, dtype), _operand(k, n, "col", gen, dtype)
+    _check(a, b, torch.randn(m, n, generator=gen).to(dtype), name="c + a b")
 
 
 @needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m,n,k", [(9, 33, 17), (129, 300, 600)])
-def test_overwrites_poisoned_output(m, n, k):
+def test_overwrites_poisoned_output(m, n, k, dtype):
     """Without accumulate the product is written over every element (the
     FFN's buffers are reused between calls): a NaN-filled c must not leak."""
     gen = torch.Generator().manual_seed(3)
-    a, b = _operand(m, k, "row", gen), _operand(k, n, "col", gen)
-    out = OPS.cpu_matmul_fp32(a, b, torch.full((m, n), float("nan")), accumulate=False)
+    a, b = _operand(m, k, "row", gen, dtype), _operand(k, n, "col", gen, dtype)
+    out = OPS.cpu_matmul_fp32(a, b, torch.full((m, n), float("nan"), dtype=dtype), accumulate=False)
     assert not out.isnan().any()
-    assert_tolerance("poisoned", out, a.double() @ b.double(), a @ b, torch.float32)
+    assert_tolerance("poisoned", out, a.double() @ b.double(), a @ b, dtype)
 
 
 @needs_avx512
@@ -120,11 +136,12 @@ def test_empty_and_k0():
 
 
 @needs_avx512
-def test_same_bits_on_any_thread_count():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_same_bits_on_any_thread_count(dtype):
     """Each element's k products are summed in the same order whichever
     thread computes its chunk (and however rows are split into chunks)."""
     gen = torch.Generator().manual_seed(5)
-    a, b = _operand(700, 600, "row", gen), _operand(600, 530, "col", gen)
+    a, b = _operand(700, 600, "row", gen, dtype), _operand(600, 530, "col", gen, dtype)
     old = torch.get_num_threads()
     try:
         outs = []
@@ -141,15 +158,17 @@ def test_same_bits_on_any_thread_count():
 def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match=r"a\.size\(1\) must equal b\.size\(0\)"):
         OPS.cpu_matmul_fp32(torch.randn(3, 4), torch.randn(5, 6))
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="float32 or float16"):
         OPS.cpu_matmul_fp32(torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 6))
-    with pytest.raises(ValueError, match=r"c must be a float32 CPU tensor of shape \[3, 6\]"):
+    with pytest.raises(ValueError, match="one dtype"):
+        OPS.cpu_matmul_fp32(torch.randn(3, 4), torch.randn(4, 6, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"c must be a Float CPU tensor of shape \[3, 6\]"):
         OPS.cpu_matmul_fp32(torch.randn(3, 4), torch.randn(4, 6), torch.randn(6, 3))
 
 
 _ROUTE = """
 import torch, pyfastattn
-print(torch.ops.pyfastattn.ffn_cpu_gemm_fp32())
+print(*(torch.ops.pyfastattn.ffn_cpu_gemm(dt) for dt in (torch.float32, torch.float16, torch.bfloat16)))
 """
 
 
@@ -161,12 +180,14 @@ def _route(**env) -> subprocess.CompletedProcess:
 
 @needs_avx512
 def test_ffn_route_switches():
-    """PYFASTATTN_CPU_FFN_GEMM picks the FFN's fp32 GEMM; a cap of the FFN
-    kernels below AVX-512 (PYFASTATTN_FFN_ISA) keeps ATen's; a bad value is
-    an error naming the variable."""
-    assert _route(PYFASTATTN_CPU_FFN_GEMM="own").stdout.split() == ["own"]
-    assert _route(PYFASTATTN_CPU_FFN_GEMM="aten").stdout.split() == ["aten"]
-    assert _route(PYFASTATTN_CPU_FFN_GEMM="own", PYFASTATTN_FFN_ISA="avx2").stdout.split() == ["aten"]
+    """PYFASTATTN_CPU_FFN_GEMM picks the FFN's fp32 / fp16 GEMM (bf16 stays
+    ATen's); by default fp16 takes the own GEMM on any AVX-512 CPU; a cap of
+    the FFN kernels below AVX-512 (PYFASTATTN_FFN_ISA) keeps ATen's; a bad
+    value is an error naming the variable."""
+    assert _route().stdout.split()[1:] == ["own", "aten"]
+    assert _route(PYFASTATTN_CPU_FFN_GEMM="own").stdout.split() == ["own", "own", "aten"]
+    assert _route(PYFASTATTN_CPU_FFN_GEMM="aten").stdout.split() == ["aten", "aten", "aten"]
+    assert _route(PYFASTATTN_CPU_FFN_GEMM="own", PYFASTATTN_FFN_ISA="avx2").stdout.split() == ["aten"] * 3
     r = _route(PYFASTATTN_CPU_FFN_GEMM="fast")
     assert r.returncode != 0 and "PYFASTATTN_CPU_FFN_GEMM must be 'auto'" in r.stderr
 
@@ -190,7 +211,7 @@ yd = reference.gated_feed_forward(xd, *wd, activation="silu")
 gd = torch.autograd.grad(yd.square().sum(), [xd, *wd])
 errs = [((y.double() - yd).abs().max() / yd.abs().max()).item()]
 errs += [((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(g, gd)]
-print(torch.ops.pyfastattn.ffn_cpu_gemm_fp32(), max(errs))
+print(torch.ops.pyfastattn.ffn_cpu_gemm(torch.float32), max(errs))
 """
 
 

@@ -146,32 +146,36 @@ class Scratch {
   at::Tensor base_;
 };
 
-// The FFN's GEMMs. fp32 CPU tensors take cpu::matmul_fp32 (the attention's
-// AVX-512 micro-kernels) where cpu::matmul_fp32_preferred(): on AMD, MKL's
-// sgemm runs its AVX2 code at ~40 % of the FMA peak (PERF_NOTES "The fp32
-// FFN's GEMMs on AMD"). Everything else is ATen's.
+// The FFN's GEMMs. fp32 and fp16 CPU tensors take cpu::matmul_fp32 (fp32
+// arithmetic on the attention's AVX-512 micro-kernels) where
+// cpu::matmul_fp32_preferred(): fp32 on AMD, where MKL's sgemm runs its AVX2
+// code at ~40 % of the FMA peak, and fp16 on every AVX-512 CPU, where ATen's
+// CPU product runs at a tenth of it (PERF_NOTES "The fp32 FFN's GEMMs on
+// AMD"). Everything else is ATen's.
 bool own_gemm(const at::Tensor& a) {
-  return a.device().is_cpu() && a.scalar_type() == at::kFloat && cpu::matmul_fp32_preferred();
+  const auto st = a.scalar_type();
+  return a.device().is_cpu() && (st == at::kFloat || st == at::kHalf) &&
+         cpu::matmul_fp32_preferred(to_dtype(st));
 }
 
 // A 2-D operand as (pointer, row stride, column stride) with a unit stride
 // along one axis; `keep` holds a contiguous copy where it has none.
-const float* operand(const at::Tensor& t, at::Tensor& keep, int64_t& rs, int64_t& cs) {
+const void* operand(const at::Tensor& t, at::Tensor& keep, int64_t& rs, int64_t& cs) {
   const int64_t r = t.size(0), c = t.size(1);
   if (t.stride(1) == 1 || c == 1) {
     rs = r == 1 ? std::max<int64_t>(c, 1) : t.stride(0);
     cs = 1;
-    return t.data_ptr<float>();
+    return t.data_ptr();
   }
   if (t.stride(0) == 1 || r == 1) {
     rs = 1;
     cs = t.stride(1);
-    return t.data_ptr<float>();
+    return t.data_ptr();
   }
   keep = t.contiguous();
   rs = c;
   cs = 1;
-  return keep.data_ptr<float>();
+  return keep.data_ptr();
 }
 
 // out (=|+=) a b, out [a.size(0), b.size(1)] with unit column stride.
@@ -184,9 +188,12 @@ void own_gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
   p.m = a.size(0);
   p.n = b.size(1);
   p.k = a.size(1);
+  p.dtype = to_dtype(a.scalar_type());
+  TORCH_CHECK(b.scalar_type() == a.scalar_type() && out.scalar_type() == a.scalar_type(),
+              "ffn: GEMM operands of mixed dtypes");
   p.a = operand(a, ka, p.a_rs, p.a_cs);
   p.b = operand(b, kb, p.b_rs, p.b_cs);
-  p.c = out.data_ptr<float>();
+  p.c = out.data_ptr();
   p.ldc = out.size(0) == 1 ? std::max<int64_t>(p.n, 1) : out.stride(0);
   p.accumulate = accumulate;
   cpu::matmul_fp32(p);
@@ -218,6 +225,17 @@ void gemm_acc(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
   }
 }
 
+// out = bias + a b (bias [b.size(1)], broadcast over rows), into a given
+// buffer; fp16: the sum in fp32 from the bias, rounded once, as addmm.
+void gemm_bias_out(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+  if (own_gemm(a) && out.stride(1) == 1) {
+    out.copy_(bias.unsqueeze(0).expand_as(out));
+    own_gemm_into(out, a, b, true);
+  } else {
+    at::addmm_out(out, bias, a, b);
+  }
+}
+
 // bias + a b (bias [b.size(1)], broadcast over rows), a new tensor.
 at::Tensor gemm_bias(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
   if (!own_gemm(a)) return at::addmm(bias, a, b);
@@ -242,13 +260,13 @@ void first_gemms(const at::Tensor& x, const at::Tensor& w1, const std::optional<
                  at::Tensor& gate, at::Tensor& up) {
   const bool fold = bias_in_gemm(x);
   if (fold && b1) {
-    at::addmm_out(gate, *b1, x, w1.t());
+    gemm_bias_out(gate, *b1, x, w1.t());
   } else {
     gemm_out(gate, x, w1.t());
   }
   if (!w3) return;
   if (fold && b3) {
-    at::addmm_out(up, *b3, x, w3->t());
+    gemm_bias_out(up, *b3, x, w3->t());
   } else {
     gemm_out(up, x, w3->t());
   }
@@ -520,18 +538,21 @@ at::Tensor cpu_matmul_fp32(const at::Tensor& a, const at::Tensor& b, const std::
                            bool accumulate) {
   TORCH_CHECK_VALUE(cpu::matmul_fp32_supported(), "cpu_matmul_fp32: needs an AVX-512 CPU");
   for (const at::Tensor* t : {&a, &b}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2,
-                      "cpu_matmul_fp32: a and b must be 2-D float32 CPU tensors, got ", t->sizes(), " ",
+    TORCH_CHECK_VALUE(t->device().is_cpu() && (t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf) &&
+                          t->dim() == 2,
+                      "cpu_matmul_fp32: a and b must be 2-D float32 or float16 CPU tensors, got ", t->sizes(), " ",
                       t->scalar_type(), " on ", t->device());
   }
+  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), "cpu_matmul_fp32: a and b must have one dtype, got ",
+                    a.scalar_type(), " and ", b.scalar_type());
   TORCH_CHECK_VALUE(a.size(1) == b.size(0), "cpu_matmul_fp32: a.size(1) must equal b.size(0), got ", a.sizes(),
                     " and ", b.sizes());
   at::Tensor out;
   if (c) {
-    TORCH_CHECK_VALUE(c->device().is_cpu() && c->scalar_type() == at::kFloat &&
+    TORCH_CHECK_VALUE(c->device().is_cpu() && c->scalar_type() == a.scalar_type() &&
                           c->sizes() == at::IntArrayRef({a.size(0), b.size(1)}),
-                      "cpu_matmul_fp32: c must be a float32 CPU tensor of shape [", a.size(0), ", ", b.size(1),
-                      "], got ", c->sizes(), " ", c->scalar_type());
+                      "cpu_matmul_fp32: c must be a ", a.scalar_type(), " CPU tensor of shape [", a.size(0), ", ",
+                      b.size(1), "], got ", c->sizes(), " ", c->scalar_type());
     out = c->is_contiguous() ? c->clone() : c->contiguous();  // a copy either way
   } else {
     out = at::empty({a.size(0), b.size(1)}, a.options());
@@ -562,11 +583,13 @@ TORCH_LIBRARY_FRAGMENT(pyfastattn, m) {
   // avx2 or portable; and the most tokens the CPU ffn_fwd routes to it.
   m.def("ffn_small_tokens_isa() -> str",
         [] { return std::string(cpu::ffn_small_tokens_isa()); });
-  // a @ b (+ c) on the FFN's own fp32 CPU GEMM (cpu/matmul_fp32.h), for tests
-  // and benchmarks; and whether the FFN's fp32 GEMMs take it here.
+  // a @ b (+ c) on the FFN's own CPU GEMM (cpu/matmul_fp32.h: fp32 or fp16
+  // data, fp32 arithmetic), for tests and benchmarks; and whether the FFN's
+  // GEMMs of a dtype take it here ("own") or ATen's ("aten").
   m.def("cpu_matmul_fp32(Tensor a, Tensor b, Tensor? c=None, bool accumulate=True) -> Tensor", &cpu_matmul_fp32);
-  m.def("ffn_cpu_gemm_fp32() -> str", [] {
-    return std::string(cpu::matmul_fp32_preferred() ? "own" : "aten");
+  m.def("ffn_cpu_gemm(ScalarType dtype) -> str", [](c10::ScalarType dt) {
+    TORCH_CHECK_VALUE(kernel_dtype(dt), "ffn_cpu_gemm: dtype must be ", kKernelDTypes, ", got ", dt);
+    return std::string(cpu::matmul_fp32_preferred(to_dtype(dt)) ? "own" : "aten");
   });
   m.def("ffn_small_tokens_limit(ScalarType dtype) -> int", [](c10::ScalarType dt) {
     TORCH_CHECK(kernel_dtype(dt), "ffn_small_tokens_limit: dtype must be ", kKernelDTypes, ", got ", dt);
