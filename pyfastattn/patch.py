@@ -9,6 +9,14 @@ module object, its parameters (and so any optimizer holding them), buffers,
 hooks, device, dtype and training flag all stay as they were, and ``isinstance(
 m, torch.nn.MultiheadAttention)`` stays true.
 
+With ``linear=True`` (the default) every module whose type is exactly
+``torch.nn.Linear`` becomes :class:`pyfastattn.nn.Linear` the same way (its
+product through :func:`pyfastattn.linear`: pyfastattn's own CPU GEMM for
+fp32 on AMD and fp16 on AVX-512 CPUs, ``F.linear`` everywhere else), Hugging
+Face models' layers included; the report counts them in one line. Pass
+``linear=False`` to keep them torch's (e.g. for tools that match
+``type(m) is nn.Linear``, such as ``torch.ao.quantization.quantize_dynamic``).
+
 Left alone, each with the reason in the report: subclasses of those torch
 classes (they carry their own code) and TorchScript-compiled modules. Hugging
 Face models are listed too, with the way in that fits them
@@ -32,6 +40,7 @@ import torch
 from torch import nn
 
 from . import functional as _functional
+from .nn.linear import Linear
 from .nn.transformer import _TORCH_TO_OURS, ffn_unfused_reason
 
 __all__ = ["patch", "PatchReport"]
@@ -48,6 +57,8 @@ class PatchReport:
 
     replaced: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
     left_alone: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    linears: int = 0
+    """How many ``torch.nn.Linear`` modules became ``pyfastattn.nn.Linear``."""
     unfused: list[str] = dataclasses.field(default_factory=list)
     """What the converted modules still run outside the fused kernels, and why
     (one entry per distinct cause; empty when everything runs fused)."""
@@ -60,8 +71,17 @@ class PatchReport:
             lines.append(f"  replaced   {name or '<root>'}: {old} -> {new}" + (f" ({note})" if note else ""))
         for name, cls, why in self.left_alone:
             lines.append(f"  left alone {name or '<root>'}: {cls}: {why}")
+        if self.linears:
+            lines.append(
+                f"  replaced   {self.linears} torch.nn.Linear -> pyfastattn.nn.Linear "
+                "(fp32 / fp16 CPU products on pyfastattn's GEMM where it is the faster one)"
+            )
         if not self.replaced:
-            lines.append("still unfused: everything (no module was converted)")
+            lines.append(
+                "still unfused: everything (no attention or Transformer module was converted)"
+                if self.linears
+                else "still unfused: everything (no module was converted)"
+            )
         elif self.unfused:
             lines.append("still unfused: " + "; ".join(self.unfused))
         else:
@@ -119,9 +139,10 @@ def _is_hf_model(m: nn.Module) -> bool:
     )
 
 
-def patch(model: nn.Module, *, return_report: bool = False):
-    """Convert ``model``'s torch attention and Transformer modules to
-    pyfastattn in place (see the module docstring).
+def patch(model: nn.Module, *, return_report: bool = False, linear: bool = True):
+    """Convert ``model``'s torch attention and Transformer modules (and, with
+    ``linear``, its ``nn.Linear`` modules) to pyfastattn in place (see the
+    module docstring).
 
     Returns ``model``, or ``(model, report)`` with ``return_report=True``
     (a :class:`PatchReport`; ``str(report)`` is a readable summary).
@@ -140,7 +161,10 @@ def patch(model: nn.Module, *, return_report: bool = False):
             continue
         cls = type(m)
         target = _TORCH_TO_OURS.get(cls)
-        if target is not None:
+        if linear and cls is nn.Linear:
+            m.__class__ = Linear
+            report.linears += 1
+        elif target is not None:
             m.__class__ = target
             converted.append(m)
             note = ""

@@ -129,7 +129,9 @@ def test_operands_without_unit_stride(la, lb):
 def test_empty_and_k0():
     assert OPS.cpu_matmul_fp32(torch.randn(0, 5), torch.randn(5, 3)).shape == (0, 3)
     assert OPS.cpu_matmul_fp32(torch.randn(4, 5), torch.randn(5, 0)).shape == (4, 0)
-    z = OPS.cpu_matmul_fp32(torch.randn(4, 0), torch.randn(0, 3), torch.full((4, 3), float("nan")), accumulate=False)
+    z = OPS.cpu_matmul_fp32(
+        torch.randn(4, 0), torch.randn(0, 3), torch.full((4, 3), float("nan")), accumulate=False
+    )
     assert torch.equal(z, torch.zeros(4, 3))
     c = torch.randn(4, 3)
     assert torch.equal(OPS.cpu_matmul_fp32(torch.randn(4, 0), torch.randn(0, 3), c), c)
@@ -175,7 +177,9 @@ print(*(torch.ops.pyfastattn.ffn_cpu_gemm(dt) for dt in (torch.float32, torch.fl
 def _route(**env) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("PYFASTATTN_CPU_FFN_GEMM", "PYFASTATTN_FFN_ISA")}
     full.update(env)
-    return subprocess.run([sys.executable, "-c", _ROUTE], capture_output=True, text=True, env=full, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", _ROUTE], capture_output=True, text=True, env=full, timeout=300
+    )
 
 
 @needs_avx512
@@ -222,7 +226,9 @@ def test_ffn_forward_backward_on_either_gemm(choice):
     the float64 reference (333 tokens: past the small-token forward)."""
     full = {k: v for k, v in os.environ.items() if k != "PYFASTATTN_FFN_ISA"}
     full["PYFASTATTN_CPU_FFN_GEMM"] = choice
-    r = subprocess.run([sys.executable, "-c", _FFN_BOTH], capture_output=True, text=True, env=full, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _FFN_BOTH], capture_output=True, text=True, env=full, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     route, err = r.stdout.split()
     assert route == choice

@@ -185,5 +185,51 @@ def test_report_ends_with_what_still_runs_unfused():
     assert str(report0).splitlines()[-1].startswith("still unfused: nothing"), str(report0)
     _, bare = pyfastattn.patch(torch.nn.Sequential(torch.nn.MultiheadAttention(16, 4)), return_report=True)
     assert "need_weights=True" in str(bare).splitlines()[-1]
-    _, none = pyfastattn.patch(torch.nn.Linear(3, 3), return_report=True)
+    _, none = pyfastattn.patch(torch.nn.Linear(3, 3), return_report=True, linear=False)
     assert str(none).splitlines()[-1] == "still unfused: everything (no module was converted)"
+    lin, only = pyfastattn.patch(torch.nn.Linear(3, 3), return_report=True)
+    assert type(lin) is pyfastattn.nn.Linear and only.linears == 1
+    assert (
+        str(only).splitlines()[-1]
+        == "still unfused: everything (no attention or Transformer module was converted)"
+    )
+
+
+def test_linear_modules_become_pyfastattn_linear():
+    """patch turns exact nn.Linear modules into pyfastattn.nn.Linear (same
+    parameters, same object), not their subclasses; the model computes the
+    same values and gradients; linear=False keeps them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(96, 300),
+        torch.nn.GELU(),
+        torch.nn.Linear(300, 96),
+        torch.nn.MultiheadAttention(96, 4),
+    )
+    ref = copy.deepcopy(model)
+    w0 = model[0].weight
+    out = pyfastattn.patch(model)
+    assert out is model and model[0].weight is w0
+    assert type(model[0]) is pyfastattn.nn.Linear and type(model[2]) is pyfastattn.nn.Linear
+    assert isinstance(model[0], torch.nn.Linear)
+    # MHA's out_proj is torch's NonDynamicallyQuantizableLinear subclass: left as it is
+    assert type(model[3].out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+    x = torch.randn(2, 50, 96, requires_grad=True)
+    y = model[2](model[1](model[0](x)))
+    yr = ref[2](ref[1](ref[0](x)))
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad(y.square().sum(), [x, model[0].weight])
+    gr = torch.autograd.grad(yr.square().sum(), [x, ref[0].weight])
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    kept = pyfastattn.patch(copy.deepcopy(ref), linear=False)
+    assert type(kept[0]) is torch.nn.Linear
+
+
+def test_patched_linears_keep_the_transformer_ffn_fused():
+    """A Transformer layer's linear1/linear2 turned into pyfastattn.nn.Linear
+    still count as plain linears for the fused FFN."""
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    _, report = pyfastattn.patch(layer, return_report=True)
+    assert report.linears == 2 and type(layer.linear1) is pyfastattn.nn.Linear
+    assert str(report).splitlines()[-1].startswith("still unfused: nothing"), str(report)

@@ -5,6 +5,8 @@
   :class:`TransformerDecoder`, :class:`Transformer` - same constructor
   arguments, forward signature and ``state_dict`` as their ``torch.nn``
   namesakes (they subclass them).
+* :class:`Linear` - ``torch.nn.Linear`` on :func:`pyfastattn.linear` (the
+  faster CPU GEMM for fp32 on AMD and fp16; ``F.linear`` everywhere else).
 * :class:`FeedForward` - the FFN block, plain (``fc1``/``fc2``) or gated
   (``gate_proj``/``up_proj``/``down_proj``, LLaMA names), with conversion
   helpers ``FeedForward.from_sequential`` and ``FeedForward.from_llama_mlp``.
@@ -12,6 +14,7 @@
 
 from .attention import MultiheadAttention
 from .feed_forward import FeedForward, activation_of
+from .linear import Linear
 from .transformer import (
     Transformer,
     TransformerDecoder,
@@ -22,6 +25,7 @@ from .transformer import (
 
 __all__ = [
     "FeedForward",
+    "Linear",
     "MultiheadAttention",
     "Transformer",
     "TransformerDecoder",

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import MultiheadAttention, check_mask_type, right_padding_lengths
+from .linear import Linear
 
 __all__ = [
     "Transformer",
@@ -100,7 +101,9 @@ def fused_activation_name(activation: Any) -> str | None:
 
 
 def _plain_linear(m: Any) -> bool:
-    return type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+    # pyfastattn.nn.Linear (what patch makes of nn.Linear) computes the same
+    # product and adds no state.
+    return type(m) in (nn.Linear, Linear) and not (m._forward_hooks or m._forward_pre_hooks)
 
 
 def ffn_unfused_reason(layer: nn.Module) -> str | None:
