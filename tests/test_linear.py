@@ -36,7 +36,7 @@ def _inputs(shape, n_out, bias=True, seed=0):
 
 @needs_own
 @pytest.mark.parametrize(
-    "shape,n_out,bias", [((333, 129), 257, True), ((3, 70, 96), 300, False), ((2, 5, 41, 64), 520, True)]
+    "shape,n_out,bias", [((333, 129), 257, True), ((3, 80, 96), 300, False), ((2, 5, 41, 64), 520, True)]
 )
 def test_forward_and_gradients_against_float64(shape, n_out, bias):
     x, w, b = _inputs(shape, n_out, bias)
