@@ -58,7 +58,9 @@ def _use_own(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         return False  # F.linear raises its own error for a mismatch
     if bias is not None and (bias.dtype != x.dtype or bias.device.type != "cpu" or bias.dim() != 1):
         return False
-    if torch.compiler.is_compiling() or _autocast_cpu() or _backend.get_backend() == "reference":
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _autocast_cpu():
+        return False
+    if _backend.get_backend() == "reference":
         return False
     if x.numel() // max(x.shape[-1], 1) * weight.shape[0] * weight.shape[1] < _MIN_MACS:
         return False

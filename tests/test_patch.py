@@ -233,3 +233,16 @@ def test_patched_linears_keep_the_transformer_ffn_fused():
     _, report = pyfastattn.patch(layer, return_report=True)
     assert report.linears == 2 and type(layer.linear1) is pyfastattn.nn.Linear
     assert str(report).splitlines()[-1].startswith("still unfused: nothing"), str(report)
+
+
+def test_patched_linears_script_and_trace():
+    """A model whose nn.Linear modules patch converted still scripts, traces
+    and FX-traces (pyfastattn.nn.Linear is F.linear there)."""
+    model = pyfastattn.patch(
+        torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+    )
+    assert type(model[0]) is pyfastattn.nn.Linear
+    x = torch.randn(40, 64)
+    want = model(x)
+    for conv in (torch.jit.script, lambda m: torch.jit.trace(m, (x,)), torch.fx.symbolic_trace):
+        torch.testing.assert_close(conv(model)(x), want, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,8 @@ on AMD CPUs with AVX-512, fp16 on any AVX-512 CPU; ``PYFASTATTN_CPU_FFN_GEMM``).
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._linear import linear
@@ -18,7 +20,18 @@ __all__ = ["Linear"]
 
 
 class Linear(nn.Linear):
-    """``torch.nn.Linear`` whose product runs through :func:`pyfastattn.linear`."""
+    """``torch.nn.Linear`` whose product runs through :func:`pyfastattn.linear`.
+    Under TorchScript (``torch.jit.script`` / ``trace``) and ``torch.fx``
+    symbolic tracing it is ``F.linear``, so a patched model still scripts,
+    traces and exports."""
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002  (torch's argument name)
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            return F.linear(input, self.weight, self.bias)
+        return self._pfa_linear(input)
+
+    @torch.jit.unused
+    def _pfa_linear(self, input: Tensor) -> Tensor:  # noqa: A002
+        if torch.fx._symbolic_trace.is_fx_tracing():
+            return F.linear(input, self.weight, self.bias)
         return linear(input, self.weight, self.bias)
