@@ -74,8 +74,7 @@ class _LinearFp32(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        c = None if bias is None else bias.expand(x2.shape[0], weight.shape[0])
-        y = torch.ops.pyfastattn.cpu_matmul_fp32(x2, weight.t(), c)
+        y = torch.ops.pyfastattn.cpu_matmul_fp32(x2, weight.t(), bias=bias)
         ctx.save_for_backward(x2, weight)
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape

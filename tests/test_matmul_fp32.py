@@ -107,6 +107,26 @@ def test_accumulate(m, n, k, dtype):
 
 @needs_avx512
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(5, 7, 3), (65, 257, 513), (300, 70, 1000), (4, 6, 0)])
+def test_bias(m, n, k, dtype):
+    """bias starts every row's sum (addmm's broadcast bias), written over a
+    NaN-poisoned c; k = 0 gives the bias itself."""
+    gen = torch.Generator().manual_seed(9)
+    a, b = _operand(m, k, "row", gen, dtype), _operand(k, n, "col", gen, dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    out = OPS.cpu_matmul_fp32(
+        a, b, torch.full((m, n), float("nan"), dtype=dtype), accumulate=False, bias=bias
+    )
+    ref = a.double() @ b.double() + bias.double()
+    assert_tolerance("a b + bias", out, ref, torch.addmm(bias, a, b) if k else bias.expand(m, n), dtype)
+    with pytest.raises(ValueError, match="bias is for a product that is not accumulated"):
+        OPS.cpu_matmul_fp32(a, b, out, bias=bias)
+    with pytest.raises(ValueError, match=r"bias must be a"):
+        OPS.cpu_matmul_fp32(a, b, bias=bias[:-1] if n > 1 else bias.double())
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m,n,k", [(9, 33, 17), (129, 300, 600)])
 def test_overwrites_poisoned_output(m, n, k, dtype):
     """Without accumulate the product is written over every element (the

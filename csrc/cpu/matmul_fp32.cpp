@@ -165,6 +165,10 @@ PFA_AVX512 void matmul_chunk(const MatmulF32Params& p, int64_t i0, int64_t i1, i
   if (!kF32 && p.accumulate) {
     for (int64_t r = 0; r < rows; ++r) row_to_f32(c + (i0 + r) * p.ldc + j0, cols, cf + r * ldcf);
   }
+  // The bias starts each row's sum: the chunk's first k block accumulates
+  // onto it (written per row block, just before its products read it).
+  const bool biased = !p.accumulate && p.bias != nullptr;
+  const T* bias = biased ? static_cast<const T*>(p.bias) + j0 : nullptr;
   for (int64_t p0 = 0; p0 < p.k; p0 += kMatmulKc) {
     const int64_t kc = std::min(kMatmulKc, p.k - p0);
     pack_b_block<T>(p, p0, kc, j0, cols, s.bpack, s.apack);
@@ -185,10 +189,13 @@ PFA_AVX512 void matmul_chunk(const MatmulF32Params& p, int64_t i0, int64_t i1, i
         }
         ablk = s.apack;
       }
+      if (biased && p0 == 0) {
+        for (int64_t r = 0; r < mc; ++r) row_to_f32(bias, cols, cf + (m0 - i0 + r) * ldcf);
+      }
       for (int64_t q0 = 0; q0 < cols; q0 += kPanel) {
         GemmArgs g{mc, std::min(kPanel, cols - q0), kc, ablk, lda, a_col,
                    s.bpack + (q0 / kPanel) * kc * kPanel, kPanel, cf + (m0 - i0) * ldcf + q0, ldcf,
-                   p.accumulate || p0 > 0};
+                   p.accumulate || biased || p0 > 0};
         gemm_tiled<MicroF32Avx512>(g);
       }
     }
@@ -256,15 +263,15 @@ void matmul_fp32(const MatmulF32Params& p) {
   TORCH_CHECK(p.dtype == DType::kFloat32 || p.dtype == DType::kFloat16, "matmul_fp32: fp32 or fp16 data only");
   TORCH_CHECK((p.a_rs == 1 || p.a_cs == 1) && (p.b_rs == 1 || p.b_cs == 1), "matmul_fp32: A and B need a unit stride");
   if (p.m <= 0 || p.n <= 0) return;
-  if (p.k <= 0) {
+  if (p.k <= 0) {  // C = bias or 0, or C as it is
     if (!p.accumulate) {
+      const size_t row_bytes = size_t(p.n) * (p.dtype == DType::kFloat32 ? sizeof(float) : sizeof(c10::Half));
       for (int64_t i = 0; i < p.m; ++i) {
-        if (p.dtype == DType::kFloat32) {
-          float* row = static_cast<float*>(p.c) + i * p.ldc;
-          std::fill(row, row + p.n, 0.0f);
+        char* row = static_cast<char*>(p.c) + size_t(i * p.ldc) * (row_bytes / size_t(p.n));
+        if (p.bias) {
+          std::memcpy(row, p.bias, row_bytes);
         } else {
-          c10::Half* row = static_cast<c10::Half*>(p.c) + i * p.ldc;
-          std::fill(row, row + p.n, c10::Half(0.0f));
+          std::memset(row, 0, row_bytes);  // +0.0 in fp32 and fp16
         }
       }
     }

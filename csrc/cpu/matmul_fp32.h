@@ -34,7 +34,10 @@ struct MatmulF32Params {
   // C(i, j) = c[i * ldc + j].
   void* c = nullptr;
   int64_t ldc = 0;
-  bool accumulate = false;  // C += A B, else C = A B
+  bool accumulate = false;  // C += A B, else C = A B (+ bias)
+  // Without accumulate: bias[j] (same dtype, contiguous, n values) starts
+  // every row's sum, as addmm's broadcast bias does; null for none.
+  const void* bias = nullptr;
 };
 
 // Whether matmul_fp32 can run here: an AVX-512 CPU.

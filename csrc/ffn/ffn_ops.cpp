@@ -178,8 +178,10 @@ const void* operand(const at::Tensor& t, at::Tensor& keep, int64_t& rs, int64_t&
   return keep.data_ptr();
 }
 
-// out (=|+=) a b, out [a.size(0), b.size(1)] with unit column stride.
-void own_gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+// out (=|+=) a b, out [a.size(0), b.size(1)] with unit column stride;
+// without accumulate, + bias (a [b.size(1)] tensor of out's dtype) if given.
+void own_gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                   const at::Tensor* bias = nullptr) {
   TORCH_CHECK(out.dim() == 2 && (out.stride(1) == 1 || out.size(1) <= 1) && out.size(0) == a.size(0) &&
                   out.size(1) == b.size(1) && a.size(1) == b.size(0),
               "ffn: GEMM operands of mismatched shapes");
@@ -196,6 +198,13 @@ void own_gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
   p.c = out.data_ptr();
   p.ldc = out.size(0) == 1 ? std::max<int64_t>(p.n, 1) : out.stride(0);
   p.accumulate = accumulate;
+  at::Tensor kbias;
+  if (bias && !accumulate) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.n && bias->scalar_type() == a.scalar_type(),
+                "ffn: GEMM bias of the wrong shape or dtype");
+    kbias = bias->contiguous();
+    p.bias = kbias.data_ptr();
+  }
   cpu::matmul_fp32(p);
 }
 
@@ -229,8 +238,7 @@ void gemm_acc(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
 // buffer; fp16: the sum in fp32 from the bias, rounded once, as addmm.
 void gemm_bias_out(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
   if (own_gemm(a) && out.stride(1) == 1) {
-    out.copy_(bias.unsqueeze(0).expand_as(out));
-    own_gemm_into(out, a, b, true);
+    own_gemm_into(out, a, b, false, &bias);
   } else {
     at::addmm_out(out, bias, a, b);
   }
@@ -239,8 +247,8 @@ void gemm_bias_out(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a,
 // bias + a b (bias [b.size(1)], broadcast over rows), a new tensor.
 at::Tensor gemm_bias(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
   if (!own_gemm(a)) return at::addmm(bias, a, b);
-  at::Tensor out = bias.unsqueeze(0).expand({a.size(0), b.size(1)}).contiguous();
-  own_gemm_into(out, a, b, true);
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  own_gemm_into(out, a, b, false, &bias);
   return out;
 }
 
@@ -529,13 +537,13 @@ GradTuple ffn_bwd_cpu(const at::Tensor& dout, const at::Tensor& x, const at::Ten
 
 }  // namespace
 
-// torch.ops.pyfastattn.cpu_matmul_fp32: a @ b, + c where c is given and
-// accumulate (else the product is written over a copy of c: NaN-poisoned
-// outputs in the tests), on the FFN's own fp32 CPU GEMM whatever
+// torch.ops.pyfastattn.cpu_matmul_fp32: a @ b (+ bias, broadcast over rows),
+// + c where c is given and accumulate (else the product is written over a
+// copy of c: NaN-poisoned outputs in the tests), on the FFN's own fp32 CPU GEMM whatever
 // PYFASTATTN_CPU_FFN_GEMM / PYFASTATTN_FFN_ISA say; for its tests and
 // benchmarks (tests/test_matmul_fp32.py).
 at::Tensor cpu_matmul_fp32(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& c,
-                           bool accumulate) {
+                           bool accumulate, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(cpu::matmul_fp32_supported(), "cpu_matmul_fp32: needs an AVX-512 CPU");
   for (const at::Tensor* t : {&a, &b}) {
     TORCH_CHECK_VALUE(t->device().is_cpu() && (t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf) &&
@@ -557,7 +565,15 @@ at::Tensor cpu_matmul_fp32(const at::Tensor& a, const at::Tensor& b, const std::
   } else {
     out = at::empty({a.size(0), b.size(1)}, a.options());
   }
-  own_gemm_into(out, a, b, c.has_value() && accumulate);
+  const bool acc = c.has_value() && accumulate;
+  if (bias) {
+    TORCH_CHECK_VALUE(!acc, "cpu_matmul_fp32: bias is for a product that is not accumulated into c");
+    TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->scalar_type() == a.scalar_type() && bias->dim() == 1 &&
+                          bias->size(0) == b.size(1),
+                      "cpu_matmul_fp32: bias must be a ", a.scalar_type(), " CPU tensor of shape [", b.size(1),
+                      "], got ", bias->sizes(), " ", bias->scalar_type());
+  }
+  own_gemm_into(out, a, b, acc, bias ? &*bias : nullptr);
   return out;
 }
 
@@ -586,7 +602,7 @@ TORCH_LIBRARY_FRAGMENT(pyfastattn, m) {
   // a @ b (+ c) on the FFN's own CPU GEMM (cpu/matmul_fp32.h: fp32 or fp16
   // data, fp32 arithmetic), for tests and benchmarks; and whether the FFN's
   // GEMMs of a dtype take it here ("own") or ATen's ("aten").
-  m.def("cpu_matmul_fp32(Tensor a, Tensor b, Tensor? c=None, bool accumulate=True) -> Tensor", &cpu_matmul_fp32);
+  m.def("cpu_matmul_fp32(Tensor a, Tensor b, Tensor? c=None, bool accumulate=True, Tensor? bias=None) -> Tensor", &cpu_matmul_fp32);
   m.def("ffn_cpu_gemm(ScalarType dtype) -> str", [](c10::ScalarType dt) {
     TORCH_CHECK_VALUE(kernel_dtype(dt), "ffn_cpu_gemm: dtype must be ", kKernelDTypes, ", got ", dt);
     return std::string(cpu::matmul_fp32_preferred(to_dtype(dt)) ? "own" : "aten");
