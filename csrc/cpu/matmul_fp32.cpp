@@ -2,9 +2,9 @@
 // or fp16 storage (matmul_fp32.h says why).
 //
 // Blocking, as in the BLIS family of GEMMs:
-//   * the work is cut into column chunks of kMatmulNc columns of C (and, when
-//     there are too few of them to keep every thread busy, row chunks too),
-//     handed to the threads from a shared counter;
+//   * the work is cut into column chunks of up to kMatmulNc columns of C
+//     (and, when there are too few of them to balance the threads, row
+//     chunks too), handed to the threads from a shared counter;
 //   * a chunk walks k in blocks of kMatmulKc; per block it packs its columns
 //     of B into fp32 panels of 32 columns ([kc][32], contiguous: a panel stays
 //     in L1 while the micro-kernels walk the rows), transposing where B is
@@ -220,23 +220,33 @@ struct AlignedFloats {
 template <typename T>
 void matmul_run(const MatmulF32Params& p) {
   constexpr bool kF32 = std::is_same<T, float>::value;
-  // Chunks: column chunks first (each packs only its own columns of B);
-  // rows are split too while there are fewer than 4 chunks per thread and
-  // the row chunks stay >= 2 blocks of kMatmulMc, and (fp16, whose chunk
-  // sums in an fp32 buffer) into chunks of at most kMaxRowsF16. Which thread
-  // computes a chunk changes no sum, so the bits do not depend on the thread
-  // count.
+  // Chunks: column chunks of kMatmulNc first (each packs only its own
+  // columns of B). On more than one thread, while there are fewer than 8
+  // chunks per thread (the shared counter then ends the call within ~1/8 of
+  // a thread's share of each other: 11 chunks on 2 threads had one thread
+  // doing 6 while the other did 5), rows are split too as long as the row
+  // chunks keep >= 2 blocks of kMatmulMc, then columns down to 64. fp16
+  // (whose chunk sums in an fp32 buffer) also splits rows into chunks of at
+  // most kMaxRowsF16. Which thread computes a chunk changes no sum, and the
+  // sums' k order is the same for any chunking: the bits do not depend on
+  // the thread count.
   constexpr int64_t kMaxRowsF16 = 1024;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t nchunks = (p.n + kMatmulNc - 1) / kMatmulNc;
+  const int64_t target = threads == 1 ? 1 : 8 * threads;
+  int64_t nc = kMatmulNc;
+  int64_t nchunks = (p.n + nc - 1) / nc;
   int64_t mchunks = 1;
-  while (nchunks * mchunks < 4 * threads && p.m / (2 * mchunks) >= 2 * kMatmulMc) mchunks *= 2;
+  while (nchunks * mchunks < target && p.m / (2 * mchunks) >= 2 * kMatmulMc) mchunks *= 2;
+  while (nchunks * mchunks < target && nc > 2 * kPanel) {
+    nc /= 2;
+    nchunks = (p.n + nc - 1) / nc;
+  }
   if (!kF32) mchunks = std::max(mchunks, (p.m + kMaxRowsF16 - 1) / kMaxRowsF16);
   const int64_t mrows = ((p.m + mchunks - 1) / mchunks + kMatmulMc - 1) / kMatmulMc * kMatmulMc;
   mchunks = (p.m + mrows - 1) / mrows;
   const int64_t units = nchunks * mchunks;
   const int64_t kc = std::min(kMatmulKc, p.k);
-  const int64_t ncols = std::min(kMatmulNc, (p.n + kPanel - 1) / kPanel * kPanel);
+  const int64_t ncols = std::min(nc, (p.n + kPanel - 1) / kPanel * kPanel);
   const int64_t bpack_floats = kc * ncols;
   const int64_t apack_floats = kF32 ? 0 : std::max(kMatmulMc, kPanel) * kc;
   const int64_t cbuf_floats = kF32 ? 0 : std::min(mrows, p.m) * ncols;
@@ -249,7 +259,7 @@ void matmul_run(const MatmulF32Params& p) {
          u = next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t jc = u % nchunks, ic = u / nchunks;
       const int64_t i0 = ic * mrows, i1 = std::min(p.m, i0 + mrows);
-      const int64_t j0 = jc * kMatmulNc, j1 = std::min(p.n, j0 + kMatmulNc);
+      const int64_t j0 = jc * nc, j1 = std::min(p.n, j0 + nc);
       matmul_chunk<T>(p, i0, i1, j0, j1, s);
     }
   });
