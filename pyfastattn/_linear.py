@@ -32,6 +32,10 @@ __all__ = ["linear"]
 # against 35.9 / 92.5 ours; 2M 48.1 / 122.7 against 45.6 / 107.1; 8M 169.9 /
 # 373.1 against 112.1 / 239.1).
 _MIN_MACS = 1 << 21
+# Rows (tokens) below which F.linear is kept: the own GEMM packs all of W per
+# call, which ATen's matrix-vector paths do not (csrc/ffn/ffn_ops.cpp,
+# own_gemm: W 4096 x 4096, fp32 parity at 16 rows, fp16 at 4).
+_MIN_ROWS = {torch.float32: 32, torch.float16: 8}
 
 
 @functools.cache
@@ -62,7 +66,8 @@ def _use_own(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         return False
     if _backend.get_backend() == "reference":
         return False
-    if x.numel() // max(x.shape[-1], 1) * weight.shape[0] * weight.shape[1] < _MIN_MACS:
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows < _MIN_ROWS[x.dtype] or rows * weight.shape[0] * weight.shape[1] < _MIN_MACS:
         return False
     return _own_gemm(x.dtype)
 

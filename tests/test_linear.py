@@ -86,7 +86,7 @@ def test_only_the_gradients_asked_for():
 
 @pytest.mark.parametrize(
     "case",
-    ["bf16", "small", "autocast", "reference backend", "float64"],
+    ["bf16", "small", "few rows", "autocast", "reference backend", "float64"],
 )
 def test_everything_else_is_f_linear(case):
     x, w, b = _inputs((300, 128), 256)
@@ -97,6 +97,8 @@ def test_everything_else_is_f_linear(case):
         x = x[:4, :16].contiguous()
         w = w[:8, :16].contiguous()
         b = b[:8]
+    elif case == "few rows":  # 16M multiply-adds, but 31 rows: W would be packed for little use
+        x, w, b = torch.randn(31, 2048), torch.randn(2048, 2048), torch.randn(2048)
     elif case == "float64":
         x, w, b = x.double(), w.double(), b.double()
     if case == "autocast":
