@@ -494,6 +494,26 @@ def test_memory_past_a_row_is_never_read(dtype, d):
     check(f"padded_d{d}", padded(q), padded(kc), padded(vc), k, v, args, causal=True)
 
 
+
+def test_head_dim_one_cache_with_any_last_stride():
+    # A cache whose head dim is 1, cut with a step from a wider buffer: the
+    # stride of a size-1 last dim is never stepped along, so the op takes the
+    # cache as it is (it cannot copy it: the append writes in place).
+    def cache():
+        return torch.randn(2, 8, 1, 2)[..., ::2]
+
+    kc, vc = cache(), cache()
+    assert kc.stride(-1) == 2
+    kr, vr = kc.clone(), vc.clone()
+    q, k, v = torch.randn(2, 1, 2, 1), torch.randn(2, 1, 1, 1), torch.randn(2, 1, 1, 1)
+    seqlens = torch.tensor([3, 6], dtype=torch.int32)
+    out = pyfastattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, causal=True)
+    ref, _ = reference.attention_with_kvcache(
+        q.double(), kr.double(), vr.double(), k.double(), v.double(), cache_seqlens=seqlens, window_right=0
+    )
+    assert_tolerance("out", out, ref, None, torch.float32)
+    assert torch.equal(kc[0, 3], k[0, 0]) and torch.equal(vc[1, 6], v[1, 0])
+
 def test_opcheck():
     q, kc, vc, k, v, args = make_case(block=16, rotary="half", sq=2, s_new=2)
     op_args = (q, kc, vc, k, v, args["cache_seqlens"], None, None, args["block_table"], args["rotary_cos"],
