@@ -361,6 +361,8 @@ def _sdpa_dense(
     with ``attn_mask``. Rows that see no key give 0, as everywhere in pyfastattn."""
     b, sq, hq, _ = q.shape
     sk, hk = k.shape[1], k.shape[2]
+    if seqused_k is not None:  # keys past the lengths may hold NaN: never let them reach p @ v
+        k, v = reference.zero_keys_past_lengths(k, v, seqused_k)
     causal = window_right == 0 and window_left < 0
     plain_causal = causal and (not bottom_right or sq == sk)
     is_causal = False

@@ -494,7 +494,6 @@ def test_memory_past_a_row_is_never_read(dtype, d):
     check(f"padded_d{d}", padded(q), padded(kc), padded(vc), k, v, args, causal=True)
 
 
-
 def test_head_dim_one_cache_with_any_last_stride():
     # A cache whose head dim is 1, cut with a step from a wider buffer: the
     # stride of a size-1 last dim is never stepped along, so the op takes the
@@ -513,6 +512,31 @@ def test_head_dim_one_cache_with_any_last_stride():
     )
     assert_tolerance("out", out, ref, None, torch.float32)
     assert torch.equal(kc[0, 3], k[0, 0]) and torch.equal(vc[1, 6], v[1, 0])
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+@pytest.mark.parametrize("block", [None, 4], ids=["contiguous", "paged"])
+def test_cache_past_seqlens_is_never_read(block, mode):
+    # A cache allocated with torch.empty may hold NaN or inf past
+    # cache_seqlens: FlashAttention never reads there, and neither may any
+    # path here (the kernel, or the PyTorch path: gather, then attention).
+    q, kc, vc, k, v, args = make_case(b=2, sq=3, s_new=2, cap=24, block=block, seed=3)
+    seqlens, table = args["cache_seqlens"], args.get("block_table")
+    pos = torch.arange(24)
+    past = pos >= (seqlens.long() + 2).view(-1, 1)  # (b, cap): positions no call reads
+    outs = []
+    for fill in (0.0, float("nan"), float("inf")):
+        kk, vv = kc.clone(), vc.clone()
+        for bi in range(2):
+            for t in pos[past[bi]].tolist():
+                blk, row = (bi, t) if table is None else (int(table[bi, t // block]), t % block)
+                kk[blk, row], vv[blk, row] = fill, -fill
+        with pyfastattn.backend(mode):
+            outs.append(pyfastattn.attention_with_kvcache(q, kk, vv, k, v, **args, causal=True))
+    assert all(torch.isfinite(o).all() for o in outs), "a value past cache_seqlens reached the output"
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0])
+
 
 def test_opcheck():
     q, kc, vc, k, v, args = make_case(block=16, rotary="half", sq=2, s_new=2)

@@ -329,7 +329,11 @@ def test_size_one_last_dim_with_any_stride_like_torch(mode, poison):
     m = torch.zeros(1, 5, dtype=torch.bool).t()
     m[1:] = True
     # the native API's Python path (seqused_k skips the fast path), v (B, S, H, 1) from a transpose
-    qn, kn, vn = torch.randn(2, 7, 1, 16), torch.randn(2, 5, 1, 16), torch.randn(2, 1, 5).transpose(1, 2)[:, :, None]
+    qn, kn, vn = (
+        torch.randn(2, 7, 1, 16),
+        torch.randn(2, 5, 1, 16),
+        torch.randn(2, 1, 5).transpose(1, 2)[:, :, None],
+    )
     for t in (v, m, vn):
         assert t.is_contiguous() and t.stride(-1) != 1
     with pyfastattn.backend(mode):
