@@ -400,17 +400,27 @@ def kvcache_gather(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Copies each sequence's ``len_k`` keys / values (starting at its left
     pad) into dense (B, max(len_k), Hk, D) tensors; slots past a sequence's
-    length hold whatever its cache row holds there (mask them with seqused_k)."""
+    length are zeros. Only the cache positions (and block-table entries) a
+    sequence attends are read: the rest of a block table may hold anything,
+    as in FlashAttention (e.g. -1 padding, or stale block ids)."""
     bsz = len_k.shape[0]
     dev = k_cache.device
+    len_k = len_k.to(device=dev, dtype=torch.int64)
     width = int(len_k.max().item()) if bsz > 0 else 0
     j = torch.arange(width, device=dev)[None, :].expand(bsz, width)
+    valid = j < len_k[:, None]
     lp = torch.zeros(bsz, dtype=torch.int64, device=dev) if cache_leftpad is None else cache_leftpad.long()
-    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
-    t = (j + lp[:, None]).clamp(max=max(capacity - 1, 0))
+    t = torch.where(valid, j + lp[:, None], 0)  # a slot past the length reads position 0 of row / block 0
     b = torch.arange(bsz, device=dev)[:, None].expand(bsz, width)
-    i0, i1 = _cache_index(t, b, cache_batch_idx, block_table, k_cache.shape[1])
-    return k_cache[i0, i1], v_cache[i0, i1]
+    if block_table is not None:
+        bs = k_cache.shape[1]
+        blk = torch.where(valid, block_table.long()[b, torch.where(valid, t // bs, 0)], 0)
+        i0, i1 = blk, t % bs
+    else:
+        i0, i1 = _cache_index(t, b, cache_batch_idx, None, k_cache.shape[1])
+    keep = valid[:, :, None, None]
+    zero = k_cache.new_zeros(())
+    return torch.where(keep, k_cache[i0, i1], zero), torch.where(keep, v_cache[i0, i1], zero)
 
 
 def kvcache_query_positions(cache_seqlens: torch.Tensor, seqlen_q: int, per_row: bool) -> torch.Tensor:

@@ -538,6 +538,23 @@ def test_cache_past_seqlens_is_never_read(block, mode):
         torch.testing.assert_close(o, outs[0])
 
 
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+def test_block_table_entries_past_a_sequence_are_not_read(mode):
+    # As in FlashAttention, only the blocks holding a sequence's keys are
+    # read; the rest of its row may be padding (-1) or a stale block id.
+    q, kc, vc, k, v, args = make_case(b=2, sq=2, s_new=1, cap=64, block=16, seed=4)
+    args["cache_seqlens"] = torch.tensor([40, 9], dtype=torch.int32)  # 3 and 1 blocks with the new key
+    want = pyfastattn.attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, **args, causal=True)
+    table = args["block_table"].clone()
+    table[0, 3], table[1, 1:] = -1, torch.tensor([999, -7, 10**6], dtype=torch.int32)
+    kk, vv = kc.clone(), vc.clone()
+    with pyfastattn.backend(mode):
+        got = pyfastattn.attention_with_kvcache(
+            q, kk, vv, k, v, **{**args, "block_table": table}, causal=True
+        )
+    torch.testing.assert_close(got, want)
+
+
 def test_opcheck():
     q, kc, vc, k, v, args = make_case(block=16, rotary="half", sq=2, s_new=2)
     op_args = (q, kc, vc, k, v, args["cache_seqlens"], None, None, args["block_table"], args["rotary_cos"],
