@@ -783,6 +783,11 @@ def canonical_attention(
     len_k - len_q - j|`` to the scores.
     """
     b, lq, hq, d = q.shape if cu_seqlens_q is None else (None, None, *q.shape[-2:])
+    # The kernels read the metadata through a plain pointer; a view (cu[::2],
+    # lengths[:, 0]) is as valid an argument as a fresh tensor.
+    cu_seqlens_q, cu_seqlens_k, seqused_k = (
+        None if t is None else t.contiguous() for t in (cu_seqlens_q, cu_seqlens_k, seqused_k)
+    )
     if cu_seqlens_q is None:
         sk = k.shape[1]
         max_seqlen_q, max_seqlen_k = lq, sk
