@@ -122,12 +122,33 @@ if _OPS_DEFINED:
         if dout is None:  # y took no part in the loss
             return (None,) * 9
         mask = list(ctx.needs_input_grad[:7])  # x, w1, b1, w2, b2, w3, b3
+        if torch.is_grad_enabled():
+            return _ffn_backward_differentiable(x, w1, b1, w2, w3, b3, ctx.activation, dout, mask)
         grads = torch.ops.pyfastattn.ffn_bwd(
             dout, x, w1, b1, w2, w3, b3, act_in, ctx.activation, ctx.recompute, mask
         )
         return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)
 
     torch.library.register_autograd("pyfastattn::ffn_fwd", _ffn_backward, setup_context=_ffn_setup_context)
+
+
+def _ffn_backward_differentiable(x, w1, b1, w2, w3, b3, activation, dout, mask):
+    """The backward under create_graph=True (a gradient penalty, a
+    Hessian-vector product): ffn_bwd is not differentiable (its GEMMs write
+    into out= buffers, which autograd refuses), so the forward is recomputed
+    in eager torch and differentiated with a graph; the gradients are the
+    same function's, and twice differentiable."""
+    names = (x, w1, b1, w2, None, w3, b3)  # b2 is not saved: its gradient is dout summed over tokens
+    want = [t for t, m in zip(names, mask) if m and t is not None]
+    grads = {}
+    if want:
+        y = _eager(x, w1, b1, w2, None, w3, b3, activation)
+        got = torch.autograd.grad(y, want, dout, create_graph=True, allow_unused=True)
+        grads = {id(t): g if g is not None else torch.zeros_like(t) for t, g in zip(want, got)}
+    out = [grads.get(id(t)) if m and t is not None else None for t, m in zip(names, mask)]
+    if mask[4]:
+        out[4] = dout.sum(0)
+    return tuple(out) + (None, None)
 
 
 # ---------------------------------------------------------------------------
@@ -291,7 +312,9 @@ def feed_forward(
     backward (``d_ff`` values per token, half of what eager PyTorch keeps);
     with ``True`` it keeps nothing of that size and the backward recomputes
     the first GEMM (one extra GEMM, about +17% forward+backward time).
-    Not twice differentiable (the eager and reference paths are).
+    Twice differentiable: a backward with ``create_graph=True`` recomputes
+    the forward in eager torch and differentiates that (the fused backward
+    is not differentiable).
     """
     x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)
     _validate(x, w1, b1, w2, b2, None, None, ("w1", "b1", "w2", "b2", "", ""), activation, recompute)
