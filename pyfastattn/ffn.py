@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, _ffn_cuda, _ops, reference  # noqa: F401  (_ffn_cuda: loads the CUDA dispatch table)
+from .functional import InvalidArgumentError, call_op
 
 __all__ = ["feed_forward", "gated_feed_forward", "ffn_unsupported_reason", "ACTIVATIONS"]
 
@@ -121,12 +122,33 @@ if _OPS_DEFINED:
         if dout is None:  # y took no part in the loss
             return (None,) * 9
         mask = list(ctx.needs_input_grad[:7])  # x, w1, b1, w2, b2, w3, b3
+        if torch.is_grad_enabled():
+            return _ffn_backward_differentiable(x, w1, b1, w2, w3, b3, ctx.activation, dout, mask)
         grads = torch.ops.pyfastattn.ffn_bwd(
             dout, x, w1, b1, w2, w3, b3, act_in, ctx.activation, ctx.recompute, mask
         )
         return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)
 
     torch.library.register_autograd("pyfastattn::ffn_fwd", _ffn_backward, setup_context=_ffn_setup_context)
+
+
+def _ffn_backward_differentiable(x, w1, b1, w2, w3, b3, activation, dout, mask):
+    """The backward under create_graph=True (a gradient penalty, a
+    Hessian-vector product): ffn_bwd is not differentiable (its GEMMs write
+    into out= buffers, which autograd refuses), so the forward is recomputed
+    in eager torch and differentiated with a graph; the gradients are the
+    same function's, and twice differentiable."""
+    names = (x, w1, b1, w2, None, w3, b3)  # b2 is not saved: its gradient is dout summed over tokens
+    want = [t for t, m in zip(names, mask) if m and t is not None]
+    grads = {}
+    if want:
+        y = _eager(x, w1, b1, w2, None, w3, b3, activation)
+        got = torch.autograd.grad(y, want, dout, create_graph=True, allow_unused=True)
+        grads = {id(t): g if g is not None else torch.zeros_like(t) for t, g in zip(want, got)}
+    out = [grads.get(id(t)) if m and t is not None else None for t, m in zip(names, mask)]
+    if mask[4]:
+        out[4] = dout.sum(0)
+    return tuple(out) + (None, None)
 
 
 # ---------------------------------------------------------------------------
@@ -174,11 +196,11 @@ def _check_tensor(t, name: str) -> None:
 def _check_like(t, name: str, x: torch.Tensor, shape: tuple[int, ...], shape_doc: str) -> None:
     _check_tensor(t, name)
     if t.dtype != x.dtype:
-        raise ValueError(f"{name}.dtype must equal x.dtype ({x.dtype}), got {t.dtype}")
+        raise InvalidArgumentError(f"{name}.dtype must equal x.dtype ({x.dtype}), got {t.dtype}")
     if t.device != x.device:
-        raise ValueError(f"{name}.device must equal x.device ({x.device}), got {t.device}")
+        raise InvalidArgumentError(f"{name}.device must equal x.device ({x.device}), got {t.device}")
     if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape_doc} = {shape}, got {tuple(t.shape)}")
+        raise InvalidArgumentError(f"{name} must have shape {shape_doc} = {shape}, got {tuple(t.shape)}")
 
 
 def _validate(x, w_in, b_in, w_out, b_out, w_up, b_up, names, activation, recompute) -> None:
@@ -186,13 +208,13 @@ def _validate(x, w_in, b_in, w_out, b_out, w_up, b_up, names, activation, recomp
     n_w_in, n_b_in, n_w_out, n_b_out, n_w_up, n_b_up = names
     _check_tensor(x, "x")
     if not x.dtype.is_floating_point:
-        raise ValueError(f"x.dtype must be a floating-point dtype, got {x.dtype}")
+        raise InvalidArgumentError(f"x.dtype must be a floating-point dtype, got {x.dtype}")
     if x.dim() < 1:
-        raise ValueError("x must have at least 1 dim (..., d_model), got a 0-dim tensor")
+        raise InvalidArgumentError("x must have at least 1 dim (..., d_model), got a 0-dim tensor")
     for t, name in ((w_in, n_w_in), (w_out, n_w_out)):
         _check_tensor(t, name)
         if t.dim() != 2:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name} must be 2-D [out_features, in_features] (nn.Linear layout), "
                 f"got {t.dim()} dims (shape {tuple(t.shape)})"
             )
@@ -206,9 +228,9 @@ def _validate(x, w_in, b_in, w_out, b_out, w_up, b_up, names, activation, recomp
         if t is not None:
             _check_like(t, name, x, (n,), f"[{n_w_out if name == n_b_out else n_w_in}.shape[0]]")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        raise InvalidArgumentError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     if not isinstance(recompute, bool):
-        raise ValueError(f"recompute must be a bool, got {recompute!r}")
+        raise InvalidArgumentError(f"recompute must be a bool, got {recompute!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -256,7 +278,9 @@ def _run(x, w1, b1, w2, b2, w3, b3, activation: str, recompute: bool) -> torch.T
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, w3, b3)
     )
-    y, _ = torch.ops.pyfastattn.ffn_fwd(x2, w1, b1, w2, b2, w3, b3, activation, needs_grad and not recompute)
+    y, _ = call_op(
+        torch.ops.pyfastattn.ffn_fwd, x2, w1, b1, w2, b2, w3, b3, activation, needs_grad and not recompute
+    )
     return y.reshape(*lead, w2.shape[0])
 
 
@@ -288,7 +312,9 @@ def feed_forward(
     backward (``d_ff`` values per token, half of what eager PyTorch keeps);
     with ``True`` it keeps nothing of that size and the backward recomputes
     the first GEMM (one extra GEMM, about +17% forward+backward time).
-    Not twice differentiable (the eager and reference paths are).
+    Twice differentiable: a backward with ``create_graph=True`` recomputes
+    the forward in eager torch and differentiates that (the fused backward
+    is not differentiable).
     """
     x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)
     _validate(x, w1, b1, w2, b2, None, None, ("w1", "b1", "w2", "b2", "", ""), activation, recompute)

@@ -62,6 +62,24 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _as_invalid_argument(e: ValueError) -> InvalidArgumentError:
+    """The ValueError of a compiled op's argument check (TORCH_CHECK_VALUE:
+    metadata values the C++ layer reads, e.g. cache_seqlens past a cache's
+    capacity) as the InvalidArgumentError that the Python checks raise, so
+    that every invalid argument is a RuntimeError, as documented."""
+    return e if isinstance(e, InvalidArgumentError) else InvalidArgumentError(str(e))
+
+
+def call_op(op, *args):
+    """``op(*args)`` with its argument errors raised as :class:`InvalidArgumentError`."""
+    if _is_compiling():
+        return op(*args)
+    try:
+        return op(*args)
+    except ValueError as e:
+        raise _as_invalid_argument(e) from None
+
+
 def cuda_unverified_reason(capability: tuple[int, int]) -> str | None:
     """Why backend ``auto`` does not run the CUDA kernel on a GPU of this
     compute capability (``None`` once it is verified there)."""
@@ -267,7 +285,8 @@ def _run(
     if q.device.type == "meta" and _ops.AVAILABLE and mode != "reference":
         # Shapes only (e.g. a model built under torch.device("meta") for FSDP2):
         # the op's fake implementation gives the kernel's shapes and layout.
-        return torch.ops.pyfastattn.attention_fwd(
+        return call_op(
+            torch.ops.pyfastattn.attention_fwd,
             q, k, v, attn_mask, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
             scale, softcap, window_left, window_right, bottom_right, dropout_p, rng(), alibi_slopes,
         )  # fmt: skip
@@ -297,13 +316,15 @@ def _run(
     if dropout_p > 0 or alibi_slopes is not None:  # appended op arguments (issue 17)
         args = (*args, dropout_p, rng(), alibi_slopes)
     if mode == "kernel" or q.device.type != "cuda" or _is_compiling():
-        return torch.ops.pyfastattn.attention_fwd(*args)
+        return call_op(torch.ops.pyfastattn.attention_fwd, *args)
     # auto on CUDA: the kernel itself declines what only the device can tell
     # (shared memory per block, a kernel image for this GPU) with "does not
     # support this case: <reason>"; that falls back like the checks above, as
     # the backward does (_ops._kernel_backward). Any other error propagates.
     try:
-        return torch.ops.pyfastattn.attention_fwd(*args)
+        return call_op(torch.ops.pyfastattn.attention_fwd, *args)
+    except InvalidArgumentError:
+        raise
     except RuntimeError as e:
         if "does not support this case" not in str(e):
             raise
@@ -361,6 +382,8 @@ def _sdpa_dense(
     with ``attn_mask``. Rows that see no key give 0, as everywhere in pyfastattn."""
     b, sq, hq, _ = q.shape
     sk, hk = k.shape[1], k.shape[2]
+    if seqused_k is not None:  # keys past the lengths may hold NaN: never let them reach p @ v
+        k, v = reference.zero_keys_past_lengths(k, v, seqused_k)
     causal = window_right == 0 and window_left < 0
     plain_causal = causal and (not bottom_right or sq == sk)
     is_causal = False
@@ -612,7 +635,10 @@ def scaled_dot_product_attention(
         and _backend._state["backend"] != "reference"
         and not _is_compiling()
     ):
-        out = _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa)
+        try:
+            out = _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa)
+        except ValueError as e:
+            raise _as_invalid_argument(e) from None
         if out is not None:
             return out
     alignment = _causal_bias_alignment(attn_mask)
@@ -781,6 +807,11 @@ def canonical_attention(
     len_k - len_q - j|`` to the scores.
     """
     b, lq, hq, d = q.shape if cu_seqlens_q is None else (None, None, *q.shape[-2:])
+    # The kernels read the metadata through a plain pointer; a view (cu[::2],
+    # lengths[:, 0]) is as valid an argument as a fresh tensor.
+    cu_seqlens_q, cu_seqlens_k, seqused_k = (
+        None if t is None else t.contiguous() for t in (cu_seqlens_q, cu_seqlens_k, seqused_k)
+    )
     if cu_seqlens_q is None:
         sk = k.shape[1]
         max_seqlen_q, max_seqlen_k = lq, sk
@@ -875,7 +906,10 @@ def attention(
         and _backend._state["backend"] != "reference"
         and not _is_compiling()
     ):
-        out = _attention_fast(q, k, v, causal, window_size, softcap, softmax_scale, return_lse, dropout_p)
+        try:
+            out = _attention_fast(q, k, v, causal, window_size, softcap, softmax_scale, return_lse, dropout_p)
+        except ValueError as e:
+            raise _as_invalid_argument(e) from None
         if out is not None:
             return out
     for name, t in (("q", q), ("k", k), ("v", v)):

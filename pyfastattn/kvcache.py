@@ -31,8 +31,10 @@ import torch
 from . import _backend, _ops, reference
 from .functional import (
     InvalidArgumentError,
+    _as_invalid_argument,
     _check_alibi_slopes,
     _check_window_softcap_scale,
+    call_op,
     canonical_attention,
 )
 
@@ -197,11 +199,14 @@ def attention_with_kvcache(
         and _backend._state["backend"] != "reference"
         and not torch.compiler.is_compiling()
     ):
-        res = _kvcache_fast(
-            q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
-            rotary_sin, rotary_interleaved, causal, window_size, softcap, softmax_scale, alibi_slopes, return_lse,
-            num_splits,
-        )  # fmt: skip
+        try:
+            res = _kvcache_fast(
+                q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
+                rotary_sin, rotary_interleaved, causal, window_size, softcap, softmax_scale, alibi_slopes, return_lse,
+                num_splits,
+            )  # fmt: skip
+        except ValueError as e:  # the op's checks of the metadata values
+            raise _as_invalid_argument(e) from None
         if res is not None:
             return res
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -326,7 +331,8 @@ def attention_with_kvcache(
         if reason is not None and mode == "kernel":
             raise RuntimeError(f"pyfastattn backend 'kernel' cannot run this call: {reason}")
     if reason is None:
-        out, lse = torch.ops.pyfastattn.attention_kvcache_fwd(
+        out, lse = call_op(
+            torch.ops.pyfastattn.attention_kvcache_fwd,
             _rows_ok(q), k_cache, v_cache, _rows_ok(k), _rows_ok(v),
             cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos, rotary_sin,
             bool(rotary_interleaved), scale, float(softcap), wl, wr, int(num_splits), alibi_slopes,

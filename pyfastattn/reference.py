@@ -143,6 +143,22 @@ def dropout_keep_mask(
     return halves >= dropout_threshold(dropout_p)
 
 
+def zero_keys_past_lengths(
+    k: torch.Tensor, v: torch.Tensor, len_k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` / ``v`` [b, sk, h, *] with the keys at or past each sequence's
+    length ``len_k`` (int [b]) replaced by zeros. Those keys are never read
+    (FlashAttention's contract: a cache past ``cache_seqlens`` or a padded
+    tensor past ``seqused_k`` may hold anything, NaN or inf from ``torch.empty``
+    included); masking their scores alone is not enough, since 0 * NaN is NaN
+    in ``p @ v`` and in the gradients. Differentiable: those keys get zero
+    gradients, the kept ones their own."""
+    valid = torch.arange(k.shape[1], device=k.device) < len_k.to(k.device).view(-1, 1)
+    valid = valid.view(valid.shape[0], k.shape[1], 1, 1)
+    zero = k.new_zeros(())
+    return torch.where(valid, k, zero), torch.where(valid, v, zero)
+
+
 def alibi_bias(
     slopes: torch.Tensor, len_q: int, seqlen_k: int, len_k: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -252,6 +268,7 @@ def attention(
             len_k = torch.full((b,), sk, dtype=torch.int64, device=q.device)
         else:
             len_k = seqused_k.to(device=q.device, dtype=torch.int64)
+            k, v = zero_keys_past_lengths(k, v, len_k)
         keep = dropout_mask
         if dropout_p > 0 and keep is None and dropout_rng is not None:
             keep = dropout_keep_mask(dropout_rng, dropout_p, b, q.shape[2], q.shape[1], sk, q.device)
@@ -273,6 +290,8 @@ def attention(
         vs = v[ck[bi] : ck[bi + 1]].unsqueeze(0)
         lk = ck[bi + 1] - ck[bi] if used is None else used[bi]
         len_k = torch.tensor([lk], dtype=torch.int64, device=q.device)
+        if used is not None:
+            ks, vs = zero_keys_past_lengths(ks, vs, len_k)
         lq_i, lk_i = cq[bi + 1] - cq[bi], ck[bi + 1] - ck[bi]
         keep = None
         if dropout_p > 0 and dropout_mask is not None:
@@ -381,17 +400,27 @@ def kvcache_gather(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Copies each sequence's ``len_k`` keys / values (starting at its left
     pad) into dense (B, max(len_k), Hk, D) tensors; slots past a sequence's
-    length hold whatever its cache row holds there (mask them with seqused_k)."""
+    length are zeros. Only the cache positions (and block-table entries) a
+    sequence attends are read: the rest of a block table may hold anything,
+    as in FlashAttention (e.g. -1 padding, or stale block ids)."""
     bsz = len_k.shape[0]
     dev = k_cache.device
+    len_k = len_k.to(device=dev, dtype=torch.int64)
     width = int(len_k.max().item()) if bsz > 0 else 0
     j = torch.arange(width, device=dev)[None, :].expand(bsz, width)
+    valid = j < len_k[:, None]
     lp = torch.zeros(bsz, dtype=torch.int64, device=dev) if cache_leftpad is None else cache_leftpad.long()
-    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
-    t = (j + lp[:, None]).clamp(max=max(capacity - 1, 0))
+    t = torch.where(valid, j + lp[:, None], 0)  # a slot past the length reads position 0 of row / block 0
     b = torch.arange(bsz, device=dev)[:, None].expand(bsz, width)
-    i0, i1 = _cache_index(t, b, cache_batch_idx, block_table, k_cache.shape[1])
-    return k_cache[i0, i1], v_cache[i0, i1]
+    if block_table is not None:
+        bs = k_cache.shape[1]
+        blk = torch.where(valid, block_table.long()[b, torch.where(valid, t // bs, 0)], 0)
+        i0, i1 = blk, t % bs
+    else:
+        i0, i1 = _cache_index(t, b, cache_batch_idx, None, k_cache.shape[1])
+    keep = valid[:, :, None, None]
+    zero = k_cache.new_zeros(())
+    return torch.where(keep, k_cache[i0, i1], zero), torch.where(keep, v_cache[i0, i1], zero)
 
 
 def kvcache_query_positions(cache_seqlens: torch.Tensor, seqlen_q: int, per_row: bool) -> torch.Tensor:

@@ -213,3 +213,22 @@ def test_backend_validation():
         timeout=120,
     )
     assert r.stdout.strip() == "reference", r.stderr
+
+
+@pytest.mark.parametrize("mode", ["auto", "kernel", "reference"])
+def test_metadata_views_are_accepted(mode):
+    # cu_seqlens and seqused_k taken as views of larger tensors (not
+    # contiguous) are valid arguments on every backend, as fresh tensors are.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(12, 2, 16, generator=g) for _ in range(3))
+    every = torch.tensor([0, 99, 5, 99, 12, 99], dtype=torch.int32)
+    cu, used = every[::2], torch.tensor([[4, 0], [6, 0]], dtype=torch.int32)[:, 0]
+    assert not cu.is_contiguous() and not used.is_contiguous()
+    meta = dict(max_seqlen_q=7, max_seqlen_k=7, causal=True)
+    with pyfastattn.backend(mode):
+        got = pyfastattn.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, seqused_k=used, **meta)
+        dense = pyfastattn.attention(q[None], k[None], v[None], seqused_k=used[:1])
+    want = pyfastattn.attention(q, k, v, cu_seqlens_q=cu.contiguous(), cu_seqlens_k=cu.contiguous(),
+                                seqused_k=used.contiguous(), **meta)  # fmt: skip
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(dense, pyfastattn.attention(q[None, :, :, :], k[None, :4], v[None, :4]))

@@ -105,3 +105,29 @@ def test_only_inputs_that_need_grad():
     out, _ = _fwd(qg, k, v, kw)
     (dq,) = torch.autograd.grad(out.sum(), (qg,))
     assert dq.shape == q.shape and torch.isfinite(dq).all()
+
+
+@pytest.mark.parametrize("mode", ["auto", "kernel"])
+def test_double_backward_raises_instead_of_silent_zeros(mode):
+    # attention_bwd is not differentiable. With create_graph=True its
+    # outputs used to differentiate to zeros through torch's
+    # autograd-not-implemented fallback (a gradient penalty would silently
+    # vanish); now that raises, and the first-order gradients are unchanged.
+    import pyfastattn
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 2, 8, generator=g).requires_grad_() for _ in range(3))
+    with pyfastattn.backend(mode):
+        out = pyfastattn.attention(q, k, v, causal=True)
+        plain = torch.autograd.grad(out.pow(2).sum(), (q, k, v), retain_graph=True)
+        first = torch.autograd.grad(out.pow(2).sum(), (q, k, v), create_graph=True)
+        for a, b in zip(first, plain):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(first[0].pow(2).sum(), (q, k, v))
+    # the reference path is plain PyTorch: twice differentiable
+    with pyfastattn.backend("reference"):
+        out = pyfastattn.attention(q, k, v, causal=True)
+    (gq,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    second = torch.autograd.grad(gq.pow(2).sum(), (q, k, v))
+    assert all(t.abs().sum() > 0 for t in second)

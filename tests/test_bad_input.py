@@ -249,3 +249,56 @@ def test_cpu_env_switch_rejects_unknown_values(var, good, shape_q, shape_k):
         assert out.startswith(expect), out
         if expect == "ValueError":
             assert f"{var} must be '{good[0]}' (the default) or '{good[1]}', got 'bogus'" in out, out
+
+
+def _kv_call(**kw):
+    q, k, v = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    kc, vc = torch.randn(2, 32, 2, 16), torch.randn(2, 32, 2, 16)
+    args = dict(cache_seqlens=torch.tensor([3, 4], dtype=torch.int32))
+    args.update(kw)
+    return pyfastattn.attention_with_kvcache(q, kc, vc, k, v, **args)
+
+
+i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+
+
+@pytest.mark.parametrize("backend", ["auto", "kernel", "reference"])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        # values the C++ layer reads (the fast path, then the op)
+        (lambda: _kv_call(cache_seqlens=i32(3, 32)), r"cache_seqlens\[1\] \+ seqlen_new = 32 \+ 1 = 33"),
+        (
+            lambda: _kv_call(cache_leftpad=i32(4, 0)),
+            r"cache_leftpad\[0\] must be in \[0, cache_seqlens\[0\] = 3\]",
+        ),
+        (lambda: _kv_call(cache_batch_idx=i32(0, 2)), r"cache_batch_idx\[1\] must be in \[0, 2\)"),
+        # past the fast path (ALiBi), the same checks in the op
+        (lambda: _kv_call(cache_seqlens=i32(-1, 3), alibi_slopes=torch.ones(4)), r"cache_seqlens\[0\]"),
+        (
+            lambda: attn(
+                *_packed(), cu_seqlens_q=cu(0, 4, 10), cu_seqlens_k=cu(0, 6, 12), max_seqlen_q=2**40
+            ),
+            "must be at most",
+        ),
+        (
+            lambda: pyfastattn.feed_forward(torch.randn(3, 8), torch.randn(16, 7), None, torch.randn(8, 16)),
+            "w1",
+        ),
+        (
+            lambda: pyfastattn.gated_feed_forward(
+                torch.randn(3, 8), *[torch.randn(16, 8)] * 2, torch.randn(8, 15)
+            ),
+            "w_down",
+        ),
+    ],
+)
+def test_errors_of_the_compiled_checks_are_invalid_argument_errors(make, match, backend):
+    # Documented: every invalid argument raises InvalidArgumentError (a
+    # RuntimeError as torch raises, and a ValueError), also when the check
+    # that catches it is the C++ layer's rather than the Python one's.
+    if backend == "reference" and "must be at most" in match:
+        pytest.skip("the reference path has no length limit")
+    with pyfastattn.backend(backend), pytest.raises(pyfastattn.InvalidArgumentError, match=match) as info:
+        make()
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)

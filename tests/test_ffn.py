@@ -713,3 +713,36 @@ W = torch.randn(8, 4)
 def test_bad_input(backend, call, err, match):
     with pyfastattn.backend(backend), pytest.raises(err, match=match):
         call()
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_create_graph_gives_first_and_second_derivatives(gated):
+    # A gradient penalty (create_graph=True) used to fail in the first
+    # backward ("mm(): functions with out=... arguments don't support
+    # automatic differentiation"). It now recomputes the forward eagerly and
+    # differentiates that: first-order gradients as the fused backward's,
+    # second-order ones as the reference's.
+    g = torch.Generator().manual_seed(0)
+    ps = [
+        torch.randn(*s, generator=g).requires_grad_()
+        for s in ((5, 8), (16, 8), (16,), (8, 16), (8,), (16, 8))
+    ]
+    x, w1, b1, w2, b2, w3 = ps if gated else ps[:5] + [None]
+    ps = [p for p in (x, w1, b1, w2, b2, w3) if p is not None]
+
+    def ffn():
+        if gated:
+            return pyfastattn.gated_feed_forward(x, w1, w3, w2, b1, None, b2)
+        return pyfastattn.feed_forward(x, w1, b1, w2, b2)
+
+    fused = torch.autograd.grad(ffn().pow(2).sum(), ps)
+    first = torch.autograd.grad(ffn().pow(2).sum(), ps, create_graph=True)
+    second = torch.autograd.grad(sum(t.pow(2).sum() for t in first), ps)
+    with pyfastattn.backend("reference"):
+        ref_first = torch.autograd.grad(ffn().pow(2).sum(), ps, create_graph=True)
+        ref_second = torch.autograd.grad(sum(t.pow(2).sum() for t in ref_first), ps)
+    for a, b, r in zip(first, fused, ref_first):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+    for a, r in zip(second, ref_second):
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3)

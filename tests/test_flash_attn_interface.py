@@ -146,6 +146,23 @@ def test_varlen_paged_block_table():
     torch.testing.assert_close(got, want)
 
 
+def test_varlen_paged_block_table_entries_past_a_sequence_are_not_read():
+    # As in FlashAttention, only the blocks a sequence's keys occupy are read:
+    # the rest of its block-table row may hold padding (-1) or a stale id.
+    g = torch.Generator().manual_seed(2)
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 20, 7], dtype=torch.int32).cumsum(0).to(torch.int32)
+    q = torch.randn(5, 2, 16, generator=g)
+    kp, vp = torch.randn(6, 16, 2, 16, generator=g), torch.randn(6, 16, 2, 16, generator=g)
+    bt = torch.tensor([[4, 1, -1], [0, 99, -1]], dtype=torch.int32)  # sequence 1 has 7 keys: block 0 only
+    got = fai.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, 3, 20, causal=True, block_table=bt)
+    k = torch.cat([torch.cat([kp[4], kp[1]])[:20], kp[0][:7]])
+    v = torch.cat([torch.cat([vp[4], vp[1]])[:20], vp[0][:7]])
+    want = pyfastattn.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=3, max_seqlen_k=20,
+                                causal=True)  # fmt: skip
+    torch.testing.assert_close(got, want)
+
+
 def test_backward_through_flash_attn_func():
     q, k, v = _qkv(grad=True)
     fai.flash_attn_func(q, k, v, causal=True).sum().backward()

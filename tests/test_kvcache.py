@@ -494,6 +494,67 @@ def test_memory_past_a_row_is_never_read(dtype, d):
     check(f"padded_d{d}", padded(q), padded(kc), padded(vc), k, v, args, causal=True)
 
 
+def test_head_dim_one_cache_with_any_last_stride():
+    # A cache whose head dim is 1, cut with a step from a wider buffer: the
+    # stride of a size-1 last dim is never stepped along, so the op takes the
+    # cache as it is (it cannot copy it: the append writes in place).
+    def cache():
+        return torch.randn(2, 8, 1, 2)[..., ::2]
+
+    kc, vc = cache(), cache()
+    assert kc.stride(-1) == 2
+    kr, vr = kc.clone(), vc.clone()
+    q, k, v = torch.randn(2, 1, 2, 1), torch.randn(2, 1, 1, 1), torch.randn(2, 1, 1, 1)
+    seqlens = torch.tensor([3, 6], dtype=torch.int32)
+    out = pyfastattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, causal=True)
+    ref, _ = reference.attention_with_kvcache(
+        q.double(), kr.double(), vr.double(), k.double(), v.double(), cache_seqlens=seqlens, window_right=0
+    )
+    assert_tolerance("out", out, ref, None, torch.float32)
+    assert torch.equal(kc[0, 3], k[0, 0]) and torch.equal(vc[1, 6], v[1, 0])
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+@pytest.mark.parametrize("block", [None, 4], ids=["contiguous", "paged"])
+def test_cache_past_seqlens_is_never_read(block, mode):
+    # A cache allocated with torch.empty may hold NaN or inf past
+    # cache_seqlens: FlashAttention never reads there, and neither may any
+    # path here (the kernel, or the PyTorch path: gather, then attention).
+    q, kc, vc, k, v, args = make_case(b=2, sq=3, s_new=2, cap=24, block=block, seed=3)
+    seqlens, table = args["cache_seqlens"], args.get("block_table")
+    pos = torch.arange(24)
+    past = pos >= (seqlens.long() + 2).view(-1, 1)  # (b, cap): positions no call reads
+    outs = []
+    for fill in (0.0, float("nan"), float("inf")):
+        kk, vv = kc.clone(), vc.clone()
+        for bi in range(2):
+            for t in pos[past[bi]].tolist():
+                blk, row = (bi, t) if table is None else (int(table[bi, t // block]), t % block)
+                kk[blk, row], vv[blk, row] = fill, -fill
+        with pyfastattn.backend(mode):
+            outs.append(pyfastattn.attention_with_kvcache(q, kk, vv, k, v, **args, causal=True))
+    assert all(torch.isfinite(o).all() for o in outs), "a value past cache_seqlens reached the output"
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0])
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+def test_block_table_entries_past_a_sequence_are_not_read(mode):
+    # As in FlashAttention, only the blocks holding a sequence's keys are
+    # read; the rest of its row may be padding (-1) or a stale block id.
+    q, kc, vc, k, v, args = make_case(b=2, sq=2, s_new=1, cap=64, block=16, seed=4)
+    args["cache_seqlens"] = torch.tensor([40, 9], dtype=torch.int32)  # 3 and 1 blocks with the new key
+    want = pyfastattn.attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, **args, causal=True)
+    table = args["block_table"].clone()
+    table[0, 3], table[1, 1:] = -1, torch.tensor([999, -7, 10**6], dtype=torch.int32)
+    kk, vv = kc.clone(), vc.clone()
+    with pyfastattn.backend(mode):
+        got = pyfastattn.attention_with_kvcache(
+            q, kk, vv, k, v, **{**args, "block_table": table}, causal=True
+        )
+    torch.testing.assert_close(got, want)
+
+
 def test_opcheck():
     q, kc, vc, k, v, args = make_case(block=16, rotary="half", sq=2, s_new=2)
     op_args = (q, kc, vc, k, v, args["cache_seqlens"], None, None, args["block_table"], args["rotary_cos"],

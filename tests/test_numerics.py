@@ -171,3 +171,43 @@ def test_scale_default_matches_head_dim():
     a = pyfastattn.attention(q, k, v)
     b = pyfastattn.attention(q, k, v, softmax_scale=1 / math.sqrt(48))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=ids)
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_keys_past_seqused_k_are_never_read(varlen, dtype, mode):
+    # FlashAttention's contract: keys past seqused_k may hold anything (a
+    # padded batch, a cache from torch.empty). NaN and inf there must reach
+    # neither the output nor the gradients on any path: the kernel, torch's
+    # SDPA route (float64 under auto) and the reference.
+    used = torch.tensor([3, 7], dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, h, 16, generator=g, dtype=dtype) for n, h in ((5, 4), (9, 2), (9, 2)))
+    if varlen:
+        q, k, v = (t.flatten(0, 1) for t in (q, k, v))
+        cu = dict(cu_seqlens_q=torch.tensor([0, 5, 10], dtype=torch.int32),
+                  cu_seqlens_k=torch.tensor([0, 9, 18], dtype=torch.int32), max_seqlen_q=5, max_seqlen_k=9)  # fmt: skip
+    else:
+        cu = {}
+    past = torch.arange(9) >= used.view(2, 1)  # (2, 9): keys not read
+    past = past.flatten() if varlen else past
+
+    def run(fill):
+        kk, vv = k.clone(), v.clone()
+        kk[past], vv[past] = fill, -fill
+        leaves = [t.requires_grad_() for t in (q.clone(), kk, vv)]
+        with pyfastattn.backend(mode):
+            out = pyfastattn.attention(
+                *leaves, seqused_k=used, causal=True, softcap=5.0 if mode == "reference" else 0.0, **cu
+            )
+        out.backward(torch.ones_like(out))
+        return out, *(t.grad for t in leaves)
+
+    clean = run(0.0)
+    for fill in (float("nan"), float("inf")):
+        got = run(fill)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, clean):
+            assert torch.isfinite(a).all(), f"{name}: {fill} past seqused_k reached it"
+            torch.testing.assert_close(a, b, msg=name)
+        assert torch.equal(got[2][past], torch.zeros_like(got[2][past]))

@@ -312,3 +312,36 @@ def test_multihead_attention_float32_masks_with_low_precision_like_torch(dtype):
         assert_tolerance(f"mha fp32 mask {list(kw)}", got, ref, want, dtype)
     with pytest.raises(RuntimeError, match="must be bool, float32 or have the query's dtype"):
         ours(x, x, x, need_weights=False, attn_mask=causal.double())
+
+
+# ---------------------------------------------------------------------------
+# A size-1 last dim with a stride other than 1 (torch calls such a tensor
+# contiguous and .contiguous() returns it unchanged): accepted, as torch does
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["auto", "kernel"])
+def test_size_one_last_dim_with_any_stride_like_torch(mode, poison):
+    # a single key's value (S = 1, Ev = 1) sliced with a step, 3-D (past the fast path)
+    q, k, v = torch.randn(1, 16, 16), torch.randn(1, 1, 16), torch.randn(1, 1, 2)[..., ::2]
+    # a (L, 1) bool mask seen through a transpose (key length 1)
+    q4, k4, v4 = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    m = torch.zeros(1, 5, dtype=torch.bool).t()
+    m[1:] = True
+    # the native API's Python path (seqused_k skips the fast path), v (B, S, H, 1) from a transpose
+    qn, kn, vn = (
+        torch.randn(2, 7, 1, 16),
+        torch.randn(2, 5, 1, 16),
+        torch.randn(2, 1, 5).transpose(1, 2)[:, :, None],
+    )
+    for t in (v, m, vn):
+        assert t.is_contiguous() and t.stride(-1) != 1
+    with pyfastattn.backend(mode):
+        out = sdpa(q, k, v)
+        out4 = sdpa(q4, k4, v4, attn_mask=m)
+        outn = pyfastattn.attention(qn, kn, vn, seqused_k=torch.tensor([5, 3], dtype=torch.int32))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(out4, F.scaled_dot_product_attention(q4, k4, v4, attn_mask=m))
+    keep = (torch.tensor([5, 3]).view(2, 1, 1, 1) > torch.arange(5)).expand(2, 1, 7, 5)
+    theirs = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qn, kn, vn)), attn_mask=keep)
+    torch.testing.assert_close(outn, theirs.transpose(1, 2))

@@ -23,7 +23,9 @@ void check_same(const at::Tensor& t, const at::Tensor& q, const char* name) {
                     q.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == q.device(), name, ".device must equal q.device (", q.device(),
                     "), got ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == 0 || t.stride(-1) == 1, name,
+  // A size-1 last dim may carry any stride (torch calls such a tensor
+  // contiguous, and .contiguous() leaves it as is): no kernel steps along it.
+  TORCH_CHECK_VALUE(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
                     " must be contiguous in its last dimension, got stride ", t.stride(-1));
 }
 
@@ -154,7 +156,7 @@ AttentionShape check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
                           "] must be ", want[d], " or 1, got ", m.size(d));
       TORCH_CHECK_VALUE(m.size(3) == s.seqlen_k, "attn_mask.shape[3] must be ", s.seqlen_k,
                         ", got ", m.size(3));
-      TORCH_CHECK_VALUE(s.seqlen_k == 0 || m.stride(3) == 1,
+      TORCH_CHECK_VALUE(s.seqlen_k <= 1 || m.stride(3) == 1,
                         "attn_mask must be contiguous in its last dim, got stride ", m.stride(3));
     }
   }

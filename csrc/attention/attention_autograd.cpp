@@ -89,8 +89,63 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_autograd(
   return {r[0], r[1]};
 }
 
+// attention_bwd is not differentiable (no second derivatives). Without an
+// autograd kernel of its own, a backward with create_graph=True (a gradient
+// penalty, a Hessian-vector product, MAML) ran it under torch's
+// autograd-not-implemented fallback, whose outputs differentiate to silent
+// zeros. Recorded under grad mode, its outputs now raise when differentiated,
+// as torch's own flash-attention backward does; outside grad mode (every
+// ordinary backward) the call goes straight below autograd.
+struct AttentionBwdFunction : public torch::autograd::Function<AttentionBwdFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& dout, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                               const at::Tensor& lse, const OptTensor& attn_mask, const OptTensor& cu_q,
+                               const OptTensor& cu_k, const OptTensor& used, int64_t max_q, int64_t max_k,
+                               double scale, double softcap, int64_t window_left, int64_t window_right,
+                               bool bottom_right, bool deterministic, double dropout_p,
+                               const OptTensor& dropout_rng, const OptTensor& alibi_slopes) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dq, dk, dv] = attention_bwd_op().call(dout, q, k, v, out, lse, attn_mask, cu_q, cu_k, used, max_q,
+                                                max_k, scale, softcap, window_left, window_right, bottom_right,
+                                                deterministic, dropout_p, dropout_rng, alibi_slopes);
+    return {dq, dk, dv};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "pyfastattn: double backward (a gradient of a gradient, create_graph=True) through the "
+                "attention kernel is not supported: its backward is not differentiable. Run that attention "
+                "under pyfastattn.backend(\"reference\") (plain PyTorch ops, twice differentiable).");
+    return {};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_autograd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const OptTensor& attn_mask, const OptTensor& cu_q, const OptTensor& cu_k,
+    const OptTensor& used, int64_t max_q, int64_t max_k, double scale, double softcap, int64_t window_left,
+    int64_t window_right, bool bottom_right, bool deterministic, double dropout_p, const OptTensor& dropout_rng,
+    const OptTensor& alibi_slopes) {
+  const bool record = at::GradMode::is_enabled() && (dout.requires_grad() || q.requires_grad() ||
+                                                     k.requires_grad() || v.requires_grad() || out.requires_grad());
+  if (!record) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return attention_bwd_op().call(dout, q, k, v, out, lse, attn_mask, cu_q, cu_k, used, max_q, max_k, scale,
+                                   softcap, window_left, window_right, bottom_right, deterministic, dropout_p,
+                                   dropout_rng, alibi_slopes);
+  }
+  variable_list r = AttentionBwdFunction::apply(dout, q, k, v, out, lse, attn_mask, cu_q, cu_k, used, max_q, max_k,
+                                                scale, softcap, window_left, window_right, bottom_right,
+                                                deterministic, dropout_p, dropout_rng, alibi_slopes);
+  return {r[0], r[1], r[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfastattn, AutogradCPU, m) { m.impl("attention_fwd", &attention_fwd_autograd); }
+
+// Every device: the Python autograd of attention_fwd (pyfastattn/_ops.py)
+// calls attention_bwd too.
+TORCH_LIBRARY_IMPL(pyfastattn, Autograd, m) { m.impl("attention_bwd", &attention_bwd_autograd); }
 
 }  // namespace pyfastattn

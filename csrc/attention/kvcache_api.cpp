@@ -33,7 +33,7 @@ void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name, in
                     t.device());
   TORCH_CHECK_VALUE(t.dim() == dims, name, " must have ", dims, " dims, got ", t.dim(), " (shape ", t.sizes(),
                     ")");
-  TORCH_CHECK_VALUE(t.numel() == 0 || t.stride(-1) == 1, name,
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.size(-1) == 1 || t.stride(-1) == 1, name,
                     " must be contiguous in its last dimension, got stride ", t.stride(-1));
 }
 
