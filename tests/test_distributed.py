@@ -105,6 +105,17 @@ def test_merge_fully_masked_rows_give_no_nan(poison):
     assert torch.equal(oa2.grad[0, 1, 0], torch.zeros(8))
 
 
+def test_merge_head_dim_one_with_a_stride():
+    """A head-dim-1 output viewed with a step (a size-1 last dim with stride 2,
+    which torch calls contiguous) merges like its contiguous copy."""
+    (oa, la), (ob, lb), _, _ = _parts(d=1)
+    va, vb = (t.as_strided(t.shape, (*t.stride()[:3], 2)) for t in (oa.contiguous(), ob.contiguous()))
+    assert va.stride(-1) == 2 and va.is_contiguous() and torch.equal(va, oa)
+    out, lse = merge_attention_states(va, la, vb, lb)
+    want, want_lse = merge_attention_states(oa, la, ob, lb)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
 def test_merge_packed_layout():
     oa, ob = torch.randn(7, 3, 5), torch.randn(7, 3, 5)
     la, lb = torch.randn(3, 7), torch.randn(3, 7)
