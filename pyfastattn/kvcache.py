@@ -355,6 +355,14 @@ def _attention_with_kvcache_torch(
     makes (so that no index runs outside a tensor), the reference's append and
     rotary, then the gathered keys through ``canonical_attention``."""
     s_new = 0 if k is None else k.shape[1]
+    if s_new > 0:  # as prepare_kvcache_call (csrc/attention/kvcache_api.cpp) refuses it on the kernel path
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride())):
+                raise InvalidArgumentError(
+                    f"{name} must not overlap itself to append k / v into it (a dim of size > 1 with stride 0, "
+                    f"as expand() makes: several slots would share memory); got shape {tuple(t.shape)} and "
+                    f"strides {tuple(t.stride())}. Pass a cache with its own memory (e.g. .contiguous())"
+                )
     seqlens = cache_seqlens.tolist()
     lp = [0] * len(seqlens) if cache_leftpad is None else cache_leftpad.tolist()
     for i, (sl, pad) in enumerate(zip(seqlens, lp)):

@@ -375,6 +375,31 @@ def test_alibi_bad_slopes(slopes, match):
     assert torch.equal(kc, kc0) and torch.equal(vc, vc0), "a refused call wrote into the cache"
 
 
+@pytest.mark.parametrize("which", ["k_cache", "v_cache"])
+def test_append_into_an_overlapping_cache_is_refused(which):
+    """A cache made with expand() (a stride-0 batch dim) would have both
+    sequences' new keys land in one slot, which the other then reads: an
+    error naming the cache, before anything is written. Without new k / v
+    (reading only) such a cache is fine."""
+    q, kc, vc, k, v, args = make_case()
+    shared_k, shared_v = kc[:1].expand_as(kc), vc[:1].expand_as(vc)
+    kc_in, vc_in = (shared_k, vc) if which == "k_cache" else (kc, shared_v)
+    before_k, before_v = kc_in.clone(), vc_in.clone()
+    for backend in ("auto", "reference"):  # the kernel path and the PyTorch one
+        with (
+            pyfastattn.backend(backend),
+            pytest.raises(pyfastattn.InvalidArgumentError, match=f"{which} must not overlap itself"),
+        ):
+            pyfastattn.attention_with_kvcache(q, kc_in, vc_in, k, v, **args)
+        assert torch.equal(kc_in, before_k) and torch.equal(vc_in, before_v), (
+            "a refused call wrote into the cache"
+        )
+    out = pyfastattn.attention_with_kvcache(q, shared_k, shared_v, **args)
+    with pyfastattn.backend("reference"):
+        ref = pyfastattn.attention_with_kvcache(q, shared_k, shared_v, **args)
+    assert_tolerance("read-only overlapping cache", out, ref.double(), None, torch.float32)
+
+
 def test_reference_backend_matches_kernel():
     q, kc, vc, k, v, args = make_case(block=16, rotary="half", sq=2, s_new=2)
     kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()

@@ -10,6 +10,7 @@
 // cache_leftpad, block_table entries, rotary table length), read on the host,
 // so that direct callers of the op can never make a kernel read or write
 // outside a tensor.
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -251,6 +252,21 @@ KvCacheCall prepare_kvcache_call(
   shape.heads = hq;
   fill_dropout_alibi(p, shape, q, 0.0, std::nullopt, alibi_slopes);
 
+  // Appending writes one cache slot per (sequence, position, kv head): a
+  // cache whose memory overlaps itself (a stride-0 dim of size > 1, as
+  // expand() makes) would have several of them land in one place, and other
+  // sequences read the result. torch warns for index_put_ there; this is
+  // an error, as nothing here could be right.
+  if (s_new > 0) {
+    for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&k_cache, "k_cache"},
+                                  std::pair<const at::Tensor*, const char*>{&v_cache, "v_cache"}}) {
+      TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, name,
+                        " must not overlap itself to append k / v into it (a dim of size > 1 with stride 0, as "
+                        "expand() makes: several slots would share memory); got shape ",
+                        t->sizes(), " and strides ", t->strides(), ". Pass a cache with its own memory "
+                        "(e.g. .contiguous())");
+    }
+  }
   call.append = s_new > 0 || rotary;
   if (call.append) {
     cpu::KvAppendParams& a = call.a;
