@@ -116,6 +116,16 @@ def test_merge_head_dim_one_with_a_stride():
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
 
 
+def test_merge_bad_input_is_invalid_argument_error():
+    """The package's errors for bad arguments are pyfastattn.InvalidArgumentError
+    (a ValueError and a RuntimeError), as everywhere else in pyfastattn."""
+    (oa, la), (ob, lb), _, _ = _parts()
+    with pytest.raises(pyfastattn.InvalidArgumentError, match=r"lse_b.shape must be"):
+        merge_attention_states(oa, la, ob, lb[:, :, :-1])
+    with pytest.raises(pyfastattn.InvalidArgumentError, match=r"rank must be an int"):
+        shard_sequence(torch.zeros(1, 8, 1, 4), world_size=2, rank=5)
+
+
 def test_merge_packed_layout():
     oa, ob = torch.randn(7, 3, 5), torch.randn(7, 3, 5)
     la, lb = torch.randn(3, 7), torch.randn(3, 7)

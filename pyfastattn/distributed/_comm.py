@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..functional import InvalidArgumentError
+
 # One small all-gather per call compares every rank's shapes and options, so a
 # mismatch fails with a message instead of a hang or garbage. It costs one
 # collective (and on NCCL a device sync); PYFASTATTN_CP_CHECK=0 turns it off.
@@ -23,24 +25,24 @@ def check_local_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name} must have 4 dims (B, S_local, H, D), got {t.dim()} (shape {tuple(t.shape)})"
             )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}"
             )
     b, s_local, hq, d = q.shape
     hk = k.shape[2]
     if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[1] != s_local:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"k and v must be (B={b}, S_local={s_local}, Hk, *) like q, got k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if k.shape[-1] != d:
-        raise ValueError(f"k.shape[-1] must equal q.shape[-1] ({d}), got {k.shape[-1]}")
+        raise InvalidArgumentError(f"k.shape[-1] must equal q.shape[-1] ({d}), got {k.shape[-1]}")
     if hk == 0 or hq % hk:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k heads ({hk})")
+        raise InvalidArgumentError(f"q heads ({hq}) must be a multiple of k heads ({hk})")
     return b, s_local, hq, hk, d
 
 
@@ -76,7 +78,7 @@ def check_across_ranks(group, what: str, values: list[int], names: list[str], de
     for i, name in enumerate(names):
         col = [row[i] for row in table]
         if any(c != col[0] for c in col):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{what}: {name} must be the same on every rank of the group, got "
                 + ", ".join(f"rank {r}: {c}" for r, c in enumerate(col))
             )

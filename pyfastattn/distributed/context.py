@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..functional import InvalidArgumentError
 from ..nn import attention as _nn_attention
 from .ring import ring_attention
 from .ulysses import ulysses_attention
@@ -68,16 +69,16 @@ class ContextParallel:
         (B, S_local, H, D) shards in, this rank's output shard out."""
         where = f"pyfastattn.distributed.context_parallel(method={self.method!r})"
         if mask is not None or seqused_k is not None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{where}: attn_mask / key_padding_mask are not supported (a dense mask spans ranks); "
                 "use is_causal=True for a causal mask, or pad the shards and pass seqlen= to context_parallel"
             )
         if dropout_p > 0:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{where}: attention dropout is not supported, got dropout_p={dropout_p} (use eval() or dropout=0)"
             )
         if q.shape[1] != k.shape[1]:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{where}: query and key shards must have the same length, got {q.shape[1]} and {k.shape[1]}"
             )
         if self.method == "ring":
@@ -114,11 +115,11 @@ def context_parallel(
     :class:`ContextParallel` in effect. Nests; restores the previous state on exit.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise InvalidArgumentError(f"method must be one of {METHODS}, got {method!r}")
     if zigzag is None:
         zigzag = method == "ring"
     if method == "ulysses" and zigzag:
-        raise ValueError("method='ulysses' takes contiguous shards: zigzag must be False, got True")
+        raise InvalidArgumentError("method='ulysses' takes contiguous shards: zigzag must be False, got True")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("context_parallel needs an initialised torch.distributed process group, got none")
     cp = ContextParallel(group, method, bool(zigzag), seqlen)

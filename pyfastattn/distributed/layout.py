@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..functional import InvalidArgumentError
+
 __all__ = ["shard_sequence", "unshard_sequence", "padded_length", "local_chunks"]
 
 
@@ -32,9 +34,9 @@ def local_chunks(rank: int, world_size: int, local_len: int, *, zigzag: bool) ->
 
 def _check_rank(rank: int, world_size: int) -> None:
     if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        raise InvalidArgumentError(f"world_size must be a positive int, got {world_size!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        raise InvalidArgumentError(f"rank must be an int in [0, {world_size}), got {rank!r}")
 
 
 def shard_sequence(
@@ -61,7 +63,7 @@ def shard_sequence(
     if want != n:
         if not pad:
             unit = 2 * world_size if zigzag else world_size
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"x.shape[{dim}] (sequence length {n}) must be a multiple of {unit} "
                 f"({'2 * world_size for the zigzag layout' if zigzag else 'world_size'}); "
                 f"pass pad=True to pad it to {want} and seqlen={n} to the attention call"
@@ -84,17 +86,17 @@ def unshard_sequence(
     """Inverse of :func:`shard_sequence`: ``shards[r]`` is rank r's shard.
     ``seqlen`` drops the padding that ``shard_sequence(pad=True)`` added."""
     if not isinstance(shards, (list, tuple)) or not shards:
-        raise ValueError("shards must be a non-empty list of tensors, one per rank")
+        raise InvalidArgumentError("shards must be a non-empty list of tensors, one per rank")
     p = len(shards)
     dim = dim % shards[0].dim()
     for r, s in enumerate(shards):
         if s.shape != shards[0].shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"shards[{r}].shape must equal shards[0].shape {tuple(shards[0].shape)}, got {tuple(s.shape)}"
             )
     if zigzag:
         if shards[0].shape[dim] % 2:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"zigzag shards must have an even length along dim {dim}, got {shards[0].shape[dim]}"
             )
         halves = [s.chunk(2, dim=dim) for s in shards]
@@ -104,6 +106,6 @@ def unshard_sequence(
     x = torch.cat(ordered, dim=dim)
     if seqlen is not None:
         if not 0 <= seqlen <= x.shape[dim]:
-            raise ValueError(f"seqlen must be in [0, {x.shape[dim]}], got {seqlen}")
+            raise InvalidArgumentError(f"seqlen must be in [0, {x.shape[dim]}], got {seqlen}")
         x = x.narrow(dim, 0, seqlen)
     return x

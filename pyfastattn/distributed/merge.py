@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..functional import InvalidArgumentError, call_op
 from . import _merge_ops
 
 __all__ = ["merge_attention_states", "merge_attention_states_reference"]
@@ -60,12 +61,14 @@ def merge_attention_states(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if out_a.dim() not in (3, 4):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"out_a must have 4 dims (B, S, H, D) or 3 dims (total, H, D), got {out_a.dim()} "
             f"(shape {tuple(out_a.shape)})"
         )
     if out_b.shape != out_a.shape:
-        raise ValueError(f"out_b.shape must equal out_a.shape {tuple(out_a.shape)}, got {tuple(out_b.shape)}")
+        raise InvalidArgumentError(
+            f"out_b.shape must equal out_a.shape {tuple(out_a.shape)}, got {tuple(out_b.shape)}"
+        )
     want_lse = (
         (out_a.shape[0], out_a.shape[2], out_a.shape[1])
         if out_a.dim() == 4
@@ -73,18 +76,24 @@ def merge_attention_states(
     )
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
         if tuple(t.shape) != want_lse:
-            raise ValueError(f"{name}.shape must be {want_lse} (lse layout of out_a), got {tuple(t.shape)}")
+            raise InvalidArgumentError(
+                f"{name}.shape must be {want_lse} (lse layout of out_a), got {tuple(t.shape)}"
+            )
     for name, t in (("out_b", out_b), ("lse_a", lse_a), ("lse_b", lse_b)):
         if t.device != out_a.device:
-            raise ValueError(f"{name}.device must equal out_a.device ({out_a.device}), got {t.device}")
+            raise InvalidArgumentError(
+                f"{name}.device must equal out_a.device ({out_a.device}), got {t.device}"
+            )
     fp64 = torch.float64 in (out_a.dtype, out_b.dtype, lse_a.dtype, lse_b.dtype)
     if not fp64:
         for name, t in (("out_a", out_a), ("out_b", out_b)):
             if t.dtype not in _DTYPES:
-                raise ValueError(f"{name}.dtype must be one of {_DTYPES} (or float64), got {t.dtype}")
+                raise InvalidArgumentError(
+                    f"{name}.dtype must be one of {_DTYPES} (or float64), got {t.dtype}"
+                )
         for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
             if t.dtype != torch.float32:
-                raise ValueError(f"{name}.dtype must be torch.float32, got {t.dtype}")
+                raise InvalidArgumentError(f"{name}.dtype must be torch.float32, got {t.dtype}")
     packed = out_a.dim() == 3
     if packed:  # (total, H, D) + (H, total) -> (1, total, H, D) + (1, H, total)
         out_a, out_b, lse_a, lse_b = (t.unsqueeze(0) for t in (out_a, out_b, lse_a, lse_b))
@@ -92,5 +101,5 @@ def merge_attention_states(
         out, lse = merge_attention_states_reference(out_a, lse_a, out_b, lse_b)
     else:
         a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (out_a, out_b))
-        out, lse = torch.ops.pyfastattn.merge_attention_states(a, lse_a, b, lse_b)
+        out, lse = call_op(torch.ops.pyfastattn.merge_attention_states, a, lse_a, b, lse_b)
     return (out.squeeze(0), lse.squeeze(0)) if packed else (out, lse)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .. import functional as _functional
+from ..functional import InvalidArgumentError
 from . import _comm
 from ._block import block_backward, block_forward, coalesce, plan_block
 from .layout import local_chunks
@@ -229,7 +230,7 @@ def ring_attention(
     _functional._check_window_softcap_scale(window_size, softcap, softmax_scale)  # as attention() checks them
     world, _ = _comm.group_info(group)
     if zigzag and s_local % 2:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"with zigzag=True the local sequence length must be even (two chunks per rank), got {s_local}; "
             "shard with shard_sequence(..., pad=True) and pass seqlen="
         )
@@ -237,7 +238,9 @@ def ring_attention(
     if seqlen is None:
         seqlen = total
     if not isinstance(seqlen, int) or not 0 <= seqlen <= total:
-        raise ValueError(f"seqlen must be an int in [0, world_size * S_local = {total}], got {seqlen!r}")
+        raise InvalidArgumentError(
+            f"seqlen must be an int in [0, world_size * S_local = {total}], got {seqlen!r}"
+        )
     wl, wr = int(window_size[0]), int(window_size[1])
     if causal:
         wr = 0

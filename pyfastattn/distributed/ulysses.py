@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .. import functional as _functional
+from ..functional import InvalidArgumentError
 from . import _comm
 
 __all__ = ["ulysses_attention"]
@@ -96,12 +97,12 @@ def ulysses_attention(
     b, s_local, hq, hk, d = _comm.check_local_shards(q, k, v)
     world, _ = _comm.group_info(group)
     if hq % world:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"ulysses_attention needs q heads divisible by the group size: Hq = {hq}, group size = {world} "
             "(use ring_attention, or a group whose size divides the head count)"
         )
     if hk % world and world % hk:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"ulysses_attention needs k heads to be a multiple or a divisor of the group size: "
             f"Hk = {hk}, group size = {world}"
         )
@@ -110,7 +111,9 @@ def ulysses_attention(
     if seqlen is None:
         seqlen = total
     if not isinstance(seqlen, int) or not 0 <= seqlen <= total:
-        raise ValueError(f"seqlen must be an int in [0, world_size * S_local = {total}], got {seqlen!r}")
+        raise InvalidArgumentError(
+            f"seqlen must be an int in [0, world_size * S_local = {total}], got {seqlen!r}"
+        )
     wl, wr = int(window_size[0]), int(window_size[1])
     if causal:
         wr = 0
