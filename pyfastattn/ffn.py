@@ -300,7 +300,8 @@ def feed_forward(
     [d_ff, d_model], ``b1`` [d_ff] or None, ``w2`` [d_out, d_ff] (usually
     d_out = d_model), ``b2`` [d_out] or None -> ``y`` [..., d_out]. All of one
     floating dtype and device; the fused CPU kernel takes float32, bfloat16 and
-    float16 (bias, activation and gradients computed in fp32, GEMMs by ATen;
+    float16 (bias, activation and gradients computed in fp32; GEMMs by ATen,
+    or by pyfastattn's own AVX-512 GEMM for fp32 on AMD and fp16, see README;
     a forward of at most 16 tokens in bf16, 32 in fp32/fp16, is one fused
     kernel that reads each weight once: see
     ``csrc/cpu/ffn_small_tokens.cpp``), other cases run eager torch (in the

@@ -6,8 +6,10 @@
 // friendly errors, and adds register_fake and register_autograd.
 //
 // The implementation here is device-generic ATen: the GEMMs are at::mm /
-// at::addmm calls, and everything elementwise between them is ONE fused step
-// per direction, a function over the params structs of csrc/ffn/params.h.
+// at::addmm calls (on CPU, fp32 on AMD and fp16 take cpu::matmul_fp32
+// instead: gemm() and own_gemm() below), and everything elementwise between
+// them is ONE fused step per direction, a function over the params structs
+// of csrc/ffn/params.h.
 // The CPU registration passes the CPU step kernels (csrc/cpu/ffn_cpu.cpp). A
 // CUDA build can register its own GEMM-with-epilogue kernels for the same
 // schemas, or this composition with CUDA step kernels (cuBLAS + a fused
@@ -526,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_fwd_cpu(
   // crossover: bf16 16, fp32/fp16 32; PERF_NOTES.md "CPU feed-forward at
   // decode sizes") the forward is the fused small-token kernel, which also
   // writes act_in when the backward needs it (training at small T: fwd+bwd
-  // 1.02-1.29x the ATen path). The backward keeps the ATen GEMMs.
+  // 1.02-1.29x the ATen path). The backward keeps the composed GEMMs.
   if (x.dim() == 2 && x.size(0) > 0 && kernel_dtype(x.scalar_type()) &&
       x.size(0) <= cpu::ffn_small_tokens_limit(to_dtype(x.scalar_type()))) {
     return ffn_fwd_small_tokens_cpu(x, w1, b1, w2, b2, w3, b3, parse_activation(activation),
