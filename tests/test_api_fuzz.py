@@ -370,21 +370,7 @@ def test_native_api_against_flash_attention_semantics(case, poison):
         lse = lse.masked_fill(torch.isposinf(lse), float("-inf"))
     q64, k64, v64 = (t.detach().double().requires_grad_(c["grad"]) for t in (q, k, v))
     scale = c["scale"] if c["scale"] is not None else d**-0.5
-    outs, lses = [], []
-    for i in range(nb):
-        a, b_, e, f = spans[i] if spans else (None,) * 4
-        qs, ks, vs = (q64[a:b_], k64[e:f], v64[e:f]) if spans else (q64[i], k64[i], v64[i])
-        kp = None if keep is None else keep[i, :, : qs.shape[0], : ks.shape[0]]
-        sl = slopes if slopes is None or slopes.dim() == 1 else slopes[i]
-        o, ls = _fa_one(qs, ks, vs, scale=scale, causal=c["causal"], wl=c["wl"], wr=c["wr"], softcap=c["softcap"],
-                       used=None if used is None else used[i], slopes=sl, keep=kp, p_drop=p)  # fmt: skip
-        outs.append(o)
-        lses.append(ls)
-    if spans:
-        ref = torch.cat([*outs, q64.new_zeros(c["tail_q"], hq, dv)])
-        rlse = torch.cat([*lses, q64.new_full((hq, c["tail_q"]), float("-inf"))], 1)
-    else:
-        ref, rlse = torch.stack(outs), torch.stack(lses)
+    ref, rlse = _fa_all(q64, k64, v64, c, spans, nb, used, slopes, keep, scale)
     assert out.shape == ref.shape and lse.shape == rlse.shape, (
         c,
         out.shape,
@@ -404,7 +390,7 @@ def test_native_api_against_flash_attention_semantics(case, poison):
         base = (
             ref.detach().to(dt)
             if dt == torch.float64
-            else _fa_lowp(q, k, v, c, spans, nb, used, slopes, keep, scale)
+            else _fa_all(q, k, v, c, spans, nb, used, slopes, keep, scale)[0]
         )
         f = _ok("out", out.detach(), ref.detach(), [base], dt)
     assert f is None, f"{c}: {f}"
@@ -419,7 +405,7 @@ def test_native_api_against_flash_attention_semantics(case, poison):
     corr = _fa_grad_correction(rlse, dD, (q64, k64))
     fa = [t if cc is None else t - cc for t, cc in zip(truth, (*corr, None))]
     bl = [t.detach().requires_grad_() for t in (q, k, v)]
-    bo = _fa_lowp(*bl, c, spans, nb, used, slopes, keep, scale)
+    bo = _fa_all(*bl, c, spans, nb, used, slopes, keep, scale)[0]
     bgrads = torch.autograd.grad(bo, bl, dout, allow_unused=True)
     for name, a, r, r_fa, b, t in zip(("dq", "dk", "dv"), grads, truth, fa, bgrads, (q, k, v)):
         if used is not None and name != "dq":  # keys past the lengths: exactly zero gradients
@@ -431,21 +417,28 @@ def test_native_api_against_flash_attention_semantics(case, poison):
         assert f is None, f"{c}: {f}"
 
 
-def _fa_lowp(q, k, v, c, spans, nb, used, slopes, keep, scale):
-    """_fa_one in the inputs' dtype: plain torch's error, for the tolerance rule."""
-    outs = []
+def _fa_all(q, k, v, c, spans, nb, used, slopes, keep, scale):
+    """_fa_one over every sequence of the call, in the inputs' dtype (float64:
+    the truth; the inputs' own: plain torch's error, for the tolerance rule),
+    as (out, lse) in the call's layout (packed: rows past the last sequence
+    are 0 with an lse of -inf)."""
+    outs, lses = [], []
     for i in range(nb):
         a, b_, e, f = spans[i] if spans else (None,) * 4
         qs, ks, vs = (q[a:b_], k[e:f], v[e:f]) if spans else (q[i], k[i], v[i])
         kp = None if keep is None else keep[i, :, : qs.shape[0], : ks.shape[0]]
         sl = slopes if slopes is None or slopes.dim() == 1 else slopes[i]
-        o, _ = _fa_one(qs, ks, vs, scale=scale, causal=c["causal"], wl=c["wl"], wr=c["wr"], softcap=c["softcap"],
-                       used=None if used is None else used[i], slopes=None if sl is None else sl.to(q.dtype),
-                       keep=None if kp is None else kp.to(q.dtype), p_drop=c["dropout"])  # fmt: skip
+        o, ls = _fa_one(qs, ks, vs, scale=scale, causal=c["causal"], wl=c["wl"], wr=c["wr"], softcap=c["softcap"],
+                        used=None if used is None else used[i], slopes=sl, keep=kp, p_drop=c["dropout"])  # fmt: skip
         outs.append(o.to(q.dtype))
+        lses.append(ls)
     if spans:
-        return torch.cat([*outs, q.new_zeros(c["tail_q"], q.shape[1], v.shape[-1])])
-    return torch.stack(outs)
+        hq = q.shape[1]
+        return (
+            torch.cat([*outs, q.new_zeros(c["tail_q"], hq, v.shape[-1])]),
+            torch.cat([*lses, q.new_full((hq, c["tail_q"]), float("-inf"))], 1),
+        )
+    return torch.stack(outs), torch.stack(lses)
 
 
 # ---------------------------------------------------------------------------
