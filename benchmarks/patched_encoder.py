@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
+import sys
 import time
 
 import torch
 
 import pyfastattn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import median_pass_us  # noqa: E402
 
 
 def main() -> None:
@@ -104,13 +107,8 @@ def main() -> None:
     ours.train()
 
     def median_ms(f) -> float:
-        f()
-        ts = []
-        for _ in range(args.reps):
-            a = timer()
-            f()
-            ts.append((timer() - a) * 1e3)
-        return statistics.median(ts)
+        f()  # warm-up
+        return median_pass_us([f], timer, args.reps) / 1e3
 
     for r in range(args.rounds):
         model.eval()
