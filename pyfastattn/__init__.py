@@ -4,6 +4,8 @@ Public API:
 
 * :func:`scaled_dot_product_attention` - a drop-in for
   ``torch.nn.functional.scaled_dot_product_attention``.
+* :func:`override_sdpa` - make ``torch.nn.functional.scaled_dot_product_attention``
+  itself run the drop-in, for a ``with`` block or until restored.
 * :func:`attention` - the native (FlashAttention-style) API: (B, S, H, D) or
   packed varlen, bottom-right causal, GQA, sliding window, softcap, LSE.
 * :func:`attention_with_kvcache` - attention over a KV cache (FlashAttention 2's
@@ -37,6 +39,7 @@ from .functional import (
 )
 from .kvcache import attention_with_kvcache
 from .patch import PatchReport, patch
+from .sdpa_override import override_sdpa
 
 __version__ = "0.1.0"
 
@@ -56,6 +59,7 @@ __all__ = [
     "kernel_unsupported_reason",
     "linear",
     "nn",
+    "override_sdpa",
     "patch",
     "reference",
     "scaled_dot_product_attention",

@@ -11,9 +11,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from . import _backend, _ops, reference
+
+# torch's own SDPA, bound at import: every fallback to torch calls it, so that
+# pyfastattn.override_sdpa (which replaces F.scaled_dot_product_attention)
+# never routes a fallback back to pyfastattn.
+_torch_sdpa = torch._C._nn.scaled_dot_product_attention
 
 __all__ = [
     "scaled_dot_product_attention",
@@ -423,7 +427,7 @@ def _sdpa_dense(
         else:
             mask = mask.masked_fill(~vis, float("-inf"))
         dead_rows = ~vis.any(-1, keepdim=True)  # (B|1, 1, sq, 1)
-    out = F.scaled_dot_product_attention(
+    out = _torch_sdpa(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p,
         is_causal=is_causal, scale=scale, enable_gqa=hk != hq,
     )  # fmt: skip
@@ -663,7 +667,7 @@ def scaled_dot_product_attention(
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(t, name)
     if any(t.is_nested for t in (query, key, value)):
-        return F.scaled_dot_product_attention(
+        return _torch_sdpa(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal or alignment is not None,
             scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip

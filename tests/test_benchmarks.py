@@ -420,7 +420,14 @@ def test_default_grids_have_four_points_per_curve(device):
 
 @pytest.mark.parametrize(
     "script",
-    ["run.py", "ffn_bench.py", "ffn_decode_bench.py", "attention_peak_ab.py", "attention_thread_scaling.py"],
+    [
+        "run.py",
+        "ffn_bench.py",
+        "ffn_decode_bench.py",
+        "attention_peak_ab.py",
+        "attention_thread_scaling.py",
+        "override_sdpa_model.py",
+    ],
 )
 def test_every_flag_has_a_description(script):
     r = subprocess.run([sys.executable, os.path.join(BENCH, script), "--help"], capture_output=True,
