@@ -33,6 +33,11 @@ scaled_dot_product_attention`` at import time), and C++ callers
 (``nn.MultiheadAttention``'s fast path, ``torch._native_multi_head_attention``).
 For modules, :func:`pyfastattn.patch` converts them instead.
 
+Where the drop-in does not run its kernel (the backend rule: e.g. on a GPU
+where the CUDA kernel is not yet verified, see ``python -m pyfastattn.info``)
+it hands the call to torch's own function, so an override there only adds
+the drop-in's argument checks to each call.
+
 The replacement is a module attribute: it applies to every thread while
 installed. Overrides nest (each restores what it replaced; restore them in the
 reverse order). Under ``torch.compile``, a graph compiled while the override
