@@ -40,9 +40,9 @@ the drop-in's argument checks to each call.
 
 The replacement is a module attribute: it applies to every thread while
 installed. Overrides nest (each restores what it replaced; restore them in the
-reverse order). Under ``torch.compile``, a graph compiled while the override
-was installed keeps calling pyfastattn until it is recompiled (dynamo guards
-on the function it traced).
+reverse order). Under ``torch.compile``, dynamo guards on the function it
+traced: a compiled function is recompiled once when the override is
+installed or restored, and then follows it.
 """
 
 from __future__ import annotations
