@@ -206,3 +206,20 @@ def test_reference_backend_under_the_override():
     with pyfastattn.backend("reference"), pyfastattn.override_sdpa():
         out = F.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out.double(), _truth(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_override_on_cuda_matches_torch_within_its_error(dtype):
+    # On a GPU the drop-in runs the CUDA kernel where verified, else hands the
+    # call to torch's SDPA: either way the override must give torch's numbers
+    # (within the tolerance rule: at most twice torch's own error).
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(2, 4, 333, 64, device="cuda", dtype=dtype) for _ in range(3))
+    with pyfastattn.override_sdpa():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    theirs = TORCH_SDPA(q, k, v, is_causal=True)
+    truth = _truth(q.cpu(), k.cpu(), v.cpu(), causal=True)
+    err = (out.cpu().double() - truth).abs().max().item()
+    base = (theirs.cpu().double() - truth).abs().max().item()
+    assert err <= 2 * base + 1e-3, (err, base)
