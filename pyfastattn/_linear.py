@@ -73,30 +73,29 @@ def _use_own(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 class _LinearFp32(torch.autograd.Function):
-    """y = x W^T + b on cpu_matmul_fp32 (fp32 arithmetic); the backward's dx = dy W and
-    dW = dy^T x on it too, db = the column sums of dy."""
+    """y = x W^T + b on cpu_matmul_fp32 (fp32 arithmetic) for a 2-D ``x``; the
+    backward's dx = dy W and dW = dy^T x on it too, db = the column sums of dy.
+    The output is a fresh tensor, not a view (callers reshape it outside), so
+    that it can be modified in place like F.linear's (``nn.ReLU(inplace=True)``)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = torch.ops.pyfastattn.cpu_matmul_fp32(x2, weight.t(), bias=bias)
         ctx.save_for_backward(x2, weight)
         ctx.has_bias = bias is not None
-        ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
         x2, weight = ctx.saved_tensors
-        dy2 = dy.reshape(-1, weight.shape[0])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = torch.ops.pyfastattn.cpu_matmul_fp32(dy2, weight).view(ctx.x_shape)
+            dx = torch.ops.pyfastattn.cpu_matmul_fp32(dy, weight)
         if ctx.needs_input_grad[1]:
-            dw = torch.ops.pyfastattn.cpu_matmul_fp32(dy2.t(), x2)
+            dw = torch.ops.pyfastattn.cpu_matmul_fp32(dy.t(), x2)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
+            db = dy.sum(0)
         return dx, dw, db
 
 
@@ -106,5 +105,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     of at least ~2M multiply-adds run on pyfastattn's own GEMM where it is preferred
     (see the module docstring); all else is ``F.linear``."""
     if _use_own(x, weight, bias):
-        return _LinearFp32.apply(x, weight, bias)
+        if x.dim() == 2:
+            return _LinearFp32.apply(x, weight, bias)
+        y = _LinearFp32.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

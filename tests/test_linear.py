@@ -22,7 +22,12 @@ needs_own = pytest.mark.skipif(not OWN, reason="the fp32 CPU GEMM is not the pre
 
 
 def _own_taken(y: torch.Tensor) -> bool:
-    return y.grad_fn is not None and "LinearFp32" in y.grad_fn.name()
+    """Whether y came from the own GEMM (its grad_fn, or the view of it that a
+    non-2-D input's output is)."""
+    fn = y.grad_fn
+    if fn is not None and fn.name() == "ViewBackward0":
+        fn = fn.next_functions[0][0]
+    return fn is not None and "LinearFp32" in fn.name()
 
 
 def _inputs(shape, n_out, bias=True, seed=0):
@@ -152,3 +157,20 @@ def test_multihead_attention_projections_take_it():
     gr = torch.autograd.grad(yr.sum(), [x, ref.in_proj_weight])
     for a, r in zip(g, gr):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+@needs_own
+@pytest.mark.parametrize("shape", [(300, 128), (3, 100, 128)])
+def test_output_can_be_modified_in_place(shape):
+    """F.linear's result is an ordinary tensor: nn.ReLU(inplace=True) after a
+    Linear (a common pattern) must work and give F.linear's gradients."""
+    x, w, b = _inputs(shape, 256)
+    y = pyfastattn.linear(x, w, b)
+    assert _own_taken(y)
+    y.relu_()
+    grads = torch.autograd.grad(y.sum(), [x, w, b])
+    yt = F.linear(x, w, b).relu_()
+    grads_t = torch.autograd.grad(yt.sum(), [x, w, b])
+    torch.testing.assert_close(y, yt, rtol=2e-5, atol=2e-5)
+    for g, gt in zip(grads, grads_t):
+        torch.testing.assert_close(g, gt, rtol=1e-4, atol=1e-4)
