@@ -60,8 +60,10 @@ def _use_own(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         return False
     if weight.device.type != "cpu" or weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         return False  # F.linear raises its own error for a mismatch
-    if bias is not None and (bias.dtype != x.dtype or bias.device.type != "cpu" or bias.dim() != 1):
-        return False
+    if bias is not None and (
+        bias.dtype != x.dtype or bias.device.type != "cpu" or bias.shape != (weight.shape[0],)
+    ):
+        return False  # e.g. a bias of shape (1,), which F.linear broadcasts
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _autocast_cpu():
         return False
     if _backend.get_backend() == "reference":

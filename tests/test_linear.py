@@ -174,3 +174,15 @@ def test_output_can_be_modified_in_place(shape):
     torch.testing.assert_close(y, yt, rtol=2e-5, atol=2e-5)
     for g, gt in zip(grads, grads_t):
         torch.testing.assert_close(g, gt, rtol=1e-4, atol=1e-4)
+
+
+def test_bias_that_broadcasts_is_f_linears():
+    """F.linear broadcasts a bias of shape (1,) over the outputs; so must we
+    (the own GEMM takes only an (out,) bias, so this stays F.linear)."""
+    x, w, _ = _inputs((300, 128), 256)
+    b = torch.randn(1, requires_grad=True)
+    y = pyfastattn.linear(x, w, b)
+    yt = F.linear(x, w, b)
+    assert torch.equal(y, yt)
+    (db,) = torch.autograd.grad(y.sum(), [b])
+    torch.testing.assert_close(db, torch.full((1,), 300.0 * 256))
