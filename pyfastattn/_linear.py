@@ -11,8 +11,10 @@ and fp16 CPU tensors large enough that the call's fixed cost does not matter,
 when the extension says it is preferred here for the dtype
 (``PYFASTATTN_CPU_FFN_GEMM``, the same switch as the FFN's GEMMs); everything
 else -- bf16 and other dtypes, other devices,
-autocast, ``torch.compile`` tracing, small products, the "reference"
-backend -- is ``F.linear`` itself.
+autocast, ``torch.compile`` tracing, small
+products, the "reference" backend -- is ``F.linear`` itself. Twice
+differentiable: a backward with ``create_graph=True`` computes its products
+in eager torch.
 """
 
 from __future__ import annotations
@@ -88,14 +90,19 @@ class _LinearFp32(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
         x2, weight = ctx.saved_tensors
         dx = dw = db = None
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty): the same products in eager
+            # torch, so that the gradients are themselves differentiable
+            mm = torch.matmul
+        else:
+            mm = torch.ops.pyfastattn.cpu_matmul_fp32
         if ctx.needs_input_grad[0]:
-            dx = torch.ops.pyfastattn.cpu_matmul_fp32(dy, weight)
+            dx = mm(dy, weight)
         if ctx.needs_input_grad[1]:
-            dw = torch.ops.pyfastattn.cpu_matmul_fp32(dy.t(), x2)
+            dw = mm(dy.t(), x2)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(0)
         return dx, dw, db

@@ -186,3 +186,23 @@ def test_bias_that_broadcasts_is_f_linears():
     assert torch.equal(y, yt)
     (db,) = torch.autograd.grad(y.sum(), [b])
     torch.testing.assert_close(db, torch.full((1,), 300.0 * 256))
+
+
+@needs_own
+def test_twice_differentiable():
+    """A gradient penalty (create_graph=True, then backward through the
+    gradient) gives F.linear's second derivatives, as nn.Linear does."""
+
+    def penalty(fn):
+        torch.manual_seed(0)
+        x, w, b = _inputs((300, 128), 256)
+        w2 = (torch.randn(1, 256) / 16).requires_grad_()
+        out = fn(torch.relu(fn(x, w, b)), w2, None)
+        (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        gp = ((gx.norm(dim=1) - 1) ** 2).mean()
+        return torch.autograd.grad(gp, [x, w, b, w2])
+
+    got, want = penalty(pyfastattn.linear), penalty(F.linear)
+    for name, g, r in zip(("x", "w", "b", "w2"), got, want):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5, msg=name)
+
