@@ -11,7 +11,7 @@ and fp16 CPU tensors large enough that the call's fixed cost does not matter,
 when the extension says it is preferred here for the dtype
 (``PYFASTATTN_CPU_FFN_GEMM``, the same switch as the FFN's GEMMs); everything
 else -- bf16 and other dtypes, other devices,
-autocast, ``torch.compile`` tracing, small
+autocast, ``torch.compile`` tracing, ``torch.func`` transforms, small
 products, the "reference" backend -- is ``F.linear`` itself. Twice
 differentiable: a backward with ``create_graph=True`` computes its products
 in eager torch.
@@ -57,6 +57,15 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running:
+    the own GEMM's op has no batching rule, so F.linear runs there."""
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # no functorch in this torch
+        return False
+
+
 def _use_own(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if x.dtype not in (torch.float32, torch.float16) or weight.dtype != x.dtype or x.device.type != "cpu":
         return False
@@ -66,7 +75,7 @@ def _use_own(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         bias.dtype != x.dtype or bias.device.type != "cpu" or bias.shape != (weight.shape[0],)
     ):
         return False  # e.g. a bias of shape (1,), which F.linear broadcasts
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _autocast_cpu():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _autocast_cpu() or _functorch_active():
         return False
     if _backend.get_backend() == "reference":
         return False

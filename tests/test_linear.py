@@ -206,3 +206,23 @@ def test_twice_differentiable():
     for name, g, r in zip(("x", "w", "b", "w2"), got, want):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5, msg=name)
 
+
+@needs_own
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])
+def test_torch_func_transforms(transform):
+    """torch.func.grad / vmap / jacrev of a function calling pyfastattn.linear
+    (a patched model under torch.func.functional_call) give F.linear's result."""
+    x, w, b = (t.detach() for t in _inputs((300, 128), 256))
+    if transform == "grad":
+        got = torch.func.grad(lambda w_: pyfastattn.linear(x, w_, b).pow(2).sum())(w)
+        want = torch.func.grad(lambda w_: F.linear(x, w_, b).pow(2).sum())(w)
+    elif transform == "vmap":
+        xs = torch.randn(3, 64, 128)
+        got = torch.func.vmap(lambda x_: pyfastattn.linear(x_, w, b))(xs)
+        want = F.linear(xs, w, b)
+    else:
+        x2 = x[:40, :32].contiguous()
+        w2 = torch.randn(2048, 32)
+        got = torch.func.jacrev(lambda x_: pyfastattn.linear(x_, w2).sum(0))(x2)
+        want = torch.func.jacrev(lambda x_: F.linear(x_, w2).sum(0))(x2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
