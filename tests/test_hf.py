@@ -193,6 +193,20 @@ def test_right_padding_uses_key_lengths_not_a_dense_mask(monkeypatch):
     assert all(c["seqused_k"] is None and tuple(c["attn_mask"].shape) == (B, 1, 1, T) for c in calls)
 
 
+def test_right_padding_under_inference_mode():
+    """torch.inference_mode: the padding mask transformers builds there is an
+    inference tensor (no version counter); it must still become key lengths."""
+    model = _make("bert")
+    ids, mask = _batch("right")
+    with torch.inference_mode():
+        _use(model, "sdpa")
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        _use(model, "pyfastattn")
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name,padding", [("gpt2", "left"), ("llama", "left"), ("llama", "none")])
 def test_greedy_generate_same_tokens_with_and_without_cache(name, padding):
     model = _make(name)

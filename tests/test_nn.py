@@ -370,6 +370,29 @@ def test_key_padding_mask_maps_to_seqused_k_when_exact(monkeypatch):
     assert c[6]["attn_mask"] is None and c[6]["seqused_k"] is None and c[6]["window_right"] == 0
 
 
+def test_key_padding_mask_under_inference_mode():
+    """torch.inference_mode (the usual way to serve a model): a padding mask
+    made there has no version counter. The layers must still run, match
+    torch, and see a mask changed in place between calls (no stale lengths)."""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True).eval()
+    ours = TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True).eval()
+    ours.load_state_dict(ref.state_dict())
+    with torch.inference_mode():
+        x = torch.randn(N, L, E)
+        kpm = _right_pad(N, L, [L, 2, 4])
+        for step in range(2):
+            if step:
+                kpm[:, 1:] = True  # in place: every sequence now has one key
+            want = ref.self_attn(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+            got = ours.self_attn(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+            want = ref(x, src_key_padding_mask=kpm)
+            got = ours(x, src_key_padding_mask=kpm)
+            valid = ~kpm  # torch's nested path leaves padded rows unspecified
+            torch.testing.assert_close(got[valid], want[valid], rtol=2e-5, atol=2e-5)
+
+
 def test_multihead_attention_dropout_only_in_training():
     torch.manual_seed(0)
     ref = nn.MultiheadAttention(E, H, dropout=0.5)

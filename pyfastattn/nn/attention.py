@@ -155,7 +155,8 @@ def right_padding_lengths(mask: Tensor, *, true_means_pad: bool = True) -> Tenso
     ``true_means_pad=False``, mark kept keys with True (Hugging Face); a float
     mask qualifies when it holds only 0 (keep) and -inf (pad). Reads the mask
     once (one device sync on CUDA) and caches the answer for that tensor
-    object, so a stack of layers given the same mask reads it once. Returns
+    object, so a stack of layers given the same mask reads it once (not for
+    inference tensors, which have no version counter: read every call). Returns
     None without reading under ``torch.compile`` or when the mask needs a
     gradient.
     """
@@ -167,8 +168,11 @@ def right_padding_lengths(mask: Tensor, *, true_means_pad: bool = True) -> Tenso
         rows = mask
     else:
         return None
+    # An inference tensor (made under torch.inference_mode) has no version
+    # counter to tell an in-place change: it is read every call, not cached.
+    cacheable = not mask.is_inference()
     key = (id(mask), true_means_pad)
-    hit = _LENGTHS_CACHE.get(key)
+    hit = _LENGTHS_CACHE.get(key) if cacheable else None
     if hit is not None and hit[0]() is mask and hit[1] == mask._version:
         return hit[2]
     ok = None
@@ -181,6 +185,8 @@ def right_padding_lengths(mask: Tensor, *, true_means_pad: bool = True) -> Tenso
     prefix = torch.arange(rows.shape[-1], device=rows.device) < lengths.unsqueeze(-1)
     same = torch.equal(keep, prefix) if ok is None else bool((ok & (keep == prefix).all()).item())
     result = lengths if same else None
+    if not cacheable:
+        return result
     if len(_LENGTHS_CACHE) >= _LENGTHS_CACHE_SIZE:
         _LENGTHS_CACHE.pop(next(iter(_LENGTHS_CACHE)))
     _LENGTHS_CACHE[key] = (weakref.ref(mask), mask._version, result)
