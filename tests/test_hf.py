@@ -256,6 +256,34 @@ def test_training_gradients_match_sdpa():
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_jit_trace_keeps_the_mask_an_input():
+    """A traced call whose example mask is a static-cache prefix (the
+    attention_with_kvcache route) or right padding (key lengths) must honour a
+    different mask later, not the lengths read from the example."""
+    attn = _make("llama").model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 1, 8, generator=g)
+    k, v = torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    prefix = (torch.arange(9) < torch.tensor([[5], [7]])).view(2, 1, 1, 9)
+    holes = prefix.clone()
+    holes[0, 0, 0, 1] = holes[1, 0, 0, 0] = False
+
+    def f(q, k, v, mask):
+        return hf.attention_forward(attn, q, k, v, mask)[0]
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(f, (q, k, v, prefix))
+        for mask in (prefix, holes):
+            torch.testing.assert_close(traced(q, k, v, mask), f(q, k, v, mask), rtol=1e-5, atol=1e-5)
+        attn.is_causal = False  # a bidirectional (B, 1, 1, S) padding mask: key lengths
+        try:
+            traced = torch.jit.trace(f, (q, k, v, prefix))
+            torch.testing.assert_close(traced(q, k, v, holes), f(q, k, v, holes), rtol=1e-5, atol=1e-5)
+        finally:
+            attn.is_causal = True
+
+
 def test_unsupported_inputs_raise():
     model = _make("llama")
     attn = model.model.layers[0].self_attn

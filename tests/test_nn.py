@@ -393,6 +393,35 @@ def test_key_padding_mask_under_inference_mode():
             torch.testing.assert_close(got[valid], want[valid], rtol=2e-5, atol=2e-5)
 
 
+class _SelfAttention(nn.Module):
+    def __init__(self, mha):
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x, kpm):
+        return self.mha(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+
+
+def test_jit_trace_keeps_the_padding_mask_an_input():
+    """torch.jit.trace with a right-padding key_padding_mask: the traced model
+    must honour whatever mask it is given later (holes, left padding), not
+    the key lengths derived from the example mask."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    ours = MultiheadAttention(E, H, batch_first=True).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(N, L, E)
+    right = _right_pad(N, L, [L, 2, 4])
+    holes = right.clone()
+    holes[0, 1] = True
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(_SelfAttention(ours), (x, right))
+        for kpm in (right, holes, right.flip(-1)):
+            want = _SelfAttention(ref)(x, kpm)
+            torch.testing.assert_close(traced(x, kpm), want, rtol=2e-5, atol=2e-5)
+
+
 def test_multihead_attention_dropout_only_in_training():
     torch.manual_seed(0)
     ref = nn.MultiheadAttention(E, H, dropout=0.5)

@@ -24,7 +24,8 @@ How masks are handed to the kernel:
   is exact: a key past ``seqused_k[b]`` is never seen, a key before it always
   is. Checking the pattern reads the mask once (one device sync on CUDA; the
   result is cached per mask tensor, so a stack of layers checks once); under
-  ``torch.compile`` the check is skipped and the mask is passed densely.
+  ``torch.compile`` and ``torch.jit.trace`` the check is skipped and the mask
+  is passed densely.
 * anything else (``attn_mask`` of shape ``(L, S)`` or ``(N*H, L, S)``, a
   key-padding mask with holes or left padding, extra keys from ``add_bias_kv``
   / ``add_zero_attn``): one merged mask, bool where every part is bool,
@@ -157,10 +158,13 @@ def right_padding_lengths(mask: Tensor, *, true_means_pad: bool = True) -> Tenso
     once (one device sync on CUDA) and caches the answer for that tensor
     object, so a stack of layers given the same mask reads it once (not for
     inference tensors, which have no version counter: read every call). Returns
-    None without reading under ``torch.compile`` or when the mask needs a
-    gradient.
+    None without reading under ``torch.compile`` or ``torch.jit.trace``, or
+    when the mask needs a gradient.
     """
-    if torch.compiler.is_compiling() or mask.requires_grad:
+    # Under torch.compile or torch.jit.trace the answer would be baked into
+    # the graph (and a cached one as a constant), so a later mask with holes
+    # would silently be read as right padding: the caller passes it densely.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or mask.requires_grad:
         return None
     if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
         rows = mask[:, 0, 0, :]
