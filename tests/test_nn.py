@@ -422,6 +422,24 @@ def test_jit_trace_keeps_the_padding_mask_an_input():
             torch.testing.assert_close(traced(x, kpm), want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_without_keys(need_weights):
+    """Cross-attention to an empty memory (S = 0), as torch allows: the
+    attention is 0, so the output is out_proj's bias; weights (N, L, 0)."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, batch_first=True)
+    ours = MultiheadAttention(E, H, batch_first=True)
+    ours.load_state_dict(ref.state_dict())
+    q, kv = torch.randn(N, L, E), torch.randn(N, 0, E)
+    out, w = ours(q, kv, kv, need_weights=need_weights)
+    want, want_w = ref(q, kv, kv, need_weights=need_weights)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out, ref.out_proj.bias.expand(N, L, E))
+    assert (w is None) == (want_w is None)
+    if w is not None:
+        assert w.shape == want_w.shape == (N, L, 0)
+
+
 def test_multihead_attention_dropout_only_in_training():
     torch.manual_seed(0)
     ref = nn.MultiheadAttention(E, H, dropout=0.5)

@@ -130,11 +130,14 @@ def explicit_attention(
         else:
             s = s + mask.to(cdt)
     # softmax with the max detached and an all-masked row giving 0, not NaN
-    m = s.detach().amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(s - m)
-    denom = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if s.shape[-1] == 0:  # no keys (an empty memory): weights (..., L, 0), output 0
+        p = s
+    else:
+        m = s.detach().amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(s - m)
+        denom = e.sum(dim=-1, keepdim=True)
+        p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
     if dropout_p > 0:
         p = F.dropout(p, dropout_p)
     out = torch.matmul(p, vf).transpose(1, 2)
