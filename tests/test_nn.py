@@ -659,6 +659,29 @@ def test_encoder_stack_inference_matches_torch_nested_path(dtype):
     assert_tolerance("encoder stack, nested path", o, r, b, dtype)
 
 
+def test_encoder_stack_nested_path_with_a_soft_float_padding_mask():
+    """Where torch's encoder runs on NestedTensor (eval, no_grad, padding
+    mask), a float src_key_padding_mask marks padding by being nonzero: a
+    key with a finite negative bias (-2, or -1e4 as many codebases write it)
+    is dropped, not added to. The padding mask means the same for us there."""
+    torch.manual_seed(5)
+    ref = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0, batch_first=True), 2
+    ).eval()
+    ours = TransformerEncoder(
+        TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0, batch_first=True), 2
+    ).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(N, L, E)
+    soft = torch.zeros(N, L)
+    soft[0, L - 1] = -2.0
+    soft[1, 3:] = -1e4
+    with torch.no_grad():
+        want = ref(x, src_key_padding_mask=soft)
+        got = ours(x, src_key_padding_mask=soft)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
 def test_encoder_converts_given_torch_layers():
     enc = TransformerEncoder(nn.TransformerEncoderLayer(E, H), 2, enable_nested_tensor=False)
     assert all(type(m) is TransformerEncoderLayer for m in enc.layers)
