@@ -234,7 +234,7 @@ def _draw_layers(rng):
         norm_first=rng.random() < 0.4, bias=rng.random() < 0.8, train=rng.random() < 0.3,
         nested=rng.random() < 0.6, final_norm=rng.random() < 0.5, layers=rng.choice([1, 2]),
         N=rng.choice([1, 2, 3]), S=rng.choice([1, 4, 9]), T=rng.choice([1, 3, 7]), batched=rng.random() < 0.85,
-        kpm=rng.choice([None, "right", "holes", "float"]), mkpm=rng.choice([None, "right"]),
+        kpm=rng.choice([None, "right", "holes", "float", "soft"]), mkpm=rng.choice([None, "right"]),
         mask=rng.choice([None, "causal", "causal_bool", "rand_float"]), tmask=rng.choice([None, "causal"]),
         is_causal=rng.choice([None, True, False]), ctx=rng.choice(["grad", "no_grad", "inference"]),
         seed=rng.randrange(1 << 30),
@@ -282,11 +282,14 @@ def _layers_inputs(c):
         if kind == "holes":
             pad = torch.rand(nb, length, generator=g) < 0.3
             pad[:, 0] = False
-        m = (
-            torch.zeros(nb, length, dtype=torch.float64).masked_fill(pad, float("-inf"))
-            if kind == "float"
-            else pad
-        )
+        m = pad
+        if kind in ("float", "soft"):
+            # soft: padding written as -1e4, as many codebases do. (A soft bias such as
+            # -2 is not drawn: torch's eval fast paths treat any nonzero float as padding,
+            # its other paths add it; pyfastattn adds it, except where the encoder
+            # reproduces torch's NestedTensor path.)
+            fill = float("-inf") if kind == "float" else -1e4
+            m = torch.zeros(nb, length, dtype=torch.float64).masked_fill(pad, fill)
         return m if c["batched"] else m[0]
 
     def square(kind, length):

@@ -19,6 +19,11 @@ the same seed), attributes and ``state_dict`` keys are torch's. What changes:
   final norm, and a float padding mask marks padding by being nonzero (a key
   with a finite negative value is dropped, as with -inf).
 
+One deliberate difference: torch's fused encoder-layer path (eval mode,
+no_grad) treats every nonzero value of a float mask as masked, where its
+documented rule, and its other paths, add it; we always add it (the same
+result for -inf and for large negative values such as -1e4).
+
 Masks and ``is_causal`` follow torch's rules (bool True = masked, float added,
 ``is_causal`` a hint that the mask is causal; the encoder and decoder detect a
 causal mask when the hint is None).
