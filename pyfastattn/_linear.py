@@ -11,8 +11,10 @@ and fp16 CPU tensors large enough that the call's fixed cost does not matter,
 when the extension says it is preferred here for the dtype
 (``PYFASTATTN_CPU_FFN_GEMM``, the same switch as the FFN's GEMMs); everything
 else -- bf16 and other dtypes, other devices,
-autocast, ``torch.compile`` tracing, small products, the "reference"
-backend -- is ``F.linear`` itself.
+autocast, ``torch.compile`` tracing, ``torch.func`` transforms, small
+products, the "reference" backend -- is ``F.linear`` itself. Twice
+differentiable: a backward with ``create_graph=True`` computes its products
+in eager torch.
 """
 
 from __future__ import annotations
@@ -55,14 +57,25 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running:
+    the own GEMM's op has no batching rule, so F.linear runs there."""
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # no functorch in this torch
+        return False
+
+
 def _use_own(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if x.dtype not in (torch.float32, torch.float16) or weight.dtype != x.dtype or x.device.type != "cpu":
         return False
     if weight.device.type != "cpu" or weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         return False  # F.linear raises its own error for a mismatch
-    if bias is not None and (bias.dtype != x.dtype or bias.device.type != "cpu" or bias.dim() != 1):
-        return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _autocast_cpu():
+    if bias is not None and (
+        bias.dtype != x.dtype or bias.device.type != "cpu" or bias.shape != (weight.shape[0],)
+    ):
+        return False  # e.g. a bias of shape (1,), which F.linear broadcasts
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _autocast_cpu() or _functorch_active():
         return False
     if _backend.get_backend() == "reference":
         return False
@@ -73,30 +86,34 @@ def _use_own(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 class _LinearFp32(torch.autograd.Function):
-    """y = x W^T + b on cpu_matmul_fp32 (fp32 arithmetic); the backward's dx = dy W and
-    dW = dy^T x on it too, db = the column sums of dy."""
+    """y = x W^T + b on cpu_matmul_fp32 (fp32 arithmetic) for a 2-D ``x``; the
+    backward's dx = dy W and dW = dy^T x on it too, db = the column sums of dy.
+    The output is a fresh tensor, not a view (callers reshape it outside), so
+    that it can be modified in place like F.linear's (``nn.ReLU(inplace=True)``)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = torch.ops.pyfastattn.cpu_matmul_fp32(x2, weight.t(), bias=bias)
         ctx.save_for_backward(x2, weight)
         ctx.has_bias = bias is not None
-        ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
         x2, weight = ctx.saved_tensors
-        dy2 = dy.reshape(-1, weight.shape[0])
         dx = dw = db = None
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty): the same products in eager
+            # torch, so that the gradients are themselves differentiable
+            mm = torch.matmul
+        else:
+            mm = torch.ops.pyfastattn.cpu_matmul_fp32
         if ctx.needs_input_grad[0]:
-            dx = torch.ops.pyfastattn.cpu_matmul_fp32(dy2, weight).view(ctx.x_shape)
+            dx = mm(dy, weight)
         if ctx.needs_input_grad[1]:
-            dw = torch.ops.pyfastattn.cpu_matmul_fp32(dy2.t(), x2)
+            dw = mm(dy.t(), x2)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
+            db = dy.sum(0)
         return dx, dw, db
 
 
@@ -106,5 +123,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     of at least ~2M multiply-adds run on pyfastattn's own GEMM where it is preferred
     (see the module docstring); all else is ``F.linear``."""
     if _use_own(x, weight, bias):
-        return _LinearFp32.apply(x, weight, bias)
+        if x.dim() == 2:
+            return _LinearFp32.apply(x, weight, bias)
+        y = _LinearFp32.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

@@ -193,6 +193,20 @@ def test_right_padding_uses_key_lengths_not_a_dense_mask(monkeypatch):
     assert all(c["seqused_k"] is None and tuple(c["attn_mask"].shape) == (B, 1, 1, T) for c in calls)
 
 
+def test_right_padding_under_inference_mode():
+    """torch.inference_mode: the padding mask transformers builds there is an
+    inference tensor (no version counter); it must still become key lengths."""
+    model = _make("bert")
+    ids, mask = _batch("right")
+    with torch.inference_mode():
+        _use(model, "sdpa")
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        _use(model, "pyfastattn")
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name,padding", [("gpt2", "left"), ("llama", "left"), ("llama", "none")])
 def test_greedy_generate_same_tokens_with_and_without_cache(name, padding):
     model = _make(name)
@@ -240,6 +254,34 @@ def test_training_gradients_match_sdpa():
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_jit_trace_keeps_the_mask_an_input():
+    """A traced call whose example mask is a static-cache prefix (the
+    attention_with_kvcache route) or right padding (key lengths) must honour a
+    different mask later, not the lengths read from the example."""
+    attn = _make("llama").model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 1, 8, generator=g)
+    k, v = torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    prefix = (torch.arange(9) < torch.tensor([[5], [7]])).view(2, 1, 1, 9)
+    holes = prefix.clone()
+    holes[0, 0, 0, 1] = holes[1, 0, 0, 0] = False
+
+    def f(q, k, v, mask):
+        return hf.attention_forward(attn, q, k, v, mask)[0]
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(f, (q, k, v, prefix))
+        for mask in (prefix, holes):
+            torch.testing.assert_close(traced(q, k, v, mask), f(q, k, v, mask), rtol=1e-5, atol=1e-5)
+        attn.is_causal = False  # a bidirectional (B, 1, 1, S) padding mask: key lengths
+        try:
+            traced = torch.jit.trace(f, (q, k, v, prefix))
+            torch.testing.assert_close(traced(q, k, v, holes), f(q, k, v, holes), rtol=1e-5, atol=1e-5)
+        finally:
+            attn.is_causal = True
 
 
 def test_unsupported_inputs_raise():

@@ -22,7 +22,12 @@ needs_own = pytest.mark.skipif(not OWN, reason="the fp32 CPU GEMM is not the pre
 
 
 def _own_taken(y: torch.Tensor) -> bool:
-    return y.grad_fn is not None and "LinearFp32" in y.grad_fn.name()
+    """Whether y came from the own GEMM (its grad_fn, or the view of it that a
+    non-2-D input's output is)."""
+    fn = y.grad_fn
+    if fn is not None and fn.name() == "ViewBackward0":
+        fn = fn.next_functions[0][0]
+    return fn is not None and "LinearFp32" in fn.name()
 
 
 def _inputs(shape, n_out, bias=True, seed=0):
@@ -152,3 +157,72 @@ def test_multihead_attention_projections_take_it():
     gr = torch.autograd.grad(yr.sum(), [x, ref.in_proj_weight])
     for a, r in zip(g, gr):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+@needs_own
+@pytest.mark.parametrize("shape", [(300, 128), (3, 100, 128)])
+def test_output_can_be_modified_in_place(shape):
+    """F.linear's result is an ordinary tensor: nn.ReLU(inplace=True) after a
+    Linear (a common pattern) must work and give F.linear's gradients."""
+    x, w, b = _inputs(shape, 256)
+    y = pyfastattn.linear(x, w, b)
+    assert _own_taken(y)
+    y.relu_()
+    grads = torch.autograd.grad(y.sum(), [x, w, b])
+    yt = F.linear(x, w, b).relu_()
+    grads_t = torch.autograd.grad(yt.sum(), [x, w, b])
+    torch.testing.assert_close(y, yt, rtol=2e-5, atol=2e-5)
+    for g, gt in zip(grads, grads_t):
+        torch.testing.assert_close(g, gt, rtol=1e-4, atol=1e-4)
+
+
+def test_bias_that_broadcasts_is_f_linears():
+    """F.linear broadcasts a bias of shape (1,) over the outputs; so must we
+    (the own GEMM takes only an (out,) bias, so this stays F.linear)."""
+    x, w, _ = _inputs((300, 128), 256)
+    b = torch.randn(1, requires_grad=True)
+    y = pyfastattn.linear(x, w, b)
+    yt = F.linear(x, w, b)
+    assert torch.equal(y, yt)
+    (db,) = torch.autograd.grad(y.sum(), [b])
+    torch.testing.assert_close(db, torch.full((1,), 300.0 * 256))
+
+
+@needs_own
+def test_twice_differentiable():
+    """A gradient penalty (create_graph=True, then backward through the
+    gradient) gives F.linear's second derivatives, as nn.Linear does."""
+
+    def penalty(fn):
+        torch.manual_seed(0)
+        x, w, b = _inputs((300, 128), 256)
+        w2 = (torch.randn(1, 256) / 16).requires_grad_()
+        out = fn(torch.relu(fn(x, w, b)), w2, None)
+        (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        gp = ((gx.norm(dim=1) - 1) ** 2).mean()
+        return torch.autograd.grad(gp, [x, w, b, w2])
+
+    got, want = penalty(pyfastattn.linear), penalty(F.linear)
+    for name, g, r in zip(("x", "w", "b", "w2"), got, want):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@needs_own
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])
+def test_torch_func_transforms(transform):
+    """torch.func.grad / vmap / jacrev of a function calling pyfastattn.linear
+    (a patched model under torch.func.functional_call) give F.linear's result."""
+    x, w, b = (t.detach() for t in _inputs((300, 128), 256))
+    if transform == "grad":
+        got = torch.func.grad(lambda w_: pyfastattn.linear(x, w_, b).pow(2).sum())(w)
+        want = torch.func.grad(lambda w_: F.linear(x, w_, b).pow(2).sum())(w)
+    elif transform == "vmap":
+        xs = torch.randn(3, 64, 128)
+        got = torch.func.vmap(lambda x_: pyfastattn.linear(x_, w, b))(xs)
+        want = F.linear(xs, w, b)
+    else:
+        x2 = x[:40, :32].contiguous()
+        w2 = torch.randn(2048, 32)
+        got = torch.func.jacrev(lambda x_: pyfastattn.linear(x_, w2).sum(0))(x2)
+        want = torch.func.jacrev(lambda x_: F.linear(x_, w2).sum(0))(x2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -370,6 +370,76 @@ def test_key_padding_mask_maps_to_seqused_k_when_exact(monkeypatch):
     assert c[6]["attn_mask"] is None and c[6]["seqused_k"] is None and c[6]["window_right"] == 0
 
 
+def test_key_padding_mask_under_inference_mode():
+    """torch.inference_mode (the usual way to serve a model): a padding mask
+    made there has no version counter. The layers must still run, match
+    torch, and see a mask changed in place between calls (no stale lengths)."""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True).eval()
+    ours = TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True).eval()
+    ours.load_state_dict(ref.state_dict())
+    with torch.inference_mode():
+        x = torch.randn(N, L, E)
+        kpm = _right_pad(N, L, [L, 2, 4])
+        for step in range(2):
+            if step:
+                kpm[:, 1:] = True  # in place: every sequence now has one key
+            want = ref.self_attn(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+            got = ours.self_attn(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+            want = ref(x, src_key_padding_mask=kpm)
+            got = ours(x, src_key_padding_mask=kpm)
+            valid = ~kpm  # torch's nested path leaves padded rows unspecified
+            torch.testing.assert_close(got[valid], want[valid], rtol=2e-5, atol=2e-5)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, mha):
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x, kpm):
+        return self.mha(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+
+
+def test_jit_trace_keeps_the_padding_mask_an_input():
+    """torch.jit.trace with a right-padding key_padding_mask: the traced model
+    must honour whatever mask it is given later (holes, left padding), not
+    the key lengths derived from the example mask."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    ours = MultiheadAttention(E, H, batch_first=True).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(N, L, E)
+    right = _right_pad(N, L, [L, 2, 4])
+    holes = right.clone()
+    holes[0, 1] = True
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(_SelfAttention(ours), (x, right))
+        for kpm in (right, holes, right.flip(-1)):
+            want = _SelfAttention(ref)(x, kpm)
+            torch.testing.assert_close(traced(x, kpm), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_without_keys(need_weights):
+    """Cross-attention to an empty memory (S = 0), as torch allows: the
+    attention is 0, so the output is out_proj's bias; weights (N, L, 0)."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, batch_first=True)
+    ours = MultiheadAttention(E, H, batch_first=True)
+    ours.load_state_dict(ref.state_dict())
+    q, kv = torch.randn(N, L, E), torch.randn(N, 0, E)
+    out, w = ours(q, kv, kv, need_weights=need_weights)
+    want, want_w = ref(q, kv, kv, need_weights=need_weights)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out, ref.out_proj.bias.expand(N, L, E))
+    assert (w is None) == (want_w is None)
+    if w is not None:
+        assert w.shape == want_w.shape == (N, L, 0)
+
+
 def test_multihead_attention_dropout_only_in_training():
     torch.manual_seed(0)
     ref = nn.MultiheadAttention(E, H, dropout=0.5)
@@ -587,6 +657,29 @@ def test_encoder_stack_inference_matches_torch_nested_path(dtype):
         with pyfastattn.backend("kernel"):
             o = ours.to(dtype)(x.to(dtype), src_key_padding_mask=kpm)
     assert_tolerance("encoder stack, nested path", o, r, b, dtype)
+
+
+def test_encoder_stack_nested_path_with_a_soft_float_padding_mask():
+    """Where torch's encoder runs on NestedTensor (eval, no_grad, padding
+    mask), a float src_key_padding_mask marks padding by being nonzero: a
+    key with a finite negative bias (-2, or -1e4 as many codebases write it)
+    is dropped, not added to. The padding mask means the same for us there."""
+    torch.manual_seed(5)
+    ref = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0, batch_first=True), 2
+    ).eval()
+    ours = TransformerEncoder(
+        TransformerEncoderLayer(E, H, dim_feedforward=24, dropout=0.0, batch_first=True), 2
+    ).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(N, L, E)
+    soft = torch.zeros(N, L)
+    soft[0, L - 1] = -2.0
+    soft[1, 3:] = -1e4
+    with torch.no_grad():
+        want = ref(x, src_key_padding_mask=soft)
+        got = ours(x, src_key_padding_mask=soft)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_encoder_converts_given_torch_layers():

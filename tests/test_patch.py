@@ -246,3 +246,19 @@ def test_patched_linears_script_and_trace():
     want = model(x)
     for conv in (torch.jit.script, lambda m: torch.jit.trace(m, (x,)), torch.fx.symbolic_trace):
         torch.testing.assert_close(conv(model)(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_patched_linear_logs_no_torch_warning(caplog):
+    """Calling a patched nn.Linear must not make torch log its
+    'is_fx_tracing will return true for both ...' deprecation warning (it did
+    on the first call of every process)."""
+    from torch.fx import _symbolic_trace
+
+    once = getattr(_symbolic_trace, "is_fx_tracing_warning", None)  # lru_cache'd: logs once per process
+    if hasattr(once, "cache_clear"):
+        once.cache_clear()
+    model = pyfastattn.patch(torch.nn.Sequential(torch.nn.Linear(64, 256)))
+    with caplog.at_level("WARNING"):
+        model(torch.randn(40, 64))
+        torch.fx.symbolic_trace(model)
+    assert "is_fx_tracing" not in caplog.text

@@ -158,9 +158,11 @@ def prefix_causal_lengths(mask: Tensor, batch: int, lq: int) -> Tensor | None:
     """int32 (batch,) lengths n_b if the bool ``mask`` (B|1, 1, lq, S) lets
     query row i of sequence b see exactly keys [0, n_b - lq + i] (a static
     cache filled from the start, bottom-right causal), else None. Reads the
-    mask (one device sync on CUDA); None under ``torch.compile``."""
+    mask (one device sync on CUDA); None under ``torch.compile`` and
+    ``torch.jit.trace``."""
     if (
         torch.compiler.is_compiling()
+        or torch.jit.is_tracing()  # the answer would be baked into the trace
         or mask.dtype != torch.bool
         or mask.dim() != 4
         or mask.shape[1] != 1

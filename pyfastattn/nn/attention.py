@@ -24,7 +24,8 @@ How masks are handed to the kernel:
   is exact: a key past ``seqused_k[b]`` is never seen, a key before it always
   is. Checking the pattern reads the mask once (one device sync on CUDA; the
   result is cached per mask tensor, so a stack of layers checks once); under
-  ``torch.compile`` the check is skipped and the mask is passed densely.
+  ``torch.compile`` and ``torch.jit.trace`` the check is skipped and the mask
+  is passed densely.
 * anything else (``attn_mask`` of shape ``(L, S)`` or ``(N*H, L, S)``, a
   key-padding mask with holes or left padding, extra keys from ``add_bias_kv``
   / ``add_zero_attn``): one merged mask, bool where every part is bool,
@@ -129,11 +130,14 @@ def explicit_attention(
         else:
             s = s + mask.to(cdt)
     # softmax with the max detached and an all-masked row giving 0, not NaN
-    m = s.detach().amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(s - m)
-    denom = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if s.shape[-1] == 0:  # no keys (an empty memory): weights (..., L, 0), output 0
+        p = s
+    else:
+        m = s.detach().amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(s - m)
+        denom = e.sum(dim=-1, keepdim=True)
+        p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
     if dropout_p > 0:
         p = F.dropout(p, dropout_p)
     out = torch.matmul(p, vf).transpose(1, 2)
@@ -155,11 +159,15 @@ def right_padding_lengths(mask: Tensor, *, true_means_pad: bool = True) -> Tenso
     ``true_means_pad=False``, mark kept keys with True (Hugging Face); a float
     mask qualifies when it holds only 0 (keep) and -inf (pad). Reads the mask
     once (one device sync on CUDA) and caches the answer for that tensor
-    object, so a stack of layers given the same mask reads it once. Returns
-    None without reading under ``torch.compile`` or when the mask needs a
-    gradient.
+    object, so a stack of layers given the same mask reads it once (not for
+    inference tensors, which have no version counter: read every call). Returns
+    None without reading under ``torch.compile`` or ``torch.jit.trace``, or
+    when the mask needs a gradient.
     """
-    if torch.compiler.is_compiling() or mask.requires_grad:
+    # Under torch.compile or torch.jit.trace the answer would be baked into
+    # the graph (and a cached one as a constant), so a later mask with holes
+    # would silently be read as right padding: the caller passes it densely.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or mask.requires_grad:
         return None
     if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
         rows = mask[:, 0, 0, :]
@@ -167,8 +175,11 @@ def right_padding_lengths(mask: Tensor, *, true_means_pad: bool = True) -> Tenso
         rows = mask
     else:
         return None
+    # An inference tensor (made under torch.inference_mode) has no version
+    # counter to tell an in-place change: it is read every call, not cached.
+    cacheable = not mask.is_inference()
     key = (id(mask), true_means_pad)
-    hit = _LENGTHS_CACHE.get(key)
+    hit = _LENGTHS_CACHE.get(key) if cacheable else None
     if hit is not None and hit[0]() is mask and hit[1] == mask._version:
         return hit[2]
     ok = None
@@ -181,6 +192,8 @@ def right_padding_lengths(mask: Tensor, *, true_means_pad: bool = True) -> Tenso
     prefix = torch.arange(rows.shape[-1], device=rows.device) < lengths.unsqueeze(-1)
     same = torch.equal(keep, prefix) if ok is None else bool((ok & (keep == prefix).all()).item())
     result = lengths if same else None
+    if not cacheable:
+        return result
     if len(_LENGTHS_CACHE) >= _LENGTHS_CACHE_SIZE:
         _LENGTHS_CACHE.pop(next(iter(_LENGTHS_CACHE)))
     _LENGTHS_CACHE[key] = (weakref.ref(mask), mask._version, result)

@@ -32,6 +32,16 @@ class Linear(nn.Linear):
 
     @torch.jit.unused
     def _pfa_linear(self, input: Tensor) -> Tensor:  # noqa: A002
-        if torch.fx._symbolic_trace.is_fx_tracing():
+        if _fx_symbolic_tracing():
             return F.linear(input, self.weight, self.bias)
         return linear(input, self.weight, self.bias)
+
+
+def _fx_symbolic_tracing() -> bool:
+    """Whether torch.fx.symbolic_trace is tracing. ``is_fx_symbolic_tracing``
+    where torch has it: its older ``is_fx_tracing`` logs a deprecation warning
+    (on a patched model's first call); torch.export and torch.compile are
+    F.linear in pyfastattn.linear anyway."""
+    st = torch.fx._symbolic_trace
+    fn = getattr(st, "is_fx_symbolic_tracing", None)
+    return fn() if fn is not None else st.is_fx_tracing()

@@ -14,9 +14,15 @@ the same seed), attributes and ``state_dict`` keys are torch's. What changes:
   linear1(x))))`` exactly as torch does;
 * :class:`TransformerEncoder` never converts to NestedTensor. Torch does so in
   inference with a right-padded ``src_key_padding_mask``; we pass the padding
-  to the kernel as per-batch key lengths instead (exact), and reproduce the one
-  visible effect of torch's path: padded positions come out as 0 before the
-  final norm.
+  to the kernel as per-batch key lengths instead (exact), and reproduce the
+  visible effects of torch's path: padded positions come out as 0 before the
+  final norm, and a float padding mask marks padding by being nonzero (a key
+  with a finite negative value is dropped, as with -inf).
+
+One deliberate difference: torch's fused encoder-layer path (eval mode,
+no_grad) treats every nonzero value of a float mask as masked, where its
+documented rule, and its other paths, add it; we always add it (the same
+result for -inf and for large negative values such as -1e4).
 
 Masks and ``is_causal`` follow torch's rules (bool True = masked, float added,
 ``is_causal`` a hint that the mask is causal; the encoder and decoder detect a
@@ -331,6 +337,10 @@ class TransformerEncoder(nn.TransformerEncoder):
         batch_first = first.self_attn.batch_first
         is_causal = _detect_is_causal_mask(mask, is_causal, _get_seq_len(src, batch_first))
         zero_padded = self._torch_would_use_nested(src, mask, kpm)
+        if zero_padded and kpm is not None and kpm.dtype != torch.bool:
+            # torch's NestedTensor keeps the keys where the mask is 0 and drops
+            # the rest: a finite negative float (-1e4, -2) is padding there too
+            kpm = kpm != 0
         output = src
         for layer in self.layers:
             output = layer(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=kpm)
