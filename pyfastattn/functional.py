@@ -429,7 +429,7 @@ def _sdpa_dense(
         dead_rows = ~vis.any(-1, keepdim=True)  # (B|1, 1, sq, 1)
     out = _torch_sdpa(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p,
-        is_causal=is_causal, scale=scale, enable_gqa=hk != hq,
+        is_causal=is_causal, scale=scale, enable_gqa=bool(hk != hq),  # (a traced size is a tensor)
     )  # fmt: skip
     if dead_rows is not None:
         out = out.masked_fill(dead_rows, 0.0)
@@ -561,11 +561,14 @@ def _canonical_mask(
         m = m.expand(*batch, *m.shape[-3:]).reshape(b, *m.shape[-3:])
     if m.shape[-1] != sk or m.stride(-1) != 1:
         m = m.expand(*m.shape[:-1], sk).contiguous()
-    if m.dtype == torch.float32 != q.dtype and not _is_compiling():
+    if m.dtype == torch.float32 != q.dtype and not _is_compiling() and not torch.jit.is_tracing():
         # torch adds a float32 mask to bf16/fp16 scores in float32. The kernel
         # adds masks in the input dtype: exact when every value survives the
         # cast (0 / -inf padding and causal masks, the common case); any other
         # float32 mask stays float32 and the call runs where it is added exactly.
+        # (Not while compiling or tracing: the test reads the values, and a
+        # trace would record the cast its example mask allowed for every
+        # later mask.)
         low = m.to(q.dtype)
         if torch.equal(low.to(torch.float32), m):
             m = low

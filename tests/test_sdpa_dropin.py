@@ -345,3 +345,22 @@ def test_size_one_last_dim_with_any_stride_like_torch(mode, poison):
     keep = (torch.tensor([5, 3]).view(2, 1, 1, 1) > torch.arange(5)).expand(2, 1, 7, 5)
     theirs = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qn, kn, vn)), attn_mask=keep)
     torch.testing.assert_close(outn, theirs.transpose(1, 2))
+
+
+def test_jit_trace_does_not_record_the_float32_mask_cast():
+    # bf16 query with a float32 mask: the drop-in casts the mask to bf16 only
+    # when every value survives the cast. A trace made with a 0 / -inf example
+    # mask must not record that cast for the masks it is later given.
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=torch.bfloat16) for _ in range(3))
+    exact = torch.zeros(1, 1, 8, 8)
+    exact[..., 5:] = float("-inf")
+
+    def f(q, k, v, m):
+        return pyfastattn.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(f, (q, k, v, exact), check_trace=False)
+        fine = torch.randn(1, 1, 8, 8) * 3 + 0.001  # values bf16 cannot hold
+        torch.testing.assert_close(traced(q, k, v, fine), f(q, k, v, fine), rtol=0, atol=0)
