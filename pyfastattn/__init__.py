@@ -19,8 +19,9 @@ Public API:
   (``auto`` / ``kernel`` / ``reference``, also ``PYFASTATTN_BACKEND``).
 * :func:`feed_forward`, :func:`gated_feed_forward` - the fused FFN (plain and
   SwiGLU/GeGLU), with ``pyfastattn.nn.FeedForward`` as the module.
-* :func:`linear` - ``F.linear`` on pyfastattn's fp32 CPU GEMM where it is the
-  faster one (AMD with AVX-512), used by the modules' projections.
+* :func:`linear` - ``F.linear`` on pyfastattn's CPU GEMM where it is the
+  faster one (fp32 on AMD with AVX-512, fp16 on any AVX-512 CPU), used by the
+  modules' projections.
 * :mod:`pyfastattn.nn` - drop-in ``torch.nn`` attention, Transformer and FFN modules.
 * :func:`patch` - convert a model's ``torch.nn`` attention/Transformer modules in place.
 * :mod:`pyfastattn.reference` - the pure-PyTorch truth.

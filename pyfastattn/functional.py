@@ -2,8 +2,10 @@
 
 Both APIs validate their arguments once, here, then meet in one canonical form
 (``(B, S, H, D)`` views with strides plus a mask description; see
-``csrc/attention/params.h``), pick the backend once (``pyfastattn._backend``),
-and run either ``torch.ops.pyfastattn.attention_fwd`` or ``reference.attention``.
+``csrc/attention/params.h``), pick the path once (:func:`decide_path`, under
+the backend of ``pyfastattn._backend``), and run ``torch.ops.pyfastattn.attention_fwd``,
+torch's own ``scaled_dot_product_attention`` (backend ``auto``, where the kernel
+can't run and SDPA expresses the call exactly) or ``reference.attention``.
 """
 
 from __future__ import annotations

@@ -136,6 +136,13 @@ def _int32_vector(t, name: str, batch: int, device) -> torch.Tensor:
     return t
 
 
+def _any_requires_grad(*tensors) -> bool:
+    for t in tensors:  # a loop, not any(<generator>): ~0.2 us less per call in grad mode
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False
+
+
 def attention_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -192,8 +199,22 @@ def attention_with_kvcache(
 
     Returns out (B, Sq, Hq, Dv), and with ``return_lse`` also the float32
     log-sum-exp (B, Hq, Sq) (-inf for a row that sees no key). Not
-    differentiable (inference only).
+    differentiable (inference only): the outputs carry no autograd graph, even
+    when inputs require grad, as FlashAttention's.
     """
+    if torch.is_grad_enabled() and _any_requires_grad(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin):
+        # The op has no autograd formula. Under grad mode torch would attach
+        # its fallback node, whose backward gives no gradients at all (with a
+        # deprecation warning), while the PyTorch path runs under no_grad; so
+        # every path runs without autograd.
+        with torch.no_grad():
+            return attention_with_kvcache(
+                q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+                cache_leftpad=cache_leftpad, block_table=block_table, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                rotary_interleaved=rotary_interleaved, causal=causal, softmax_scale=softmax_scale,
+                window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse,
+                num_splits=num_splits,
+            )  # fmt: skip
     if (
         _kvcache_fast is not None
         and _backend._state["backend"] != "reference"

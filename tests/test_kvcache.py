@@ -400,6 +400,33 @@ def test_append_into_an_overlapping_cache_is_refused(which):
     assert_tolerance("read-only overlapping cache", out, ref.double(), None, torch.float32)
 
 
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+@pytest.mark.parametrize("layout", ["plain", "paged_rotary_lse"])
+def test_inputs_that_require_grad_give_outputs_without_a_graph(layout, mode):
+    """Not differentiable, alike on every path: q / k / v that require grad
+    (a model's projections called without torch.no_grad) give the same
+    outputs with no autograd graph, as the PyTorch path and FlashAttention's
+    flash_attn_with_kvcache do. The kernel path used to carry torch's fallback
+    node, whose backward gave no gradients, with a deprecation warning."""
+    if layout == "plain":  # the small-call fast path
+        q, kc, vc, k, v, args = make_case()
+        extra = {}
+    else:  # the Python path
+        q, kc, vc, k, v, args = make_case(block=16, rotary="half", sq=2, s_new=2)
+        extra = dict(causal=True, return_lse=True)
+    kc2, vc2 = kc.clone(), vc.clone()
+    with pyfastattn.backend(mode):
+        with torch.no_grad():
+            want = pyfastattn.attention_with_kvcache(q, kc2, vc2, k, v, **args, **extra)
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        got = pyfastattn.attention_with_kvcache(q, kc, vc, k, v, **args, **extra)
+    for g, w in zip(got, want) if isinstance(got, tuple) else [(got, want)]:
+        assert not g.requires_grad and g.grad_fn is None, f"{mode}: an output carries a graph ({g.grad_fn})"
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    torch.testing.assert_close(kc, kc2, atol=0, rtol=0)
+    torch.testing.assert_close(vc, vc2, atol=0, rtol=0)
+
+
 def test_reference_backend_matches_kernel():
     q, kc, vc, k, v, args = make_case(block=16, rotary="half", sq=2, s_new=2)
     kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
