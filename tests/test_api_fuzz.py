@@ -42,7 +42,7 @@ from pyfastattn.testing import max_error, tolerance_failure
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-# CI runs the defaults (about 20 s on one core). PYFASTATTN_API_FUZZ_CASES=N
+# CI runs the defaults (about 5 s on one core). PYFASTATTN_API_FUZZ_CASES=N
 # runs N cases of each kind, PYFASTATTN_API_FUZZ_SEED=S another draw of them.
 DEFAULT_CASES = (60, 60, 40)
 _n = os.environ.get("PYFASTATTN_API_FUZZ_CASES")

@@ -375,6 +375,38 @@ def test_cpu_scratch_never_aliases_results():
     assert sums[0] == sums[1]
 
 
+@needs_kernel
+@pytest.mark.parametrize(
+    "var, value",
+    [
+        ("PYFASTATTN_FFN_ISA", "avx9000"),
+        ("PYFASTATTN_CPU_FFN_SCRATCH_MB", "lots"),
+        ("PYFASTATTN_CPU_FFN_SCRATCH_MB", "-1"),
+    ],
+)
+def test_bad_environment_switch_is_an_error_naming_it(var, value):
+    """A misspelt switch is a ValueError naming it and the value, not silently
+    the default (an unknown PYFASTATTN_FFN_ISA meant no cap; a scratch size
+    atoll could not read meant 0: the scratch off)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, pyfastattn\n"
+        "x = torch.randn(40, 32, requires_grad=True); w1 = torch.randn(64, 32); w2 = torch.randn(32, 64)\n"
+        "try:\n"
+        "    pyfastattn.feed_forward(x, w1, None, w2).sum().backward()\n"
+        "except ValueError as e:\n"
+        "    print('ValueError', e)\n"
+    )
+    env = dict(os.environ, **{var: value})
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("ValueError"), r.stdout
+    assert var in r.stdout and repr(value).strip('"') in r.stdout, r.stdout
+
+
 # ---------------------------------------------------------------------------
 # memory: what the forward saves
 # ---------------------------------------------------------------------------

@@ -36,6 +36,7 @@
 #include "ffn_cpu.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
@@ -43,6 +44,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <utility>
 
 // Let gcc if-convert selects around floating-point arithmetic: with the
@@ -472,12 +474,13 @@ Isa detect_isa() {
   }
 #endif
   const char* cap = std::getenv("PYFASTATTN_FFN_ISA");
-  if (cap != nullptr) {
-    const Isa want = std::strcmp(cap, "portable") == 0 ? Isa::kPortable
-                     : std::strcmp(cap, "avx2") == 0   ? Isa::kAvx2
-                                                       : best;
-    if (int(want) < int(best)) best = want;
-  }
+  const std::string v = cap ? cap : "";
+  // avx512bf16 and avx512 leave this step's choice as it is (avx512 caps the
+  // small-token forward's dot products, ffn_small_tokens.cpp).
+  TORCH_CHECK_VALUE(v.empty() || v == "avx512bf16" || v == "avx512" || v == "avx2" || v == "portable",
+                    "PYFASTATTN_FFN_ISA must be one of avx512bf16, avx512, avx2, portable; got '", v, "'");
+  const Isa want = v == "portable" ? Isa::kPortable : v == "avx2" ? Isa::kAvx2 : best;
+  if (int(want) < int(best)) best = want;
   return best;
 }
 

@@ -137,7 +137,13 @@ class Scratch {
   // scratch off to measure a call's true working set.
   static int64_t cap_bytes() {
     const char* env = std::getenv("PYFASTATTN_CPU_FFN_SCRATCH_MB");
-    return (env != nullptr ? std::atoll(env) : 1024) << 20;
+    if (env == nullptr || *env == '\0') return int64_t(1024) << 20;
+    char* end = nullptr;
+    const long long mb = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && mb >= 0 && mb <= (int64_t(1) << 40),
+                      "PYFASTATTN_CPU_FFN_SCRATCH_MB must be a whole number of MiB >= 0 (0 frees the scratch), got '",
+                      env, "'");
+    return int64_t(mb) << 20;
   }
   static at::Tensor& held_buffer() {
     thread_local at::Tensor held;
