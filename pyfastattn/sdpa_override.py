@@ -20,9 +20,11 @@ While installed, ``torch.nn.functional.scaled_dot_product_attention`` is
 see its docstring for what differs: the dropout keep pattern is pyfastattn's
 Philox pattern drawn from torch's generator, not torch's own, and
 ``torch.nn.attention.sdpa_kernel`` backend choices are not consulted), with
-two exceptions handed to torch's own function unchanged: tensor subclasses
-that override ``__torch_function__`` (DTensor and friends: they know torch's
-function, not ours) and nested tensors.
+exceptions handed to torch's own function unchanged: tensor subclasses that
+override ``__torch_function__`` (DTensor and friends: they know torch's
+function, not ours), nested tensors, and calls made while a torch function
+mode is active (``torch.overrides.has_torch_function`` is then true for
+plain tensors too; e.g. inside ``with torch.device(...)``).
 
 What it reaches: code that looks the function up when it calls it
 (``F.scaled_dot_product_attention(...)``, ``torch.nn.functional.

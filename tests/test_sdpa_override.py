@@ -150,6 +150,17 @@ def test_torch_function_subclasses_get_torch_s_own_function():
     torch.testing.assert_close(out.as_subclass(torch.Tensor).double(), _truth(q, k, v), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_function_modes_get_torch_s_own_function():
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    with _spy() as spy, pyfastattn.override_sdpa():
+        with torch.device("cpu"):  # a TorchFunctionMode
+            out = F.scaled_dot_product_attention(q, k, v)
+        assert spy.call_count == 0
+        F.scaled_dot_product_attention(q, k, v)
+        assert spy.call_count == 1
+    torch.testing.assert_close(out.double(), _truth(q, k, v), rtol=1e-5, atol=1e-5)
+
+
 def test_causal_bias_masks_run_the_drop_in():
     from torch.nn.attention.bias import causal_lower_right
 
