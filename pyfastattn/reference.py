@@ -172,6 +172,23 @@ def alibi_bias(
     return -sl * dist
 
 
+def softmax_rows(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of scores ``s`` (..., L, S) over the keys, and each row's
+    log-sum-exp (..., L), written out so that a row with no visible key
+    (all -inf) gives exactly 0 and lse -inf, with no NaN in the forward *or*
+    the backward: the max is detached (softmax is invariant to it) and an
+    all-zero row sum is replaced by 1. With no keys (S = 0) p is empty, so
+    p @ v gives zeros while keeping its inputs in the autograd graph."""
+    if s.shape[-1] == 0:
+        return torch.exp(s), s.new_full(s.shape[:-1], float("-inf"))
+    m = s.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return p, (m + torch.log(denom.detach())).squeeze(-1)
+
+
 def _dense(
     q, k, v, attn_mask, len_k, scale, softcap, window_left, window_right, bottom_right, dropout_p,
     alibi_slopes=None, dropout_keep=None,
@@ -197,21 +214,7 @@ def _dense(
         else:
             s = s + attn_mask.to(cdt)
     s = s.masked_fill(~vis, float("-inf"))
-    if sk == 0:
-        # No keys: every row sees nothing. p is empty, so p @ v gives zeros
-        # while keeping q, k, v in the autograd graph (zero gradients).
-        p = torch.exp(s)
-        lse = s.new_full((b, hq, sq), float("-inf"))
-    else:
-        # Softmax written out so that rows with no visible key give exactly 0
-        # and no NaN in the forward *or* the backward: the max is detached
-        # (softmax is invariant to it) and an all-zero row sum is replaced by 1.
-        m = s.detach().amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.exp(s - m)
-        denom = e.sum(dim=-1, keepdim=True)
-        p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
-        lse = (m + torch.log(denom.detach())).squeeze(-1)
+    p, lse = softmax_rows(s)
     if dropout_p > 0 and dropout_keep is not None:
         rescale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
         p = p * (dropout_keep.to(cdt) * rescale)

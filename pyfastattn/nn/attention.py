@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as _functional
+from .. import reference
 from .._linear import linear
 
 __all__ = ["MultiheadAttention"]
@@ -129,15 +130,8 @@ def explicit_attention(
             s = s.masked_fill(~mask, float("-inf"))
         else:
             s = s + mask.to(cdt)
-    # softmax with the max detached and an all-masked row giving 0, not NaN
-    if s.shape[-1] == 0:  # no keys (an empty memory): weights (..., L, 0), output 0
-        p = s
-    else:
-        m = s.detach().amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.exp(s - m)
-        denom = e.sum(dim=-1, keepdim=True)
-        p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    # an all-masked row gives 0, not NaN; no keys (an empty memory): weights (..., L, 0), output 0
+    p, _ = reference.softmax_rows(s)
     if dropout_p > 0:
         p = F.dropout(p, dropout_p)
     out = torch.matmul(p, vf).transpose(1, 2)
