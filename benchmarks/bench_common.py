@@ -156,6 +156,18 @@ def spread(times: list[float]) -> float:
     return (pct(times, 80) - pct(times, 20)) / statistics.median(times)
 
 
+def print_infer_train_round(r: int, infer_ms: tuple[float, float], train_ms: tuple[float, float]) -> None:
+    """One round of an A/B of a model as it is (first) and with pyfastattn
+    (second): inference and training step in ms, their ratios and the load
+    (benchmarks/patched_encoder.py, override_sdpa_model.py)."""
+    (ie, io), (te, to) = infer_ms, train_ms
+    print(
+        f"round {r + 1}: inference {ie:8.1f} -> {io:8.1f} ms ({ie / io:.2f}x)   "
+        f"training step {te:8.1f} -> {to:8.1f} ms ({te / to:.2f}x)   load {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+
+
 def median_pass_us(fns, timer, reps: int = 7) -> float:
     """Microseconds per call: the median over ``reps`` passes of one call of
     each of ``fns`` in turn. The cold/hot decode benchmarks pass one call per

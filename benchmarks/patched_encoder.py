@@ -30,7 +30,7 @@ import torch
 import pyfastattn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import median_pass_us  # noqa: E402
+from bench_common import median_pass_us, print_infer_train_round  # noqa: E402
 
 
 def main() -> None:
@@ -117,11 +117,7 @@ def main() -> None:
         model.train()
         ours.train()
         te, to = median_ms(train(model)), median_ms(train(ours))
-        print(
-            f"round {r + 1}: inference {ie:8.1f} -> {io:8.1f} ms ({ie / io:.2f}x)   "
-            f"training step {te:8.1f} -> {to:8.1f} ms ({te / to:.2f}x)   load {os.getloadavg()[0]:.2f}",
-            flush=True,
-        )
+        print_infer_train_round(r, (ie, io), (te, to))
 
 
 if __name__ == "__main__":
