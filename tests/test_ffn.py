@@ -404,7 +404,7 @@ def test_bad_environment_switch_is_an_error_naming_it(var, value):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.startswith("ValueError"), r.stdout
-    assert var in r.stdout and repr(value).strip('"') in r.stdout, r.stdout
+    assert var in r.stdout and f"'{value}'" in r.stdout, r.stdout
 
 
 # ---------------------------------------------------------------------------
