@@ -14,6 +14,12 @@ is against the best reader), and the output names it. Each layout's cache
 is copied into ``--allocs`` fresh allocations stepped in turn, round by
 round: where a paged cache's memory lands moves its time by ~10 % on this VM
 (PERF_NOTES.md), so one allocation is one sample of that, not the layout.
+With more than one thread, each round also reads the bytes with
+``cpu_read_probe`` on ONE thread: this VM's memory has two states (all
+threads together reading ~40 GB/s, about what one thread reads, or ~75-80
+GB/s, PERF_NOTES "Session 8"), and the ratio of the two probes
+(``read_bw_gbps`` / ``read_bw_1thread_gbps``, printed as "threads add")
+says which state a row ran in.
 
 Reported per layout: ms per step (median, p20, p80), tokens/s (batch / step
 time), GB/s of cache read (K and V of every attended key, once), the median
@@ -186,11 +192,25 @@ def run_case(b, ctx, dtype, layouts, reps, baselines, check, device="cpu", alloc
             err = (steps[(lay, 0)]().float() - ref.float()).abs().max().item()
             assert err < (2e-2 if dtype != torch.float32 else 1e-4), f"kernel error {err} ({lay})"
     probes = read_probes(nbytes, device)
-    ts: dict = {("probe", n): [] for n in probes} | {("step", lay): [] for lay in layouts}
+    # The same reader on one thread (not a candidate for the read bandwidth:
+    # it tells the memory's state, see the module docstring).
+    single = {}
+    if "cpu_read_probe" in probes and torch.get_num_threads() > 1:
+
+        def one_thread(fn=probes["cpu_read_probe"]):
+            n = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(n)
+
+        single = {ONE_THREAD_PROBE: one_thread}
+    ts: dict = {("probe", n): [] for n in {**probes, **single}} | {("step", lay): [] for lay in layouts}
     warmup = max(2, allocs)  # every allocation stepped at least once before timing
     for r in range(warmup + reps):
         a = r % allocs
-        calls = [(("probe", n), f) for n, f in probes.items()] + [
+        calls = [(("probe", n), f) for n, f in {**probes, **single}.items()] + [
             (("step", lay), steps[(lay, a)]) for lay in layouts
         ]
         for key, fn in calls[r % len(calls) :] + calls[: r % len(calls)]:
@@ -202,6 +222,7 @@ def run_case(b, ctx, dtype, layouts, reps, baselines, check, device="cpu", alloc
     bw = nbytes / probe_med[probe] / 1e6
     others = ", ".join(f"{n} {nbytes / m / 1e6:.2f} GB/s" for n, m in probe_med.items() if n != probe)
     probe_note = f"{probe}" + (f" (faster than {others})" if others else "")
+    bw1 = nbytes / statistics.median(ts[("probe", ONE_THREAD_PROBE)]) / 1e6 if single else None
 
     rows = []
 
@@ -212,7 +233,8 @@ def run_case(b, ctx, dtype, layouts, reps, baselines, check, device="cpu", alloc
                          tokens_per_s=round(b / p50 * 1e3, 1), gbps=round(nbytes / p50 / 1e6, 2),
                          read_bw_gbps=round(bw, 2), frac_read_bw=round(frac, 3),
                          ratio_to_contiguous="" if ratio is None else round(ratio, 3), read_probe=probe,
-                         probe_note=probe_note, on_tick=on_tick))  # fmt: skip
+                         probe_note=probe_note, on_tick=on_tick,
+                         read_bw_1thread_gbps="" if bw1 is None else round(bw1, 2)))  # fmt: skip
 
     pt = ts[("probe", probe)]
     for lay in layouts:
@@ -245,6 +267,8 @@ def run_case(b, ctx, dtype, layouts, reps, baselines, check, device="cpu", alloc
             row(name, "contiguous", t, probe_med[probe] / t[1])
     return rows
 
+
+ONE_THREAD_PROBE = "cpu_read_probe, 1 thread"
 
 # The quick grid: the target case's shape at a context that keeps the
 # baselines (SDPA over cache views is ~20x slower) within a few seconds.
@@ -291,7 +315,7 @@ def run(
                         gbps=r["gbps"], seqlen=ctx, causal=True, samples=grid["reps"],
                         spread=(r["p80_ms"] - r["p20_ms"]) / r["p50_ms"],
                         note=f"{100 * r['frac_read_bw']:.1f}% of the read bandwidth ({r['read_bw_gbps']} GB/s, "
-                             f"{r['read_probe']}, interleaved rounds)"
+                             f"{r['read_probe']}, interleaved rounds{_state_note(r)})"
                              + (f"; {ratio:.2f}x contiguous" if ratio != "" and r["layout"] != "contiguous"
                                 and r["provider"] == "pyfastattn kvcache" else ""),
                     ))  # fmt: skip
@@ -301,13 +325,13 @@ def run(
 
 CSV_FIELDS = ["time", "threads", "load1", "provider", "batch", "context", "dtype", "layout", "p20_ms", "p50_ms",
               "p80_ms", "tokens_per_s", "gbps", "read_bw_gbps", "frac_read_bw", "ratio_to_contiguous",
-              "read_probe"]  # fmt: skip
+              "read_probe", "read_bw_1thread_gbps"]  # fmt: skip
 
 
 def _append_csv(path: str, rows: list[dict]) -> None:
-    """Appends rows to the CSV at path; a file written before the columns
-    ratio_to_contiguous and read_probe existed is rewritten once with them
-    (its old rows keep those two empty)."""
+    """Appends rows to the CSV at path; a file written before the last
+    columns (ratio_to_contiguous, read_probe, read_bw_1thread_gbps) existed
+    is rewritten once with them (its old rows keep them empty)."""
     old = None
     if os.path.exists(path):
         with open(path, newline="") as f:
@@ -321,6 +345,15 @@ def _append_csv(path: str, rows: list[dict]) -> None:
             w.writeheader()
         for r in (old or []) + rows:
             w.writerow(r)
+
+
+def _state_note(r: dict) -> str:
+    """The one-thread probe and what the threads add to it (the memory's
+    state), for the case's header line."""
+    one = r.get("read_bw_1thread_gbps", "")
+    if one == "":
+        return ""
+    return f"; one thread {one:.2f} GB/s (threads add {r['read_bw_gbps'] / one:.2f}x)"
 
 
 def main(argv=None):
@@ -411,6 +444,7 @@ def main(argv=None):
                     f"# B{b} ctx {ctx} {dtype}: {a.reps} interleaved rounds (each probe and one step of each "
                     f"layout per round, {max(1, a.allocs)} allocations of each cache in turn); "
                     f"read probe {rows[0]['probe_note']}: {rows[0]['read_bw_gbps']:.2f} GB/s"
+                    + _state_note(rows[0])
                 )
                 for r in rows:
                     ratio = r["ratio_to_contiguous"]

@@ -735,6 +735,17 @@ def test_decode_benchmark_interleaved_rows_and_csv(tmp_path):
     assert decode_kvcache._on_scheduler_tick([24.0, 23.99, 20.01, 5.8]) == 0.75
     assert decode_kvcache._on_scheduler_tick([5.77, 4.79, 6.16, 7.08]) == 0.0
     assert 0 < float(got[2]["ratio_to_contiguous"]) < 100
+    assert got[1]["read_bw_1thread_gbps"] == ""  # one thread: no second probe to compare with
+    # On two threads every row also carries the one-thread probe's bandwidth
+    # (the memory's state: what the second thread adds).
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = decode_kvcache.run_case(1, 300, torch.bfloat16, ["contiguous"], 2, False, False)
+    finally:
+        torch.set_num_threads(old_threads)
+    assert rows[0]["read_bw_1thread_gbps"] > 0 and rows[0]["read_bw_gbps"] > 0, rows[0]
+    assert "one thread" in decode_kvcache._state_note(rows[0])
 
 
 def test_decode_benchmark_rows_for_run_py():
