@@ -81,6 +81,13 @@ CASES = {
     "no_keys": (2, 5, 0, 2, 2, 16, None, {}),
     "hd256": (1, 33, 35, 2, 2, 256, None, dict(window_right=0)),
     "long_odd": (1, 1025, 1023, 2, 1, 64, None, dict(window_right=0, bottom_right=True)),
+    # The forward's diagonal tiles (GemmArgs::diag): one key tile of up to
+    # 256 keys whose products skip or stop at the causal diagonal, here with
+    # a fully seen part before the triangle (bottom-right offset 401), a
+    # partial last query block, GQA and head-dim tails; and a right window
+    # without causal, which has the same shape of rows.
+    "causal_diag_tiles_gqa": (1, 300, 701, 4, 2, 72, None, dict(window_right=0, bottom_right=True)),
+    "window_right_diag_tiles": (2, 200, 300, 2, 2, 40, None, dict(window_right=37)),
     # One kv head and more than 8 key blocks: the CPU backward takes its
     # two-pass path (the cases above with several kv heads take the one-pass
     # path, several of them with more than one key-block chunk).
@@ -311,7 +318,7 @@ def test_cpu_kernel_fallback_paths(isa):
     cases = (
         "basic or softcap_gqa_d111 or bool_mask_broadcast or causal_bottom_right_sq_gt_sk or dv_ne_d or seqused_k"
         " or two_pass_cpu_bwd or decode_multi_tile or decode_mha_multi_tile or few_rows_gqa_softcap_causal_tl"
-        " or decode_mha_multi_tile_mask"
+        " or decode_mha_multi_tile_mask or causal_diag_tiles_gqa or window_right_diag_tiles"
     )
     env = {**os.environ, "PYFASTATTN_CPU_ISA": isa}
     r = subprocess.run(

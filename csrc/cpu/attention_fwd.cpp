@@ -85,9 +85,22 @@ PFA_INLINE FwdScratch carve_fwd(Carver& cv, const Ctx& c) {
 // lse are taken before dropout); applied here rather than in a pass of its
 // own over the stored tile (PERF_NOTES.md, dropout v3).
 // kDrop: a template flag like grad_tile's (no per-vector test without dropout).
+// With a causal diagonal across the tile (diag != kNoDiag, GemmArgs::diag:
+// lane c sees keys j < c + diag), a group of 16 lanes stops at its last
+// lane's limit plus kDiagRowsPastGroup keys: past it every lane of the group
+// is -inf (P 0), and P V (with the same diag) reads no further, even for a
+// block of its rows that runs into the next group (6-row blocks of the AVX2
+// and portable products; up to 8 rows).
+constexpr int kDiagRowsPastGroup = 7;
+#if PFA_X86
+static_assert(MicroF32Avx512::kMr - 1 <= kDiagRowsPastGroup && MicroBf16Avx512::kMr - 1 <= kDiagRowsPastGroup &&
+                  MicroF32Avx2::kMr - 1 <= kDiagRowsPastGroup,
+              "a P V row block may run this far into the next lane group");
+#endif
+
 template <class Vec, bool kPairs, bool kDrop>
-PFA_INLINE void exp_tile(float* s, int64_t ld, int n, int mp, const float* use, uint32_t* pairs,
-                         float* tsum, const uint32_t* keep) {
+PFA_INLINE void exp_tile(float* s, int64_t ld, int n_tile, int mp, const float* use, uint32_t* pairs,
+                         float* tsum, const uint32_t* keep, int64_t diag = kNoDiag) {
   using V = typename Vec::V;
   auto kept = [&](V e, int64_t at) {
     if constexpr (kDrop) return Vec::keep(e, keep + at);
@@ -96,6 +109,9 @@ PFA_INLINE void exp_tile(float* s, int64_t ld, int n, int mp, const float* use, 
   for (int c0 = 0; c0 < mp; c0 += kLanes) {
     const V u = Vec::load(use + c0);
     V sum = Vec::zero();
+    const int n = diag == kNoDiag ? n_tile
+                                  : int(std::max<int64_t>(
+                                        0, std::min<int64_t>(n_tile, c0 + kLanes - 1 + kDiagRowsPastGroup + diag)));
     if constexpr (kPairs) {
       int j = 0;
       for (; j + 1 < n; j += 2) {
@@ -242,10 +258,21 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
   // of them, so their running max, sum and output stay as they are.
   for (int j0 = decoded ? key_end : key_begin, n = 0; j0 < key_end; j0 += n) {
     n = next_key_tile(rr, c.blk.k, j0, key_end);
+    // At a causal diagonal (no mask, softcap or window edge): one tile of up
+    // to blk.k keys whose products skip what lies past the diagonal
+    // (GemmArgs::diag) instead of kEdgeKeys-key tiles, each with a score
+    // pass and the per-tile work (the diagonal cost a whole 128 x 128 tile's
+    // time for 62 % of its products: PERF_NOTES "Session 9").
+    int64_t diag = kNoDiag;
+    if (!masked && !c.softcap && !tile_inside(rr, j0, n)) {
+      const int nd = std::min(c.blk.k, key_end - j0);
+      diag = causal_tile_diag(rr, j0, nd, rows_seeing(rr, j0, nd, mp));
+      if (diag != kNoDiag) n = nd;
+    }
     const LaneSpan span = rows_seeing(rr, j0, n, mp);
     const int r0 = span.begin, r1 = span.end, rm = std::min(r1, m) - r0;
     if (rm <= 0) continue;
-    const bool fused = !masked && !c.softcap && tile_inside(rr, j0, n);
+    const bool fused = !masked && !c.softcap && (diag != kNoDiag || tile_inside(rr, j0, n));
     for (int i = r0; i < r1; ++i) w.tmax[i] = -kInf;
     // S^T = K Q^T; then scores and their column max. K and V: from the
     // call's pack, or copied per tile (from a tensor's rows or a paged
@@ -278,6 +305,7 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     if (fused) {
       qk.alpha = c.score_scale;
       qk.col_max = w.tmax + r0;
+      qk.diag = diag;
     }
     gemm<Isa, CT>(qk);
     if (!fused) {
@@ -304,10 +332,10 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     if (c.dropout) {
       fill_keep_tile<Isa::kAvx512>(c, t.b, h, i0, rr, mp, j0, n, w.keep, ldq);
       exp_tile<typename Isa::Vec, TL::kPairs, true>(w.s + r0, ldq, n, r1 - r0, w.tmax + r0, pairs + r0,
-                                                    w.tsum + r0, w.keep + r0);
+                                                    w.tsum + r0, w.keep + r0, diag);
     } else {
       exp_tile<typename Isa::Vec, TL::kPairs, false>(w.s + r0, ldq, n, r1 - r0, w.tmax + r0, pairs + r0,
-                                                     w.tsum + r0, nullptr);
+                                                     w.tsum + r0, nullptr, diag);
     }
     for (int i = r0; i < r0 + rm; ++i) w.lrun[i] = w.lrun[i] * w.alpha[i] + w.tsum[i];
     // O = alpha O + P V
@@ -323,6 +351,8 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
     const float* pa = TL::kPairs ? w.ppair : w.s;
     GemmArgs pv{rm, c.dv, pk, pa + r0, ldq, true, vb, c.dv, w.oacc + int64_t(r0) * c.dv, c.dv, true};
     pv.row_scale = w.alpha + r0;
+    pv.diag = diag;
+    pv.diag_pairs = TL::kPairs;
     PrefetchRows pf_k;
     if (j0 + n < key_end && (packed || !paged)) {
       const int nn = next_key_tile(rr, c.blk.k, j0 + n, key_end);

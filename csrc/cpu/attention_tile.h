@@ -419,5 +419,24 @@ PFA_INLINE LaneSpan rows_seeing(const RowRanges& rr, int j0, int n, int mp) {
   return LaneSpan{a / kLanes * kLanes, int(std::min<int64_t>(round_up(b, kLanes), mp))};
 }
 
+// Whether the rows of `span` (up to rr.m) see the keys [j0, j0 + n) as a
+// causal diagonal does: each from j0 (lo <= j0) up to i + b for one b
+// (clamped to the tile). Then the tile's products can skip what lies past the
+// diagonal (GemmArgs::diag), and the diagonal relative to the tile is
+// returned: lane c (row span.begin + c) sees key j0 + r iff r < c + diag.
+// kNoDiag otherwise (a window's left edge, rows not one key apart).
+PFA_INLINE int64_t causal_tile_diag(const RowRanges& rr, int j0, int n, LaneSpan span) {
+  const int r1 = std::min(span.end, rr.m);
+  int a = span.begin;
+  while (a < r1 && rr.hi[a] <= j0) ++a;  // the first row that sees a key of the tile
+  if (a >= r1) return kNoDiag;
+  const int64_t b = int64_t(rr.hi[a]) - a;
+  const auto clamp = [&](int64_t x) { return std::min<int64_t>(std::max<int64_t>(x, j0), int64_t(j0) + n); };
+  for (int i = span.begin; i < r1; ++i) {
+    if (rr.lo[i] > j0 || clamp(rr.hi[i]) != clamp(i + b)) return kNoDiag;
+  }
+  return span.begin + b - j0;
+}
+
 }  // namespace cpu
 }  // namespace pyfastattn

@@ -60,6 +60,9 @@ struct PrefetchRows {
   }
 };
 
+// GemmArgs::diag when no causal diagonal crosses the product.
+constexpr int64_t kNoDiag = int64_t(1) << 40;
+
 struct GemmArgs {
   int64_t m, n, k;  // k counts uint32 pairs in the bf16 variant
   const void* a;
@@ -74,11 +77,27 @@ struct GemmArgs {
   const float* row_scale = nullptr;  // with accumulate: C = row_scale[r] C + A B
   float* col_max = nullptr;          // col_max[c] = max(col_max[c], max_r C[r][c])
   PrefetchRows* prefetch = nullptr;  // lines to prefetch, spread over the product's micro-kernel calls
+  // A causal diagonal across the tile (the forward's diagonal tiles,
+  // attention_fwd.cpp), kNoDiag when none:
+  //   C = alpha A B (S^T: rows keys, columns queries): C[r][c] = -inf where
+  //     r >= c + diag; blocks with no entry left are filled, not computed;
+  //   C += A B with A column-major (P V: rows queries, K keys): row r reads
+  //     keys k < r + diag only (A is 0 beyond), so a block of rows stops at
+  //     its last row's limit; with diag_pairs, K counts key pairs.
+  int64_t diag = kNoDiag;
+  bool diag_pairs = false;
 };
 
 // Lines per micro-kernel call (of `calls`) that spread g.prefetch over a product.
 PFA_INLINE int64_t prefetch_per_call(const GemmArgs& g, int64_t calls) {
   return g.prefetch ? (g.prefetch->total() + calls - 1) / std::max<int64_t>(calls, 1) : 0;
+}
+
+// GemmArgs::diag of an accumulating product: the K extent row r reads (keys
+// k < r + diag, in pairs with diag_pairs), within [0, g.k].
+PFA_INLINE int64_t diag_k_limit(const GemmArgs& g, int64_t r) {
+  const int64_t keys = std::max<int64_t>(0, r + g.diag);
+  return std::min(g.k, g.diag_pairs ? (keys + 1) / 2 : keys);
 }
 
 // What a micro-kernel does around its K loop (pointers already offset to
@@ -89,7 +108,11 @@ struct Epilogue {
   float alpha;
   const float* row_scale;
   float* col_max;
+  int64_t diag = kNoDiag;  // C[r][c] = -inf where r >= c + diag (after the scale, before col_max)
 };
+
+// The columns of row r that keep their value under Epilogue::diag: c >= r - diag + 1.
+PFA_INLINE int64_t diag_first_col(int r, int64_t diag) { return int64_t(r) - diag + 1; }
 
 // A micro-kernel computes one block of C: up to kMr rows and kNv vectors of
 // columns; `last` is the number of valid columns in its last vector.
@@ -131,6 +154,18 @@ PFA_AVX512 PFA_INLINE void micro_epilogue(__m512 (&acc)[MR][NV], float* c, int64
     for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_mul_ps(acc[r][v], al);
+    }
+  }
+  if (e.diag != kNoDiag) {
+    const __m512 ninf = _mm512_set1_ps(-kInf);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const int64_t s = diag_first_col(r, e.diag) - 16 * v;  // lanes >= s keep their value
+        const __mmask16 keep = s <= 0 ? __mmask16(0xFFFF) : s >= 16 ? __mmask16(0) : __mmask16(~((1u << s) - 1u));
+        acc[r][v] = _mm512_mask_mov_ps(ninf, keep, acc[r][v]);
+      }
     }
   }
 #pragma GCC unroll 16
@@ -260,6 +295,13 @@ PFA_AVX2 void micro_f32_avx2(int64_t kk, const float* a, int64_t lda, const floa
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       if (e.scale) acc[r][v] = _mm256_mul_ps(acc[r][v], _mm256_set1_ps(e.alpha));
+      if (e.diag != kNoDiag) {
+        const int64_t s = diag_first_col(r, e.diag) - 8 * v;  // lanes >= s keep their value
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const int sc = int(std::max<int64_t>(-1, std::min<int64_t>(8, s)));
+        const __m256 drop = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(sc), lane));
+        acc[r][v] = _mm256_blendv_ps(acc[r][v], _mm256_set1_ps(-kInf), drop);
+      }
       store8<NV>(c + r * ldc + 8 * v, v, last, full, acc[r][v]);
     }
   }
@@ -340,9 +382,23 @@ void gemm_tiled(const GemmArgs& g) {
       const int mr = int(std::min<int64_t>(F::kMr, g.m - m0));
       const E* ablk = g.a_col_major ? a + m0 : a + m0 * g.lda;
       const MicroFn<E> fn = g.a_col_major ? kCol.fn[mr - 1][nv - 1] : kRow.fn[mr - 1][nv - 1];
-      const Epilogue e{g.accumulate, scale, g.alpha, g.row_scale ? g.row_scale + m0 : nullptr,
-                       g.col_max ? g.col_max + n0 : nullptr};
-      fn(g.k, ablk, g.lda, b + n0, g.ldb, g.c + m0 * g.ldc + n0, g.ldc, last, e);
+      Epilogue e{g.accumulate, scale, g.alpha, g.row_scale ? g.row_scale + m0 : nullptr,
+                 g.col_max ? g.col_max + n0 : nullptr};
+      int64_t kk = g.k;
+      if (g.diag != kNoDiag) {
+        const int64_t d = g.diag + n0 - m0;  // the block's own diagonal
+        if (g.accumulate) {
+          kk = diag_k_limit(g, m0 + mr - 1);
+        } else if (m0 >= n0 + cols - 1 + g.diag) {
+          // Every entry of the block is past the diagonal: -inf, no product.
+          for (int r = 0; r < mr; ++r) std::fill_n(g.c + (m0 + r) * g.ldc + n0, cols, -kInf);
+          if (pf) g.prefetch->issue(pf);
+          continue;
+        } else if (m0 + mr - 1 >= n0 + g.diag) {
+          e.diag = d;
+        }
+      }
+      fn(kk, ablk, g.lda, b + n0, g.ldb, g.c + m0 * g.ldc + n0, g.ldc, last, e);
       if (pf) g.prefetch->issue(pf);
     }
   }
@@ -375,14 +431,21 @@ PFA_INLINE void gemm_portable(const GemmArgs& g) {
       const int mr = int(std::min<int64_t>(kR, g.m - m0));
       float acc[kR][kLanes] = {};
       const float* ablk = g.a_col_major ? a + m0 : a + m0 * g.lda;
+      // GemmArgs::diag, as gemm_tiled applies it.
+      const int64_t kk = g.diag != kNoDiag && g.accumulate ? diag_k_limit(g, m0 + mr - 1) : g.k;
+      if (g.diag != kNoDiag && !g.accumulate && m0 >= n0 + nc - 1 + g.diag) {
+        for (int r = 0; r < mr; ++r) std::fill_n(g.c + (m0 + r) * g.ldc + n0, nc, -kInf);
+        if (pf) g.prefetch->issue(pf);
+        continue;
+      }
       if (mr == kR && nc == kLanes) {
         if (g.a_col_major) {
-          portable_block<kR, true>(g.k, ablk, g.lda, b + n0, g.ldb, acc);
+          portable_block<kR, true>(kk, ablk, g.lda, b + n0, g.ldb, acc);
         } else {
-          portable_block<kR, false>(g.k, ablk, g.lda, b + n0, g.ldb, acc);
+          portable_block<kR, false>(kk, ablk, g.lda, b + n0, g.ldb, acc);
         }
       } else {
-        for (int64_t k = 0; k < g.k; ++k) {
+        for (int64_t k = 0; k < kk; ++k) {
           for (int r = 0; r < mr; ++r) {
             const float av = g.a_col_major ? ablk[k * g.lda + r] : ablk[r * g.lda + k];
             for (int v = 0; v < nc; ++v) acc[r][v] += av * b[k * g.ldb + n0 + v];
@@ -393,7 +456,8 @@ PFA_INLINE void gemm_portable(const GemmArgs& g) {
         float* crow = g.c + (m0 + r) * g.ldc + n0;
         const float rs = g.row_scale ? g.row_scale[m0 + r] : 1.0f;
         for (int v = 0; v < nc; ++v) {
-          const float x = g.accumulate ? rs * crow[v] + acc[r][v] : g.alpha * acc[r][v];
+          float x = g.accumulate ? rs * crow[v] + acc[r][v] : g.alpha * acc[r][v];
+          if (!g.accumulate && g.diag != kNoDiag && m0 + r >= n0 + v + g.diag) x = -kInf;
           crow[v] = x;
           if (g.col_max) g.col_max[n0 + v] = std::max(g.col_max[n0 + v], x);
         }
