@@ -4,10 +4,12 @@
 //
 // One task per (sequence, query head, query block): it walks the key tiles its
 // rows can see (tiles outside the window of the whole block are never
-// touched; at the causal diagonal or a window's edge, 32-key tiles over only
-// the rows that see them, next_key_tile), keeps a running max and sum per
-// row, and holds one key tile of scores at a time (S^T, see attention_tile.h). A block of one row takes the
-// decode path on AVX-512 (attention_decode.h).
+// touched; a causal diagonal is one tile whose products skip what lies past
+// it, GemmArgs::diag; a window's left edge, or a diagonal under a mask or
+// softcap, 32-key tiles over only the rows that see them, next_key_tile),
+// keeps a running max and sum per row, and holds one key tile of scores at a
+// time (S^T, see attention_tile.h). A block of one row takes the decode path
+// on AVX-512 (attention_decode.h).
 //
 // K and V reach the products in their operand layouts (Tiles): packed once
 // per call by a pass before the query blocks (kv_pack_at) when the blocks
@@ -258,11 +260,12 @@ PFA_INLINE void fwd_block(const Ctx& c, const FwdScratch& w, const Task& t) {
   // of them, so their running max, sum and output stay as they are.
   for (int j0 = decoded ? key_end : key_begin, n = 0; j0 < key_end; j0 += n) {
     n = next_key_tile(rr, c.blk.k, j0, key_end);
-    // At a causal diagonal (no mask, softcap or window edge): one tile of up
-    // to blk.k keys whose products skip what lies past the diagonal
-    // (GemmArgs::diag) instead of kEdgeKeys-key tiles, each with a score
-    // pass and the per-tile work (the diagonal cost a whole 128 x 128 tile's
-    // time for 62 % of its products: PERF_NOTES "Session 9").
+    // But at a causal diagonal (no mask, softcap or window's left edge): one
+    // tile of up to blk.k keys whose products skip what lies past the
+    // diagonal (GemmArgs::diag), instead of kEdgeKeys-key tiles each with a
+    // score pass and its own per-tile work: fewer products (P V stops at
+    // each 8-row block's last key) and one tile's fixed work
+    // (PERF_NOTES "Session 9: the causal diagonal as one tile").
     int64_t diag = kNoDiag;
     if (!masked && !c.softcap && !tile_inside(rr, j0, n)) {
       const int nd = std::min(c.blk.k, key_end - j0);

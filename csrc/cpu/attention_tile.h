@@ -399,7 +399,9 @@ constexpr int kEdgeKeys = 32;
 // whole, else kEdgeKeys keys, of which each row sees a part or none (the
 // causal diagonal, a window's edge). Without causal or window every tile is
 // inside and this is blk.k. Sizes follow the shape only (never the thread
-// count), so results stay bit-identical for any thread count.
+// count), so results stay bit-identical for any thread count. (fwd_block
+// replaces the edge tiles of a plain causal diagonal by one tile,
+// causal_tile_diag.)
 PFA_INLINE int next_key_tile(const RowRanges& rr, int blk_k, int j0, int key_end) {
   int s = blk_k;
   while (s > kEdgeKeys && !tile_inside(rr, j0, std::min(s, key_end - j0))) s /= 2;
