@@ -28,6 +28,16 @@ Shapes: gated d_ff = 8/3 d_model rounded up to 256 (D1024: 2816; D4096:
 11008, the LLaMA-7B MLP), plain d_ff = 4 d_model; gated silu, plain gelu; no
 biases. Rows are appended to benchmarks/results/local/ffn_decode.csv (--out
 to choose), with the load average and the commit.
+
+The roof: a call can take no less than its weight bytes over the read
+bandwidth, nor less than its FLOPs (2 T x the weights' elements) over the
+vector units' peak on the same threads (bench_common.cpu_peak: vdpbf16ps for
+bf16, the fp32 FMA otherwise, measured in the same run). ``roof_frac_read_bw``
+is the largest fraction of the read bandwidth any kernel could reach: 1 while
+the call is memory-bound at the peak, less where the arithmetic alone takes
+longer than the read (bf16 gated D1024 F2816 T16: 277 MFLOP against 17.3 MB,
+so at ~75 GB/s the read takes 0.23 ms and the FLOPs ~0.27 ms at a 2-thread
+peak of ~1 TFLOP/s: no kernel reaches 80 % of the read bandwidth there).
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import math
 import os
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -49,6 +60,10 @@ from pyfastattn import ffn, reference
 from pyfastattn.testing import tolerance_failure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+import bench_common  # noqa: E402
+
 ENV = "PYFASTATTN_CPU_FFN_SMALL_TOKENS"
 L3_BYTES = 32 << 20
 
@@ -69,6 +84,14 @@ def read_bandwidth(threads: int) -> float:
         torch.ops.pyfastattn.cpu_read_probe(buf)
         times.append(time.perf_counter() - t)
     return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
+def roof_fraction(wbytes: float, flops: float, bw_gbps: float, peak_tflops: float) -> float:
+    """The largest fraction of the read bandwidth a call of `wbytes` bytes and
+    `flops` FLOPs can reach: read time over max(read time, compute time at
+    the peak)."""
+    read_s, compute_s = wbytes / (bw_gbps * 1e9), flops / (peak_tflops * 1e12)
+    return read_s / max(read_s, compute_s)
 
 
 def make_layers(d_model, d_ff, gated, dtype, hot):
@@ -190,6 +213,7 @@ def main() -> None:
             provs = providers(gated, act, a.compile)
             for n_threads in threads:
                 bw0 = read_bandwidth(n_threads)
+                peak, peak_isa = bench_common.cpu_peak(dtype, n_threads, quick=True)
                 for t in tokens:
                     x = torch.randn(t, a.dmodel).to(dtype)
                     torch.set_num_threads(n_threads)
@@ -197,6 +221,7 @@ def main() -> None:
                     ok = {n: f for n, f in provs.items() if fails[n] is None}
                     wall, cpu = time_case(ok, x, layers, a.rounds, n_threads)
                     bw = max(bw0, read_bandwidth(n_threads))
+                    roof = roof_fraction(wbytes, 2 * t * wbytes / dtype.itemsize, bw, peak)
                     eager_ms = statistics.median(wall["torch eager"]) if "torch eager" in wall else math.nan
                     for name in provs:
                         row = dict(form=form, dtype=str(dtype).split(".")[-1], d_model=a.dmodel, d_ff=d_ff, tokens=t,
@@ -208,7 +233,8 @@ def main() -> None:
                             row.update(status="ok", p50_ms=round(p50, 4), p20_ms=round(pct(wall[name], 0.2), 4),
                                        p80_ms=round(pct(wall[name], 0.8), 4), cpu_ms=round(statistics.median(cpu[name]), 4),
                                        speedup_vs_eager=round(eager_ms / p50, 3), weight_gbps=round(wbytes / p50 / 1e6, 2),
-                                       read_bw_gbps=round(bw, 2), frac_read_bw=round(wbytes / p50 / 1e6 / bw, 3))  # fmt: skip
+                                       read_bw_gbps=round(bw, 2), frac_read_bw=round(wbytes / p50 / 1e6 / bw, 3),
+                                       peak_tflops=round(peak, 3), roof_frac_read_bw=round(roof, 3))  # fmt: skip
                         rows.append(row)
                         if row["status"] != "ok":
                             print(f"{form} {row['dtype']} T{t} {n_threads}thr {name}: FAIL {row['note']}")
@@ -216,13 +242,14 @@ def main() -> None:
                         print(f"{form:5} {row['dtype']:8} D{a.dmodel} F{d_ff} T{t:<2} {n_threads}thr {name:21} "
                               f"{row['p50_ms']:7.3f} ms [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}] cpu {row['cpu_ms']:7.3f}  "
                               f"{row['speedup_vs_eager']:5.2f}x eager  {row['weight_gbps']:5.1f} GB/s = "
-                              f"{100 * row['frac_read_bw']:3.0f}% of {bw:.1f}")  # fmt: skip
+                              f"{100 * row['frac_read_bw']:3.0f}% of {bw:.1f} (roof {100 * roof:3.0f}% at "
+                              f"{1e3 * peak:.0f} GFLOP/s {peak_isa})")  # fmt: skip
     load = os.getloadavg()
     print(f"load after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     fields = ["date", "commit", "load1", "hot", "form", "dtype", "d_model", "d_ff", "tokens", "threads", "provider",
               "layers", "status", "p50_ms", "p20_ms", "p80_ms", "cpu_ms", "speedup_vs_eager", "weight_gbps",
-              "read_bw_gbps", "frac_read_bw", "note"]  # fmt: skip
+              "read_bw_gbps", "frac_read_bw", "peak_tflops", "roof_frac_read_bw", "note"]  # fmt: skip
     new = not os.path.exists(a.out)
     with open(a.out, "a", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)

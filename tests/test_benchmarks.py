@@ -459,3 +459,20 @@ def test_thread_scaling_reports_every_case_against_the_better_peak():
     for line in rows:
         share = line.split("|")[1].split()[1]
         assert share.endswith("%") and float(share[:-1]) > 0, line
+
+
+def test_ffn_decode_roof_is_the_share_of_the_read_bandwidth_the_peak_allows():
+    """ffn_decode_bench.roof_fraction: 1 while the read takes longer than the
+    arithmetic at the peak, else read time / compute time. The issue's case
+    (bf16 gated D1024 F2816 T16, 17.3 MB, 277 MFLOP) on a 2-thread peak of
+    1 TFLOP/s: at 40 GB/s memory-bound (roof 1), at 80 GB/s the roof is 78 %."""
+    sys.path.insert(0, BENCH)
+    try:
+        import ffn_decode_bench
+    finally:
+        sys.path.pop(0)
+    wbytes = 3 * 1024 * 2816 * 2
+    flops = 2 * 16 * wbytes / 2
+    assert ffn_decode_bench.roof_fraction(wbytes, flops, 40.0, 1.0) == 1.0
+    roof = ffn_decode_bench.roof_fraction(wbytes, flops, 80.0, 1.0)
+    assert abs(roof - (wbytes / 80e9) / (flops / 1e12)) < 1e-12 and 0.77 < roof < 0.79, roof
