@@ -37,7 +37,8 @@ is the largest fraction of the read bandwidth any kernel could reach: 1 while
 the call is memory-bound at the peak, less where the arithmetic alone takes
 longer than the read (bf16 gated D1024 F2816 T16: 277 MFLOP against 17.3 MB,
 so at ~75 GB/s the read takes 0.23 ms and the FLOPs ~0.27 ms at a 2-thread
-peak of ~1 TFLOP/s: no kernel reaches 80 % of the read bandwidth there).
+peak of ~1 TFLOP/s: roof 85 %, and 80 % of the read bandwidth would need the
+arithmetic at 96 % of the peak; PERF_NOTES "Session 9: the roof of T16").
 """
 
 from __future__ import annotations
