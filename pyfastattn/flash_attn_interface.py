@@ -25,6 +25,10 @@ Return conventions (FlashAttention 2.6+):
 * ``flash_attn_with_kvcache`` returns ``out``, or ``(out, softmax_lse)`` with
   ``return_softmax_lse=True``.
 
+A window side of ``seqlen_k`` or more (``max_seqlen_k`` for varlen, the cache's
+capacity for the KV cache) means no bound, as FlashAttention's argument
+normalisation makes it; it differs from the bound itself when Sq > Sk.
+
 Accepted and ignored (they steer FlashAttention's CUDA scheduling only):
 ``deterministic`` (pyfastattn's CPU backward is deterministic; on CUDA
 ``torch.use_deterministic_algorithms`` applies) and ``num_splits`` outside
@@ -103,10 +107,21 @@ def _call(q, k, v, dropout_p, alibi_slopes, return_attn_probs, varlen: bool, **k
     return out, _fa_lse(lse), torch.where(keep, p, -p)
 
 
+def _fa_window(window_size, seqlen_k: int | None) -> tuple:
+    """FlashAttention 2's rule (mha_fwd / mha_varlen_fwd): a window side of
+    ``seqlen_k`` keys or more (``max_seqlen_k`` for varlen) is no bound (-1).
+    It matters on the right when Sq > Sk: row i's bound i + Sk - Sq + right
+    would hide keys from the first rows, which FlashAttention lets see them."""
+    if seqlen_k is None:  # k is not (B, S, H, D): attention() says why
+        return tuple(window_size)
+    return tuple(-1 if isinstance(w, int) and w >= seqlen_k else w for w in window_size)
+
+
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
     return _call(
         q, k, v, dropout_p, alibi_slopes, return_attn_probs, False, causal=causal, softmax_scale=softmax_scale,
-        window_size=tuple(window_size), softcap=softcap,
+        window_size=_fa_window(window_size, k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else None),
+        softcap=softcap,
     )  # fmt: skip
 
 
@@ -116,7 +131,8 @@ def _varlen(
 ):  # fmt: skip
     return _call(
         q, k, v, dropout_p, alibi_slopes, return_attn_probs, True, causal=causal, softmax_scale=softmax_scale,
-        window_size=tuple(window_size), softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        window_size=_fa_window(window_size, int(max_seqlen_k)), softcap=softcap, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
     )  # fmt: skip
 

@@ -108,6 +108,33 @@ def test_lse_of_a_row_without_keys_is_plus_inf():
     assert (out[:, :3] == 0).all()
 
 
+@pytest.mark.parametrize("window", [(-1, 3), (-1, 5), (1, 3), (3, 3), (0, 2)])
+def test_window_side_of_seqlen_k_or_more_is_unbounded(window):
+    # FlashAttention 2 (mha_fwd / mha_varlen_fwd) turns a window side >= seqlen_k
+    # (max_seqlen_k for varlen) into -1 before it masks. On the right that
+    # matters when Sq > Sk: bottom-right, row i's bound i + Sk - Sq + right hid
+    # keys from the first rows, which FlashAttention lets see every key.
+    # (0, 2) is a control: a side below seqlen_k stays a bound.
+    q, k, v = _qkv(b=2, sq=8, sk=3)
+    fa = dict(
+        window_left=-1 if window[0] >= 3 else window[0], window_right=-1 if window[1] >= 3 else window[1]
+    )
+    want, lse = reference.attention(q.double(), k.double(), v.double(), bottom_right=True, **fa)
+    out, sl, _ = fai.flash_attn_func(q, k, v, window_size=window, return_attn_probs=True)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sl, fai._fa_lse(lse.float()))
+    cu_q = torch.tensor([0, 8, 16], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 5], dtype=torch.int32)  # max_seqlen_k 3: the second sequence has 2 keys
+    qp, kp, vp = q.flatten(0, 1), k.flatten(0, 1)[:5], v.flatten(0, 1)[:5]
+    want, lse = reference.attention(qp.double(), kp.double(), vp.double(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                    bottom_right=True, **fa)  # fmt: skip
+    out, sl, _ = fai.flash_attn_varlen_func(
+        qp, kp, vp, cu_q, cu_k, 8, 3, window_size=window, return_attn_probs=True
+    )
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sl, fai._fa_lse(lse.float()))
+
+
 def test_varlen_functions_agree_with_attention():
     g = torch.Generator().manual_seed(1)
     cu_q = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
