@@ -260,9 +260,25 @@ def flash_attn_varlen_func(
 
 
 def _gather_paged_varlen(k_cache, v_cache, cu_seqlens_k, block_table):
-    if block_table.dtype != torch.int32 or block_table.dim() != 2:
-        raise InvalidArgumentError(f"block_table must be int32 (batch, max_blocks), got {block_table.dtype} "
-                                   f"of shape {tuple(block_table.shape)}")  # fmt: skip
+    for name, t in (("k", k_cache), ("v", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise InvalidArgumentError(
+                f"{name} must be a paged cache (num_blocks, block_size, kv heads, head dim) with block_table, "
+                f"got shape {tuple(getattr(t, 'shape', ()))}"
+            )
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise InvalidArgumentError(
+            f"v.shape[:3] (num_blocks, block_size, kv heads) must equal k.shape[:3] ({tuple(k_cache.shape[:3])}), "
+            f"got {tuple(v_cache.shape[:3])}"
+        )
+    if (
+        not isinstance(block_table, torch.Tensor)
+        or block_table.dtype != torch.int32
+        or block_table.dim() != 2
+    ):
+        raise InvalidArgumentError(f"block_table must be int32 (batch, max_blocks), got "
+                                   f"{getattr(block_table, 'dtype', type(block_table).__name__)} "
+                                   f"of shape {tuple(getattr(block_table, 'shape', ()))}")  # fmt: skip
     lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
     bs, nb = k_cache.shape[1], k_cache.shape[0]
     cap = block_table.shape[1] * bs

@@ -190,6 +190,32 @@ def test_varlen_paged_block_table_entries_past_a_sequence_are_not_read():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize(
+    "which, shape, match",
+    [
+        ("k", (16, 2, 16), r"k must be a paged cache .* got shape \(16, 2, 16\)"),  # one block, unpaged: was read
+        ("v", (16, 2, 16), r"v must be a paged cache .* got shape \(16, 2, 16\)"),  # as blocks of 2 rows
+        ("v", (3, 16, 2, 16), r"v.shape\[:3\] .* must equal k.shape\[:3\] \(\(6, 16, 2\)\), got \(3, 16, 2\)"),
+        ("v", (6, 8, 2, 16), r"v.shape\[:3\] .* must equal k.shape\[:3\] \(\(6, 16, 2\)\), got \(6, 8, 2\)"),
+    ],
+    ids=["k-3d", "v-3d", "v-fewer-blocks", "v-other-block-size"],
+)  # fmt: skip
+def test_varlen_paged_caches_of_the_wrong_shape_are_refused(which, shape, match):
+    # With a block table, k and v are (num_blocks, block_size, Hk, D) caches. A
+    # 3-D tensor was indexed as blocks of Hk rows (a silent wrong answer), and
+    # a v_cache with fewer blocks than k_cache was read as far as the table
+    # went (IndexError, or a silent answer when the used blocks fit).
+    g = torch.Generator().manual_seed(2)
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 2, 4], dtype=torch.int32)
+    q = torch.randn(5, 2, 16, generator=g)
+    caches = {"k": torch.randn(6, 16, 2, 16, generator=g), "v": torch.randn(6, 16, 2, 16, generator=g)}
+    caches[which] = torch.randn(*shape, generator=g)
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises(fai.InvalidArgumentError, match=match):
+        fai.flash_attn_varlen_func(q, caches["k"], caches["v"], cu_q, cu_k, 3, 2, block_table=bt)
+
+
 def test_backward_through_flash_attn_func():
     q, k, v = _qkv(grad=True)
     fai.flash_attn_func(q, k, v, causal=True).sum().backward()
