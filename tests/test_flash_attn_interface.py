@@ -216,6 +216,23 @@ def test_varlen_paged_caches_of_the_wrong_shape_are_refused(which, shape, match)
         fai.flash_attn_varlen_func(q, caches["k"], caches["v"], cu_q, cu_k, 3, 2, block_table=bt)
 
 
+@pytest.mark.parametrize("softcap", [1e4, 1e30])
+def test_large_softcap_forward_and_backward(softcap):
+    # The CPU kernels' tanh was accurate to ~1e-7 absolute, so softcap * tanh(s
+    # / softcap) was off by ~softcap * 1e-7 (every score 0 at 1e30); the
+    # reference's torch.tanh is exact to rounding.
+    q, k, v = _qkv(grad=True)
+    out = fai.flash_attn_func(q, k, v, causal=True, softcap=softcap)
+    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want, _ = reference.attention(q2, k2, v2, softcap=softcap, window_right=0, bottom_right=True)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    out.backward(g)
+    want.backward(g.double())
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=0, atol=1e-4)
+
+
 def test_backward_through_flash_attn_func():
     q, k, v = _qkv(grad=True)
     fai.flash_attn_func(q, k, v, causal=True).sum().backward()

@@ -192,6 +192,17 @@ def test_split_kv_empty_chunks():
     check("split_window", q, kc, vc, k, v, args, window=(100, 0), num_splits=8)
 
 
+@pytest.mark.parametrize("softcap", [1e4, 1e30])
+@pytest.mark.parametrize("sq", [1, 80], ids=["kvcache_kernel", "tiled_kernel"])  # 80 rows per kv head: tiled
+def test_large_softcap_is_no_cap(softcap, sq):
+    # softcap * tanh(s / softcap) is ~s when softcap >> |s|. The CPU kernels'
+    # tanh had an absolute error of ~1e-7, which the softcap scaled up (1e-3 in
+    # a score at 1e4); at 1e30 every tanh of the tiny argument was 0, and the
+    # softmax uniform.
+    q, kc, vc, k, v, args = make_case(sq=sq, s_new=sq, hq=2, hk=1, cap=120)
+    check(f"softcap{softcap:g}", q, kc, vc, k, v, args, causal=True, softcap=softcap)
+
+
 def test_rows_without_keys():
     # cache_seqlens 0 and nothing appended: no key; lse -inf, out 0.
     q, kc, vc, _, _, args = make_case(b=2, s_new=0)
