@@ -25,9 +25,11 @@ Return conventions (FlashAttention 2.6+):
 * ``flash_attn_with_kvcache`` returns ``out``, or ``(out, softmax_lse)`` with
   ``return_softmax_lse=True``.
 
-A window side of ``seqlen_k`` or more (``max_seqlen_k`` for varlen, the cache's
-capacity for the KV cache) means no bound, as FlashAttention's argument
-normalisation makes it; it differs from the bound itself when Sq > Sk.
+Windows are normalised as FlashAttention 2 normalises them: a side of
+``seqlen_k`` or more (``max_seqlen_k`` for varlen, the cache's capacity for the
+KV cache) means no bound, and (dense and varlen, without causal) a left-only
+window ``(left, -1)`` gets the right bound ``seqlen_k``. Both differ from the
+plain bounds only when Sq > Sk, for the first rows (bottom-right alignment).
 
 Accepted and ignored (they steer FlashAttention's CUDA scheduling only):
 ``deterministic`` (pyfastattn's CPU backward is deterministic; on CUDA
@@ -107,21 +109,32 @@ def _call(q, k, v, dropout_p, alibi_slopes, return_attn_probs, varlen: bool, **k
     return out, _fa_lse(lse), torch.where(keep, p, -p)
 
 
-def _fa_window(window_size, seqlen_k: int | None) -> tuple:
-    """FlashAttention 2's rule (mha_fwd / mha_varlen_fwd): a window side of
-    ``seqlen_k`` keys or more (``max_seqlen_k`` for varlen) is no bound (-1).
-    It matters on the right when Sq > Sk: row i's bound i + Sk - Sq + right
-    would hide keys from the first rows, which FlashAttention lets see them."""
-    if seqlen_k is None:  # k is not (B, S, H, D): attention() says why
-        return tuple(window_size)
-    return tuple(-1 if isinstance(w, int) and w >= seqlen_k else w for w in window_size)
+def _fa_window(window_size, seqlen_k: int | None, causal) -> tuple:
+    """FlashAttention 2's normalisation of ``window_size`` (mha_fwd /
+    mha_varlen_fwd, then set_params_fprop), with seqlen_k = k's length
+    (``max_seqlen_k`` for varlen): a side of seqlen_k or more is no bound
+    (-1); then, without causal, a left-only window gets the right bound
+    seqlen_k. Both change the mask only when Sq > Sk: bottom-right, row i
+    sits at key i + Sk - Sq, so its right bound i + Sk - Sq + right is below
+    the last key for the first rows."""
+    if (
+        seqlen_k is None  # k is not (B, S, H, D)
+        or not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) for w in window_size)
+    ):
+        return tuple(window_size)  # attention() says what is wrong
+    wl, wr = (-1 if w >= seqlen_k else w for w in window_size)
+    if wl >= 0 and wr < 0 and not causal:
+        wr = seqlen_k
+    return wl, wr
 
 
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
+    sk = k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else None
     return _call(
         q, k, v, dropout_p, alibi_slopes, return_attn_probs, False, causal=causal, softmax_scale=softmax_scale,
-        window_size=_fa_window(window_size, k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else None),
-        softcap=softcap,
+        window_size=_fa_window(window_size, sk, causal), softcap=softcap,
     )  # fmt: skip
 
 
@@ -131,7 +144,7 @@ def _varlen(
 ):  # fmt: skip
     return _call(
         q, k, v, dropout_p, alibi_slopes, return_attn_probs, True, causal=causal, softmax_scale=softmax_scale,
-        window_size=_fa_window(window_size, int(max_seqlen_k)), softcap=softcap, cu_seqlens_q=cu_seqlens_q,
+        window_size=_fa_window(window_size, int(max_seqlen_k), causal), softcap=softcap, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
     )  # fmt: skip

@@ -108,17 +108,18 @@ def test_lse_of_a_row_without_keys_is_plus_inf():
     assert (out[:, :3] == 0).all()
 
 
-@pytest.mark.parametrize("window", [(-1, 3), (-1, 5), (1, 3), (3, 3), (0, 2)])
-def test_window_side_of_seqlen_k_or_more_is_unbounded(window):
-    # FlashAttention 2 (mha_fwd / mha_varlen_fwd) turns a window side >= seqlen_k
-    # (max_seqlen_k for varlen) into -1 before it masks. On the right that
-    # matters when Sq > Sk: bottom-right, row i's bound i + Sk - Sq + right hid
-    # keys from the first rows, which FlashAttention lets see every key.
-    # (0, 2) is a control: a side below seqlen_k stays a bound.
+@pytest.mark.parametrize("window", [(-1, 3), (-1, 5), (1, 3), (3, 3), (0, 2), (1, -1), (0, -1), (1, 5)])
+def test_windows_are_normalised_as_flash_attention_does(window):
+    # FlashAttention 2 normalises window_size with seqlen_k = Sk (max_seqlen_k
+    # for varlen) before it masks: mha_fwd / mha_varlen_fwd turn a side >=
+    # seqlen_k into -1, then set_params_fprop gives a left-only window the
+    # right bound seqlen_k. Both matter only when Sq > Sk: bottom-right, row
+    # i's right bound is i + Sk - Sq + right, so (-1, 3) hid keys from the
+    # first rows that FlashAttention shows them, and (1, -1) showed keys that
+    # it hides. (0, 2) is a control: a side below seqlen_k stays a bound.
     q, k, v = _qkv(b=2, sq=8, sk=3)
-    fa = dict(
-        window_left=-1 if window[0] >= 3 else window[0], window_right=-1 if window[1] >= 3 else window[1]
-    )
+    wl, wr = (-1 if w >= 3 else w for w in window)  # Sk = max_seqlen_k = 3
+    fa = dict(window_left=wl, window_right=3 if wl >= 0 and wr < 0 else wr)
     want, lse = reference.attention(q.double(), k.double(), v.double(), bottom_right=True, **fa)
     out, sl, _ = fai.flash_attn_func(q, k, v, window_size=window, return_attn_probs=True)
     torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
