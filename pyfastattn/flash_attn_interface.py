@@ -25,6 +25,12 @@ Return conventions (FlashAttention 2.6+):
 * ``flash_attn_with_kvcache`` returns ``out``, or ``(out, softmax_lse)`` with
   ``return_softmax_lse=True``.
 
+Windows are normalised as FlashAttention 2 normalises them: a side of
+``seqlen_k`` or more (``max_seqlen_k`` for varlen, the cache's capacity for the
+KV cache) means no bound, and (dense and varlen, without causal) a left-only
+window ``(left, -1)`` gets the right bound ``seqlen_k``. Both differ from the
+plain bounds only when Sq > Sk, for the first rows (bottom-right alignment).
+
 Accepted and ignored (they steer FlashAttention's CUDA scheduling only):
 ``deterministic`` (pyfastattn's CPU backward is deterministic; on CUDA
 ``torch.use_deterministic_algorithms`` applies) and ``num_splits`` outside
@@ -103,10 +109,32 @@ def _call(q, k, v, dropout_p, alibi_slopes, return_attn_probs, varlen: bool, **k
     return out, _fa_lse(lse), torch.where(keep, p, -p)
 
 
+def _fa_window(window_size, seqlen_k: int | None, causal) -> tuple:
+    """FlashAttention 2's normalisation of ``window_size`` (mha_fwd /
+    mha_varlen_fwd, then set_params_fprop), with seqlen_k = k's length
+    (``max_seqlen_k`` for varlen): a side of seqlen_k or more is no bound
+    (-1); then, without causal, a left-only window gets the right bound
+    seqlen_k. Both change the mask only when Sq > Sk: bottom-right, row i
+    sits at key i + Sk - Sq, so its right bound i + Sk - Sq + right is below
+    the last key for the first rows."""
+    if (
+        seqlen_k is None  # k is not (B, S, H, D)
+        or not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) for w in window_size)
+    ):
+        return tuple(window_size)  # attention() says what is wrong
+    wl, wr = (-1 if w >= seqlen_k else w for w in window_size)
+    if wl >= 0 and wr < 0 and not causal:
+        wr = seqlen_k
+    return wl, wr
+
+
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
+    sk = k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else None
     return _call(
         q, k, v, dropout_p, alibi_slopes, return_attn_probs, False, causal=causal, softmax_scale=softmax_scale,
-        window_size=tuple(window_size), softcap=softcap,
+        window_size=_fa_window(window_size, sk, causal), softcap=softcap,
     )  # fmt: skip
 
 
@@ -116,7 +144,8 @@ def _varlen(
 ):  # fmt: skip
     return _call(
         q, k, v, dropout_p, alibi_slopes, return_attn_probs, True, causal=causal, softmax_scale=softmax_scale,
-        window_size=tuple(window_size), softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        window_size=_fa_window(window_size, int(max_seqlen_k), causal), softcap=softcap, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
     )  # fmt: skip
 
@@ -244,9 +273,25 @@ def flash_attn_varlen_func(
 
 
 def _gather_paged_varlen(k_cache, v_cache, cu_seqlens_k, block_table):
-    if block_table.dtype != torch.int32 or block_table.dim() != 2:
-        raise InvalidArgumentError(f"block_table must be int32 (batch, max_blocks), got {block_table.dtype} "
-                                   f"of shape {tuple(block_table.shape)}")  # fmt: skip
+    for name, t in (("k", k_cache), ("v", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise InvalidArgumentError(
+                f"{name} must be a paged cache (num_blocks, block_size, kv heads, head dim) with block_table, "
+                f"got shape {tuple(getattr(t, 'shape', ()))}"
+            )
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise InvalidArgumentError(
+            f"v.shape[:3] (num_blocks, block_size, kv heads) must equal k.shape[:3] ({tuple(k_cache.shape[:3])}), "
+            f"got {tuple(v_cache.shape[:3])}"
+        )
+    if (
+        not isinstance(block_table, torch.Tensor)
+        or block_table.dtype != torch.int32
+        or block_table.dim() != 2
+    ):
+        raise InvalidArgumentError(f"block_table must be int32 (batch, max_blocks), got "
+                                   f"{getattr(block_table, 'dtype', type(block_table).__name__)} "
+                                   f"of shape {tuple(getattr(block_table, 'shape', ()))}")  # fmt: skip
     lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
     bs, nb = k_cache.shape[1], k_cache.shape[0]
     cap = block_table.shape[1] * bs

@@ -108,6 +108,34 @@ def test_lse_of_a_row_without_keys_is_plus_inf():
     assert (out[:, :3] == 0).all()
 
 
+@pytest.mark.parametrize("window", [(-1, 3), (-1, 5), (1, 3), (3, 3), (0, 2), (1, -1), (0, -1), (1, 5)])
+def test_windows_are_normalised_as_flash_attention_does(window):
+    # FlashAttention 2 normalises window_size with seqlen_k = Sk (max_seqlen_k
+    # for varlen) before it masks: mha_fwd / mha_varlen_fwd turn a side >=
+    # seqlen_k into -1, then set_params_fprop gives a left-only window the
+    # right bound seqlen_k. Both matter only when Sq > Sk: bottom-right, row
+    # i's right bound is i + Sk - Sq + right, so (-1, 3) hid keys from the
+    # first rows that FlashAttention shows them, and (1, -1) showed keys that
+    # it hides. (0, 2) is a control: a side below seqlen_k stays a bound.
+    q, k, v = _qkv(b=2, sq=8, sk=3)
+    wl, wr = (-1 if w >= 3 else w for w in window)  # Sk = max_seqlen_k = 3
+    fa = dict(window_left=wl, window_right=3 if wl >= 0 and wr < 0 else wr)
+    want, lse = reference.attention(q.double(), k.double(), v.double(), bottom_right=True, **fa)
+    out, sl, _ = fai.flash_attn_func(q, k, v, window_size=window, return_attn_probs=True)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sl, fai._fa_lse(lse.float()))
+    cu_q = torch.tensor([0, 8, 16], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 5], dtype=torch.int32)  # max_seqlen_k 3: the second sequence has 2 keys
+    qp, kp, vp = q.flatten(0, 1), k.flatten(0, 1)[:5], v.flatten(0, 1)[:5]
+    want, lse = reference.attention(qp.double(), kp.double(), vp.double(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                    bottom_right=True, **fa)  # fmt: skip
+    out, sl, _ = fai.flash_attn_varlen_func(
+        qp, kp, vp, cu_q, cu_k, 8, 3, window_size=window, return_attn_probs=True
+    )
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sl, fai._fa_lse(lse.float()))
+
+
 def test_varlen_functions_agree_with_attention():
     g = torch.Generator().manual_seed(1)
     cu_q = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
@@ -161,6 +189,49 @@ def test_varlen_paged_block_table_entries_past_a_sequence_are_not_read():
     want = pyfastattn.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=3, max_seqlen_k=20,
                                 causal=True)  # fmt: skip
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "which, shape, match",
+    [
+        ("k", (16, 2, 16), r"k must be a paged cache .* got shape \(16, 2, 16\)"),  # one block, unpaged: was read
+        ("v", (16, 2, 16), r"v must be a paged cache .* got shape \(16, 2, 16\)"),  # as blocks of 2 rows
+        ("v", (3, 16, 2, 16), r"v.shape\[:3\] .* must equal k.shape\[:3\] \(\(6, 16, 2\)\), got \(3, 16, 2\)"),
+        ("v", (6, 8, 2, 16), r"v.shape\[:3\] .* must equal k.shape\[:3\] \(\(6, 16, 2\)\), got \(6, 8, 2\)"),
+    ],
+    ids=["k-3d", "v-3d", "v-fewer-blocks", "v-other-block-size"],
+)  # fmt: skip
+def test_varlen_paged_caches_of_the_wrong_shape_are_refused(which, shape, match):
+    # With a block table, k and v are (num_blocks, block_size, Hk, D) caches. A
+    # 3-D tensor was indexed as blocks of Hk rows (a silent wrong answer), and
+    # a v_cache with fewer blocks than k_cache was read as far as the table
+    # went (IndexError, or a silent answer when the used blocks fit).
+    g = torch.Generator().manual_seed(2)
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 2, 4], dtype=torch.int32)
+    q = torch.randn(5, 2, 16, generator=g)
+    caches = {"k": torch.randn(6, 16, 2, 16, generator=g), "v": torch.randn(6, 16, 2, 16, generator=g)}
+    caches[which] = torch.randn(*shape, generator=g)
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises(fai.InvalidArgumentError, match=match):
+        fai.flash_attn_varlen_func(q, caches["k"], caches["v"], cu_q, cu_k, 3, 2, block_table=bt)
+
+
+@pytest.mark.parametrize("softcap", [1e4, 1e30])
+def test_large_softcap_forward_and_backward(softcap):
+    # The CPU kernels' tanh was accurate to ~1e-7 absolute, so softcap * tanh(s
+    # / softcap) was off by ~softcap * 1e-7 (every score 0 at 1e30); the
+    # reference's torch.tanh is exact to rounding.
+    q, k, v = _qkv(grad=True)
+    out = fai.flash_attn_func(q, k, v, causal=True, softcap=softcap)
+    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want, _ = reference.attention(q2, k2, v2, softcap=softcap, window_right=0, bottom_right=True)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    out.backward(g)
+    want.backward(g.double())
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=0, atol=1e-4)
 
 
 def test_backward_through_flash_attn_func():

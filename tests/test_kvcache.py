@@ -192,6 +192,17 @@ def test_split_kv_empty_chunks():
     check("split_window", q, kc, vc, k, v, args, window=(100, 0), num_splits=8)
 
 
+@pytest.mark.parametrize("softcap", [1e4, 1e30])
+@pytest.mark.parametrize("sq", [1, 80], ids=["kvcache_kernel", "tiled_kernel"])  # 80 rows per kv head: tiled
+def test_large_softcap_is_no_cap(softcap, sq):
+    # softcap * tanh(s / softcap) is ~s when softcap >> |s|. The CPU kernels'
+    # tanh had an absolute error of ~1e-7, which the softcap scaled up (1e-3 in
+    # a score at 1e4); at 1e30 every tanh of the tiny argument was 0, and the
+    # softmax uniform.
+    q, kc, vc, k, v, args = make_case(sq=sq, s_new=sq, hq=2, hk=1, cap=120)
+    check(f"softcap{softcap:g}", q, kc, vc, k, v, args, causal=True, softcap=softcap)
+
+
 def test_rows_without_keys():
     # cache_seqlens 0 and nothing appended: no key; lse -inf, out 0.
     q, kc, vc, _, _, args = make_case(b=2, s_new=0)
@@ -476,6 +487,7 @@ BAD_SCRIPT = textwrap.dedent(
         "leftpad_range": lambda: raw(lp=sl(4, 0)),
         "rotary_too_short": lambda: raw(seqlens=sl(3, 31), cos=cos[:10], sin=sin[:10]),
         "rotary_dim_too_large": lambda: raw(cos=torch.randn(40, 9), sin=torch.randn(40, 9)),
+        "rotary_last_dim": lambda: raw(cos=torch.randn(8, 40).t(), sin=torch.randn(8, 40).t()),
         "seqlens_dtype": lambda: raw(seqlens=torch.tensor([3, 4])),
         "api_dtype": lambda: api(k=k.double(), v=v.double()),
         "alibi_shape": lambda: raw(alibi=torch.ones(hq + 1)),
@@ -509,6 +521,7 @@ EXPECT = {
     "new_k_shape": "k must have shape",
     "batch_idx_range": "cache_batch_idx[1] must be in [0, 2)",
     "leftpad_range": "cache_leftpad[0] must be in [0, cache_seqlens[0] = 3]",
+    "rotary_last_dim": "got strides [1, 40] and [1, 40]",
     "rotary_too_short": "seqlen_ro",
     "rotary_dim_too_large": "rotary_dim",
     "seqlens_dtype": "cache_seqlens.dtype must be torch.int32",

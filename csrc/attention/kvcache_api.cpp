@@ -287,7 +287,9 @@ KvCacheCall prepare_kvcache_call(
       a.rotary_sin = rotary_sin->data_ptr();
       TORCH_CHECK_VALUE(rotary_cos->stride(1) == 1 && rotary_sin->stride(1) == 1 &&
                             rotary_cos->stride(0) == rotary_sin->stride(0),
-                        "rotary_cos and rotary_sin must be contiguous in their last dim with equal row strides");
+                        "rotary_cos and rotary_sin must be contiguous in their last dim (stride 1) with equal row "
+                        "strides, got strides ",
+                        rotary_cos->strides(), " and ", rotary_sin->strides(), " (pass .contiguous() tables)");
       a.rotary_row_stride = rotary_cos->stride(0);
       a.rotary_dim = int32_t(rd);
       a.rotary_fp32 = rotary_fp32;
