@@ -369,3 +369,50 @@ def test_needs_process_group():
     x = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
         ring_attention(x, x, x)
+
+
+def _worker_strided_head_dim(rank, world, store):
+    # q, k, v whose head dim is not unit-stride (views of (..., D, H)-major
+    # storage): the forward copies them for the kernel, but the ring's backward
+    # passed the saved q to the kernel backward as it was, which raised "q must
+    # be contiguous in its last dimension" in the middle of the ring (its
+    # first K/V hop already posted).
+    _init(rank, world, store)
+    g = torch.Generator().manual_seed(5)
+    b, s, h, d = 1, 8 * world, 2, 16
+    q, k, v, dout = (torch.randn(b, s, h, d, generator=g) for _ in range(4))
+    failures = []
+    for method in ("ring", "ulysses"):
+        zigzag = method == "ring"
+        leaves = [
+            shard_sequence(t, rank, world, zigzag=zigzag).transpose(-1, -2).contiguous() for t in (q, k, v)
+        ]
+        leaves = [t.requires_grad_() for t in leaves]
+        fn = ring_attention if method == "ring" else ulysses_attention
+        out = fn(*(t.transpose(-1, -2) for t in leaves), causal=True)
+        out.backward(shard_sequence(dout, rank, world, zigzag=zigzag))
+        got = [
+            unshard_sequence(_gather(t), zigzag=zigzag)
+            for t in (out, *(t.grad.transpose(-1, -2) for t in leaves))
+        ]
+        if rank == 0:
+            ref = [t.double().requires_grad_() for t in (q, k, v)]
+            o, _ = reference.attention(*ref, scale=1 / math.sqrt(d), window_right=0)
+            o.backward(dout.double())
+            base = [t.detach().requires_grad_() for t in (q, k, v)]
+            ob = naive_attention(*base, scale=1 / math.sqrt(d), window_right=0)
+            ob.backward(dout)
+            for name, x, r, bl in zip(
+                ("out", "dq", "dk", "dv"), got, (o, *(t.grad for t in ref)), (ob, *(t.grad for t in base))
+            ):
+                f = tolerance_failure(f"{method} strided head dim {name}", x, r, bl, torch.float32)
+                if f:
+                    failures.append(f)
+    dist.barrier()
+    dist.destroy_process_group()
+    if failures:
+        raise AssertionError("\n".join(failures))
+
+
+def test_context_parallel_head_dim_with_a_stride():
+    _spawn(_worker_strided_head_dim, 2)

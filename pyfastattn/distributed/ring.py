@@ -118,6 +118,10 @@ class _RingAttention(torch.autograd.Function):
         b, s_local, hq, _ = q.shape
         dk_dim, dv_dim = k.shape[-1], v.shape[-1]
         kv = torch.cat([k, v], dim=-1).contiguous()  # one message per step
+        # The kernels read rows with a unit stride in the head dim; the
+        # forward's _run would copy q per block, but the backward passes the
+        # saved q to attention_bwd directly, which refuses any other stride.
+        q = q if q.stride(-1) == 1 else q.contiguous()
         acc = _acc_dtype(q.dtype)
         out_acc = torch.zeros(b, s_local, hq, dv_dim, dtype=acc, device=q.device)
         lse_acc = torch.full((b, hq, s_local), float("-inf"), dtype=acc, device=q.device)
