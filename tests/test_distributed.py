@@ -416,3 +416,40 @@ def _worker_strided_head_dim(rank, world, store):
 
 def test_context_parallel_head_dim_with_a_stride():
     _spawn(_worker_strided_head_dim, 2)
+
+
+def _worker_empty_sizes(rank, world, store):
+    # Sizes pyfastattn.attention takes (its reference handles them) crashed
+    # the context-parallel paths: an empty batch in the ring's backward (the
+    # kernel backward refused the empty, stride-0 dout, with the first K/V hop
+    # already posted), head dim 0 with the default scale in both
+    # (ZeroDivisionError from 1/sqrt(0); every score is 0 whatever the scale).
+    _init(rank, world, store)
+    g = torch.Generator().manual_seed(3)
+    s = 4 * world
+    failures = []
+    for method, b, d in (("ring", 0, 8), ("ring", 1, 0), ("ulysses", 1, 0)):
+        zigzag = method == "ring"
+        q, k = (torch.randn(b, s, 2, d, generator=g) for _ in range(2))
+        v, dout = (torch.randn(b, s, 2, 8, generator=g) for _ in range(2))
+        leaves = [shard_sequence(t, rank, world, zigzag=zigzag).requires_grad_() for t in (q, k, v)]
+        fn = ring_attention if method == "ring" else ulysses_attention
+        out = fn(*leaves, causal=True)
+        out.sum().backward() if b == 0 else out.backward(shard_sequence(dout, rank, world, zigzag=zigzag))
+        got = [unshard_sequence(_gather(t), zigzag=zigzag) for t in (out, *(t.grad for t in leaves))]
+        if rank == 0:
+            ref = [t.double().requires_grad_() for t in (q, k, v)]
+            o, _ = reference.attention(*ref, scale=1.0 if d == 0 else 1 / math.sqrt(d), window_right=0)
+            o.backward(torch.ones_like(o) if b == 0 else dout.double())
+            for name, x, r in zip(("out", "dq", "dk", "dv"), got, (o, *(t.grad for t in ref))):
+                f = tolerance_failure(f"{method} b={b} d={d} {name}", x, r, None, torch.float32)
+                if f:
+                    failures.append(f)
+    dist.barrier()
+    dist.destroy_process_group()
+    if failures:
+        raise AssertionError("\n".join(failures))
+
+
+def test_context_parallel_empty_batch_and_head_dim():
+    _spawn(_worker_empty_sizes, 2)

@@ -249,7 +249,7 @@ def ring_attention(
     if causal:
         wr = 0
     wl, wr = (wl if wl >= 0 else -1), (wr if wr >= 0 else -1)
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    scale = (1.0 / math.sqrt(d) if d > 0 else 1.0) if softmax_scale is None else float(softmax_scale)
     _comm.check_across_ranks(
         group, "ring_attention",
         [b, s_local, hq, hk, d, v.shape[-1], _comm.dtype_code(q.dtype), int(zigzag), wl, wr, seqlen, world],

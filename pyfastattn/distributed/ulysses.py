@@ -137,7 +137,7 @@ def ulysses_attention(
         qh, kh, vh,
         attn_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=used,
         max_seqlen_q=total, max_seqlen_k=total,
-        scale=1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale),
+        scale=(1.0 / math.sqrt(d) if d > 0 else 1.0) if softmax_scale is None else float(softmax_scale),
         softcap=float(softcap),
         window_left=wl if wl >= 0 else -1, window_right=wr if wr >= 0 else -1,
         bottom_right=False, dropout_p=0.0,
