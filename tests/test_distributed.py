@@ -355,6 +355,16 @@ def _worker_errors(rank, world, store):
     t = torch.randn(1, s, 2, 8)
     with pytest.raises(ValueError, match=r"S_local must be the same on every rank .* rank 0: 4, rank 1: 6"):
         ring_attention(t, t, t)
+    # float options too: a softcap or scale that differs between ranks gave each rank its own answer
+    t = torch.randn(1, 4, 2, 8)
+    with pytest.raises(
+        ValueError, match=r"softcap must be the same on every rank .* rank 0: 1.0, rank 1: 2.0"
+    ):
+        ring_attention(t, t, t, softcap=1.0 + rank)
+    with pytest.raises(
+        ValueError, match=r"softmax_scale must be the same on every rank .* rank 0: 0.5, rank 1: 0.25"
+    ):
+        ulysses_attention(t, t, t, softmax_scale=0.5 / (1 + rank))
     with pytest.raises(ValueError, match=r"seqlen must be an int in \[0, world_size \* S_local = 12\]"):
         ring_attention(torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8), seqlen=13)
     dist.barrier()  # no rank tears gloo down while another still talks to it

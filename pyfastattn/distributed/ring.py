@@ -252,9 +252,10 @@ def ring_attention(
     scale = (1.0 / math.sqrt(d) if d > 0 else 1.0) if softmax_scale is None else float(softmax_scale)
     _comm.check_across_ranks(
         group, "ring_attention",
-        [b, s_local, hq, hk, d, v.shape[-1], _comm.dtype_code(q.dtype), int(zigzag), wl, wr, seqlen, world],
+        [b, s_local, hq, hk, d, v.shape[-1], _comm.dtype_code(q.dtype), int(zigzag), wl, wr, seqlen, world,
+         scale, float(softcap)],
         ["batch", "S_local", "q heads", "k heads", "head dim", "v head dim", "dtype", "zigzag",
-         "window left (causal: right = 0)", "window right", "seqlen", "world size"],
+         "window left (causal: right = 0)", "window right", "seqlen", "world size", "softmax_scale", "softcap"],
         q.device,
     )  # fmt: skip
     ring = _Ring(group)
