@@ -8,12 +8,13 @@ full sequence with 1 and with P threads as the baselines. It reports:
 * ``total``: wall time of one fwd+bwd (median, p20, p80 over the repeats; the
   slowest rank of each repeat);
 * ``compute``: time inside the local kernels and merges (the ring's own
-  timers; for Ulysses, total minus the all-to-alls);
+  timers); for Ulysses, the same run's wall time minus its time inside the
+  all-to-alls and the cross-rank input check (per rank, then the slowest);
 * ``comm``: the same transfers run alone, without compute (ring: the K/V and
   dK/dV hops of one fwd+bwd; Ulysses: its four all-to-alls forward, four back);
-* ``waited``: time the ring spent blocked in ``wait`` (includes waiting for a
-  slower rank to post its send: load imbalance, here mostly other processes
-  on the machine);
+* ``waited``: time the ring spent blocked in ``wait``, Ulysses inside its
+  all-to-alls and input check, during the timed runs (includes waiting for a
+  slower rank: load imbalance, here mostly other processes on the machine);
 * ``exposed``: the part of ``waited`` the wire caused: per transfer, the wait
   after both this rank started waiting and the sender had posted (one host
   clock, so this split needs all ranks on one machine);
@@ -51,6 +52,8 @@ from pyfastattn.distributed import (  # noqa: E402
     shard_sequence,
     ulysses_attention,
 )
+from pyfastattn.distributed import _comm as _cp_comm  # noqa: E402
+from pyfastattn.distributed import ulysses as _ulysses  # noqa: E402
 from pyfastattn.distributed.ulysses import _head_to_seq, _seq_to_head  # noqa: E402
 
 
@@ -127,6 +130,38 @@ def _ulysses_comm_alone(q, k, v, world, repeats):
     return statistics.median(times)
 
 
+class _UlyssesCommClock:
+    """Seconds this process spends inside Ulysses' communication while the
+    block runs: its all-to-alls (forward and backward) and the cross-rank
+    input check (one all-gather). The rest of the same run's wall time is its
+    compute, so that compute + communication = the run, never below zero.
+    (Subtracting the separately timed ``comm`` alone from the total instead
+    gave a negative compute at S=256, where the all-to-alls are
+    latency-bound and make up nearly all of the run.)"""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+    def __enter__(self):
+        self._saved = (_ulysses._a2a, _cp_comm.check_across_ranks)
+        _ulysses._a2a = self._timed(_ulysses._a2a)
+        _cp_comm.check_across_ranks = self._timed(_cp_comm.check_across_ranks)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ulysses._a2a, _cp_comm.check_across_ranks = self._saved
+
+
 def _max_over_ranks(x: float) -> float:
     t = torch.tensor([x], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -149,10 +184,15 @@ def _worker(rank, world, store, cfg, queue):
                 t0 = time.perf_counter()
                 if method == "ring":
                     out = ring_attention(q, k, v, causal=cfg["causal"], timers=timers)
+                    out.backward(do)
                 else:
-                    out = ulysses_attention(q, k, v, causal=cfg["causal"])
-                out.backward(do)
-                el = _max_over_ranks(time.perf_counter() - t0)
+                    with _UlyssesCommClock() as clock:
+                        out = ulysses_attention(q, k, v, causal=cfg["causal"])
+                        out.backward(do)
+                mine = time.perf_counter() - t0
+                if method != "ring":  # clock.seconds: parts of this rank's [t0, now]
+                    timers.wait, timers.compute = clock.seconds, mine - clock.seconds
+                el = _max_over_ranks(mine)
                 q.grad = k.grad = v.grad = None
                 if i:
                     totals.append(el)
@@ -175,11 +215,11 @@ def _worker(rank, world, store, cfg, queue):
                 comm = _max_over_ranks(
                     _ulysses_comm_alone(q.detach(), k.detach(), v.detach(), world, cfg["repeats"])
                 )
-                compute = statistics.median(totals) - comm
-                exposed = waited = comm
+                compute = statistics.median(computes)
+                exposed = waited = statistics.median(waits)  # nothing overlaps the all-to-alls
             if rank == 0:
                 med, p20, p80 = _pcts(totals)
-                overlap = 0.0 if comm <= 0 else max(0.0, min(1.0, 1.0 - exposed / comm))
+                overlap = 0.0 if comm <= 0 or method != "ring" else max(0.0, min(1.0, 1.0 - exposed / comm))
                 queue.put(dict(method=method, procs=world, seqlen=s, total=med, p20=p20, p80=p80,
                                compute=compute, comm=comm, exposed=exposed, waited=waited, overlap=overlap))  # fmt: skip
     dist.destroy_process_group()

@@ -137,15 +137,22 @@ def _ffn_backward_differentiable(x, w1, b1, w2, w3, b3, activation, dout, mask):
     Hessian-vector product): ffn_bwd is not differentiable (its GEMMs write
     into out= buffers, which autograd refuses), so the forward is recomputed
     in eager torch and differentiated with a graph; the gradients are the
-    same function's, and twice differentiable."""
-    names = (x, w1, b1, w2, None, w3, b3)  # b2 is not saved: its gradient is dout summed over tokens
-    want = [t for t, m in zip(names, mask) if m and t is not None]
-    grads = {}
-    if want:
-        y = _eager(x, w1, b1, w2, None, w3, b3, activation)
-        got = torch.autograd.grad(y, want, dout, create_graph=True, allow_unused=True)
-        grads = {id(t): g if g is not None else torch.zeros_like(t) for t, g in zip(want, got)}
-    out = [grads.get(id(t)) if m and t is not None else None for t, m in zip(names, mask)]
+    same function's, and twice differentiable.
+
+    Each argument position gets its own alias (``view_as``), so that a tensor
+    passed in two positions (gate and up tied to one weight, one bias for
+    both, ``x`` also a weight) gets each position's partial gradient, as from
+    the fused backward; differentiating by the tensor itself gave every
+    position the total, and autograd then summed it once per position."""
+    # b2 is not saved: its gradient is dout summed over tokens
+    args = [None if t is None else t.view_as(t) for t in (x, w1, b1, w2, None, w3, b3)]
+    out = [None] * 7
+    pos = [i for i, (t, m) in enumerate(zip(args, mask)) if m and t is not None]
+    if pos:
+        y = _eager(*args, activation)
+        got = torch.autograd.grad(y, [args[i] for i in pos], dout, create_graph=True, allow_unused=True)
+        for i, g in zip(pos, got):
+            out[i] = g if g is not None else torch.zeros_like(args[i])
     if mask[4]:
         out[4] = dout.sum(0)
     return tuple(out) + (None, None)

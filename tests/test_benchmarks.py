@@ -476,3 +476,35 @@ def test_ffn_decode_roof_is_the_share_of_the_read_bandwidth_the_peak_allows():
     assert ffn_decode_bench.roof_fraction(wbytes, flops, 40.0, 1.0) == 1.0
     roof = ffn_decode_bench.roof_fraction(wbytes, flops, 80.0, 1.0)
     assert abs(roof - (wbytes / 80e9) / (flops / 1e12)) < 1e-12 and 0.77 < roof < 0.79, roof
+
+
+def test_context_parallel_ulysses_compute_is_the_run_minus_its_communication(tmp_path, monkeypatch):
+    """context_parallel_bench.py: Ulysses' ``compute`` is the timed run minus
+    the time inside its all-to-alls in that same run, so never negative and
+    never above ``total``, and its ``overlap`` is 0. It was the total minus
+    the transfers timed separately (``comm``), which came out negative at
+    S=256, where the latency-bound all-to-alls are nearly the whole run; a
+    separately timed ``comm`` above the total gives that case here, in one
+    in-process rank."""
+    import torch.distributed as dist
+
+    bench = _load("context_parallel_bench")
+    monkeypatch.setattr(bench, "_ulysses_comm_alone", lambda *args: 1000.0)
+    rows = []
+
+    class Queue:
+        put = rows.append
+
+    cfg = dict(seqlens=[16], methods=["ulysses"], dtype="float32", batch=1, heads=2, head_dim=8, causal=True,
+               repeats=2)  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        bench._worker(0, 1, str(tmp_path / "store"), cfg, Queue())
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    (row,) = rows
+    assert row["comm"] == 1000.0
+    assert 0.0 <= row["compute"] <= row["total"], row
+    assert 0.0 <= row["waited"] <= row["total"] and row["overlap"] == 0.0, row

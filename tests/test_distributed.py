@@ -355,6 +355,16 @@ def _worker_errors(rank, world, store):
     t = torch.randn(1, s, 2, 8)
     with pytest.raises(ValueError, match=r"S_local must be the same on every rank .* rank 0: 4, rank 1: 6"):
         ring_attention(t, t, t)
+    # float options too: a softcap or scale that differs between ranks gave each rank its own answer
+    t = torch.randn(1, 4, 2, 8)
+    with pytest.raises(
+        ValueError, match=r"softcap must be the same on every rank .* rank 0: 1.0, rank 1: 2.0"
+    ):
+        ring_attention(t, t, t, softcap=1.0 + rank)
+    with pytest.raises(
+        ValueError, match=r"softmax_scale must be the same on every rank .* rank 0: 0.5, rank 1: 0.25"
+    ):
+        ulysses_attention(t, t, t, softmax_scale=0.5 / (1 + rank))
     with pytest.raises(ValueError, match=r"seqlen must be an int in \[0, world_size \* S_local = 12\]"):
         ring_attention(torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8), seqlen=13)
     dist.barrier()  # no rank tears gloo down while another still talks to it
@@ -369,3 +379,87 @@ def test_needs_process_group():
     x = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
         ring_attention(x, x, x)
+
+
+def _worker_strided_head_dim(rank, world, store):
+    # q, k, v whose head dim is not unit-stride (views of (..., D, H)-major
+    # storage): the forward copies them for the kernel, but the ring's backward
+    # passed the saved q to the kernel backward as it was, which raised "q must
+    # be contiguous in its last dimension" in the middle of the ring (its
+    # first K/V hop already posted).
+    _init(rank, world, store)
+    g = torch.Generator().manual_seed(5)
+    b, s, h, d = 1, 8 * world, 2, 16
+    q, k, v, dout = (torch.randn(b, s, h, d, generator=g) for _ in range(4))
+    failures = []
+    for method in ("ring", "ulysses"):
+        zigzag = method == "ring"
+        leaves = [
+            shard_sequence(t, rank, world, zigzag=zigzag).transpose(-1, -2).contiguous() for t in (q, k, v)
+        ]
+        leaves = [t.requires_grad_() for t in leaves]
+        fn = ring_attention if method == "ring" else ulysses_attention
+        out = fn(*(t.transpose(-1, -2) for t in leaves), causal=True)
+        out.backward(shard_sequence(dout, rank, world, zigzag=zigzag))
+        got = [
+            unshard_sequence(_gather(t), zigzag=zigzag)
+            for t in (out, *(t.grad.transpose(-1, -2) for t in leaves))
+        ]
+        if rank == 0:
+            ref = [t.double().requires_grad_() for t in (q, k, v)]
+            o, _ = reference.attention(*ref, scale=1 / math.sqrt(d), window_right=0)
+            o.backward(dout.double())
+            base = [t.detach().requires_grad_() for t in (q, k, v)]
+            ob = naive_attention(*base, scale=1 / math.sqrt(d), window_right=0)
+            ob.backward(dout)
+            for name, x, r, bl in zip(
+                ("out", "dq", "dk", "dv"), got, (o, *(t.grad for t in ref)), (ob, *(t.grad for t in base))
+            ):
+                f = tolerance_failure(f"{method} strided head dim {name}", x, r, bl, torch.float32)
+                if f:
+                    failures.append(f)
+    dist.barrier()
+    dist.destroy_process_group()
+    if failures:
+        raise AssertionError("\n".join(failures))
+
+
+def test_context_parallel_head_dim_with_a_stride():
+    _spawn(_worker_strided_head_dim, 2)
+
+
+def _worker_empty_sizes(rank, world, store):
+    # Sizes pyfastattn.attention takes (its reference handles them) crashed
+    # the context-parallel paths: an empty batch in the ring's backward (the
+    # kernel backward refused the empty, stride-0 dout, with the first K/V hop
+    # already posted), head dim 0 with the default scale in both
+    # (ZeroDivisionError from 1/sqrt(0); every score is 0 whatever the scale).
+    _init(rank, world, store)
+    g = torch.Generator().manual_seed(3)
+    s = 4 * world
+    failures = []
+    for method, b, d in (("ring", 0, 8), ("ring", 1, 0), ("ulysses", 1, 0)):
+        zigzag = method == "ring"
+        q, k = (torch.randn(b, s, 2, d, generator=g) for _ in range(2))
+        v, dout = (torch.randn(b, s, 2, 8, generator=g) for _ in range(2))
+        leaves = [shard_sequence(t, rank, world, zigzag=zigzag).requires_grad_() for t in (q, k, v)]
+        fn = ring_attention if method == "ring" else ulysses_attention
+        out = fn(*leaves, causal=True)
+        out.sum().backward() if b == 0 else out.backward(shard_sequence(dout, rank, world, zigzag=zigzag))
+        got = [unshard_sequence(_gather(t), zigzag=zigzag) for t in (out, *(t.grad for t in leaves))]
+        if rank == 0:
+            ref = [t.double().requires_grad_() for t in (q, k, v)]
+            o, _ = reference.attention(*ref, scale=1.0 if d == 0 else 1 / math.sqrt(d), window_right=0)
+            o.backward(torch.ones_like(o) if b == 0 else dout.double())
+            for name, x, r in zip(("out", "dq", "dk", "dv"), got, (o, *(t.grad for t in ref))):
+                f = tolerance_failure(f"{method} b={b} d={d} {name}", x, r, None, torch.float32)
+                if f:
+                    failures.append(f)
+    dist.barrier()
+    dist.destroy_process_group()
+    if failures:
+        raise AssertionError("\n".join(failures))
+
+
+def test_context_parallel_empty_batch_and_head_dim():
+    _spawn(_worker_empty_sizes, 2)

@@ -778,3 +778,36 @@ def test_create_graph_gives_first_and_second_derivatives(gated):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
     for a, r in zip(second, ref_second):
         torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("tie", ["gate_up", "biases", "x_is_w1"])
+def test_create_graph_with_one_tensor_in_two_positions(tie):
+    # The create_graph backward differentiated the recomputed forward by the
+    # tensors themselves: a tensor passed in two positions (gate and up tied
+    # to one weight, one bias for both, x also used as a weight) got the total
+    # gradient in each position, which autograd then summed: twice the right
+    # gradient, silently. Each position now gets its own partial, as from the
+    # fused backward; the second derivatives are the reference's.
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    x, w, w2, b = (torch.randn(*s, generator=g).requires_grad_() for s in ((5, d), (d, d), (d, d), (d,)))
+    if tie == "gate_up":
+        ps = [x, w, w2]
+        call = lambda: pyfastattn.gated_feed_forward(x, w, w, w2)  # noqa: E731
+    elif tie == "biases":
+        ps = [x, w, w2, b]
+        call = lambda: pyfastattn.gated_feed_forward(x, w, w2.t(), w2, b, b)  # noqa: E731
+    else:
+        ps = [w, w2, b]
+        call = lambda: pyfastattn.feed_forward(w, w, b, w2)  # noqa: E731
+    fused = torch.autograd.grad(call().pow(2).sum(), ps)
+    first = torch.autograd.grad(call().pow(2).sum(), ps, create_graph=True)
+    second = torch.autograd.grad(sum(t.pow(2).sum() for t in first), ps)
+    with pyfastattn.backend("reference"):
+        ref_first = torch.autograd.grad(call().pow(2).sum(), ps, create_graph=True)
+        ref_second = torch.autograd.grad(sum(t.pow(2).sum() for t in ref_first), ps)
+    for a, f, r in zip(first, fused, ref_first):
+        torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+    for a, r in zip(second, ref_second):
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3)

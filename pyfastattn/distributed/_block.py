@@ -138,7 +138,11 @@ def block_forward(
     )  # fmt: skip
 
 
-def _use_kernel_backward(q: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def _use_kernel_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> bool:
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return False  # nothing to compute: the reference, as _functional._run does in the forward
     mode = _backend.get_backend()
     if mode == "reference" or not _ops.has_kernel("attention_bwd", q.device.type):
         return False
@@ -160,7 +164,7 @@ def block_backward(
     vb = v.narrow(1, plan.k_start, plan.k_len)
     mask = None if plan.dense is None else _dense_mask(plan, q.device)
     used = _seqused(plan, q.shape[0], q.device)
-    if _use_kernel_backward(qb, vb, mask):
+    if _use_kernel_backward(qb, kb, vb, mask):
         try:
             return torch.ops.pyfastattn.attention_bwd(
                 dob, qb, kb, vb, ob, lseb, mask, None, None, used, plan.q_len, plan.k_len,
@@ -208,6 +212,6 @@ def _reference_block_backward(dout, q, k, v, out, lse, mask, used, plan, scale, 
         ds = ds * (1 - t * t)
     dq = torch.matmul(ds, kf) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
-    dk = dk.view(b, hk, g, sk, -1).sum(2)
-    dv = dv.view(b, hk, g, sk, -1).sum(2)
+    dk = dk.view(b, hk, g, sk, k.shape[-1]).sum(2)  # explicit sizes: -1 is ambiguous for 0 elements
+    dv = dv.view(b, hk, g, sk, v.shape[-1]).sum(2)
     return dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)

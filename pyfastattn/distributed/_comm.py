@@ -62,8 +62,12 @@ def global_rank(group, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)
 
 
-def check_across_ranks(group, what: str, values: list[int], names: list[str], device: torch.device) -> None:
-    """Raise on every rank if ``values`` differ between ranks (names say which)."""
+def check_across_ranks(
+    group, what: str, values: list[int | float], names: list[str], device: torch.device
+) -> None:
+    """Raise on every rank if ``values`` differ between ranks (names say which).
+    Ints (shapes, lengths, codes: far below 2**53) and floats (softmax scale,
+    softcap) travel exactly as float64."""
     if not CHECK_ACROSS_RANKS:
         return
     world, rank = group_info(group)
@@ -71,12 +75,12 @@ def check_across_ranks(group, what: str, values: list[int], names: list[str], de
         return
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor(values, dtype=torch.int64, device=device)
+    t = torch.tensor([float(x) for x in values], dtype=torch.float64, device=device)
     gathered = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(gathered, t, group=group)
     table = torch.stack(gathered).cpu().tolist()
     for i, name in enumerate(names):
-        col = [row[i] for row in table]
+        col = [type(values[i])(row[i]) for row in table]  # printed as given: 4, not 4.0
         if any(c != col[0] for c in col):
             raise InvalidArgumentError(
                 f"{what}: {name} must be the same on every rank of the group, got "

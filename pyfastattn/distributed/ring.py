@@ -118,6 +118,10 @@ class _RingAttention(torch.autograd.Function):
         b, s_local, hq, _ = q.shape
         dk_dim, dv_dim = k.shape[-1], v.shape[-1]
         kv = torch.cat([k, v], dim=-1).contiguous()  # one message per step
+        # The kernels read rows with a unit stride in the head dim; the
+        # forward's _run would copy q per block, but the backward passes the
+        # saved q to attention_bwd directly, which refuses any other stride.
+        q = q if q.stride(-1) == 1 else q.contiguous()
         acc = _acc_dtype(q.dtype)
         out_acc = torch.zeros(b, s_local, hq, dv_dim, dtype=acc, device=q.device)
         lse_acc = torch.full((b, hq, s_local), float("-inf"), dtype=acc, device=q.device)
@@ -245,12 +249,13 @@ def ring_attention(
     if causal:
         wr = 0
     wl, wr = (wl if wl >= 0 else -1), (wr if wr >= 0 else -1)
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    scale = (1.0 / math.sqrt(d) if d > 0 else 1.0) if softmax_scale is None else float(softmax_scale)
     _comm.check_across_ranks(
         group, "ring_attention",
-        [b, s_local, hq, hk, d, v.shape[-1], _comm.dtype_code(q.dtype), int(zigzag), wl, wr, seqlen, world],
+        [b, s_local, hq, hk, d, v.shape[-1], _comm.dtype_code(q.dtype), int(zigzag), wl, wr, seqlen, world,
+         scale, float(softcap)],
         ["batch", "S_local", "q heads", "k heads", "head dim", "v head dim", "dtype", "zigzag",
-         "window left (causal: right = 0)", "window right", "seqlen", "world size"],
+         "window left (causal: right = 0)", "window right", "seqlen", "world size", "softmax_scale", "softcap"],
         q.device,
     )  # fmt: skip
     ring = _Ring(group)

@@ -117,11 +117,13 @@ def ulysses_attention(
     wl, wr = int(window_size[0]), int(window_size[1])
     if causal:
         wr = 0
+    scale = (1.0 / math.sqrt(d) if d > 0 else 1.0) if softmax_scale is None else float(softmax_scale)
     _comm.check_across_ranks(
         group, "ulysses_attention",
-        [b, s_local, hq, hk, d, v.shape[-1], _comm.dtype_code(q.dtype), wl, wr, seqlen, world],
+        [b, s_local, hq, hk, d, v.shape[-1], _comm.dtype_code(q.dtype), wl, wr, seqlen, world,
+         scale, float(softcap)],
         ["batch", "S_local", "q heads", "k heads", "head dim", "v head dim", "dtype",
-         "window left", "window right (causal: 0)", "seqlen", "world size"],
+         "window left", "window right (causal: 0)", "seqlen", "world size", "softmax_scale", "softcap"],
         q.device,
     )  # fmt: skip
     if hk < world:  # replicate each K/V head so every rank gets the one its q heads use
@@ -137,8 +139,7 @@ def ulysses_attention(
         qh, kh, vh,
         attn_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=used,
         max_seqlen_q=total, max_seqlen_k=total,
-        scale=1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale),
-        softcap=float(softcap),
+        scale=scale, softcap=float(softcap),
         window_left=wl if wl >= 0 else -1, window_right=wr if wr >= 0 else -1,
         bottom_right=False, dropout_p=0.0,
     )  # fmt: skip
