@@ -1,7 +1,8 @@
 // GEMM micro-kernels of the CPU attention: C[M x N] (=|+=) A[M x K] B[K x N]
 // over the small tiles of one block (M, N, K from 16 to 256, data in L1/L2),
 // accumulating in fp32, with the epilogues the attention steps fold in (a
-// scale, a per-row rescale of C, a running column max).
+// scale, a per-row rescale of C, a running column max) and the products' cut
+// at a causal diagonal (GemmArgs::diag).
 //
 // at::native::cpublas::gemm (what PyTorch's CPU flash attention calls) is not
 // exported from libtorch_cpu, and MKL sgemm reaches 107 GFLOP/s on one Zen 5
