@@ -747,6 +747,24 @@ def test_bad_input(backend, call, err, match):
         call()
 
 
+def _assert_double_backward_matches_reference(call, ps):
+    """First derivatives of call() (sum of squares) by ps from the fused
+    backward and from the create_graph one agree with each other and with the
+    reference backend's; second derivatives with the reference's."""
+    fused = torch.autograd.grad(call().pow(2).sum(), ps)
+    first = torch.autograd.grad(call().pow(2).sum(), ps, create_graph=True)
+    second = torch.autograd.grad(sum(t.pow(2).sum() for t in first), ps)
+    with pyfastattn.backend("reference"):
+        ref_first = torch.autograd.grad(call().pow(2).sum(), ps, create_graph=True)
+        ref_second = torch.autograd.grad(sum(t.pow(2).sum() for t in ref_first), ps)
+    for a, f, r in zip(first, fused, ref_first):
+        torch.testing.assert_close(a, f, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+    for a, r in zip(second, ref_second):
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 def test_create_graph_gives_first_and_second_derivatives(gated):
     # A gradient penalty (create_graph=True) used to fail in the first
@@ -767,17 +785,7 @@ def test_create_graph_gives_first_and_second_derivatives(gated):
             return pyfastattn.gated_feed_forward(x, w1, w3, w2, b1, None, b2)
         return pyfastattn.feed_forward(x, w1, b1, w2, b2)
 
-    fused = torch.autograd.grad(ffn().pow(2).sum(), ps)
-    first = torch.autograd.grad(ffn().pow(2).sum(), ps, create_graph=True)
-    second = torch.autograd.grad(sum(t.pow(2).sum() for t in first), ps)
-    with pyfastattn.backend("reference"):
-        ref_first = torch.autograd.grad(ffn().pow(2).sum(), ps, create_graph=True)
-        ref_second = torch.autograd.grad(sum(t.pow(2).sum() for t in ref_first), ps)
-    for a, b, r in zip(first, fused, ref_first):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
-    for a, r in zip(second, ref_second):
-        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3)
+    _assert_double_backward_matches_reference(ffn, ps)
 
 
 @pytest.mark.parametrize("tie", ["gate_up", "biases", "x_is_w1"])
@@ -800,14 +808,4 @@ def test_create_graph_with_one_tensor_in_two_positions(tie):
     else:
         ps = [w, w2, b]
         call = lambda: pyfastattn.feed_forward(w, w, b, w2)  # noqa: E731
-    fused = torch.autograd.grad(call().pow(2).sum(), ps)
-    first = torch.autograd.grad(call().pow(2).sum(), ps, create_graph=True)
-    second = torch.autograd.grad(sum(t.pow(2).sum() for t in first), ps)
-    with pyfastattn.backend("reference"):
-        ref_first = torch.autograd.grad(call().pow(2).sum(), ps, create_graph=True)
-        ref_second = torch.autograd.grad(sum(t.pow(2).sum() for t in ref_first), ps)
-    for a, f, r in zip(first, fused, ref_first):
-        torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
-    for a, r in zip(second, ref_second):
-        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3)
+    _assert_double_backward_matches_reference(call, ps)
