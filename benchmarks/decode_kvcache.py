@@ -20,6 +20,9 @@ threads together reading ~40 GB/s, about what one thread reads, or ~75-80
 GB/s, PERF_NOTES "Session 8"), and the ratio of the two probes
 (``read_bw_gbps`` / ``read_bw_1thread_gbps``, printed as "threads add")
 says which state a row ran in.
+The rows and the header also say where the CPU kernel's row prefetches went
+(``cpu_prefetch``: l1 / l2, chosen by CPU generation; ``PYFASTATTN_CPU_KV_PREFETCH``
+overrides it), which halves or doubles the step on a Zen 4 (PERF_NOTES, v18).
 
 Reported per layout: ms per step (median, p20, p80), tokens/s (batch / step
 time), GB/s of cache read (K and V of every attended key, once), the median
@@ -234,7 +237,8 @@ def run_case(b, ctx, dtype, layouts, reps, baselines, check, device="cpu", alloc
                          read_bw_gbps=round(bw, 2), frac_read_bw=round(frac, 3),
                          ratio_to_contiguous="" if ratio is None else round(ratio, 3), read_probe=probe,
                          probe_note=probe_note, on_tick=on_tick,
-                         read_bw_1thread_gbps="" if bw1 is None else round(bw1, 2)))  # fmt: skip
+                         read_bw_1thread_gbps="" if bw1 is None else round(bw1, 2),
+                         cpu_prefetch=prefetch_level()))  # fmt: skip
 
     pt = ts[("probe", probe)]
     for lay in layouts:
@@ -323,14 +327,21 @@ def run(
     return out
 
 
+def prefetch_level() -> str:
+    """Where the CPU KV-cache kernel's row prefetches go on this machine (l1 /
+    l2: PYFASTATTN_CPU_KV_PREFETCH, by default chosen by CPU generation)."""
+    return torch.ops.pyfastattn.kvcache_cpu_prefetch_level()
+
+
 CSV_FIELDS = ["time", "threads", "load1", "provider", "batch", "context", "dtype", "layout", "p20_ms", "p50_ms",
               "p80_ms", "tokens_per_s", "gbps", "read_bw_gbps", "frac_read_bw", "ratio_to_contiguous",
-              "read_probe", "read_bw_1thread_gbps"]  # fmt: skip
+              "read_probe", "read_bw_1thread_gbps", "cpu_prefetch"]  # fmt: skip
 
 
 def _append_csv(path: str, rows: list[dict]) -> None:
     """Appends rows to the CSV at path; a file written before the last
-    columns (ratio_to_contiguous, read_probe, read_bw_1thread_gbps) existed
+    columns (ratio_to_contiguous, read_probe, read_bw_1thread_gbps,
+    cpu_prefetch) existed
     is rewritten once with them (its old rows keep them empty)."""
     old = None
     if os.path.exists(path):
@@ -421,7 +432,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     load = os.getloadavg()
     print(f"# threads {torch.get_num_threads()}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
-          f"Hq {HQ} Hk {HK} D {D}")  # fmt: skip
+          f"Hq {HQ} Hk {HK} D {D}, CPU kernel's row prefetches to {prefetch_level()}")  # fmt: skip
     all_rows = []
     for dtype in dtypes:
         for b in batches:

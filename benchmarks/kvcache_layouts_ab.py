@@ -11,6 +11,12 @@ Hq32 Hk8 D128, 32k keys, bf16, one token appended.
     cp pyfastattn/_C*.so /tmp/old.so   # before the change; rebuild; then
     cp pyfastattn/_C*.so /tmp/new.so
     python benchmarks/kvcache_layouts_ab.py /tmp/old.so,/tmp/new.so [alternations] [rounds] [reps]
+
+A build may carry environment settings for its child after a colon, so that
+one build's run-time choices are compared in one run, e.g. the prefetch level:
+
+    python benchmarks/kvcache_layouts_ab.py \
+        /tmp/new.so:PYFASTATTN_CPU_KV_PREFETCH=l1,/tmp/new.so:PYFASTATTN_CPU_KV_PREFETCH=l2
 """
 
 import os
@@ -70,14 +76,17 @@ def main():
     reps = sys.argv[4] if len(sys.argv) > 4 else "3"
     print(f"B1 Hq32 Hk8 D128 32k bf16, one thread, CPU ms per step; load {os.getloadavg()[0]:.1f}")
     for _ in range(alternations):
-        for so in sos:
+        for spec in sos:
+            so, *settings = spec.split(":")
+            env = dict(os.environ, **dict(kv.split("=", 1) for kv in settings))
             out = subprocess.run(
-                [sys.executable, "-c", CHILD, so, rounds, reps], capture_output=True, text=True
+                [sys.executable, "-c", CHILD, so, rounds, reps], capture_output=True, text=True, env=env
             )
             if out.returncode:
                 print(out.stderr[-2000:])
                 sys.exit(1)
-            print(f"  {os.path.basename(so):10s} {out.stdout.strip()}")
+            name = os.path.basename(so) + "".join(":" + kv.split("=", 1)[1] for kv in settings)
+            print(f"  {name:10s} {out.stdout.strip()}")
     print(f"load at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -710,6 +710,84 @@ def test_instruction_set_fallbacks(isa):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 
 
+_PREFETCH_CHILD = textwrap.dedent(
+    """
+    import sys, torch, pyfastattn
+    from tests.test_kvcache import make_case
+    res = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for d, block in ((64, None), (97, 16), (128, 64), (128, None)):
+            # Two chunks of keys (> 512) so that the split-KV merge runs too.
+            q, kc, vc, k, v, args = make_case(b=2, sq=1, s_new=1, hq=8, hk=2, d=d, cap=1100, dtype=dtype,
+                                              block=block, full=True, seed=d)
+            res.append(pyfastattn.attention_with_kvcache(q, kc, vc, k, v, causal=True, return_lse=True, **args))
+    torch.save((torch.ops.pyfastattn.kvcache_cpu_prefetch_level(), res), sys.argv[1])
+    """
+)
+
+
+def _amd_family():
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return 0
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    return int(info.get("cpu family", "0")) if info.get("vendor_id") == "AuthenticAMD" else 0
+
+
+def test_prefetch_level_changes_no_bits(tmp_path):
+    """PYFASTATTN_CPU_KV_PREFETCH=l1|l2 (read once per process, hence
+    subprocesses) picks where the KV-cache kernel's row prefetches go; the
+    results are the same bits either way, and the default (auto: l2 on AMD
+    family 19h, l1 elsewhere) is one of the two. An unknown value is a clear
+    ValueError."""
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    outs = {}
+    for level in ("l1", "l2", "auto"):
+        path = tmp_path / f"{level}.pt"
+        env = dict(os.environ, PYFASTATTN_CPU_KV_PREFETCH=level)
+        r = subprocess.run([sys.executable, "-c", _PREFETCH_CHILD, str(path)], capture_output=True, text=True,
+                           env=env, cwd=root, timeout=600)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        got, outs[level] = torch.load(path)
+        # The setting took effect; auto is l2 exactly on AMD family 19h (Zen 4:
+        # /proc/cpuinfo "cpu family : 25"). "none": a CPU without AVX-512,
+        # whose portable steps have no prefetches.
+        want = level if level != "auto" else ("l2" if _amd_family() == 0x19 else "l1")
+        assert got in (want, "none"), (level, got, want)
+    assert len(outs["l1"]) == 12
+    for i, ((o1, s1), (o2, s2), (o3, s3)) in enumerate(zip(outs["l1"], outs["l2"], outs["auto"])):
+        assert not torch.isnan(o1).any(), f"case {i}: NaN in the output"
+        assert torch.equal(o1, o2) and torch.equal(s1, s2), f"case {i}: l1 and l2 prefetches give other bits"
+        assert torch.equal(o1, o3) and torch.equal(s1, s3), f"case {i}: the default gives other bits"
+    env = dict(os.environ, PYFASTATTN_CPU_KV_PREFETCH="L3")
+    r = subprocess.run([sys.executable, "-c", _PREFETCH_CHILD, str(tmp_path / "bad.pt")], capture_output=True,
+                       text=True, env=env, cwd=root, timeout=600)  # fmt: skip
+    assert r.returncode != 0
+    # pyfastattn's InvalidArgumentError, a ValueError
+    assert "InvalidArgumentError" in r.stderr and "PYFASTATTN_CPU_KV_PREFETCH must be 'auto'" in r.stderr
+    assert "got 'L3'" in r.stderr
+
+
+@pytest.mark.parametrize("level", ["l1", "l2"])
+def test_prefetch_levels_match_reference(level):
+    # Both prefetch levels' instantiations of the AVX-512 steps against the
+    # reference (the default runs only one of them on a given machine).
+    import os
+
+    env = dict(os.environ, PYFASTATTN_CPU_KV_PREFETCH=level)
+    sel = "matches_reference and (decode or paged or softcap or window or dv_ne_d or odd_head_dim or kv_head_groups)"
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " 0 passed" not in r.stdout
+
+
 def test_decode_benchmark_interleaved_rows_and_csv(tmp_path):
     # decode_kvcache.py's own CSV: an older file (no ratio_to_contiguous /
     # read_probe columns) is rewritten once with them, its row kept; every new
@@ -724,7 +802,7 @@ def test_decode_benchmark_interleaved_rows_and_csv(tmp_path):
     finally:
         sys.path.pop(0)
     out = tmp_path / "decode.csv"
-    old_fields = decode_kvcache.CSV_FIELDS[:-2]
+    old_fields = decode_kvcache.CSV_FIELDS[:-3]
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=old_fields)
         w.writeheader()
@@ -749,6 +827,7 @@ def test_decode_benchmark_interleaved_rows_and_csv(tmp_path):
     assert decode_kvcache._on_scheduler_tick([5.77, 4.79, 6.16, 7.08]) == 0.0
     assert 0 < float(got[2]["ratio_to_contiguous"]) < 100
     assert got[1]["read_bw_1thread_gbps"] == ""  # one thread: no second probe to compare with
+    assert got[0]["cpu_prefetch"] == "" and {r["cpu_prefetch"] for r in got[1:]} <= {"l1", "l2", "none"}
     # On two threads every row also carries the one-thread probe's bandwidth
     # (the memory's state: what the second thread adds).
     old_threads = torch.get_num_threads()

@@ -37,6 +37,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "attention_decode.h"
@@ -319,8 +321,10 @@ PFA_AVX512 inline __m512 hsum16(const __m512* v) {
 // pass's rows over the loop. The hardware prefetchers do not keep up with
 // this kernel on their own, even on a contiguous cache walked in address
 // order (PERF_NOTES.md, v5: without the software prefetches a step took 2.5x
-// the CPU time; every other line or one per 256 bytes, 2.2-2.5x; the T1 and
-// NTA hints, no different from T0).
+// the CPU time; every other line or one per 256 bytes, 2.2-2.5x; on Zen 5
+// the T1 and NTA hints no different from T0). Where the lines go, L1 or L2,
+// is chosen by CPU generation below (kv_prefetch_to_l2: on Zen 4, L2 halves
+// the step).
 
 // The row slices (one key's kv heads after another) a pass prefetches, a
 // share at a time; and, spread over the same steps, the first line of each
@@ -334,7 +338,35 @@ PFA_AVX512 inline __m512 hsum16(const __m512* v) {
 // load per row), not read from a list of slice pointers: a load per
 // prefetch, queued behind prefetches that wait for miss buffers, held the
 // prefetches back (v10: -20 % per step at the target case).
-template <typename T>
+// Where the row prefetches put their lines: L1 (prefetcht0) or L2
+// (prefetcht2). A tile's V rows are 128 KB at the target case (64 keys x 8 kv
+// heads x 256 bytes), prefetched over the scores pass, far more than L1 holds.
+// Measured per generation (PERF_NOTES.md, v18, one thread, B1 Hq32 Hk8 D128
+// 32k bf16): on Zen 4 (AMD family 19h: 32 KB L1D) T0 took 17.5-22 ms per step
+// and T2 9.2-10.4 ms, every layout; on Zen 5 (family 1Ah, 48 KB L1D) the v5
+// round found T1 no different from T0 (14.6 vs 13.9 ms) and every later
+// version was tuned with T0, so T0 stays there and on every other CPU.
+// PYFASTATTN_CPU_KV_PREFETCH=l1|l2 overrides the choice (read once per process;
+// the hint changes no result bits, only timing).
+constexpr int kPfToL1 = 3;  // __builtin_prefetch locality 3: prefetcht0
+constexpr int kPfToL2 = 1;  // locality 1: prefetcht2
+
+bool kv_prefetch_to_l2() {
+  static const bool l2 = [] {
+    const char* env = std::getenv("PYFASTATTN_CPU_KV_PREFETCH");
+    const std::string v = env ? env : "";
+    TORCH_CHECK_VALUE(v.empty() || v == "auto" || v == "l1" || v == "l2",
+                      "PYFASTATTN_CPU_KV_PREFETCH must be 'auto' (the default), 'l1' or 'l2', got '", v, "'");
+    if (v == "l1" || v == "l2") return v == "l2";
+    return cpu_amd_family() == 0x19;
+  }();
+  return l2;
+}
+
+// kRowLocality: where the row slices go, as __builtin_prefetch's locality:
+// kPfToL1 (prefetcht0) or kPfToL2 (prefetcht2; on Zen 4 and later the T1 / T2
+// hints fill L2, not L1). The far primes stay T0 (v18: T2 there was slower).
+template <typename T, int kRowLocality>
 struct PfCursor {
   const T* const* rows;  // row pointers (at the task's first kv head)
   int nrows, heads;
@@ -351,7 +383,7 @@ struct PfCursor {
   PFA_INLINE void step_one_row_slice() {
     if (next == count) return;
     const char* s = reinterpret_cast<const char*>(row + h * head_stride);
-    for (int l = 0; l < lines; ++l) _mm_prefetch(s + 64 * l, _MM_HINT_T0);
+    for (int l = 0; l < lines; ++l) __builtin_prefetch(s + 64 * l, 0, kRowLocality);
     ++next;
     if (++h == heads) {
       h = 0;
@@ -362,7 +394,7 @@ struct PfCursor {
     const int e = std::min(count, next + k);
     for (; next < e; ++next) {
       const char* s = reinterpret_cast<const char*>(row + h * head_stride);
-      for (int l = 0; l < lines; ++l) _mm_prefetch(s + 64 * l, _MM_HINT_T0);
+      for (int l = 0; l < lines; ++l) __builtin_prefetch(s + 64 * l, 0, kRowLocality);
       if (++h == heads) {
         h = 0;
         if (++j < nrows) row = rows[j];
@@ -378,16 +410,16 @@ struct PfCursor {
 };
 
 // The slices of keys [0, n) of rows rp (kv heads of the task).
-template <typename T>
-PFA_INLINE PfCursor<T> pf_cursor(const T* const* rp, int n, int heads, int64_t head_stride, int elems) {
-  return PfCursor<T>{rp,      n,       heads, head_stride, int((elems * sizeof(T) + 63) / 64), n * heads, 0, 0, 0,
+template <int kL, typename T>
+PFA_INLINE PfCursor<T, kL> pf_cursor(const T* const* rp, int n, int heads, int64_t head_stride, int elems) {
+  return PfCursor<T, kL>{rp,      n,       heads, head_stride, int((elems * sizeof(T) + 63) / 64), n * heads, 0, 0, 0,
                      n > 0 ? rp[0] : nullptr, nullptr, nullptr, 0, 0};
 }
 
 // Adds the far list to pf: the first line of K row j and V row j of the next
 // tile's keys, j < nn, in that order.
-template <typename T>
-PFA_INLINE void pf_far(PfCursor<T>& pf, const T* const* kn, const T* const* vn, int nn) {
+template <typename T, int kL>
+PFA_INLINE void pf_far(PfCursor<T, kL>& pf, const T* const* kn, const T* const* vn, int nn) {
   pf.fark = kn;
   pf.farv = vn;
   pf.far_count = 2 * nn;
@@ -411,10 +443,10 @@ PFA_AVX512_BF16 PFA_INLINE __m512i load_bf16x32(const c10::BFloat16* x, int v, c
 // loops unroll with q and the 16 sums in registers; NV = 0: any d <= 256,
 // masked loads (a run-time loop the compiler keeps out of registers:
 // PERF_NOTES.md, v9).
-template <int NV>
+template <int NV, class Pf>
 PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16* const* qp, int G,
                                              const c10::BFloat16* const* kp, int64_t koff, int n, float* sc,
-                                             PfCursor<c10::BFloat16>& pf) {
+                                             Pf& pf) {
   using T = c10::BFloat16;
   const int d = c.d, nv = NV > 0 ? NV : (d + 31) / 32;
   __mmask32 km[8];
@@ -459,9 +491,9 @@ PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16
 
 // The same with fp32 FMAs (q from qf, fp32 rows of d): each key row loaded and
 // converted once for the G rows.
-template <typename T>
+template <typename T, class Pf>
 PFA_AVX512 inline void scores_head_f32(const KvCtx& c, const float* qf, int G, const T* const* kp, int64_t koff,
-                                       int n, float* sc, PfCursor<T>& pf) {
+                                       int n, float* sc, Pf& pf) {
   const int d = c.d, nv = (d + 15) / 16;
   for (int j = 0; j < n; ++j) {
     pf.step(1);
@@ -489,9 +521,9 @@ PFA_AVX512 inline void scores_head_f32(const KvCtx& c, const float* qf, int G, c
 // from a copy of pf held in locals over the key loop (v13: through a pointer
 // the cursor lived in memory, and its registers pushed three accumulators
 // onto the stack, a store-to-load chain per key).
-template <typename T, int GS, bool kPf>
+template <typename T, int GS, bool kPf, class Pf>
 PFA_AVX512 PFA_INLINE void pv_cols_regs(int dv, int x0, const T* const* vp, int64_t voff, int n, const float* sc,
-                                        float* acc, const float* alpha, PfCursor<T>& pf) {
+                                        float* acc, const float* alpha, Pf& pf) {
   __mmask16 km[4];
   for (int v = 0; v < 4; ++v) km[v] = x0 + 16 * v < dv ? mask16(dv - x0 - 16 * v) : __mmask16(0);
   __m512 o[GS][4];
@@ -499,7 +531,7 @@ PFA_AVX512 PFA_INLINE void pv_cols_regs(int dv, int x0, const T* const* vp, int6
     const __m512 a = _mm512_set1_ps(alpha[t]);
     for (int v = 0; v < 4; ++v) o[t][v] = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(km[v], acc + t * dv + x0 + 16 * v));
   }
-  PfCursor<T> cur = pf;
+  Pf cur = pf;
   for (int j = 0; j < n; ++j) {
     if constexpr (kPf) cur.step_one_row_slice();
     const T* vr = vp[j] + voff + x0;
@@ -516,18 +548,18 @@ PFA_AVX512 PFA_INLINE void pv_cols_regs(int dv, int x0, const T* const* vp, int6
 }
 
 // All dv columns of GS rows; the first 64 columns step pf when kPf.
-template <typename T, int GS, bool kPf>
+template <typename T, int GS, bool kPf, class Pf>
 PFA_AVX512 inline void pv_quad_regs(int dv, const T* const* vp, int64_t voff, int n, const float* sc, float* acc,
-                                    const float* alpha, PfCursor<T>& pf) {
+                                    const float* alpha, Pf& pf) {
   pv_cols_regs<T, GS, kPf>(dv, 0, vp, voff, n, sc, acc, alpha, pf);
   for (int x0 = 64; x0 < dv; x0 += 64) pv_cols_regs<T, GS, false>(dv, x0, vp, voff, n, sc, acc, alpha, pf);
 }
 
-template <typename T>
+template <typename T, int kL>
 PFA_AVX512 inline void pv_regs_avx512(const KvCtx& c, const KvScratch& w, const T* const* vp, int n,
                                       const T* const* kn, int nn) {
   const AttentionFwdParams& p = *c.p;
-  PfCursor<T> pf = pf_cursor(kn, nn, c.heads, p.k_head_stride, c.d);
+  auto pf = pf_cursor<kL>(kn, nn, c.heads, p.k_head_stride, c.d);
   for (int hl = 0; hl < c.heads; ++hl) {
     const int64_t voff = int64_t(hl) * p.v_head_stride;
     for (int x = 0; x < c.qrows; x += 4) {
@@ -555,14 +587,14 @@ PFA_AVX512 inline void pv_regs_avx512(const KvCtx& c, const KvScratch& w, const 
   pf.step(pf.count);
 }
 
-// fp32 FMAs for every dtype (d <= 256).
-template <typename T>
+// fp32 FMAs for every dtype (d <= 256). kL: where the row prefetches go.
+template <typename T, int kL>
 struct StepsAvx512 {
   static constexpr bool kNeedQf = true;
   static PFA_AVX512 inline void scores(const KvCtx& c, const KvScratch& w, const T* const* kp, const T* const* vp,
                                        int n, const T* const* kn, const T* const* vn, int nn) {
     const AttentionFwdParams& p = *c.p;
-    PfCursor<T> pf = pf_cursor(vp, n, c.heads, p.v_head_stride, c.dv);
+    auto pf = pf_cursor<kL>(vp, n, c.heads, p.v_head_stride, c.dv);
     pf_far(pf, kn, vn, nn);
     for (int hl = 0; hl < c.heads; ++hl)
       scores_head_f32<T>(c, w.qf + int64_t(hl) * c.qrows * c.d, c.qrows, kp, int64_t(hl) * p.k_head_stride, n,
@@ -574,11 +606,12 @@ struct StepsAvx512 {
   }
   static PFA_AVX512 inline void pv(const KvCtx& c, const KvScratch& w, const T* const* vp, int n, const T* const* kn,
                                    int nn) {
-    pv_regs_avx512<T>(c, w, vp, n, kn, nn);
+    pv_regs_avx512<T, kL>(c, w, vp, n, kn, nn);
   }
 };
 
 // bf16 dot products for the scores (d <= 256).
+template <int kL>
 struct StepsAvx512Bf16 {
   using T = c10::BFloat16;
   static constexpr bool kNeedQf = false;
@@ -586,7 +619,7 @@ struct StepsAvx512Bf16 {
                                             const T* const* vp, int n, const T* const* kn, const T* const* vn,
                                             int nn) {
     const AttentionFwdParams& p = *c.p;
-    PfCursor<T> pf = pf_cursor(vp, n, c.heads, p.v_head_stride, c.dv);
+    auto pf = pf_cursor<kL>(vp, n, c.heads, p.v_head_stride, c.dv);
     pf_far(pf, kn, vn, nn);
     const T* const* qp = reinterpret_cast<const T* const*>(w.qp);
     for (int hl = 0; hl < c.heads; ++hl) {
@@ -607,7 +640,7 @@ struct StepsAvx512Bf16 {
   }
   static PFA_AVX512_BF16 inline void pv(const KvCtx& c, const KvScratch& w, const T* const* vp, int n,
                                         const T* const* kn, int nn) {
-    pv_regs_avx512<T>(c, w, vp, n, kn, nn);
+    pv_regs_avx512<T, kL>(c, w, vp, n, kn, nn);
   }
 };
 #endif
@@ -783,13 +816,14 @@ void task_portable(const KvCtx& c, const KvScratch& w, const KvTask& t) {
   kv_task<StepsPortable<T>, T>(c, w, t);
 }
 #if PFA_X86
-template <typename T>
+template <typename T, int kL>
 PFA_AVX512 __attribute__((flatten)) void task_avx512(const KvCtx& c, const KvScratch& w, const KvTask& t) {
-  kv_task<StepsAvx512<T>, T>(c, w, t);
+  kv_task<StepsAvx512<T, kL>, T>(c, w, t);
 }
+template <int kL>
 PFA_AVX512_BF16 __attribute__((flatten)) void task_avx512_bf16(const KvCtx& c, const KvScratch& w,
                                                                const KvTask& t) {
-  kv_task<StepsAvx512Bf16, c10::BFloat16>(c, w, t);
+  kv_task<StepsAvx512Bf16<kL>, c10::BFloat16>(c, w, t);
 }
 #endif
 
@@ -800,10 +834,11 @@ KvTaskFn task_fn_for(const KvCtx& c) {
   // The AVX-512 scores hold a K row in registers: head dims up to 256. AVX2
   // machines take the portable steps (the compiler vectorises their loops).
   if (c.d <= 256) {
+    const bool l2 = kv_prefetch_to_l2();
     if constexpr (std::is_same<T, c10::BFloat16>::value) {
-      if (path == CpuPath::kAvx512Bf16) return &task_avx512_bf16;
+      if (path == CpuPath::kAvx512Bf16) return l2 ? &task_avx512_bf16<kPfToL2> : &task_avx512_bf16<kPfToL1>;
     }
-    if (path >= CpuPath::kAvx512) return &task_avx512<T>;
+    if (path >= CpuPath::kAvx512) return l2 ? &task_avx512<T, kPfToL2> : &task_avx512<T, kPfToL1>;
   }
 #endif
   (void)path;
@@ -919,6 +954,13 @@ int64_t kvcache_chunk_keys(const AttentionFwdParams& p) {
   const int64_t want = (kTargetTasks + units - 1) / units;
   if (want <= 1 || rows > kMaxSplitRows) return max_len;
   return std::max<int64_t>(kMinChunk, round_up((max_len + want - 1) / want, kTileKeys));
+}
+
+const char* kvcache_prefetch_level() {
+#if PFA_X86
+  if (cpu_path(DType::kFloat32) >= CpuPath::kAvx512) return kv_prefetch_to_l2() ? "l2" : "l1";
+#endif
+  return "none";
 }
 
 void kvcache_append(const AttentionFwdParams& p, const KvAppendParams& a) {

@@ -25,6 +25,7 @@
 // _mm512_undefined_* operands (GCC bug 105593); silence it for them only.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <cpuid.h>
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 #else
@@ -81,6 +82,20 @@ inline bool cpu_has_avx512() {
 inline bool cpu_has_avx512_bf16() {
   static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return ok;
+}
+// The family of an AMD CPU as CPUID reports it (0x19: Zen 3 / Zen 4, 0x1A:
+// Zen 5); 0 on any other vendor. Kernels whose best memory access differs by
+// generation (the KV-cache kernel's prefetch level) key on it.
+inline int cpu_amd_family() {
+  static const int fam = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
+    const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
+    if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    const int base = (a >> 8) & 0xF;
+    return base == 0xF ? base + int((a >> 20) & 0xFF) : base;
+  }();
+  return fam;
 }
 inline bool cpu_has_avx2() {
   static const bool ok =
