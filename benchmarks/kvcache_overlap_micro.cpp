@@ -438,6 +438,19 @@ int main(int argc, char** argv) {
     snprintf(nm, sizeof nm, "  a, row prefetches with hint %s", h);
     add(id, nm, false, k)->far = 1;
   }
+  // Zen 4 (session 10): the rows into L2 (T2) is the structure the kernel
+  // takes there (v18); what else does or does not change with it.
+  for (int st : {2, 4}) {
+    char id[32], nm[64];
+    snprintf(id, sizeof id, "a-t2-s%d", st);
+    snprintf(nm, sizeof nm, "  a-t2, row prefetches of every %d-th line", st);
+    add(id, nm, false, kT2)->far = 1;
+    vs.back().rowstride = st;
+  }
+  add("a-t2-nofar", "  a-t2 without the next tile's primes", false, kT2);
+  add("a-t2-mask", "  a-t2, V loads masked (as the kernel)", false, kT2)->far = 1;
+  vs.back().masked = true;
+  add("b-pf-t2", "key-major, T2 rows", true, kT2);
   add("a-hm", "  a, row prefetches in head-slice order", false, kT0)->far = 1;
   vs.back().rowhm = true;
   add("a-hm-nofar", "  a-hm without the next tile's primes", false, kT0)->rowhm = true;
