@@ -21,7 +21,7 @@ GB/s, PERF_NOTES "Session 8"), and the ratio of the two probes
 (``read_bw_gbps`` / ``read_bw_1thread_gbps``, printed as "threads add")
 says which state a row ran in.
 The rows and the header also say where the CPU kernel's row prefetches went
-(``cpu_prefetch``: l1 / l2, chosen by CPU generation; ``PYFASTATTN_CPU_KV_PREFETCH``
+(``cpu_prefetch``: l1 / l2, chosen by CPU generation; ``PYFASTATTN_CPU_PREFETCH``
 overrides it), which halves or doubles the step on a Zen 4 (PERF_NOTES, v18).
 
 Reported per layout: ms per step (median, p20, p80), tokens/s (batch / step
@@ -329,8 +329,8 @@ def run(
 
 def prefetch_level() -> str:
     """Where the CPU KV-cache kernel's row prefetches go on this machine (l1 /
-    l2: PYFASTATTN_CPU_KV_PREFETCH, by default chosen by CPU generation)."""
-    return torch.ops.pyfastattn.kvcache_cpu_prefetch_level()
+    l2: PYFASTATTN_CPU_PREFETCH, by default chosen by CPU generation)."""
+    return torch.ops.pyfastattn.cpu_prefetch_level()
 
 
 CSV_FIELDS = ["time", "threads", "load1", "provider", "batch", "context", "dtype", "layout", "p20_ms", "p50_ms",

@@ -202,7 +202,8 @@ def main() -> None:
         ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
     ).stdout.strip()
     print(f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; commit {commit}; isa {torch.ops.pyfastattn.ffn_small_tokens_isa()}; "
-          f"small-token limit (bf16/fp32/fp16) {'/'.join(str(torch.ops.pyfastattn.ffn_small_tokens_limit(d)) for d in (torch.bfloat16, torch.float32, torch.float16))}; weights {'hot (one set)' if a.hot else 'rotating'}")  # fmt: skip
+          f"small-token limit (bf16/fp32/fp16) {'/'.join(str(torch.ops.pyfastattn.ffn_small_tokens_limit(d)) for d in (torch.bfloat16, torch.float32, torch.float16))}; weights {'hot (one set)' if a.hot else 'rotating'}; "
+          f"prefetch {torch.ops.pyfastattn.cpu_prefetch_level()} (PYFASTATTN_CPU_PREFETCH)")  # fmt: skip
     rows = []
     torch.manual_seed(0)
     for form in forms:

@@ -16,7 +16,7 @@ A build may carry environment settings for its child after a colon, so that
 one build's run-time choices are compared in one run, e.g. the prefetch level:
 
     python benchmarks/kvcache_layouts_ab.py \
-        /tmp/new.so:PYFASTATTN_CPU_KV_PREFETCH=l1,/tmp/new.so:PYFASTATTN_CPU_KV_PREFETCH=l2
+        /tmp/new.so:PYFASTATTN_CPU_PREFETCH=l1,/tmp/new.so:PYFASTATTN_CPU_PREFETCH=l2
 """
 
 import os

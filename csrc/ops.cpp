@@ -17,6 +17,7 @@
 #include "cpu/attention_kvcache.h"
 #include "env_switch.h"
 #include "cpu/peak_probe.h"
+#include "cpu/simd.h"
 
 namespace pyfastattn {
 namespace {
@@ -171,6 +172,17 @@ std::string cpu_peak_probe_isa(c10::string_view kind) {
   return isa;
 }
 
+// Where the streaming CPU kernels' software prefetches go on this machine
+// (cpu/simd.h, cpu_stream_prefetch_to_l2; PYFASTATTN_CPU_PREFETCH): "l1" or
+// "l2", "none" off x86. For benchmark records and tests.
+std::string cpu_prefetch_level() {
+#if PFA_X86
+  return cpu::cpu_stream_prefetch_to_l2() ? "l2" : "l1";
+#else
+  return "none";
+#endif
+}
+
 double cpu_read_probe(const at::Tensor& buf) {
   TORCH_CHECK_VALUE(buf.device().is_cpu() && buf.layout() == at::kStrided && buf.has_storage() &&
                         buf.scalar_type() == at::kFloat && buf.is_contiguous(),
@@ -216,6 +228,7 @@ TORCH_LIBRARY(pyfastattn, m) {
   m.def("cpu_peak_probe(str kind, int iters) -> float", &cpu_peak_probe);
   m.def("cpu_peak_probe_isa(str kind) -> str", &cpu_peak_probe_isa);
   m.def("cpu_read_probe(Tensor buf) -> float", &cpu_read_probe);
+  m.def("cpu_prefetch_level() -> str", &cpu_prefetch_level);
 }
 
 TORCH_LIBRARY_IMPL(pyfastattn, CPU, m) {

@@ -291,6 +291,46 @@ def test_other_instruction_sets(isa):
     assert lines[0] in expected[isa]  # never wider than asked
 
 
+_PREFETCH_CHILD = """
+import sys, torch, pyfastattn
+from pyfastattn import ffn, reference
+torch.manual_seed(0)
+outs = []
+for isa_dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for tokens in (1, 2, 4, 7):  # the dot-product tiles (fp32 up to 4, bf16 / fp16 1-2)
+        x = torch.randn(tokens, 301).to(isa_dtype)
+        w1, w3 = ((torch.randn(700, 301) * 0.1).to(isa_dtype) for _ in range(2))
+        w2 = (torch.randn(157, 700) * 0.05).to(isa_dtype)
+        with torch.no_grad(), pyfastattn.backend("kernel"):
+            y = ffn.gated_feed_forward(x, w1, w3, w2, activation="silu")
+        e = reference.gated_feed_forward(x.double(), w1.double(), w3.double(), w2.double(), activation="silu")
+        tol = 1e-5 if isa_dtype == torch.float32 else 3e-2
+        err = ((y.double() - e).abs().max() / (1 + e.abs().max())).item()
+        assert err < tol, (isa_dtype, tokens, err)
+        outs.append(y)
+torch.save((torch.ops.pyfastattn.cpu_prefetch_level(), outs), sys.argv[1])
+"""
+
+
+def test_prefetch_levels_same_bits(tmp_path):
+    """PYFASTATTN_CPU_PREFETCH=l1|l2 (read once per process, hence
+    subprocesses) switches the dot-product tiles' L2 prefetches off / on:
+    both match the reference and give the same bits, on every AVX-512
+    variant (with and without the BF16 dot products)."""
+    for isa in ("avx512bf16", "avx512"):
+        outs = {}
+        for level in ("l1", "l2"):
+            path = tmp_path / f"{isa}-{level}.pt"
+            env = dict(os.environ, PYFASTATTN_CPU_PREFETCH=level, PYFASTATTN_FFN_ISA=isa)
+            r = subprocess.run([sys.executable, "-c", _PREFETCH_CHILD, str(path)], capture_output=True, text=True,
+                               env=env, timeout=300)  # fmt: skip
+            assert r.returncode == 0, r.stderr[-3000:]
+            got, outs[level] = torch.load(path)
+            assert got in (level, "none"), (level, got)
+        for i, (a, b) in enumerate(zip(outs["l1"], outs["l2"])):
+            assert torch.equal(a, b), f"{isa} case {i}: the prefetch level changed the result"
+
+
 @pytest.mark.parametrize("tokens", [9, 16])
 def test_bf16_row_strided_x_broadcast_pack(tokens):
     """bf16 at 9-16 tokens packs x with vector loads per token row (the

@@ -721,7 +721,7 @@ _PREFETCH_CHILD = textwrap.dedent(
             q, kc, vc, k, v, args = make_case(b=2, sq=1, s_new=1, hq=8, hk=2, d=d, cap=1100, dtype=dtype,
                                               block=block, full=True, seed=d)
             res.append(pyfastattn.attention_with_kvcache(q, kc, vc, k, v, causal=True, return_lse=True, **args))
-    torch.save((torch.ops.pyfastattn.kvcache_cpu_prefetch_level(), res), sys.argv[1])
+    torch.save((torch.ops.pyfastattn.cpu_prefetch_level(), res), sys.argv[1])
     """
 )
 
@@ -737,7 +737,7 @@ def _amd_family():
 
 
 def test_prefetch_level_changes_no_bits(tmp_path):
-    """PYFASTATTN_CPU_KV_PREFETCH=l1|l2 (read once per process, hence
+    """PYFASTATTN_CPU_PREFETCH=l1|l2 (read once per process, hence
     subprocesses) picks where the KV-cache kernel's row prefetches go; the
     results are the same bits either way, and the default (auto: l2 on AMD
     family 19h, l1 elsewhere) is one of the two. An unknown value is a clear
@@ -748,7 +748,7 @@ def test_prefetch_level_changes_no_bits(tmp_path):
     outs = {}
     for level in ("l1", "l2", "auto"):
         path = tmp_path / f"{level}.pt"
-        env = dict(os.environ, PYFASTATTN_CPU_KV_PREFETCH=level)
+        env = dict(os.environ, PYFASTATTN_CPU_PREFETCH=level)
         r = subprocess.run([sys.executable, "-c", _PREFETCH_CHILD, str(path)], capture_output=True, text=True,
                            env=env, cwd=root, timeout=600)  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
@@ -763,12 +763,12 @@ def test_prefetch_level_changes_no_bits(tmp_path):
         assert not torch.isnan(o1).any(), f"case {i}: NaN in the output"
         assert torch.equal(o1, o2) and torch.equal(s1, s2), f"case {i}: l1 and l2 prefetches give other bits"
         assert torch.equal(o1, o3) and torch.equal(s1, s3), f"case {i}: the default gives other bits"
-    env = dict(os.environ, PYFASTATTN_CPU_KV_PREFETCH="L3")
+    env = dict(os.environ, PYFASTATTN_CPU_PREFETCH="L3")
     r = subprocess.run([sys.executable, "-c", _PREFETCH_CHILD, str(tmp_path / "bad.pt")], capture_output=True,
                        text=True, env=env, cwd=root, timeout=600)  # fmt: skip
     assert r.returncode != 0
     # pyfastattn's InvalidArgumentError, a ValueError
-    assert "InvalidArgumentError" in r.stderr and "PYFASTATTN_CPU_KV_PREFETCH must be 'auto'" in r.stderr
+    assert "InvalidArgumentError" in r.stderr and "PYFASTATTN_CPU_PREFETCH must be 'auto'" in r.stderr
     assert "got 'L3'" in r.stderr
 
 
@@ -778,7 +778,7 @@ def test_prefetch_levels_match_reference(level):
     # reference (the default runs only one of them on a given machine).
     import os
 
-    env = dict(os.environ, PYFASTATTN_CPU_KV_PREFETCH=level)
+    env = dict(os.environ, PYFASTATTN_CPU_PREFETCH=level)
     sel = "matches_reference and (decode or paged or softcap or window or dv_ne_d or odd_head_dim or kv_head_groups)"
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", sel],

@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <string>
 #include <vector>
 
 #include "kvcache_api.h"
@@ -337,9 +336,6 @@ TORCH_LIBRARY_FRAGMENT(pyfastattn, m) {
       "Tensor cache_seqlens, Tensor? cache_batch_idx, Tensor? cache_leftpad, Tensor? block_table, "
       "Tensor? rotary_cos, Tensor? rotary_sin, bool rotary_interleaved, float scale, float softcap, "
       "int window_left, int window_right, int num_splits, Tensor? alibi_slopes=None) -> (Tensor, Tensor)");
-  // Where the CPU kernel's row prefetches go here ("l1", "l2", "none"): for
-  // benchmark records and tests (PYFASTATTN_CPU_KV_PREFETCH).
-  m.def("kvcache_cpu_prefetch_level() -> str", [] { return std::string(cpu::kvcache_prefetch_level()); });
 }
 
 TORCH_LIBRARY_IMPL(pyfastattn, CPU, m) { m.impl("attention_kvcache_fwd", &attention_kvcache_fwd_cpu); }

@@ -37,8 +37,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "attention_decode.h"
@@ -323,7 +321,7 @@ PFA_AVX512 inline __m512 hsum16(const __m512* v) {
 // order (PERF_NOTES.md, v5: without the software prefetches a step took 2.5x
 // the CPU time; every other line or one per 256 bytes, 2.2-2.5x; on Zen 5
 // the T1 and NTA hints no different from T0). Where the lines go, L1 or L2,
-// is chosen by CPU generation below (kv_prefetch_to_l2: on Zen 4, L2 halves
+// is chosen by CPU generation (cpu_stream_prefetch_to_l2: on Zen 4, L2 halves
 // the step).
 
 // The row slices (one key's kv heads after another) a pass prefetches, a
@@ -339,29 +337,15 @@ PFA_AVX512 inline __m512 hsum16(const __m512* v) {
 // prefetch, queued behind prefetches that wait for miss buffers, held the
 // prefetches back (v10: -20 % per step at the target case).
 // Where the row prefetches put their lines: L1 (prefetcht0) or L2
-// (prefetcht2). A tile's V rows are 128 KB at the target case (64 keys x 8 kv
-// heads x 256 bytes), prefetched over the scores pass, far more than L1 holds.
-// Measured per generation (PERF_NOTES.md, v18, one thread, B1 Hq32 Hk8 D128
-// 32k bf16): on Zen 4 (AMD family 19h: 32 KB L1D) T0 took 17.5-22 ms per step
-// and T2 9.2-10.4 ms, every layout; on Zen 5 (family 1Ah, 48 KB L1D) the v5
-// round found T1 no different from T0 (14.6 vs 13.9 ms) and every later
-// version was tuned with T0, so T0 stays there and on every other CPU.
-// PYFASTATTN_CPU_KV_PREFETCH=l1|l2 overrides the choice (read once per process;
-// the hint changes no result bits, only timing).
+// (prefetcht2), by cpu_stream_prefetch_to_l2 (simd.h). A tile's V rows are
+// 128 KB at the target case (64 keys x 8 kv heads x 256 bytes), prefetched
+// over the scores pass, far more than L1 holds. Measured per generation
+// (PERF_NOTES.md, v18, one thread, B1 Hq32 Hk8 D128 32k bf16): on Zen 4 (32 KB
+// L1D) T0 took 17.5-22 ms per step and T2 9.2-10.4 ms, every layout; on Zen 5
+// (48 KB L1D) the T1 / T2 hints were 5-9 % slower than T0 in the
+// microbenchmark, and every later version was tuned with T0.
 constexpr int kPfToL1 = 3;  // __builtin_prefetch locality 3: prefetcht0
 constexpr int kPfToL2 = 1;  // locality 1: prefetcht2
-
-bool kv_prefetch_to_l2() {
-  static const bool l2 = [] {
-    const char* env = std::getenv("PYFASTATTN_CPU_KV_PREFETCH");
-    const std::string v = env ? env : "";
-    TORCH_CHECK_VALUE(v.empty() || v == "auto" || v == "l1" || v == "l2",
-                      "PYFASTATTN_CPU_KV_PREFETCH must be 'auto' (the default), 'l1' or 'l2', got '", v, "'");
-    if (v == "l1" || v == "l2") return v == "l2";
-    return cpu_amd_family() == 0x19;
-  }();
-  return l2;
-}
 
 // kRowLocality: where the row slices go, as __builtin_prefetch's locality:
 // kPfToL1 (prefetcht0) or kPfToL2 (prefetcht2; on Zen 4 and later the T1 / T2
@@ -834,7 +818,7 @@ KvTaskFn task_fn_for(const KvCtx& c) {
   // The AVX-512 scores hold a K row in registers: head dims up to 256. AVX2
   // machines take the portable steps (the compiler vectorises their loops).
   if (c.d <= 256) {
-    const bool l2 = kv_prefetch_to_l2();
+    const bool l2 = cpu_stream_prefetch_to_l2();
     if constexpr (std::is_same<T, c10::BFloat16>::value) {
       if (path == CpuPath::kAvx512Bf16) return l2 ? &task_avx512_bf16<kPfToL2> : &task_avx512_bf16<kPfToL1>;
     }
@@ -954,13 +938,6 @@ int64_t kvcache_chunk_keys(const AttentionFwdParams& p) {
   const int64_t want = (kTargetTasks + units - 1) / units;
   if (want <= 1 || rows > kMaxSplitRows) return max_len;
   return std::max<int64_t>(kMinChunk, round_up((max_len + want - 1) / want, kTileKeys));
-}
-
-const char* kvcache_prefetch_level() {
-#if PFA_X86
-  if (cpu_path(DType::kFloat32) >= CpuPath::kAvx512) return kv_prefetch_to_l2() ? "l2" : "l1";
-#endif
-  return "none";
 }
 
 void kvcache_append(const AttentionFwdParams& p, const KvAppendParams& a) {

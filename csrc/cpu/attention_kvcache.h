@@ -49,11 +49,6 @@ void kvcache_append(const AttentionFwdParams& p, const KvAppendParams& a);
 // cores, then merges the chunks by their LSE.
 void attention_kvcache_fwd(const AttentionFwdParams& p);
 
-// Where the AVX-512 steps' row prefetches put their lines on this machine:
-// "l1" or "l2" (PYFASTATTN_CPU_KV_PREFETCH, default by CPU generation; see
-// attention_kvcache.cpp), "none" where the portable steps run without them.
-const char* kvcache_prefetch_level();
-
 // Whether a call has enough query rows per kv head (seqlen_q x group) for the
 // tiled forward (attention_fwd), which reads the same cache in place (paged,
 // batch-indexed, left-padded): prefill and long chunks. Shape only.

@@ -298,12 +298,11 @@ struct OpsBf16Dot {
   PFA_AVX512_BF16 static inline __m512 madd(__m512 acc, AV a, BV b) { return _mm512_dpbf16_ps(acc, a, b); }
 };
 
-// What every AVX-512 tile shares: zero, prefetch, and the exit of four
+// What every AVX-512 tile shares: zero, and the exit of four
 // accumulators' lane sums as one xmm (pairs interleaved and added, then the
 // 128-bit lanes added: a fixed order).
 struct Avx512 {
   PFA_AVX512 static inline __m512 zero() { return _mm512_setzero_ps(); }
-  PFA_AVX512 static inline void prefetch(const char* p) { _mm_prefetch(p, _MM_HINT_T0); }
   PFA_AVX512 static inline void store_sum4(float* out, __m512 a, __m512 b, __m512 c, __m512 d) {
     const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
     const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
@@ -316,10 +315,18 @@ struct Avx512 {
 
 // R weight rows x TT tokens, one zmm accumulator each; one step of the
 // reduced dimension loads R weight vectors and TT token vectors and does
-// R TT multiply-adds. Prefetch: one 64-byte line per row per step for fp32
-// and bf16 weights; fp16 asks for each line twice (a prefetch of a present
-// line is nearly free).
-template <class Ops>
+// R TT multiply-adds. kPf: software prefetch into L2 (prefetcht2) of the
+// block pf_blocks ahead, one 64-byte line per row per step for fp32 and bf16
+// weights (fp16 asks for each line twice; a prefetch of a present line is
+// nearly free); without it the tiles run on the hardware prefetchers alone.
+// Which one runs is the CPU generation's (cpu_stream_prefetch_to_l2, simd.h):
+// on Zen 4 the L2 prefetches took bf16 T1 from 1.35-1.40 to 0.92-1.02 ms on
+// one thread and 0.74-0.85 to 0.54-0.61 on two; on Zen 5 a T0 prefetch here
+// was slower (T1 0.55 -> 0.61 ms, T2 0.61 -> 0.69, fp32 T1 0.95 -> 1.21;
+// PERF_NOTES.md), so the tiles there go without (an earlier form of this
+// prefetch, through _mm_prefetch in a target-attributed helper, was silently
+// dropped by gcc 12 inside this neutral template: __builtin_prefetch is not).
+template <class Ops, bool kPf>
 struct Avx512Tile {
   using A = typename Ops::A;
   using B = typename Ops::B;
@@ -335,16 +342,10 @@ struct Avx512Tile {
       for (int t = 0; t < TT; ++t) acc[r][t] = Avx512::zero();
     int64_t i = 0;
     for (; i + S <= k; i += S) {
-      // Note: gcc 12 emits no instruction for this prefetch (the object file
-      // has none: a prefetch inlined from a target-attributed function into
-      // this neutral template is dropped). Emitted (__builtin_prefetch here)
-      // it was slower: bf16 T1 0.55 -> 0.61 ms, T2 0.61 -> 0.69, fp32 T1
-      // 0.95 -> 1.21 (one thread, A/B of builds, PERF_NOTES.md), so the
-      // tiles run on the hardware prefetcher alone, as they always have.
-      if (pf != nullptr) {
+      if (kPf && pf != nullptr) {
         #pragma GCC unroll 16
         for (int r = 0; r < R; ++r)
-          if (r < pf_rows) Avx512::prefetch(pf + r * pf_ld + i * int64_t(sizeof(B)));
+          if (r < pf_rows) __builtin_prefetch(pf + r * pf_ld + i * int64_t(sizeof(B)), 0, 1);
       }
       typename Ops::BV bv[R];
       #pragma GCC unroll 16
@@ -385,10 +386,14 @@ PFA_AVX512_BF16 __attribute__((flatten)) void rows_avx512_bf16(const DotRows& d)
   rows_loop<Tile, R, TT>(d);
 }
 
+template <class Ops, bool kPf>
+RowsSet avx512_rows() {
+  using T = Avx512Tile<Ops, kPf>;
+  return {&rows_avx512<T, kWideRows, kWideTokens>, &rows_avx512<T, kOneRows, 1>};
+}
 template <class Ops>
 RowsSet avx512_rows() {
-  using T = Avx512Tile<Ops>;
-  return {&rows_avx512<T, kWideRows, kWideTokens>, &rows_avx512<T, kOneRows, 1>};
+  return cpu_stream_prefetch_to_l2() ? avx512_rows<Ops, true>() : avx512_rows<Ops, false>();
 }
 
 // ---------------------------------------------------------------------------
@@ -674,8 +679,8 @@ PFA_INLINE void bcast_rows_body(const BcastRows& d) {
       if (j + 2 * kSteps <= steps) copy_lines((j + kSteps) * G * kE, rowbuf[cur ^ 1]);
       // __builtin_prefetch (locality 2: prefetcht1) in the loop below: gcc 12 drops
       // a prefetch that reaches this neutral loop through an inlined
-      // target-attributed function (_mm_prefetch in Bc, as in Avx512::prefetch
-      // of the dot tiles: the object file had no prefetch instruction).
+      // target-attributed function (_mm_prefetch in Bc, as did an earlier form
+      // of the dot tiles' prefetch: the object file had no prefetch instruction).
       const int32_t* rb = rowbuf[cur][0];  // one base register, constant displacements
       #pragma GCC unroll 16
       for (int s = 0; s < kSteps; ++s) {
@@ -821,7 +826,11 @@ RowsSet rows_for(DType dt) {
       case DType::kBFloat16:
       default:
         if (i == Isa::kAvx512Bf16) {
-          using T = Avx512Tile<OpsBf16Dot>;
+          if (cpu_stream_prefetch_to_l2()) {
+            using T = Avx512Tile<OpsBf16Dot, true>;
+            return {&rows_avx512_bf16<T, kWideRows, kWideTokens>, &rows_avx512_bf16<T, kOneRows, 1>};
+          }
+          using T = Avx512Tile<OpsBf16Dot, false>;
           return {&rows_avx512_bf16<T, kWideRows, kWideTokens>, &rows_avx512_bf16<T, kOneRows, 1>};
         }
         return avx512_rows<OpsBf16Wide>();

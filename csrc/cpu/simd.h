@@ -10,13 +10,16 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -96,6 +99,26 @@ inline int cpu_amd_family() {
     return base == 0xF ? base + int((a >> 20) & 0xFF) : base;
   }();
   return fam;
+}
+// Where the kernels that stream from memory (the KV-cache kernel's cache
+// rows, the decode-size FFN's weight rows) put their software prefetches:
+// L2 (prefetcht2) on AMD family 19h (Zen 4; 32 KB L1D), where prefetches into
+// L1 evicted what the kernels were using and the FFN's dot tiles waited on
+// memory without them (PERF_NOTES.md, KV cache v18, FFN "Session 10"); the
+// measured-best choice of each kernel elsewhere (Zen 5: the KV-cache rows
+// into L1, the FFN's dot tiles on the hardware prefetchers alone).
+// PYFASTATTN_CPU_PREFETCH=l1|l2 overrides it (read once per process; a
+// prefetch changes no result bit, only timing).
+inline bool cpu_stream_prefetch_to_l2() {
+  static const bool l2 = [] {
+    const char* env = std::getenv("PYFASTATTN_CPU_PREFETCH");
+    const std::string v = env ? env : "";
+    TORCH_CHECK_VALUE(v.empty() || v == "auto" || v == "l1" || v == "l2",
+                      "PYFASTATTN_CPU_PREFETCH must be 'auto' (the default), 'l1' or 'l2', got '", v, "'");
+    if (v == "l1" || v == "l2") return v == "l2";
+    return cpu_amd_family() == 0x19;
+  }();
+  return l2;
 }
 inline bool cpu_has_avx2() {
   static const bool ok =
