@@ -27,9 +27,11 @@ Return conventions (FlashAttention 2.6+):
 
 Windows are normalised as FlashAttention 2 normalises them: a side of
 ``seqlen_k`` or more (``max_seqlen_k`` for varlen, the cache's capacity for the
-KV cache) means no bound, and (dense and varlen, without causal) a left-only
-window ``(left, -1)`` gets the right bound ``seqlen_k``. Both differ from the
-plain bounds only when Sq > Sk, for the first rows (bottom-right alignment).
+KV cache) means no bound, and (without causal) a left-only window
+``(left, -1)`` gets the right bound ``seqlen_k`` (the KV cache:
+:func:`pyfastattn.attention_with_kvcache` applies both rules itself). Both
+differ from the plain bounds only when Sq > Sk (Sq > capacity + 1 for the KV
+cache), for the first rows (bottom-right alignment).
 
 Accepted and ignored (they steer FlashAttention's CUDA scheduling only):
 ``deterministic`` (pyfastattn's CPU backward is deterministic; on CUDA

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pyfastattn
-from pyfastattn import _ops, reference
+from pyfastattn import _ops, flash_attn_interface, reference
 from tests._helpers import assert_tolerance, naive_attention
 
 pytestmark = pytest.mark.skipif(
@@ -446,6 +446,27 @@ def test_reference_backend_matches_kernel():
         out2 = pyfastattn.attention_with_kvcache(q, kc2, vc2, k, v, **args, causal=True)
     torch.testing.assert_close(out1, out2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kc1, kc2)
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+@pytest.mark.parametrize("block", [None, 4], ids=["contiguous", "paged"])
+def test_left_only_window_gets_right_bound_capacity(block, mode):
+    # FlashAttention 2's mha_fwd_kvcache gives a left-only window without
+    # causal the right bound seqlen_k = the cache's capacity (set_params_fprop).
+    # With more query rows than capacity + 1 that bound cuts keys for the first
+    # rows (row i sits at key i + len_k - Sq); we left them unbounded.
+    cap, sq = 8, 13
+    q, kc, vc, _, _, args = make_case(b=2, sq=sq, s_new=0, hq=2, hk=1, d=16, cap=cap, block=block, full=True)
+    ref_out, ref_lse, _, _, _ = truth(q, kc, vc, None, None, args, window=(2, cap))
+    plain_out, _, _, _, _ = truth(q, kc, vc, None, None, args, window=(2, -1))
+    assert (ref_out - plain_out).abs().max() > 0.1  # the bound changes the answer here
+    with pyfastattn.backend(mode):
+        out, lse = run(q, kc, vc, None, None, args, window_size=(2, -1))
+        fa_out = flash_attn_interface.flash_attn_with_kvcache(q, kc, vc, **args, window_size=(2, -1))
+    assert_tolerance(f"{mode} out", out, ref_out, None, q.dtype)
+    assert_tolerance(f"{mode} flash_attn_with_kvcache out", fa_out, ref_out, None, q.dtype)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------
