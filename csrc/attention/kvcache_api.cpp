@@ -284,14 +284,17 @@ KvCacheCall prepare_kvcache_call(
     a.s_new = int32_t(s_new);
     a.cache_seqlens = meta_ptr + at_sl;
     if (rotary) {
-      a.rotary_cos = rotary_cos->data_ptr();
-      a.rotary_sin = rotary_sin->data_ptr();
-      TORCH_CHECK_VALUE(rotary_cos->stride(1) == 1 && rotary_sin->stride(1) == 1 &&
-                            rotary_cos->stride(0) == rotary_sin->stride(0),
-                        "rotary_cos and rotary_sin must be contiguous in their last dim (stride 1) with equal row "
-                        "strides, got strides ",
-                        rotary_cos->strides(), " and ", rotary_sin->strides(), " (pass .contiguous() tables)");
-      a.rotary_row_stride = rotary_cos->stride(0);
+      // The kernels read both tables with unit column stride and one row
+      // stride. Other layouts (a column slice, a transposed view, tables of
+      // different strides) are copied: the tables are small, and the
+      // reference path takes any layout.
+      const bool as_is = rotary_cos->stride(1) == 1 && rotary_sin->stride(1) == 1 &&
+                         rotary_cos->stride(0) == rotary_sin->stride(0);
+      call.rotary_cos = as_is ? *rotary_cos : rotary_cos->clone(at::MemoryFormat::Contiguous);
+      call.rotary_sin = as_is ? *rotary_sin : rotary_sin->clone(at::MemoryFormat::Contiguous);
+      a.rotary_cos = call.rotary_cos.data_ptr();
+      a.rotary_sin = call.rotary_sin.data_ptr();
+      a.rotary_row_stride = call.rotary_cos.stride(0);
       a.rotary_dim = int32_t(rd);
       a.rotary_fp32 = rotary_fp32;
       a.rotary_interleaved = rotary_interleaved;
