@@ -407,11 +407,19 @@ def _attention_with_kvcache_torch(
                 f"cache_leftpad[{i}] must be in [0, cache_seqlens[{i}] = {sl}], got {pad}"
             )
     if cache_batch_idx is not None:
+        first: dict[int, int] = {}
         for i, r in enumerate(cache_batch_idx.tolist()):
             if not 0 <= r < k_cache.shape[0]:
                 raise InvalidArgumentError(
                     f"cache_batch_idx[{i}] must be in [0, {k_cache.shape[0]}), got {r}"
                 )
+            if s_new > 0 and r in first:  # as prepare_kvcache_call: two appends into one cache row
+                raise InvalidArgumentError(
+                    "cache_batch_idx must not repeat a cache row when k / v are appended (two batch rows "
+                    f"would write the same cache slots), got cache_batch_idx[{first[r]}] = "
+                    f"cache_batch_idx[{i}] = {r}"
+                )
+            first.setdefault(r, i)
     if block_table is not None:
         bs = k_cache.shape[1]
         for i, row in enumerate(block_table.tolist()):

@@ -492,6 +492,25 @@ def test_rotary_tables_of_any_layout(layout, mode):
         check(f"rotary {layout} {mode}", q, kc, vc, k, v, args, causal=True)
 
 
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+def test_repeated_batch_idx_with_append_is_refused(mode):
+    # Two batch rows appending into one cache row write the same slots (which
+    # write wins is undefined; FlashAttention races). Without an append,
+    # repeated rows only read and stay allowed.
+    q, kc, vc, k, v, args = make_case(b=3, batch_idx=True)
+    args["cache_batch_idx"] = torch.tensor([2, 0, 2], dtype=torch.int32)
+    before = kc.clone(), vc.clone()
+    with pyfastattn.backend(mode):
+        with pytest.raises(
+            pyfastattn.InvalidArgumentError,
+            match=r"cache_batch_idx must not repeat a cache row when k / v are appended .* "
+            r"got cache_batch_idx\[0\] = cache_batch_idx\[2\] = 2",
+        ):
+            run(q, kc, vc, k, v, args)
+        assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+        check(f"repeated rows, no append, {mode}", q, kc, vc, None, None, args)
+
+
 # ---------------------------------------------------------------------------
 # Bad input: each call runs in a subprocess (a wild read or write would crash
 # it or corrupt it, not this process) and must raise with a message naming
@@ -531,6 +550,8 @@ BAD_SCRIPT = textwrap.dedent(
         "leftpad_range": lambda: raw(lp=sl(4, 0)),
         "rotary_too_short": lambda: raw(seqlens=sl(3, 31), cos=cos[:10], sin=sin[:10]),
         "rotary_dim_too_large": lambda: raw(cos=torch.randn(40, 9), sin=torch.randn(40, 9)),
+        "batch_idx_repeated": lambda: raw(kc=torch.randn(3, cap, hk, d), vc=torch.randn(3, cap, hk, d), bidx=sl(1, 1)),
+        "api_batch_idx_repeated": lambda: api(cache_batch_idx=sl(0, 0)),
         "seqlens_dtype": lambda: raw(seqlens=torch.tensor([3, 4])),
         "api_dtype": lambda: api(k=k.double(), v=v.double()),
         "alibi_shape": lambda: raw(alibi=torch.ones(hq + 1)),
@@ -564,6 +585,8 @@ EXPECT = {
     "new_k_shape": "k must have shape",
     "batch_idx_range": "cache_batch_idx[1] must be in [0, 2)",
     "leftpad_range": "cache_leftpad[0] must be in [0, cache_seqlens[0] = 3]",
+    "batch_idx_repeated": "cache_batch_idx must not repeat a cache row when k / v are appended",
+    "api_batch_idx_repeated": "got cache_batch_idx[0] = cache_batch_idx[1] = 0",
     "rotary_too_short": "seqlen_ro",
     "rotary_dim_too_large": "rotary_dim",
     "seqlens_dtype": "cache_seqlens.dtype must be torch.int32",

@@ -142,6 +142,20 @@ KvCacheCall prepare_kvcache_call(
     }
     used[size_t(b)] = int32_t(sl + s_new - lp);
   }
+  if (s_new > 0 && !bidx.empty()) {
+    // Two batch rows that append into one cache row would write the same
+    // slots (which write wins is undefined; FlashAttention races): an error.
+    // The values are on the host already, so this costs no device sync.
+    std::vector<std::pair<int32_t, int64_t>> rows;
+    rows.reserve(bidx.size());
+    for (size_t b = 0; b < bidx.size(); ++b) rows.emplace_back(bidx[b], int64_t(b));
+    std::sort(rows.begin(), rows.end());
+    for (size_t i = 1; i < rows.size(); ++i)
+      TORCH_CHECK_VALUE(rows[i].first != rows[i - 1].first,
+                        "cache_batch_idx must not repeat a cache row when k / v are appended (two batch rows "
+                        "would write the same cache slots), got cache_batch_idx[",
+                        rows[i - 1].second, "] = cache_batch_idx[", rows[i].second, "] = ", rows[i].first);
+  }
 
   // ---- rotary ----------------------------------------------------------------
   TORCH_CHECK_VALUE(rotary_cos.has_value() == rotary_sin.has_value(), "rotary_cos and rotary_sin must be given together");
