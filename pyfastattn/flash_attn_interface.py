@@ -45,6 +45,8 @@ ALiBi adds ``-slope * |i + Sk - Sq - j|``, FlashAttention's convention
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from . import reference
@@ -132,6 +134,19 @@ def _fa_window(window_size, seqlen_k: int | None, causal) -> tuple:
     return wl, wr
 
 
+def _seqlen_arg(x, name: str) -> int:
+    """``max_seqlen_q`` / ``max_seqlen_k`` of the varlen functions: an int
+    (or an integer scalar such as ``tensor.max().item()`` or a 0-d int
+    tensor). int() truncated a float silently and gave bare TypeError /
+    ValueError for the rest."""
+    if not isinstance(x, bool):
+        try:
+            return operator.index(x)
+        except TypeError:
+            pass
+    raise InvalidArgumentError(f"{name} must be an int, got {type(x).__name__} {x!r}")
+
+
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
     sk = k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else None
     return _call(
@@ -144,11 +159,12 @@ def _varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
     softcap, alibi_slopes, return_attn_probs,
 ):  # fmt: skip
+    max_seqlen_q = _seqlen_arg(max_seqlen_q, "max_seqlen_q")
+    max_seqlen_k = _seqlen_arg(max_seqlen_k, "max_seqlen_k")
     return _call(
         q, k, v, dropout_p, alibi_slopes, return_attn_probs, True, causal=causal, softmax_scale=softmax_scale,
-        window_size=_fa_window(window_size, int(max_seqlen_k), causal), softcap=softcap, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
+        window_size=_fa_window(window_size, max_seqlen_k, causal), softcap=softcap, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
 
 
@@ -219,6 +235,7 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs=False,
 ):
     """``qkv`` (total, 3, H, D), int32 ``cu_seqlens`` (B + 1,) -> out (total, H, D)."""
+    max_seqlen = _seqlen_arg(max_seqlen, "max_seqlen")
     return _varlen(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
                    softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)  # fmt: skip
 

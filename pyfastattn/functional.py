@@ -466,8 +466,20 @@ def _check_dtype(t: torch.Tensor, name: str) -> None:
         raise InvalidArgumentError(f"{name}.dtype must be a floating-point dtype, got {t.dtype}")
 
 
+def _check_number(x, name: str) -> float:
+    """``float(x)`` of a real number (int, float, a numpy or 0-d tensor
+    scalar); a bool, a string or anything float() refuses is an error naming
+    the argument (not float()'s bare TypeError / ValueError)."""
+    if not isinstance(x, (bool, str, bytes)):
+        try:
+            return float(x)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise InvalidArgumentError(f"{name} must be a real number (int or float), got {type(x).__name__} {x!r}")
+
+
 def _check_scale(scale, name: str) -> None:
-    if scale is not None and not math.isfinite(float(scale)):
+    if scale is not None and not math.isfinite(_check_number(scale, name)):
         raise InvalidArgumentError(f"{name} must be a finite number, got {scale}")
 
 
@@ -480,7 +492,7 @@ def _check_window_softcap_scale(window_size, softcap: float, softmax_scale) -> N
         or not all(isinstance(w, int) for w in window_size)
     ):
         raise InvalidArgumentError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    if not (softcap >= 0 and math.isfinite(softcap)):
+    if not (_check_number(softcap, "softcap") >= 0 and math.isfinite(softcap)):
         raise InvalidArgumentError(f"softcap must be a finite number >= 0, got {softcap}")
     _check_scale(softmax_scale, "softmax_scale")
 
