@@ -408,6 +408,39 @@ def test_needs_process_group():
         ring_attention(x, x, x)
 
 
+def _compare_causal(label, got, q, k, v, dout, *, baseline: bool) -> list[str]:
+    """Rank 0's check of gathered fp32 ``got`` = (out, dq, dk, dv) against
+    causal attention of the full q, k, v (backward with ``dout``) in the
+    float64 reference; ``baseline``: with plain PyTorch's fp32 error as the
+    tolerance's baseline (else the rounding floor alone). Returns failures."""
+    d = q.shape[-1]
+    scale = 1.0 if d == 0 else 1 / math.sqrt(d)  # d = 0: every score is 0 whatever the scale
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    o, _ = reference.attention(*ref, scale=scale, window_right=0)
+    o.backward(dout.double())
+    bases = [None] * 4
+    if baseline:
+        base = [t.detach().requires_grad_() for t in (q, k, v)]
+        ob = naive_attention(*base, scale=scale, window_right=0)
+        ob.backward(dout)
+        bases = [ob, *(t.grad for t in base)]
+    failures = []
+    for name, x, r, bl in zip(("out", "dq", "dk", "dv"), got, (o, *(t.grad for t in ref)), bases):
+        f = tolerance_failure(f"{label} {name}", x, r, bl, torch.float32)
+        if f:
+            failures.append(f)
+    return failures
+
+
+def _finish(failures: list[str]) -> None:
+    """A worker's end: no rank tears gloo down while another still talks to
+    it; then this rank's failures, if any."""
+    dist.barrier()
+    dist.destroy_process_group()
+    if failures:
+        raise AssertionError("\n".join(failures))
+
+
 def _worker_strided_head_dim(rank, world, store):
     # q, k, v whose head dim is not unit-stride (views of (..., D, H)-major
     # storage): the forward copies them for the kernel, but the ring's backward
@@ -433,22 +466,8 @@ def _worker_strided_head_dim(rank, world, store):
             for t in (out, *(t.grad.transpose(-1, -2) for t in leaves))
         ]
         if rank == 0:
-            ref = [t.double().requires_grad_() for t in (q, k, v)]
-            o, _ = reference.attention(*ref, scale=1 / math.sqrt(d), window_right=0)
-            o.backward(dout.double())
-            base = [t.detach().requires_grad_() for t in (q, k, v)]
-            ob = naive_attention(*base, scale=1 / math.sqrt(d), window_right=0)
-            ob.backward(dout)
-            for name, x, r, bl in zip(
-                ("out", "dq", "dk", "dv"), got, (o, *(t.grad for t in ref)), (ob, *(t.grad for t in base))
-            ):
-                f = tolerance_failure(f"{method} strided head dim {name}", x, r, bl, torch.float32)
-                if f:
-                    failures.append(f)
-    dist.barrier()
-    dist.destroy_process_group()
-    if failures:
-        raise AssertionError("\n".join(failures))
+            failures += _compare_causal(f"{method} strided head dim", got, q, k, v, dout, baseline=True)
+    _finish(failures)
 
 
 def test_context_parallel_head_dim_with_a_stride():
@@ -475,17 +494,8 @@ def _worker_empty_sizes(rank, world, store):
         out.sum().backward() if b == 0 else out.backward(shard_sequence(dout, rank, world, zigzag=zigzag))
         got = [unshard_sequence(_gather(t), zigzag=zigzag) for t in (out, *(t.grad for t in leaves))]
         if rank == 0:
-            ref = [t.double().requires_grad_() for t in (q, k, v)]
-            o, _ = reference.attention(*ref, scale=1.0 if d == 0 else 1 / math.sqrt(d), window_right=0)
-            o.backward(torch.ones_like(o) if b == 0 else dout.double())
-            for name, x, r in zip(("out", "dq", "dk", "dv"), got, (o, *(t.grad for t in ref))):
-                f = tolerance_failure(f"{method} b={b} d={d} {name}", x, r, None, torch.float32)
-                if f:
-                    failures.append(f)
-    dist.barrier()
-    dist.destroy_process_group()
-    if failures:
-        raise AssertionError("\n".join(failures))
+            failures += _compare_causal(f"{method} b={b} d={d}", got, q, k, v, dout, baseline=False)
+    _finish(failures)
 
 
 def test_context_parallel_empty_batch_and_head_dim():
