@@ -27,9 +27,11 @@ Return conventions (FlashAttention 2.6+):
 
 Windows are normalised as FlashAttention 2 normalises them: a side of
 ``seqlen_k`` or more (``max_seqlen_k`` for varlen, the cache's capacity for the
-KV cache) means no bound, and (dense and varlen, without causal) a left-only
-window ``(left, -1)`` gets the right bound ``seqlen_k``. Both differ from the
-plain bounds only when Sq > Sk, for the first rows (bottom-right alignment).
+KV cache) means no bound, and (without causal) a left-only window
+``(left, -1)`` gets the right bound ``seqlen_k`` (the KV cache:
+:func:`pyfastattn.attention_with_kvcache` applies both rules itself). Both
+differ from the plain bounds only when Sq > Sk (Sq > capacity + 1 for the KV
+cache), for the first rows (bottom-right alignment).
 
 Accepted and ignored (they steer FlashAttention's CUDA scheduling only):
 ``deterministic`` (pyfastattn's CPU backward is deterministic; on CUDA
@@ -42,6 +44,8 @@ ALiBi adds ``-slope * |i + Sk - Sq - j|``, FlashAttention's convention
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -130,6 +134,19 @@ def _fa_window(window_size, seqlen_k: int | None, causal) -> tuple:
     return wl, wr
 
 
+def _seqlen_arg(x, name: str) -> int:
+    """``max_seqlen_q`` / ``max_seqlen_k`` of the varlen functions: an int
+    (or an integer scalar such as ``tensor.max().item()`` or a 0-d int
+    tensor). int() truncated a float silently and gave bare TypeError /
+    ValueError for the rest."""
+    if not isinstance(x, bool):
+        try:
+            return operator.index(x)
+        except TypeError:
+            pass
+    raise InvalidArgumentError(f"{name} must be an int, got {type(x).__name__} {x!r}")
+
+
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
     sk = k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else None
     return _call(
@@ -142,11 +159,12 @@ def _varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
     softcap, alibi_slopes, return_attn_probs,
 ):  # fmt: skip
+    max_seqlen_q = _seqlen_arg(max_seqlen_q, "max_seqlen_q")
+    max_seqlen_k = _seqlen_arg(max_seqlen_k, "max_seqlen_k")
     return _call(
         q, k, v, dropout_p, alibi_slopes, return_attn_probs, True, causal=causal, softmax_scale=softmax_scale,
-        window_size=_fa_window(window_size, int(max_seqlen_k), causal), softcap=softcap, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
+        window_size=_fa_window(window_size, max_seqlen_k, causal), softcap=softcap, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
 
 
@@ -217,6 +235,7 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs=False,
 ):
     """``qkv`` (total, 3, H, D), int32 ``cu_seqlens`` (B + 1,) -> out (total, H, D)."""
+    max_seqlen = _seqlen_arg(max_seqlen, "max_seqlen")
     return _varlen(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
                    softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)  # fmt: skip
 

@@ -157,13 +157,15 @@ def sdpa_unsupported_reason(
     varlen: bool,
     alibi_dtype: torch.dtype | None = None,
     need_dropout_mask: bool = False,
+    dropout_dtype: torch.dtype | None = None,
 ) -> str | None:
     """Why torch's own ``scaled_dot_product_attention`` cannot compute this
     canonical call exactly (``None`` when it can). Everything else of the
     canonical form (top-left or bottom-right causal, windows, key lengths,
     bool or float masks, GQA, scale, dropout with torch's own RNG) maps onto
     SDPA's arguments; ALiBi (``alibi_dtype``: the query dtype when slopes are
-    given) becomes a float32 bias mask."""
+    given) becomes a float32 bias mask. ``dropout_dtype``: the query dtype
+    when dropout_p > 0; float64 dropout stays off SDPA (see below)."""
     if _torch_version() < _SDPA_ROUTE_MIN_TORCH:
         return f"torch {torch.__version__} is older than 2.5 (no enable_gqa in its SDPA)"
     if softcap > 0:
@@ -172,6 +174,13 @@ def sdpa_unsupported_reason(
         return f"torch's SDPA takes ALiBi only as a {alibi_dtype} bias mask, which rounds the ALiBi terms"
     if need_dropout_mask:
         return "torch's SDPA does not return its dropout pattern"
+    if dropout_dtype == torch.float64:
+        # float64 never runs on the kernel, and SDPA runs it on its math path
+        # (no faster than the reference). Its dropout pattern is torch's, not
+        # the Philox pattern the kernels and the reference share: the same
+        # seed dropped other weights in float64 than in float32, and other
+        # ones again when the LSE was asked for (which goes to the reference).
+        return "torch's SDPA drops other weights than pyfastattn's dropout (float64 gains nothing there)"
     if need_lse:
         return "torch's SDPA does not return the log-sum-exp"
     if varlen and _is_compiling():
@@ -304,6 +313,7 @@ def _run(
         sdpa_reason = sdpa_unsupported_reason(
             softcap=softcap, need_lse=need_lse, varlen=cu_seqlens_q is not None,
             alibi_dtype=None if alibi_slopes is None else q.dtype, need_dropout_mask=need_dropout_mask,
+            dropout_dtype=q.dtype if dropout_p > 0 else None,
         )  # fmt: skip
     path, why = decide_path(kernel_reason, sdpa_reason, mode)
     if path == "sdpa":
@@ -466,8 +476,20 @@ def _check_dtype(t: torch.Tensor, name: str) -> None:
         raise InvalidArgumentError(f"{name}.dtype must be a floating-point dtype, got {t.dtype}")
 
 
+def _check_number(x, name: str) -> float:
+    """``float(x)`` of a real number (int, float, a numpy or 0-d tensor
+    scalar); a bool, a string or anything float() refuses is an error naming
+    the argument (not float()'s bare TypeError / ValueError)."""
+    if not isinstance(x, (bool, str, bytes)):
+        try:
+            return float(x)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise InvalidArgumentError(f"{name} must be a real number (int or float), got {type(x).__name__} {x!r}")
+
+
 def _check_scale(scale, name: str) -> None:
-    if scale is not None and not math.isfinite(float(scale)):
+    if scale is not None and not math.isfinite(_check_number(scale, name)):
         raise InvalidArgumentError(f"{name} must be a finite number, got {scale}")
 
 
@@ -480,7 +502,7 @@ def _check_window_softcap_scale(window_size, softcap: float, softmax_scale) -> N
         or not all(isinstance(w, int) for w in window_size)
     ):
         raise InvalidArgumentError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    if not (softcap >= 0 and math.isfinite(softcap)):
+    if not (_check_number(softcap, "softcap") >= 0 and math.isfinite(softcap)):
         raise InvalidArgumentError(f"softcap must be a finite number >= 0, got {softcap}")
     _check_scale(softmax_scale, "softmax_scale")
 

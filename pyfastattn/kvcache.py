@@ -190,7 +190,10 @@ def attention_with_kvcache(
     ``rotary_interleaved=False``, half-split pairs (i, i + rotary_dim / 2).
 
     ``causal``, ``window_size = (left, right)`` (-1 unbounded) are aligned
-    bottom-right: query row i sits at key i + len_k - Sq. ``softmax_scale``
+    bottom-right: query row i sits at key i + len_k - Sq. As FlashAttention
+    2, a side of the cache's capacity or more is no bound, and without
+    causal a left-only window gets the right bound capacity (which cuts keys
+    only when Sq > capacity + 1). ``softmax_scale``
     defaults to 1/sqrt(D); ``softcap > 0`` caps the scores. ``alibi_slopes``
     float32 (Hq,) or (B, Hq) on q's device adds ``-slope * |i + len_k - Sq -
     j|`` to the score of query row i and key j (after softcap; len_k the keys
@@ -338,11 +341,18 @@ def attention_with_kvcache(
         alibi_slopes = alibi_slopes.detach().contiguous()
     if not isinstance(num_splits, int) or num_splits < 0:
         raise InvalidArgumentError(f"num_splits must be an int >= 0, got {num_splits!r}")
-    # Windows wider than the cache are no window (FlashAttention's rule; it
-    # also decides whether query rows get rotary positions per row).
+    # FlashAttention 2's window rules (mha_fwd_kvcache, then set_params_fprop),
+    # seqlen_k being the cache's capacity: a side as wide as the cache or wider
+    # is no bound (this also decides whether query rows get rotary positions
+    # per row); without causal, a left-only window gets the right bound
+    # capacity. Row i sits at key i + len_k - Sq, so that bound cuts keys only
+    # for the first rows when Sq > capacity + 1 (and is set only then: the
+    # mask is the same otherwise).
     wl, wr = (int(w) if 0 <= w < capacity else -1 for w in window_size)
     if causal:
         wr = 0
+    elif wl >= 0 and wr < 0 and q.shape[1] > capacity + 1:
+        wr = capacity
     scale = float(softmax_scale) if softmax_scale is not None else (1.0 / math.sqrt(d) if d > 0 else 1.0)
 
     mode = _backend.get_backend()
@@ -397,11 +407,19 @@ def _attention_with_kvcache_torch(
                 f"cache_leftpad[{i}] must be in [0, cache_seqlens[{i}] = {sl}], got {pad}"
             )
     if cache_batch_idx is not None:
+        first: dict[int, int] = {}
         for i, r in enumerate(cache_batch_idx.tolist()):
             if not 0 <= r < k_cache.shape[0]:
                 raise InvalidArgumentError(
                     f"cache_batch_idx[{i}] must be in [0, {k_cache.shape[0]}), got {r}"
                 )
+            if s_new > 0 and r in first:  # as prepare_kvcache_call: two appends into one cache row
+                raise InvalidArgumentError(
+                    "cache_batch_idx must not repeat a cache row when k / v are appended (two batch rows "
+                    f"would write the same cache slots), got cache_batch_idx[{first[r]}] = "
+                    f"cache_batch_idx[{i}] = {r}"
+                )
+            first.setdefault(r, i)
     if block_table is not None:
         bs = k_cache.shape[1]
         for i, row in enumerate(block_table.tolist()):

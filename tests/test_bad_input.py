@@ -302,3 +302,76 @@ def test_errors_of_the_compiled_checks_are_invalid_argument_errors(make, match, 
     with pyfastattn.backend(backend), pytest.raises(pyfastattn.InvalidArgumentError, match=match) as info:
         make()
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
+
+
+def _fa():
+    from pyfastattn import flash_attn_interface
+
+    return flash_attn_interface
+
+
+_q4 = torch.randn(1, 4, 2, 16)
+_packed_q = torch.randn(8, 2, 16)
+_cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize(
+    "bad", ["abc", "0.5", [1], True, None], ids=["str", "numeric_str", "list", "bool", "None"]
+)
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        ("softmax_scale", lambda x: attn(_q4, _q4, _q4, softmax_scale=x)),
+        ("softcap", lambda x: attn(_q4, _q4, _q4, softcap=x)),
+        ("dropout_p", lambda x: attn(_q4, _q4, _q4, dropout_p=x)),
+        ("softmax_scale", lambda x: _fa().flash_attn_func(_q4, _q4, _q4, softmax_scale=x)),
+        ("softcap", lambda x: _fa().flash_attn_func(_q4, _q4, _q4, softcap=x)),
+        ("dropout_p", lambda x: _fa().flash_attn_func(_q4, _q4, _q4, dropout_p=x)),
+        ("softcap", lambda x: _fa().flash_attn_with_kvcache(_q4, _q4, _q4, softcap=x)),
+        ("softmax_scale", lambda x: pyfastattn.attention_with_kvcache(_q4, _q4, _q4, softmax_scale=x)),
+        (
+            "max_seqlen_q",
+            lambda x: _fa().flash_attn_varlen_func(_packed_q, _packed_q, _packed_q, _cu, _cu, x, 5),
+        ),
+        (
+            "max_seqlen_k",
+            lambda x: _fa().flash_attn_varlen_func(_packed_q, _packed_q, _packed_q, _cu, _cu, 5, x),
+        ),
+        (
+            "max_seqlen",
+            lambda x: _fa().flash_attn_varlen_qkvpacked_func(torch.stack([_packed_q] * 3, 1), _cu, x),
+        ),
+    ],
+)
+def test_non_numeric_scalars_name_the_argument(name, call, bad, backend):
+    # float() / int() / `>=` on these raised bare TypeError / ValueError from
+    # Python's internals ("could not convert string to float: 'abc'", "'>='
+    # not supported between instances of 'str' and 'int'"); a bool or a
+    # numeric string passed as a number, and a float max_seqlen was truncated.
+    if bad is None and name in ("softmax_scale",):
+        call(bad)  # None is the default scale
+        return
+    with pyfastattn.backend(backend), pytest.raises(pyfastattn.InvalidArgumentError, match=name) as info:
+        call(bad)
+    msg = str(info.value)
+    assert msg.startswith(name) and (type(bad).__name__ in msg or repr(bad) in msg), msg
+
+
+@pytest.mark.parametrize("bad", [3.5, 5.0])
+def test_varlen_max_seqlen_float_is_refused_not_truncated(bad):
+    # int(3.5) = 3 gave "max_seqlen_q (3) is smaller than the longest
+    # sequence (5)", and int(5.0) passed; FlashAttention takes ints only.
+    with pytest.raises(
+        pyfastattn.InvalidArgumentError, match=rf"max_seqlen_q must be an int, got float {bad}"
+    ):
+        _fa().flash_attn_varlen_func(_packed_q, _packed_q, _packed_q, _cu, _cu, bad, 5)
+
+
+def test_varlen_max_seqlen_takes_integer_scalars():
+    import numpy as np
+
+    want = _fa().flash_attn_varlen_func(_packed_q, _packed_q, _packed_q, _cu, _cu, 5, 5)
+    for n in (np.int64(5), torch.tensor(5), (_cu[1:] - _cu[:-1]).max()):
+        got = _fa().flash_attn_varlen_func(_packed_q, _packed_q, _packed_q, _cu, _cu, n, n)
+        assert torch.equal(got, want)

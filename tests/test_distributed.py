@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -218,9 +219,23 @@ def test_shard_unshard_roundtrip(zigzag, world):
 # ---------------------------------------------------------------------------
 
 
-def _spawn(fn, world: int, *args) -> None:
+def _spawn(fn, world: int, *args, timeout: float | None = None) -> None:
+    """Runs ``fn(rank, world, store, *args)`` in ``world`` processes; with a
+    ``timeout`` (seconds) a hang fails the test instead of the run."""
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(fn, args=(world, os.path.join(d, "store"), *args), nprocs=world, join=True)
+        args = (world, os.path.join(d, "store"), *args)
+        if timeout is None:
+            mp.spawn(fn, args=args, nprocs=world, join=True)
+            return
+        ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                    p.join()
+                raise AssertionError(f"{fn.__name__} (world {world}) hung: still running after {timeout} s")
 
 
 def _init(rank: int, world: int, store: str) -> None:
@@ -367,6 +382,18 @@ def _worker_errors(rank, world, store):
         ulysses_attention(t, t, t, softmax_scale=0.5 / (1 + rank))
     with pytest.raises(ValueError, match=r"seqlen must be an int in \[0, world_size \* S_local = 12\]"):
         ring_attention(torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8), seqlen=13)
+    # found before any communication, not by a block in the middle of the ring
+    x = torch.ones(1, 4, 2, 8, dtype=torch.int64)
+    for fn in (ring_attention, ulysses_attention):
+        with pytest.raises(ValueError, match=r"q.dtype must be a floating-point dtype, got torch.int64"):
+            fn(x, x, x)
+    # a graph on one rank only: that rank's backward would wait for the others forever
+    for fn in (ring_attention, ulysses_attention):
+        t = torch.randn(1, 4, 2, 8, requires_grad=rank == 0)
+        with pytest.raises(
+            ValueError, match=r"requires grad .* must be the same on every rank .* rank 0: 1, rank 1: 0"
+        ):
+            fn(t, t, t)
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
@@ -379,6 +406,39 @@ def test_needs_process_group():
     x = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
         ring_attention(x, x, x)
+
+
+def _compare_causal(label, got, q, k, v, dout, *, baseline: bool) -> list[str]:
+    """Rank 0's check of gathered fp32 ``got`` = (out, dq, dk, dv) against
+    causal attention of the full q, k, v (backward with ``dout``) in the
+    float64 reference; ``baseline``: with plain PyTorch's fp32 error as the
+    tolerance's baseline (else the rounding floor alone). Returns failures."""
+    d = q.shape[-1]
+    scale = 1.0 if d == 0 else 1 / math.sqrt(d)  # d = 0: every score is 0 whatever the scale
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    o, _ = reference.attention(*ref, scale=scale, window_right=0)
+    o.backward(dout.double())
+    bases = [None] * 4
+    if baseline:
+        base = [t.detach().requires_grad_() for t in (q, k, v)]
+        ob = naive_attention(*base, scale=scale, window_right=0)
+        ob.backward(dout)
+        bases = [ob, *(t.grad for t in base)]
+    failures = []
+    for name, x, r, bl in zip(("out", "dq", "dk", "dv"), got, (o, *(t.grad for t in ref)), bases):
+        f = tolerance_failure(f"{label} {name}", x, r, bl, torch.float32)
+        if f:
+            failures.append(f)
+    return failures
+
+
+def _finish(failures: list[str]) -> None:
+    """A worker's end: no rank tears gloo down while another still talks to
+    it; then this rank's failures, if any."""
+    dist.barrier()
+    dist.destroy_process_group()
+    if failures:
+        raise AssertionError("\n".join(failures))
 
 
 def _worker_strided_head_dim(rank, world, store):
@@ -406,22 +466,8 @@ def _worker_strided_head_dim(rank, world, store):
             for t in (out, *(t.grad.transpose(-1, -2) for t in leaves))
         ]
         if rank == 0:
-            ref = [t.double().requires_grad_() for t in (q, k, v)]
-            o, _ = reference.attention(*ref, scale=1 / math.sqrt(d), window_right=0)
-            o.backward(dout.double())
-            base = [t.detach().requires_grad_() for t in (q, k, v)]
-            ob = naive_attention(*base, scale=1 / math.sqrt(d), window_right=0)
-            ob.backward(dout)
-            for name, x, r, bl in zip(
-                ("out", "dq", "dk", "dv"), got, (o, *(t.grad for t in ref)), (ob, *(t.grad for t in base))
-            ):
-                f = tolerance_failure(f"{method} strided head dim {name}", x, r, bl, torch.float32)
-                if f:
-                    failures.append(f)
-    dist.barrier()
-    dist.destroy_process_group()
-    if failures:
-        raise AssertionError("\n".join(failures))
+            failures += _compare_causal(f"{method} strided head dim", got, q, k, v, dout, baseline=True)
+    _finish(failures)
 
 
 def test_context_parallel_head_dim_with_a_stride():
@@ -448,18 +494,80 @@ def _worker_empty_sizes(rank, world, store):
         out.sum().backward() if b == 0 else out.backward(shard_sequence(dout, rank, world, zigzag=zigzag))
         got = [unshard_sequence(_gather(t), zigzag=zigzag) for t in (out, *(t.grad for t in leaves))]
         if rank == 0:
-            ref = [t.double().requires_grad_() for t in (q, k, v)]
-            o, _ = reference.attention(*ref, scale=1.0 if d == 0 else 1 / math.sqrt(d), window_right=0)
-            o.backward(torch.ones_like(o) if b == 0 else dout.double())
-            for name, x, r in zip(("out", "dq", "dk", "dv"), got, (o, *(t.grad for t in ref))):
-                f = tolerance_failure(f"{method} b={b} d={d} {name}", x, r, None, torch.float32)
-                if f:
-                    failures.append(f)
-    dist.barrier()
-    dist.destroy_process_group()
-    if failures:
-        raise AssertionError("\n".join(failures))
+            failures += _compare_causal(f"{method} b={b} d={d}", got, q, k, v, dout, baseline=False)
+    _finish(failures)
 
 
 def test_context_parallel_empty_batch_and_head_dim():
     _spawn(_worker_empty_sizes, 2)
+
+
+def _worker_error_mid_ring(rank, world, store):
+    # A ring call whose local work raises on one rank (injected here; a kernel
+    # error or out-of-memory in practice) raised there at once, leaving its
+    # posted send/receive unwaited while the other ranks waited for hops it
+    # would never send: the backward hung (and a stale hop could meet the
+    # next call's). Now the failing rank keeps the ring moving and raises at
+    # its end; the group stays usable for the next call.
+    import pyfastattn.distributed.ring as ring_mod
+
+    _init(rank, world, store)
+    g = torch.Generator().manual_seed(11)
+    b, s, h, d = 1, 8 * world, 2, 16
+    q, k, v, dout = (torch.randn(b, s, h, d, generator=g) for _ in range(4))
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    o_ref, _ = reference.attention(*ref, scale=1 / math.sqrt(d), window_right=0)
+    o_ref.backward(dout.double())
+    want = [shard_sequence(t.detach().float(), rank, world) for t in (o_ref, *(t.grad for t in ref))]
+    shard = lambda t: shard_sequence(t, rank, world).requires_grad_()  # noqa: E731
+
+    def injected(*a, **kw):
+        raise RuntimeError("injected kernel error")
+
+    def check(got, want_, what):
+        err = (got.double() - want_.double()).abs().max().item()
+        assert err < 1e-4, f"rank {rank} {what}: max error {err:.3e}"
+
+    def good_call():  # forward and backward, both right on every rank
+        leaves = [shard(t) for t in (q, k, v)]
+        out = ring_attention(*leaves, causal=True)
+        out.backward(shard_sequence(dout, rank, world))
+        for name, x, w in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in leaves)), want):
+            check(x, w, f"good call after a failure: {name}")
+
+    # forward: rank 0's local kernel fails at the first block
+    saved = ring_mod.block_forward
+    if rank == 0:
+        ring_mod.block_forward = injected
+    leaves = [shard(t) for t in (q, k, v)]
+    if rank == 0:
+        with pytest.raises(RuntimeError, match="injected kernel error"):
+            ring_attention(*leaves, causal=True)
+    else:
+        check(ring_attention(*leaves, causal=True), want[0], "other rank's out")
+    ring_mod.block_forward = saved
+    good_call()
+
+    # backward: rank 0's block backward fails
+    saved = ring_mod.block_backward
+    if rank == 0:
+        ring_mod.block_backward = injected
+    leaves = [shard(t) for t in (q, k, v)]
+    out = ring_attention(*leaves, causal=True)
+    if rank == 0:
+        with pytest.raises(RuntimeError, match="injected kernel error"):
+            out.backward(shard_sequence(dout, rank, world))
+    else:
+        out.backward(shard_sequence(dout, rank, world))
+        check(leaves[0].grad, want[1], "other rank's dq")
+        # dK/dV that passed through the failing rank: NaN, not silently short of its share
+        assert torch.isnan(leaves[1].grad).all() and torch.isnan(leaves[2].grad).all()
+    ring_mod.block_backward = saved
+    good_call()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_error_on_one_rank_leaves_group_usable(world):
+    _spawn(_worker_error_mid_ring, world, timeout=120)

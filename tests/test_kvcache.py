@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pyfastattn
-from pyfastattn import _ops, reference
+from pyfastattn import _ops, flash_attn_interface, reference
 from tests._helpers import assert_tolerance, naive_attention
 
 pytestmark = pytest.mark.skipif(
@@ -448,6 +448,69 @@ def test_reference_backend_matches_kernel():
     torch.testing.assert_close(kc1, kc2)
 
 
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+@pytest.mark.parametrize("block", [None, 4], ids=["contiguous", "paged"])
+def test_left_only_window_gets_right_bound_capacity(block, mode):
+    # FlashAttention 2's mha_fwd_kvcache gives a left-only window without
+    # causal the right bound seqlen_k = the cache's capacity (set_params_fprop).
+    # With more query rows than capacity + 1 that bound cuts keys for the first
+    # rows (row i sits at key i + len_k - Sq); we left them unbounded.
+    cap, sq = 8, 13
+    q, kc, vc, _, _, args = make_case(b=2, sq=sq, s_new=0, hq=2, hk=1, d=16, cap=cap, block=block, full=True)
+    ref_out, ref_lse, _, _, _ = truth(q, kc, vc, None, None, args, window=(2, cap))
+    plain_out, _, _, _, _ = truth(q, kc, vc, None, None, args, window=(2, -1))
+    assert (ref_out - plain_out).abs().max() > 0.1  # the bound changes the answer here
+    with pyfastattn.backend(mode):
+        out, lse = run(q, kc, vc, None, None, args, window_size=(2, -1))
+        fa_out = flash_attn_interface.flash_attn_with_kvcache(q, kc, vc, **args, window_size=(2, -1))
+    assert_tolerance(f"{mode} out", out, ref_out, None, q.dtype)
+    assert_tolerance(f"{mode} flash_attn_with_kvcache out", fa_out, ref_out, None, q.dtype)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+@pytest.mark.parametrize("layout", ["column_step", "transposed", "different_row_strides"])
+def test_rotary_tables_of_any_layout(layout, mode):
+    # The reference path took rotary tables of any strides; the kernel path
+    # refused those without unit column stride or with different row strides.
+    # Both take them now (the kernel path copies the small tables).
+    q, kc, vc, k, v, args = make_case(rotary="half", sq=3, s_new=3, d=32)
+    cos, sin = args["rotary_cos"], args["rotary_sin"]
+    if layout == "column_step":
+        cos, sin = (torch.stack([t, -t], -1).flatten(-2)[:, ::2] for t in (cos, sin))
+        assert cos.stride(1) == 2
+    elif layout == "transposed":
+        cos, sin = (t.t().contiguous().t() for t in (cos, sin))
+        assert cos.stride(1) != 1
+    else:
+        sin = torch.cat([sin, sin], 1)[:, : sin.shape[1]]
+        assert sin.stride(0) != cos.stride(0)
+    assert torch.equal(cos, args["rotary_cos"]) and torch.equal(sin, args["rotary_sin"])
+    with pyfastattn.backend(mode):
+        args = dict(args, rotary_cos=cos, rotary_sin=sin)
+        check(f"rotary {layout} {mode}", q, kc, vc, k, v, args, causal=True)
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+def test_repeated_batch_idx_with_append_is_refused(mode):
+    # Two batch rows appending into one cache row write the same slots (which
+    # write wins is undefined; FlashAttention races). Without an append,
+    # repeated rows only read and stay allowed.
+    q, kc, vc, k, v, args = make_case(b=3, batch_idx=True)
+    args["cache_batch_idx"] = torch.tensor([2, 0, 2], dtype=torch.int32)
+    before = kc.clone(), vc.clone()
+    with pyfastattn.backend(mode):
+        with pytest.raises(
+            pyfastattn.InvalidArgumentError,
+            match=r"cache_batch_idx must not repeat a cache row when k / v are appended .* "
+            r"got cache_batch_idx\[0\] = cache_batch_idx\[2\] = 2",
+        ):
+            run(q, kc, vc, k, v, args)
+        assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+        check(f"repeated rows, no append, {mode}", q, kc, vc, None, None, args)
+
+
 # ---------------------------------------------------------------------------
 # Bad input: each call runs in a subprocess (a wild read or write would crash
 # it or corrupt it, not this process) and must raise with a message naming
@@ -487,7 +550,8 @@ BAD_SCRIPT = textwrap.dedent(
         "leftpad_range": lambda: raw(lp=sl(4, 0)),
         "rotary_too_short": lambda: raw(seqlens=sl(3, 31), cos=cos[:10], sin=sin[:10]),
         "rotary_dim_too_large": lambda: raw(cos=torch.randn(40, 9), sin=torch.randn(40, 9)),
-        "rotary_last_dim": lambda: raw(cos=torch.randn(8, 40).t(), sin=torch.randn(8, 40).t()),
+        "batch_idx_repeated": lambda: raw(kc=torch.randn(3, cap, hk, d), vc=torch.randn(3, cap, hk, d), bidx=sl(1, 1)),
+        "api_batch_idx_repeated": lambda: api(cache_batch_idx=sl(0, 0)),
         "seqlens_dtype": lambda: raw(seqlens=torch.tensor([3, 4])),
         "api_dtype": lambda: api(k=k.double(), v=v.double()),
         "alibi_shape": lambda: raw(alibi=torch.ones(hq + 1)),
@@ -521,7 +585,8 @@ EXPECT = {
     "new_k_shape": "k must have shape",
     "batch_idx_range": "cache_batch_idx[1] must be in [0, 2)",
     "leftpad_range": "cache_leftpad[0] must be in [0, cache_seqlens[0] = 3]",
-    "rotary_last_dim": "got strides [1, 40] and [1, 40]",
+    "batch_idx_repeated": "cache_batch_idx must not repeat a cache row when k / v are appended",
+    "api_batch_idx_repeated": "got cache_batch_idx[0] = cache_batch_idx[1] = 0",
     "rotary_too_short": "seqlen_ro",
     "rotary_dim_too_large": "rotary_dim",
     "seqlens_dtype": "cache_seqlens.dtype must be torch.int32",

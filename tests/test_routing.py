@@ -46,6 +46,16 @@ def test_sdpa_unsupported_reasons():
     assert functional.sdpa_unsupported_reason(softcap=0.0, need_lse=False, varlen=True) is None
     assert "softcap" in functional.sdpa_unsupported_reason(softcap=30.0, need_lse=False, varlen=False)
     assert "log-sum-exp" in functional.sdpa_unsupported_reason(softcap=0.0, need_lse=True, varlen=False)
+    f64 = functional.sdpa_unsupported_reason(
+        softcap=0.0, need_lse=False, varlen=False, dropout_dtype=torch.float64
+    )
+    assert "drops other weights" in f64
+    assert (
+        functional.sdpa_unsupported_reason(
+            softcap=0.0, need_lse=False, varlen=False, dropout_dtype=torch.float32
+        )
+        is None
+    )
 
 
 @pytest.fixture
@@ -140,6 +150,38 @@ def test_sdpa_route_dropout_is_torchs(kernel_declined):
     torch.manual_seed(3)
     theirs = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("api", ["attention", "sdpa"])
+def test_float64_dropout_keeps_pyfastattns_pattern(api):
+    # float64 has no kernel; auto sent its dropout to torch's SDPA, which
+    # drops other weights than the Philox pattern the kernels and the
+    # reference share: the same seed gave a float64 result unlike the
+    # float32 one (off by O(1)), and unlike float64 with return_lse (which
+    # runs on the reference). Now float64 dropout runs on the reference.
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 16, 2, 16, generator=g) for _ in range(3))
+
+    def run(dtype, **kw):
+        qq, kk, vv = (t.to(dtype) for t in (q, k, v))
+        torch.manual_seed(0)
+        if api == "sdpa":
+            return pyfastattn.scaled_dot_product_attention(
+                qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), dropout_p=0.5
+            ).transpose(1, 2)
+        r = pyfastattn.attention(qq, kk, vv, dropout_p=0.5, **kw)
+        return r[0] if isinstance(r, tuple) else r
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback note for float64
+        o64 = run(torch.float64)
+        with pyfastattn.backend("reference"):
+            want = run(torch.float64)
+        o32 = run(torch.float32)  # the CPU kernel
+    assert torch.equal(o64, want)
+    assert (o64 - o32.double()).abs().max() < 1e-5
+    if api == "attention":
+        assert torch.equal(run(torch.float64, return_lse=True), o64)
 
 
 def test_lse_and_softcap_stay_on_the_reference(kernel_declined):

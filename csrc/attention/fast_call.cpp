@@ -363,10 +363,15 @@ PyObject* attention_kvcache_fast(PyObject* /*self*/, PyObject* const* args, Py_s
       !softcap_scale(args[14], args[15], d, softcap, scale) || !truth(args[17], return_lse) ||
       !exact_int(args[18], num_splits) || num_splits < 0)
     Py_RETURN_NONE;
-  // Windows wider than the cache are no window (as kvcache.py).
+  // FlashAttention 2's window rules, as kvcache.py applies them: windows wider
+  // than the cache are no window; without causal a left-only window gets the
+  // right bound capacity (it cuts keys only when Sq > capacity + 1).
   wl = (0 <= wl && wl < capacity) ? wl : -1;
   wr = (0 <= wr && wr < capacity) ? wr : -1;
-  if (causal) wr = 0;
+  if (causal)
+    wr = 0;
+  else if (wl >= 0 && wr < 0 && sq > capacity + 1)
+    wr = capacity;
 
   static const auto op =
       c10::Dispatcher::singleton()

@@ -141,6 +141,20 @@ KvCacheCall prepare_kvcache_call(
     }
     used[size_t(b)] = int32_t(sl + s_new - lp);
   }
+  if (s_new > 0 && !bidx.empty()) {
+    // Two batch rows that append into one cache row would write the same
+    // slots (which write wins is undefined; FlashAttention races): an error.
+    // The values are on the host already, so this costs no device sync.
+    std::vector<std::pair<int32_t, int64_t>> rows;
+    rows.reserve(bidx.size());
+    for (size_t b = 0; b < bidx.size(); ++b) rows.emplace_back(bidx[b], int64_t(b));
+    std::sort(rows.begin(), rows.end());
+    for (size_t i = 1; i < rows.size(); ++i)
+      TORCH_CHECK_VALUE(rows[i].first != rows[i - 1].first,
+                        "cache_batch_idx must not repeat a cache row when k / v are appended (two batch rows "
+                        "would write the same cache slots), got cache_batch_idx[",
+                        rows[i - 1].second, "] = cache_batch_idx[", rows[i].second, "] = ", rows[i].first);
+  }
 
   // ---- rotary ----------------------------------------------------------------
   TORCH_CHECK_VALUE(rotary_cos.has_value() == rotary_sin.has_value(), "rotary_cos and rotary_sin must be given together");
@@ -283,14 +297,17 @@ KvCacheCall prepare_kvcache_call(
     a.s_new = int32_t(s_new);
     a.cache_seqlens = meta_ptr + at_sl;
     if (rotary) {
-      a.rotary_cos = rotary_cos->data_ptr();
-      a.rotary_sin = rotary_sin->data_ptr();
-      TORCH_CHECK_VALUE(rotary_cos->stride(1) == 1 && rotary_sin->stride(1) == 1 &&
-                            rotary_cos->stride(0) == rotary_sin->stride(0),
-                        "rotary_cos and rotary_sin must be contiguous in their last dim (stride 1) with equal row "
-                        "strides, got strides ",
-                        rotary_cos->strides(), " and ", rotary_sin->strides(), " (pass .contiguous() tables)");
-      a.rotary_row_stride = rotary_cos->stride(0);
+      // The kernels read both tables with unit column stride and one row
+      // stride. Other layouts (a column slice, a transposed view, tables of
+      // different strides) are copied: the tables are small, and the
+      // reference path takes any layout.
+      const bool as_is = rotary_cos->stride(1) == 1 && rotary_sin->stride(1) == 1 &&
+                         rotary_cos->stride(0) == rotary_sin->stride(0);
+      call.rotary_cos = as_is ? *rotary_cos : rotary_cos->clone(at::MemoryFormat::Contiguous);
+      call.rotary_sin = as_is ? *rotary_sin : rotary_sin->clone(at::MemoryFormat::Contiguous);
+      a.rotary_cos = call.rotary_cos.data_ptr();
+      a.rotary_sin = call.rotary_sin.data_ptr();
+      a.rotary_row_stride = call.rotary_cos.stride(0);
       a.rotary_dim = int32_t(rd);
       a.rotary_fp32 = rotary_fp32;
       a.rotary_interleaved = rotary_interleaved;

@@ -20,6 +20,7 @@ struct KvCacheCall {
   int32_t max_len_k = 0;    // the longest sequence's key count (seqused_k)
   at::Tensor out, lse;      // outputs, on q's device
   at::Tensor q_rot;         // the rotated q (rotary only)
+  at::Tensor rotary_cos, rotary_sin;  // the tables the kernels read (rotary only; see prepare_kvcache_call)
   // The int32 values p and a index with, on q's device; read on the host and
   // checked there (a device-to-host copy: the op waits for q's stream once).
   at::Tensor meta;

@@ -28,6 +28,8 @@ def check_local_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
             raise InvalidArgumentError(
                 f"{name} must have 4 dims (B, S_local, H, D), got {t.dim()} (shape {tuple(t.shape)})"
             )
+    if not q.dtype.is_floating_point:  # here, before any communication: a block would raise mid-ring
+        raise InvalidArgumentError(f"q.dtype must be a floating-point dtype, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype or t.device != q.device:
             raise InvalidArgumentError(
@@ -44,6 +46,13 @@ def check_local_shards(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     if hk == 0 or hq % hk:
         raise InvalidArgumentError(f"q heads ({hq}) must be a multiple of k heads ({hk})")
     return b, s_local, hq, hk, d
+
+
+def needs_grad(*tensors: torch.Tensor) -> int:
+    """1 when this call will build a graph (so every rank must run the
+    backward's communication), else 0: compared across ranks, since a rank
+    alone in its backward would wait for the others forever."""
+    return int(torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def group_info(group) -> tuple[int, int]:

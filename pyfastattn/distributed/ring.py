@@ -105,6 +105,42 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# A rank whose local work raises (a kernel error, out of memory) must not
+# raise at once: its neighbours wait for the hops it would still send, so they
+# hung, and its own posted sends / receives were left unwaited, to be matched
+# by the next call on the group. It keeps passing the blocks on (computing
+# nothing more) until the ring ends and raises then. The other ranks' outputs
+# stay right (the K/V blocks travel unchanged); in the backward, the dK/dV
+# accumulators that pass through the failing rank become NaN rather than
+# silently lacking its share.
+
+
+def _forward_step(q, kb, vb, plans, out_acc, lse_acc, scale, softcap):
+    """Merges q x (kb, vb) over ``plans`` into the running (out, lse)."""
+    s_local = q.shape[1]
+    for plan in plans:
+        o, lse = block_forward(q, kb, vb, plan, scale, softcap)
+        sl = slice(plan.q_start, plan.q_start + plan.q_len)
+        if plan.q_len == s_local:
+            out_acc, lse_acc = merge_attention_states(out_acc, lse_acc, o, lse)
+        else:
+            mo, ml = merge_attention_states(out_acc[:, sl], lse_acc[:, :, sl], o, lse)
+            out_acc[:, sl] = mo
+            lse_acc[:, :, sl] = ml
+    return out_acc, lse_acc
+
+
+def _backward_step(dout, q, kb, vb, out, lse, plans, dq, contrib, scale, softcap):
+    """Adds the blocks' dQ into ``dq`` and dK|dV into ``contrib`` (in place)."""
+    dk_dim = kb.shape[-1]
+    for plan in plans:
+        dqb, dkb, dvb = block_backward(dout, q, kb, vb, out, lse, plan, scale, softcap)
+        dq[:, plan.q_start : plan.q_start + plan.q_len] += dqb
+        rows = contrib[:, plan.k_start : plan.k_start + plan.k_len]
+        rows[..., :dk_dim] += dkb
+        rows[..., dk_dim:] += dvb
+
+
 def _plans(rank: int, src: int, world: int, s_local: int, zigzag: bool, wl: int, wr: int, seqlen: int):
     qc = local_chunks(rank, world, s_local, zigzag=zigzag)
     kc = local_chunks(src, world, s_local, zigzag=zigzag)
@@ -126,25 +162,25 @@ class _RingAttention(torch.autograd.Function):
         out_acc = torch.zeros(b, s_local, hq, dv_dim, dtype=acc, device=q.device)
         lse_acc = torch.full((b, hq, s_local), float("-inf"), dtype=acc, device=q.device)
         world, rank = ring.world, ring.rank
+        err = None  # a local error, raised after the ring (see _forward_step)
         for step in range(world):
             src = (rank - step) % world
             pending = ring.start(kv, timers) if step + 1 < world else None
             t0 = time.perf_counter() if timers is not None else 0.0
             kb, vb = kv[..., :dk_dim], kv[..., dk_dim:]
-            for plan in _plans(rank, src, world, s_local, zigzag, wl, wr, seqlen):
-                o, lse = block_forward(q, kb, vb, plan, scale, softcap)
-                sl = slice(plan.q_start, plan.q_start + plan.q_len)
-                if plan.q_len == s_local:
-                    out_acc, lse_acc = merge_attention_states(out_acc, lse_acc, o, lse)
-                else:
-                    mo, ml = merge_attention_states(out_acc[:, sl], lse_acc[:, :, sl], o, lse)
-                    out_acc[:, sl] = mo
-                    lse_acc[:, :, sl] = ml
+            plans = _plans(rank, src, world, s_local, zigzag, wl, wr, seqlen)
+            if err is None:  # after a local error: pass the blocks on, compute nothing
+                try:
+                    out_acc, lse_acc = _forward_step(q, kb, vb, plans, out_acc, lse_acc, scale, softcap)
+                except Exception as e:  # noqa: BLE001 - raised once the ring has drained
+                    err = e
             if timers is not None:
                 timers.compute += time.perf_counter() - t0
             if pending is not None:
                 kv, reqs = pending
                 ring.wait(reqs, timers)
+        if err is not None:
+            raise err
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse_acc)
         ctx.args = (ring, scale, softcap, wl, wr, zigzag, seqlen, timers)
@@ -164,18 +200,21 @@ class _RingAttention(torch.autograd.Function):
         dkv = None  # fp32 dK|dV accumulator of the block held now
         dkv_pending = None  # the accumulator arriving from the previous rank
         world, rank = ring.world, ring.rank
+        err = None  # a local error, raised after the ring (see _forward_step)
         for step in range(world):
             src = (rank - step) % world
             kv_pending = ring.start(kv, timers) if step + 1 < world else None
             t0 = time.perf_counter() if timers is not None else 0.0
             kb, vb = kv[..., :dk_dim], kv[..., dk_dim:]
             contrib = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)
-            for plan in _plans(rank, src, world, s_local, zigzag, wl, wr, seqlen):
-                dqb, dkb, dvb = block_backward(dout, q, kb, vb, out, lse, plan, scale, softcap)
-                dq[:, plan.q_start : plan.q_start + plan.q_len] += dqb
-                rows = contrib[:, plan.k_start : plan.k_start + plan.k_len]
-                rows[..., :dk_dim] += dkb
-                rows[..., dk_dim:] += dvb
+            plans = _plans(rank, src, world, s_local, zigzag, wl, wr, seqlen)
+            if err is None:
+                try:
+                    _backward_step(dout, q, kb, vb, out, lse, plans, dq, contrib, scale, softcap)
+                except Exception as e:  # noqa: BLE001 - raised once the ring has drained
+                    err = e
+            if err is not None:  # the block's dK/dV lack this rank's share: poison, don't drop it
+                contrib.fill_(float("nan"))
             if timers is not None:
                 timers.compute += time.perf_counter() - t0
             if dkv_pending is not None:  # the accumulator of this block so far
@@ -193,6 +232,8 @@ class _RingAttention(torch.autograd.Function):
         if world > 1:
             dkv, reqs = dkv_pending
             ring.wait(reqs, timers)
+        if err is not None:
+            raise err
         dk = dkv[..., :dk_dim].to(k.dtype)
         dv = dkv[..., dk_dim:].to(v.dtype)
         return dq.to(q.dtype), dk, dv, None, None, None, None, None, None, None, None
@@ -253,9 +294,10 @@ def ring_attention(
     _comm.check_across_ranks(
         group, "ring_attention",
         [b, s_local, hq, hk, d, v.shape[-1], _comm.dtype_code(q.dtype), int(zigzag), wl, wr, seqlen, world,
-         scale, float(softcap)],
+         scale, float(softcap), _comm.needs_grad(q, k, v)],
         ["batch", "S_local", "q heads", "k heads", "head dim", "v head dim", "dtype", "zigzag",
-         "window left (causal: right = 0)", "window right", "seqlen", "world size", "softmax_scale", "softcap"],
+         "window left (causal: right = 0)", "window right", "seqlen", "world size", "softmax_scale", "softcap",
+         "requires grad (grad mode and q, k or v requiring grad)"],
         q.device,
     )  # fmt: skip
     ring = _Ring(group)

@@ -121,9 +121,10 @@ def ulysses_attention(
     _comm.check_across_ranks(
         group, "ulysses_attention",
         [b, s_local, hq, hk, d, v.shape[-1], _comm.dtype_code(q.dtype), wl, wr, seqlen, world,
-         scale, float(softcap)],
+         scale, float(softcap), _comm.needs_grad(q, k, v)],
         ["batch", "S_local", "q heads", "k heads", "head dim", "v head dim", "dtype",
-         "window left", "window right (causal: 0)", "seqlen", "world size", "softmax_scale", "softcap"],
+         "window left", "window right (causal: 0)", "seqlen", "world size", "softmax_scale", "softcap",
+         "requires grad (grad mode and q, k or v requiring grad)"],
         q.device,
     )  # fmt: skip
     if hk < world:  # replicate each K/V head so every rank gets the one its q heads use
