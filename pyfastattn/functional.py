@@ -705,7 +705,7 @@ def scaled_dot_product_attention(
             raise InvalidArgumentError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     _check_dtype(query, "query")
     _check_same_dtype_device(query, "query", key=key, value=value)
-    if not 0.0 <= dropout_p <= 1.0:
+    if not 0.0 <= _check_number(dropout_p, "dropout_p") <= 1.0:
         raise InvalidArgumentError(f"dropout_p must be in [0, 1], got {dropout_p}")
     _check_scale(scale, "scale")
     unbatched_heads = query.dim() == 2
