@@ -349,7 +349,8 @@ constexpr int kPfToL2 = 1;  // locality 1: prefetcht2
 
 // kRowLocality: where the row slices go, as __builtin_prefetch's locality:
 // kPfToL1 (prefetcht0) or kPfToL2 (prefetcht2; on Zen 4 and later the T1 / T2
-// hints fill L2, not L1). The far primes stay T0 (v18: T2 there was slower).
+// hints fill L2, not L1). The far primes stay T0 (v18: T1 / T2 / NTA there
+// gained nothing).
 template <typename T, int kRowLocality>
 struct PfCursor {
   const T* const* rows;  // row pointers (at the task's first kv head)

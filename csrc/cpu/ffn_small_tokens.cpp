@@ -320,7 +320,7 @@ struct Avx512 {
 // weights (fp16 asks for each line twice; a prefetch of a present line is
 // nearly free); without it the tiles run on the hardware prefetchers alone.
 // Which one runs is the CPU generation's (cpu_stream_prefetch_to_l2, simd.h):
-// on Zen 4 the L2 prefetches took bf16 T1 from 1.35-1.40 to 0.92-1.02 ms on
+// on Zen 4 the L2 prefetches took bf16 T1 from 1.35-1.40 to 0.96-1.09 ms on
 // one thread and 0.74-0.85 to 0.54-0.61 on two; on Zen 5 a T0 prefetch here
 // was slower (T1 0.55 -> 0.61 ms, T2 0.61 -> 0.69, fp32 T1 0.95 -> 1.21;
 // PERF_NOTES.md), so the tiles there go without (an earlier form of this
