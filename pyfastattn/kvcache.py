@@ -429,6 +429,19 @@ def _attention_with_kvcache_torch(
                         f"block_table[{i}, {blk}] must be in [0, {k_cache.shape[0]}) (the number of blocks), "
                         f"got {row[blk]}"
                     )
+        if s_new > 0:  # as prepare_kvcache_call: two appended positions in one cache slot
+            owner: dict[tuple[int, int], tuple[int, int]] = {}
+            for i, row in enumerate(block_table.tolist()):
+                for t in range(seqlens[i], seqlens[i] + s_new):
+                    slot = (row[t // bs], t % bs)
+                    if slot in owner:
+                        i0, t0 = owner[slot]
+                        raise InvalidArgumentError(
+                            "block_table must not send two appended positions to one cache slot (two writes to "
+                            f"the same block row), got block {slot[0]}, row {slot[1]} for position {t0} of "
+                            f"sequence {i0} and position {t} of sequence {i}"
+                        )
+                    owner[slot] = (i, t)
     if rotary_cos is not None:
         per_row = wl >= 0 or wr >= 0
         need = max((sl + max(s_new, q.shape[1] if per_row else 1) for sl in seqlens), default=0)

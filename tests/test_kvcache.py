@@ -511,6 +511,48 @@ def test_repeated_batch_idx_with_append_is_refused(mode):
         check(f"repeated rows, no append, {mode}", q, kc, vc, None, None, args)
 
 
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+def test_paged_append_into_one_slot_twice_is_refused(mode):
+    # A block table that sends two appended positions to one cache slot (two
+    # sequences' appends into one block row, or one sequence's table listing a
+    # block twice over its append range) is the same race as a repeated
+    # cache_batch_idx. Blocks that sequences only read (a shared prefix) stay
+    # allowed. Blocks of 4 rows, 3 blocks per sequence (capacity 12).
+    hq, hk, d = 4, 2, 16
+    g = torch.Generator().manual_seed(3)
+    pk, pv = torch.randn(8, 4, hk, d, generator=g), torch.randn(8, 4, hk, d, generator=g)
+    t32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    new = lambda s: [torch.randn(2, s, h, d, generator=g) for h in (hq, hk, hk)]  # noqa: E731
+    cases = [
+        # appends at 5-7 and 6-8: sequence 1's positions 6, 7 are block 1's rows 2, 3, as sequence 0's 6, 7
+        (new(3), t32(5, 6), t32([0, 1, 2], [3, 1, 4]),
+         r"block 1, row 2 for position 6 of sequence 0 and position 6 of sequence 1"),
+        # sequence 0 appends at 1-5: 1-3 in block 0 rows 1-3, 4-5 in block 0 (listed again) rows 0-1
+        (new(5), t32(1, 2), t32([0, 0, 2], [3, 4, 5]),
+         r"block 0, row 1 for position [15] of sequence 0 and position [15] of sequence 0"),
+    ]  # fmt: skip
+    with pyfastattn.backend(mode):
+        for (q, k, v), seqlens, table, where in cases:
+            before = pk.clone(), pv.clone()
+            with pytest.raises(
+                pyfastattn.InvalidArgumentError,
+                match=r"block_table must not send two appended positions to one cache slot .*" + where,
+            ):
+                pyfastattn.attention_with_kvcache(q, pk, pv, k, v, cache_seqlens=seqlens, block_table=table)
+            assert torch.equal(pk, before[0]) and torch.equal(pv, before[1])
+    # Block 0 shared by both sequences (read only), the appends in blocks of their own: allowed.
+    q, k, v = new(3)
+    table, seqlens = t32([0, 1, 2], [0, 3, 4]), t32(5, 6)
+    outs = []
+    for m in (mode, "reference"):
+        kc, vc = pk.clone(), pv.clone()
+        with pyfastattn.backend(m):
+            outs.append(
+                pyfastattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table)
+            )
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Bad input: each call runs in a subprocess (a wild read or write would crash
 # it or corrupt it, not this process) and must raise with a message naming

@@ -155,6 +155,42 @@ KvCacheCall prepare_kvcache_call(
                         "would write the same cache slots), got cache_batch_idx[",
                         rows[i - 1].second, "] = cache_batch_idx[", rows[i].second, "] = ", rows[i].first);
   }
+  if (s_new > 0 && paged) {
+    // The same for a block table that sends two appended positions (of two
+    // sequences, or of one) to one cache slot. Checked per run of positions
+    // inside one block (B x (s_new / page + 1) spans), not per position.
+    struct Span {
+      int32_t block;
+      int64_t lo, hi, b, pos;  // rows [lo, hi) of the block: positions pos.. of sequence b
+    };
+    std::vector<Span> spans;
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t end = int64_t(seqlens[b]) + s_new;
+      for (int64_t t = seqlens[b]; t < end;) {
+        const int64_t row = t % page, n = std::min(page - row, end - t);
+        spans.push_back(Span{table[size_t(b * max_blocks + t / page)], row, row + n, b, t});
+        t += n;
+      }
+    }
+    std::sort(spans.begin(), spans.end(),
+              [](const Span& x, const Span& y) { return x.block != y.block ? x.block < y.block : x.lo < y.lo; });
+    size_t widest = 0;  // of the spans so far in the current block, the one reaching furthest
+    for (size_t i = 1; i < spans.size(); ++i) {
+      const Span& x = spans[i];
+      if (x.block != spans[i - 1].block) {
+        widest = i;
+        continue;
+      }
+      const Span& w = spans[widest];
+      if (x.lo < w.hi) {
+        const int64_t row = x.lo, wpos = w.pos + (row - w.lo);
+        TORCH_CHECK_VALUE(false, "block_table must not send two appended positions to one cache slot (two writes "
+                          "to the same block row), got block ", x.block, ", row ", row, " for position ", wpos,
+                          " of sequence ", w.b, " and position ", x.pos, " of sequence ", x.b);
+      }
+      if (x.hi > w.hi) widest = i;
+    }
+  }
 
   // ---- rotary ----------------------------------------------------------------
   TORCH_CHECK_VALUE(rotary_cos.has_value() == rotary_sin.has_value(), "rotary_cos and rotary_sin must be given together");
