@@ -424,13 +424,17 @@ int main(int argc, char** argv) {
       snprintf(nm, sizeof nm, "key-major, T%d-touch t+1, every %d lines", k == kT0 ? 0 : 2, st);
       add(id, nm, true, kNone, k, 1)->stride = st;
     }
-  for (int st : {2, 4}) {
-    char id[32], nm[64];
-    snprintf(id, sizeof id, "a-s%d", st);
-    snprintf(nm, sizeof nm, "  a, row prefetches of every %d-th line", st);
-    add(id, nm, false, kT0)->far = 1;
-    vs.back().rowstride = st;
-  }
+  // a (T0) and, since session 10, a-t2 (the rows into L2: the structure the
+  // kernel takes on Zen 4, v18) asking for every 2nd / 4th line only.
+  for (Kind k : {kT0, kT2})
+    for (int st : {2, 4}) {
+      char id[32], nm[64];
+      const char* base = k == kT0 ? "a" : "a-t2";
+      snprintf(id, sizeof id, "%s-s%d", base, st);
+      snprintf(nm, sizeof nm, "  %s, row prefetches of every %d-th line", base, st);
+      add(id, nm, false, k)->far = 1;
+      vs.back().rowstride = st;
+    }
   for (Kind k : {kT1, kT2, kNTA}) {
     char id[32], nm[64];
     const char* h = k == kT1 ? "t1" : k == kT2 ? "t2" : "nta";
@@ -438,15 +442,7 @@ int main(int argc, char** argv) {
     snprintf(nm, sizeof nm, "  a, row prefetches with hint %s", h);
     add(id, nm, false, k)->far = 1;
   }
-  // Zen 4 (session 10): the rows into L2 (T2) is the structure the kernel
-  // takes there (v18); what else does or does not change with it.
-  for (int st : {2, 4}) {
-    char id[32], nm[64];
-    snprintf(id, sizeof id, "a-t2-s%d", st);
-    snprintf(nm, sizeof nm, "  a-t2, row prefetches of every %d-th line", st);
-    add(id, nm, false, kT2)->far = 1;
-    vs.back().rowstride = st;
-  }
+  // Zen 4 (session 10): what else does or does not change with the rows in L2.
   add("a-t2-nofar", "  a-t2 without the next tile's primes", false, kT2);
   add("a-t2-mask", "  a-t2, V loads masked (as the kernel)", false, kT2)->far = 1;
   vs.back().masked = true;

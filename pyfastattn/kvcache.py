@@ -422,7 +422,8 @@ def _attention_with_kvcache_torch(
             first.setdefault(r, i)
     if block_table is not None:
         bs = k_cache.shape[1]
-        for i, row in enumerate(block_table.tolist()):
+        table = block_table.tolist()
+        for i, row in enumerate(table):
             for blk in range(lp[i] // bs, (seqlens[i] + s_new + bs - 1) // bs):
                 if not 0 <= row[blk] < k_cache.shape[0]:
                     raise InvalidArgumentError(
@@ -431,7 +432,7 @@ def _attention_with_kvcache_torch(
                     )
         if s_new > 0:  # as prepare_kvcache_call: two appended positions in one cache slot
             owner: dict[tuple[int, int], tuple[int, int]] = {}
-            for i, row in enumerate(block_table.tolist()):
+            for i, row in enumerate(table):
                 for t in range(seqlens[i], seqlens[i] + s_new):
                     slot = (row[t // bs], t % bs)
                     if slot in owner:

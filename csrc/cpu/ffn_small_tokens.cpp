@@ -395,6 +395,12 @@ template <class Ops>
 RowsSet avx512_rows() {
   return cpu_stream_prefetch_to_l2() ? avx512_rows<Ops, true>() : avx512_rows<Ops, false>();
 }
+// The same for the BF16 dot products (their tiles need the BF16 target).
+template <class Ops, bool kPf>
+RowsSet avx512_bf16_rows() {
+  using T = Avx512Tile<Ops, kPf>;
+  return {&rows_avx512_bf16<T, kWideRows, kWideTokens>, &rows_avx512_bf16<T, kOneRows, 1>};
+}
 
 // ---------------------------------------------------------------------------
 // The broadcast form (bcast_min_tokens <= T <= 16; written for bf16 and
@@ -825,14 +831,9 @@ RowsSet rows_for(DType dt) {
         return avx512_rows<OpsF16>();
       case DType::kBFloat16:
       default:
-        if (i == Isa::kAvx512Bf16) {
-          if (cpu_stream_prefetch_to_l2()) {
-            using T = Avx512Tile<OpsBf16Dot, true>;
-            return {&rows_avx512_bf16<T, kWideRows, kWideTokens>, &rows_avx512_bf16<T, kOneRows, 1>};
-          }
-          using T = Avx512Tile<OpsBf16Dot, false>;
-          return {&rows_avx512_bf16<T, kWideRows, kWideTokens>, &rows_avx512_bf16<T, kOneRows, 1>};
-        }
+        if (i == Isa::kAvx512Bf16)
+          return cpu_stream_prefetch_to_l2() ? avx512_bf16_rows<OpsBf16Dot, true>()
+                                             : avx512_bf16_rows<OpsBf16Dot, false>();
         return avx512_rows<OpsBf16Wide>();
     }
   }
