@@ -705,7 +705,15 @@ def scaled_dot_product_attention(
             raise InvalidArgumentError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     _check_dtype(query, "query")
     _check_same_dtype_device(query, "query", key=key, value=value)
-    if not 0.0 <= _check_number(dropout_p, "dropout_p") <= 1.0:
+    # As torch's argument parser: any real number (a bool too) is taken, anything
+    # else is a TypeError, here naming the argument.
+    try:
+        p_value = None if isinstance(dropout_p, (str, bytes)) else float(dropout_p)
+    except (TypeError, ValueError, RuntimeError):
+        p_value = None
+    if p_value is None:
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__} {dropout_p!r}")
+    if not 0.0 <= p_value <= 1.0:
         raise InvalidArgumentError(f"dropout_p must be in [0, 1], got {dropout_p}")
     _check_scale(scale, "scale")
     unbatched_heads = query.dim() == 2
