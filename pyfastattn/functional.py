@@ -488,6 +488,18 @@ def _check_number(x, name: str) -> float:
     raise InvalidArgumentError(f"{name} must be a real number (int or float), got {type(x).__name__} {x!r}")
 
 
+def _torch_float(x, name: str) -> float:
+    """``float(x)`` as torch's argument parser takes a float argument (the
+    SDPA drop-in's dropout_p and scale): any real number, a bool too; anything
+    else is a TypeError, as torch raises, here naming the argument."""
+    if not isinstance(x, (str, bytes)):
+        try:
+            return float(x)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{name} must be a float, got {type(x).__name__} {x!r}")
+
+
 def _check_scale(scale, name: str) -> None:
     if scale is not None and not math.isfinite(_check_number(scale, name)):
         raise InvalidArgumentError(f"{name} must be a finite number, got {scale}")
@@ -705,17 +717,10 @@ def scaled_dot_product_attention(
             raise InvalidArgumentError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     _check_dtype(query, "query")
     _check_same_dtype_device(query, "query", key=key, value=value)
-    # As torch's argument parser: any real number (a bool too) is taken, anything
-    # else is a TypeError, here naming the argument.
-    try:
-        p_value = None if isinstance(dropout_p, (str, bytes)) else float(dropout_p)
-    except (TypeError, ValueError, RuntimeError):
-        p_value = None
-    if p_value is None:
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__} {dropout_p!r}")
-    if not 0.0 <= p_value <= 1.0:
+    if not 0.0 <= _torch_float(dropout_p, "dropout_p") <= 1.0:
         raise InvalidArgumentError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    _check_scale(scale, "scale")
+    if scale is not None and not math.isfinite(_torch_float(scale, "scale")):
+        raise InvalidArgumentError(f"scale must be a finite number, got {scale}")
     unbatched_heads = query.dim() == 2
     if unbatched_heads:  # (L, E): one head, no batch
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)

@@ -226,19 +226,27 @@ def test_dropout_p_one_drops_everything_like_torch():
         sdpa(q, k, v, dropout_p=1.5)
 
 
-@pytest.mark.parametrize("bad", ["0.1", None, [0.1]], ids=["str", "None", "list"])
-def test_non_numeric_dropout_p_is_a_type_error_like_torch(bad):
+@pytest.mark.parametrize("arg", ["dropout_p", "scale"])
+@pytest.mark.parametrize("bad", ["0.1", [0.1]], ids=["str", "list"])
+def test_non_numeric_float_argument_is_a_type_error_like_torch(bad, arg):
     # torch's argument parser: a TypeError (pyfastattn's message names the argument).
     q, k, v = _qkv(1, 2, 6, 6, 8)
     with pytest.raises(TypeError):
-        F.scaled_dot_product_attention(q, k, v, dropout_p=bad)
-    with pytest.raises(TypeError, match="dropout_p must be a float"):
-        sdpa(q, k, v, dropout_p=bad)
+        F.scaled_dot_product_attention(q, k, v, **{arg: bad})
+    with pytest.raises(TypeError, match=f"{arg} must be a float"):
+        sdpa(q, k, v, **{arg: bad})
+    if arg == "dropout_p":  # None is scale's default
+        with pytest.raises(TypeError):
+            F.scaled_dot_product_attention(q, k, v, dropout_p=None)
+        with pytest.raises(TypeError, match="dropout_p must be a float, got NoneType None"):
+            sdpa(q, k, v, dropout_p=None)
 
 
-def test_bool_dropout_p_is_taken_like_torch():
-    # torch takes a bool as 0.0 / 1.0: False drops nothing, True everything.
+def test_bool_float_arguments_are_taken_like_torch():
+    # torch takes a bool as 0.0 / 1.0: dropout_p False drops nothing, True
+    # everything; scale True is 1.0.
     q, k, v = _qkv(1, 2, 6, 6, 8)
+    torch.testing.assert_close(sdpa(q, k, v, scale=True), F.scaled_dot_product_attention(q, k, v, scale=True))
     torch.testing.assert_close(
         sdpa(q, k, v, dropout_p=False), F.scaled_dot_product_attention(q, k, v, dropout_p=False)
     )
