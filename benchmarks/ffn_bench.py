@@ -411,7 +411,7 @@ def run(
                     these.append(row)
                     try:
                         if fn is not None:
-                            if name.startswith("pyfastattn") and (reason := ffn.ffn_unsupported_reason(x)):
+                            if name.startswith("pyfastattn") and (reason := ffn.ffn_unsupported_reason(x, mode="kernel")):
                                 raise RuntimeError(reason)
                             bad = checker.check(fn)
                             if bad:

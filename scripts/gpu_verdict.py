@@ -162,7 +162,12 @@ def sanitizer_verdict(out: str, tool: str, steps: dict) -> tuple[bool, str]:
     body = m.group(1)
     if "Device not supported" in body or "not supported on this" in body:
         return False, f"compute-sanitizer cannot run {tool} on this machine (device not supported)"
-    summ = re.findall(r"ERROR SUMMARY: (\d+) error", body)
+    # memcheck ends with "ERROR SUMMARY: N errors"; racecheck with
+    # "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)" (seen on
+    # the H200, compute-sanitizer of CUDA 13.0).
+    summ = re.findall(r"ERROR SUMMARY: (\d+) error", body) or re.findall(
+        r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?", body
+    )
     if not summ:
         return False, f"{tool} printed no ERROR SUMMARY (cut off by the time limit?)"
     if int(summ[-1]) or "small shapes ok" not in body:

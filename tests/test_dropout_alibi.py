@@ -143,7 +143,7 @@ def _naive_low_precision(q, k, v, kw, scale, dropout_p, keep, slopes):
     if kw["softcap"] > 0:
         s = torch.tanh(s / kw["softcap"]) * kw["softcap"]
     used = kw.get("seqused_k")
-    len_k = torch.full((b,), sk) if used is None else used.long()
+    len_k = torch.full((b,), sk, device=q.device) if used is None else used.long()
     if slopes is not None:
         s = s + reference.alibi_bias(slopes, sq, sk, len_k, torch.float32).to(q.dtype)
     vis = reference._visible(

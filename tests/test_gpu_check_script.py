@@ -98,3 +98,27 @@ def test_gpu_verdict_reads_a_run(tmp_path):
     assert any("S2048" in a and a.endswith("True") for a in auto)
     assert any("S16384" in a and a.endswith("False") for a in auto)
     assert (out / "verdict.md").read_text().rstrip().splitlines()[-1].startswith("NOT VERIFIED speed: FFN")
+
+
+def test_verdict_reads_racecheck_summary_as_the_h200_prints_it(tmp_path):
+    """compute-sanitizer's racecheck (CUDA 13.0, first H200 run) ends with a
+    RACECHECK SUMMARY line, not memcheck's ERROR SUMMARY: both are read, and a
+    racecheck error count other than 0 is not verified."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_verdict", os.path.join(ROOT, "scripts", "gpu_verdict.py"))
+    verdict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verdict)
+    clean = (
+        "--- memcheck\n========= COMPUTE-SANITIZER\nsmall shapes ok\n========= ERROR SUMMARY: 0 errors\n"
+        "--- racecheck\n========= COMPUTE-SANITIZER\nsmall shapes ok\n"
+        "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
+    )
+    (tmp_path / "sanitizer.log").write_text(clean)
+    assert verdict.sanitizer_verdict(str(tmp_path), "racecheck", {})[0]
+    assert verdict.sanitizer_verdict(str(tmp_path), "memcheck", {})[0]
+    (tmp_path / "sanitizer.log").write_text(
+        clean.replace("0 hazards displayed (0 errors, 0 warnings)", "3 hazards displayed (2 errors, 1 warning)")
+    )
+    ok, why = verdict.sanitizer_verdict(str(tmp_path), "racecheck", {})
+    assert not ok and "2 errors" in why
