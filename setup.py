@@ -72,6 +72,36 @@ def _find_cuda_home() -> str | None:
     return None
 
 
+def _shared_libstdcxx() -> list[str]:
+    """The shared libstdc++ that the C++ compiler links by default, as a path.
+
+    It goes on the link line right after the module's own objects, before any
+    library, so that every libstdc++ symbol the module uses binds to the shared
+    library the process runs with, never to a static copy linked into the
+    module. The module built on the lent H200's image (g++ 13.3, torch 2.11)
+    carried libstdc++'s locale code itself (`nm` listed
+    std::codecvt<char16_t, ...> as defined in _C.so) and crashed formatting any
+    number into an argument error (benchmarks/results/H200/README.md). Checked
+    on the development machine with a small library: linked with
+    -static-libstdc++ it defines 11 of libstdc++'s locale functions, and none
+    when this path comes right after its objects. On a machine whose link is
+    already dynamic this changes nothing: the same library, one DT_NEEDED
+    entry. Empty where the compiler does not name one
+    (not Linux, or not GCC's runtime)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    import shlex
+    import subprocess
+
+    cxx = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]
+    try:
+        out = subprocess.run([*cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                             timeout=60).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [os.path.realpath(out)] if os.path.isabs(out) and os.path.isfile(out) else []
+
+
 def _cuda_decision() -> tuple[bool, str | None, str]:
     """(build_cuda, cuda_home, why) from PYFASTATTN_BUILD_CUDA and the environment."""
     import torch
@@ -186,6 +216,7 @@ def _extensions():
         kwargs["extra_compile_args"] = {"cxx": cxx}
         ext_cls = CppExtension
     kwargs["extra_link_args"] = ["-fopenmp"]
+    kwargs["extra_objects"] = _shared_libstdcxx()
     ext = ext_cls(
         "pyfastattn._C",
         sources,

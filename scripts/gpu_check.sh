@@ -9,7 +9,8 @@
 #   build      PYFASTATTN_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e .
 #              for this GPU's arch only (H100/H200: 9.0a), MAX_JOBS=16; then the
 #              kernels' registers / stack / local memory (cuobjdump) of that build
-#   tests      every test marked gpu (pytest -m gpu, JUnit XML): attention forward
+#   tests      every test marked gpu, and the checks of the built module marked
+#              extension (pytest -m "gpu or extension", JUnit XML): attention forward
 #              and backward against the reference under the tolerance rule over
 #              the support matrix, misaligned offset views, the multi-wave
 #              deterministic backward bit-equal under a watchdog, NaN-poisoned
@@ -121,8 +122,8 @@ if [ "$DRY" = 1 ]; then
   note "DRY build: would run PYFASTATTN_BUILD_CUDA=1 PYFASTATTN_CUDA_ARCHS=<this GPU, 9.0a on H100/H200> MAX_JOBS=$MAX_JOBS $PY -m pip install --no-build-isolation --no-deps -e ."
   est="$($PY scripts/build_time_estimate.py --jobs 16 --budget "${CAP[build]}" 2>&1 | tail -1)"
   note "DRY build-estimate: $est"
-  if $PY -m pytest -q --collect-only -m gpu tests -p no:cacheprovider > "$OUT/tests_collect.log" 2>&1; then
-    note "DRY tests: $(grep -cE '::' "$OUT/tests_collect.log") gpu tests collect (pytest -m gpu --collect-only)"
+  if $PY -m pytest -q --collect-only -m "gpu or extension" tests -p no:cacheprovider > "$OUT/tests_collect.log" 2>&1; then
+    note "DRY tests: $(grep -cE '::' "$OUT/tests_collect.log") gpu and extension tests collect (pytest -m 'gpu or extension' --collect-only)"
   else note "FAIL tests: the gpu tests do not collect (see tests_collect.log)"; status=1; fi
   if $PY "${SMALL[@]}" --check-args > "$OUT/sanitizer_args.log" 2>&1; then
     note "DRY sanitizer: scripts/gpu_small_shapes.py parses; would run compute-sanitizer memcheck, racecheck on it"
@@ -154,13 +155,22 @@ export SANITIZER CUOBJDUMP PY
 build() {
   # -g0 after the interpreter's -g: no debug info in the C++ objects (shorter
   # compiles of the heavy CPU-kernel files; nvcc does not see CFLAGS).
+  # -v: the compile and link command lines go into build.log.
   CFLAGS="${CFLAGS:-} -g0" CXXFLAGS="${CXXFLAGS:-} -g0" PYFASTATTN_BUILD_CUDA=1 \
-    "$PY" -m pip install --no-build-isolation --no-deps -e . || return 1
+    "$PY" -m pip install -v --no-build-isolation --no-deps -e . || return 1
   "$PY" -m pyfastattn.info
   local so; so="$(ls pyfastattn/_C*.so | head -1)"
   "$CUOBJDUMP" --dump-resource-usage "$so" > "$OUT_DIR/resource_usage.txt" 2>&1 ||
     echo "cuobjdump failed: no resource report" >&2
   grep -c "Function" "$OUT_DIR/resource_usage.txt" | sed 's/^/kernels in the module: /'
+  # libstdc++'s own compiled functions defined in the module mean a static
+  # copy was linked in: on the first H200 run every C++ argument error that
+  # formats a number then segfaulted (benchmarks/results/H200/README.md).
+  local own
+  own="$(nm -C --defined-only "$so" 2>/dev/null |
+    grep -cE ' [TtWw] std::(locale::classic\(\)|ios_base::Init::Init\(\)|codecvt<char16_t, char, __mbstate_t>::)')"
+  echo "libstdc++ functions defined in the module: ${own:-?} (expected 0)" | tee "$OUT_DIR/libstdcxx_check.txt"
+  grep -E -- '-shared .*_C\..*\.so|-o [^ ]*_C\.[^ ]*\.so' "$OUT_DIR/build.log" | tail -1 | cut -c1-3000 >> "$OUT_DIR/libstdcxx_check.txt"
 }
 export OUT_DIR="$OUT"
 export -f build
@@ -171,6 +181,7 @@ if wanted build && ! grep -q "^PASS build" "$OUT/summary.txt"; then
   exit 1
 fi
 "$PY" -m pyfastattn.info > "$OUT/info.txt" 2>&1
+[ -f "$OUT/libstdcxx_check.txt" ] && note "$(head -1 "$OUT/libstdcxx_check.txt")"
 
 # Correctness: every test marked gpu, with per-test results for the verdict.
 # pytest-timeout (on the lent machine's image) stops one hung test at 90 s
@@ -178,7 +189,7 @@ fi
 PER_TEST=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 90)
 run_step tests tests_gpu.log \
-  "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfE --durations=15 "${PER_TEST[@]}" \
+  "$PY" -m pytest -q -m "gpu or extension" tests -p no:cacheprovider -rfE --durations=15 "${PER_TEST[@]}" \
   --junitxml="$OUT/tests_gpu.xml"
 
 sanitize() {
@@ -219,7 +230,7 @@ run_step ffn-dispatch ffn_dispatch.log \
   "$PY" benchmarks/ffn_bench.py --device cuda --dtype bfloat16 --tokens 16,512,8192 --dmodel 1024,4096 \
   --write-dispatch "$OUT/ffn_cuda_dispatch.py"
 run_step kvcache tests_kvcache_cuda.log bash -c '"$PY" -m pytest -q tests/test_gpu_kvcache.py -p no:cacheprovider -rfE &&
-  "$PY" scripts/gpu_kvcache_bench.py --out "$OUT_DIR/kvcache_bench.csv"'
+  "$PY" scripts/gpu_kvcache_bench.py --splits 0,64,128 --out "$OUT_DIR/kvcache_bench.csv"'
 run_step nn tests_nn_cuda.log env PYFASTATTN_TEST_DEVICE=cuda \
   "$PY" -m pytest -q tests/test_nn.py -p no:cacheprovider -rfE
 run_step fuzz tests_fuzz_cuda.log env PYFASTATTN_BACKEND=kernel PYFASTATTN_FUZZ_DEVICE=cuda \

@@ -2,11 +2,12 @@
 Hq 32, Hk 8, D 128, bf16, context 32k) through pyfastattn.attention_with_kvcache
 with backend "kernel", contiguous and paged (blocks 16, 64, 256), beside torch
 SDPA on views of the same cache, and the device's read bandwidth measured in
-the same run by summing a buffer of the cache's size. One line per layout:
+the same run by summing a buffer of the cache's size. One line per layout and
+num_splits (--splits):
 median us (p20-p80), GB/s of cache read, the fraction of the measured read
 bandwidth, SDPA's median and the speedup over it.
 
-    python scripts/gpu_kvcache_bench.py [--batch 1] [--context 32768] [--reps 50] [--out FILE.csv]
+    python scripts/gpu_kvcache_bench.py [--batch 1] [--context 32768] [--reps 50] [--splits 0,64,128] [--out FILE.csv]
     python scripts/gpu_kvcache_bench.py --check-args
 """
 
@@ -46,9 +47,17 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument(
+        "--splits", default="0",
+        help="comma list of num_splits to time for each layout (0: the kernel's own choice); e.g. 0,16,64,128 "
+        "times the split count that the first H200 run suggested was too low (21%% of the read bandwidth)",
+    )  # fmt: skip
     ap.add_argument("--out", default=None, help="also write the rows as CSV")
     ap.add_argument("--check-args", action="store_true", help="parse the arguments and exit")
     args = ap.parse_args()
+    splits = [int(x) for x in args.splits.split(",") if x.strip()]
+    if not splits or min(splits) < 0:
+        ap.error(f"--splits must be a comma list of ints >= 0, got {args.splits!r}")
     if args.check_args:
         print(f"gpu_kvcache_bench: {args}")
         return
@@ -76,30 +85,32 @@ def main() -> None:
             table = torch.randperm(b * nblk, device=dev).to(torch.int32).view(b, nblk)
         vc = torch.randn_like(kc)
 
-        def step(kc=kc, vc=vc, table=table):
-            pyfastattn.attention_with_kvcache(
-                q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table, causal=True
-            )
+        for ns in splits:
 
-        with pyfastattn.backend("kernel"):
-            p20, med, p80 = timed(step, args.reps)
-        if block is None:  # SDPA on views of the same cache (it reads them strided)
-            qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
-            _, sdpa_us, _ = timed(
-                lambda qt=qt, kt=kt, vt=vt: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
-                args.reps,
+            def step(kc=kc, vc=vc, table=table, ns=ns):
+                pyfastattn.attention_with_kvcache(
+                    q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table, causal=True, num_splits=ns
+                )
+
+            with pyfastattn.backend("kernel"):
+                p20, med, p80 = timed(step, args.reps)
+            if sdpa_us is None:  # SDPA on views of the same cache (it reads them strided)
+                qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+                _, sdpa_us, _ = timed(
+                    lambda qt=qt, kt=kt, vt=vt: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
+                    args.reps,
+                )
+            gbs = cache_bytes / med / 1e3
+            row = dict(
+                layout=layout, num_splits=ns, batch=b, context=ctx, us_p20=round(p20, 1), us=round(med, 1),
+                us_p80=round(p80, 1), gb_s=round(gbs), of_read_bw=round(gbs / peak, 3), sdpa_us=round(sdpa_us, 1),
+                speedup_vs_sdpa=round(sdpa_us / med, 2),
+            )  # fmt: skip
+            rows.append(row)
+            print(
+                f"{layout:10s} splits {ns:3d} {med:8.1f} us ({p20:.1f}-{p80:.1f})  {gbs:6.0f} GB/s"
+                f"  {gbs / peak:5.1%} of read bw  sdpa {sdpa_us:.1f} us  {sdpa_us / med:.2f}x"
             )
-        gbs = cache_bytes / med / 1e3
-        row = dict(
-            layout=layout, batch=b, context=ctx, us_p20=round(p20, 1), us=round(med, 1), us_p80=round(p80, 1),
-            gb_s=round(gbs), of_read_bw=round(gbs / peak, 3), sdpa_us=round(sdpa_us, 1),
-            speedup_vs_sdpa=round(sdpa_us / med, 2),
-        )  # fmt: skip
-        rows.append(row)
-        print(
-            f"{layout:10s} {med:8.1f} us ({p20:.1f}-{p80:.1f})  {gbs:6.0f} GB/s  {gbs / peak:5.1%} of read bw"
-            f"  sdpa {sdpa_us:.1f} us  {sdpa_us / med:.2f}x"
-        )
     if args.out:
         with open(args.out, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))

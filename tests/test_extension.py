@@ -4,9 +4,12 @@ of the reference path."""
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pyfastattn import _ops
+
+pytestmark = pytest.mark.extension  # scripts/gpu_check.sh runs these beside the gpu tests
 
 
 def test_extension_loaded_with_cpu_kernels():
@@ -27,3 +30,46 @@ def test_info_command_runs():
     r = subprocess.run([sys.executable, "-m", "pyfastattn.info"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "attention_fwd" in r.stdout and "would run" in r.stdout
+
+
+# Functions of libstdc++'s compiled library (not templates a header
+# instantiates): a module that defines any of them carries its own copy of
+# libstdc++'s locale code, whose facets do not match the locale of the shared
+# libstdc++ the process runs with. Seen on the lent H200's image: formatting a
+# number into any C++ argument error then segfaulted
+# (benchmarks/results/H200/README.md).
+_LIBSTDCXX_OWN = ("std::locale::classic()", "std::ios_base::Init::Init()", "std::codecvt<char16_t, char, __mbstate_t>::")
+
+
+def test_module_carries_no_copy_of_libstdcxx():
+    import re
+    import shutil
+
+    from pyfastattn import _C
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm (binutils) on this machine")
+    r = subprocess.run([nm, "-C", "--defined-only", _C.__file__], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    own = [line for line in r.stdout.splitlines()
+           if re.match(r"^[0-9a-f]+ [TtWw] ", line) and any(s in line for s in _LIBSTDCXX_OWN)]  # fmt: skip
+    assert not own, f"{_C.__file__} defines libstdc++'s own functions (a static copy was linked in): {own[:5]}"
+
+
+def test_argument_error_formatting_numbers_raises_in_a_fresh_process():
+    """A C++ argument check whose message formats integers (c10::str) raises
+    a Python error; it must not take the process down (the H200 crash)."""
+    code = (
+        "import torch, pyfastattn\n"
+        "q = torch.randn(1, 1, 2, 16); kc = torch.randn(1, 8, 2, 16)\n"
+        "try:\n"
+        "    torch.ops.pyfastattn.attention_kvcache_fwd(q, kc, kc.clone(), None, None,\n"
+        "        torch.tensor([9], dtype=torch.int32), None, None, None, None, None, True, 0.25, 0.0, -1, -1, 0, None)\n"
+        "    print('NO ERROR')\n"
+        "except ValueError as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"the process died (rc {r.returncode}): {r.stderr[-2000:]}"
+    assert "cache_seqlens[0] + seqlen_new = 9 + 0 = 9 exceeds the cache's capacity of 8" in r.stdout, r.stdout

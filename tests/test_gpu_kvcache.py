@@ -8,6 +8,10 @@ keeps the PyTorch path under "auto")."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -141,15 +145,35 @@ def test_cuda_kvcache_misaligned_new_keys_are_copied(poison):
 
 
 def test_cuda_kvcache_bad_metadata_refused_before_launch():
-    q, kc, vc, k, v, args = make_case(b=2, hq=4, hk=2, d=64, cap=64, block=16, dtype=torch.bfloat16)
-    gq, gkc, gvc, gk, gv, gargs = to_cuda(q, kc, vc, k, v, args)
-    bad = gargs["block_table"].clone()
-    bad[0, 0] = gkc.shape[0]
-    with pyfastattn.backend("kernel"), pytest.raises(ValueError, match="block_table"):
-        pyfastattn.attention_with_kvcache(gq, gkc, gvc, gk, gv, **{**gargs, "block_table": bad})
-    with pyfastattn.backend("kernel"), pytest.raises(ValueError, match="capacity"):
-        pyfastattn.attention_with_kvcache(gq, gkc, gvc, gk, gv, **{**gargs, "cache_seqlens": 64})
-    torch.cuda.synchronize()  # the context survives: nothing was launched
+    """In a fresh process (a crash fails this test, not the whole run): a
+    block-table entry past the cache and cache_seqlens past its capacity are
+    refused before any launch, and the CUDA context survives."""
+    code = textwrap.dedent(
+        """
+        import torch, pyfastattn
+        from tests.test_gpu_kvcache import make_case, to_cuda
+        q, kc, vc, k, v, args = make_case(b=2, hq=4, hk=2, d=64, cap=64, block=16, dtype=torch.bfloat16)
+        gq, gkc, gvc, gk, gv, gargs = to_cuda(q, kc, vc, k, v, args)
+        bad = gargs["block_table"].clone()
+        bad[0, 0] = gkc.shape[0]
+        for kw in ({"block_table": bad}, {"cache_seqlens": 64}):
+            try:
+                with pyfastattn.backend("kernel"):
+                    pyfastattn.attention_with_kvcache(gq, gkc, gvc, gk, gv, **{**gargs, **kw})
+                print("NO ERROR")
+            except ValueError as e:
+                print("ValueError", str(e).splitlines()[0])
+        torch.cuda.synchronize()  # the context survives: nothing was launched
+        print("synchronized")
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, f"the process died (rc {r.returncode}): {r.stderr[-2000:]}"
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[2] == "synchronized", r.stdout
+    assert lines[0].startswith("ValueError block_table[0, 0] must be in [0, "), lines[0]
+    assert lines[1].startswith("ValueError") and "capacity" in lines[1], lines[1]
 
 
 def test_cuda_kvcache_backend_rule():
