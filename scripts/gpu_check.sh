@@ -188,6 +188,12 @@ fi
 # instead of the whole step at its cap.
 PER_TEST=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 90)
+# pytest-xdist (on the lent machine's image) with one worker: a test that
+# crashes the process is reported failed and the worker restarts, instead of
+# the crash ending the step with no results (the first H200 run lost its
+# JUnit XML that way).
+"$PY" -c "import xdist" 2>/dev/null && PER_TEST+=(-n 1)
+export PER_TEST_ARGS="${PER_TEST[*]}"
 run_step tests tests_gpu.log \
   "$PY" -m pytest -q -m "gpu or extension" tests -p no:cacheprovider -rfE --durations=15 "${PER_TEST[@]}" \
   --junitxml="$OUT/tests_gpu.xml"
@@ -229,7 +235,7 @@ run_step bench bench.log bash -c bench
 run_step ffn-dispatch ffn_dispatch.log \
   "$PY" benchmarks/ffn_bench.py --device cuda --dtype bfloat16 --tokens 16,512,8192 --dmodel 1024,4096 \
   --write-dispatch "$OUT/ffn_cuda_dispatch.py"
-run_step kvcache tests_kvcache_cuda.log bash -c '"$PY" -m pytest -q tests/test_gpu_kvcache.py -p no:cacheprovider -rfE &&
+run_step kvcache tests_kvcache_cuda.log bash -c '"$PY" -m pytest -q tests/test_gpu_kvcache.py -p no:cacheprovider -rfE $PER_TEST_ARGS &&
   "$PY" scripts/gpu_kvcache_bench.py --splits 0,64,128 --out "$OUT_DIR/kvcache_bench.csv"'
 run_step nn tests_nn_cuda.log env PYFASTATTN_TEST_DEVICE=cuda \
   "$PY" -m pytest -q tests/test_nn.py -p no:cacheprovider -rfE
