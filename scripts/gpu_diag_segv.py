@@ -1,4 +1,5 @@
 """One bad-metadata call of attention_kvcache_fwd in this process (argv: cpu|cuda, table|capacity)."""
+
 import sys
 from pathlib import Path
 
@@ -25,5 +26,5 @@ with pyfastattn.backend("kernel"):
         print(dev, what, "NO ERROR")
     except Exception as e:
         print(dev, what, type(e).__name__, str(e)[:120])
-maps = [l.split()[-1] for l in open("/proc/self/maps") if "stdc++" in l or "libgomp" in l]
+maps = [ln.split()[-1] for ln in open("/proc/self/maps") if "stdc++" in ln or "libgomp" in ln]
 print("loaded:", sorted(set(maps)))

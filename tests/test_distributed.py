@@ -380,6 +380,11 @@ def _worker_errors(rank, world, store):
         ValueError, match=r"softmax_scale must be the same on every rank .* rank 0: 0.5, rank 1: 0.25"
     ):
         ulysses_attention(t, t, t, softmax_scale=0.5 / (1 + rank))
+    # return_lse adds an all-to-all in Ulysses: on one rank only, the others never answer it
+    with pytest.raises(
+        ValueError, match=r"return_lse must be the same on every rank .* rank 0: 1, rank 1: 0"
+    ):
+        ulysses_attention(t, t, t, return_lse=rank == 0)
     with pytest.raises(ValueError, match=r"seqlen must be an int in \[0, world_size \* S_local = 12\]"):
         ring_attention(torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8), seqlen=13)
     # found before any communication, not by a block in the middle of the ring
@@ -571,3 +576,101 @@ def _worker_error_mid_ring(rank, world, store):
 @pytest.mark.parametrize("world", [2, 3])
 def test_ring_error_on_one_rank_leaves_group_usable(world):
     _spawn(_worker_error_mid_ring, world, timeout=120)
+
+
+def _worker_error_mid_ulysses(rank, world, store):
+    # A Ulysses call whose local kernel raises on one rank (injected; a kernel
+    # error or out-of-memory in practice) raised there between the two
+    # all-to-alls, and the other ranks waited in the second one forever (in
+    # the backward: in the input gradients' all-to-alls). Now the failing rank
+    # runs the same collectives with NaN in place of its heads and raises
+    # after them; the group stays usable.
+    import pyfastattn.distributed.ulysses as uly
+
+    _init(rank, world, store)
+    g = torch.Generator().manual_seed(12)
+    b, s, h, d = 1, 4 * world, 2 * world, 16
+    mine = slice(0, h // world)  # the heads rank 0 computes
+    rest = slice(h // world, h)
+    q, k, v, dout = (torch.randn(b, s, h, d, generator=g) for _ in range(4))
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    o_ref, lse_ref = reference.attention(*ref, scale=1 / math.sqrt(d), window_right=0)
+    o_ref.backward(dout.double())
+    sh = lambda t: shard_sequence(t, rank, world, zigzag=False)  # noqa: E731
+    want = [sh(t.detach().float()) for t in (o_ref, *(t.grad for t in ref))]
+    want_lse = shard_sequence(lse_ref.detach().float().transpose(1, 2), rank, world, zigzag=False).transpose(
+        1, 2
+    )
+    real = uly._run_local
+
+    def injected(*a, **kw):
+        raise RuntimeError("injected kernel error")
+
+    class RaiseInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("injected kernel error")
+
+    def injected_backward(*a, **kw):
+        out, lse = real(*a, **kw)
+        return RaiseInBackward.apply(out), lse
+
+    def check(got, want_, what):
+        err = (got.double() - want_.double()).abs().max().item()
+        assert err < 1e-4, f"rank {rank} {what}: max error {err:.3e}"
+
+    def good_call():
+        leaves = [sh(t).requires_grad_() for t in (q, k, v)]
+        out, lse = ulysses_attention(*leaves, causal=True, return_lse=True)
+        out.backward(sh(dout))
+        check(lse, want_lse, "good call: lse")
+        for name, x, w in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in leaves)), want):
+            check(x, w, f"good call after a failure: {name}")
+
+    good_call()
+    # forward: rank 0's local kernel fails; with and without the lse's all-to-all
+    for return_lse in (False, True):
+        if rank == 0:
+            uly._run_local = injected
+        leaves = [sh(t).requires_grad_() for t in (q, k, v)]
+        if rank == 0:
+            with pytest.raises(RuntimeError, match="injected kernel error"):
+                ulysses_attention(*leaves, causal=True, return_lse=return_lse)
+        else:
+            res = ulysses_attention(*leaves, causal=True, return_lse=return_lse)
+            out = res[0] if return_lse else res
+            assert torch.isnan(out[:, :, mine]).all(), "rank 0's heads must be NaN"
+            check(out[:, :, rest], want[0][:, :, rest], "other rank's out, other heads")
+            if return_lse:
+                assert torch.isnan(res[1][:, mine]).all()
+                check(res[1][:, rest], want_lse[:, rest], "other rank's lse, other heads")
+        uly._run_local = real
+        good_call()
+
+    # backward: rank 0's local backward fails
+    if rank == 0:
+        uly._run_local = injected_backward
+    leaves = [sh(t).requires_grad_() for t in (q, k, v)]
+    out = ulysses_attention(*leaves, causal=True)
+    uly._run_local = real
+    check(out, want[0], "out before the failing backward")
+    if rank == 0:
+        with pytest.raises(RuntimeError, match="injected kernel error"):
+            out.backward(sh(dout))
+    else:
+        out.backward(sh(dout))
+        for name, x, w in zip(("dq", "dk", "dv"), (t.grad for t in leaves), want[1:]):
+            assert torch.isnan(x[:, :, mine]).all(), f"{name}: rank 0's heads must be NaN"
+            check(x[:, :, rest], w[:, :, rest], f"other rank's {name}, other heads")
+    good_call()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ulysses_error_on_one_rank_leaves_group_usable(world):
+    _spawn(_worker_error_mid_ulysses, world, timeout=120)

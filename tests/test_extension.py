@@ -38,7 +38,11 @@ def test_info_command_runs():
 # libstdc++ the process runs with. Seen on the lent H200's image: formatting a
 # number into any C++ argument error then segfaulted
 # (benchmarks/results/H200/README.md).
-_LIBSTDCXX_OWN = ("std::locale::classic()", "std::ios_base::Init::Init()", "std::codecvt<char16_t, char, __mbstate_t>::")
+_LIBSTDCXX_OWN = (
+    "std::locale::classic()",
+    "std::ios_base::Init::Init()",
+    "std::codecvt<char16_t, char, __mbstate_t>::",
+)
 
 
 def test_module_carries_no_copy_of_libstdcxx():
@@ -54,7 +58,9 @@ def test_module_carries_no_copy_of_libstdcxx():
     assert r.returncode == 0, r.stderr
     own = [line for line in r.stdout.splitlines()
            if re.match(r"^[0-9a-f]+ [TtWw] ", line) and any(s in line for s in _LIBSTDCXX_OWN)]  # fmt: skip
-    assert not own, f"{_C.__file__} defines libstdc++'s own functions (a static copy was linked in): {own[:5]}"
+    assert not own, (
+        f"{_C.__file__} defines libstdc++'s own functions (a static copy was linked in): {own[:5]}"
+    )
 
 
 def test_argument_error_formatting_numbers_raises_in_a_fresh_process():

@@ -162,7 +162,10 @@ def test_cuda_ffn_backward_bit_identical(path):
 
 
 def test_cuda_ffn_on_current_stream_and_device_guard():
-    params = [None if t is None else t.cuda() for t in make_params(128, 256, gated=False, bias=True, dtype=torch.float16)]
+    params = [
+        None if t is None else t.cuda()
+        for t in make_params(128, 256, gated=False, bias=True, dtype=torch.float16)
+    ]
     x = torch.randn(100, 128, device="cuda", dtype=torch.float16)
     s = torch.cuda.Stream()
     with pyfastattn.backend("kernel"), torch.cuda.stream(s):

@@ -68,7 +68,9 @@ def test_cuda_unsupported_cases_follow_the_backend_rule():
     with pytest.warns(UserWarning, match="scaled_dot_product_attention"):
         pyfastattn._backend._warned.clear()
         out = pyfastattn.attention(q, k, v)
-    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    )
     torch.testing.assert_close(out, want.transpose(1, 2))
 
 

@@ -10,6 +10,11 @@ Heads: Hq must be a multiple of the group size P. Hk may be a multiple of P,
 or divide P: then each key/value head is replicated P/Hk times before the
 all-to-all (its gradient summed back), so that every rank gets the one
 key/value head its query heads use. Anything else raises.
+
+An error only one rank meets in its local kernel (forward or backward) is
+raised on that rank after it has run the all-to-alls the others wait in: the
+others get NaN where that rank's heads go (forward output, or input
+gradients), no hang inside the call, and the group stays usable.
 """
 
 from __future__ import annotations
@@ -49,15 +54,37 @@ def _head_to_seq(x: torch.Tensor, world: int, group) -> torch.Tensor:
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s, world * hp, d)
 
 
+class _Failure:
+    """This rank's local-kernel error, held until the rank has run every
+    collective the other ranks expect from it in this pass, then raised."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+
 class _SeqToHead(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, world, group):
-        ctx.world, ctx.group = world, group
-        return _seq_to_head(x, world, group)
+    """q, k and v to head shards in one node: its backward (three
+    all-to-alls) runs once on every rank whichever input gradients are asked
+    for, and afterwards raises an error the local backward met."""
 
     @staticmethod
-    def backward(ctx, g):
-        return _head_to_seq(g.contiguous(), ctx.world, ctx.group), None, None
+    def forward(ctx, q, k, v, world, group, failure):
+        ctx.world, ctx.group, ctx.failure = world, group, failure
+        ctx.shapes = (q.shape, k.shape, v.shape)
+        ctx.dtype, ctx.device = q.dtype, q.device
+        return tuple(_seq_to_head(t, world, group) for t in (q, k, v))
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        grads = []
+        for g, shape_in in zip((gq, gk, gv), ctx.shapes):
+            b, s, h, d = shape_in
+            if g is None:  # a head-shard gradient nobody produced: zeros, same collective
+                g = torch.zeros(b, s * ctx.world, h // ctx.world, d, dtype=ctx.dtype, device=ctx.device)
+            grads.append(_head_to_seq(g.contiguous(), ctx.world, ctx.group))
+        if ctx.failure.error is not None:
+            raise ctx.failure.error
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None, None, None)
 
 
 class _HeadToSeq(torch.autograd.Function):
@@ -69,6 +96,39 @@ class _HeadToSeq(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return _seq_to_head(g.contiguous(), ctx.world, ctx.group), None, None
+
+
+def _run_local(qh, kh, vh, **kw):
+    """The local attention over this rank's heads (a seam for the tests)."""
+    return _functional._run(qh, kh, vh, **kw)
+
+
+class _LocalAttention(torch.autograd.Function):
+    """The local kernel as one node whose backward cannot end this rank's
+    backward early: an error there becomes NaN gradients (the other ranks'
+    share of them visibly wrong, not short) and is raised by _SeqToHead after
+    the all-to-alls the other ranks wait for."""
+
+    @staticmethod
+    def forward(ctx, qh, kh, vh, kw, failure, build_graph):
+        with torch.enable_grad():  # off inside forward; on here only for the caller's graph
+            ins = [t.detach().requires_grad_(build_graph and t.requires_grad) for t in (qh, kh, vh)]
+            out, lse = _run_local(*ins, **kw)
+        ctx.ins, ctx.out, ctx.failure = ins, out, failure
+        lse = lse.detach()
+        ctx.mark_non_differentiable(lse)
+        return out.detach(), lse
+
+    @staticmethod
+    def backward(ctx, g_out, _g_lse):
+        want = [t for t in ctx.ins if t.requires_grad]
+        try:
+            got = list(torch.autograd.grad(ctx.out, want, g_out))
+        except Exception as e:  # noqa: BLE001 -- raised after the collectives
+            ctx.failure.error = e
+            got = [torch.full_like(t, float("nan")) for t in want]
+        it = iter(got)
+        return (*(next(it) if t.requires_grad else None for t in ctx.ins), None, None, None)
 
 
 def ulysses_attention(
@@ -121,29 +181,38 @@ def ulysses_attention(
     _comm.check_across_ranks(
         group, "ulysses_attention",
         [b, s_local, hq, hk, d, v.shape[-1], _comm.dtype_code(q.dtype), wl, wr, seqlen, world,
-         scale, float(softcap), _comm.needs_grad(q, k, v)],
+         scale, float(softcap), _comm.needs_grad(q, k, v), int(bool(return_lse))],
         ["batch", "S_local", "q heads", "k heads", "head dim", "v head dim", "dtype",
          "window left", "window right (causal: 0)", "seqlen", "world size", "softmax_scale", "softcap",
-         "requires grad (grad mode and q, k or v requiring grad)"],
+         "requires grad (grad mode and q, k or v requiring grad)", "return_lse"],
         q.device,
     )  # fmt: skip
     if hk < world:  # replicate each K/V head so every rank gets the one its q heads use
         k = k.repeat_interleave(world // hk, dim=2)
         v = v.repeat_interleave(world // hk, dim=2)
-    qh = _SeqToHead.apply(q, world, group)
-    kh = _SeqToHead.apply(k, world, group)
-    vh = _SeqToHead.apply(v, world, group)
+    failure = _Failure()
+    qh, kh, vh = _SeqToHead.apply(q, k, v, world, group, failure)
     used = None
     if seqlen < total:
         used = torch.full((b,), seqlen, dtype=torch.int32, device=q.device)
-    out_h, lse_h = _functional._run(
-        qh, kh, vh,
+    kw = dict(
         attn_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=used,
         max_seqlen_q=total, max_seqlen_k=total,
         scale=scale, softcap=float(softcap),
         window_left=wl if wl >= 0 else -1, window_right=wr if wr >= 0 else -1,
         bottom_right=False, dropout_p=0.0,
     )  # fmt: skip
+    try:
+        out_h, lse_h = _LocalAttention.apply(qh, kh, vh, kw, failure, torch.is_grad_enabled())
+    except Exception as e:  # noqa: BLE001 -- raised after the all-to-alls the others wait in
+        failure.error = e
+        out_h = qh.new_full((*qh.shape[:3], v.shape[-1]), float("nan")).detach()
+        lse_h = torch.full((b, qh.shape[2], total), float("nan"), dtype=torch.float32, device=q.device)
+    if failure.error is not None:  # this rank stops here, after the same collectives as the others
+        _head_to_seq(out_h, world, group)
+        if return_lse:
+            _head_to_seq(lse_h.transpose(1, 2).unsqueeze(-1).contiguous(), world, group)
+        raise failure.error
     out = _HeadToSeq.apply(out_h, world, group)
     if not return_lse:
         return out
