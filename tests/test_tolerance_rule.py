@@ -55,3 +55,25 @@ def test_tolerance_failure_rule():
     nan = base.clone()
     nan[0, 0] = NAN
     assert "NaN pattern differs" in tolerance_failure("o", nan, ref, base, torch.bfloat16)
+
+
+def test_low_precision_has_flashattention_absolute_term():
+    # A reference that is exactly zero (dQ of rows that see one key): an
+    # online-softmax backward gets it to rounding, which the rule must allow
+    # (FlashAttention's 2 |fl(0.3) - 0.3|: 1.56e-3 in bf16, 9.8e-5 in fp16),
+    # and nothing much beyond it.
+    ref = torch.zeros(4, dtype=torch.float64)
+    for dtype, ok, bad in ((torch.bfloat16, 1e-6, 4e-3), (torch.float16, 1e-6, 4e-4)):
+        assert tolerance_failure("dq", torch.full((4,), ok, dtype=dtype), ref, ref.to(dtype), dtype) is None
+        assert tolerance_failure("dq", torch.full((4,), bad, dtype=dtype), ref, ref.to(dtype), dtype) is not None
+    # fp32 keeps its relative floor only (1e-5 of 1 + max|ref|)
+    assert tolerance_failure("dq", torch.full((4,), 1e-4), ref, ref.float(), torch.float32) is not None
+
+
+def test_baseline_nan_rows_do_not_zero_its_error():
+    # Naive attention turns a fully masked row into NaN where the reference is
+    # finite: plain torch's error is then taken over its other elements.
+    ref = t64(0.0, 0.5, 1.0, 2.0)
+    base = torch.tensor([NAN, 0.5 + 0.1, 1.0, 2.0])
+    assert tolerance_failure("out", torch.tensor([0.0, 0.5 + 0.15, 1.0, 2.0]), ref, base, torch.float32) is None
+    assert tolerance_failure("out", torch.tensor([0.0, 0.5 + 0.25, 1.0, 2.0]), ref, base, torch.float32) is not None
