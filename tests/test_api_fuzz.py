@@ -167,6 +167,35 @@ def _sdpa_naive(q, k, v, mask, kw):
     return p.to(v.dtype) @ v
 
 
+def _sdpa_fa_grads(q, k, v, mask, kw, dout):
+    """dq, dk, dv by FlashAttention's backward formula in plain torch, in the
+    inputs' precision: dS = P * (dP - rowsum(dO * O)). Where a row sees one
+    key its gradient is exactly 0 in torch's softmax backward, while this
+    formula (and every online-softmax backward, the kernel's too) leaves the
+    rounding difference of two sums: the tolerance rule's "plain torch doing
+    the same thing" for such rows. No dropout."""
+    rep = q.shape[-3] // k.shape[-3]
+    kr, vr = (k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)) if rep > 1 else (k, v)
+    scale = q.shape[-1] ** -0.5 if kw["scale"] is None else kw["scale"]
+    s = (q @ kr.transpose(-1, -2)) * scale
+    if kw["is_causal"]:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    alive = torch.isfinite(s).any(-1, keepdim=True)
+    p = (torch.softmax(torch.where(alive, s, torch.zeros_like(s)), -1) * alive).to(v.dtype)
+    o = p @ vr
+    dp = dout @ vr.transpose(-1, -2)
+    ds = p * (dp - (dout * o).sum(-1, keepdim=True))
+    dq = (ds @ kr) * scale
+    dk = (ds.transpose(-1, -2) @ q) * scale
+    dv = p.transpose(-1, -2) @ dout
+    if rep > 1:
+        dk = dk.unflatten(-3, (k.shape[-3], rep)).sum(-3)
+        dv = dv.unflatten(-3, (k.shape[-3], rep)).sum(-3)
+    return dq, dk, dv
+
+
 def _sdpa_truth(q, k, v, mask, kw):
     """torch's SDPA (math) in float64, mask and is_causal both applied, rows
     that see no key -> 0 (pyfastattn's documented rule); and the lse."""
@@ -220,8 +249,19 @@ def test_sdpa_drop_in_against_torch_float64(case, poison):
     fa = [t if cc is None else t - cc for t, cc in zip(truth, (*corr, None))]
     bl = [t.detach().requires_grad_() for t in (q, k, v)]
     bgrads = torch.autograd.grad(_sdpa_naive(*bl, mask, kw), bl, dout)
-    for name, a, r, r_fa, b in zip(("dq", "dk", "dv"), grads, truth, fa, bgrads):
-        f = _ok(name, a, r, [b], dt, alt_ref=r_fa)
+    fgrads = (None,) * 3
+    if not c["dropout"]:
+        fgrads = _sdpa_fa_grads(q.detach(), k.detach(), v.detach(), mask, kw, dout)
+        # the baseline's formula itself, in float64, against the truth (a wrong
+        # baseline would only loosen the rule)
+        for t64_, f64 in zip(
+            truth, _sdpa_fa_grads(q64.detach(), k64.detach(), v64.detach(), mask, kw, dout.double())
+        ):
+            assert (t64_ - f64).abs().max().item() <= 1e-9 * (1.0 + t64_.abs().max().item()), (
+                f"{c}: FA baseline"
+            )
+    for name, a, r, r_fa, b, bf in zip(("dq", "dk", "dv"), grads, truth, fa, bgrads, fgrads):
+        f = _ok(name, a, r, [b] if bf is None else [b, bf], dt, alt_ref=r_fa)
         assert f is None, f"{c}: {f}"
 
 
@@ -264,6 +304,25 @@ def _fa_one(q, k, v, *, scale, causal, wl, wr, softcap, used, slopes, keep, p_dr
     if keep is not None:
         p = p * keep[..., :lk].to(p.dtype) * (0.0 if p_drop >= 1 else 1.0 / (1.0 - p_drop))
     return torch.einsum("hij,jhd->ihd", p, v), lse.masked_fill(~alive.view(1, -1), float("-inf"))
+
+
+def _fa2_window(wl: int, wr: int, causal: bool, seqlen_k: int) -> tuple[int, int]:
+    """FlashAttention 2's own normalisation of window_size (mha_fwd and
+    mha_varlen_fwd, then set_params_fprop; seqlen_k: k's length, max_seqlen_k
+    for varlen), which flash_attn_interface's functions keep and the native
+    API does not: a side of seqlen_k or more is no bound; causal sets the
+    right side to 0; then a one-sided window gets seqlen_k on its open side.
+    With Sq > 2 Sk a left-only window therefore hides every key from the
+    first rows."""
+    wl = -1 if wl >= seqlen_k else wl
+    wr = -1 if wr >= seqlen_k else wr
+    if causal:
+        wr = 0
+    if wl < 0 and wr >= 0:
+        wl = seqlen_k
+    if wl >= 0 and wr < 0:
+        wr = seqlen_k
+    return wl, wr
 
 
 def _draw_native(rng):
@@ -346,6 +405,10 @@ def test_native_api_against_flash_attention_semantics(case, poison):
         None if c["alibi"] is None else torch.rand(*((hq,) if c["alibi"] == "h" else (nb, hq)), generator=g)
     )
     api = "attention" if used is not None else c["api"]
+    cf = c  # the window the truth applies: FlashAttention 2's normalisation for its interface
+    if api == "fa":
+        wl_fa, wr_fa = _fa2_window(c["wl"], c["wr"], c["causal"], max(lk) if c["varlen"] else sk)
+        cf = {**c, "wl": wl_fa, "wr": wr_fa}
     if c["grad"]:
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     p = c["dropout"]
@@ -370,7 +433,7 @@ def test_native_api_against_flash_attention_semantics(case, poison):
         lse = lse.masked_fill(torch.isposinf(lse), float("-inf"))
     q64, k64, v64 = (t.detach().double().requires_grad_(c["grad"]) for t in (q, k, v))
     scale = c["scale"] if c["scale"] is not None else d**-0.5
-    ref, rlse = _fa_all(q64, k64, v64, c, spans, nb, used, slopes, keep, scale)
+    ref, rlse = _fa_all(q64, k64, v64, cf, spans, nb, used, slopes, keep, scale)
     assert out.shape == ref.shape and lse.shape == rlse.shape, (
         c,
         out.shape,
@@ -390,7 +453,7 @@ def test_native_api_against_flash_attention_semantics(case, poison):
         base = (
             ref.detach().to(dt)
             if dt == torch.float64
-            else _fa_all(q, k, v, c, spans, nb, used, slopes, keep, scale)[0]
+            else _fa_all(q, k, v, cf, spans, nb, used, slopes, keep, scale)[0]
         )
         f = _ok("out", out.detach(), ref.detach(), [base], dt)
     assert f is None, f"{c}: {f}"
@@ -405,7 +468,7 @@ def test_native_api_against_flash_attention_semantics(case, poison):
     corr = _fa_grad_correction(rlse, dD, (q64, k64))
     fa = [t if cc is None else t - cc for t, cc in zip(truth, (*corr, None))]
     bl = [t.detach().requires_grad_() for t in (q, k, v)]
-    bo = _fa_all(*bl, c, spans, nb, used, slopes, keep, scale)[0]
+    bo = _fa_all(*bl, cf, spans, nb, used, slopes, keep, scale)[0]
     bgrads = torch.autograd.grad(bo, bl, dout, allow_unused=True)
     for name, a, r, r_fa, b, t in zip(("dq", "dk", "dv"), grads, truth, fa, bgrads, (q, k, v)):
         if used is not None and name != "dq":  # keys past the lengths: exactly zero gradients
