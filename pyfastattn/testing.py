@@ -6,11 +6,13 @@ at most twice the error of plain PyTorch computing the same thing in ``dtype``
 result in ``dtype``. In fp32/fp64 a different (blocked, online-softmax)
 summation order alone can exceed twice torch's tiny error, so those also get a
 relative floor: 1e-5 (fp32) and 1e-12 (fp64) of max|ref|. In fp16 and bf16
-the floor is at least FlashAttention's own absolute term, twice the rounding
-error of 0.3 in ``dtype`` (its tests' ``(ref + 0.3 - 0.3 - ref)``): without
+the floor is at least FlashAttention's own absolute term, its tests'
+``2 * (ref + 0.3 - 0.3 - ref)`` in ``dtype`` at its largest, one step of
+``dtype`` at max|ref| + 0.3 (`flash_attention_atol`): without
 it a gradient that is exactly zero in the reference (a row that sees one key)
 would allow no error at all, while an online-softmax backward computes it as
-``P * (dP - rowsum(dO * O))``, two sums that agree only to rounding. NaN must
+``P * (dP - rowsum(dO * O))``, two sums that agree only to rounding, and a
+small gradient would allow less than FlashAttention itself is held to. NaN must
 appear exactly where the reference has NaN; equal infinities count as exact.
 Plain PyTorch's own error is taken over the elements it did not turn into NaN
 (a row it masks completely is NaN in naive low-precision attention and
@@ -23,13 +25,24 @@ import math
 
 import torch
 
-__all__ = ["max_error", "rounding_floor", "tolerance_failure"]
+__all__ = ["flash_attention_atol", "max_error", "rounding_floor", "tolerance_failure"]
 
 _RELATIVE_FLOOR = {torch.float32: 1e-5, torch.float64: 1e-12}
-_ABSOLUTE_FLOOR = {  # 2 |fl(0.3) - 0.3|: FlashAttention's tests' atol term
-    dt: 2.0 * abs(torch.tensor(0.3, dtype=torch.float64).to(dt).double().item() - 0.3)
-    for dt in (torch.float16, torch.bfloat16)
-}
+_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
+_LOW_PRECISION = tuple(_MANTISSA_BITS)
+
+
+def flash_attention_atol(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """FlashAttention's tests' absolute term, ``2 * (ref + 0.3 - 0.3 - ref)``
+    in ``dtype``, at its largest: twice the largest rounding error (half a
+    step) at magnitude max|ref| + 0.3, i.e. one step of ``dtype`` there.
+    0 outside fp16 / bf16."""
+    if dtype not in _LOW_PRECISION or ref.numel() == 0:
+        return 0.0
+    finite = ref[torch.isfinite(ref)]
+    x = 0.3 + (finite.abs().max().item() if finite.numel() else 0.0)
+    _, e = math.frexp(x)  # x = m * 2**e, 0.5 <= m < 1
+    return 2.0 ** (e - 1 - _MANTISSA_BITS[dtype])
 
 
 def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
@@ -81,7 +94,7 @@ def tolerance_failure(
         keep = ~(torch.isnan(baseline) & ~torch.isnan(ref))
         base = max_error(baseline[keep], ref[keep]) if keep.any() else 0.0
     base = 0.0 if math.isnan(base) else base
-    floor = max(rounding_floor(ref, dtype), _ABSOLUTE_FLOOR.get(dtype, 0.0))
+    floor = max(rounding_floor(ref, dtype), flash_attention_atol(ref, dtype))
     rel = _RELATIVE_FLOOR.get(dtype)
     if rel is not None and ref.numel() > 0:
         floor = max(floor, rel * (1.0 + ref.abs().nan_to_num(0.0).max().item()))

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import pyfastattn
 from pyfastattn import reference
+from pyfastattn.testing import tolerance_failure
 
 from ._helpers import assert_tolerance, naive_attention
 
@@ -176,9 +177,36 @@ def test_fuzz_sdpa_matches_torch(cfg):
     base = _naive_sdpa(*bl, **kw)
     assert_tolerance("out", out, ref, base, dt)
     dout = torch.randn(out.shape, generator=g).to(dt).to(DEVICE)
-    for name, a, rr, bb in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout),
-                               torch.autograd.grad(ref, r, dout.double()), torch.autograd.grad(base, bl, dout)):  # fmt: skip
-        assert_tolerance(name, a, rr, bb, dt)
+    fa = _fa_correction(r, kw, m64, out, ref, dout)
+    for name, a, rr, bb, cc in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout),
+                                   torch.autograd.grad(ref, r, dout.double(), retain_graph=True),
+                                   torch.autograd.grad(base, bl, dout), fa):  # fmt: skip
+        # the exact gradient, or the one an online-softmax backward computes
+        # from the output as stored (D = rowsum(dO * O) with O rounded to dt)
+        if cc is None or tolerance_failure(name, a, rr - cc, bb, dt) is not None:
+            assert_tolerance(name, a, rr, bb, dt)
+
+
+def _fa_correction(r, kw, m64, out, ref, dout):
+    """What FlashAttention-style backwards add to the exact dQ and dK: their
+    D = rowsum(dO * O) uses the output as stored in its dtype, which shifts
+    dS by -P * dD with dD = rowsum(dO * (O_stored - O)); summed, that is the
+    gradient of sum(dD * lse). With one or two keys per row that term can be
+    larger than plain torch's whole error (found by the dev profile: bf16,
+    one query, two keys, dK 3.1e-3 against a 2.3e-3 tolerance).
+    (corr_dq, corr_dk, None), in float64."""
+    q, k, v = r
+    kr = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3) if kw["enable_gqa"] else k
+    s = (q @ kr.transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]) if kw["scale"] is None else kw["scale"])
+    if kw["is_causal"]:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    if m64 is not None:
+        s = s.masked_fill(~m64, float("-inf")) if m64.dtype == torch.bool else s + m64
+    lse = torch.logsumexp(s, -1)
+    d_d = (dout.double() * (out.detach().double() - ref.detach())).sum(-1)
+    fin = torch.isfinite(lse)
+    corr = torch.autograd.grad((d_d * torch.where(fin, lse, torch.zeros_like(lse)))[fin].sum(), (q, k))
+    return (*corr, None)
 
 
 def _naive_sdpa(q, k, v, attn_mask, is_causal, scale, enable_gqa):

@@ -60,12 +60,14 @@ def test_tolerance_failure_rule():
 def test_low_precision_has_flashattention_absolute_term():
     # A reference that is exactly zero (dQ of rows that see one key): an
     # online-softmax backward gets it to rounding, which the rule must allow
-    # (FlashAttention's 2 |fl(0.3) - 0.3|: 1.56e-3 in bf16, 9.8e-5 in fp16),
-    # and nothing much beyond it.
+    # (FlashAttention's 2 (r + 0.3 - 0.3 - r) at its largest, one step at
+    # 0.3: 2^-9 in bf16, 2^-12 in fp16), and nothing much beyond it.
     ref = torch.zeros(4, dtype=torch.float64)
-    for dtype, ok, bad in ((torch.bfloat16, 1e-6, 4e-3), (torch.float16, 1e-6, 4e-4)):
+    for dtype, ok, bad in ((torch.bfloat16, 1.5e-3, 4e-3), (torch.float16, 2e-4, 4e-4)):
         assert tolerance_failure("dq", torch.full((4,), ok, dtype=dtype), ref, ref.to(dtype), dtype) is None
-        assert tolerance_failure("dq", torch.full((4,), bad, dtype=dtype), ref, ref.to(dtype), dtype) is not None
+        assert (
+            tolerance_failure("dq", torch.full((4,), bad, dtype=dtype), ref, ref.to(dtype), dtype) is not None
+        )
     # fp32 keeps its relative floor only (1e-5 of 1 + max|ref|)
     assert tolerance_failure("dq", torch.full((4,), 1e-4), ref, ref.float(), torch.float32) is not None
 
@@ -75,5 +77,21 @@ def test_baseline_nan_rows_do_not_zero_its_error():
     # finite: plain torch's error is then taken over its other elements.
     ref = t64(0.0, 0.5, 1.0, 2.0)
     base = torch.tensor([NAN, 0.5 + 0.1, 1.0, 2.0])
-    assert tolerance_failure("out", torch.tensor([0.0, 0.5 + 0.15, 1.0, 2.0]), ref, base, torch.float32) is None
-    assert tolerance_failure("out", torch.tensor([0.0, 0.5 + 0.25, 1.0, 2.0]), ref, base, torch.float32) is not None
+    assert (
+        tolerance_failure("out", torch.tensor([0.0, 0.5 + 0.15, 1.0, 2.0]), ref, base, torch.float32) is None
+    )
+    assert (
+        tolerance_failure("out", torch.tensor([0.0, 0.5 + 0.25, 1.0, 2.0]), ref, base, torch.float32)
+        is not None
+    )
+
+
+def test_flash_attention_atol_is_the_rounding_noise_at_magnitude_plus_0_3():
+    from pyfastattn.testing import flash_attention_atol
+
+    # r = 0.25: 0.55 lies in [0.5, 1), where fp16's step is 2^-11 and bf16's 2^-8
+    r = t64(0.25, -0.1, NAN, INF)
+    for dtype, step in ((torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8)):
+        assert flash_attention_atol(r, dtype) == step, dtype
+    assert flash_attention_atol(r, torch.float32) == 0.0
+    assert flash_attention_atol(torch.zeros(0, dtype=torch.float64), torch.bfloat16) == 0.0
