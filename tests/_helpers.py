@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import torch
 
@@ -77,3 +80,21 @@ def make_qkv(b, sq, sk, hq, hk, d, dv=None, dtype=torch.float32, device="cpu", s
 
 def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
+
+
+def op_call_in_subprocess(body: str, prelude: str = "") -> subprocess.CompletedProcess:
+    """Runs ``body`` (Python source, one or more statements) in a fresh
+    interpreter after ``import torch, pyfastattn`` and ``prelude``: its stdout
+    is ``ERROR: <type>: <message>`` when it raises ValueError or RuntimeError,
+    else ``NO ERROR``. A crash (a signal, any other exit) fails the caller:
+    a bad call must never take the process down, nor this test run with it."""
+    code = (
+        "import torch, pyfastattn\n" + prelude + "try:\n" + textwrap.indent(body, "    ") + "\n"
+        "except (ValueError, RuntimeError) as e:\n"
+        "    print(f'ERROR: {type(e).__name__}:', e)\n"
+        "else:\n"
+        "    print('NO ERROR')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"the process died (rc {r.returncode}): {r.stderr[-2000:]}"
+    return r

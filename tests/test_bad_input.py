@@ -13,7 +13,7 @@ import torch
 
 import pyfastattn
 
-from ._helpers import make_qkv
+from ._helpers import make_qkv, op_call_in_subprocess
 
 sdpa = pyfastattn.scaled_dot_product_attention
 attn = pyfastattn.attention
@@ -196,19 +196,8 @@ HOSTILE_OP_CALLS = {
 @pytest.mark.parametrize("name", list(HOSTILE_OP_CALLS))
 def test_hostile_metadata_in_subprocess(name):
     body, expected = HOSTILE_OP_CALLS[name]
-    code = (
-        "import torch, pyfastattn\n"
-        "op = torch.ops.pyfastattn.attention_fwd\n"
-        "def cu(*v):\n"
-        "    return torch.tensor(v, dtype=torch.int32)\n"
-        "try:\n" + textwrap.indent(body, "    ") + "\n"
-        "except (ValueError, RuntimeError) as e:\n"
-        "    print('ERROR:', e)\n"
-        "else:\n"
-        "    print('NO ERROR')\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"crashed with {r.returncode}: {r.stderr[-2000:]}"
+    prelude = "op = torch.ops.pyfastattn.attention_fwd\ndef cu(*v):\n    return torch.tensor(v, dtype=torch.int32)\n"
+    r = op_call_in_subprocess(body, prelude)
     assert "ERROR:" in r.stdout and expected in r.stdout, r.stdout + r.stderr[-2000:]
 
 
