@@ -507,6 +507,26 @@ def test_context_parallel_empty_batch_and_head_dim():
     _spawn(_worker_empty_sizes, 2)
 
 
+def _injected_kernel_error(*a, **kw):
+    raise RuntimeError("injected kernel error")
+
+
+def _causal_case(seed, b, s, h, d):
+    """q, k, v, dout (B, S, H, D) fp32 drawn from ``seed``, and the float64
+    causal reference: (out, lse, dq, dk, dv), detached."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, dout = (torch.randn(b, s, h, d, generator=g) for _ in range(4))
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    o_ref, lse_ref = reference.attention(*ref, scale=1 / math.sqrt(d), window_right=0)
+    o_ref.backward(dout.double())
+    return (q, k, v, dout), (o_ref.detach(), lse_ref.detach(), *(t.grad for t in ref))
+
+
+def _assert_close_on(rank, got, want, what, tol=1e-4):
+    err = (got.double() - want.double()).abs().max().item()
+    assert err < tol, f"rank {rank} {what}: max error {err:.3e}"
+
+
 def _worker_error_mid_ring(rank, world, store):
     # A ring call whose local work raises on one rank (injected here; a kernel
     # error or out-of-memory in practice) raised there at once, leaving its
@@ -517,21 +537,13 @@ def _worker_error_mid_ring(rank, world, store):
     import pyfastattn.distributed.ring as ring_mod
 
     _init(rank, world, store)
-    g = torch.Generator().manual_seed(11)
-    b, s, h, d = 1, 8 * world, 2, 16
-    q, k, v, dout = (torch.randn(b, s, h, d, generator=g) for _ in range(4))
-    ref = [t.double().requires_grad_() for t in (q, k, v)]
-    o_ref, _ = reference.attention(*ref, scale=1 / math.sqrt(d), window_right=0)
-    o_ref.backward(dout.double())
-    want = [shard_sequence(t.detach().float(), rank, world) for t in (o_ref, *(t.grad for t in ref))]
+    (q, k, v, dout), (o_ref, _, *grads) = _causal_case(11, 1, 8 * world, 2, 16)
+    want = [shard_sequence(t.float(), rank, world) for t in (o_ref, *grads)]
     shard = lambda t: shard_sequence(t, rank, world).requires_grad_()  # noqa: E731
-
-    def injected(*a, **kw):
-        raise RuntimeError("injected kernel error")
+    injected = _injected_kernel_error
 
     def check(got, want_, what):
-        err = (got.double() - want_.double()).abs().max().item()
-        assert err < 1e-4, f"rank {rank} {what}: max error {err:.3e}"
+        _assert_close_on(rank, got, want_, what)
 
     def good_call():  # forward and backward, both right on every rank
         leaves = [shard(t) for t in (q, k, v)]
@@ -588,23 +600,15 @@ def _worker_error_mid_ulysses(rank, world, store):
     import pyfastattn.distributed.ulysses as uly
 
     _init(rank, world, store)
-    g = torch.Generator().manual_seed(12)
-    b, s, h, d = 1, 4 * world, 2 * world, 16
+    h = 2 * world
     mine = slice(0, h // world)  # the heads rank 0 computes
     rest = slice(h // world, h)
-    q, k, v, dout = (torch.randn(b, s, h, d, generator=g) for _ in range(4))
-    ref = [t.double().requires_grad_() for t in (q, k, v)]
-    o_ref, lse_ref = reference.attention(*ref, scale=1 / math.sqrt(d), window_right=0)
-    o_ref.backward(dout.double())
+    (q, k, v, dout), (o_ref, lse_ref, *grads) = _causal_case(12, 1, 4 * world, h, 16)
     sh = lambda t: shard_sequence(t, rank, world, zigzag=False)  # noqa: E731
-    want = [sh(t.detach().float()) for t in (o_ref, *(t.grad for t in ref))]
-    want_lse = shard_sequence(lse_ref.detach().float().transpose(1, 2), rank, world, zigzag=False).transpose(
-        1, 2
-    )
+    want = [sh(t.float()) for t in (o_ref, *grads)]
+    want_lse = sh(lse_ref.float().transpose(1, 2)).transpose(1, 2)
     real = uly._run_local
-
-    def injected(*a, **kw):
-        raise RuntimeError("injected kernel error")
+    injected = _injected_kernel_error
 
     class RaiseInBackward(torch.autograd.Function):
         @staticmethod
@@ -620,8 +624,7 @@ def _worker_error_mid_ulysses(rank, world, store):
         return RaiseInBackward.apply(out), lse
 
     def check(got, want_, what):
-        err = (got.double() - want_.double()).abs().max().item()
-        assert err < 1e-4, f"rank {rank} {what}: max error {err:.3e}"
+        _assert_close_on(rank, got, want_, what)
 
     def good_call():
         leaves = [sh(t).requires_grad_() for t in (q, k, v)]
