@@ -98,3 +98,17 @@ def op_call_in_subprocess(body: str, prelude: str = "") -> subprocess.CompletedP
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"the process died (rc {r.returncode}): {r.stderr[-2000:]}"
     return r
+
+
+def fa_grad_correction(lse, d_d, wrt):
+    """What FlashAttention-style backwards add to the exact gradients: their
+    D = rowsum(dO * O) uses the output as stored in its dtype, which shifts
+    dS by -P * dD with dD = rowsum(dO * (O_stored - O_exact)), summed the
+    gradient of sum(dD * lse) over the rows that see a key (lse finite).
+    Subtracted from the exact gradient, it gives the FlashAttention-consistent
+    one. ``wrt``: the float64 leaves lse depends on; None where no graph."""
+    fin = torch.isfinite(lse)
+    obj = (d_d * torch.where(fin, lse, torch.zeros_like(lse)))[fin].sum()
+    if not obj.requires_grad:
+        return [None] * len(wrt)
+    return torch.autograd.grad(obj, wrt, allow_unused=True)

@@ -40,6 +40,8 @@ import pyfastattn
 import pyfastattn.flash_attn_interface as fai
 from pyfastattn.testing import max_error, tolerance_failure
 
+from ._helpers import fa_grad_correction
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # CI runs the defaults (about 5 s on one core). PYFASTATTN_API_FUZZ_CASES=N
@@ -66,15 +68,6 @@ def _ok(name, out, ref, baselines, dt, alt_ref=None):
     if max_error(out, ref) <= (1e-12 if dt == torch.float64 else 3e-5):
         return None
     return fails[0]
-
-
-def _fa_grad_correction(lse, dD, wrt):
-    """d/d(wrt) sum(dD * lse) over the rows that see a key (lse finite)."""
-    fin = torch.isfinite(lse)
-    obj = (dD * torch.where(fin, lse, torch.zeros_like(lse)))[fin].sum()
-    if not obj.requires_grad:
-        return [None] * len(wrt)
-    return torch.autograd.grad(obj, wrt, allow_unused=True)
 
 
 # ---------------------------------------------------------------------------
@@ -149,22 +142,30 @@ def _sdpa_inputs(c):
     return q, k, v, mask
 
 
-def _sdpa_naive(q, k, v, mask, kw):
-    """Plain torch in the inputs' precision (the tolerance rule's baseline);
-    rows that see no key give 0."""
-    if kw["dropout_p"] >= 1:
-        return torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype) + 0 * (q.sum() + k.sum() + v.sum())
+def _sdpa_probs(q, k, mask, kw):
+    """softmax(q k^T * scale) in the inputs' precision, is_causal (top-left)
+    and the mask applied, k repeated to q's heads; rows that see no key are
+    0. Returns (p, scale)."""
     if k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
-        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
-    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if kw["scale"] is None else kw["scale"])
+    scale = q.shape[-1] ** -0.5 if kw["scale"] is None else kw["scale"]
+    s = (q @ k.transpose(-1, -2)) * scale
     if kw["is_causal"]:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
     alive = torch.isfinite(s.detach()).any(-1, keepdim=True)
-    p = torch.softmax(torch.where(alive, s, torch.zeros_like(s)), -1) * alive
-    return p.to(v.dtype) @ v
+    return torch.softmax(torch.where(alive, s, torch.zeros_like(s)), -1) * alive, scale
+
+
+def _sdpa_naive(q, k, v, mask, kw):
+    """Plain torch in the inputs' precision (the tolerance rule's baseline);
+    rows that see no key give 0."""
+    if kw["dropout_p"] >= 1:
+        return torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype) + 0 * (q.sum() + k.sum() + v.sum())
+    if v.shape[-3] != q.shape[-3]:
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+    return _sdpa_probs(q, k, mask, kw)[0].to(v.dtype) @ v
 
 
 def _sdpa_fa_grads(q, k, v, mask, kw, dout):
@@ -176,14 +177,8 @@ def _sdpa_fa_grads(q, k, v, mask, kw, dout):
     the same thing" for such rows. No dropout."""
     rep = q.shape[-3] // k.shape[-3]
     kr, vr = (k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)) if rep > 1 else (k, v)
-    scale = q.shape[-1] ** -0.5 if kw["scale"] is None else kw["scale"]
-    s = (q @ kr.transpose(-1, -2)) * scale
-    if kw["is_causal"]:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-    alive = torch.isfinite(s).any(-1, keepdim=True)
-    p = (torch.softmax(torch.where(alive, s, torch.zeros_like(s)), -1) * alive).to(v.dtype)
+    p, scale = _sdpa_probs(q, k, mask, kw)
+    p = p.to(v.dtype)
     o = p @ vr
     dp = dout @ vr.transpose(-1, -2)
     ds = p * (dp - (dout * o).sum(-1, keepdim=True))
@@ -245,7 +240,7 @@ def test_sdpa_drop_in_against_torch_float64(case, poison):
     grads = torch.autograd.grad(out, (q, k, v), dout)
     truth = torch.autograd.grad(ref, (q64, k64, v64), dout.double(), retain_graph=True)
     dD = (dout.double() * (out.detach().double() - ref.detach())).sum(-1)
-    corr = _fa_grad_correction(lse, dD, (q64, k64))
+    corr = fa_grad_correction(lse, dD, (q64, k64))
     fa = [t if cc is None else t - cc for t, cc in zip(truth, (*corr, None))]
     bl = [t.detach().requires_grad_() for t in (q, k, v)]
     bgrads = torch.autograd.grad(_sdpa_naive(*bl, mask, kw), bl, dout)
@@ -465,7 +460,7 @@ def test_native_api_against_flash_attention_semantics(case, poison):
     truth = [torch.zeros_like(t) if r is None else r for r, t in zip(truth, (q64, k64, v64))]
     dD = (dout.double() * (out.detach().double() - ref.detach())).sum(-1)
     dD = dD.transpose(0, 1) if spans else dD.transpose(1, 2)
-    corr = _fa_grad_correction(rlse, dD, (q64, k64))
+    corr = fa_grad_correction(rlse, dD, (q64, k64))
     fa = [t if cc is None else t - cc for t, cc in zip(truth, (*corr, None))]
     bl = [t.detach().requires_grad_() for t in (q, k, v)]
     bo = _fa_all(*bl, cf, spans, nb, used, slopes, keep, scale)[0]

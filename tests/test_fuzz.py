@@ -20,7 +20,7 @@ import pyfastattn
 from pyfastattn import reference
 from pyfastattn.testing import tolerance_failure
 
-from ._helpers import assert_tolerance, naive_attention
+from ._helpers import assert_tolerance, fa_grad_correction, naive_attention
 
 DEVICE = os.environ.get("PYFASTATTN_FUZZ_DEVICE", "cpu")
 DTYPES = (
@@ -188,25 +188,27 @@ def test_fuzz_sdpa_matches_torch(cfg):
 
 
 def _fa_correction(r, kw, m64, out, ref, dout):
-    """What FlashAttention-style backwards add to the exact dQ and dK: their
-    D = rowsum(dO * O) uses the output as stored in its dtype, which shifts
-    dS by -P * dD with dD = rowsum(dO * (O_stored - O)); summed, that is the
-    gradient of sum(dD * lse). With one or two keys per row that term can be
-    larger than plain torch's whole error (found by the dev profile: bf16,
-    one query, two keys, dK 3.1e-3 against a 2.3e-3 tolerance).
-    (corr_dq, corr_dk, None), in float64."""
-    q, k, v = r
-    kr = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3) if kw["enable_gqa"] else k
-    s = (q @ kr.transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]) if kw["scale"] is None else kw["scale"])
-    if kw["is_causal"]:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    if m64 is not None:
-        s = s.masked_fill(~m64, float("-inf")) if m64.dtype == torch.bool else s + m64
-    lse = torch.logsumexp(s, -1)
+    """(corr_dq, corr_dk, None) in float64: fa_grad_correction for this call
+    (tests/_helpers.py). With one or two keys per row that term can be larger
+    than plain torch's whole error (found by the dev profile: bf16, one query,
+    two keys, dK 3.1e-3 against a 2.3e-3 tolerance)."""
+    q, k, _ = r
+    lse = torch.logsumexp(_sdpa_scores(q, k, **{**kw, "attn_mask": m64}), -1)
     d_d = (dout.double() * (out.detach().double() - ref.detach())).sum(-1)
-    fin = torch.isfinite(lse)
-    corr = torch.autograd.grad((d_d * torch.where(fin, lse, torch.zeros_like(lse)))[fin].sum(), (q, k))
-    return (*corr, None)
+    return (*fa_grad_correction(lse, d_d, (q, k)), None)
+
+
+def _sdpa_scores(q, k, attn_mask, is_causal, scale, enable_gqa):
+    """q k^T * scale with is_causal (top-left) and attn_mask applied, in the
+    inputs' own precision, k repeated to q's heads under enable_gqa."""
+    if enable_gqa:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+    s = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if is_causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return s
 
 
 def _naive_sdpa(q, k, v, attn_mask, is_causal, scale, enable_gqa):
@@ -214,14 +216,8 @@ def _naive_sdpa(q, k, v, attn_mask, is_causal, scale, enable_gqa):
     baseline of the tolerance rule (torch's own SDPA upcasts internally on CPU,
     which would make the baseline stricter than 'plain PyTorch')."""
     if enable_gqa:
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
-    s = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    if is_causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-    return torch.softmax(s, -1) @ v
+    return torch.softmax(_sdpa_scores(q, k, attn_mask, is_causal, scale, enable_gqa), -1) @ v
 
 
 def test_fuzz_profile_is_bounded():
