@@ -3,11 +3,40 @@
 from __future__ import annotations
 
 import platform
+import re
+import shutil
+import subprocess
 
 import torch
 
 import pyfastattn
 from pyfastattn import _ops, functional
+
+# Functions of libstdc++'s compiled library (not templates a header
+# instantiates): a module that defines any of them carries its own copy of
+# libstdc++'s locale code, whose facets do not match the locale of the shared
+# libstdc++ the process runs with. Seen on the lent H200's image: formatting a
+# number into any C++ argument error then segfaulted
+# (benchmarks/results/H200/README.md; setup.py _shared_libstdcxx).
+_LIBSTDCXX_OWN = (
+    "std::locale::classic()",
+    "std::ios_base::Init::Init()",
+    "std::codecvt<char16_t, char, __mbstate_t>::",
+)
+
+
+def libstdcxx_functions_in_module(path: str) -> list[str] | None:
+    """The lines of ``nm -C --defined-only path`` that define one of
+    libstdc++'s own functions (empty for a sound build), or None where there
+    is no ``nm``."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return None
+    r = subprocess.run(
+        [nm, "-C", "--defined-only", path], capture_output=True, text=True, timeout=120, check=True
+    )
+    return [line for line in r.stdout.splitlines()
+            if re.match(r"^[0-9a-f]+ [TtWw] ", line) and any(s in line for s in _LIBSTDCXX_OWN)]  # fmt: skip
 
 
 def report() -> str:

@@ -34,32 +34,13 @@ def test_info_command_runs():
     assert "attention_fwd" in r.stdout and "would run" in r.stdout
 
 
-# Functions of libstdc++'s compiled library (not templates a header
-# instantiates): a module that defines any of them carries its own copy of
-# libstdc++'s locale code, whose facets do not match the locale of the shared
-# libstdc++ the process runs with. Seen on the lent H200's image: formatting a
-# number into any C++ argument error then segfaulted
-# (benchmarks/results/H200/README.md).
-_LIBSTDCXX_OWN = (
-    "std::locale::classic()",
-    "std::ios_base::Init::Init()",
-    "std::codecvt<char16_t, char, __mbstate_t>::",
-)
-
-
 def test_module_carries_no_copy_of_libstdcxx():
-    import re
-    import shutil
-
     from pyfastattn import _C
+    from pyfastattn.info import libstdcxx_functions_in_module
 
-    nm = shutil.which("nm")
-    if nm is None:
+    own = libstdcxx_functions_in_module(_C.__file__)
+    if own is None:
         pytest.skip("no nm (binutils) on this machine")
-    r = subprocess.run([nm, "-C", "--defined-only", _C.__file__], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    own = [line for line in r.stdout.splitlines()
-           if re.match(r"^[0-9a-f]+ [TtWw] ", line) and any(s in line for s in _LIBSTDCXX_OWN)]  # fmt: skip
     assert not own, (
         f"{_C.__file__} defines libstdc++'s own functions (a static copy was linked in): {own[:5]}"
     )
