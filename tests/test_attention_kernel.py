@@ -334,9 +334,10 @@ _KV_PACK_CHILD = r"""
 import sys, torch
 torch.manual_seed(0)
 res = []
-# (b, sq, sk, hq, hk, d, window_left, window_right, bottom_right, seqused_k): every
-# case reads each key >= 3 times (GQA or many query blocks), so the forward
-# packs K and V unless PYFASTATTN_CPU_KV_PACK=off.
+# (b, sq, sk, hq, hk, d, window_left, window_right, bottom_right, seqused_k):
+# PYFASTATTN_CPU_KV_PACK=always packs K and V in every case, "off" in none, and
+# the default "on" where the query blocks read each key often enough (the
+# first and fourth case).
 cases = [
     (2, 517, 517, 4, 2, 72, -1, 0, False, None),     # causal, odd keys, bf16 pairs end mid-pair
     (1, 300, 645, 8, 2, 64, 37, 0, True, None),      # sliding window: tiles start at odd keys
@@ -359,7 +360,8 @@ torch.save(res, sys.argv[1])
 def test_cpu_forward_kv_pack_matches_per_tile_copies(tmp_path):
     """The forward's K/V pack (csrc/cpu/attention_fwd.cpp, kv_pack_at) holds
     exactly what the per-tile copies hold: the same bits with
-    PYFASTATTN_CPU_KV_PACK=off (read once per process, hence subprocesses),
+    PYFASTATTN_CPU_KV_PACK=always (every case packed), the default rule and
+    off (read once per process, hence subprocesses),
     at causal and window edges, odd key counts (VNNI pairs of bf16) and odd
     head dims."""
     import os
@@ -367,7 +369,7 @@ def test_cpu_forward_kv_pack_matches_per_tile_copies(tmp_path):
     import sys
 
     outs = {}
-    for mode in ("on", "off"):
+    for mode in ("always", "on", "off"):
         path = tmp_path / f"{mode}.pt"
         env = {**os.environ, "PYFASTATTN_CPU_KV_PACK": mode}
         r = subprocess.run(
@@ -376,10 +378,11 @@ def test_cpu_forward_kv_pack_matches_per_tile_copies(tmp_path):
         )  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         outs[mode] = torch.load(path)
-    assert len(outs["on"]) == len(outs["off"]) == 15
-    for i, ((o1, l1), (o2, l2)) in enumerate(zip(outs["on"], outs["off"])):
-        assert not torch.isnan(o1).any(), f"case {i}: NaN in the output"
-        assert torch.equal(o1, o2) and torch.equal(l1, l2), f"case {i}: packed and per-tile results differ"
+    assert len(outs["always"]) == len(outs["on"]) == len(outs["off"]) == 15
+    for mode in ("always", "on"):
+        for i, ((o1, l1), (o2, l2)) in enumerate(zip(outs[mode], outs["off"])):
+            assert not torch.isnan(o1).any(), f"{mode}, case {i}: NaN in the output"
+            assert torch.equal(o1, o2) and torch.equal(l1, l2), f"{mode}, case {i}: packed and per-tile results differ"
 
 
 @pytest.mark.parametrize(

@@ -209,8 +209,8 @@ def test_hostile_metadata_in_subprocess(name):
     [
         # Sq1, 4 query rows per kv head over 600 keys: a call the few-rows route takes.
         ("PYFASTATTN_CPU_FEW_ROWS", ("kvcache", "tiled"), (1, 1, 8, 64), (1, 600, 2, 64)),
-        # S512: the forward packs K and V once per call.
-        ("PYFASTATTN_CPU_KV_PACK", ("on", "off"), (1, 512, 8, 64), (1, 512, 8, 64)),
+        # S1024: the forward packs K and V once per call.
+        ("PYFASTATTN_CPU_KV_PACK", ("on", "off", "always"), (1, 1024, 8, 64), (1, 1024, 8, 64)),
     ],
 )
 def test_cpu_env_switch_rejects_unknown_values(var, good, shape_q, shape_k):
@@ -227,7 +227,7 @@ def test_cpu_env_switch_rejects_unknown_values(var, good, shape_q, shape_k):
             print("no error")
         """
     )
-    for value, expect in (("bogus", "ValueError"), (good[0], "no error"), (good[1], "no error")):
+    for value, expect in (("bogus", "ValueError"),) + tuple((g, "no error") for g in good):
         r = subprocess.run(
             [sys.executable, "-c", code],
             capture_output=True,
@@ -239,7 +239,9 @@ def test_cpu_env_switch_rejects_unknown_values(var, good, shape_q, shape_k):
         out = r.stdout.strip().splitlines()[-1]
         assert out.startswith(expect), out
         if expect == "ValueError":
-            assert f"{var} must be '{good[0]}' (the default) or '{good[1]}', got 'bogus'" in out, out
+            accepted = ", ".join(f"'{g}'" for g in good[1:-1])
+            accepted = f"'{good[0]}' (the default)" + (f", {accepted}" if accepted else "") + f" or '{good[-1]}'"
+            assert f"{var} must be {accepted}, got 'bogus'" in out, out
 
 
 def _kv_call(**kw):

@@ -394,12 +394,14 @@ struct FwdBody {
 
 struct KvPackBuffer;  // kept_buffer tag
 
-// PYFASTATTN_CPU_KV_PACK=off (read once) copies K and V per key tile
-// always, as before the pack, for A/B runs of one build; "on" (the default)
-// packs by the rule in attention_fwd.
-bool kv_pack_allowed() {
-  static const bool on = !env_switch_is("PYFASTATTN_CPU_KV_PACK", "on", "off");
-  return on;
+// PYFASTATTN_CPU_KV_PACK (read once): "on" (the default) packs by the rule
+// in attention_fwd; "off" copies K and V per key tile always, as before the
+// pack; "always" packs whenever the layout allows, whatever the reads (tests
+// of the pack on any shape, A/B runs of the rule's threshold).
+enum class KvPackMode { kRule, kOff, kAlways };
+KvPackMode kv_pack_mode() {
+  static const KvPackMode m = KvPackMode(env_choice("PYFASTATTN_CPU_KV_PACK", {"on", "off", "always"}));
+  return m;
 }
 
 }  // namespace
@@ -415,8 +417,14 @@ void attention_fwd(const AttentionFwdParams& p) {
   // Pack K and V once (kv_pack_at) when the query blocks read each key at
   // least kMinReads times on average (the pass copies each key once, the
   // per-tile path once per read) and the pack fits kMaxPackBytes. Blocks of
-  // one row (the decode path reads K and V in place) are not counted.
-  constexpr int64_t kMinReads = 3, kMaxPackBytes = int64_t(256) << 20;
+  // one row (the decode path reads K and V in place) are not counted. 6, not
+  // the first rule's 3: on two threads a block reads half its pack from what
+  // the other core wrote, which this project's VMs serve at near memory speed
+  // (PERF_NOTES.md "Session 12: the K/V pack from six reads per key"), and
+  // shapes of 3.5-5 reads (causal S768-S1024, S512) ran 1-10 % faster
+  // without the pack, on one thread within the noise of it; from 8 reads
+  // (S1024, causal S2048) the pack wins or ties.
+  constexpr int64_t kMinReads = 6, kMaxPackBytes = int64_t(256) << 20;
   // Not for a KV cache's rows (attention_with_kvcache's many-row calls: paged,
   // or rows from a batch index / left padding), which kv_pack_chunk does not
   // read: they are copied per tile.
@@ -437,7 +445,9 @@ void attention_fwd(const AttentionFwdParams& p) {
   const int64_t kp = 2 * int64_t(pairs ? (c.d + 1) / 2 : c.d), vp = pairs ? c.dv : 2 * int64_t(c.dv);
   const int64_t pack_floats = first[size_t(p.batch)] * p.num_heads_k * (kp + vp);
   std::unique_ptr<float[]> temp;
-  if (kv_pack_allowed() && !cache && reads >= kMinReads * keys && pack_floats > 0 &&
+  const KvPackMode mode = kv_pack_mode();
+  if (mode != KvPackMode::kOff && !cache && (mode == KvPackMode::kAlways || reads >= kMinReads * keys) &&
+      pack_floats > 0 &&
       pack_floats * int64_t(sizeof(float)) <= kMaxPackBytes) {
     c.kv_pack = kept_buffer<KvPackBuffer>(pack_floats, temp);
     c.kv_first = first.data();
