@@ -114,11 +114,13 @@ struct Variant {
   bool masked = false;    // P V loads V through a mask (as the kernel's pv_quad_regs)
   int rowstride = 1;      // the row prefetches ask for every rowstride-th line only
   bool rowhm = false;     // the row prefetches walk the tile head slice by head slice (as the demand)
+  bool pairs = false;     // P V in bf16 dot products on key pairs (P rounded to bf16; accumulators in unpack order)
 };
 
 struct Work {
   alignas(64) bf q[ROWS][D];
   alignas(64) float sc[ROWS][TK];
+  alignas(64) uint32_t pp[ROWS][TK / 2];  // P as bf16 pairs (keys 2i, 2i + 1)
   alignas(64) float acc[ROWS][D];
   alignas(64) float m[ROWS], l[ROWS], alpha[ROWS];
   alignas(64) float part[ROWS][16][16];  // key-major partial sums
@@ -202,6 +204,39 @@ static inline void pv_head(Work& w, const bf* V, int hl, int64_t j0, Cursor& cur
         _mm_prefetch((const char*)(V + (j0 + j) * ROW_ELEMS + (hl + 1) * D) + 64 * l, _MM_HINT_T0);
   __mmask16 km[4];
   for (int u = 0; u < 4; ++u) km[u] = __mmask16(0xFFFF >> (w.m[0] < -1e31f ? 1 : 0));  // all-ones, unknown to the compiler
+  if (v.pairs) {  // two keys' V rows interleaved (unpacklo / unpackhi_epi16) as vdpbf16ps operands
+    for (int t = 0; t < G; ++t) {
+      const float* sr = w.sc[hl * G + t];
+      for (int j = 0; j < TK; j += 32)
+        _mm512_store_si512(&w.pp[hl * G + t][j / 2],
+                           (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(sr + j + 16), _mm512_loadu_ps(sr + j)));
+    }
+    for (int x0 = 0; x0 < D; x0 += 64) {
+      __m512 o[G][4];
+      for (int t = 0; t < G; ++t) {
+        const __m512 a = _mm512_set1_ps(w.alpha[hl * G + t]);
+        for (int u = 0; u < 4; ++u) o[t][u] = _mm512_mul_ps(a, _mm512_load_ps(&w.acc[hl * G + t][x0 + 16 * u]));
+      }
+      for (int j = 0; j < TK; j += 2) {
+        if (x0 == 0) cur.step(2 * per_key);
+        const bf* va = V + (j0 + j) * ROW_ELEMS + hl * D + x0;
+        const bf* vb = va + ROW_ELEMS;
+        __m512i vv[4];
+        for (int h = 0; h < 2; ++h) {
+          const __m512i a = _mm512_loadu_si512(va + 32 * h), b = _mm512_loadu_si512(vb + 32 * h);
+          vv[2 * h] = _mm512_unpacklo_epi16(a, b);
+          vv[2 * h + 1] = _mm512_unpackhi_epi16(a, b);
+        }
+        for (int t = 0; t < G; ++t) {
+          const __m512i pj = _mm512_set1_epi32((int)w.pp[hl * G + t][j / 2]);
+          for (int u = 0; u < 4; ++u) o[t][u] = _mm512_dpbf16_ps(o[t][u], (__m512bh)vv[u], (__m512bh)pj);
+        }
+      }
+      for (int t = 0; t < G; ++t)
+        for (int u = 0; u < 4; ++u) _mm512_store_ps(&w.acc[hl * G + t][x0 + 16 * u], o[t][u]);
+    }
+    return;
+  }
   for (int x0 = 0; x0 < D; x0 += 64) {
     __m512 o[G][4];
     for (int t = 0; t < G; ++t) {
@@ -448,6 +483,9 @@ int main(int argc, char** argv) {
   vs.back().masked = true;
   add("b-pf-t2", "key-major, T2 rows", true, kT2);
   add("a-hm", "  a, row prefetches in head-slice order", false, kT0)->far = 1;
+  add("a-t2-pairs", "  a-t2, P V in bf16 key pairs", false, kT2)->far = 1;
+  vs.back().pairs = true;
+  add("b-head-pairs", "  b-head, P V in bf16 key pairs", false, kNone)->pairs = true;
   vs.back().rowhm = true;
   add("a-hm-nofar", "  a-hm without the next tile's primes", false, kT0)->rowhm = true;
   std::vector<std::string> only;
