@@ -13,7 +13,7 @@
 //
 // K and V reach the products in their operand layouts (Tiles): packed once
 // per call by a pass before the query blocks (kv_pack_at) when the blocks
-// read each key three times or more (and K and V are tensors, not a KV
+// read each key kMinReads (6) times or more (and K and V are tensors, not a KV
 // cache's rows), else copied per key tile. Either way
 // each tile's V rows and the next tile's K rows are prefetched while the
 // products before them run (PrefetchRows).
