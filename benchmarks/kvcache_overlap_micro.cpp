@@ -483,6 +483,8 @@ int main(int argc, char** argv) {
   vs.back().masked = true;
   add("b-pf-t2", "key-major, T2 rows", true, kT2);
   add("a-hm", "  a, row prefetches in head-slice order", false, kT0)->far = 1;
+  add("a-t2-hm", "  a-t2, row prefetches in head-slice order", false, kT2)->far = 1;
+  vs.back().rowhm = true;
   add("a-t2-pairs", "  a-t2, P V in bf16 key pairs", false, kT2)->far = 1;
   vs.back().pairs = true;
   add("b-head-pairs", "  b-head, P V in bf16 key pairs", false, kNone)->pairs = true;
