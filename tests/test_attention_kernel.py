@@ -337,8 +337,8 @@ torch.manual_seed(0)
 res = []
 # (b, sq, sk, hq, hk, d, window_left, window_right, bottom_right, seqused_k):
 # PYFASTATTN_CPU_KV_PACK=always packs K and V in every case, "off" in none, and
-# the default "on" where the query blocks read each key often enough (the
-# first and fourth case).
+# the default "on" where the query blocks read each key kMinReads times or
+# more (attention_fwd.cpp).
 cases = [
     (2, 517, 517, 4, 2, 72, -1, 0, False, None),     # causal, odd keys, bf16 pairs end mid-pair
     (1, 300, 645, 8, 2, 64, 37, 0, True, None),      # sliding window: tiles start at odd keys
