@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -82,12 +83,15 @@ def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
 
 
-def op_call_in_subprocess(body: str, prelude: str = "") -> subprocess.CompletedProcess:
+def op_call_in_subprocess(
+    body: str, prelude: str = "", env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Runs ``body`` (Python source, one or more statements) in a fresh
-    interpreter after ``import torch, pyfastattn`` and ``prelude``: its stdout
-    is ``ERROR: <type>: <message>`` when it raises ValueError or RuntimeError,
-    else ``NO ERROR``. A crash (a signal, any other exit) fails the caller:
-    a bad call must never take the process down, nor this test run with it."""
+    interpreter after ``import torch, pyfastattn`` and ``prelude``, with
+    ``env`` added to this process's environment: its stdout is ``ERROR:
+    <type>: <message>`` when it raises ValueError or RuntimeError, else ``NO
+    ERROR``. A crash (a signal, any other exit) fails the caller: a bad call
+    must never take the process down, nor this test run with it."""
     code = (
         "import torch, pyfastattn\n" + prelude + "try:\n" + textwrap.indent(body, "    ") + "\n"
         "except (ValueError, RuntimeError) as e:\n"
@@ -95,7 +99,8 @@ def op_call_in_subprocess(body: str, prelude: str = "") -> subprocess.CompletedP
         "else:\n"
         "    print('NO ERROR')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=None if env is None else {**os.environ, **env})  # fmt: skip
     assert r.returncode == 0, f"the process died (rc {r.returncode}): {r.stderr[-2000:]}"
     return r
 

@@ -383,7 +383,9 @@ def test_cpu_forward_kv_pack_matches_per_tile_copies(tmp_path):
     for mode in ("always", "on"):
         for i, ((o1, l1), (o2, l2)) in enumerate(zip(outs[mode], outs["off"])):
             assert not torch.isnan(o1).any(), f"{mode}, case {i}: NaN in the output"
-            assert torch.equal(o1, o2) and torch.equal(l1, l2), f"{mode}, case {i}: packed and per-tile results differ"
+            assert torch.equal(o1, o2) and torch.equal(l1, l2), (
+                f"{mode}, case {i}: packed and per-tile results differ"
+            )
 
 
 @pytest.mark.parametrize(
