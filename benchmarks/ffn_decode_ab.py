@@ -2,11 +2,14 @@
 (csrc/cpu/ffn_small_tokens.cpp): one fresh process per build per round,
 rounds interleaved (A B A B ...), as benchmarks/dropout_cost_ab.py.
 
-    python benchmarks/ffn_decode_ab.py ROUNDS THREADS name=path/to/_C.so [name=path ...]
+    python benchmarks/ffn_decode_ab.py ROUNDS THREADS name=path/to/_C.so[:VAR=value...] [name=path ...]
     AB_DT=bfloat16,float32,float16 AB_T=1,4,8,16 AB_N=40 AB_D=1024 AB_F=2816 taskset -c 0 \\
         python benchmarks/ffn_decode_ab.py 3 1 before=/tmp/before.so after=pyfastattn/_C.cpython-311-x86_64-linux-gnu.so
 
-Save the "before" build's .so first (cp pyfastattn/_C*.so /tmp/...). Each
+Save the "before" build's .so first (cp pyfastattn/_C*.so /tmp/...);
+`:VAR=value` after a path runs that build's processes with those
+environment variables (one build, two settings:
+`off=B.so:PYFASTATTN_X=0 on=B.so:PYFASTATTN_X=1`). Each
 build runs from a copy of this tree's pyfastattn/ package (in a temporary
 folder) with that .so in it. A process times gated_feed_forward (no grad,
 backend "kernel") at each dtype and token count, AB_N calls after a warm-up,
@@ -60,6 +63,10 @@ print(json.dumps(res))
 def main() -> None:
     rounds, threads = int(sys.argv[1]), sys.argv[2]
     builds = [a.split("=", 1) for a in sys.argv[3:]]
+    envs = {}
+    for b in builds:
+        b[1], *assigns = b[1].split(":")
+        envs[b[0]] = dict(kv.split("=", 1) for kv in assigns)
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyfastattn")
     with tempfile.TemporaryDirectory(prefix="ffn_decode_ab_") as tmp:
         trees = {}
@@ -75,7 +82,7 @@ def main() -> None:
                     [sys.executable, "-c", CHILD, trees[name], threads],
                     capture_output=True,
                     text=True,
-                    env=dict(os.environ, PYTHONPATH=""),
+                    env=dict(os.environ, PYTHONPATH="", **envs[name]),
                 )
                 if p.returncode:
                     sys.exit(p.stderr[-3000:])

@@ -331,24 +331,27 @@ def test_prefetch_levels_same_bits(tmp_path):
             assert torch.equal(a, b), f"{isa} case {i}: the prefetch level changed the result"
 
 
-@pytest.mark.parametrize("tokens", [9, 16])
-def test_bf16_row_strided_x_broadcast_pack(tokens):
-    """bf16 at 9-16 tokens packs x with vector loads per token row (the
-    broadcast form's G = 1): rows further apart than d_model (a column slice
-    of a wider tensor), an odd d_model (the last pair's high half zero), and
-    NaN in the columns past d_model, which must never be read."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("tokens", [4, 7, 9, 16])
+def test_row_strided_x_broadcast_pack(tokens, dtype):
+    """The broadcast form packs x per token row: bf16 at 9-16 tokens with
+    vector loads (G = 1), bf16 and fp32 otherwise one step (G lanes) per
+    copy, the last one short. Rows further apart than d_model (a column
+    slice of a wider tensor), an odd d_model (a tail shorter than a step for
+    every G; bf16: the last pair's high half zero), and NaN in the columns
+    past d_model, which must never be read."""
     torch.manual_seed(tokens)
     d_model = 67
-    params = make_params(d_model, 90, gated=True, bias=True, dtype=torch.bfloat16, d_out=33)
-    wide = torch.full((tokens, d_model + 29), float("nan"), dtype=torch.bfloat16)
-    wide[:, :d_model] = torch.randn(tokens, d_model).to(torch.bfloat16)
+    params = make_params(d_model, 90, gated=True, bias=True, dtype=dtype, d_out=33)
+    wide = torch.full((tokens, d_model + 29), float("nan"), dtype=dtype)
+    wide[:, :d_model] = torch.randn(tokens, d_model).to(dtype)
     x = wide[:, :d_model]
     assert x.stride(0) == d_model + 29
     y = forward(x, params, "silu")
     assert_tolerance(
-        "y row-strided bf16",
+        f"y row-strided {dtype}",
         y,
         reference_forward(x, params, "silu"),
         run_plain_torch(x, params, "silu"),
-        torch.bfloat16,
+        dtype,
     )

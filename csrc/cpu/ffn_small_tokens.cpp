@@ -525,37 +525,18 @@ struct Bc {
     if (G == 2) return _mm512_broadcastq_epi64(v);
     return _mm512_broadcast_i32x4(v);
   }
-  // Out through tmp [16 rows][16 lanes]: token t's value of row rr is the
-  // sum of tmp[rr][t G .. t G + G), (v0 + v1) + (v2 + v3) for G = 4,
-  // gathered 16 rows at a time (a scalar loop here took ~10% of the call at
-  // K = 1024) into c[t * ldc + rr], rr < nr.
-  template <int G>
-  PFA_AVX512 static inline void out_tokens(const float* tmp, int64_t tokens, int64_t nr, float* c,
-                                          int64_t ldc) {
-    const __m512i rows16 = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
-    const __mmask16 keep = __mmask16((uint32_t(1) << nr) - 1u);
-    for (int64_t t = 0; t < tokens; ++t) {
-      __m512 lane[G];
-      #pragma GCC unroll 4
-      for (int q = 0; q < G; ++q)
-        lane[q] = _mm512_i32gather_ps(_mm512_add_epi32(rows16, _mm512_set1_epi32(int(t * G + q))), tmp, 4);
-      __m512 sum = lane[0];
-      if (G == 2) sum = _mm512_add_ps(lane[0], lane[1]);
-      if (G == 4) sum = _mm512_add_ps(_mm512_add_ps(lane[0], lane[1]), _mm512_add_ps(lane[2], lane[3]));
-      _mm512_mask_storeu_ps(c + t * ldc, keep, sum);
-    }
-  }
 };
 
-// G = 1 out of the registers: row rr's value for token t is lane t of
-// acc[rr] + tmp[rr] (the sum add_into would store), so a 16 x 16 transpose
+// A block's results out of the registers: row rr's lane l (token l / G's
+// lane l % G) is lane l of acc[rr] + tmp[rr], so a 16 x 16 transpose
 // (unpack ps, unpack pd, two rounds of 128-bit lane shuffles: 64 shuffles)
-// gives token t's 16 rows as one vector, stored masked into c[t * ldc + rr],
-// rr < nr. The same values as out_tokens<1> without its 16 stores and 16
-// gathers, which waited for the stores (PERF_NOTES.md).
+// gives lane l of the 16 rows as one vector; token t's G of them are added,
+// (v0 + v1) + (v2 + v3) for G = 4, and stored masked into c[t * ldc + rr],
+// rr < nr. This replaced tmp stores + 16 gathers, which waited for the
+// stores: for G = 1 first, then for G = 2 and 4 (PERF_NOTES.md).
 struct BcT {
   PFA_AVX512 static inline __m512 add(__m512 a, const float* p) { return _mm512_add_ps(a, _mm512_load_ps(p)); }
+  PFA_AVX512 static inline __m512 add2(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
   PFA_AVX512 static inline __m512 lo_ps(__m512 a, __m512 b) { return _mm512_unpacklo_ps(a, b); }
   PFA_AVX512 static inline __m512 hi_ps(__m512 a, __m512 b) { return _mm512_unpackhi_ps(a, b); }
   PFA_AVX512 static inline __m512 lo_pd(__m512 a, __m512 b) {
@@ -595,7 +576,7 @@ PFA_INLINE void transpose16(const __m512* r, __m512* o) {
   }
 }
 
-template <int R>
+template <int R, int G>
 PFA_INLINE void out_tokens_transposed(const __m512* acc, const float (*tmp)[16], int64_t tokens, int64_t nr,
                                       float* c, int64_t ldc) {
   static_assert(R == 16, "a 16 x 16 transpose");
@@ -605,8 +586,12 @@ PFA_INLINE void out_tokens_transposed(const __m512* acc, const float (*tmp)[16],
   transpose16(r, o);
   const __mmask16 keep = __mmask16((uint32_t(1) << nr) - 1u);
   #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i)
-    if (i < tokens) BcT::store(c + i * ldc, keep, o[i]);
+  for (int t = 0; t < 16 / G; ++t) {
+    __m512 sum = o[t * G];
+    if (G == 2) sum = BcT::add2(o[t * G], o[t * G + 1]);
+    if (G == 4) sum = BcT::add2(BcT::add2(o[t * G], o[t * G + 1]), BcT::add2(o[t * G + 2], o[t * G + 3]));
+    if (t < tokens) BcT::store(c + t * ldc, keep, sum);
+  }
 }
 
 template <class Ops, int G>
@@ -722,14 +707,7 @@ PFA_INLINE void bcast_rows_body(const BcastRows& d) {
       #pragma GCC unroll 32
       for (int rr = 0; rr < R; ++rr) acc[rr] = Ops::madd(acc[rr], xv, group<Ops, G>(b[rr], j * G * kE, d.k));
     }
-    static_assert(R == 16, "out_tokens gathers 16 rows");
-    if (G == 1) {
-      out_tokens_transposed<R>(acc, tmp, d.tokens, nr, d.c + (r - d.r0), d.ldc);
-    } else {
-      #pragma GCC unroll 32
-      for (int rr = 0; rr < R; ++rr) Bc::add_into(tmp[rr], acc[rr]);
-      Bc::out_tokens<G>(&tmp[0][0], d.tokens, nr, d.c + (r - d.r0), d.ldc);
-    }
+    out_tokens_transposed<R, G>(acc, tmp, d.tokens, nr, d.c + (r - d.r0), d.ldc);
   }
 }
 
@@ -931,16 +909,24 @@ void pack_tokens(DType dt, const void* src, int64_t ld, int64_t tokens, int64_t 
 #endif
   const int64_t e = lane_elems(dt);
   std::memset(dst, 0, size_t(packed_lanes(k, g, e)) * 4);
+  if (dt != DType::kFloat16) {
+    // bf16 and fp32 keep their bytes: a step of a token (G lanes, 4 G bytes)
+    // is one copy; the last one of an odd k (bf16) or of k not a multiple
+    // of G e is shorter (the rest stays zero).
+    const int64_t esize = dt == DType::kBFloat16 ? 2 : 4, step = g * e;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const char* row = static_cast<const char*>(src) + t * ld * esize;
+      for (int64_t i = 0, j = 0; i < k; i += step, ++j)
+        std::memcpy(dst + j * 16 + t * g, row + i * esize, size_t(std::min(step, k - i) * esize));
+    }
+    return;
+  }
+  // fp16: widened element by element (g is 1, 2 or 4: shifts, not divisions).
+  const int gs = g == 1 ? 0 : g == 2 ? 1 : 2;
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t i = 0; i < k; ++i) {
-      const int64_t l = i / e;
-      uint32_t* lane = dst + l / g * 16 + t * g + l % g;
-      if (dt == DType::kBFloat16) {
-        *lane |= uint32_t(static_cast<const uint16_t*>(src)[t * ld + i]) << (16 * (i % 2));
-      } else {
-        const float v = load_f32(dt, src, t * ld + i);
-        std::memcpy(lane, &v, 4);
-      }
+      const float v = load_f32(dt, src, t * ld + i);
+      std::memcpy(dst + (i >> gs) * 16 + t * g + (i & (g - 1)), &v, 4);
     }
   }
 }
