@@ -597,18 +597,30 @@ def cpu_peak(dtype: torch.dtype, threads: int, quick: bool, smoke: bool = False)
     return best / 1e12, torch.ops.pyfastattn.cpu_peak_probe_isa(kind)
 
 
+# The read probe's software prefetch distance for its second reader: on Zen 4
+# the hardware prefetchers alone read 10-15 % less than with prefetches 16 KB
+# ahead (and than torch's buf.sum()), more in the VM's fast memory state
+# (PERF_NOTES.md "Session 13: the read probe").
+READ_PROBE_PREFETCH_BYTES = 16384
+
+
 def cpu_read_bandwidth(threads: int, quick: bool, smoke: bool = False) -> float:
     """GB/s (1e9 B/s) of reading a float32 buffer far larger than the caches
     once, every benchmark thread summing its own slice with vector loads
-    (csrc/cpu/peak_probe.cpp): the roof of a memory-bound kernel, which must
-    at least read its inputs (decode, small-token FFN)."""
+    (csrc/cpu/peak_probe.cpp), with and without software prefetches, the
+    faster of the two: the roof of a memory-bound kernel, which must at least
+    read its inputs (decode, small-token FFN)."""
     import pyfastattn  # noqa: F401
 
     torch.set_num_threads(threads)
     nbytes = (16 << 20) if smoke else (256 << 20) if quick else (1 << 30)
     buf = torch.ones(nbytes // 4)
     read = torch.ops.pyfastattn.cpu_read_probe
-    return _best_rate(lambda: read(buf), nbytes, 2 if smoke else 5 if quick else 9) / 1e9
+    samples = 2 if smoke else 5 if quick else 9
+    rates = [
+        _best_rate(lambda pf=pf: read(buf, pf), nbytes, samples) for pf in (0, READ_PROBE_PREFETCH_BYTES)
+    ]
+    return max(rates) / 1e9
 
 
 def copy_bandwidth(device: str, threads: int, quick: bool, smoke: bool = False) -> float:

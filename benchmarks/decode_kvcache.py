@@ -55,6 +55,7 @@ import csv
 import datetime
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -63,6 +64,10 @@ import torch.nn.functional as F
 import pyfastattn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from bench_common import READ_PROBE_PREFETCH_BYTES as PROBE_PREFETCH_BYTES  # noqa: E402
+
 HQ, HK, D = 32, 8, 128
 
 
@@ -114,13 +119,21 @@ def read_probes(nbytes: int, device: str = "cpu") -> dict:
     from L3), each a callable: ``buf.sum()`` (torch's reduction with torch's
     threads) and, on CPU where the extension has it, the project's own read
     probe ``torch.ops.pyfastattn.cpu_read_probe`` (csrc/cpu/peak_probe.cpp:
-    every thread sums its own slice with four independent vector sums)."""
+    every thread sums its own slice with four independent vector sums), plain
+    and with software prefetches PROBE_PREFETCH_BYTES ahead (on Zen 4 the
+    hardware prefetchers alone read 10-15 % less: PERF_NOTES.md "Session 13:
+    the read probe")."""
     n = max(nbytes // 4, 1024)
     buf = torch.ones(n, dtype=torch.float32, device=device)
     probes = {"buf.sum()": lambda: buf.sum()}
     if device == "cpu" and hasattr(torch.ops.pyfastattn, "cpu_read_probe"):
         buf2 = torch.ones(n, dtype=torch.float32, device=device)
+        buf3 = torch.ones(n, dtype=torch.float32, device=device)
+        pf = PROBE_PREFETCH_BYTES
         probes["cpu_read_probe"] = lambda: torch.ops.pyfastattn.cpu_read_probe(buf2)
+        probes[f"cpu_read_probe, prefetch {pf // 1024} KB"] = lambda: torch.ops.pyfastattn.cpu_read_probe(
+            buf3, pf
+        )
     return probes
 
 

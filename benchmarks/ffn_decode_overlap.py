@@ -57,12 +57,13 @@ def main() -> None:
     f256, f128 = layers(256, 1), layers(128, 1)
     probe = torch.ones(16 << 20)
 
-    def read_gbs():
+    def read_gbs():  # the faster of the probe without and with its prefetches
         v = []
-        for _ in range(5):
-            c = time.perf_counter()
-            torch.ops.pyfastattn.cpu_read_probe(probe)
-            v.append(time.perf_counter() - c)
+        for pf in (0, 16384):
+            for _ in range(5):
+                c = time.perf_counter()
+                torch.ops.pyfastattn.cpu_read_probe(probe, pf)
+                v.append(time.perf_counter() - c)
         return probe.numel() * 4 / min(v) / 1e9
 
     def cpu_ms(x, sets, reps, inner=1):

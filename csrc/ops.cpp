@@ -149,7 +149,8 @@ at::Tensor dropout_mask_cpu(const at::Tensor& dropout_rng, double dropout_p, int
 // The peak probes (cpu/peak_probe.h) on every thread of torch's pool at once;
 // the caller times the call. cpu_peak_probe returns the floating-point
 // operations done by all threads together, cpu_read_probe the sum of the
-// buffer (each thread reads one contiguous slice of it once).
+// buffer (each thread reads one contiguous slice of it once; prefetch_bytes
+// > 0: with software prefetches that far ahead, cpu/peak_probe.h).
 double cpu_peak_probe(c10::string_view kind, int64_t iters) {
   const std::string k(kind);
   TORCH_CHECK_VALUE(cpu::peak_probe_isa(k.c_str()) != nullptr,
@@ -183,18 +184,21 @@ std::string cpu_prefetch_level() {
 #endif
 }
 
-double cpu_read_probe(const at::Tensor& buf) {
+double cpu_read_probe(const at::Tensor& buf, int64_t prefetch_bytes) {
   TORCH_CHECK_VALUE(buf.device().is_cpu() && buf.layout() == at::kStrided && buf.has_storage() &&
                         buf.scalar_type() == at::kFloat && buf.is_contiguous(),
                     "buf must be a contiguous float32 CPU tensor, got ", buf.scalar_type(), " on ",
                     buf.device(), buf.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK_VALUE(prefetch_bytes >= 0 && prefetch_bytes % 64 == 0 && prefetch_bytes <= (1 << 20),
+                    "prefetch_bytes must be a multiple of 64 in [0, 1048576], got ", prefetch_bytes);
+  const size_t pf = static_cast<size_t>(prefetch_bytes / 4);
   const float* p = buf.data_ptr<float>();
   const int64_t n = buf.numel(), threads = at::get_num_threads();
   std::vector<double> sums(threads, 0.0);
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-      sums[t] = cpu::read_probe_run(p + lo, static_cast<size_t>(hi - lo));
+      sums[t] = cpu::read_probe_run(p + lo, static_cast<size_t>(hi - lo), pf);
     }
   });
   double total = 0.0;
@@ -227,7 +231,7 @@ TORCH_LIBRARY(pyfastattn, m) {
   // The machine's limits for the benchmarks (cpu/peak_probe.h); not for models.
   m.def("cpu_peak_probe(str kind, int iters) -> float", &cpu_peak_probe);
   m.def("cpu_peak_probe_isa(str kind) -> str", &cpu_peak_probe_isa);
-  m.def("cpu_read_probe(Tensor buf) -> float", &cpu_read_probe);
+  m.def("cpu_read_probe(Tensor buf, int prefetch_bytes=0) -> float", &cpu_read_probe);
   m.def("cpu_prefetch_level() -> str", &cpu_prefetch_level);
 }
 

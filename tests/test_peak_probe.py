@@ -33,11 +33,14 @@ def test_peak_probe_isa_matches_the_cpu():
     assert bf16 == "vdpbf16ps zmm (AVX512_BF16)" or bf16 == op.cpu_peak_probe_isa("fp32_fma")
 
 
-@pytest.mark.parametrize("n", [0, 1, 63, 64, 1000, 4097])
-def test_read_probe_reads_every_element(n):
+@pytest.mark.parametrize("prefetch_bytes", [0, 64, 16384])
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 1000, 4097, 70001])
+def test_read_probe_reads_every_element(n, prefetch_bytes):
+    """Every element once, with and without the software prefetches (the
+    prefetching loop stops short of the end; the rest is read without)."""
     torch.manual_seed(0)
     buf = torch.randint(-8, 8, (n,)).float()  # small integers: every partial sum is exact
-    assert op.cpu_read_probe(buf) == buf.double().sum().item()
+    assert op.cpu_read_probe(buf, prefetch_bytes) == buf.double().sum().item()
 
 
 def test_probes_refuse_bad_arguments():
@@ -51,3 +54,8 @@ def test_probes_refuse_bad_arguments():
         op.cpu_read_probe(torch.ones(8, dtype=torch.float64))
     with pytest.raises(ValueError, match="not contiguous"):
         op.cpu_read_probe(torch.ones(8, 2)[:, 0])
+    for bad in (-64, 100, 2 << 20):
+        with pytest.raises(
+            ValueError, match=f"prefetch_bytes must be a multiple of 64 in \\[0, 1048576\\], got {bad}"
+        ):
+            op.cpu_read_probe(torch.ones(8), bad)

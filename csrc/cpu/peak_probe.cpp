@@ -80,16 +80,29 @@ PFA_AVX2 float avx2_fma_loop(int64_t iters, float a, float b) {
 
 // The read loop, written once over simd.h's 16-lane vector types: four
 // independent sums of 16 floats, so the loads are never a dependency chain.
+// pf > 0: each 64-byte line is also asked for pf floats ahead with a
+// software prefetch into L2 (prefetcht2), up to the end of the slice.
 template <typename Vec>
-PFA_INLINE float read_sum(const float* p, size_t n) {
+PFA_INLINE float read_sum(const float* p, size_t n, size_t pf) {
   typename Vec::V s0 = Vec::zero(), s1 = s0, s2 = s0, s3 = s0;
   size_t i = 0;
-  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
-    s0 = Vec::add(s0, Vec::load(p + i));
-    s1 = Vec::add(s1, Vec::load(p + i + kLanes));
-    s2 = Vec::add(s2, Vec::load(p + i + 2 * kLanes));
-    s3 = Vec::add(s3, Vec::load(p + i + 3 * kLanes));
+  const auto step = [&](size_t j) {
+    s0 = Vec::add(s0, Vec::load(p + j));
+    s1 = Vec::add(s1, Vec::load(p + j + kLanes));
+    s2 = Vec::add(s2, Vec::load(p + j + 2 * kLanes));
+    s3 = Vec::add(s3, Vec::load(p + j + 3 * kLanes));
+  };
+  if (pf > 0) {
+    for (; i + pf + 4 * kLanes <= n; i += 4 * kLanes) {
+      // kLanes floats = one 64-byte line (16 lanes of 4 bytes)
+      __builtin_prefetch(p + i + pf, 0, 1);
+      __builtin_prefetch(p + i + pf + kLanes, 0, 1);
+      __builtin_prefetch(p + i + pf + 2 * kLanes, 0, 1);
+      __builtin_prefetch(p + i + pf + 3 * kLanes, 0, 1);
+      step(i);
+    }
   }
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) step(i);
   float lanes[kLanes];
   Vec::store(lanes, Vec::add(Vec::add(s0, s1), Vec::add(s2, s3)));
   float t = 0.f;
@@ -99,10 +112,12 @@ PFA_INLINE float read_sum(const float* p, size_t n) {
 }
 
 #if PFA_X86
-PFA_AVX512 __attribute__((flatten)) float avx512_read(const float* p, size_t n) {
-  return read_sum<VecAvx512>(p, n);
+PFA_AVX512 __attribute__((flatten)) float avx512_read(const float* p, size_t n, size_t pf) {
+  return read_sum<VecAvx512>(p, n, pf);
 }
-PFA_AVX2 __attribute__((flatten)) float avx2_read(const float* p, size_t n) { return read_sum<VecAvx2>(p, n); }
+PFA_AVX2 __attribute__((flatten)) float avx2_read(const float* p, size_t n, size_t pf) {
+  return read_sum<VecAvx2>(p, n, pf);
+}
 #endif
 
 }  // namespace
@@ -144,12 +159,12 @@ double peak_probe_run(const char* kind, int64_t iters) {
   return double(iters) * kAcc * lanes * flops_per_lane;
 }
 
-float read_probe_run(const float* p, size_t n) {
+float read_probe_run(const float* p, size_t n, size_t prefetch_floats) {
 #if PFA_X86
-  if (cpu_has_avx512()) return avx512_read(p, n);
-  if (cpu_has_avx2()) return avx2_read(p, n);
+  if (cpu_has_avx512()) return avx512_read(p, n, prefetch_floats);
+  if (cpu_has_avx2()) return avx2_read(p, n, prefetch_floats);
 #endif
-  return read_sum<VecPortable>(p, n);
+  return read_sum<VecPortable>(p, n, prefetch_floats);
 }
 
 }  // namespace cpu
