@@ -844,6 +844,30 @@ float load_f32(DType dt, const void* base, int64_t i) {
   }
 }
 
+// base[i0 + c] = v[c] + add[c] for c < n, rounded once to dt: the dtype's
+// switch hoisted out of the loop, so each case is a plain loop gcc
+// vectorises (the per-element switch of store_f32 cost ~2% of a T8 call in
+// layer 2's epilogue, PERF_NOTES.md "Session 13").
+void store_row_f32(DType dt, void* base, int64_t i0, const float* v, const float* add, int64_t n) {
+  switch (dt) {
+    case DType::kFloat32: {
+      float* o = static_cast<float*>(base) + i0;
+      for (int64_t c = 0; c < n; ++c) o[c] = v[c] + add[c];
+      return;
+    }
+    case DType::kBFloat16: {
+      uint16_t* o = static_cast<uint16_t*>(base) + i0;
+      for (int64_t c = 0; c < n; ++c) o[c] = f32_to_bf16_bits(v[c] + add[c]);
+      return;
+    }
+    case DType::kFloat16:
+    default: {
+      uint16_t* o = static_cast<uint16_t*>(base) + i0;
+      for (int64_t c = 0; c < n; ++c) o[c] = f32_to_f16_bits(v[c] + add[c]);
+    }
+  }
+}
+
 void store_f32(DType dt, void* base, int64_t i, float v) {
   switch (dt) {
     case DType::kFloat32:
@@ -1113,8 +1137,7 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
       } else {
         std::fill(y, y + T * n, 0.0f);
       }
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t c = 0; c < n; ++c) store_f32(dt, p.out, t * O + o0 + c, y[t * n + c] + b2[o0 + c]);
+      for (int64_t t = 0; t < T; ++t) store_row_f32(dt, p.out, t * O + o0, y + t * n, b2 + o0, n);
     }
   });
 }
