@@ -598,8 +598,8 @@ def cpu_peak(dtype: torch.dtype, threads: int, quick: bool, smoke: bool = False)
 
 
 # The read probe's software prefetch distance for its second reader: on Zen 4
-# the hardware prefetchers alone read 10-15 % less than with prefetches 16 KB
-# ahead (and than torch's buf.sum()), more in the VM's fast memory state
+# the hardware prefetchers alone read 5-20 % less than with prefetches 16 KB
+# ahead (and than torch's buf.sum()), the most in the VM's fast memory state
 # (PERF_NOTES.md "Session 13: the read probe").
 READ_PROBE_PREFETCH_BYTES = 16384
 

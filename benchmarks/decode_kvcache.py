@@ -121,7 +121,7 @@ def read_probes(nbytes: int, device: str = "cpu") -> dict:
     probe ``torch.ops.pyfastattn.cpu_read_probe`` (csrc/cpu/peak_probe.cpp:
     every thread sums its own slice with four independent vector sums), plain
     and with software prefetches PROBE_PREFETCH_BYTES ahead (on Zen 4 the
-    hardware prefetchers alone read 10-15 % less: PERF_NOTES.md "Session 13:
+    hardware prefetchers alone read 5-20 % less: PERF_NOTES.md "Session 13:
     the read probe")."""
     n = max(nbytes // 4, 1024)
     buf = torch.ones(n, dtype=torch.float32, device=device)

@@ -23,12 +23,18 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
 
 import pyfastattn
 from pyfastattn import ffn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from bench_common import READ_PROBE_PREFETCH_BYTES  # noqa: E402
 
 D = 1024
 
@@ -59,7 +65,7 @@ def main() -> None:
 
     def read_gbs():  # the faster of the probe without and with its prefetches
         v = []
-        for pf in (0, 16384):
+        for pf in (0, READ_PROBE_PREFETCH_BYTES):
             for _ in range(5):
                 c = time.perf_counter()
                 torch.ops.pyfastattn.cpu_read_probe(probe, pf)

@@ -844,10 +844,9 @@ float load_f32(DType dt, const void* base, int64_t i) {
   }
 }
 
-// base[i0 + c] = v[c] + add[c] for c < n, rounded once to dt: the dtype's
-// switch hoisted out of the loop, so each case is a plain loop gcc
-// vectorises (the per-element switch of store_f32 cost ~2% of a T8 call in
-// layer 2's epilogue, PERF_NOTES.md "Session 13").
+// base[i0 + c] = v[c] + add[c] for c < n, rounded once to dt: one plain
+// loop per dtype (store_f32's switch per element in layer 2's epilogue cost
+// ~2% of a T8 call, PERF_NOTES.md "Session 13").
 void store_row_f32(DType dt, void* base, int64_t i0, const float* v, const float* add, int64_t n) {
   switch (dt) {
     case DType::kFloat32: {

@@ -29,7 +29,7 @@ double peak_probe_run(const char* kind, int64_t iters);
 // sums) and returns their sum, so the loads cannot be optimised away.
 // prefetch_floats > 0: every line is also prefetched into L2 that many
 // floats ahead, in address order (on Zen 4 the hardware prefetchers alone
-// read 25-35 % less than with it: PERF_NOTES.md "Session 13: the read probe").
+// read 5-20 % less than with it: PERF_NOTES.md "Session 13: the read probe").
 float read_probe_run(const float* p, size_t n, size_t prefetch_floats = 0);
 
 }  // namespace cpu
