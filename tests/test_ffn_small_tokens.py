@@ -335,8 +335,8 @@ def test_prefetch_levels_same_bits(tmp_path):
 @pytest.mark.parametrize("tokens", [4, 7, 9, 16])
 def test_row_strided_x_broadcast_pack(tokens, dtype):
     """The broadcast form packs x per token row: bf16 at 9-16 tokens with
-    vector loads (G = 1), bf16 and fp32 otherwise one step (G lanes) per
-    copy, the last one short. Rows further apart than d_model (a column
+    vector loads (G = 1), bf16 at 3-8 and fp32 at 5-16 tokens one step (G
+    lanes) per copy, the last one short (fp32 T4 runs the dot tiles). Rows further apart than d_model (a column
     slice of a wider tensor), an odd d_model (a tail shorter than a step for
     every G; bf16: the last pair's high half zero), and NaN in the columns
     past d_model, which must never be read."""
