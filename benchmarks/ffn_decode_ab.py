@@ -13,7 +13,7 @@ environment variables (one build, two settings:
 build runs from a copy of this tree's pyfastattn/ package (in a temporary
 folder) with that .so in it. A process times gated_feed_forward (no grad,
 backend "kernel") at each dtype and token count, AB_N calls after a warm-up,
-each call taking the next of several weight sets (>= 64 MB in all: read from
+each call taking the next of several weight sets (>= 256 MB in all: read from
 memory, as ffn_decode_bench.py does), and prints the median thread CPU time
 and wall time in ms; the parent prints, per case, the medians over rounds.
 """
@@ -41,7 +41,7 @@ torch.manual_seed(0)
 res = {}
 D, F = int(os.environ.get("AB_D", "1024")), int(os.environ.get("AB_F", "2816"))
 for dt in [getattr(torch, d) for d in os.environ.get("AB_DT", "bfloat16,float32").split(",")]:
-    n = max(2, math.ceil(64e6 / (3 * D * F * dt.itemsize)))
+    n = max(2, math.ceil(256e6 / (3 * D * F * dt.itemsize)))
     sets = [[(torch.randn(F, D) / 32).to(dt), (torch.randn(F, D) / 32).to(dt), (torch.randn(D, F) / 53).to(dt)]
             for _ in range(n)]
     for t in [int(s) for s in os.environ.get("AB_T", "1,4,16").split(",")]:

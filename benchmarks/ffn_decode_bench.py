@@ -15,8 +15,11 @@ bandwidth (torch.ops.pyfastattn.cpu_read_probe: every thread sums its slice of
 a 256 MiB buffer), measured in the same run, before and after the timed
 rounds (median of 7 reads each; the fraction uses the larger of the two). A decode step runs every
 layer's FFN once, so by default each call takes the next of several weight
-sets ("layers") whose total is at least twice the last-level cache: each call
-then reads its weights from memory, as in a model. --hot uses one set (it
+sets ("layers") whose total is at least 8x the last-level cache: each call
+then reads its weights from memory, as in a model (with 2x, 69 MB at D1024
+F2816 bf16, part of a set was still in the victim L3 when its turn came
+back, and T1-T4 read 10-20 % "faster" than from memory: PERF_NOTES.md
+"Session 13: the read probe"). --hot uses one set (it
 stays in the 32 MiB L3 here: what benchmarks/run.py's FFN rows time).
 
 Timing: the providers are called in turn, call by call, for --rounds rounds
@@ -100,9 +103,9 @@ def roof_fraction(wbytes: float, flops: float, bw_gbps: float, peak_tflops: floa
 
 
 def make_layers(d_model, d_ff, gated, dtype, hot):
-    """Weight sets [w1, w3 or None, w2], enough that their total is >= 2x the L3."""
+    """Weight sets [w1, w3 or None, w2], enough that their total is >= 8x the L3."""
     per = (3 if gated else 2) * d_model * d_ff * dtype.itemsize
-    n = 1 if hot else max(2, math.ceil(2 * L3_BYTES / per))
+    n = 1 if hot else max(2, math.ceil(8 * L3_BYTES / per))
     layers = []
     for _ in range(n):
         w1 = (torch.rand(d_ff, d_model) * 2 - 1) * math.sqrt(3 / d_model)

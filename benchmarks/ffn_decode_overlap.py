@@ -3,7 +3,7 @@ reads? (csrc/cpu/ffn_small_tokens.cpp, PERF_NOTES.md "CPU feed-forward at
 decode sizes"). One thread, the thread's CPU time, gated D1024, per token
 count T:
 
-  streamed   F2816 with the weights rotated over sets >= 2x the L3 (read
+  streamed   F2816 with the weights rotated over sets >= 8x the L3 (read
              from memory on every call, as ffn_decode_bench.py does)
   L3-hot     one F2816 set, called again and again (17.3 MB bf16: in L3)
   compute    the arithmetic alone: the time of F256 minus that of F128 (both
@@ -59,7 +59,7 @@ def main() -> None:
             for _ in range(n)
         ]
 
-    big = layers(2816, max(2, math.ceil(80e6 / (3 * D * 2816 * dt.itemsize))))
+    big = layers(2816, max(2, math.ceil(256e6 / (3 * D * 2816 * dt.itemsize))))
     f256, f128 = layers(256, 1), layers(128, 1)
     probe = torch.ones(16 << 20)
 
