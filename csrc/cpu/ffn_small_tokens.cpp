@@ -844,40 +844,24 @@ float load_f32(DType dt, const void* base, int64_t i) {
   }
 }
 
-// base[i0 + c] = v[c] + add[c] for c < n, rounded once to dt: one plain
-// loop per dtype (store_f32's switch per element in layer 2's epilogue cost
-// ~2% of a T8 call, PERF_NOTES.md "Session 13").
-void store_row_f32(DType dt, void* base, int64_t i0, const float* v, const float* add, int64_t n) {
+// base[i0 + c] = v[c] for c < n, rounded once to dt: one plain loop per
+// dtype (a switch per element in layer 2's epilogue cost ~2% of a T8 call,
+// PERF_NOTES.md "Session 13").
+void store_row_f32(DType dt, void* base, int64_t i0, const float* v, int64_t n) {
   switch (dt) {
-    case DType::kFloat32: {
-      float* o = static_cast<float*>(base) + i0;
-      for (int64_t c = 0; c < n; ++c) o[c] = v[c] + add[c];
+    case DType::kFloat32:
+      std::memcpy(static_cast<float*>(base) + i0, v, size_t(n) * 4);
       return;
-    }
     case DType::kBFloat16: {
       uint16_t* o = static_cast<uint16_t*>(base) + i0;
-      for (int64_t c = 0; c < n; ++c) o[c] = f32_to_bf16_bits(v[c] + add[c]);
+      for (int64_t c = 0; c < n; ++c) o[c] = f32_to_bf16_bits(v[c]);
       return;
     }
     case DType::kFloat16:
     default: {
       uint16_t* o = static_cast<uint16_t*>(base) + i0;
-      for (int64_t c = 0; c < n; ++c) o[c] = f32_to_f16_bits(v[c] + add[c]);
+      for (int64_t c = 0; c < n; ++c) o[c] = f32_to_f16_bits(v[c]);
     }
-  }
-}
-
-void store_f32(DType dt, void* base, int64_t i, float v) {
-  switch (dt) {
-    case DType::kFloat32:
-      static_cast<float*>(base)[i] = v;
-      return;
-    case DType::kBFloat16:
-      static_cast<uint16_t*>(base)[i] = f32_to_bf16_bits(v);
-      return;
-    case DType::kFloat16:
-    default:
-      static_cast<uint16_t*>(base)[i] = f32_to_f16_bits(v);
   }
 }
 
@@ -1028,10 +1012,8 @@ void save_pre_activations(const FfnSmallTokensParams& p, const float* g, const f
                           int64_t n) {
   const int64_t T = p.tokens, F = p.d_ff;
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t c = 0; c < n; ++c) {
-      store_f32(p.dtype, p.act_in, t * F + f0 + c, g[t * n + c]);
-      if (p.gated) store_f32(p.dtype, p.act_in, T * F + t * F + f0 + c, u[t * n + c]);
-    }
+    store_row_f32(p.dtype, p.act_in, t * F + f0, g + t * n, n);
+    if (p.gated) store_row_f32(p.dtype, p.act_in, T * F + t * F + f0, u + t * n, n);
   }
 }
 
@@ -1136,7 +1118,10 @@ void ffn_fwd_small_tokens(const FfnSmallTokensParams& p) {
       } else {
         std::fill(y, y + T * n, 0.0f);
       }
-      for (int64_t t = 0; t < T; ++t) store_row_f32(dt, p.out, t * O + o0, y + t * n, b2 + o0, n);
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t c = 0; c < n; ++c) y[t * n + c] += b2[o0 + c];
+        store_row_f32(dt, p.out, t * O + o0, y + t * n, n);
+      }
     }
   });
 }
