@@ -604,6 +604,23 @@ def cpu_peak(dtype: torch.dtype, threads: int, quick: bool, smoke: bool = False)
 READ_PROBE_PREFETCH_BYTES = 16384
 
 
+def read_probe_times(buf: torch.Tensor, reps: int) -> dict[int, list[float]]:
+    """Wall seconds of ``reps`` calls of the read probe over ``buf`` with
+    torch's threads, without and with READ_PROBE_PREFETCH_BYTES of software
+    prefetch: {prefetch_bytes: [seconds, ...]}; the caller picks its
+    statistic (a median under load, the best when idle)."""
+    import pyfastattn  # noqa: F401
+
+    out = {}
+    for pf in (0, READ_PROBE_PREFETCH_BYTES):
+        out[pf] = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.ops.pyfastattn.cpu_read_probe(buf, pf)
+            out[pf].append(time.perf_counter() - t)
+    return out
+
+
 def cpu_read_bandwidth(threads: int, quick: bool, smoke: bool = False) -> float:
     """GB/s (1e9 B/s) of reading a float32 buffer far larger than the caches
     once, every benchmark thread summing its own slice with vector loads

@@ -83,15 +83,8 @@ def read_bandwidth(threads: int) -> float:
     (bench_common.READ_PROBE_PREFETCH_BYTES): the faster of the two."""
     torch.set_num_threads(threads)
     buf = torch.ones(64 << 20)
-    best = 0.0
-    for pf in (0, bench_common.READ_PROBE_PREFETCH_BYTES):
-        times = []
-        for _ in range(7):
-            t = time.perf_counter()
-            torch.ops.pyfastattn.cpu_read_probe(buf, pf)
-            times.append(time.perf_counter() - t)
-        best = max(best, buf.numel() * 4 / statistics.median(times) / 1e9)
-    return best
+    times = bench_common.read_probe_times(buf, 7).values()
+    return max(buf.numel() * 4 / statistics.median(ts) for ts in times) / 1e9
 
 
 def roof_fraction(wbytes: float, flops: float, bw_gbps: float, peak_tflops: float) -> float:

@@ -34,7 +34,7 @@ from pyfastattn import ffn
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from bench_common import READ_PROBE_PREFETCH_BYTES  # noqa: E402
+from bench_common import read_probe_times  # noqa: E402
 
 D = 1024
 
@@ -64,13 +64,7 @@ def main() -> None:
     probe = torch.ones(16 << 20)
 
     def read_gbs():  # the faster of the probe without and with its prefetches
-        v = []
-        for pf in (0, READ_PROBE_PREFETCH_BYTES):
-            for _ in range(5):
-                c = time.perf_counter()
-                torch.ops.pyfastattn.cpu_read_probe(probe, pf)
-                v.append(time.perf_counter() - c)
-        return probe.numel() * 4 / min(v) / 1e9
+        return probe.numel() * 4 / min(min(ts) for ts in read_probe_times(probe, 5).values()) / 1e9
 
     def cpu_ms(x, sets, reps, inner=1):
         v = []
