@@ -645,7 +645,8 @@ def main(argv=None) -> int:
             f"peak (csrc/cpu/peak_probe.cpp: independent multiply-adds in registers on every thread, {probes}): "
             + "; ".join(lines),
             f"read bandwidth (every thread sums its slice of a {'16 MiB' if smoke else '256 MiB' if quick else '1 GiB'} "
-            f"buffer once, the best of the samples, this run): {copy_gbps:.1f} GB/s",
+            f"buffer once, with and without software prefetches {bc.READ_PROBE_PREFETCH_BYTES // 1024} KB ahead, the best of the samples, this run): "
+            f"{copy_gbps:.1f} GB/s",
         )
 
     for dt in dtypes:
