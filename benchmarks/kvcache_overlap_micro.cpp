@@ -387,7 +387,8 @@ extern "C" double kv_micro_step(const void* K, const void* V, long keys, const c
   v.rowpf = kT0;
   v.far = 1;
   const std::string s = id;
-  if (s == "a-mask") v.masked = true;
+  if (s == "a-mask" || s == "a-t2-mask") v.masked = true;
+  if (s == "a-t2" || s == "a-t2-mask") v.rowpf = kT2;  // the row prefetches into L2 (v18, Zen 4)
   if (s == "b-head") v.rowpf = kNone, v.far = 0;
   if (s == "b-head-mask") v.rowpf = kNone, v.far = 0, v.masked = true;
   const double c0 = tnow(CLOCK_THREAD_CPUTIME_ID);
