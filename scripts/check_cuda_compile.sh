@@ -102,14 +102,15 @@ if [ -n "$CUOBJDUMP" ]; then
     done
     if grep -qE "\b(LDL|STL)\b" <<< "$sass"; then echo "FAIL $(basename "$o"): local memory (LDL/STL) in SASS"; fail=1; fi
   done
-  # KV cache: the split kernel's cp.async tile loads (LDGSTS), the append's
-  # 16-byte copies (LDG.E.128 / STG.E.128), no local memory.
+  # KV cache: the split kernels' cp.async tile loads (LDGSTS), the append's
+  # 16-byte copies (LDG.E.128 / STG.E.128), the tensor-core split kernel's
+  # MMAs and ldmatrix (HMMA, LDSM: only it has them), no local memory.
   for o in "$LOGDIR"/kvcache_fwd_bf16.o "$LOGDIR"/kvcache_fwd_fp16.o; do
     [ -e "$o" ] || continue
     if ! sass="$("$CUOBJDUMP" --dump-sass "$o" 2>&1)"; then
       echo "FAIL cuobjdump on $(basename "$o"): $sass" | head -3; fail=1; continue
     fi
-    for ins in LDGSTS LDG.E.128 STG.E.128; do
+    for ins in LDGSTS LDG.E.128 STG.E.128 HMMA LDSM; do
       if ! grep -q "$ins" <<< "$sass"; then echo "FAIL $(basename "$o"): no $ins in SASS"; fail=1; fi
     done
     if grep -qE "\b(LDL|STL)\b" <<< "$sass"; then echo "FAIL $(basename "$o"): local memory (LDL/STL) in SASS"; fail=1; fi

@@ -26,9 +26,10 @@
 #              the kernel was correct and faster than the best torch backend
 # Optional steps, run only when named: ffn-dispatch (times both CUDA FFN paths and
 # writes the dispatch table), kvcache (tests/test_gpu_kvcache.py alone -- the
-# KV-cache kernels, which `tests` also runs -- then scripts/gpu_kvcache_bench.py:
-# the issue-18 decode step, contiguous and paged, beside SDPA and the measured
-# read bandwidth, into kvcache_bench.csv), nn (the drop-in module tests on CUDA), fuzz (the
+# KV-cache kernels with both split kernels, which `tests` also runs -- then
+# scripts/gpu_kvcache_bench.py: the issue-18 decode step, contiguous and paged,
+# the CUDA-core and the tensor-core split kernel at 4 split counts each, beside
+# SDPA and the measured read bandwidth, into kvcache_bench.csv), nn (the drop-in module tests on CUDA), fuzz (the
 # property tests on CUDA). A rerun after a fix names only the steps it needs;
 # `build` is incremental (ninja).
 #
@@ -235,7 +236,7 @@ run_step ffn-dispatch ffn_dispatch.log \
   "$PY" benchmarks/ffn_bench.py --device cuda --dtype bfloat16 --tokens 16,512,8192 --dmodel 1024,4096 \
   --write-dispatch "$OUT/ffn_cuda_dispatch.py"
 run_step kvcache tests_kvcache_cuda.log bash -c '"$PY" -m pytest -q tests/test_gpu_kvcache.py -p no:cacheprovider -rfE $PER_TEST_ARGS &&
-  "$PY" scripts/gpu_kvcache_bench.py --splits 0,64,128 --out "$OUT_DIR/kvcache_bench.csv"'
+  "$PY" scripts/gpu_kvcache_bench.py --kernels simt,mma --splits 0,32,64,128 --out "$OUT_DIR/kvcache_bench.csv"'
 run_step nn tests_nn_cuda.log env PYFASTATTN_TEST_DEVICE=cuda \
   "$PY" -m pytest -q tests/test_nn.py -p no:cacheprovider -rfE
 run_step fuzz tests_fuzz_cuda.log env PYFASTATTN_BACKEND=kernel PYFASTATTN_FUZZ_DEVICE=cuda \

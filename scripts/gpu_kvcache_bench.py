@@ -5,9 +5,13 @@ SDPA on views of the same cache, and the device's read bandwidth measured in
 the same run by summing a buffer of the cache's size. One line per layout and
 num_splits (--splits):
 median us (p20-p80), GB/s of cache read, the fraction of the measured read
-bandwidth, SDPA's median and the speedup over it.
+bandwidth, SDPA's median and the speedup over it, and the device time of the
+KV-cache kernels alone (torch.profiler; the op's host work excluded). --kernels times each
+split-KV kernel (PYFASTATTN_KVCACHE_CUDA_KERNEL: simt, the default, and mma,
+the tensor-core one) on the same caches.
 
-    python scripts/gpu_kvcache_bench.py [--batch 1] [--context 32768] [--reps 50] [--splits 0,64,128] [--out FILE.csv]
+    python scripts/gpu_kvcache_bench.py [--batch 1] [--context 32768] [--reps 50] [--splits 0,64,128]
+        [--kernels simt,mma] [--out FILE.csv]
     python scripts/gpu_kvcache_bench.py --check-args
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 
 import torch
@@ -39,6 +44,27 @@ def timed(fn, reps: int) -> tuple[float, float, float]:
     return times[len(times) // 5], statistics.median(times), times[(4 * len(times)) // 5]
 
 
+def kernel_us(fn, reps: int) -> float | None:
+    """Device time per call of the KV-cache kernels fn launches (append, split,
+    combine), from torch.profiler's CUDA activity: the step without the op's
+    host work (the metadata's device-to-host copy for the bounds checks, the
+    workspace, the launches), which the event timing of `timed` includes.
+    None when the profiler records no such kernel (no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    total = 0.0
+    for e in prof.key_averages():
+        if "kvcache_" in e.key and "_kernel" in e.key:  # kvcache_{append,split,split_mma,combine}_kernel
+            total += getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+    return total / reps if total > 0 else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1)
@@ -52,12 +78,19 @@ def main() -> None:
         help="comma list of num_splits to time for each layout (0: the kernel's own choice); e.g. 0,16,64,128 "
         "times the split count that the first H200 run suggested was too low (21%% of the read bandwidth)",
     )  # fmt: skip
+    ap.add_argument(
+        "--kernels", default="simt",
+        help="comma list of split-KV kernels to time (PYFASTATTN_KVCACHE_CUDA_KERNEL): simt, mma",
+    )  # fmt: skip
     ap.add_argument("--out", default=None, help="also write the rows as CSV")
     ap.add_argument("--check-args", action="store_true", help="parse the arguments and exit")
     args = ap.parse_args()
     splits = [int(x) for x in args.splits.split(",") if x.strip()]
     if not splits or min(splits) < 0:
         ap.error(f"--splits must be a comma list of ints >= 0, got {args.splits!r}")
+    kernels = [x.strip() for x in args.kernels.split(",") if x.strip()]
+    if not kernels or any(x not in ("simt", "mma") for x in kernels):
+        ap.error(f"--kernels must be a comma list of simt / mma, got {args.kernels!r}")
     if args.check_args:
         print(f"gpu_kvcache_bench: {args}")
         return
@@ -85,15 +118,21 @@ def main() -> None:
             table = torch.randperm(b * nblk, device=dev).to(torch.int32).view(b, nblk)
         vc = torch.randn_like(kc)
 
-        for ns in splits:
+        for kernel, ns in [(kn, ns) for kn in kernels for ns in splits]:
 
             def step(kc=kc, vc=vc, table=table, ns=ns):
                 pyfastattn.attention_with_kvcache(
                     q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table, causal=True, num_splits=ns
                 )
 
+            os.environ["PYFASTATTN_KVCACHE_CUDA_KERNEL"] = kernel  # read by the op on every call
             with pyfastattn.backend("kernel"):
                 p20, med, p80 = timed(step, args.reps)
+                try:
+                    kus = kernel_us(step, args.reps)
+                except Exception as e:  # the profiler is a diagnostic: its failure must not end the run
+                    print(f"# kernel time not measured: {type(e).__name__}: {e}")
+                    kus = None
             if sdpa_us is None:  # SDPA on views of the same cache (it reads them strided)
                 qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
                 _, sdpa_us, _ = timed(
@@ -102,14 +141,20 @@ def main() -> None:
                 )
             gbs = cache_bytes / med / 1e3
             row = dict(
-                layout=layout, num_splits=ns, batch=b, context=ctx, us_p20=round(p20, 1), us=round(med, 1),
+                layout=layout, kernel=kernel, num_splits=ns, batch=b, context=ctx, us_p20=round(p20, 1), us=round(med, 1),
                 us_p80=round(p80, 1), gb_s=round(gbs), of_read_bw=round(gbs / peak, 3), sdpa_us=round(sdpa_us, 1),
-                speedup_vs_sdpa=round(sdpa_us / med, 2),
+                speedup_vs_sdpa=round(sdpa_us / med, 2), kernel_us=None if kus is None else round(kus, 1),
+                kernel_of_read_bw=None if kus is None else round(cache_bytes / kus / 1e3 / peak, 3),
             )  # fmt: skip
             rows.append(row)
             print(
-                f"{layout:10s} splits {ns:3d} {med:8.1f} us ({p20:.1f}-{p80:.1f})  {gbs:6.0f} GB/s"
+                f"{layout:10s} {kernel:4s} splits {ns:3d} {med:8.1f} us ({p20:.1f}-{p80:.1f})  {gbs:6.0f} GB/s"
                 f"  {gbs / peak:5.1%} of read bw  sdpa {sdpa_us:.1f} us  {sdpa_us / med:.2f}x"
+                + (
+                    ""
+                    if kus is None
+                    else f"  kernels alone {kus:.1f} us ({cache_bytes / kus / 1e3 / peak:.1%})"
+                )
             )
     if args.out:
         with open(args.out, "w", newline="") as f:

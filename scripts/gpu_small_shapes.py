@@ -15,6 +15,7 @@ the backend forced to the kernels.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -68,10 +69,17 @@ def attention_shapes(dt: torch.dtype) -> None:
 
 def kvcache_shapes(dt: torch.dtype) -> None:
     """Paged (blocks 16 and 64, shuffled tables) and contiguous caches with
-    append, rotary, leftpad and forced splits: memcheck sees every cache read
-    through the block table."""
+    append, rotary, leftpad and forced splits, through both split-KV kernels
+    (PYFASTATTN_KVCACHE_CUDA_KERNEL simt and mma): memcheck sees every cache
+    read through the block table, racecheck the mma kernel's per-warp rings."""
     b, hq, hk, d = 2, 8, 2, 128
-    for block, splits in ((16, 3), (64, 0), (None, 1)):
+    cases = [
+        (kernel, block, splits)
+        for kernel in ("simt", "mma")
+        for block, splits in ((16, 3), (64, 0), (None, 1))
+    ]
+    for kernel, block, splits in cases:
+        os.environ["PYFASTATTN_KVCACHE_CUDA_KERNEL"] = kernel  # read by the op on every call
         seqlens = torch.tensor([70, 5], dtype=torch.int32, device="cuda")
         if block is None:
             kc = torch.randn(b, 90, hk, d, device="cuda", dtype=dt)

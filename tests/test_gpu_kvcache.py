@@ -3,7 +3,8 @@ attention over contiguous and paged caches, and the LSE combine, against the
 float64 reference of tests/test_kvcache.py under the tolerance rule, and
 against the CPU op on the same inputs; NaN-poisoned allocations; ALiBi;
 bad metadata refused before any launch; the backend rule (an unverified GPU
-keeps the PyTorch path under "auto")."""
+keeps the PyTorch path under "auto"). Every test runs with both split-KV
+kernels (PYFASTATTN_KVCACHE_CUDA_KERNEL=simt, the default, and mma)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ pytestmark = [
 ]
 
 DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["simt", "mma"], autouse=True)
+def split_kernel(request, monkeypatch):
+    """Every test runs with each split-KV kernel (PYFASTATTN_KVCACHE_CUDA_KERNEL,
+    read on every call): the CUDA-core one (the default) and the tensor-core one."""
+    monkeypatch.setenv("PYFASTATTN_KVCACHE_CUDA_KERNEL", request.param)
+    return request.param
 
 
 def to_cuda(q, kc, vc, k, v, args):
@@ -191,3 +200,33 @@ def test_cuda_kvcache_backend_rule():
     with pyfastattn.backend("kernel"):
         want = pyfastattn.attention_with_kvcache(gq, gkc.clone(), gvc.clone(), gk, gv, **gargs)
     torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+
+
+def test_cuda_kvcache_kernel_switch_refuses_unknown_values(monkeypatch):
+    q, kc, vc, k, v, args = make_case(b=1, hq=2, hk=1, d=64, cap=40, dtype=torch.bfloat16)
+    gq, gkc, gvc, gk, gv, gargs = to_cuda(q, kc, vc, k, v, args)
+    monkeypatch.setenv("PYFASTATTN_KVCACHE_CUDA_KERNEL", "tensorcore")
+    with pytest.raises(ValueError, match="PYFASTATTN_KVCACHE_CUDA_KERNEL must be 'simt' \\(the default\\) or 'mma', "
+                       "got 'tensorcore'"):  # fmt: skip
+        with pyfastattn.backend("kernel"):
+            pyfastattn.attention_with_kvcache(gq, gkc, gvc, gk, gv, **gargs)
+
+
+def test_cuda_kvcache_kernels_agree_at_decode(monkeypatch):
+    """Both split kernels on the issue's decode shape at 9k keys, paged and not,
+    several splits each: the same result up to rounding."""
+    q, kc, vc, k, v, args = make_case(b=2, hq=32, hk=8, d=128, cap=9000, block=None, dtype=torch.bfloat16,
+                                      full=True)  # fmt: skip
+    gq, gkc, gvc, gk, gv, gargs = to_cuda(q, kc, vc, k, v, args)
+    outs = {}
+    for kernel in ("simt", "mma"):
+        monkeypatch.setenv("PYFASTATTN_KVCACHE_CUDA_KERNEL", kernel)
+        for splits in (0, 1, 7):
+            with pyfastattn.backend("kernel"):
+                outs[kernel, splits] = pyfastattn.attention_with_kvcache(
+                    gq, gkc.clone(), gvc.clone(), gk, gv, **gargs, causal=True, num_splits=splits, return_lse=True
+                )  # fmt: skip
+    o0, l0 = outs["simt", 1]
+    for key, (o, lse) in outs.items():
+        torch.testing.assert_close(o, o0, atol=2e-2, rtol=2e-2, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(lse, l0, atol=2e-3, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")

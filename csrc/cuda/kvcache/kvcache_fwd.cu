@@ -29,7 +29,8 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 }  // namespace
 
-const char* kvcache_fwd_unsupported_reason(const AttentionFwdParams& p, const KvAppendParams* a) {
+const char* kvcache_fwd_unsupported_reason(const AttentionFwdParams& p, const KvAppendParams* a,
+                                           KvCacheKernel kernel) {
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
     return "the CUDA KV-cache kernel supports float16 and bfloat16 only";
   if (p.head_dim != p.head_dim_v) return "the CUDA KV-cache kernel needs head_dim_v == head_dim";
@@ -55,7 +56,7 @@ const char* kvcache_fwd_unsupported_reason(const AttentionFwdParams& p, const Kv
       return "the CUDA KV-cache kernel needs q 16-byte aligned with strides that are multiples of 8 elements";
   }
   cudaFuncAttributes attr;
-  const cudaError_t image = with_variant(p, [&](auto variant) { return decltype(variant)::attributes(&attr); });
+  const cudaError_t image = with_variant(p, [&](auto variant) { return decltype(variant)::attributes(kernel, &attr); });
   if (image != cudaSuccess) {
     (void)cudaGetLastError();
     return "the CUDA KV-cache kernel has no kernel image for this GPU in this build";
@@ -63,7 +64,7 @@ const char* kvcache_fwd_unsupported_reason(const AttentionFwdParams& p, const Kv
   return nullptr;
 }
 
-int kvcache_fwd_num_splits(const AttentionFwdParams& p, int max_len_k) {
+int kvcache_fwd_num_splits(const AttentionFwdParams& p, int max_len_k, KvCacheKernel kernel) {
   if (p.num_splits > 0) return std::min(p.num_splits, kKvCacheMaxSplits);
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -71,7 +72,7 @@ int kvcache_fwd_num_splits(const AttentionFwdParams& p, int max_len_k) {
     (void)cudaGetLastError();
     sms = 108;  // an A100's count: the split count changes speed, never results
   }
-  const int rows = with_variant(p, [](auto variant) { return decltype(variant)::rows_per_cta(); });
+  const int rows = with_variant(p, [&](auto variant) { return decltype(variant)::rows_per_cta(kernel); });
   const int64_t ctas = int64_t(p.batch) * p.num_heads_k *
                        ((int64_t(p.seqlen_q) * (p.num_heads / p.num_heads_k) + rows - 1) / rows);
   if (ctas == 0) return 1;
@@ -82,7 +83,7 @@ int kvcache_fwd_num_splits(const AttentionFwdParams& p, int max_len_k) {
 }
 
 cudaError_t kvcache_fwd(const AttentionFwdParams& p, const KvAppendParams* a, const KvSplitOut& w,
-                        cudaStream_t stream) {
+                        KvCacheKernel kernel, cudaStream_t stream) {
   // The caller has checked kvcache_fwd_unsupported_reason; these would
   // otherwise run a wrong variant silently.
   if ((p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) || p.head_dim <= 0 || p.head_dim > 256 ||
@@ -94,7 +95,7 @@ cudaError_t kvcache_fwd(const AttentionFwdParams& p, const KvAppendParams* a, co
       const cudaError_t err = V::append(p, *a, stream);
       if (err != cudaSuccess) return err;
     }
-    return V::attend(p, w, stream);
+    return V::attend(p, w, kernel, stream);
   });
 }
 

@@ -3,15 +3,17 @@
 #pragma once
 
 #include "kvcache_fwd.h"
+#include "../smem_optin.h"
 #include "kvcache_fwd_kernel.cuh"
+#include "kvcache_fwd_mma_kernel.cuh"
 
 namespace pyfastattn {
 namespace cuda {
 namespace kvcache {
 
 template <typename Element, int kHeadDim>
-int KvCacheVariant<Element, kHeadDim>::rows_per_cta() {
-  return KvCacheTraits<Element, kHeadDim>::kRows;
+int KvCacheVariant<Element, kHeadDim>::rows_per_cta(KvCacheKernel kernel) {
+  return kernel == KvCacheKernel::kMma ? KvMmaTraits<Element, kHeadDim>::kRows : KvCacheTraits<Element, kHeadDim>::kRows;
 }
 
 template <typename Element, int kHeadDim>
@@ -29,14 +31,26 @@ cudaError_t KvCacheVariant<Element, kHeadDim>::append(const AttentionFwdParams& 
 
 template <typename Element, int kHeadDim>
 cudaError_t KvCacheVariant<Element, kHeadDim>::attend(const AttentionFwdParams& p, const KvSplitOut& w,
-                                                      cudaStream_t stream) {
-  using Traits = KvCacheTraits<Element, kHeadDim>;
-  const KvCacheGrid g = kvcache_grid(p, Traits::kRows, w.num_splits);
-  if (g.x == 0 || g.y == 0) return cudaSuccess;  // no query rows: nothing to do
-  if (!g.fits()) return cudaErrorInvalidConfiguration;
-  kvcache_split_kernel<Traits>
-      <<<dim3(unsigned(g.x), unsigned(g.y), unsigned(g.z)), Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, w);
-  cudaError_t err = cudaGetLastError();
+                                                      KvCacheKernel kernel, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  if (kernel == KvCacheKernel::kMma) {
+    using Traits = KvMmaTraits<Element, kHeadDim>;
+    const KvCacheGrid g = kvcache_grid(p, Traits::kRows, w.num_splits);
+    if (g.x == 0 || g.y == 0) return cudaSuccess;  // no query rows: nothing to do
+    if (!g.fits()) return cudaErrorInvalidConfiguration;
+    auto* fn = kvcache_split_mma_kernel<Traits>;
+    err = ensure_dynamic_smem<Traits>(fn, Traits::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    fn<<<dim3(unsigned(g.x), unsigned(g.y), unsigned(g.z)), Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, w);
+  } else {
+    using Traits = KvCacheTraits<Element, kHeadDim>;
+    const KvCacheGrid g = kvcache_grid(p, Traits::kRows, w.num_splits);
+    if (g.x == 0 || g.y == 0) return cudaSuccess;  // no query rows: nothing to do
+    if (!g.fits()) return cudaErrorInvalidConfiguration;
+    kvcache_split_kernel<Traits>
+        <<<dim3(unsigned(g.x), unsigned(g.y), unsigned(g.z)), Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, w);
+  }
+  err = cudaGetLastError();
   if (err != cudaSuccess || w.num_splits == 1) return err;
   const int64_t rows = int64_t(p.batch) * p.seqlen_q * p.num_heads;
   const int64_t blocks = (rows + 3) / 4;
@@ -46,7 +60,9 @@ cudaError_t KvCacheVariant<Element, kHeadDim>::attend(const AttentionFwdParams& 
 }
 
 template <typename Element, int kHeadDim>
-cudaError_t KvCacheVariant<Element, kHeadDim>::attributes(cudaFuncAttributes* attr) {
+cudaError_t KvCacheVariant<Element, kHeadDim>::attributes(KvCacheKernel kernel, cudaFuncAttributes* attr) {
+  if (kernel == KvCacheKernel::kMma)
+    return cudaFuncGetAttributes(attr, kvcache_split_mma_kernel<KvMmaTraits<Element, kHeadDim>>);
   return cudaFuncGetAttributes(attr, kvcache_split_kernel<KvCacheTraits<Element, kHeadDim>>);
 }
 

@@ -23,6 +23,7 @@
 // checks both, and that the append changed nothing but the new rows.
 #include "../kvcache_fwd.h"  // first: cuda_runtime.h before the emulation macros
 #include "../kvcache_fwd_kernel.cuh"
+#include "../kvcache_fwd_mma_kernel.cuh"
 
 #include <algorithm>
 #include <cinttypes>
@@ -63,6 +64,7 @@ struct KvCase {
   float scale = 0.125f, softcap = 0.f;
   int alibi = 0;  // 0 none, 1 per head, 2 per (sequence, head)
   int splits = 1;
+  bool mma = false;  // kvcache_split_mma_kernel instead of kvcache_split_kernel
 
   int hq() const { return hk * group; }
   std::string describe() const {
@@ -76,7 +78,7 @@ struct KvCase {
       for (int x : lp) s << x << ",";
     s << (leftpad ? "]" : "") << " rotary=" << rotary << "/" << rotary_dim << (rotary_fp32 ? "f32" : "16")
       << " win=(" << wl << "," << wr << ") scale=" << scale << " softcap=" << softcap << " alibi=" << alibi
-      << " splits=" << splits;
+      << " splits=" << splits << (mma ? " kernel=mma" : " kernel=simt");
     return s.str();
   }
 };
@@ -98,7 +100,7 @@ KvCase random_case(std::mt19937& rng) {
   c.sq = pick({1, 1, 1, 2, 3, 5});
   c.s_new = pick({0, 1, 1, 3});
   const int keys_cap = c.d > 128 ? 90 : 200;  // emulation time grows with d
-  c.page = pick({0, 0, 16, 64, 256});
+  c.page = pick({0, 0, 16, 64, 256, 3, 5});  // 3, 5: blocks smaller than a tile of keys
   if (c.page > 0) {
     c.max_blocks = std::max(1, (keys_cap + c.page - 1) / c.page + uni(0, 1));
     c.cache_len = c.max_blocks * c.page;
@@ -160,7 +162,6 @@ struct Result {
 
 template <typename Element, int kHeadDim>
 Result run_case(const KvCase& c, std::mt19937& rng) {
-  using Traits = kv::KvCacheTraits<Element, kHeadDim>;
   const bool bf16 = c.bf16;
   const int hq = c.hq(), d = c.d, da = c.d + c.d_pad;
   std::normal_distribution<float> normal(0.f, 1.f);
@@ -294,9 +295,17 @@ Result run_case(const KvCase& c, std::mt19937& rng) {
       emu::launch(dim3(unsigned((items + 127) / 128)), 128, 0, [&] { kv::kvcache_append_kernel<Element>(p, a); });
   }
   const KvSplitOut w{o_acc.data(), lse_acc.data(), c.splits};
-  const kv::KvCacheGrid g = kv::kvcache_grid(p, Traits::kRows, c.splits);
-  emu::launch(dim3(unsigned(g.x), unsigned(g.y), unsigned(g.z)), Traits::kNThreads, Traits::kSmemBytes,
-              [&] { kv::kvcache_split_kernel<Traits>(p, w); });
+  if (c.mma) {
+    using Traits = kv::KvMmaTraits<Element, kHeadDim>;
+    const kv::KvCacheGrid g = kv::kvcache_grid(p, Traits::kRows, c.splits);
+    emu::launch(dim3(unsigned(g.x), unsigned(g.y), unsigned(g.z)), Traits::kNThreads, Traits::kSmemBytes,
+                [&] { kv::kvcache_split_mma_kernel<Traits>(p, w); });
+  } else {
+    using Traits = kv::KvCacheTraits<Element, kHeadDim>;
+    const kv::KvCacheGrid g = kv::kvcache_grid(p, Traits::kRows, c.splits);
+    emu::launch(dim3(unsigned(g.x), unsigned(g.y), unsigned(g.z)), Traits::kNThreads, Traits::kSmemBytes,
+                [&] { kv::kvcache_split_kernel<Traits>(p, w); });
+  }
   if (c.splits > 1)
     emu::launch(dim3(unsigned((rows + 3) / 4)), 128, 0, [&] { kv::kvcache_combine_kernel<Element>(p, w); });
 
@@ -491,6 +500,12 @@ int main(int argc, char** argv) {
   std::mt19937 rng(seed);
   std::vector<KvCase> all = fixed_cases();
   for (int i = 0; i < cases; ++i) all.push_back(random_case(rng));
+  // Every case through both split kernels (the data is drawn again per run).
+  const size_t n_simt = all.size();
+  for (size_t n = 0; n < n_simt; ++n) {
+    all.push_back(all[n]);
+    all.back().mma = true;
+  }
   int failed = 0;
   double worst_fp16 = 0, worst_bf16 = 0, worst_lse = 0;
   for (size_t n = 0; n < all.size(); ++n) {
