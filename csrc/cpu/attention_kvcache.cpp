@@ -422,8 +422,9 @@ PFA_AVX512_BF16 PFA_INLINE __m512i load_bf16x32(const c10::BFloat16* x, int v, c
 }
 
 // Scores of G rows (q rows qp[x]) against keys kp[j] + koff, j < n, into
-// sc[x * kTileKeys + j]: bf16 dot products, q in registers per 16 keys, the
-// 16 sums of a row formed by one transpose-and-add tree. NV > 0: d is
+// sc[x * kTileKeys + j]: bf16 dot products, q in registers per 16 keys, 16
+// sums formed by one transpose-and-add tree (at d 64 / 128: two rows x 8
+// keys per tree, so each K vector is loaded once for two rows; v19). NV > 0: d is
 // exactly 32 x NV (64, 128, 256), so the loads are whole vectors and the
 // loops unroll with q and the 16 sums in registers; NV = 0: any d <= 256,
 // masked loads (a run-time loop the compiler keeps out of registers:
@@ -443,7 +444,41 @@ PFA_AVX512_BF16 inline void scores_head_bf16(const KvCtx& c, const c10::BFloat16
   int j = 0;
   for (; j + 16 <= n; j += 16) {
     pf.step(16);
-    for (int x = 0; x < G; ++x) {
+    int x = 0;
+    if constexpr (NV > 0 && NV <= 4) {
+      // Two rows at a time, 8 keys per tree: each K vector loaded once for
+      // both rows (half the K loads of one row at a time; the 16 sums of a
+      // tree are then 8 keys x 2 rows). Same products, same accumulation
+      // order and tree per sum: the scores are bit-identical.
+      for (; x + 2 <= G; x += 2) {
+        const T* qa = qp[x];
+        const T* qb = qp[x + 1];
+        __m512i qva[NV], qvb[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) qva[v] = load_bf16x32<NV>(qa, v, km), qvb[v] = load_bf16x32<NV>(qb, v, km);
+#pragma GCC unroll 2
+        for (int half = 0; half < 16; half += 8) {
+          __m512 acc[16];
+#pragma GCC unroll 8
+          for (int jj = 0; jj < 8; ++jj) {
+            const T* k = kp[j + half + jj] + koff;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) {
+              const __m512bh kv = (__m512bh)load_bf16x32<NV>(k, v, km);
+              a0 = _mm512_dpbf16_ps(a0, kv, (__m512bh)qva[v]);
+              a1 = _mm512_dpbf16_ps(a1, kv, (__m512bh)qvb[v]);
+            }
+            acc[jj] = a0;
+            acc[8 + jj] = a1;
+          }
+          const __m512 r = _mm512_mul_ps(hsum16(acc), scale);
+          _mm256_storeu_ps(sc + int64_t(x) * kTileKeys + j + half, _mm512_castps512_ps256(r));
+          _mm256_storeu_ps(sc + int64_t(x + 1) * kTileKeys + j + half, _mm512_extractf32x8_ps(r, 1));
+        }
+      }
+    }
+    for (; x < G; ++x) {
       const T* q = qp[x];
       __m512i qv[NV > 0 ? NV : 8];
 #pragma GCC unroll 8
