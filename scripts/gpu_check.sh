@@ -17,10 +17,11 @@
 #              outputs, grid splits, streams, the FFN against its reference, the
 #              KV-cache kernels (paged, split-KV, append + rotary) against theirs
 #   sanitizer  compute-sanitizer memcheck and racecheck on scripts/gpu_small_shapes.py
-#   bench      benchmarks/run.py --device cuda: attention fwd and fwd+bwd, bf16 and
-#              fp16, d 64 and 128, S 512-16k, causal and not, beside every torch
-#              SDPA backend, with the bf16/fp16 matmul ceiling of the same run;
-#              the FFN against torch eager
+#   bench      scripts/gpu_kvcache_bench.py (the decode step over a KV cache, both
+#              split kernels, beside SDPA); benchmarks/run.py --device cuda:
+#              attention fwd and fwd+bwd, bf16 and fp16, d 64 and 128, S 512-16k,
+#              causal and not, beside every torch SDPA backend, with the
+#              bf16/fp16 matmul ceiling of the same run; the FFN against torch eager
 #   verdict    scripts/gpu_verdict.py: one line per capability, verified or not and
 #              why (verdict.md, verdict.csv), and auto_shapes.csv: the shapes where
 #              the kernel was correct and faster than the best torch backend
@@ -134,6 +135,10 @@ if [ "$DRY" = 1 ]; then
        grep -q -- "$o" "$OUT/bench_help.log" || exit 1; done; then
     note "DRY bench: benchmarks/run.py takes $ATTN_BENCH --providers \"$ATTN_PROVIDERS\" --suite attention-bwd|attention|ffn --budget-s --out"
   else note "FAIL bench: benchmarks/run.py lacks an option the bench step passes (see bench_help.log)"; status=1; fi
+  if $PY scripts/gpu_kvcache_bench.py --kernels simt,mma --splits 0,64 --reps 20 --check-args \
+       > "$OUT/kvcache_bench_args.log" 2>&1; then
+    note "DRY bench: scripts/gpu_kvcache_bench.py parses --kernels simt,mma --splits 0,64 --reps 20"
+  else note "FAIL bench: scripts/gpu_kvcache_bench.py rejects the bench step's arguments (see kvcache_bench_args.log)"; status=1; fi
   $PY scripts/gpu_verdict.py "$OUT" --dry-run > "$OUT/verdict.log" 2>&1 || status=1
   note "DRY verdict: $(grep -c 'VERIFIED' "$OUT/verdict.log") capability lines (verdict.md, verdict.csv, auto_shapes.csv)"
   cat "$OUT/verdict.log" | tee -a "$OUT/summary.txt"
@@ -216,6 +221,11 @@ run_step sanitizer sanitizer.log bash -c sanitize
 # Speed: ours beside every torch SDPA backend and the matmul ceiling, same run.
 bench() {
   local rc=0
+  # The decode step over a KV cache first (~10 s): both split kernels, the
+  # kernel's split count and 64, contiguous and paged, beside SDPA.
+  mkdir -p "$OUT_DIR/bench"
+  "$PY" scripts/gpu_kvcache_bench.py --kernels simt,mma --splits 0,64 --reps 20 \
+    --out "$OUT_DIR/bench/kvcache_bench.csv" || rc=1
   # shellcheck disable=SC2086
   "$PY" benchmarks/run.py $ATTN_BENCH --providers "$ATTN_PROVIDERS" --suite attention-bwd \
     --budget-s $((BENCH_S * 45 / 100)) --out "$OUT_DIR/bench/attention-bwd" || rc=1

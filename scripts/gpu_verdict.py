@@ -65,9 +65,14 @@ TEST_CAPABILITIES = [
     ),
     (
         "KV-cache attention",
-        "CUDA append/rotary, split-KV paged attention and combine match the float64 reference and the "
-        "CPU op (paged 16/64/256, GQA, leftpad, batch idx, ALiBi)",
-        r"tests/test_gpu_kvcache\.py::",
+        "CUDA append/rotary, split-KV paged attention (the default CUDA-core split kernel) and combine "
+        "match the float64 reference and the CPU op (paged 16/64/256, GQA, leftpad, batch idx, ALiBi)",
+        r"tests/test_gpu_kvcache\.py::.*\[simt(-|\])",
+    ),
+    (
+        "KV-cache attention, tensor-core split kernel",
+        "the same tests with PYFASTATTN_KVCACHE_CUDA_KERNEL=mma (kvcache_split_mma_kernel)",
+        r"tests/test_gpu_kvcache\.py::.*\[mma(-|\])",
     ),
     (
         "FFN",
