@@ -140,6 +140,75 @@ PFA_ATTN_DEVICE float warp_sum(float v) {
   return v;
 }
 
+// ---- what a split CTA works on (both split kernels) -------------------------
+
+// Sequence b and kv head hk (blockIdx.x), the tile's query rows [row0, row0 +
+// rows_per_cta) of the flattened (query row i, GQA head) list (blockIdx.y;
+// row rg is query row rg / group of head hk * group + rg % group), and this
+// split's share [tile_begin, tile_end) of the tiles of block_n keys from k_lo
+// that the tile's rows can see (blockIdx.z of num_splits).
+struct SplitCta {
+  int group, b, hk;
+  SeqInfo seq;
+  int64_t rows_total, row0;
+  int32_t k_lo, k_hi, tile_begin, tile_end;
+
+  PFA_ATTN_DEVICE SplitCta(const AttentionFwdParams& p, int rows_per_cta, int block_n, int num_splits)
+      : group(p.num_heads / p.num_heads_k),
+        b(int(blockIdx.x / p.num_heads_k)),
+        hk(int(blockIdx.x % p.num_heads_k)),
+        seq(p, b),
+        rows_total(int64_t(p.seqlen_q) * group),
+        row0(int64_t(blockIdx.y) * rows_per_cta) {
+    const int64_t last_row = (row0 + rows_per_cta < rows_total ? row0 + rows_per_cta : rows_total) - 1;
+    k_lo = seq.key_lo(p, row_i(row0));
+    k_hi = seq.key_hi(p, row_i(last_row));
+    const int32_t n_tiles = k_hi > k_lo ? (k_hi - k_lo + block_n - 1) / block_n : 0;
+    const int32_t tiles_per_split = (n_tiles + num_splits - 1) / num_splits;
+    tile_begin = imin(n_tiles, int32_t(blockIdx.z) * tiles_per_split);
+    tile_end = imin(n_tiles, tile_begin + tiles_per_split);
+  }
+  PFA_ATTN_DEVICE int32_t row_i(int64_t rg) const { return int32_t(rg / group); }
+  PFA_ATTN_DEVICE int row_h(int64_t rg) const { return hk * group + int(rg % group); }
+};
+
+// ---- the score step's row bookkeeping (both split kernels) -----------------
+
+// One query row of a CTA's tile as the score step sees it: its visible keys
+// [lo, hi), its ALiBi slope (log2 units) and diagonal i + offset. A row past
+// the end sees no key.
+struct RowMask {
+  int32_t lo = 0, hi = 0, diag = 0;
+  float slope = 0.f;
+};
+
+PFA_ATTN_DEVICE RowMask row_mask(const AttentionFwdParams& p, const SeqInfo& seq, int b, bool exists, int32_t i,
+                                 int h) {
+  RowMask r;
+  if (exists) {
+    r.lo = seq.key_lo(p, i);
+    r.hi = seq.key_hi(p, i);
+    r.diag = i + seq.offset;
+    if (p.alibi_slopes != nullptr) r.slope = p.alibi_slopes[int64_t(b) * p.alibi_batch_stride + h] * kLog2e;
+  }
+  return r;
+}
+
+// A raw dot product q . k_j to the score in log2 units: scaled, capped
+// (softcap), ALiBi; -inf where the row does not see key j.
+struct ScoreMap {
+  bool softcap;
+  float dot_scale, cap_log2;
+  PFA_ATTN_DEVICE explicit ScoreMap(const AttentionFwdParams& p)
+      : softcap(p.softcap > 0.f), dot_scale(p.softcap > 0.f ? p.scale / p.softcap : p.scale_log2),
+        cap_log2(p.softcap * kLog2e) {}
+  PFA_ATTN_DEVICE float operator()(float dot, const RowMask& r, int32_t j) const {
+    if (j < r.lo || j >= r.hi) return -INFINITY;
+    const float s = softcap ? cap_log2 * sm80::fast_tanh(dot * dot_scale) : dot * dot_scale;
+    return s - r.slope * fabsf(float(r.diag - j));
+  }
+};
+
 // ---- append and rotary ------------------------------------------------------
 
 // cos / sin entry `idx` of rotary row `pos` as float (table in q's dtype or fp32).
@@ -242,30 +311,20 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   constexpr int kHeadDim = Traits::kHeadDim, kChunks = Traits::kChunks, kRows = Traits::kRows;
   constexpr int kBlockN = Traits::kBlockN, kParts = Traits::kParts;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int group = p.num_heads / p.num_heads_k;
-  const int b = int(blockIdx.x / p.num_heads_k), hk = int(blockIdx.x % p.num_heads_k);
-  const int64_t rows_total = int64_t(p.seqlen_q) * group;
-  const int64_t row0 = int64_t(blockIdx.y) * kRows;
   const int d_chunks = p.head_dim / 8;
-  const SeqInfo seq(p, b);
+  // The rows, and the keys this CTA reads: the tile rows' visible range, split.
+  const SplitCta cta(p, kRows, kBlockN, w.num_splits);
+  const int b = cta.b, hk = cta.hk;
+  const int64_t rows_total = cta.rows_total, row0 = cta.row0;
+  const SeqInfo& seq = cta.seq;
+  const int32_t k_lo = cta.k_lo, k_hi = cta.k_hi, tile_begin = cta.tile_begin, tile_end = cta.tile_end;
+  auto row_i = [&](int64_t rg) { return cta.row_i(rg); };
+  auto row_h = [&](int64_t rg) { return cta.row_h(rg); };
 
   const uint32_t smem = sm80::smem_u32(sm80::dynamic_smem());
   const uint32_t sK = smem + Traits::kSK, sV = smem + Traits::kSV, sQ = smem + Traits::kSQ;
   const uint32_t sS = smem + Traits::kSS, sAlpha = smem + Traits::kSAlpha;
   const uint32_t sM = smem + Traits::kSM, sL = smem + Traits::kSL, sDump = smem + Traits::kSDump;
-
-  // Row r of the tile is query row i = (row0 + r) / group of head hk * group + g.
-  auto row_i = [&](int64_t rg) { return int32_t(rg / group); };
-  auto row_h = [&](int64_t rg) { return hk * group + int(rg % group); };
-
-  // ---- the keys this CTA reads: the tile rows' visible range, split ----------
-  const int64_t last_row = (row0 + kRows < rows_total ? row0 + kRows : rows_total) - 1;
-  const int32_t k_lo = seq.key_lo(p, row_i(row0));
-  const int32_t k_hi = seq.key_hi(p, row_i(last_row));
-  const int32_t n_tiles = k_hi > k_lo ? (k_hi - k_lo + kBlockN - 1) / kBlockN : 0;
-  const int32_t tiles_per_split = (n_tiles + w.num_splits - 1) / w.num_splits;
-  const int32_t tile_begin = imin(n_tiles, int32_t(blockIdx.z) * tiles_per_split);
-  const int32_t tile_end = imin(n_tiles, tile_begin + tiles_per_split);
 
   // ---- Q (fp32) into shared memory; rows past the end and columns past d are 0
   for (int idx = tid; idx < kRows * kChunks; idx += Traits::kNThreads) {
@@ -289,25 +348,15 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   // Thread part s finalises rows s, s + 8, ...: their visible key range and
   // ALiBi slope (log2 units) and diagonal (i + offset).
   const int part = tid % kParts;
-  int32_t own_lo[Traits::kOwnRows], own_hi[Traits::kOwnRows], own_diag[Traits::kOwnRows];
-  float own_slope[Traits::kOwnRows];
+  RowMask own[Traits::kOwnRows];
 #pragma unroll
   for (int k = 0; k < Traits::kOwnRows; ++k) {
     const int r = part + k * kParts;
     const int64_t rg = row0 + r;
-    own_lo[k] = 0, own_hi[k] = 0, own_diag[k] = 0, own_slope[k] = 0.f;
-    if (r < kRows && rg < rows_total) {
-      const int32_t i = row_i(rg);
-      own_lo[k] = seq.key_lo(p, i);
-      own_hi[k] = seq.key_hi(p, i);
-      own_diag[k] = i + seq.offset;
-      if (p.alibi_slopes != nullptr)
-        own_slope[k] = p.alibi_slopes[int64_t(b) * p.alibi_batch_stride + row_h(rg)] * kLog2e;
-    }
+    const bool exists = r < kRows && rg < rows_total;
+    own[k] = row_mask(p, seq, b, exists, exists ? row_i(rg) : 0, exists ? row_h(rg) : 0);
   }
-  const bool softcap = p.softcap > 0.f;
-  const float dot_scale = softcap ? p.scale / p.softcap : p.scale_log2;
-  const float cap_log2 = p.softcap * kLog2e;
+  const ScoreMap score(p);
 
   // ---- K / V tile loads (cp.async, zero-filled past the range or past d) ----
   const auto* kbase = static_cast<const Element*>(p.k);
@@ -392,13 +441,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
         if (r % kParts == part) dots[r / kParts] = acc[r];
 #pragma unroll
       for (int k = 0; k < Traits::kOwnRows; ++k) {
-        const float dot = dots[k];
         const int r = part + k * kParts;
-        float s = -INFINITY;
-        if (j >= own_lo[k] && j < own_hi[k]) {
-          s = softcap ? cap_log2 * sm80::fast_tanh(dot * dot_scale) : dot * dot_scale;
-          s -= own_slope[k] * fabsf(float(own_diag[k] - j));
-        }
+        const float s = score(dots[k], own[k], j);
         const uint32_t s_addr = r < kRows ? sS + uint32_t((r * Traits::kSRow + jj) * 4) : sDump + uint32_t(tid * 4);
         sm80::st_shared_u32(s_addr, float_bits(s));
       }

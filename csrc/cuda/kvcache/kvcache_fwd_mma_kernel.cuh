@@ -20,9 +20,10 @@
 //     computes;
 //   - the warps' (max, sum, O) are merged once at the end through shared
 //     memory, by the same LSE rule the combine kernel applies to splits.
-// The row bookkeeping (visible key range per row, softcap, ALiBi, bottom-right
-// masks, paged / batch-indexed / left-padded rows through kv_row_offset) is
-// that of kvcache_split_kernel.
+// The CTA's rows and key split (SplitCta) and the score step's row
+// bookkeeping (RowMask / ScoreMap: visible key range per row, softcap, ALiBi,
+// bottom-right masks) are shared with kvcache_split_kernel; the cache rows
+// (paged / batch-indexed / left-padded) are kv_row_offset's, stepped per tile.
 //
 // Written and tested under the emulator (emu/kvcache_fwd_emu_test.cc runs
 // every case through both kernels); not yet run on a GPU, so the launcher
@@ -91,30 +92,18 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   constexpr int kHeadDim = Traits::kHeadDim, kRows = Traits::kRows, kBlockN = Traits::kBlockN;
   constexpr int kWarps = Traits::kWarps, kStages = Traits::kStages, kChunks = Traits::kChunks;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int group = p.num_heads / p.num_heads_k;
-  const int b = int(blockIdx.x / p.num_heads_k), hk = int(blockIdx.x % p.num_heads_k);
-  const int64_t rows_total = int64_t(p.seqlen_q) * group;
-  const int64_t row0 = int64_t(blockIdx.y) * kRows;
   const int d_chunks = p.head_dim / 8;
-  const SeqInfo seq(p, b);
-  auto row_i = [&](int64_t rg) { return int32_t(rg / group); };
-  auto row_h = [&](int64_t rg) { return hk * group + int(rg % group); };
+  // The rows, and the keys this CTA reads (the tile rows' visible range), split;
+  // this warp's tiles of kBlockN keys are my_first, my_first + kWarps, ...
+  const SplitCta cta(p, kRows, kBlockN, w.num_splits);
+  const int b = cta.b, hk = cta.hk;
+  const int64_t rows_total = cta.rows_total, row0 = cta.row0;
 
   const uint32_t smem = sm80::smem_u32(sm80::dynamic_smem());
   const uint32_t sQ = smem + Traits::kSQ, sStat = smem + Traits::kSStat;
   const uint32_t sRing = smem + Traits::kSKV + uint32_t(warp * Traits::kWarpBytes);
-
-  // ---- the keys this CTA reads (the tile rows' visible range), split; this
-  // warp's tiles of kBlockN keys are my_first, my_first + kWarps, ...
-  const int64_t last_row = (row0 + kRows < rows_total ? row0 + kRows : rows_total) - 1;
-  const int32_t k_lo = seq.key_lo(p, row_i(row0));
-  const int32_t k_hi = seq.key_hi(p, row_i(last_row));
-  const int32_t n_tiles = k_hi > k_lo ? (k_hi - k_lo + kBlockN - 1) / kBlockN : 0;
-  const int32_t tiles_per_split = (n_tiles + w.num_splits - 1) / w.num_splits;
-  const int32_t tile_begin = imin(n_tiles, int32_t(blockIdx.z) * tiles_per_split);
-  const int32_t tile_end = imin(n_tiles, tile_begin + tiles_per_split);
-  const int32_t my_first = tile_begin + warp;
-  const int32_t my_count = my_first < tile_end ? (tile_end - my_first + kWarps - 1) / kWarps : 0;
+  const int32_t my_first = cta.tile_begin + warp;
+  const int32_t my_count = my_first < cta.tile_end ? (cta.tile_end - my_first + kWarps - 1) / kWarps : 0;
 
   // ---- Q (16-bit, swizzled) by cp.async; rows past the end and columns past d are 0
   const auto* qbase = static_cast<const Element*>(p.q);
@@ -124,8 +113,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     const bool valid = rg < rows_total && c < d_chunks;
     const Element* src = qbase;
     if (valid)
-      src = qbase + int64_t(b) * p.q_batch_stride + int64_t(row_i(rg)) * p.q_row_stride +
-            int64_t(row_h(rg)) * p.q_head_stride + c * 8;
+      src = qbase + int64_t(b) * p.q_batch_stride + int64_t(cta.row_i(rg)) * p.q_row_stride +
+            int64_t(cta.row_h(rg)) * p.q_head_stride + c * 8;
     sm80::cp_async_16(sQ + Tile::offset(r, c), src, valid);
   }
   sm80::cp_async_commit();
@@ -145,7 +134,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const int64_t seq_entry = paged ? 0 : (p.cache_batch_idx ? p.cache_batch_idx[b] : b);
   const int64_t k_head = int64_t(hk) * p.k_head_stride + lc * 8, v_head = int64_t(hk) * p.v_head_stride + lc * 8;
   auto load_tile = [&](int32_t k, int stage) {
-    const int32_t n0 = k_lo + (my_first + k * kWarps) * kBlockN;
+    const int32_t n0 = cta.k_lo + (my_first + k * kWarps) * kBlockN;
     const uint32_t sK = sRing + uint32_t(stage * Traits::kStageBytes), sV = sK + Traits::kTileBytes;
     const int64_t t0 = int64_t(n0) + leftpad + lane / Traits::kLanesPerRow;
     // Table index (paged); a 32-bit division where the position fits (always, in practice).
@@ -156,7 +145,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
 #pragma unroll
     for (int ps = 0; ps < Traits::kPasses; ++ps) {
       const int jj = lane / Traits::kLanesPerRow + ps * Traits::kRowsPerPass;
-      const bool valid = n0 + jj < k_hi && lc < d_chunks;
+      const bool valid = n0 + jj < cta.k_hi && lc < d_chunks;
       const Element* ks = kbase;
       const Element* vs = vbase;
       if (valid) {
@@ -183,24 +172,14 @@ __global__ void __launch_bounds__(Traits::kNThreads)
 
   // ---- rows g and g + 8 of the tile (the C-fragment rows of this lane) ------
   const int g = lane / 4, cq = lane % 4;
-  int32_t own_lo[2], own_hi[2], own_diag[2];
-  float own_slope[2];
+  RowMask own[2];
 #pragma unroll
   for (int h2 = 0; h2 < 2; ++h2) {
     const int64_t rg = row0 + g + 8 * h2;
-    own_lo[h2] = 0, own_hi[h2] = 0, own_diag[h2] = 0, own_slope[h2] = 0.f;
-    if (rg < rows_total) {
-      const int32_t i = row_i(rg);
-      own_lo[h2] = seq.key_lo(p, i);
-      own_hi[h2] = seq.key_hi(p, i);
-      own_diag[h2] = i + seq.offset;
-      if (p.alibi_slopes != nullptr)
-        own_slope[h2] = p.alibi_slopes[int64_t(b) * p.alibi_batch_stride + row_h(rg)] * kLog2e;
-    }
+    const bool exists = rg < rows_total;
+    own[h2] = row_mask(p, cta.seq, b, exists, exists ? cta.row_i(rg) : 0, exists ? cta.row_h(rg) : 0);
   }
-  const bool softcap = p.softcap > 0.f;
-  const float dot_scale = softcap ? p.scale / p.softcap : p.scale_log2;
-  const float cap_log2 = p.softcap * kLog2e;
+  const ScoreMap score(p);
 
   const auto q_addr = attention::frag_addrs<kHeadDim>(sQ, 0, lane);
   const auto k_addr = attention::frag_addrs<kHeadDim>(sRing, 0, lane);  // stage 0's K; + stage offsets
@@ -234,7 +213,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     }
 
     // ---- masked, scaled (log2 units), capped, ALiBi; online softmax ---------
-    const int32_t n0 = k_lo + (my_first + k * kWarps) * kBlockN;
+    const int32_t n0 = cta.k_lo + (my_first + k * kWarps) * kBlockN;
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {
       float mx = -INFINITY;
@@ -242,13 +221,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int32_t j = n0 + nt * 8 + 2 * cq + e;
-          const float dot = s[nt][2 * h2 + e];
-          float x = -INFINITY;
-          if (j >= own_lo[h2] && j < own_hi[h2]) {
-            x = softcap ? cap_log2 * sm80::fast_tanh(dot * dot_scale) : dot * dot_scale;
-            x -= own_slope[h2] * fabsf(float(own_diag[h2] - j));
-          }
+          const float x = score(s[nt][2 * h2 + e], own[h2], n0 + nt * 8 + 2 * cq + e);
           s[nt][2 * h2 + e] = x;
           mx = fmaxf(mx, x);
         }
@@ -351,13 +324,13 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     for (int e = 0; e < 8; ++e) acc[e] *= inv;
     const float lse = l > 0.f ? (m + sm80::fast_log2(l)) * kLn2 : -INFINITY;
     if (rg >= rows_total || c >= d_chunks) continue;
-    const int32_t i = row_i(rg);
-    const int h = row_h(rg);
+    const int32_t i = cta.row_i(rg);
+    const int h = cta.row_h(rg);
     if (w.num_splits == 1) {
       auto* out = static_cast<Element*>(p.o) + int64_t(b) * p.o_batch_stride + int64_t(i) * p.o_row_stride +
                   int64_t(h) * p.o_head_stride + c * 8;
       sm80::st_global_v4(out, pack8<Element>(acc));
-      if (c == 0) sm80::st_global_f32(p.lse + seq.lse_index(p, h, i), lse);
+      if (c == 0) sm80::st_global_f32(p.lse + cta.seq.lse_index(p, h, i), lse);
     } else {
       const int64_t row = (int64_t(b) * p.seqlen_q + i) * p.num_heads + h;
       const int64_t rows = int64_t(p.batch) * p.seqlen_q * p.num_heads;
