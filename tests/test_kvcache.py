@@ -964,3 +964,30 @@ def test_decode_benchmark_rows_for_run_py():
         assert (
             0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["gbps"] > 0 and "read bandwidth" in r["note"]
         )
+
+
+@pytest.mark.parametrize("d", [64, 128, 96])
+@pytest.mark.parametrize("paged", [False, True])
+def test_gqa_rows_give_the_bits_of_single_heads(d, paged):
+    """A GQA group's query heads share the key loads of the bf16 score step
+    (two rows per K load at d 64 / 128, v19 in PERF_NOTES.md), which must not
+    change any result bit: each head of an 8:1 group (plus a 3:1 group's odd
+    last row) equals, bit for bit, the same head's query run alone against
+    the same cache (hq = hk = 1, one row per step). q is scaled by 4 so that
+    the dot products' partial sums are large enough for a changed summation
+    order to show in the bits (a two-row step that reverses one row's
+    accumulation order fails at d 128: checked)."""
+    for hq in (8, 3):
+        q, kc, vc, k, v, args = make_case(b=2, hq=hq, hk=1, d=d, cap=700, dtype=torch.bfloat16,
+                                          block=16 if paged else None, seed=5)  # fmt: skip
+        q = (q.float() * 4).to(torch.bfloat16)
+        with pyfastattn.backend("kernel"):
+            out, lse = pyfastattn.attention_with_kvcache(
+                q, kc.clone(), vc.clone(), k, v, **args, return_lse=True
+            )
+            for h in range(hq):
+                o1, l1 = pyfastattn.attention_with_kvcache(
+                    q[:, :, h : h + 1].contiguous(), kc.clone(), vc.clone(), k, v, **args, return_lse=True
+                )  # fmt: skip
+                assert torch.equal(out[:, :, h : h + 1], o1), f"hq {hq} head {h}: output bits differ"
+                assert torch.equal(lse[:, h : h + 1], l1), f"hq {hq} head {h}: lse bits differ"
