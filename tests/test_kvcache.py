@@ -254,7 +254,9 @@ def test_runs_of_chunks_across_threads(block):
     consecutive ones (the last tile of a chunk prefetching the next one's
     first, v20 in PERF_NOTES.md): with 1, 2 and 3 threads (runs of 10, 5 and
     3 of 40 chunks) the same bits, and the reference's values."""
-    q, kc, vc, k, v, args = make_case(b=1, hq=8, hk=2, cap=20000, dtype=torch.bfloat16, block=block, full=True)
+    q, kc, vc, k, v, args = make_case(
+        b=1, hq=8, hk=2, cap=20000, dtype=torch.bfloat16, block=block, full=True
+    )
     outs = []
     old = torch.get_num_threads()
     try:
