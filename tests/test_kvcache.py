@@ -249,11 +249,11 @@ def test_deterministic_across_threads():
 
 
 @pytest.mark.parametrize("block", [None, 16])
-def test_runs_of_chunks_across_threads(block):
-    """A long cache is many chunks, which the threads claim in runs of
-    consecutive ones (the last tile of a chunk prefetching the next one's
-    first, v20 in PERF_NOTES.md): with 1, 2 and 3 threads (runs of 10, 5 and
-    3 of 40 chunks) the same bits, and the reference's values."""
+def test_many_chunks_across_threads(block):
+    """A long cache is many chunks (40 here), which each thread claims one
+    ahead so that a chunk's last tile can prefetch the next one's first (v20
+    in PERF_NOTES.md): with 1, 2 and 3 threads the same bits, and the
+    reference's values."""
     q, kc, vc, k, v, args = make_case(
         b=1, hq=8, hk=2, cap=20000, dtype=torch.bfloat16, block=block, full=True
     )
@@ -267,7 +267,7 @@ def test_runs_of_chunks_across_threads(block):
         torch.set_num_threads(old)
     for out, lse in outs[1:]:
         assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
-    check("runs_of_chunks", q, kc, vc, k, v, args)
+    check("many_chunks", q, kc, vc, k, v, args)
 
 
 @pytest.mark.parametrize(

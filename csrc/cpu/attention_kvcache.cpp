@@ -745,18 +745,24 @@ PFA_INLINE void kv_task(const KvCtx& c, const KvScratch& w, const KvTask& t, con
   const T** vp[2] = {reinterpret_cast<const T**>(w.vp), reinterpret_cast<const T**>(w.vp) + kTileKeys};
   int cur = 0;
   if (ulo < uhi) tile_pointers<T>(p, t.b, hk0, ulo, std::min(kTileKeys, uhi - ulo), kp[0], vp[0]);
-  // The first tile of the task this thread runs next, when it is this one's
-  // next chunk: its keys follow this chunk's in the cache, so the last tile
-  // prefetches them as it would a tile of its own (v20: a task otherwise
-  // starts on lines nobody asked for; the keys only, nothing computed).
-  const int next_n = next != nullptr && next->b == t.b && next->hg == t.hg && next->chunk == t.chunk + 1
-                         ? int(std::min<int64_t>(kTileKeys, si.len_k - c1))
-                         : 0;
+  // The first tile of the task this thread runs next: the last tile
+  // prefetches its keys as it would a tile of its own (v20: a task otherwise
+  // starts on lines nobody asked for; addresses only, nothing computed).
+  int next_n = 0, next_j0 = 0;
+  if (next != nullptr) {
+    next_j0 = int(int64_t(next->chunk) * c.chunk);
+    next_n = int(std::max<int64_t>(0, std::min<int64_t>(kTileKeys, SeqInfo(p, next->b).len_k - next_j0)));
+  }
   for (int j0 = ulo; j0 < uhi; j0 += kTileKeys) {
     const int n = std::min(kTileKeys, uhi - j0);
     const bool last = j0 + n >= uhi;
     const int nn = last ? next_n : std::min(kTileKeys, uhi - j0 - n);
-    if (nn > 0) tile_pointers<T>(p, t.b, hk0, last ? c1 : j0 + n, nn, kp[cur ^ 1], vp[cur ^ 1]);
+    if (nn > 0) {
+      if (last)
+        tile_pointers<T>(p, next->b, next->hg * c.heads, next_j0, nn, kp[cur ^ 1], vp[cur ^ 1]);
+      else
+        tile_pointers<T>(p, t.b, hk0, j0 + n, nn, kp[cur ^ 1], vp[cur ^ 1]);
+    }
     Steps::scores(c, w, kp[cur], vp[cur], n, kp[cur ^ 1], vp[cur ^ 1], nn);
     if (c.softcap)
       for (int r = 0; r < rows; ++r)
@@ -922,8 +928,7 @@ void run_kvcache(KvCtx& c) {
     c.part_m = c.part_acc + slots * c.dv;
     c.part_l = c.part_m + slots;
   }
-  // Longest first from a shared counter, as run_tasks (attention_schedule.cpp),
-  // in runs of consecutive tasks (below).
+  // Longest first from a shared counter, as run_tasks (attention_schedule.cpp).
   std::vector<int64_t> order(tasks.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
@@ -931,11 +936,6 @@ void run_kvcache(KvCtx& c) {
   const int64_t n = int64_t(tasks.size());
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  // A thread claims a run of consecutive tasks (in `order`: a sequence's
-  // chunks one after another), about a quarter of its share, so that a task's
-  // last tile can prefetch the next chunk's first (v20); with as many tasks
-  // as threads a run is one task. Which thread runs a task changes no bit.
-  const int64_t run = std::max<int64_t>(1, n / (4 * workers));
   const int64_t rows = c.rows;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> buf(size_t(rows * (kTileKeys + c.d + 3 + c.dv)));
@@ -950,11 +950,15 @@ void run_kvcache(KvCtx& c) {
     w.qp = ptrs.data();
     w.kp = w.qp + rows;
     w.vp = w.kp + 2 * kTileKeys;
-    for (int64_t i0 = next.fetch_add(run, std::memory_order_relaxed); i0 < n;
-         i0 = next.fetch_add(run, std::memory_order_relaxed)) {
-      const int64_t i1 = std::min(n, i0 + run);
-      for (int64_t i = i0; i < i1; ++i)
-        fn(c, w, tasks[size_t(order[size_t(i)])], i + 1 < i1 ? &tasks[size_t(order[size_t(i + 1)])] : nullptr);
+    // Each thread claims its next task before it runs the current one, so
+    // that the current one's last tile can prefetch the next one's first
+    // (v20); the claim order is the old one (threads take turns along the
+    // cache), and which thread runs a task changes no bit.
+    int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+    while (i < n) {
+      const int64_t j = next.fetch_add(1, std::memory_order_relaxed);
+      fn(c, w, tasks[size_t(order[size_t(i)])], j < n ? &tasks[size_t(order[size_t(j)])] : nullptr);
+      i = j;
     }
   });
   if (any_split) {
