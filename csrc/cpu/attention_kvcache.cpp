@@ -26,6 +26,8 @@
 // the middle of the stream at every block: v8 in PERF_NOTES.md). Key
 // rows are reached through per-tile arrays of row pointers, so a tile may
 // cross block boundaries of a paged cache at no cost beyond the pointer walk.
+// A task's last tile treats the first tile of the task its thread has
+// already claimed as its next one (v20), so no task starts cold.
 // The load and mask helpers come from the decode path (attention_decode.h).
 // Without AVX-512 (or for head dims > 256) the portable steps run the same
 // passes in address order, without prefetches.
