@@ -213,9 +213,10 @@ def test_cuda_kvcache_kernel_switch_refuses_unknown_values(monkeypatch):
 
 
 @pytest.mark.parametrize("block", [None, 16])
-def test_cuda_kvcache_kernels_agree_at_decode(block, monkeypatch):
+def test_cuda_kvcache_kernels_agree_at_decode(block, monkeypatch, poison):
     """Both split kernels on the issue's decode shape at 9k keys, contiguous or
-    paged, several splits each: the same result up to rounding."""
+    paged, several splits each: the same result up to rounding (outputs and
+    split workspaces start as NaN, so an element left unwritten fails)."""
     q, kc, vc, k, v, args = make_case(b=2, hq=32, hk=8, d=128, cap=9000, block=block, dtype=torch.bfloat16,
                                       full=True)  # fmt: skip
     gq, gkc, gvc, gk, gv, gargs = to_cuda(q, kc, vc, k, v, args)

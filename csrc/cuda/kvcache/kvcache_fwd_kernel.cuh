@@ -142,6 +142,14 @@ PFA_ATTN_DEVICE float warp_sum(float v) {
 
 // ---- what a split CTA works on (both split kernels) -------------------------
 
+// One query row of a CTA's tile as the score step sees it: its visible keys
+// [lo, hi), its ALiBi slope (log2 units) and diagonal i + offset. A row past
+// the end sees no key.
+struct RowMask {
+  int32_t lo = 0, hi = 0, diag = 0;
+  float slope = 0.f;
+};
+
 // Sequence b and kv head hk (blockIdx.x), the tile's query rows [row0, row0 +
 // rows_per_cta) of the flattened (query row i, GQA head) list (blockIdx.y;
 // row rg is query row rg / group of head hk * group + rg % group), and this
@@ -170,29 +178,22 @@ struct SplitCta {
   }
   PFA_ATTN_DEVICE int32_t row_i(int64_t rg) const { return int32_t(rg / group); }
   PFA_ATTN_DEVICE int row_h(int64_t rg) const { return hk * group + int(rg % group); }
-};
-
-// ---- the score step's row bookkeeping (both split kernels) -----------------
-
-// One query row of a CTA's tile as the score step sees it: its visible keys
-// [lo, hi), its ALiBi slope (log2 units) and diagonal i + offset. A row past
-// the end sees no key.
-struct RowMask {
-  int32_t lo = 0, hi = 0, diag = 0;
-  float slope = 0.f;
-};
-
-PFA_ATTN_DEVICE RowMask row_mask(const AttentionFwdParams& p, const SeqInfo& seq, int b, bool exists, int32_t i,
-                                 int h) {
-  RowMask r;
-  if (exists) {
-    r.lo = seq.key_lo(p, i);
-    r.hi = seq.key_hi(p, i);
-    r.diag = i + seq.offset;
-    if (p.alibi_slopes != nullptr) r.slope = p.alibi_slopes[int64_t(b) * p.alibi_batch_stride + h] * kLog2e;
+  // The mask of row rg (empty past the last row).
+  PFA_ATTN_DEVICE RowMask row_mask(const AttentionFwdParams& p, int64_t rg) const {
+    RowMask r;
+    if (rg < rows_total) {
+      const int32_t i = row_i(rg);
+      r.lo = seq.key_lo(p, i);
+      r.hi = seq.key_hi(p, i);
+      r.diag = i + seq.offset;
+      if (p.alibi_slopes != nullptr)
+        r.slope = p.alibi_slopes[int64_t(b) * p.alibi_batch_stride + row_h(rg)] * kLog2e;
+    }
+    return r;
   }
-  return r;
-}
+};
+
+// ---- the score step's masks (both split kernels) ---------------------------
 
 // A raw dot product q . k_j to the score in log2 units: scaled, capped
 // (softcap), ALiBi; -inf where the row does not see key j.
@@ -318,8 +319,6 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const int64_t rows_total = cta.rows_total, row0 = cta.row0;
   const SeqInfo& seq = cta.seq;
   const int32_t k_lo = cta.k_lo, k_hi = cta.k_hi, tile_begin = cta.tile_begin, tile_end = cta.tile_end;
-  auto row_i = [&](int64_t rg) { return cta.row_i(rg); };
-  auto row_h = [&](int64_t rg) { return cta.row_h(rg); };
 
   const uint32_t smem = sm80::smem_u32(sm80::dynamic_smem());
   const uint32_t sK = smem + Traits::kSK, sV = smem + Traits::kSV, sQ = smem + Traits::kSQ;
@@ -333,7 +332,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     const int64_t rg = row0 + r;
     if (rg < rows_total && c < d_chunks) {
       const auto* q = static_cast<const Element*>(p.q) + int64_t(b) * p.q_batch_stride +
-                      int64_t(row_i(rg)) * p.q_row_stride + int64_t(row_h(rg)) * p.q_head_stride;
+                      int64_t(cta.row_i(rg)) * p.q_row_stride + int64_t(cta.row_h(rg)) * p.q_head_stride;
       unpack8<Element>(sm80::ld_global_nc_v4(q + c * 8), f);
     }
     const uint32_t base = sQ + uint32_t(r * kHeadDim * 4 + c * 16);
@@ -351,10 +350,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   RowMask own[Traits::kOwnRows];
 #pragma unroll
   for (int k = 0; k < Traits::kOwnRows; ++k) {
-    const int r = part + k * kParts;
-    const int64_t rg = row0 + r;
-    const bool exists = r < kRows && rg < rows_total;
-    own[k] = row_mask(p, seq, b, exists, exists ? row_i(rg) : 0, exists ? row_h(rg) : 0);
+    const int r = part + k * kParts;  // past kRows (d = 256: 4 rows, 8 parts): no row
+    own[k] = r < kRows ? cta.row_mask(p, row0 + r) : RowMask{};
   }
   const ScoreMap score(p);
 
@@ -494,8 +491,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   sm80::sync_threads();
   const int64_t rg = row0 + orow;
   if (rg >= rows_total) return;
-  const int32_t i = row_i(rg);
-  const int h = row_h(rg);
+  const int32_t i = cta.row_i(rg);
+  const int h = cta.row_h(rg);
   const float m = sm80::ld_shared_f32(sM + uint32_t(orow * 32 * 4));
   const float l = sm80::ld_shared_f32(sL + uint32_t(orow * 32 * 4));
   const float inv = l > 0.f ? sm80::fast_rcp(l) : 0.f;

@@ -32,25 +32,21 @@ cudaError_t KvCacheVariant<Element, kHeadDim>::append(const AttentionFwdParams& 
 template <typename Element, int kHeadDim>
 cudaError_t KvCacheVariant<Element, kHeadDim>::attend(const AttentionFwdParams& p, const KvSplitOut& w,
                                                       KvCacheKernel kernel, cudaStream_t stream) {
-  cudaError_t err = cudaSuccess;
+  const KvCacheGrid g = kvcache_grid(p, rows_per_cta(kernel), w.num_splits);
+  if (g.x == 0 || g.y == 0) return cudaSuccess;  // no query rows: nothing to do
+  if (!g.fits()) return cudaErrorInvalidConfiguration;
+  const dim3 grid(unsigned(g.x), unsigned(g.y), unsigned(g.z));
   if (kernel == KvCacheKernel::kMma) {
     using Traits = KvMmaTraits<Element, kHeadDim>;
-    const KvCacheGrid g = kvcache_grid(p, Traits::kRows, w.num_splits);
-    if (g.x == 0 || g.y == 0) return cudaSuccess;  // no query rows: nothing to do
-    if (!g.fits()) return cudaErrorInvalidConfiguration;
     auto* fn = kvcache_split_mma_kernel<Traits>;
-    err = ensure_dynamic_smem<Traits>(fn, Traits::kSmemBytes);
+    const cudaError_t err = ensure_dynamic_smem<Traits>(fn, Traits::kSmemBytes);
     if (err != cudaSuccess) return err;
-    fn<<<dim3(unsigned(g.x), unsigned(g.y), unsigned(g.z)), Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, w);
+    fn<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, w);
   } else {
     using Traits = KvCacheTraits<Element, kHeadDim>;
-    const KvCacheGrid g = kvcache_grid(p, Traits::kRows, w.num_splits);
-    if (g.x == 0 || g.y == 0) return cudaSuccess;  // no query rows: nothing to do
-    if (!g.fits()) return cudaErrorInvalidConfiguration;
-    kvcache_split_kernel<Traits>
-        <<<dim3(unsigned(g.x), unsigned(g.y), unsigned(g.z)), Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, w);
+    kvcache_split_kernel<Traits><<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, w);
   }
-  err = cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || w.num_splits == 1) return err;
   const int64_t rows = int64_t(p.batch) * p.seqlen_q * p.num_heads;
   const int64_t blocks = (rows + 3) / 4;

@@ -174,11 +174,7 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   const int g = lane / 4, cq = lane % 4;
   RowMask own[2];
 #pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    const int64_t rg = row0 + g + 8 * h2;
-    const bool exists = rg < rows_total;
-    own[h2] = row_mask(p, cta.seq, b, exists, exists ? cta.row_i(rg) : 0, exists ? cta.row_h(rg) : 0);
-  }
+  for (int h2 = 0; h2 < 2; ++h2) own[h2] = cta.row_mask(p, row0 + g + 8 * h2);
   const ScoreMap score(p);
 
   const auto q_addr = attention::frag_addrs<kHeadDim>(sQ, 0, lane);
