@@ -56,3 +56,59 @@ def test_greedy_generation_matches_sdpa(cache, monkeypatch):
     if cache == "static":
         # every decode step of every layer went through the cache API
         assert len(calls) >= 2 * (kw["max_new_tokens"] - 1), len(calls)
+
+
+def _prefix_mask(lengths, lq, s):
+    """(B, 1, lq, s) bool: row i of sequence b sees keys [0, n_b - lq + i]."""
+    n = torch.tensor(lengths)[:, None, None, None]
+    i = torch.arange(lq)[None, None, :, None]
+    j = torch.arange(s)[None, None, None, :]
+    return j <= n - lq + i
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_prefix_lengths_read_once_per_mask(inference):
+    """transformers hands every layer the same mask: its prefix lengths are
+    read once per mask tensor, and read again when the mask changes in place
+    (an inference tensor, which has no version counter, every call)."""
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    with ctx:
+        mask = _prefix_mask([5, 9], 2, 16)
+        first = hf.prefix_causal_lengths(mask, 2, 2)
+        assert first.tolist() == [5, 9]
+        again = hf.prefix_causal_lengths(mask, 2, 2)
+        assert again.tolist() == [5, 9]
+        assert (again is first) != inference  # cached, but never for inference tensors
+        assert hf.prefix_causal_lengths(mask, 2, 3) is None  # another lq: another answer
+        mask[1].copy_(_prefix_mask([11], 2, 16)[0])  # in place: sequence 1 grows by two keys
+        assert hf.prefix_causal_lengths(mask, 2, 2).tolist() == [5, 11]
+        mask[0, 0, 0, 15] = True  # a hole: no longer a prefix
+        assert hf.prefix_causal_lengths(mask, 2, 2) is None
+        other = _prefix_mask([5, 9], 2, 16)  # an equal mask, another tensor
+        assert hf.prefix_causal_lengths(other, 2, 2).tolist() == [5, 9]
+
+
+def test_static_cache_step_reads_the_mask_once(monkeypatch):
+    """A StaticCache decode step of a 2-layer model analyses its mask once,
+    not once per layer (one device sync per step on CUDA)."""
+    model = _llama()
+    model.set_attn_implementation(hf.NAME)
+    computed, looked_up = [], []
+    real = hf.memo_per_mask
+
+    def counting(mask, key, compute):
+        looked_up.append(key)
+
+        def counted():
+            computed.append(key)
+            return compute()
+
+        return real(mask, key, counted)
+
+    monkeypatch.setattr(hf, "memo_per_mask", counting)
+    ids = torch.randint(1, VOCAB - 1, (2, 9), generator=torch.Generator().manual_seed(2))
+    steps = 6
+    model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0, eos_token_id=None,
+                   cache_implementation="static")  # fmt: skip
+    assert len(looked_up) >= 2 * (steps - 1), looked_up  # both layers asked in every decode step
+    assert len(computed) <= steps, computed  # one reading per forward

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kvcache import attention_with_kvcache
-from ..nn.attention import attend, right_padding_lengths
+from ..nn.attention import attend, memo_per_mask, right_padding_lengths
 
 __all__ = ["register", "attention_forward", "build_mask", "prefix_causal_lengths", "NAME"]
 
@@ -158,8 +158,12 @@ def prefix_causal_lengths(mask: Tensor, batch: int, lq: int) -> Tensor | None:
     """int32 (batch,) lengths n_b if the bool ``mask`` (B|1, 1, lq, S) lets
     query row i of sequence b see exactly keys [0, n_b - lq + i] (a static
     cache filled from the start, bottom-right causal), else None. Reads the
-    mask (one device sync on CUDA); None under ``torch.compile`` and
-    ``torch.jit.trace``."""
+    mask (one device sync on CUDA) once per mask tensor: transformers hands
+    every layer of a forward the same mask, and the answer is cached for that
+    tensor object until it changes in place (``memo_per_mask``; read every
+    call for inference tensors). None under ``torch.compile`` and
+    ``torch.jit.trace``. The returned tensor is shared by the calls that hit
+    the cache: read it, do not write it."""
     if (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()  # the answer would be baked into the trace
@@ -169,17 +173,21 @@ def prefix_causal_lengths(mask: Tensor, batch: int, lq: int) -> Tensor | None:
         or mask.shape[2] != lq
     ):
         return None
-    rows = mask[:, 0]  # (B|1, lq|1, S)
-    s = rows.shape[-1]
-    n = rows[:, -1, :].sum(-1)  # keys the last row sees
-    if bool((n < lq).any()):
-        return None
-    i = torch.arange(lq, device=mask.device)[None, :, None]
-    j = torch.arange(s, device=mask.device)[None, None, :]
-    want = j <= (n[:, None, None] - lq + i)
-    if not torch.equal(rows, want):
-        return None
-    return n.to(torch.int32).expand(batch).contiguous()
+
+    def compute() -> Tensor | None:
+        rows = mask[:, 0]  # (B|1, lq|1, S)
+        s = rows.shape[-1]
+        n = rows[:, -1, :].sum(-1)  # keys the last row sees
+        if bool((n < lq).any()):
+            return None
+        i = torch.arange(lq, device=mask.device)[None, :, None]
+        j = torch.arange(s, device=mask.device)[None, None, :]
+        want = j <= (n[:, None, None] - lq + i)
+        if not torch.equal(rows, want):
+            return None
+        return n.to(torch.int32).expand(batch).contiguous()
+
+    return memo_per_mask(mask, ("prefix_causal", batch, lq), compute)
 
 
 def build_mask(*args: Any, **kwargs: Any) -> Tensor | None:

@@ -47,6 +47,8 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,10 +140,32 @@ def explicit_attention(
     return out.to(q.dtype), p.to(q.dtype)
 
 
-# Right-padding checks are cached per mask tensor (by identity and version), so
-# that a stack of layers given the same key_padding_mask reads it once.
-_LENGTHS_CACHE: dict[tuple[int, bool], tuple[weakref.ref, int, Tensor | None]] = {}
-_LENGTHS_CACHE_SIZE = 8
+# Answers read off a mask tensor (its right-padding lengths, a static cache's
+# prefix lengths) are cached per mask tensor, by identity and version, so that
+# a stack of layers given the same mask reads it once (one device sync on CUDA
+# per forward, not per layer).
+_MASK_MEMO: dict[tuple, tuple[weakref.ref, int, Any]] = {}
+_MASK_MEMO_SIZE = 16
+
+
+def memo_per_mask(mask: Tensor, key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, cached for this ``mask`` tensor object and ``key`` until
+    the mask changes in place (its version counter moves) or is freed. An
+    inference tensor (made under torch.inference_mode) has no version counter
+    to tell an in-place change: its answer is computed every call. The caller
+    must not cache under ``torch.compile`` or ``torch.jit.trace`` (the answer
+    would become a constant of the graph)."""
+    if mask.is_inference():
+        return compute()
+    k = (id(mask), *key)
+    hit = _MASK_MEMO.get(k)
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
+    result = compute()
+    if len(_MASK_MEMO) >= _MASK_MEMO_SIZE:
+        _MASK_MEMO.pop(next(iter(_MASK_MEMO)))
+    _MASK_MEMO[k] = (weakref.ref(mask), mask._version, result)
+    return result
 
 
 def right_padding_lengths(mask: Tensor, *, true_means_pad: bool = True) -> Tensor | None:
@@ -153,10 +177,10 @@ def right_padding_lengths(mask: Tensor, *, true_means_pad: bool = True) -> Tenso
     ``true_means_pad=False``, mark kept keys with True (Hugging Face); a float
     mask qualifies when it holds only 0 (keep) and -inf (pad). Reads the mask
     once (one device sync on CUDA) and caches the answer for that tensor
-    object, so a stack of layers given the same mask reads it once (not for
-    inference tensors, which have no version counter: read every call). Returns
-    None without reading under ``torch.compile`` or ``torch.jit.trace``, or
-    when the mask needs a gradient.
+    object (:func:`memo_per_mask`), so a stack of layers given the same mask
+    reads it once (not for inference tensors, which have no version counter:
+    read every call). Returns None without reading under ``torch.compile`` or
+    ``torch.jit.trace``, or when the mask needs a gradient.
     """
     # Under torch.compile or torch.jit.trace the answer would be baked into
     # the graph (and a cached one as a constant), so a later mask with holes
@@ -169,29 +193,20 @@ def right_padding_lengths(mask: Tensor, *, true_means_pad: bool = True) -> Tenso
         rows = mask
     else:
         return None
-    # An inference tensor (made under torch.inference_mode) has no version
-    # counter to tell an in-place change: it is read every call, not cached.
-    cacheable = not mask.is_inference()
-    key = (id(mask), true_means_pad)
-    hit = _LENGTHS_CACHE.get(key) if cacheable else None
-    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
-        return hit[2]
-    ok = None
-    if rows.dtype == torch.bool:
-        keep = ~rows if true_means_pad else rows
-    else:
-        keep = rows == 0
-        ok = (keep | torch.isneginf(rows)).all()
-    lengths = keep.sum(-1, dtype=torch.int32)
-    prefix = torch.arange(rows.shape[-1], device=rows.device) < lengths.unsqueeze(-1)
-    same = torch.equal(keep, prefix) if ok is None else bool((ok & (keep == prefix).all()).item())
-    result = lengths if same else None
-    if not cacheable:
-        return result
-    if len(_LENGTHS_CACHE) >= _LENGTHS_CACHE_SIZE:
-        _LENGTHS_CACHE.pop(next(iter(_LENGTHS_CACHE)))
-    _LENGTHS_CACHE[key] = (weakref.ref(mask), mask._version, result)
-    return result
+
+    def compute() -> Tensor | None:
+        ok = None
+        if rows.dtype == torch.bool:
+            keep = ~rows if true_means_pad else rows
+        else:
+            keep = rows == 0
+            ok = (keep | torch.isneginf(rows)).all()
+        lengths = keep.sum(-1, dtype=torch.int32)
+        prefix = torch.arange(rows.shape[-1], device=rows.device) < lengths.unsqueeze(-1)
+        same = torch.equal(keep, prefix) if ok is None else bool((ok & (keep == prefix).all()).item())
+        return lengths if same else None
+
+    return memo_per_mask(mask, ("right_padding", true_means_pad), compute)
 
 
 def check_mask_type(

@@ -1,0 +1,98 @@
+"""Hugging Face greedy decoding with a StaticCache: milliseconds per generated
+token of a randomly initialised Llama (nothing downloaded), with
+attn_implementation "sdpa", "pyfastattn", and "pyfastattn" with its mask
+analysis redone in every layer (``mask-per-layer``: what the integration did
+before it read the mask once per forward, kept here as the A/B of that change).
+
+    python benchmarks/hf_static_cache_decode.py [--layers 16] [--cache-len 4096]
+        [--prompt 32] [--new-tokens 32] [--rounds 5] [--threads 2] [--impls sdpa,pyfastattn,mask-per-layer]
+
+Each round runs every implementation once, in turn (interleaved rounds); a
+run is generate(max_new_tokens = N + 1) minus generate(max_new_tokens = 1)
+(the prefill and the first token), over N. Prints the median per
+implementation and its ratio to the first one, and whether the tokens of
+every implementation equal the first one's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import pyfastattn.integrations.transformers as hf
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--cache-len", type=int, default=4096, help="the StaticCache's max_cache_len")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--impls", default="sdpa,pyfastattn,mask-per-layer")
+    args = ap.parse_args()
+    import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf.register()
+    torch.manual_seed(0)
+    heads = max(1, args.hidden // 32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=1000, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+        head_dim=32, max_position_embeddings=args.cache_len,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(1, 999, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    kw = dict(
+        do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static",
+        cache_config={"max_cache_len": args.cache_len},
+    )  # fmt: skip
+    memo = hf.memo_per_mask
+    impls = args.impls.split(",")
+
+    def run(impl: str):
+        model.set_attn_implementation("sdpa" if impl == "sdpa" else hf.NAME)
+        hf.memo_per_mask = (lambda mask, key, compute: compute()) if impl == "mask-per-layer" else memo
+        try:
+            with torch.no_grad():
+                t = time.perf_counter()
+                model.generate(ids, max_new_tokens=1, **kw)
+                first = time.perf_counter() - t
+                t = time.perf_counter()
+                out = model.generate(ids, max_new_tokens=args.new_tokens + 1, **kw)
+                total = time.perf_counter() - t
+        finally:
+            hf.memo_per_mask = memo
+        return (total - first) / args.new_tokens * 1e3, out
+
+    times: dict[str, list[float]] = {i: [] for i in impls}
+    tokens: dict[str, torch.Tensor] = {}
+    for i in impls:  # warm-up
+        run(i)
+    for _ in range(args.rounds):
+        for i in impls:
+            ms, tokens[i] = run(i)
+            times[i].append(ms)
+    print(
+        f"# Llama L{args.layers} hidden {args.hidden} heads {heads}/{max(1, heads // 4)}, StaticCache "
+        f"{args.cache_len}, prompt {args.prompt}, {args.new_tokens} new tokens, {args.rounds} rounds, "
+        f"threads {torch.get_num_threads()}"
+    )
+    base = statistics.median(times[impls[0]])
+    for i in impls:
+        m = statistics.median(times[i])
+        same = torch.equal(tokens[i], tokens[impls[0]])
+        print(
+            f"{i:16s} {m:8.2f} ms/token  {m / base:6.3f}x {impls[0]}  tokens {'equal' if same else 'DIFFER'}"
+        )
+
+
+if __name__ == "__main__":
+    main()
