@@ -38,16 +38,40 @@ void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name, in
                     " must be contiguous in its last dimension, got stride ", t.stride(-1));
 }
 
-// A small int32 metadata tensor, read on the host.
-std::vector<int32_t> host_int32(const at::Tensor& t, const char* name, at::IntArrayRef shape,
-                                const at::Tensor& q) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, ".dtype must be torch.int32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == q.device(), name, ".device must equal q.device (", q.device(), "), got ",
-                    t.device());
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided && t.has_storage(), name, " must be a dense strided tensor");
-  TORCH_CHECK_VALUE(t.sizes() == shape, name, ".shape must be ", shape, ", got ", t.sizes());
-  at::Tensor h = t.contiguous().cpu();
-  return std::vector<int32_t>(h.data_ptr<int32_t>(), h.data_ptr<int32_t>() + h.numel());
+// The int32 metadata tensors (cache_seqlens, block_table, cache_batch_idx,
+// cache_leftpad): each one's dtype, device, layout and shape checked, then
+// all their values read on the host together. On CUDA that is one gather on
+// q's stream and one device-to-host copy, i.e. the op waits for the stream
+// once per call, not once per tensor.
+struct MetaArg {
+  const at::Tensor* t;  // nullptr: not given (its vector stays empty)
+  const char* name;
+  std::vector<int64_t> shape;
+  std::vector<int32_t>* out;
+};
+
+void read_metadata(const std::vector<MetaArg>& args, const at::Tensor& q) {
+  std::vector<at::Tensor> flat;
+  for (const MetaArg& m : args) {
+    if (m.t == nullptr) continue;
+    const at::Tensor& t = *m.t;
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, m.name, ".dtype must be torch.int32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == q.device(), m.name, ".device must equal q.device (", q.device(), "), got ",
+                      t.device());
+    TORCH_CHECK_VALUE(t.layout() == at::kStrided && t.has_storage(), m.name, " must be a dense strided tensor");
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(m.shape), m.name, ".shape must be ", at::IntArrayRef(m.shape),
+                      ", got ", t.sizes());
+    flat.push_back(t.reshape({-1}));
+  }
+  if (flat.empty()) return;
+  const at::Tensor host = (flat.size() == 1 ? flat[0] : at::cat(flat)).contiguous().cpu();
+  const int32_t* v = host.data_ptr<int32_t>();
+  for (const MetaArg& m : args) {
+    if (m.t == nullptr) continue;
+    const int64_t n = m.t->numel();
+    m.out->assign(v, v + n);
+    v += n;
+  }
 }
 
 }  // namespace
@@ -89,7 +113,6 @@ KvCacheCall prepare_kvcache_call(
     TORCH_CHECK_VALUE(block_table->dim() == 2 && block_table->size(0) == batch, "block_table must have shape (",
                       batch, ", max_blocks), got ", block_table->sizes());
     max_blocks = block_table->size(1);
-    table = host_int32(*block_table, "block_table", block_table->sizes(), q);
     capacity = max_blocks * page;
   } else if (cache_batch_idx.has_value()) {
     // Checked below, per value.
@@ -114,10 +137,12 @@ KvCacheCall prepare_kvcache_call(
   }
 
   // ---- metadata values (host) ----------------------------------------------
-  auto seqlens = host_int32(cache_seqlens, "cache_seqlens", {batch}, q);
-  std::vector<int32_t> bidx, leftpad;
-  if (cache_batch_idx.has_value()) bidx = host_int32(*cache_batch_idx, "cache_batch_idx", {batch}, q);
-  if (cache_leftpad.has_value()) leftpad = host_int32(*cache_leftpad, "cache_leftpad", {batch}, q);
+  std::vector<int32_t> seqlens, bidx, leftpad;
+  read_metadata({{&cache_seqlens, "cache_seqlens", {batch}, &seqlens},
+                 {paged ? &*block_table : nullptr, "block_table", {batch, max_blocks}, &table},
+                 {cache_batch_idx ? &*cache_batch_idx : nullptr, "cache_batch_idx", {batch}, &bidx},
+                 {cache_leftpad ? &*cache_leftpad : nullptr, "cache_leftpad", {batch}, &leftpad}},
+                q);
   std::vector<int32_t> used(static_cast<size_t>(batch));
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t sl = seqlens[b];
@@ -241,8 +266,13 @@ KvCacheCall prepare_kvcache_call(
   meta.insert(meta.end(), bidx.begin(), bidx.end());
   const size_t at_lp = meta.size();
   meta.insert(meta.end(), leftpad.begin(), leftpad.end());
-  call.meta = at::from_blob(meta.data(), {int64_t(meta.size())}, at::TensorOptions().dtype(at::kInt))
-                  .to(at::TensorOptions().device(q.device()).dtype(at::kInt), /*non_blocking=*/false, /*copy=*/true);
+  // On CUDA the values go back from pinned memory without a wait (the copy is
+  // ordered on q's stream before the kernels, and torch's pinned allocator
+  // keeps the buffer until the copy is done); on the CPU the host tensor is
+  // the one the kernel reads.
+  at::Tensor meta_host = at::empty({int64_t(meta.size())}, at::TensorOptions().dtype(at::kInt).pinned_memory(q.is_cuda()));
+  std::copy(meta.begin(), meta.end(), meta_host.data_ptr<int32_t>());
+  call.meta = q.is_cuda() ? meta_host.to(q.device(), /*non_blocking=*/true) : meta_host;
   int32_t* meta_ptr = call.meta.data_ptr<int32_t>();
   for (int32_t u : used) call.max_len_k = std::max(call.max_len_k, u);
   at::Tensor q_in = q;

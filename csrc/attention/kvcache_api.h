@@ -22,7 +22,8 @@ struct KvCacheCall {
   at::Tensor q_rot;         // the rotated q (rotary only)
   at::Tensor rotary_cos, rotary_sin;  // the tables the kernels read (rotary only; see prepare_kvcache_call)
   // The int32 values p and a index with, on q's device; read on the host and
-  // checked there (a device-to-host copy: the op waits for q's stream once).
+  // checked there (one device-to-host copy of all of them: the op waits for
+  // q's stream once), then copied back from pinned memory without a wait.
   at::Tensor meta;
 };
 
