@@ -185,6 +185,31 @@ def test_cuda_kvcache_bad_metadata_refused_before_launch():
     assert lines[1].startswith("ValueError") and "capacity" in lines[1], lines[1]
 
 
+def test_cuda_kvcache_metadata_one_round_trip():
+    """The op reads all its metadata (cache_seqlens, block_table, cache_leftpad
+    here) on the host with one device-to-host copy, and sends the checked
+    values back with one copy from pinned memory (no second wait)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, kc, vc, k, v, args = make_case(
+        b=3, hq=4, hk=2, d=64, cap=64, block=16, leftpad=True, dtype=torch.bfloat16
+    )
+    gq, gkc, gvc, gk, gv, gargs = to_cuda(q, kc, vc, k, v, args)
+    with pyfastattn.backend("kernel"):
+        pyfastattn.attention_with_kvcache(gq, gkc, gvc, gk, gv, **gargs)  # warm-up
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            pyfastattn.attention_with_kvcache(gq, gkc, gvc, gk, gv, **gargs)
+            torch.cuda.synchronize()
+    copies = {e.key: e.count for e in prof.key_averages() if e.key.startswith("Memcpy")}
+    if not copies:
+        pytest.skip("the profiler recorded no CUDA activity (no CUPTI)")
+    dtoh = {n: c for n, c in copies.items() if n.startswith("Memcpy DtoH")}
+    htod = {n: c for n, c in copies.items() if n.startswith("Memcpy HtoD")}
+    assert sum(dtoh.values()) == 1, copies
+    assert sum(htod.values()) == 1 and all("Pinned" in n for n in htod), copies
+
+
 def test_cuda_kvcache_backend_rule():
     q, kc, vc, k, v, args = make_case(b=1, hq=2, hk=1, d=64, cap=40, dtype=torch.bfloat16)
     gq, gkc, gvc, gk, gv, gargs = to_cuda(q, kc, vc, k, v, args)

@@ -270,7 +270,8 @@ KvCacheCall prepare_kvcache_call(
   // ordered on q's stream before the kernels, and torch's pinned allocator
   // keeps the buffer until the copy is done); on the CPU the host tensor is
   // the one the kernel reads.
-  at::Tensor meta_host = at::empty({int64_t(meta.size())}, at::TensorOptions().dtype(at::kInt).pinned_memory(q.is_cuda()));
+  at::Tensor meta_host =
+      at::empty({int64_t(meta.size())}, at::TensorOptions().dtype(at::kInt).pinned_memory(q.is_cuda()));
   std::copy(meta.begin(), meta.end(), meta_host.data_ptr<int32_t>());
   call.meta = q.is_cuda() ? meta_host.to(q.device(), /*non_blocking=*/true) : meta_host;
   int32_t* meta_ptr = call.meta.data_ptr<int32_t>();
