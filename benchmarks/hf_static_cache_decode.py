@@ -3,14 +3,16 @@ token of a randomly initialised Llama (nothing downloaded), with
 attn_implementation "sdpa", "pyfastattn", and "pyfastattn" with its mask
 analysis redone in every layer (``mask-per-layer``: what the integration did
 before it read the mask once per forward, kept here as the A/B of that change).
+Also the time of the prefill and first token (a prompt into an empty cache:
+transformers passes no mask there, only the causal flag).
 
     python benchmarks/hf_static_cache_decode.py [--layers 16] [--cache-len 4096]
         [--prompt 32] [--new-tokens 32] [--rounds 5] [--threads 2] [--dtype float32|bfloat16]
         [--impls sdpa,pyfastattn,mask-per-layer]
 
 Each round runs every implementation once, in turn (interleaved rounds); a
-run is generate(max_new_tokens = N + 1) minus generate(max_new_tokens = 1)
-(the prefill and the first token), over N. Prints the median per
+token's time is generate(max_new_tokens = N + 1) minus generate(max_new_tokens
+= 1) (the prefill and the first token), over N. Prints the median per
 implementation and its ratio to the first one, and whether the tokens of
 every implementation equal the first one's (in bfloat16, greedy tokens of two
 correct implementations can part after some steps: each rounds differently;
@@ -75,27 +77,30 @@ def main() -> None:
                 total = time.perf_counter() - t
         finally:
             hf.memo_per_mask = memo
-        return (total - first) / args.new_tokens * 1e3, out
+        return (total - first) / args.new_tokens * 1e3, first * 1e3, out
 
     times: dict[str, list[float]] = {i: [] for i in impls}
+    firsts: dict[str, list[float]] = {i: [] for i in impls}
     tokens: dict[str, torch.Tensor] = {}
     for i in impls:  # warm-up
         run(i)
     for _ in range(args.rounds):
         for i in impls:
-            ms, tokens[i] = run(i)
+            ms, first_ms, tokens[i] = run(i)
             times[i].append(ms)
+            firsts[i].append(first_ms)
     print(
         f"# Llama L{args.layers} hidden {args.hidden} heads {heads}/{max(1, heads // 4)}, StaticCache "
         f"{args.cache_len}, {args.dtype}, prompt {args.prompt}, {args.new_tokens} new tokens, {args.rounds} rounds, "
         f"threads {torch.get_num_threads()}"
     )
-    base = statistics.median(times[impls[0]])
+    base, base_first = statistics.median(times[impls[0]]), statistics.median(firsts[impls[0]])
     for i in impls:
-        m = statistics.median(times[i])
+        m, f = statistics.median(times[i]), statistics.median(firsts[i])
         same = torch.equal(tokens[i], tokens[impls[0]])
         print(
-            f"{i:16s} {m:8.2f} ms/token  {m / base:6.3f}x {impls[0]}  tokens {'equal' if same else 'differ'}"
+            f"{i:16s} {m:8.2f} ms/token ({m / base:5.3f}x)  prefill + first token {f:9.1f} ms ({f / base_first:5.3f}x)"
+            f"  tokens {'equal' if same else 'differ'}"
         )
 
 

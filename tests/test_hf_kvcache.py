@@ -112,3 +112,55 @@ def test_static_cache_step_reads_the_mask_once(monkeypatch):
                    cache_implementation="static")  # fmt: skip
     assert len(looked_up) >= 2 * (steps - 1), looked_up  # both layers asked in every decode step
     assert len(computed) <= steps, computed  # one reading per forward
+
+
+def test_prefill_into_a_static_buffer_reads_only_the_filled_keys(monkeypatch):
+    """A prefill (more than 16 queries) over a static buffer with a prefix mask
+    runs the tiled kernel with the prefix as key lengths and bottom-right
+    causal: the slots past each prefix (NaN here) are never read, and the
+    result is the dense-mask attention's."""
+    torch.manual_seed(0)
+    b, hq, hk, d, s, lq = 2, 4, 2, 16, 64, 24
+    n = [24, 40]  # sequence 0: a prompt from slot 0; sequence 1: 16 cached keys, then 24 new
+    q = torch.randn(b, hq, lq, d)
+    k = torch.randn(b, hk, s, d)
+    v = torch.randn(b, hk, s, d)
+    mask = _prefix_mask(n, lq, s)
+    k_nan, v_nan = k.clone(), v.clone()
+    for i, m in enumerate(n):
+        k_nan[i, :, m:] = float("nan")
+        v_nan[i, :, m:] = float("nan")
+    seen = []
+    real = hf.attend
+
+    def recording(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(hf, "attend", recording)
+    module = torch.nn.Module()
+    module.is_causal = True
+    with torch.no_grad():
+        out, _ = hf.attention_forward(module, q, k_nan, v_nan, mask, scaling=d**-0.5)
+    assert len(seen) == 1 and seen[0]["causal"] and seen[0]["bottom_right"], seen
+    assert seen[0]["seqused_k"].tolist() == n and seen[0].get("mask") is None
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(hq // hk, 1), v.double().repeat_interleave(hq // hk, 1),
+        attn_mask=mask, scale=d**-0.5,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), want.transpose(1, 2), atol=2e-5, rtol=2e-5)
+
+
+def test_greedy_generation_with_a_long_prompt_matches_sdpa():
+    """A static-cache generation whose prompt (20 tokens) takes the prefill
+    route, then decode steps through the cache API: sdpa's tokens."""
+    model = _llama()
+    ids = torch.randint(1, VOCAB - 1, (2, 20), generator=torch.Generator().manual_seed(3))
+    kw = dict(
+        max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static"
+    )
+    ref_model = copy.deepcopy(model)
+    ref_model.set_attn_implementation("sdpa")
+    want = ref_model.generate(ids, **kw)
+    model.set_attn_implementation(hf.NAME)
+    assert torch.equal(model.generate(ids, **kw), want)

@@ -32,10 +32,11 @@ With a ``StaticCache`` (or any cache whose keys are a fixed buffer filled
 from the start), transformers has already written the new keys in place and
 hands over the whole buffer with a mask that allows, for each sequence, a
 prefix of it with bottom-right causal alignment. That mask is recognised
-(:func:`prefix_causal_lengths`) and the call becomes
+(:func:`prefix_causal_lengths`, once per forward) and the call becomes
 :func:`pyfastattn.attention_with_kvcache` over the buffer's views with
-``cache_seqlens`` = the prefix lengths: only the filled keys are read, no
-dense mask and no copy. (A ``DynamicCache`` concatenates on its own side;
+``cache_seqlens`` = the prefix lengths (up to 16 queries: decode steps), or
+the tiled kernel with those lengths as ``seqused_k`` and bottom-right causal
+(a prefill): only the filled keys are read, no dense mask and no copy. (A ``DynamicCache`` concatenates on its own side;
 its calls take the paths above.)
 
 GQA runs without repeating keys and values. ``softcap`` is supported;
@@ -61,8 +62,9 @@ NAME = "pyfastattn"
 
 # The KV-cache kernel runs every query row as a decode row (dot products read
 # straight from the cache); a long prefill into a static cache is faster on
-# the tiled kernel with the mask, so only short query blocks take the cache
-# route (decode steps, speculative blocks).
+# the tiled kernel, so only short query blocks take the cache route (decode
+# steps, speculative blocks); longer ones take the tiled kernel with the
+# prefix as key lengths and the causal flag instead of the dense mask.
 _KVCACHE_MAX_QUERIES = 16
 
 
@@ -115,15 +117,25 @@ def attention_forward(
         and bool(is_causal)
         and attention_mask is not None
         and key.shape[2] > lq
-        and lq <= _KVCACHE_MAX_QUERIES
         and not torch.is_grad_enabled()
     ):
         lengths = prefix_causal_lengths(attention_mask, b, lq)
         if lengths is not None:
-            out = attention_with_kvcache(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), cache_seqlens=lengths,
-                causal=True, softmax_scale=scaling, softcap=float(softcap or 0.0),
-            )  # fmt: skip
+            q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+            if lq <= _KVCACHE_MAX_QUERIES:
+                out = attention_with_kvcache(
+                    q, k, v, cache_seqlens=lengths, causal=True, softmax_scale=scaling,
+                    softcap=float(softcap or 0.0),
+                )  # fmt: skip
+            else:
+                # A prefill into the buffer: the same prefix as per-sequence key
+                # lengths and the bottom-right causal flag, so the tiled kernel
+                # reads only the filled keys and skips the masked-out triangle
+                # (no dense lq x S mask).
+                out = attend(
+                    q, k, v, seqused_k=lengths, causal=True, bottom_right=True, scale=scaling,
+                    softcap=float(softcap or 0.0),
+                )  # fmt: skip
             return out, None
 
     mask, seqused_k = attention_mask, None
