@@ -1,14 +1,17 @@
 """Hugging Face greedy decoding with a StaticCache: milliseconds per generated
 token of a randomly initialised Llama (nothing downloaded), with
-attn_implementation "sdpa", "pyfastattn", and "pyfastattn" with its mask
-analysis redone in every layer (``mask-per-layer``: what the integration did
-before it read the mask once per forward, kept here as the A/B of that change).
-Also the time of the prefill and first token (a prompt into an empty cache:
-transformers passes no mask there, only the causal flag).
+attn_implementation "sdpa", "pyfastattn", and two earlier forms of
+"pyfastattn" kept as A/Bs of the changes that replaced them:
+``mask-per-layer`` (the mask analysed again in every layer, not once per
+forward) and ``padded-dense`` (a left-padded batch's decode steps given the
+dense mask over the whole buffer, not the cache API with cache_leftpad;
+``--batch B --left-pad P`` pads sequence i with i x P tokens).
+Also the time of the prefill and first token (a prompt into an empty cache;
+without padding transformers passes no mask there, only the causal flag).
 
     python benchmarks/hf_static_cache_decode.py [--layers 16] [--cache-len 4096]
         [--prompt 32] [--new-tokens 32] [--rounds 5] [--threads 2] [--dtype float32|bfloat16]
-        [--impls sdpa,pyfastattn,mask-per-layer]
+        [--batch 1] [--left-pad 0] [--impls sdpa,pyfastattn,mask-per-layer,padded-dense]
 
 Each round runs every implementation once, in turn (interleaved rounds); a
 token's time is generate(max_new_tokens = N + 1) minus generate(max_new_tokens
@@ -41,6 +44,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument(
+        "--left-pad", type=int, default=0, help="sequence i of the batch gets i x this many pad tokens"
+    )
     ap.add_argument("--impls", default="sdpa,pyfastattn,mask-per-layer")
     args = ap.parse_args()
     import transformers
@@ -56,27 +63,37 @@ def main() -> None:
         head_dim=32, max_position_embeddings=args.cache_len,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).eval().to(getattr(torch, args.dtype))
-    ids = torch.randint(1, 999, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, 999, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    for i in range(args.batch):
+        pad = min(i * args.left_pad, args.prompt - 1)
+        ids[i, :pad] = 0
+        am[i, :pad] = 0
     kw = dict(
         do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static",
         cache_config={"max_cache_len": args.cache_len},
     )  # fmt: skip
-    memo = hf.memo_per_mask
+    memo, spans = hf.memo_per_mask, hf.prefix_causal_spans
     impls = args.impls.split(",")
+
+    def unpadded_spans(mask, batch, lq):
+        r = spans(mask, batch, lq)
+        return r if r is None or r[1] is None else None
 
     def run(impl: str):
         model.set_attn_implementation("sdpa" if impl == "sdpa" else hf.NAME)
         hf.memo_per_mask = (lambda mask, key, compute: compute()) if impl == "mask-per-layer" else memo
+        hf.prefix_causal_spans = unpadded_spans if impl == "padded-dense" else spans
         try:
             with torch.no_grad():
                 t = time.perf_counter()
-                model.generate(ids, max_new_tokens=1, **kw)
+                model.generate(ids, attention_mask=am, max_new_tokens=1, **kw)
                 first = time.perf_counter() - t
                 t = time.perf_counter()
-                out = model.generate(ids, max_new_tokens=args.new_tokens + 1, **kw)
+                out = model.generate(ids, attention_mask=am, max_new_tokens=args.new_tokens + 1, **kw)
                 total = time.perf_counter() - t
         finally:
-            hf.memo_per_mask = memo
+            hf.memo_per_mask, hf.prefix_causal_spans = memo, spans
         return (total - first) / args.new_tokens * 1e3, first * 1e3, out
 
     times: dict[str, list[float]] = {i: [] for i in impls}
@@ -90,7 +107,8 @@ def main() -> None:
             times[i].append(ms)
             firsts[i].append(first_ms)
     print(
-        f"# Llama L{args.layers} hidden {args.hidden} heads {heads}/{max(1, heads // 4)}, StaticCache "
+        f"# Llama L{args.layers} hidden {args.hidden} heads {heads}/{max(1, heads // 4)}, batch {args.batch} "
+        f"(left pad {args.left_pad} x i), StaticCache "
         f"{args.cache_len}, {args.dtype}, prompt {args.prompt}, {args.new_tokens} new tokens, {args.rounds} rounds, "
         f"threads {torch.get_num_threads()}"
     )

@@ -164,3 +164,94 @@ def test_greedy_generation_with_a_long_prompt_matches_sdpa():
     want = ref_model.generate(ids, **kw)
     model.set_attn_implementation(hf.NAME)
     assert torch.equal(model.generate(ids, **kw), want)
+
+
+def _padded_prefix_mask(pads, lengths, lq, s):
+    """(B, 1, lq, s) bool: row i of sequence b sees keys [p_b, n_b - lq + i]."""
+    p = torch.tensor(pads)[:, None, None, None]
+    j = torch.arange(s)[None, None, None, :]
+    return _prefix_mask(lengths, lq, s) & (j >= p)
+
+
+def test_prefix_spans_of_left_padded_masks():
+    mask = _padded_prefix_mask([0, 3], [9, 12], 2, 16)
+    lengths, leftpad = hf.prefix_causal_spans(mask, 2, 2)
+    assert lengths.tolist() == [9, 12] and leftpad.tolist() == [0, 3]
+    assert hf.prefix_causal_lengths(mask, 2, 2) is None  # padded: not a plain prefix
+    lengths, leftpad = hf.prefix_causal_spans(_prefix_mask([9, 12], 2, 16), 2, 2)
+    assert lengths.tolist() == [9, 12] and leftpad is None
+    hole = mask.clone()
+    hole[1, 0, :, 5] = False
+    assert hf.prefix_causal_spans(hole, 2, 2) is None
+    empty_row = _padded_prefix_mask([0, 11], [9, 12], 2, 16)  # sequence 1's first row sees no key
+    assert hf.prefix_causal_spans(empty_row, 2, 2) is None
+    assert hf.prefix_causal_spans(_padded_prefix_mask([2], [7], 1, 16), 3, 1)[1].tolist() == [2, 2, 2]
+
+
+def test_left_padded_decode_reads_only_its_keys(monkeypatch):
+    """A decode step over a static buffer whose sequences start after some left
+    padding: the KV-cache API with cache_leftpad, the padding and the empty
+    slots (NaN here) never read, the dense-mask attention's result."""
+    torch.manual_seed(0)
+    b, hq, hk, d, s, lq = 3, 4, 2, 16, 48, 2
+    pads, n = [0, 5, 17], [20, 31, 40]
+    q = torch.randn(b, hq, lq, d)
+    k = torch.randn(b, hk, s, d)
+    v = torch.randn(b, hk, s, d)
+    mask = _padded_prefix_mask(pads, n, lq, s)
+    k_nan, v_nan = k.clone(), v.clone()
+    for i in range(b):
+        for sl in (slice(0, pads[i]), slice(n[i], s)):
+            k_nan[i, :, sl] = float("nan")
+            v_nan[i, :, sl] = float("nan")
+    seen = []
+    real = hf.attention_with_kvcache
+
+    def recording(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(hf, "attention_with_kvcache", recording)
+    module = torch.nn.Module()
+    module.is_causal = True
+    with torch.no_grad():
+        out, _ = hf.attention_forward(module, q, k_nan, v_nan, mask, scaling=d**-0.5)
+    assert (
+        len(seen) == 1
+        and seen[0]["cache_leftpad"].tolist() == pads
+        and seen[0]["cache_seqlens"].tolist() == n
+    )
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(hq // hk, 1), v.double().repeat_interleave(hq // hk, 1),
+        attn_mask=mask, scale=d**-0.5,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), want.transpose(1, 2), atol=2e-5, rtol=2e-5)
+
+
+def test_left_padded_batch_generation_matches_sdpa(monkeypatch):
+    """Batched greedy generation with left-padded prompts and a StaticCache:
+    sdpa's tokens, the decode steps through the cache API with cache_leftpad."""
+    model = _llama()
+    ids = torch.randint(1, VOCAB - 1, (3, 10), generator=torch.Generator().manual_seed(4))
+    am = torch.ones_like(ids)
+    for row, pad in ((1, 3), (2, 6)):
+        ids[row, :pad] = 0
+        am[row, :pad] = 0
+    kw = dict(
+        max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static"
+    )
+    ref_model = copy.deepcopy(model)
+    ref_model.set_attn_implementation("sdpa")
+    want = ref_model.generate(ids, attention_mask=am, **kw)
+    padded = []
+    real = hf.attention_with_kvcache
+
+    def recording(*a, **k):
+        padded.append(k.get("cache_leftpad") is not None)
+        return real(*a, **k)
+
+    monkeypatch.setattr(hf, "attention_with_kvcache", recording)
+    model.set_attn_implementation(hf.NAME)
+    got = model.generate(ids, attention_mask=am, **kw)
+    assert torch.equal(got, want), f"tokens differ:\n{got}\n{want}"
+    assert len(padded) >= 2 * (kw["max_new_tokens"] - 1) and all(padded), padded

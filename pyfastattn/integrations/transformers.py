@@ -31,12 +31,14 @@ L, S). The attention function then hands the kernel
 With a ``StaticCache`` (or any cache whose keys are a fixed buffer filled
 from the start), transformers has already written the new keys in place and
 hands over the whole buffer with a mask that allows, for each sequence, a
-prefix of it with bottom-right causal alignment. That mask is recognised
-(:func:`prefix_causal_lengths`, once per forward) and the call becomes
-:func:`pyfastattn.attention_with_kvcache` over the buffer's views with
-``cache_seqlens`` = the prefix lengths (up to 16 queries: decode steps), or
-the tiled kernel with those lengths as ``seqused_k`` and bottom-right causal
-(a prefill): only the filled keys are read, no dense mask and no copy. (A ``DynamicCache`` concatenates on its own side;
+prefix of it (after its left padding, if any) with bottom-right causal
+alignment. That mask is recognised (:func:`prefix_causal_spans`, once per
+forward) and the call becomes :func:`pyfastattn.attention_with_kvcache` over
+the buffer's views with ``cache_seqlens`` = the prefix lengths and
+``cache_leftpad`` = the padding (up to 16 queries: decode steps), or, without
+padding, the tiled kernel with those lengths as ``seqused_k`` and
+bottom-right causal (a prefill): only the filled keys are read, no dense mask
+and no copy. (A ``DynamicCache`` concatenates on its own side;
 its calls take the paths above.)
 
 GQA runs without repeating keys and values. ``softcap`` is supported;
@@ -56,7 +58,14 @@ from torch import Tensor, nn
 from ..kvcache import attention_with_kvcache
 from ..nn.attention import attend, memo_per_mask, right_padding_lengths
 
-__all__ = ["register", "attention_forward", "build_mask", "prefix_causal_lengths", "NAME"]
+__all__ = [
+    "register",
+    "attention_forward",
+    "build_mask",
+    "prefix_causal_lengths",
+    "prefix_causal_spans",
+    "NAME",
+]
 
 NAME = "pyfastattn"
 
@@ -119,19 +128,20 @@ def attention_forward(
         and key.shape[2] > lq
         and not torch.is_grad_enabled()
     ):
-        lengths = prefix_causal_lengths(attention_mask, b, lq)
-        if lengths is not None:
+        spans = prefix_causal_spans(attention_mask, b, lq)
+        if spans is not None and (lq <= _KVCACHE_MAX_QUERIES or spans[1] is None):
+            lengths, leftpad = spans
             q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
             if lq <= _KVCACHE_MAX_QUERIES:
                 out = attention_with_kvcache(
-                    q, k, v, cache_seqlens=lengths, causal=True, softmax_scale=scaling,
+                    q, k, v, cache_seqlens=lengths, cache_leftpad=leftpad, causal=True, softmax_scale=scaling,
                     softcap=float(softcap or 0.0),
                 )  # fmt: skip
             else:
                 # A prefill into the buffer: the same prefix as per-sequence key
                 # lengths and the bottom-right causal flag, so the tiled kernel
                 # reads only the filled keys and skips the masked-out triangle
-                # (no dense lq x S mask).
+                # (no dense lq x S mask). A left-padded one keeps its mask.
                 out = attend(
                     q, k, v, seqused_k=lengths, causal=True, bottom_right=True, scale=scaling,
                     softcap=float(softcap or 0.0),
@@ -166,16 +176,18 @@ def attention_forward(
     return out, None
 
 
-def prefix_causal_lengths(mask: Tensor, batch: int, lq: int) -> Tensor | None:
-    """int32 (batch,) lengths n_b if the bool ``mask`` (B|1, 1, lq, S) lets
-    query row i of sequence b see exactly keys [0, n_b - lq + i] (a static
-    cache filled from the start, bottom-right causal), else None. Reads the
-    mask (one device sync on CUDA) once per mask tensor: transformers hands
-    every layer of a forward the same mask, and the answer is cached for that
-    tensor object until it changes in place (``memo_per_mask``; read every
-    call for inference tensors). None under ``torch.compile`` and
-    ``torch.jit.trace``. The returned tensor is shared by the calls that hit
-    the cache: read it, do not write it."""
+def prefix_causal_spans(mask: Tensor, batch: int, lq: int) -> tuple[Tensor, Tensor | None] | None:
+    """int32 (batch,) ``(lengths, leftpad)`` if the bool ``mask`` (B|1, 1, lq,
+    S) lets query row i of sequence b see exactly keys [p_b, n_b - lq + i] (a
+    static cache filled from slot 0, its first p_b slots left padding, with
+    bottom-right causal alignment), and every row sees at least one key; else
+    None. ``leftpad`` is None when no sequence is padded. Reads the mask (one
+    device sync on CUDA) once per mask tensor: transformers hands every layer
+    of a forward the same mask, and the answer is cached for that tensor
+    object until it changes in place (``memo_per_mask``; read every call for
+    inference tensors). None under ``torch.compile`` and ``torch.jit.trace``.
+    The returned tensors are shared by the calls that hit the cache: read
+    them, do not write them."""
     if (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()  # the answer would be baked into the trace
@@ -186,20 +198,33 @@ def prefix_causal_lengths(mask: Tensor, batch: int, lq: int) -> Tensor | None:
     ):
         return None
 
-    def compute() -> Tensor | None:
+    def compute() -> tuple[Tensor, Tensor | None] | None:
         rows = mask[:, 0]  # (B|1, lq|1, S)
         s = rows.shape[-1]
-        n = rows[:, -1, :].sum(-1)  # keys the last row sees
-        if bool((n < lq).any()):
-            return None
+        last = rows[:, -1, :].to(torch.int8)  # the keys the last row sees: [p, n)
+        p = last.argmax(-1)  # the first key it sees
+        n = s - last.flip(-1).argmax(-1)  # one past the last
+        if not bool(((last.sum(-1) > 0) & (p <= n - lq)).all()):
+            return None  # a row that sees no key (the kernels give 0, SDPA NaN): the mask as it is
         i = torch.arange(lq, device=mask.device)[None, :, None]
         j = torch.arange(s, device=mask.device)[None, None, :]
-        want = j <= (n[:, None, None] - lq + i)
+        want = (j >= p[:, None, None]) & (j <= (n[:, None, None] - lq + i))
         if not torch.equal(rows, want):
             return None
-        return n.to(torch.int32).expand(batch).contiguous()
+        lengths = n.to(torch.int32).expand(batch).contiguous()
+        padded = bool((p > 0).any())
+        return lengths, (p.to(torch.int32).expand(batch).contiguous() if padded else None)
 
-    return memo_per_mask(mask, ("prefix_causal", batch, lq), compute)
+    return memo_per_mask(mask, ("causal_spans", batch, lq), compute)
+
+
+def prefix_causal_lengths(mask: Tensor, batch: int, lq: int) -> Tensor | None:
+    """int32 (batch,) lengths n_b if the bool ``mask`` (B|1, 1, lq, S) lets
+    query row i of sequence b see exactly keys [0, n_b - lq + i] (a static
+    cache filled from the start, bottom-right causal), else None: the
+    unpadded case of :func:`prefix_causal_spans` (same cache, same rules)."""
+    spans = prefix_causal_spans(mask, batch, lq)
+    return spans[0] if spans is not None and spans[1] is None else None
 
 
 def build_mask(*args: Any, **kwargs: Any) -> Tensor | None:
