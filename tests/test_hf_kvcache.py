@@ -228,18 +228,20 @@ def test_left_padded_decode_reads_only_its_keys(monkeypatch):
     torch.testing.assert_close(out.double(), want.transpose(1, 2), atol=2e-5, rtol=2e-5)
 
 
-def test_left_padded_batch_generation_matches_sdpa(monkeypatch):
-    """Batched greedy generation with left-padded prompts and a StaticCache:
-    sdpa's tokens, the decode steps through the cache API with cache_leftpad."""
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_left_padded_batch_generation_matches_sdpa(cache, monkeypatch):
+    """Batched greedy generation with left-padded prompts: sdpa's tokens, the
+    decode steps through the cache API with cache_leftpad (a DynamicCache's
+    concatenated keys are a filled buffer too)."""
     model = _llama()
     ids = torch.randint(1, VOCAB - 1, (3, 10), generator=torch.Generator().manual_seed(4))
     am = torch.ones_like(ids)
     for row, pad in ((1, 3), (2, 6)):
         ids[row, :pad] = 0
         am[row, :pad] = 0
-    kw = dict(
-        max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static"
-    )
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
     ref_model = copy.deepcopy(model)
     ref_model.set_attn_implementation("sdpa")
     want = ref_model.generate(ids, attention_mask=am, **kw)

@@ -1,5 +1,6 @@
-"""Hugging Face greedy decoding with a StaticCache: milliseconds per generated
-token of a randomly initialised Llama (nothing downloaded), with
+"""Hugging Face greedy decoding with a StaticCache (or ``--cache dynamic``, HF's
+default): milliseconds per generated token of a randomly initialised Llama
+(nothing downloaded), with
 attn_implementation "sdpa", "pyfastattn", and two earlier forms of
 "pyfastattn" kept as A/Bs of the changes that replaced them:
 ``mask-per-layer`` (the mask analysed again in every layer, not once per
@@ -9,9 +10,9 @@ dense mask over the whole buffer, not the cache API with cache_leftpad;
 Also the time of the prefill and first token (a prompt into an empty cache;
 without padding transformers passes no mask there, only the causal flag).
 
-    python benchmarks/hf_static_cache_decode.py [--layers 16] [--cache-len 4096]
+    python benchmarks/hf_generate_bench.py [--layers 16] [--cache-len 4096]
         [--prompt 32] [--new-tokens 32] [--rounds 5] [--threads 2] [--dtype float32|bfloat16]
-        [--batch 1] [--left-pad 0] [--impls sdpa,pyfastattn,mask-per-layer,padded-dense]
+        [--batch 1] [--left-pad 0] [--cache static|dynamic] [--impls sdpa,pyfastattn,mask-per-layer,padded-dense]
 
 Each round runs every implementation once, in turn (interleaved rounds); a
 token's time is generate(max_new_tokens = N + 1) minus generate(max_new_tokens
@@ -46,6 +47,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument(
+        "--cache", default="static", choices=["static", "dynamic"], help="the cache (dynamic: HF's default)"
+    )
+    ap.add_argument(
         "--left-pad", type=int, default=0, help="sequence i of the batch gets i x this many pad tokens"
     )
     ap.add_argument("--impls", default="sdpa,pyfastattn,mask-per-layer")
@@ -69,10 +73,9 @@ def main() -> None:
         pad = min(i * args.left_pad, args.prompt - 1)
         ids[i, :pad] = 0
         am[i, :pad] = 0
-    kw = dict(
-        do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static",
-        cache_config={"max_cache_len": args.cache_len},
-    )  # fmt: skip
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if args.cache == "static":
+        kw.update(cache_implementation="static", cache_config={"max_cache_len": args.cache_len})
     memo, spans = hf.memo_per_mask, hf.prefix_causal_spans
     impls = args.impls.split(",")
 
@@ -106,11 +109,11 @@ def main() -> None:
             ms, first_ms, tokens[i] = run(i)
             times[i].append(ms)
             firsts[i].append(first_ms)
+    cache = f"StaticCache {args.cache_len}" if args.cache == "static" else "DynamicCache"
     print(
         f"# Llama L{args.layers} hidden {args.hidden} heads {heads}/{max(1, heads // 4)}, batch {args.batch} "
-        f"(left pad {args.left_pad} x i), StaticCache "
-        f"{args.cache_len}, {args.dtype}, prompt {args.prompt}, {args.new_tokens} new tokens, {args.rounds} rounds, "
-        f"threads {torch.get_num_threads()}"
+        f"(left pad {args.left_pad} x i), {cache}, {args.dtype}, prompt {args.prompt}, "
+        f"{args.new_tokens} new tokens, {args.rounds} rounds, threads {torch.get_num_threads()}"
     )
     base, base_first = statistics.median(times[impls[0]]), statistics.median(firsts[impls[0]])
     for i in impls:
