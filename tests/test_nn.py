@@ -393,6 +393,19 @@ def test_key_padding_mask_under_inference_mode():
             torch.testing.assert_close(got[valid], want[valid], rtol=2e-5, atol=2e-5)
 
 
+def test_mask_memo_stays_bounded():
+    """The per-mask memo of right-padding lengths keeps at most its size of
+    entries (oldest out) and answers every mask right."""
+    from pyfastattn.nn import attention as pfa_attention
+
+    masks = [_right_pad(2, 40, [40, 1 + i % 39]) for i in range(3 * pfa_attention._MASK_MEMO_SIZE)]
+    for i, m in enumerate(masks):
+        assert pfa_attention.right_padding_lengths(m).tolist() == [40, 1 + i % 39]
+        assert len(pfa_attention._MASK_MEMO) <= pfa_attention._MASK_MEMO_SIZE
+    for i in (0, len(masks) - 1):  # an evicted mask and a cached one, asked again
+        assert pfa_attention.right_padding_lengths(masks[i]).tolist() == [40, 1 + i % 39]
+
+
 class _SelfAttention(nn.Module):
     def __init__(self, mha):
         super().__init__()

@@ -38,8 +38,9 @@ the buffer's views with ``cache_seqlens`` = the prefix lengths and
 ``cache_leftpad`` = the padding (up to 16 queries: decode steps), or, without
 padding, the tiled kernel with those lengths as ``seqused_k`` and
 bottom-right causal (a prefill): only the filled keys are read, no dense mask
-and no copy. (A ``DynamicCache`` concatenates on its own side;
-its calls take the paths above.)
+and no copy. (A ``DynamicCache`` concatenates on its own side; its keys are
+then a filled buffer, so a left-padded batch's decode steps take the same
+cache route, and its other calls the paths above.)
 
 GQA runs without repeating keys and values. ``softcap`` is supported;
 attention sinks (``s_aux``) and flex ``BlockMask`` masks are not and raise.

@@ -163,7 +163,10 @@ def memo_per_mask(mask: Tensor, key: tuple, compute: Callable[[], Any]) -> Any:
         return hit[2]
     result = compute()
     if len(_MASK_MEMO) >= _MASK_MEMO_SIZE:
-        _MASK_MEMO.pop(next(iter(_MASK_MEMO)))
+        try:  # the oldest entry out
+            _MASK_MEMO.pop(next(iter(_MASK_MEMO)), None)
+        except (RuntimeError, StopIteration):  # another thread changed the memo meanwhile: skip
+            pass
     _MASK_MEMO[k] = (weakref.ref(mask), mask._version, result)
     return result
 
