@@ -114,41 +114,56 @@ def test_static_cache_step_reads_the_mask_once(monkeypatch):
     assert len(computed) <= steps, computed  # one reading per forward
 
 
-def test_prefill_into_a_static_buffer_reads_only_the_filled_keys(monkeypatch):
-    """A prefill (more than 16 queries) over a static buffer with a prefix mask
-    runs the tiled kernel with the prefix as key lengths and bottom-right
-    causal: the slots past each prefix (NaN here) are never read, and the
-    result is the dense-mask attention's."""
-    torch.manual_seed(0)
-    b, hq, hk, d, s, lq = 2, 4, 2, 16, 64, 24
-    n = [24, 40]  # sequence 0: a prompt from slot 0; sequence 1: 16 cached keys, then 24 new
-    q = torch.randn(b, hq, lq, d)
-    k = torch.randn(b, hk, s, d)
-    v = torch.randn(b, hk, s, d)
-    mask = _prefix_mask(n, lq, s)
-    k_nan, v_nan = k.clone(), v.clone()
-    for i, m in enumerate(n):
-        k_nan[i, :, m:] = float("nan")
-        v_nan[i, :, m:] = float("nan")
+def _record_calls(monkeypatch, name):
+    """The keyword arguments of every call of ``hf.<name>`` (which still runs)."""
     seen = []
-    real = hf.attend
+    real = getattr(hf, name)
 
     def recording(*a, **kw):
         seen.append(kw)
         return real(*a, **kw)
 
-    monkeypatch.setattr(hf, "attend", recording)
+    monkeypatch.setattr(hf, name, recording)
+    return seen
+
+
+def _attend_buffer(mask, visible, hq, hk, d):
+    """``attention_forward`` without grad over a random (B, hk, S, d) buffer
+    whose slots outside each sequence's visible [lo, hi) hold NaN, under the
+    bool ``mask`` (B, 1, lq, S); and the float64 dense-mask SDPA result over
+    the clean buffer. Both (B, lq, hq, d) float64."""
+    torch.manual_seed(0)
+    b, _, lq, s = mask.shape
+    q = torch.randn(b, hq, lq, d)
+    k = torch.randn(b, hk, s, d)
+    v = torch.randn(b, hk, s, d)
+    k_nan, v_nan = k.clone(), v.clone()
+    for i, (lo, hi) in enumerate(visible):
+        for t in (k_nan, v_nan):
+            t[i, :, :lo] = float("nan")
+            t[i, :, hi:] = float("nan")
     module = torch.nn.Module()
     module.is_causal = True
     with torch.no_grad():
         out, _ = hf.attention_forward(module, q, k_nan, v_nan, mask, scaling=d**-0.5)
-    assert len(seen) == 1 and seen[0]["causal"] and seen[0]["bottom_right"], seen
-    assert seen[0]["seqused_k"].tolist() == n and seen[0].get("mask") is None
     want = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k.double().repeat_interleave(hq // hk, 1), v.double().repeat_interleave(hq // hk, 1),
         attn_mask=mask, scale=d**-0.5,
     )  # fmt: skip
-    torch.testing.assert_close(out.double(), want.transpose(1, 2), atol=2e-5, rtol=2e-5)
+    return out.double(), want.transpose(1, 2)
+
+
+def test_prefill_into_a_static_buffer_reads_only_the_filled_keys(monkeypatch):
+    """A prefill (more than 16 queries) over a static buffer with a prefix mask
+    runs the tiled kernel with the prefix as key lengths and bottom-right
+    causal: the slots past each prefix (NaN here) are never read, and the
+    result is the dense-mask attention's."""
+    n = [24, 40]  # sequence 0: a prompt from slot 0; sequence 1: 16 cached keys, then 24 new
+    seen = _record_calls(monkeypatch, "attend")
+    out, want = _attend_buffer(_prefix_mask(n, 24, 64), [(0, m) for m in n], hq=4, hk=2, d=16)
+    assert len(seen) == 1 and seen[0]["causal"] and seen[0]["bottom_right"], seen
+    assert seen[0]["seqused_k"].tolist() == n and seen[0].get("mask") is None
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
 
 
 def test_greedy_generation_with_a_long_prompt_matches_sdpa():
@@ -192,40 +207,12 @@ def test_left_padded_decode_reads_only_its_keys(monkeypatch):
     """A decode step over a static buffer whose sequences start after some left
     padding: the KV-cache API with cache_leftpad, the padding and the empty
     slots (NaN here) never read, the dense-mask attention's result."""
-    torch.manual_seed(0)
-    b, hq, hk, d, s, lq = 3, 4, 2, 16, 48, 2
     pads, n = [0, 5, 17], [20, 31, 40]
-    q = torch.randn(b, hq, lq, d)
-    k = torch.randn(b, hk, s, d)
-    v = torch.randn(b, hk, s, d)
-    mask = _padded_prefix_mask(pads, n, lq, s)
-    k_nan, v_nan = k.clone(), v.clone()
-    for i in range(b):
-        for sl in (slice(0, pads[i]), slice(n[i], s)):
-            k_nan[i, :, sl] = float("nan")
-            v_nan[i, :, sl] = float("nan")
-    seen = []
-    real = hf.attention_with_kvcache
-
-    def recording(*a, **kw):
-        seen.append(kw)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(hf, "attention_with_kvcache", recording)
-    module = torch.nn.Module()
-    module.is_causal = True
-    with torch.no_grad():
-        out, _ = hf.attention_forward(module, q, k_nan, v_nan, mask, scaling=d**-0.5)
-    assert (
-        len(seen) == 1
-        and seen[0]["cache_leftpad"].tolist() == pads
-        and seen[0]["cache_seqlens"].tolist() == n
-    )
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q.double(), k.double().repeat_interleave(hq // hk, 1), v.double().repeat_interleave(hq // hk, 1),
-        attn_mask=mask, scale=d**-0.5,
-    )  # fmt: skip
-    torch.testing.assert_close(out.double(), want.transpose(1, 2), atol=2e-5, rtol=2e-5)
+    seen = _record_calls(monkeypatch, "attention_with_kvcache")
+    out, want = _attend_buffer(_padded_prefix_mask(pads, n, 2, 48), list(zip(pads, n)), hq=4, hk=2, d=16)
+    assert len(seen) == 1, seen
+    assert seen[0]["cache_leftpad"].tolist() == pads and seen[0]["cache_seqlens"].tolist() == n
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
@@ -245,15 +232,9 @@ def test_left_padded_batch_generation_matches_sdpa(cache, monkeypatch):
     ref_model = copy.deepcopy(model)
     ref_model.set_attn_implementation("sdpa")
     want = ref_model.generate(ids, attention_mask=am, **kw)
-    padded = []
-    real = hf.attention_with_kvcache
-
-    def recording(*a, **k):
-        padded.append(k.get("cache_leftpad") is not None)
-        return real(*a, **k)
-
-    monkeypatch.setattr(hf, "attention_with_kvcache", recording)
+    seen = _record_calls(monkeypatch, "attention_with_kvcache")
     model.set_attn_implementation(hf.NAME)
     got = model.generate(ids, attention_mask=am, **kw)
     assert torch.equal(got, want), f"tokens differ:\n{got}\n{want}"
+    padded = [c.get("cache_leftpad") is not None for c in seen]
     assert len(padded) >= 2 * (kw["max_new_tokens"] - 1) and all(padded), padded
