@@ -54,6 +54,10 @@ def main() -> None:
     )
     ap.add_argument("--impls", default="sdpa,pyfastattn,mask-per-layer")
     args = ap.parse_args()
+    impls = args.impls.split(",")
+    known = ("sdpa", "pyfastattn", "mask-per-layer", "padded-dense")
+    if any(i not in known for i in impls):
+        ap.error(f"--impls takes {', '.join(known)}; got {args.impls}")
     import transformers
 
     if args.threads:
@@ -77,7 +81,6 @@ def main() -> None:
     if args.cache == "static":
         kw.update(cache_implementation="static", cache_config={"max_cache_len": args.cache_len})
     memo, spans = hf.memo_per_mask, hf.prefix_causal_spans
-    impls = args.impls.split(",")
 
     def unpadded_spans(mask, batch, lq):
         r = spans(mask, batch, lq)
